@@ -1,0 +1,22 @@
+"""Entry point of the ``flywheel`` console script.
+
+Takes the optimizer's commands and adds those that need the chat side.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm must not fetch its cost map
+
+from optimizer.cli import app  # noqa: E402
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

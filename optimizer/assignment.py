@@ -1,0 +1,181 @@
+"""Assign each chat session to an arm: sticky per user, with the propensity logged.
+
+The chat path calls :meth:`Assigner.assign` once per session. The allocation
+comes from the newest policy snapshot (cached for ``snapshot_ttl_s``), or is
+uniform over the active arms before the first snapshot. A user is hashed with
+the experiment salt to a point in [0, 1) and takes the arm whose slice of the
+cumulative allocation holds that point, so the same user lands on the same arm
+while the allocation barely moves; a returning user keeps their previous arm
+outright while it is still served (allocation > 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from optimizer.clock import utcnow
+from optimizer.errors import PolicyError
+from optimizer.store import ACTIVE_STATUSES, AssignmentRecord, Store
+
+__all__ = ["Allocation", "Assigner", "choose_arm", "segment_key", "user_point"]
+
+#: The allocation key that applies to every session without a segment of its own.
+ALL_SEGMENTS = "*"
+
+
+def user_point(user_id: str, salt: str) -> float:
+    """Deterministic point in [0, 1) for a user in an experiment."""
+    digest = hashlib.blake2b(f"{salt}:{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def segment_key(context: Mapping[str, Any], segment_by: Sequence[str]) -> str:
+    """``"plan=pro|channel=web"`` from the context keys named in ``segment_by``; ``"*"`` if none."""
+    if not segment_by:
+        return ALL_SEGMENTS
+    return "|".join(f"{k}={context.get(k, '')}" for k in segment_by)
+
+
+def choose_arm(allocation: Mapping[str, float], point: float) -> tuple[str, float]:
+    """Arm whose cumulative slice (arms in sorted order) contains ``point``, with its probability.
+
+    >>> choose_arm({"a": 0.25, "b": 0.75}, 0.1)
+    ('a', 0.25)
+    >>> choose_arm({"a": 0.25, "b": 0.75}, 0.9)
+    ('b', 0.75)
+    """
+    total = 0.0
+    last: tuple[str, float] | None = None
+    for arm in sorted(allocation):
+        p = allocation[arm]
+        if p <= 0:
+            continue
+        total += p
+        last = (arm, p)
+        if point < total:
+            return last
+    if last is None:
+        raise PolicyError("allocation gives no arm a positive probability")
+    return last  # rounding: point beyond the last slice
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What serving needs from a snapshot: per-segment arm probabilities and the version."""
+
+    segments: Mapping[str, Mapping[str, float]]
+    version: int | None
+
+    def for_segment(self, segment: str) -> Mapping[str, float]:
+        return self.segments.get(segment) or self.segments[ALL_SEGMENTS]
+
+
+class Assigner:
+    """Sticky arm assignment for one experiment, reading the newest snapshot.
+
+    >>> from optimizer.store import ArmSpec
+    >>> store = Store("sqlite:///:memory:"); store.create_all()
+    >>> store.sync_experiment("exp", "salt", [ArmSpec("a", "p", "h"), ArmSpec("b", "p", "h")])
+    >>> a = Assigner(store, "exp", salt="salt").assign("session-1", "user-1")
+    >>> a.propensity
+    0.5
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        experiment_id: str,
+        *,
+        salt: str,
+        segment_by: Sequence[str] = (),
+        snapshot_ttl_s: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.experiment_id = experiment_id
+        self.salt = salt
+        self.segment_by = tuple(segment_by)
+        self.snapshot_ttl_s = snapshot_ttl_s
+        self._cached: Allocation | None = None
+        self._cached_at = 0.0
+        self._lock = threading.Lock()
+
+    def allocation(self) -> Allocation:
+        """Newest allocation, re-read from the store at most every ``snapshot_ttl_s``."""
+        now = time.monotonic()
+        with self._lock:
+            if self._cached is not None and now - self._cached_at < self.snapshot_ttl_s:
+                return self._cached
+        fresh = self._load_allocation()
+        with self._lock:
+            self._cached, self._cached_at = fresh, now
+        return fresh
+
+    def invalidate(self) -> None:
+        """Forget the cached snapshot (an operator action must show on the next assignment)."""
+        with self._lock:
+            self._cached = None
+
+    def _load_allocation(self) -> Allocation:
+        statuses = self.store.arm_statuses(self.experiment_id)
+        active = sorted(a for a, s in statuses.items() if s in ACTIVE_STATUSES)
+        snapshot = self.store.latest_snapshot(self.experiment_id)
+        if snapshot is not None:
+            segments = {
+                seg: {arm: float(p) for arm, p in alloc.items() if arm in active and p > 0}
+                for seg, alloc in snapshot.allocation.get("segments", {}).items()
+            }
+            segments = {seg: _normalised(alloc) for seg, alloc in segments.items() if alloc}
+            if ALL_SEGMENTS in segments:
+                return Allocation(segments, snapshot.version)
+        if not active:
+            raise PolicyError(f"experiment {self.experiment_id!r} has no active arm to assign")
+        # Before the first snapshot (or if it names no active arm): uniform, the A/B baseline.
+        return Allocation({ALL_SEGMENTS: {arm: 1 / len(active) for arm in active}}, None)
+
+    def assign(
+        self,
+        session_id: str,
+        user_id: str,
+        context: Mapping[str, Any] | None = None,
+        *,
+        at: datetime | None = None,
+        simulated: bool = False,
+    ) -> AssignmentRecord:
+        """Return the session's arm, assigning and recording it on first call."""
+        existing = self.store.get_assignment(session_id)
+        if existing is not None:
+            return existing
+        context = dict(context or {})
+        segment = segment_key(context, self.segment_by)
+        allocation = self.allocation()
+        probs = allocation.for_segment(segment)
+        previous = self.store.last_assignment_for_user(user_id, self.experiment_id)
+        if previous is not None and probs.get(previous.arm_id, 0) > 0:
+            arm, propensity = previous.arm_id, probs[previous.arm_id]
+            context["returning"] = True
+        else:
+            arm, propensity = choose_arm(probs, user_point(user_id, self.salt))
+        record = AssignmentRecord(
+            session_id=session_id,
+            user_id=user_id,
+            experiment_id=self.experiment_id,
+            arm_id=arm,
+            propensity=propensity,
+            snapshot_version=allocation.version,
+            segment=segment,
+            context=context,
+            assigned_at=at or utcnow(),
+            simulated=simulated,
+        )
+        return self.store.record_assignment(record)
+
+
+def _normalised(alloc: Mapping[str, float]) -> dict[str, float]:
+    total = sum(alloc.values())
+    return {arm: p / total for arm, p in alloc.items()}

@@ -1,0 +1,23 @@
+"""The ``flywheel`` command line (optimizer side).
+
+``chatbot.cli`` adds the commands that need the chat server, the LLM or
+Langfuse (``serve``, ``chat``, ``langfuse``, ``outcomes``) and is the console
+script's entry point; this package never imports ``chatbot``.
+Heavy imports happen inside commands so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from optimizer.cli import db
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="flywheel",
+    help="Flywheel: a chatbot that gets better from its own users.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(db.app, name="db")

@@ -1,0 +1,325 @@
+"""Load and validate ``flywheel.toml``.
+
+The file is optional: every field has a documented default, so the product runs
+on its embedded defaults. Environment variables from :mod:`optimizer.settings`
+override the file. Validation errors raise :class:`ConfigError` naming the file
+and the dotted field path, e.g.
+``flywheel.toml: kpi.terms.0.weight: weight must be finite, got nan``.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from optimizer import settings
+from optimizer.errors import ConfigError
+
+__all__ = [
+    "ActionConfig",
+    "ArmConfig",
+    "AuthConfig",
+    "Config",
+    "ExperimentConfig",
+    "FewShotConfig",
+    "GuardrailConfig",
+    "KPIConfig",
+    "KPITermConfig",
+    "LangfuseConfig",
+    "LimitsConfig",
+    "ModelConfig",
+    "PolicyConfig",
+    "UserConfig",
+    "load_config",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    """The LLM. ``name`` is any litellm model string; ``local/…`` runs the packaged GGUF."""
+
+    name: str = settings.DEFAULT_MODEL
+    fallback: str | None = None
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(1, ge=0, le=5)
+    max_tokens: int = Field(160, gt=0, le=4096)
+    temperature: float = Field(0.7, ge=0, le=2)
+    context_tokens: int = Field(2048, ge=256)
+
+
+class UserConfig(_Section):
+    """A login. ``password_hash`` is a bcrypt hash (``flywheel users hash`` makes one)."""
+
+    name: str = Field(min_length=1)
+    password_hash: str = Field(min_length=20)
+    role: Literal["user", "operator"] = "user"
+
+
+class AuthConfig(_Section):
+    """Logins. ``demo = true`` adds demo/demo (user) and operator/operator (operator)."""
+
+    demo: bool = True
+    users: tuple[UserConfig, ...] = ()
+
+
+class ArmConfig(_Section):
+    """One arm: a prompt variant × a few-shot strategy.
+
+    ``fewshot`` is ``none``, ``fixed`` (the ``examples`` ids, in order) or
+    ``retrieved`` (``k`` approved bank examples nearest to the user's message).
+    """
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:+/-]+$")
+    prompt: str = Field(min_length=1)
+    fewshot: Literal["none", "fixed", "retrieved"] = "none"
+    examples: tuple[str, ...] = ()
+    k: int = Field(3, ge=1, le=20)
+    reward_weighted: bool = False
+
+    @model_validator(mode="after")
+    def _fixed_needs_examples(self) -> ArmConfig:
+        if self.fewshot == "fixed" and not self.examples:
+            raise ValueError("fewshot = 'fixed' needs a non-empty 'examples' list")
+        return self
+
+
+class ExperimentConfig(_Section):
+    id: str = Field("default", min_length=1)
+    #: Mixed into the user hash so two experiments split users independently.
+    salt: str = "flywheel"
+    champion: str | None = None
+    #: Context keys that define segments for per-segment allocation (e.g. ``["plan"]``).
+    segment_by: tuple[str, ...] = ()
+    arms: tuple[ArmConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _arms_consistent(self) -> ExperimentConfig:
+        ids = [a.id for a in self.arms]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"arm ids must be unique, got duplicates {dupes}")
+        if self.champion is not None and self.arms and self.champion not in ids:
+            raise ValueError(f"champion must be one of the arm ids {ids}, got {self.champion!r}")
+        return self
+
+
+class KPITermConfig(_Section):
+    """One term of the per-session reward: ``weight × min(value, cap)``.
+
+    ``source`` is ``outcome:<name>`` (an outcome event) or one of the feedback
+    metrics ``feedback:up_rate``, ``feedback:down_rate``. ``aggregate`` says how
+    several events of the session combine. A term counts only once its
+    ``window_days`` after the session start have passed (see ``optimizer.kpi``).
+    """
+
+    name: str = Field(min_length=1)
+    source: str = Field(pattern=r"^(outcome:[A-Za-z0-9_.-]+|feedback:(up_rate|down_rate))$")
+    weight: float
+    cap: float | None = None
+    window_days: float = Field(7.0, ge=0)
+    aggregate: Literal["max", "sum", "last"] = "max"
+
+    @field_validator("weight")
+    @classmethod
+    def _finite_weight(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"weight must be finite, got {v}")
+        return v
+
+    @field_validator("cap")
+    @classmethod
+    def _positive_cap(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"cap must be a positive finite number, got {v}")
+        return v
+
+
+class GuardrailConfig(_Section):
+    """A metric an arm may not worsen beyond a limit relative to the champion.
+
+    ``metric``: ``thumbs_down_rate``, ``error_rate`` (absolute ``max_delta``) or
+    ``latency_p95_ms`` (``max_ratio`` to the champion's).
+    """
+
+    metric: Literal["thumbs_down_rate", "error_rate", "latency_p95_ms"]
+    max_delta: float | None = Field(None, gt=0)
+    max_ratio: float | None = Field(None, gt=1)
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> GuardrailConfig:
+        if (self.max_delta is None) == (self.max_ratio is None):
+            raise ValueError("set exactly one of max_delta or max_ratio")
+        return self
+
+
+def _default_terms() -> tuple[KPITermConfig, ...]:
+    return (
+        KPITermConfig(name="conversion", source="outcome:conversion", weight=1.0, window_days=7),
+        KPITermConfig(name="thumbs_up", source="feedback:up_rate", weight=0.2, window_days=1),
+        KPITermConfig(
+            name="support_minutes",
+            source="outcome:support_minutes",
+            weight=-0.02,
+            cap=60,
+            window_days=1,
+            aggregate="sum",
+        ),
+        KPITermConfig(name="revenue", source="outcome:revenue", weight=0.001, window_days=30, aggregate="sum"),
+    )
+
+
+def _default_guardrails() -> tuple[GuardrailConfig, ...]:
+    return (
+        GuardrailConfig(metric="thumbs_down_rate", max_delta=0.05),
+        GuardrailConfig(metric="error_rate", max_delta=0.05),
+        GuardrailConfig(metric="latency_p95_ms", max_ratio=1.5),
+    )
+
+
+class KPIConfig(_Section):
+    terms: tuple[KPITermConfig, ...] = Field(default_factory=_default_terms, min_length=1)
+    guardrails: tuple[GuardrailConfig, ...] = Field(default_factory=_default_guardrails)
+
+
+class PolicyConfig(_Section):
+    """Safe-rollout settings of the Thompson sampling policy (see ``optimizer.policy``)."""
+
+    kind: Literal["thompson", "uniform"] = "thompson"
+    burn_in: int = Field(100, ge=0)
+    floor: float = Field(0.02, ge=0, lt=1)
+    challenger_cap: float = Field(0.2, gt=0, le=1)
+    challenger_min_sessions: int = Field(200, ge=0)
+    pause_probability: float = Field(0.95, gt=0.5, lt=1)
+    stop_probability_best: float = Field(0.95, gt=0.5, lt=1)
+    stop_expected_loss: float = Field(0.001, gt=0)
+    auto_promote: bool = False
+    refit_interval_s: float = Field(300.0, ge=0)
+    samples: int = Field(4000, ge=100)
+
+
+class ActionConfig(_Section):
+    """A call-to-action button under replies that records an outcome when clicked."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    label: str = Field(min_length=1)
+    outcome: str = Field(min_length=1)
+    value: float = 1.0
+
+
+def _default_actions() -> tuple[ActionConfig, ...]:
+    return (ActionConfig(name="start_trial", label="Start free trial", outcome="conversion"),)
+
+
+class FewShotConfig(_Section):
+    min_reward: float = 0.5
+    dedup_threshold: float = Field(0.9, gt=0, le=1)
+    min_chars: int = Field(20, ge=0)
+    max_chars: int = Field(1200, gt=0)
+    auto_approve: bool = False
+
+
+class LangfuseConfig(_Section):
+    #: Scrub PII from inputs and outputs before they are sent to Langfuse.
+    mask: bool = True
+    flush_timeout_s: float = Field(2.0, gt=0)
+    request_timeout_s: float = Field(3.0, gt=0)
+
+
+class LimitsConfig(_Section):
+    """Input limits and rate limits of the public surfaces."""
+
+    max_body_bytes: int = Field(16_384, gt=0)
+    max_message_chars: int = Field(4000, gt=0)
+    max_comment_chars: int = Field(1000, gt=0)
+    outcomes_per_minute_per_key: int = Field(600, gt=0)
+    votes_per_minute_per_user: int = Field(60, gt=0)
+
+
+class Config(_Section):
+    """The whole configuration. ``source`` is the file it came from (for messages)."""
+
+    database_url: str = ""
+    prompts_dir: str = "prompts"
+    model: ModelConfig = ModelConfig()
+    auth: AuthConfig = AuthConfig()
+    experiment: ExperimentConfig = ExperimentConfig()
+    kpi: KPIConfig = KPIConfig()
+    policy: PolicyConfig = PolicyConfig()
+    actions: tuple[ActionConfig, ...] = Field(default_factory=_default_actions)
+    resolved_label: str = "My issue is solved"
+    fewshot: FewShotConfig = FewShotConfig()
+    langfuse: LangfuseConfig = LangfuseConfig()
+    limits: LimitsConfig = LimitsConfig()
+    source: str = "<defaults>"
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"{where}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_config(path: str | Path | None = None, *, environ: bool = True) -> Config:
+    """Read ``flywheel.toml`` (or ``path``), apply environment overrides, validate.
+
+    A missing file gives the defaults. Raises :class:`ConfigError` naming the
+    file and the field for anything invalid.
+
+    >>> load_config("/nonexistent.toml", environ=False).policy.burn_in
+    100
+    """
+    if path is None:
+        path = settings.env(settings.FLYWHEEL_CONFIG, "flywheel.toml") or "flywheel.toml"
+    path = Path(path)
+    data: dict[str, object] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    if environ:
+        _apply_environment(data)
+    data["source"] = str(path)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(str(path), exc)) from None
+    if not config.database_url:
+        config = config.model_copy(update={"database_url": settings.default_database_url()})
+    return config
+
+
+def _apply_environment(data: dict[str, object]) -> None:
+    def section(name: str) -> dict[str, object]:
+        value = data.setdefault(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        return value
+
+    if url := settings.env(settings.FLYWHEEL_DATABASE_URL):
+        data["database_url"] = url
+    if model := settings.env(settings.FLYWHEEL_MODEL):
+        section("model")["name"] = model
+    if fallback := settings.env(settings.FLYWHEEL_FALLBACK_MODEL):
+        section("model")["fallback"] = fallback
+    if prompts := settings.env(settings.FLYWHEEL_PROMPTS_DIR):
+        data["prompts_dir"] = prompts
+    if (demo := settings.env(settings.FLYWHEEL_DEMO)) is not None:
+        section("auth")["demo"] = demo.strip().lower() in {"1", "true", "yes", "on"}
+    if (interval := settings.env(settings.FLYWHEEL_OPTIMIZE_INTERVAL)) is not None:
+        try:
+            section("policy")["refit_interval_s"] = float(interval)
+        except ValueError:
+            raise ConfigError(
+                f"{settings.FLYWHEEL_OPTIMIZE_INTERVAL} must be a number of seconds, got {interval!r}"
+            ) from None

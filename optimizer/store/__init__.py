@@ -1,0 +1,25 @@
+"""The event store: schema, migrations, writes and reads (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+from optimizer.store.engine import is_postgres, make_engine, normalise_url
+from optimizer.store.store import (
+    ACTIVE_STATUSES,
+    ArmSpec,
+    AssignmentRecord,
+    OutcomeRecord,
+    Store,
+    TurnRecord,
+)
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "ArmSpec",
+    "AssignmentRecord",
+    "OutcomeRecord",
+    "Store",
+    "TurnRecord",
+    "is_postgres",
+    "make_engine",
+    "normalise_url",
+]

@@ -1,0 +1,266 @@
+"""Tables of the event store.
+
+Assignments, turns, feedback events, outcomes, arm events, audit events and
+example events are append-only: every statistic is derived from them. A few
+tables hold current state that is cheap to rebuild from the events
+(``feedback`` = latest vote per user and turn, ``examples`` = the bank), kept
+in the same transaction as the event that changes them.
+
+Chainlit's own tables (``users``, ``threads``, ``steps``, ``elements``,
+``feedbacks``) live in the same database so people get their thread history;
+their quoted camelCase columns are Chainlit's, not ours.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_TS = sa.DateTime(timezone=True)
+# JSON on both SQLite and PostgreSQL (JSONB there, for indexing later).
+_JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+experiments = sa.Table(
+    "experiments",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("salt", sa.String(100), nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+)
+
+arms = sa.Table(
+    "arms",
+    metadata,
+    sa.Column("experiment_id", sa.String(100), sa.ForeignKey("experiments.id"), primary_key=True),
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("prompt_id", sa.String(100), nullable=False),
+    sa.Column("prompt_hash", sa.String(64), nullable=False),
+    sa.Column("fewshot", sa.String(20), nullable=False),  # none | fixed | retrieved
+    sa.Column("fewshot_config", _JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+)
+
+# Status changes of arms: paused_guardrail, paused_operator, resumed, promoted,
+# retired, cap_set, stop_recommended, created. Current status = latest event.
+arm_events = sa.Table(
+    "arm_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("experiment_id", sa.String(100), nullable=False),
+    sa.Column("arm_id", sa.String(200), nullable=False),
+    sa.Column("kind", sa.String(40), nullable=False),
+    sa.Column("actor", sa.String(100), nullable=False),  # "optimizer" or an operator name
+    sa.Column("evidence", _JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Index("ix_arm_events_exp_arm", "experiment_id", "arm_id", "id"),
+)
+
+policy_snapshots = sa.Table(
+    "policy_snapshots",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("experiment_id", sa.String(100), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("policy", sa.String(40), nullable=False),
+    # {"segments": {"*": {"arm": p, ...}, "plan=pro": {...}}, ...}
+    sa.Column("allocation", _JSON, nullable=False),
+    # posterior summaries, guardrail checks, stop rule, SRM, per arm
+    sa.Column("summary", _JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.UniqueConstraint("experiment_id", "version", name="uq_policy_snapshots_exp_version"),
+)
+
+assignments = sa.Table(
+    "assignments",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("session_id", sa.String(100), nullable=False, unique=True),
+    sa.Column("user_id", sa.String(200), nullable=False),
+    sa.Column("experiment_id", sa.String(100), nullable=False),
+    sa.Column("arm_id", sa.String(200), nullable=False),
+    sa.Column("propensity", sa.Float, nullable=False),
+    sa.Column("snapshot_version", sa.Integer, nullable=True),  # None = uniform before any snapshot
+    sa.Column("segment", sa.String(200), nullable=False),
+    sa.Column("context", _JSON, nullable=False),
+    sa.Column("simulated", sa.Boolean, nullable=False, default=False),
+    sa.Column("assigned_at", _TS, nullable=False),
+    sa.Index("ix_assignments_user", "user_id", "experiment_id", "id"),
+    sa.Index("ix_assignments_exp_time", "experiment_id", "assigned_at"),
+)
+
+turns = sa.Table(
+    "turns",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),  # Chainlit run step id
+    sa.Column("session_id", sa.String(100), nullable=False),
+    sa.Column("user_id", sa.String(200), nullable=False),
+    sa.Column("experiment_id", sa.String(100), nullable=False),
+    sa.Column("arm_id", sa.String(200), nullable=False),
+    sa.Column("prompt_id", sa.String(100), nullable=False),
+    sa.Column("prompt_hash", sa.String(64), nullable=False),
+    sa.Column("fewshot_ids", _JSON, nullable=False),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("user_message", sa.Text, nullable=False),
+    sa.Column("reply", sa.Text, nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=True),
+    sa.Column("ttft_ms", sa.Float, nullable=True),
+    sa.Column("prompt_tokens", sa.Integer, nullable=True),
+    sa.Column("completion_tokens", sa.Integer, nullable=True),
+    sa.Column("cost", sa.Float, nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("trace_id", sa.String(64), nullable=True),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Index("ix_turns_session", "session_id", "created_at"),
+    sa.Index("ix_turns_arm", "experiment_id", "arm_id"),
+)
+
+# Every vote change is an event; `feedback` holds the current vote per (turn, user).
+feedback_events = sa.Table(
+    "feedback_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("turn_id", sa.String(100), nullable=False),
+    sa.Column("session_id", sa.String(100), nullable=False),
+    sa.Column("user_id", sa.String(200), nullable=False),
+    sa.Column("kind", sa.String(10), nullable=False),  # upsert | delete
+    sa.Column("value", sa.Integer, nullable=True),  # 1 up, 0 down, None on delete
+    sa.Column("comment", sa.Text, nullable=True),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Index("ix_feedback_events_turn", "turn_id", "user_id", "id"),
+)
+
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("turn_id", sa.String(100), primary_key=True),
+    sa.Column("user_id", sa.String(200), primary_key=True),
+    sa.Column("session_id", sa.String(100), nullable=False),
+    sa.Column("value", sa.Integer, nullable=True),  # None = vote deleted
+    sa.Column("comment", sa.Text, nullable=True),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("updated_at", _TS, nullable=False),
+    sa.Index("ix_feedback_session", "session_id"),
+)
+
+outcomes = sa.Table(
+    "outcomes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("idempotency_key", sa.String(200), nullable=False, unique=True),
+    sa.Column("session_id", sa.String(100), nullable=True),
+    sa.Column("user_id", sa.String(200), nullable=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("occurred_at", _TS, nullable=False),
+    sa.Column("received_at", _TS, nullable=False),
+    sa.Column("source", sa.String(100), nullable=False),  # chat | api | langfuse | import | simulator
+    sa.Column("extra", _JSON, nullable=False),
+    sa.Index("ix_outcomes_session", "session_id"),
+    sa.Index("ix_outcomes_user", "user_id"),
+    sa.Index("ix_outcomes_name_time", "name", "occurred_at"),
+)
+
+# Few-shot example bank (current state) and its append-only history.
+examples = sa.Table(
+    "examples",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("status", sa.String(20), nullable=False),  # candidate | approved | rejected | pinned | demoted
+    sa.Column("user_text", sa.Text, nullable=False),
+    sa.Column("assistant_text", sa.Text, nullable=False),
+    sa.Column("source", sa.String(20), nullable=False),  # seed | mined
+    sa.Column("content_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("session_id", sa.String(100), nullable=True),
+    sa.Column("turn_id", sa.String(100), nullable=True),
+    sa.Column("reward", sa.Float, nullable=True),
+    sa.Column("provenance", _JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("updated_at", _TS, nullable=False),
+)
+
+example_events = sa.Table(
+    "example_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("example_id", sa.String(100), nullable=False),
+    sa.Column("kind", sa.String(20), nullable=False),  # added | approved | rejected | pinned | demoted
+    sa.Column("actor", sa.String(100), nullable=False),
+    sa.Column("details", _JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+)
+
+audit_events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("actor", sa.String(100), nullable=False),
+    sa.Column("action", sa.String(60), nullable=False),
+    sa.Column("target", sa.String(200), nullable=False),
+    sa.Column("details", _JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+)
+
+# Named locks for SQLite (PostgreSQL uses advisory locks): one optimizer run at a time.
+job_locks = sa.Table(
+    "job_locks",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("holder", sa.String(200), nullable=False),
+    sa.Column("expires_at", _TS, nullable=False),
+)
+
+# Chat history for Chainlit's data layer (chatbot.datalayer). Key columns for
+# queries and ownership checks; the rest of Chainlit's dicts kept as JSON so a
+# Chainlit upgrade that adds fields needs no migration.
+chat_users = sa.Table(
+    "chat_users",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("identifier", sa.String(200), nullable=False, unique=True),
+    sa.Column("metadata", _JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+)
+
+threads = sa.Table(
+    "threads",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("user_identifier", sa.String(200), nullable=True),
+    sa.Column("name", sa.Text, nullable=True),
+    sa.Column("tags", _JSON, nullable=True),
+    sa.Column("metadata", _JSON, nullable=True),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("deleted_at", _TS, nullable=True),
+    sa.Index("ix_threads_user", "user_identifier", "created_at"),
+)
+
+steps = sa.Table(
+    "steps",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("thread_id", sa.String(100), nullable=False),
+    sa.Column("parent_id", sa.String(100), nullable=True),
+    sa.Column("type", sa.String(40), nullable=False),
+    sa.Column("data", _JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Index("ix_steps_thread", "thread_id", "created_at"),
+)
+
+elements = sa.Table(
+    "elements",
+    metadata,
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("thread_id", sa.String(100), nullable=True),
+    sa.Column("data", _JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+)

@@ -1,0 +1,424 @@
+"""The event store: append events, read them back.
+
+Writes are single transactions that are committed before the call returns, so
+a caller that acknowledges after ``record_*`` returns never acknowledges a lost
+event. Duplicates are absorbed by unique keys (session id for assignments,
+turn id for turns, idempotency key for outcomes) and reported, not raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from optimizer.clock import as_utc, utcnow
+from optimizer.errors import OwnershipError, StoreError
+from optimizer.store import schema
+from optimizer.store.engine import make_engine
+
+log = logging.getLogger(__name__)
+
+#: Statuses an arm can be in; the latest arm event decides.
+ARM_STATUS_BY_EVENT = {
+    "created": "active",
+    "resumed": "active",
+    "paused_guardrail": "paused_guardrail",
+    "paused_operator": "paused_operator",
+    "promoted": "champion",
+    "retired": "retired",
+}
+ACTIVE_STATUSES = frozenset({"active", "champion"})
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """An arm as configured: prompt variant (id and content hash) × few-shot strategy."""
+
+    id: str
+    prompt_id: str
+    prompt_hash: str
+    fewshot: str = "none"
+    fewshot_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AssignmentRecord:
+    session_id: str
+    user_id: str
+    experiment_id: str
+    arm_id: str
+    propensity: float
+    snapshot_version: int | None
+    segment: str
+    context: Mapping[str, Any]
+    assigned_at: datetime
+    simulated: bool = False
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    id: str
+    session_id: str
+    user_id: str
+    experiment_id: str
+    arm_id: str
+    prompt_id: str
+    prompt_hash: str
+    model: str
+    user_message: str
+    reply: str
+    fewshot_ids: tuple[str, ...] = ()
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost: float | None = None
+    error: str | None = None
+    trace_id: str | None = None
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class OutcomeRecord:
+    idempotency_key: str
+    name: str
+    value: float
+    session_id: str | None = None
+    user_id: str | None = None
+    occurred_at: datetime | None = None
+    source: str = "api"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Store:
+    """Facade over the database. One instance per process; thread-safe.
+
+    >>> store = Store("sqlite:///:memory:")
+    >>> store.create_all()
+    >>> store.record_outcome(OutcomeRecord("k1", "conversion", 1.0, session_id="s1"))
+    True
+    >>> store.record_outcome(OutcomeRecord("k1", "conversion", 1.0, session_id="s1"))
+    False
+    """
+
+    def __init__(self, url: str, *, engine: sa.Engine | None = None) -> None:
+        self.url = url
+        self.engine = engine if engine is not None else make_engine(url)
+
+    # -- schema -----------------------------------------------------------
+    def create_all(self) -> None:
+        """Create tables directly (in-memory tests). Real databases use :meth:`upgrade`."""
+        schema.metadata.create_all(self.engine)
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        from optimizer.store.migrate import upgrade
+
+        upgrade(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- experiments and arms ----------------------------------------------
+    def sync_experiment(self, experiment_id: str, salt: str, arms: Iterable[ArmSpec], *, at: datetime | None = None) -> None:
+        """Register the experiment and any arm not seen before (with a ``created`` event).
+
+        Existing arms keep their status; a changed prompt hash is updated in
+        place and recorded as an ``updated`` arm event with old and new hash.
+        """
+        now = at or utcnow()
+        with self.engine.begin() as conn:
+            exists = conn.execute(sa.select(schema.experiments.c.id).where(schema.experiments.c.id == experiment_id)).first()
+            if not exists:
+                conn.execute(schema.experiments.insert().values(id=experiment_id, salt=salt, created_at=now))
+            known = {
+                row.id: row
+                for row in conn.execute(sa.select(schema.arms).where(schema.arms.c.experiment_id == experiment_id))
+            }
+            for arm in arms:
+                if arm.id not in known:
+                    conn.execute(
+                        schema.arms.insert().values(
+                            experiment_id=experiment_id,
+                            id=arm.id,
+                            prompt_id=arm.prompt_id,
+                            prompt_hash=arm.prompt_hash,
+                            fewshot=arm.fewshot,
+                            fewshot_config=dict(arm.fewshot_config),
+                            created_at=now,
+                        )
+                    )
+                    self._arm_event(conn, experiment_id, arm.id, "created", "config", {}, now)
+                elif known[arm.id].prompt_hash != arm.prompt_hash or known[arm.id].fewshot_config != dict(arm.fewshot_config):
+                    conn.execute(
+                        schema.arms.update()
+                        .where(schema.arms.c.experiment_id == experiment_id, schema.arms.c.id == arm.id)
+                        .values(prompt_hash=arm.prompt_hash, fewshot=arm.fewshot, fewshot_config=dict(arm.fewshot_config))
+                    )
+                    self._arm_event(
+                        conn,
+                        experiment_id,
+                        arm.id,
+                        "updated",
+                        "config",
+                        {"old_hash": known[arm.id].prompt_hash, "new_hash": arm.prompt_hash},
+                        now,
+                    )
+
+    def record_arm_event(
+        self, experiment_id: str, arm_id: str, kind: str, *, actor: str, evidence: Mapping[str, Any] | None = None, at: datetime | None = None
+    ) -> None:
+        """Append a status change (paused_guardrail, paused_operator, resumed, promoted, retired, cap_set, …)."""
+        with self.engine.begin() as conn:
+            self._arm_event(conn, experiment_id, arm_id, kind, actor, dict(evidence or {}), at or utcnow())
+
+    @staticmethod
+    def _arm_event(conn: sa.Connection, experiment_id: str, arm_id: str, kind: str, actor: str, evidence: dict[str, Any], at: datetime) -> None:
+        conn.execute(
+            schema.arm_events.insert().values(
+                experiment_id=experiment_id, arm_id=arm_id, kind=kind, actor=actor, evidence=evidence, created_at=at
+            )
+        )
+
+    def arm_statuses(self, experiment_id: str) -> dict[str, str]:
+        """Current status of every arm, derived from its status events.
+
+        Promoting an arm demotes the previous champion to ``active``.
+        """
+        ev = schema.arm_events
+        rows = self._all(
+            sa.select(ev.c.arm_id, ev.c.kind).where(ev.c.experiment_id == experiment_id).order_by(ev.c.id)
+        )
+        status: dict[str, str] = {}
+        for arm_id, kind in rows:
+            new = ARM_STATUS_BY_EVENT.get(kind)
+            if new is None:
+                continue
+            if new == "champion":
+                status = {a: ("active" if s == "champion" else s) for a, s in status.items()}
+            status[arm_id] = new
+        return status
+
+    def arms(self, experiment_id: str) -> list[sa.Row[Any]]:
+        return self._all(sa.select(schema.arms).where(schema.arms.c.experiment_id == experiment_id).order_by(schema.arms.c.id))
+
+    # -- assignments --------------------------------------------------------
+    def record_assignment(self, rec: AssignmentRecord) -> AssignmentRecord:
+        """Insert the session's assignment; if the session already has one, return that one."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    schema.assignments.insert().values(
+                        session_id=rec.session_id,
+                        user_id=rec.user_id,
+                        experiment_id=rec.experiment_id,
+                        arm_id=rec.arm_id,
+                        propensity=rec.propensity,
+                        snapshot_version=rec.snapshot_version,
+                        segment=rec.segment,
+                        context=dict(rec.context),
+                        simulated=rec.simulated,
+                        assigned_at=rec.assigned_at,
+                    )
+                )
+            return rec
+        except IntegrityError:
+            existing = self.get_assignment(rec.session_id)
+            if existing is None:
+                raise StoreError(f"assignment for session {rec.session_id!r} conflicted but is not readable") from None
+            return existing
+
+    def get_assignment(self, session_id: str) -> AssignmentRecord | None:
+        row = self._first(sa.select(schema.assignments).where(schema.assignments.c.session_id == session_id))
+        return _assignment(row) if row is not None else None
+
+    def last_assignment_for_user(self, user_id: str, experiment_id: str) -> AssignmentRecord | None:
+        a = schema.assignments
+        row = self._first(
+            sa.select(a).where(a.c.user_id == user_id, a.c.experiment_id == experiment_id).order_by(a.c.id.desc()).limit(1)
+        )
+        return _assignment(row) if row is not None else None
+
+    # -- turns ---------------------------------------------------------------
+    def record_turn(self, rec: TurnRecord) -> bool:
+        """Append a turn; returns False if a turn with this id was already stored."""
+        values = {k: getattr(rec, k) for k in rec.__dataclass_fields__}
+        values["fewshot_ids"] = list(rec.fewshot_ids)
+        values["created_at"] = rec.created_at or utcnow()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(schema.turns.insert().values(**values))
+        except IntegrityError:
+            return False
+        return True
+
+    def get_turn(self, turn_id: str) -> sa.Row[Any] | None:
+        return self._first(sa.select(schema.turns).where(schema.turns.c.id == turn_id))
+
+    def set_turn_trace_id(self, turn_id: str, trace_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(schema.turns.update().where(schema.turns.c.id == turn_id).values(trace_id=trace_id))
+
+    # -- feedback --------------------------------------------------------------
+    def record_feedback(self, turn_id: str, user_id: str, value: int | None, comment: str | None = None, *, at: datetime | None = None) -> None:
+        """Set (``value`` 1 or 0) or delete (``value`` None) the user's vote on a turn.
+
+        Raises :class:`OwnershipError` unless the turn exists and belongs to
+        ``user_id``: users rate only their own conversations.
+        """
+        if value not in (0, 1, None):
+            raise ValueError(f"value must be 1 (up), 0 (down) or None (delete), got {value!r}")
+        now = at or utcnow()
+        fb = schema.feedback
+        with self.engine.begin() as conn:
+            turn = conn.execute(
+                sa.select(schema.turns.c.user_id, schema.turns.c.session_id).where(schema.turns.c.id == turn_id)
+            ).first()
+            if turn is None or turn.user_id != user_id:
+                raise OwnershipError(f"user {user_id!r} cannot rate turn {turn_id!r}: not a turn of theirs")
+            conn.execute(
+                schema.feedback_events.insert().values(
+                    turn_id=turn_id,
+                    session_id=turn.session_id,
+                    user_id=user_id,
+                    kind="delete" if value is None else "upsert",
+                    value=value,
+                    comment=comment,
+                    created_at=now,
+                )
+            )
+            updated = conn.execute(
+                fb.update()
+                .where(fb.c.turn_id == turn_id, fb.c.user_id == user_id)
+                .values(value=value, comment=comment, updated_at=now)
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    fb.insert().values(
+                        turn_id=turn_id,
+                        user_id=user_id,
+                        session_id=turn.session_id,
+                        value=value,
+                        comment=comment,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+
+    def get_feedback(self, turn_id: str, user_id: str) -> sa.Row[Any] | None:
+        fb = schema.feedback
+        return self._first(sa.select(fb).where(fb.c.turn_id == turn_id, fb.c.user_id == user_id))
+
+    # -- outcomes ----------------------------------------------------------------
+    def record_outcome(self, rec: OutcomeRecord, *, received_at: datetime | None = None) -> bool:
+        """Append an outcome once per idempotency key. Returns False for a duplicate delivery."""
+        if rec.session_id is None and rec.user_id is None:
+            raise ValueError("an outcome needs a session_id or a user_id, got neither")
+        now = received_at or utcnow()
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    schema.outcomes.insert().values(
+                        idempotency_key=rec.idempotency_key,
+                        session_id=rec.session_id,
+                        user_id=rec.user_id,
+                        name=rec.name,
+                        value=float(rec.value),
+                        occurred_at=rec.occurred_at or now,
+                        received_at=now,
+                        source=rec.source,
+                        extra=dict(rec.extra),
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    # -- snapshots -------------------------------------------------------------------
+    def save_snapshot(
+        self, experiment_id: str, policy: str, allocation: Mapping[str, Any], summary: Mapping[str, Any], *, at: datetime | None = None
+    ) -> int:
+        """Append a policy snapshot with the next version number; returns the version.
+
+        Two concurrent writers cannot both get the same version (unique key); the
+        loser retries with the next number.
+        """
+        ps = schema.policy_snapshots
+        for _ in range(5):
+            try:
+                with self.engine.begin() as conn:
+                    current = conn.execute(
+                        sa.select(sa.func.max(ps.c.version)).where(ps.c.experiment_id == experiment_id)
+                    ).scalar()
+                    version = (current or 0) + 1
+                    conn.execute(
+                        ps.insert().values(
+                            experiment_id=experiment_id,
+                            version=version,
+                            policy=policy,
+                            allocation=dict(allocation),
+                            summary=dict(summary),
+                            created_at=at or utcnow(),
+                        )
+                    )
+                return version
+            except IntegrityError:
+                continue
+        raise StoreError(f"could not write a snapshot for experiment {experiment_id!r}: version conflicts")
+
+    def latest_snapshot(self, experiment_id: str) -> sa.Row[Any] | None:
+        ps = schema.policy_snapshots
+        return self._first(
+            sa.select(ps).where(ps.c.experiment_id == experiment_id).order_by(ps.c.version.desc()).limit(1)
+        )
+
+    # -- audit -----------------------------------------------------------------------
+    def audit(self, actor: str, action: str, target: str, details: Mapping[str, Any] | None = None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                schema.audit_events.insert().values(
+                    actor=actor, action=action, target=target, details=dict(details or {}), created_at=utcnow()
+                )
+            )
+
+    # -- reading ------------------------------------------------------------------------
+    def frame(self, table: str | sa.Table, where: sa.ColumnElement[bool] | None = None) -> pd.DataFrame:
+        """A whole table (optionally filtered) as a DataFrame with UTC timestamps."""
+        tbl = schema.metadata.tables[table] if isinstance(table, str) else table
+        query = sa.select(tbl) if where is None else sa.select(tbl).where(where)
+        with self.engine.connect() as conn:
+            df = pd.read_sql(query, conn)
+        for col in tbl.columns:
+            if isinstance(col.type, sa.DateTime) and col.name in df:
+                df[col.name] = pd.to_datetime(df[col.name], utc=True)
+        return df
+
+    def _first(self, query: sa.Select[Any]) -> sa.Row[Any] | None:
+        with self.engine.connect() as conn:
+            return conn.execute(query).first()
+
+    def _all(self, query: sa.Select[Any]) -> list[sa.Row[Any]]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).all())
+
+
+def _assignment(row: sa.Row[Any]) -> AssignmentRecord:
+    return AssignmentRecord(
+        session_id=row.session_id,
+        user_id=row.user_id,
+        experiment_id=row.experiment_id,
+        arm_id=row.arm_id,
+        propensity=row.propensity,
+        snapshot_version=row.snapshot_version,
+        segment=row.segment,
+        context=row.context or {},
+        assigned_at=as_utc(row.assigned_at),
+        simulated=bool(row.simulated),
+    )
