@@ -1,0 +1,250 @@
+"""A deterministic fake litellm provider, ``fake/…``, for tests and load benchmarks.
+
+It sits at the boundary where a real provider would: litellm calls it through
+``litellm.custom_provider_map`` and it raises the litellm exception types a
+real provider raises, so callers exercise litellm's real streaming and error
+paths. The model name chooses the behaviour::
+
+    fake/echo             replies "You asked: <last user message>", word by word
+    fake/slow             the same, 50 ms per token (and before the first)
+    fake/429              raises litellm.RateLimitError before any token
+    fake/error-<status>   raises the litellm error for that HTTP status (400, 401, 404, 500, 502, 503…)
+    fake/timeout          waits for the request's timeout, then raises litellm.Timeout
+    fake/hang             never answers (for the caller's own deadline)
+    fake/flaky-<n>        the first n calls fail with 503, then it echoes
+
+Options follow a ``?``, e.g. ``fake/echo?delay_ms=20&first_ms=100`` (seconds
+between tokens and before the first, in ms), ``fail_after=3&status=500`` (fail
+after streaming 3 tokens), ``tag=x`` (ignored; makes a name unique, e.g. for
+separate ``flaky`` counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+import litellm
+from litellm.llms.custom_llm import CustomLLM
+from litellm.types.utils import GenericStreamingChunk, ModelResponse
+
+from chatbot.prompting import estimate_tokens
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PROVIDER", "FakeBehaviour", "FakeProvider", "parse_behaviour", "provider_error"]
+
+PROVIDER = "fake"
+
+_TOKEN = re.compile(r"\s*\S+")
+_HANG_S = 3600.0
+
+
+@dataclass(frozen=True)
+class FakeBehaviour:
+    """What a ``fake/…`` model name asks for (see the module docstring)."""
+
+    kind: str  # echo | error | timeout | hang | flaky
+    status: int = 500
+    delay_s: float = 0.0
+    first_s: float = 0.0
+    fail_after: int | None = None
+    flaky: int = 0
+
+
+def parse_behaviour(model: str) -> FakeBehaviour:
+    """Parse a fake model name (with or without the ``fake/`` prefix).
+
+    >>> parse_behaviour("fake/error-503")
+    FakeBehaviour(kind='error', status=503, delay_s=0.0, first_s=0.0, fail_after=None, flaky=0)
+    >>> parse_behaviour("slow").delay_s
+    0.05
+    """
+    name, _, query = model.removeprefix(f"{PROVIDER}/").partition("?")
+    opts = dict(parse_qsl(query))
+    try:
+        delay_s = float(opts.get("delay_ms", 0)) / 1000
+        first_s = float(opts.get("first_ms", 0)) / 1000
+        fail_after = int(opts["fail_after"]) if "fail_after" in opts else None
+        status = int(opts.get("status", 500))
+    except ValueError:
+        raise ValueError(f"fake model options must be numbers, got {query!r}") from None
+    kind, flaky = "echo", 0
+    if name == "slow":
+        delay_s, first_s = delay_s or 0.05, first_s or 0.05
+    elif name in ("timeout", "hang"):
+        kind = name
+    elif m := re.fullmatch(r"(?:error-)?(\d{3})", name):
+        kind, status = "error", int(m.group(1))
+    elif m := re.fullmatch(r"flaky-(\d+)", name):
+        kind, flaky = "flaky", int(m.group(1))
+    elif name != "echo":
+        raise ValueError(
+            f"unknown fake model {model!r}; use echo, slow, 429, error-<status>, timeout, hang or flaky-<n>"
+        )
+    return FakeBehaviour(kind, status, delay_s, first_s, fail_after, flaky)
+
+
+def provider_error(status: int, model: str, message: str) -> Exception:
+    """The litellm exception a real provider's HTTP ``status`` turns into.
+
+    >>> type(provider_error(429, "fake/429", "slow down")).__name__
+    'RateLimitError'
+    """
+    args = {"message": message, "llm_provider": PROVIDER, "model": model}
+    if status == 400:
+        return litellm.BadRequestError(**args)
+    if status == 401:
+        return litellm.AuthenticationError(**args)
+    if status == 404:
+        return litellm.NotFoundError(**args)
+    if status == 408:
+        return litellm.Timeout(**args)
+    if status == 429:
+        return litellm.RateLimitError(**args)
+    if status == 503:
+        return litellm.ServiceUnavailableError(**args)
+    if status == 502:
+        return litellm.BadGatewayError(**args)
+    return litellm.InternalServerError(**args)
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            content = m.get("content")
+            return " ".join(str(content or "").split())
+    return ""
+
+
+def _reply_tokens(messages: list[dict[str, Any]]) -> list[str]:
+    return _TOKEN.findall(f"You asked: {_last_user_text(messages)}")
+
+
+def _usage(messages: list[dict[str, Any]], completion_tokens: int) -> dict[str, int]:
+    prompt = sum(estimate_tokens(str(m.get("content") or "")) for m in messages)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+    }
+
+
+def _chunk(text: str, *, finished: bool = False, usage: dict[str, int] | None = None) -> GenericStreamingChunk:
+    return {
+        "text": text,
+        "is_finished": finished,
+        "finish_reason": "stop" if finished else "",
+        "usage": usage,  # type: ignore[typeddict-item]
+        "index": 0,
+        "tool_use": None,
+    }
+
+
+def _timeout_s(timeout: Any) -> float | None:
+    if isinstance(timeout, int | float):
+        return float(timeout)
+    read = getattr(timeout, "read", None)  # an httpx.Timeout
+    return float(read) if isinstance(read, int | float) else None
+
+
+class FakeProvider(CustomLLM):
+    """litellm custom provider for ``fake/…`` model names (sync and async, streaming or not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _start(self, model: str) -> FakeBehaviour:
+        """Count the call and return the behaviour; raises what fails up front."""
+        behaviour = parse_behaviour(model)
+        with self._lock:
+            self._calls[model] = calls = self._calls.get(model, 0) + 1
+        if behaviour.kind == "error":
+            raise provider_error(behaviour.status, model, f"fake provider error {behaviour.status}")
+        if behaviour.kind == "flaky" and calls <= behaviour.flaky:
+            raise provider_error(503, model, f"fake provider flaky failure {calls}/{behaviour.flaky}")
+        return behaviour
+
+    def calls(self, model: str) -> int:
+        """How many calls ``model`` (the full fake name) has received in this process."""
+        with self._lock:
+            return self._calls.get(model, 0)
+
+    def _plan(self, model: str, messages: list[dict[str, Any]]) -> tuple[FakeBehaviour, list[str]]:
+        return self._start(model), _reply_tokens(messages)
+
+    def _fail_mid_stream(self, behaviour: FakeBehaviour, model: str, sent: int) -> None:
+        if behaviour.fail_after is not None and sent >= behaviour.fail_after:
+            raise provider_error(behaviour.status, model, f"fake provider failed after {sent} tokens")
+
+    # --- async -----------------------------------------------------------------------
+
+    async def _await_kind(self, behaviour: FakeBehaviour, model: str, timeout: Any) -> None:
+        if behaviour.kind == "hang":
+            await asyncio.sleep(_HANG_S)
+        if behaviour.kind == "timeout":
+            await asyncio.sleep(_timeout_s(timeout) or _HANG_S)
+            raise litellm.Timeout(message="fake provider timed out", model=model, llm_provider=PROVIDER)
+
+    async def astreaming(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenericStreamingChunk]:  # type: ignore[override]
+        model, messages = kwargs["model"], kwargs["messages"]
+        behaviour, tokens = self._plan(model, messages)
+        await self._await_kind(behaviour, model, kwargs.get("timeout"))
+        await asyncio.sleep(behaviour.first_s)
+        for i, token in enumerate(tokens):
+            self._fail_mid_stream(behaviour, model, i)
+            if i:
+                await asyncio.sleep(behaviour.delay_s)
+            yield _chunk(token)
+        self._fail_mid_stream(behaviour, model, len(tokens))
+        yield _chunk("", finished=True, usage=_usage(messages, len(tokens)))
+
+    async def acompletion(self, *args: Any, **kwargs: Any) -> ModelResponse:  # type: ignore[override]
+        text, usage = "", None
+        async for chunk in self.astreaming(*args, **kwargs):
+            text += chunk["text"]
+            usage = chunk["usage"] or usage
+        return _response(kwargs["model_response"], kwargs["model"], text, usage)
+
+    # --- sync ------------------------------------------------------------------------
+
+    def streaming(self, *args: Any, **kwargs: Any) -> Iterator[GenericStreamingChunk]:  # type: ignore[override]
+        model, messages = kwargs["model"], kwargs["messages"]
+        behaviour, tokens = self._plan(model, messages)
+        if behaviour.kind in ("hang", "timeout"):
+            time.sleep(_timeout_s(kwargs.get("timeout")) or _HANG_S)
+            raise litellm.Timeout(message="fake provider timed out", model=model, llm_provider=PROVIDER)
+        time.sleep(behaviour.first_s)
+        for i, token in enumerate(tokens):
+            self._fail_mid_stream(behaviour, model, i)
+            if i:
+                time.sleep(behaviour.delay_s)
+            yield _chunk(token)
+        self._fail_mid_stream(behaviour, model, len(tokens))
+        yield _chunk("", finished=True, usage=_usage(messages, len(tokens)))
+
+    def completion(self, *args: Any, **kwargs: Any) -> ModelResponse:  # type: ignore[override]
+        text, usage = "", None
+        for chunk in self.streaming(*args, **kwargs):
+            text += chunk["text"]
+            usage = chunk["usage"] or usage
+        return _response(kwargs["model_response"], kwargs["model"], text, usage)
+
+
+def _response(response: ModelResponse, model: str, text: str, usage: dict[str, int] | None) -> ModelResponse:
+    """Fill litellm's response object the way built-in providers do."""
+    response.choices[0].message.content = text  # type: ignore[union-attr]
+    response.choices[0].finish_reason = "stop"
+    response.model = model
+    if usage is not None:
+        response.usage = litellm.Usage(**usage)  # type: ignore[attr-defined]
+    return response

@@ -1,0 +1,64 @@
+"""The public names of each package are deliberate: changing them is an API change."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("module", "expected"),
+    [
+        (
+            "optimizer",
+            [
+                "Assigner",
+                "Config",
+                "ConfigError",
+                "EstimationError",
+                "FlywheelError",
+                "OwnershipError",
+                "PolicyError",
+                "PromptLibrary",
+                "Store",
+                "StoreError",
+                "choose_arm",
+                "load_config",
+                "load_prompts",
+            ],
+        ),
+        (
+            "optimizer.store",
+            [
+                "ACTIVE_STATUSES",
+                "ArmSpec",
+                "AssignmentRecord",
+                "OutcomeRecord",
+                "Store",
+                "TurnRecord",
+                "is_postgres",
+                "make_engine",
+                "normalise_url",
+            ],
+        ),
+    ],
+)
+def test_public_names(module: str, expected: list[str]) -> None:
+    mod = importlib.import_module(module)
+    assert mod.__all__ == sorted(mod.__all__), "__all__ must stay sorted"
+    assert mod.__all__ == expected
+    for name in mod.__all__:
+        assert hasattr(mod, name), f"{module}.{name} is exported but missing"
+
+
+def test_optimizer_never_imports_chatbot() -> None:
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "optimizer"
+    offenders = [
+        str(p.relative_to(root.parent))
+        for p in root.rglob("*.py")
+        if "import chatbot" in p.read_text() or "from chatbot" in p.read_text()
+    ]
+    assert offenders == []

@@ -1,0 +1,160 @@
+"""The event store on SQLite and PostgreSQL: every write lands once and reads back."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from optimizer.errors import OwnershipError
+from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store, TurnRecord
+from optimizer.store.migrate import current_revision
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def turn(turn_id: str = "t1", *, session: str = "s1", user: str = "u1", **kw: object) -> TurnRecord:
+    base: dict[str, object] = dict(
+        id=turn_id,
+        session_id=session,
+        user_id=user,
+        experiment_id="exp",
+        arm_id="a",
+        prompt_id="concise",
+        prompt_hash="h1",
+        model="fake/echo",
+        user_message="hi",
+        reply="hello",
+        fewshot_ids=("trial",),
+        latency_ms=12.5,
+        ttft_ms=3.0,
+        prompt_tokens=10,
+        completion_tokens=4,
+        cost=0.0,
+    )
+    base.update(kw)
+    return TurnRecord(**base)  # type: ignore[arg-type]
+
+
+def test_migrated_to_head(store: Store) -> None:
+    assert current_revision(store.engine) == "0001"
+    store.upgrade()  # idempotent
+    assert current_revision(store.engine) == "0001"
+
+
+def test_sync_experiment_registers_arms_once(store: Store) -> None:
+    arms = [ArmSpec("a", "concise", "h1"), ArmSpec("b", "empathetic", "h2", "fixed", {"examples": ["x"]})]
+    store.sync_experiment("exp", "salt", arms)
+    store.sync_experiment("exp", "salt", arms)
+    assert [r.id for r in store.arms("exp")] == ["a", "b"]
+    assert store.arm_statuses("exp") == {"a": "active", "b": "active"}
+    events = store.frame("arm_events")
+    assert list(events.kind) == ["created", "created"]
+
+
+def test_changed_prompt_hash_is_recorded(store: Store) -> None:
+    store.sync_experiment("exp", "salt", [ArmSpec("a", "concise", "h1")])
+    store.sync_experiment("exp", "salt", [ArmSpec("a", "concise", "h2")])
+    assert store.arms("exp")[0].prompt_hash == "h2"
+    updated = store.frame("arm_events").query("kind == 'updated'")
+    assert updated.evidence.iloc[0] == {"old_hash": "h1", "new_hash": "h2"}
+
+
+def test_arm_status_follows_latest_event(store: Store) -> None:
+    store.sync_experiment("exp", "salt", [ArmSpec("a", "p", "h"), ArmSpec("b", "p", "h")])
+    store.record_arm_event("exp", "a", "promoted", actor="op")
+    store.record_arm_event("exp", "b", "paused_guardrail", actor="optimizer", evidence={"metric": "x"})
+    assert store.arm_statuses("exp") == {"a": "champion", "b": "paused_guardrail"}
+    store.record_arm_event("exp", "b", "promoted", actor="op")
+    assert store.arm_statuses("exp") == {"a": "active", "b": "champion"}
+    store.record_arm_event("exp", "a", "retired", actor="op")
+    assert store.arm_statuses("exp")["a"] == "retired"
+
+
+def test_assignment_once_per_session(store: Store) -> None:
+    rec = AssignmentRecord("s1", "u1", "exp", "a", 0.5, None, "*", {"plan": "free"}, T0)
+    assert store.record_assignment(rec) == rec
+    other = AssignmentRecord("s1", "u1", "exp", "b", 0.5, None, "*", {}, T0)
+    kept = store.record_assignment(other)
+    assert kept.arm_id == "a"
+    assert kept.context == {"plan": "free"}
+    assert kept.assigned_at == T0
+    assert len(store.frame("assignments")) == 1
+
+
+def test_turn_roundtrip_and_duplicate(store: Store) -> None:
+    assert store.record_turn(turn()) is True
+    assert store.record_turn(turn()) is False
+    row = store.get_turn("t1")
+    assert row is not None
+    assert row.fewshot_ids == ["trial"]
+    assert row.latency_ms == 12.5
+    store.set_turn_trace_id("t1", "abc")
+    assert store.get_turn("t1").trace_id == "abc"  # type: ignore[union-attr]
+
+
+def test_feedback_current_vote_and_history(store: Store) -> None:
+    store.record_turn(turn())
+    store.record_feedback("t1", "u1", 1, "great", at=T0)
+    store.record_feedback("t1", "u1", 0, "changed my mind", at=T0 + timedelta(minutes=1))
+    current = store.get_feedback("t1", "u1")
+    assert current is not None
+    assert (current.value, current.comment) == (0, "changed my mind")
+    store.record_feedback("t1", "u1", None, at=T0 + timedelta(minutes=2))
+    assert store.get_feedback("t1", "u1").value is None  # type: ignore[union-attr]
+    history = store.frame("feedback_events").sort_values("id")
+    assert list(history.kind) == ["upsert", "upsert", "delete"]
+    assert len(store.frame("feedback")) == 1
+
+
+def test_feedback_on_someone_elses_turn_refused(store: Store) -> None:
+    store.record_turn(turn(user="alice"))
+    with pytest.raises(OwnershipError, match="cannot rate"):
+        store.record_feedback("t1", "mallory", 1)
+    with pytest.raises(OwnershipError):
+        store.record_feedback("missing-turn", "alice", 1)
+    assert store.frame("feedback_events").empty
+
+
+def test_feedback_value_checked(store: Store) -> None:
+    store.record_turn(turn())
+    with pytest.raises(ValueError, match="value must be"):
+        store.record_feedback("t1", "u1", 5)
+
+
+def test_outcome_idempotent(store: Store) -> None:
+    rec = OutcomeRecord("order-42", "conversion", 1.0, session_id="s1", occurred_at=T0, source="api")
+    assert store.record_outcome(rec) is True
+    assert store.record_outcome(rec) is False
+    df = store.frame("outcomes")
+    assert len(df) == 1
+    assert df.occurred_at.iloc[0] == T0
+
+
+def test_outcome_needs_session_or_user(store: Store) -> None:
+    with pytest.raises(ValueError, match="session_id or a user_id"):
+        store.record_outcome(OutcomeRecord("k", "conversion", 1.0))
+
+
+def test_snapshot_versions_increase(store: Store) -> None:
+    assert store.latest_snapshot("exp") is None
+    v1 = store.save_snapshot("exp", "uniform", {"segments": {"*": {"a": 1.0}}}, {})
+    v2 = store.save_snapshot("exp", "thompson", {"segments": {"*": {"a": 0.4, "b": 0.6}}}, {"n": 3})
+    assert (v1, v2) == (1, 2)
+    latest = store.latest_snapshot("exp")
+    assert latest is not None
+    assert latest.version == 2
+    assert latest.allocation["segments"]["*"]["b"] == 0.6
+
+
+def test_frame_timestamps_are_utc(store: Store) -> None:
+    store.record_turn(turn(created_at=T0))
+    df = store.frame("turns")
+    assert str(df.created_at.dt.tz) == "UTC"
+    assert df.created_at.iloc[0] == T0
+
+
+def test_audit(store: Store) -> None:
+    store.audit("operator", "pause", "exp/a", {"reason": "test"})
+    df = store.frame("audit_events")
+    assert df.action.tolist() == ["pause"]
