@@ -9,7 +9,15 @@ import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm must not fetch its cost map
 
-from optimizer.cli import app  # noqa: E402
+from chatbot.cli_chat import chat, serve
+from optimizer.cli import app
+
+app.command()(serve)
+app.command()(chat)
+
+from chatbot import cli_langfuse  # noqa: E402
+
+cli_langfuse.register(app)  # `flywheel langfuse …`, `flywheel outcomes import`
 
 __all__ = ["app", "main"]
 

@@ -171,7 +171,9 @@ def _default_terms() -> tuple[KPITermConfig, ...]:
             window_days=1,
             aggregate="sum",
         ),
-        KPITermConfig(name="revenue", source="outcome:revenue", weight=0.001, window_days=30, aggregate="sum"),
+        KPITermConfig(
+            name="revenue", source="outcome:revenue", weight=0.001, window_days=30, aggregate="sum"
+        ),
     )
 
 
@@ -202,6 +204,13 @@ class PolicyConfig(_Section):
     auto_promote: bool = False
     refit_interval_s: float = Field(300.0, ge=0)
     samples: int = Field(4000, ge=100)
+    #: The floor of an arm shrinks as floor / (1 + complete_sessions / floor_decay_sessions); 0 = constant.
+    floor_decay_sessions: float = Field(1000.0, ge=0)
+    #: "wait": a session counts once all KPI windows closed; "model": open sessions count with
+    #: the estimated share of their outcome already observed (see ``optimizer.kpi``).
+    delay: Literal["wait", "model"] = "wait"
+    #: Partial pooling: a segment's prior is its arm's pooled posterior shrunk to this many sessions.
+    segment_prior_sessions: float = Field(50.0, gt=0)
 
 
 class ActionConfig(_Section):
@@ -265,7 +274,11 @@ def _format_error(source: str, exc: ValidationError) -> str:
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "<root>"
         msg = str(err["msg"]).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"{where}: {msg}")
+        parts.append(
+            f"{where}: {msg} (got {err.get('input')!r})"
+            if err["type"] != "value_error"
+            else f"{where}: {msg}"
+        )
     return f"{source}: " + "; ".join(parts)
 
 
@@ -321,5 +334,6 @@ def _apply_environment(data: dict[str, object]) -> None:
             section("policy")["refit_interval_s"] = float(interval)
         except ValueError:
             raise ConfigError(
-                f"{settings.FLYWHEEL_OPTIMIZE_INTERVAL} must be a number of seconds, got {interval!r}"
+                f"{settings.FLYWHEEL_OPTIMIZE_INTERVAL} must be a number of seconds, "
+                f"got {interval!r}"
             ) from None

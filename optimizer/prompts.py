@@ -56,7 +56,9 @@ class PromptLibrary:
         try:
             return self.variants[variant_id]
         except KeyError:
-            raise ConfigError(f"no prompt variant {variant_id!r}; known: {sorted(self.variants)}") from None
+            raise ConfigError(
+                f"no prompt variant {variant_id!r}; known: {sorted(self.variants)}"
+            ) from None
 
 
 def content_hash(text: str) -> str:
@@ -89,12 +91,20 @@ def _load_variant(path: Path) -> Variant:
     meta, body = _parse(path)
     variant_id = _field(path, meta, "id")
     if not _ID.match(variant_id):
-        raise ConfigError(f"{path}: field 'id' may hold letters, digits, '_', '.', '-', got {variant_id!r}")
+        raise ConfigError(
+            f"{path}: field 'id' may hold letters, digits, '_', '.', '-', got {variant_id!r}"
+        )
     template = meta.get("template", body)
     if not isinstance(template, str) or not template.strip():
         raise ConfigError(f"{path}: field 'template' (or the body) must be non-empty text")
     description = _field(path, meta, "description")
-    return Variant(variant_id, description, template.strip(), content_hash(path.read_text(encoding="utf-8")), str(path))
+    return Variant(
+        variant_id,
+        description,
+        template.strip(),
+        content_hash(path.read_text(encoding="utf-8")),
+        str(path),
+    )
 
 
 def _load_example(path: Path) -> Example:
@@ -114,7 +124,9 @@ def load_prompts(directory: str | Path = "prompts") -> PromptLibrary:
     for path in sorted((root / "variants").glob("*.md")):
         variant = _load_variant(path)
         if variant.id in variants:
-            raise ConfigError(f"{path}: field 'id' {variant.id!r} already used by {variants[variant.id].path}")
+            raise ConfigError(
+                f"{path}: field 'id' {variant.id!r} already used by {variants[variant.id].path}"
+            )
         variants[variant.id] = variant
     if not variants:
         raise ConfigError(f"{root / 'variants'}: no prompt variants (*.md)")
@@ -122,10 +134,16 @@ def load_prompts(directory: str | Path = "prompts") -> PromptLibrary:
     for path in sorted((root / "examples").glob("*.md")) if (root / "examples").is_dir() else []:
         example = _load_example(path)
         if example.id in examples:
-            raise ConfigError(f"{path}: field 'id' {example.id!r} already used by {examples[example.id].path}")
+            raise ConfigError(
+                f"{path}: field 'id' {example.id!r} already used by {examples[example.id].path}"
+            )
         examples[example.id] = example
     knowledge_dir = root / "knowledge"
-    knowledge = "\n\n".join(
-        p.read_text(encoding="utf-8").strip() for p in sorted(knowledge_dir.glob("*.md"))
-    ) if knowledge_dir.is_dir() else ""
+    knowledge = (
+        "\n\n".join(
+            p.read_text(encoding="utf-8").strip() for p in sorted(knowledge_dir.glob("*.md"))
+        )
+        if knowledge_dir.is_dir()
+        else ""
+    )
     return PromptLibrary(variants, examples, knowledge)

@@ -26,11 +26,11 @@ FLYWHEEL_API_KEY = "FLYWHEEL_API_KEY"
 #: Host and port of ``flywheel serve``. Defaults: ``127.0.0.1`` and ``8000``.
 FLYWHEEL_HOST = "FLYWHEEL_HOST"
 FLYWHEEL_PORT = "FLYWHEEL_PORT"
-#: ``1`` enables demo logins (``demo``/``demo`` and ``operator``/``operator``). Default: from config.
+#: ``1`` enables demo logins (``demo``/``demo``, ``operator``/``operator``). Default: config.
 FLYWHEEL_DEMO = "FLYWHEEL_DEMO"
 #: Directory of prompt variants, examples and knowledge. Default: ``prompts``.
 FLYWHEEL_PROMPTS_DIR = "FLYWHEEL_PROMPTS_DIR"
-#: Seconds between background optimizer runs inside the server; ``0`` disables. Default: from config.
+#: Seconds between background optimizer runs in the server; ``0`` disables. Default: config.
 FLYWHEEL_OPTIMIZE_INTERVAL = "FLYWHEEL_OPTIMIZE_INTERVAL"
 
 DEFAULT_HOME = ".flywheel"

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from optimizer.store import Store, make_engine  # noqa: E402
+from optimizer.store import Store, make_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL", "")
@@ -28,7 +28,9 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 def _postgres_schema_url(base: str, schema_name: str) -> str:
     url = sa.engine.make_url(make_engine(base).url)
-    return url.update_query_dict({"options": f"-csearch_path={schema_name}"}).render_as_string(hide_password=False)
+    return url.update_query_dict({"options": f"-csearch_path={schema_name}"}).render_as_string(
+        hide_password=False
+    )
 
 
 @pytest.fixture(params=BACKENDS)

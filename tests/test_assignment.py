@@ -40,7 +40,10 @@ def test_user_point_is_stable_and_uniform() -> None:
 
 def test_segment_key() -> None:
     assert segment_key({"plan": "pro"}, ()) == "*"
-    assert segment_key({"plan": "pro", "channel": "web"}, ("plan", "channel")) == "plan=pro|channel=web"
+    assert (
+        segment_key({"plan": "pro", "channel": "web"}, ("plan", "channel"))
+        == "plan=pro|channel=web"
+    )
     assert segment_key({}, ("plan",)) == "plan="
 
 
@@ -73,7 +76,9 @@ def test_sticky_across_sessions_and_restarts(exp_store: Store) -> None:
 
 
 def test_snapshot_allocation_and_version_logged(exp_store: Store) -> None:
-    exp_store.save_snapshot("exp", "thompson", {"segments": {"*": {"a": 0.0, "b": 0.8, "c": 0.2}}}, {})
+    exp_store.save_snapshot(
+        "exp", "thompson", {"segments": {"*": {"a": 0.0, "b": 0.8, "c": 0.2}}}, {}
+    )
     assigner = Assigner(exp_store, "exp", salt="salt", snapshot_ttl_s=0)
     records = [assigner.assign(f"s{i}", f"u{i}") for i in range(200)]
     assert {r.snapshot_version for r in records} == {1}

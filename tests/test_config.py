@@ -55,8 +55,14 @@ def test_bad_toml_refused(tmp_path: Path) -> None:
     ("text", "needle"),
     [
         ("[policy]\nfloor = 1.5\n", "policy.floor"),
-        ("[experiment]\nchampion='nope'\n[[experiment.arms]]\nid='a'\nprompt='concise'\n", "champion"),
-        ("[[experiment.arms]]\nid='a'\nprompt='p'\n[[experiment.arms]]\nid='a'\nprompt='p'\n", "duplicates"),
+        (
+            "[experiment]\nchampion='nope'\n[[experiment.arms]]\nid='a'\nprompt='concise'\n",
+            "champion",
+        ),
+        (
+            "[[experiment.arms]]\nid='a'\nprompt='p'\n[[experiment.arms]]\nid='a'\nprompt='p'\n",
+            "duplicates",
+        ),
         ("[[experiment.arms]]\nid='a'\nprompt='p'\nfewshot='fixed'\n", "examples"),
         ("[[kpi.guardrails]]\nmetric='error_rate'\n", "exactly one"),
         ("[[kpi.terms]]\nname='x'\nsource='clicks'\nweight=1\n", "kpi.terms.0.source"),

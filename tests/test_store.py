@@ -43,7 +43,10 @@ def test_migrated_to_head(store: Store) -> None:
 
 
 def test_sync_experiment_registers_arms_once(store: Store) -> None:
-    arms = [ArmSpec("a", "concise", "h1"), ArmSpec("b", "empathetic", "h2", "fixed", {"examples": ["x"]})]
+    arms = [
+        ArmSpec("a", "concise", "h1"),
+        ArmSpec("b", "empathetic", "h2", "fixed", {"examples": ["x"]}),
+    ]
     store.sync_experiment("exp", "salt", arms)
     store.sync_experiment("exp", "salt", arms)
     assert [r.id for r in store.arms("exp")] == ["a", "b"]
@@ -63,7 +66,9 @@ def test_changed_prompt_hash_is_recorded(store: Store) -> None:
 def test_arm_status_follows_latest_event(store: Store) -> None:
     store.sync_experiment("exp", "salt", [ArmSpec("a", "p", "h"), ArmSpec("b", "p", "h")])
     store.record_arm_event("exp", "a", "promoted", actor="op")
-    store.record_arm_event("exp", "b", "paused_guardrail", actor="optimizer", evidence={"metric": "x"})
+    store.record_arm_event(
+        "exp", "b", "paused_guardrail", actor="optimizer", evidence={"metric": "x"}
+    )
     assert store.arm_statuses("exp") == {"a": "champion", "b": "paused_guardrail"}
     store.record_arm_event("exp", "b", "promoted", actor="op")
     assert store.arm_statuses("exp") == {"a": "active", "b": "champion"}
@@ -123,7 +128,9 @@ def test_feedback_value_checked(store: Store) -> None:
 
 
 def test_outcome_idempotent(store: Store) -> None:
-    rec = OutcomeRecord("order-42", "conversion", 1.0, session_id="s1", occurred_at=T0, source="api")
+    rec = OutcomeRecord(
+        "order-42", "conversion", 1.0, session_id="s1", occurred_at=T0, source="api"
+    )
     assert store.record_outcome(rec) is True
     assert store.record_outcome(rec) is False
     df = store.frame("outcomes")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from optimizer.cli import db
+from optimizer.cli import db, demo, report, simulate
 
 __all__ = ["app"]
 
@@ -21,3 +21,6 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(db.app, name="db")
+app.command()(simulate.simulate)
+app.command()(report.report)
+app.command()(demo.demo)

@@ -16,9 +16,15 @@ from optimizer.store import Store
 console = Console()
 err_console = Console(stderr=True)
 
-ConfigOption = typer.Option(None, "--config", help="Path of flywheel.toml (default: ./flywheel.toml or $FLYWHEEL_CONFIG).")
-DatabaseOption = typer.Option(None, "--database-url", help="Store URL (default: config or $FLYWHEEL_DATABASE_URL).")
-JsonOption = typer.Option(False, "--json", help="Print one JSON object for machines instead of tables.")
+ConfigOption = typer.Option(
+    None, "--config", help="Path of flywheel.toml (default: ./flywheel.toml or $FLYWHEEL_CONFIG)."
+)
+DatabaseOption = typer.Option(
+    None, "--database-url", help="Store URL (default: config or $FLYWHEEL_DATABASE_URL)."
+)
+JsonOption = typer.Option(
+    False, "--json", help="Print one JSON object for machines instead of tables."
+)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

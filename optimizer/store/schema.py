@@ -163,7 +163,8 @@ outcomes = sa.Table(
     sa.Column("value", sa.Float, nullable=False),
     sa.Column("occurred_at", _TS, nullable=False),
     sa.Column("received_at", _TS, nullable=False),
-    sa.Column("source", sa.String(100), nullable=False),  # chat | api | langfuse | import | simulator
+    # chat | api | langfuse | import | simulator
+    sa.Column("source", sa.String(100), nullable=False),
     sa.Column("extra", _JSON, nullable=False),
     sa.Index("ix_outcomes_session", "session_id"),
     sa.Index("ix_outcomes_user", "user_id"),
@@ -175,7 +176,8 @@ examples = sa.Table(
     "examples",
     metadata,
     sa.Column("id", sa.String(100), primary_key=True),
-    sa.Column("status", sa.String(20), nullable=False),  # candidate | approved | rejected | pinned | demoted
+    # candidate | approved | rejected | pinned | demoted
+    sa.Column("status", sa.String(20), nullable=False),
     sa.Column("user_text", sa.Text, nullable=False),
     sa.Column("assistant_text", sa.Text, nullable=False),
     sa.Column("source", sa.String(20), nullable=False),  # seed | mined
@@ -193,7 +195,8 @@ example_events = sa.Table(
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("example_id", sa.String(100), nullable=False),
-    sa.Column("kind", sa.String(20), nullable=False),  # added | approved | rejected | pinned | demoted
+    # added | approved | rejected | pinned | demoted
+    sa.Column("kind", sa.String(20), nullable=False),
     sa.Column("actor", sa.String(100), nullable=False),
     sa.Column("details", _JSON, nullable=False),
     sa.Column("created_at", _TS, nullable=False),

@@ -127,7 +127,9 @@ class Store:
         self.engine.dispose()
 
     # -- experiments and arms ----------------------------------------------
-    def sync_experiment(self, experiment_id: str, salt: str, arms: Iterable[ArmSpec], *, at: datetime | None = None) -> None:
+    def sync_experiment(
+        self, experiment_id: str, salt: str, arms: Iterable[ArmSpec], *, at: datetime | None = None
+    ) -> None:
         """Register the experiment and any arm not seen before (with a ``created`` event).
 
         Existing arms keep their status; a changed prompt hash is updated in
@@ -135,12 +137,18 @@ class Store:
         """
         now = at or utcnow()
         with self.engine.begin() as conn:
-            exists = conn.execute(sa.select(schema.experiments.c.id).where(schema.experiments.c.id == experiment_id)).first()
+            exists = conn.execute(
+                sa.select(schema.experiments.c.id).where(schema.experiments.c.id == experiment_id)
+            ).first()
             if not exists:
-                conn.execute(schema.experiments.insert().values(id=experiment_id, salt=salt, created_at=now))
+                conn.execute(
+                    schema.experiments.insert().values(id=experiment_id, salt=salt, created_at=now)
+                )
             known = {
                 row.id: row
-                for row in conn.execute(sa.select(schema.arms).where(schema.arms.c.experiment_id == experiment_id))
+                for row in conn.execute(
+                    sa.select(schema.arms).where(schema.arms.c.experiment_id == experiment_id)
+                )
             }
             for arm in arms:
                 if arm.id not in known:
@@ -156,11 +164,19 @@ class Store:
                         )
                     )
                     self._arm_event(conn, experiment_id, arm.id, "created", "config", {}, now)
-                elif known[arm.id].prompt_hash != arm.prompt_hash or known[arm.id].fewshot_config != dict(arm.fewshot_config):
+                elif known[arm.id].prompt_hash != arm.prompt_hash or known[
+                    arm.id
+                ].fewshot_config != dict(arm.fewshot_config):
                     conn.execute(
                         schema.arms.update()
-                        .where(schema.arms.c.experiment_id == experiment_id, schema.arms.c.id == arm.id)
-                        .values(prompt_hash=arm.prompt_hash, fewshot=arm.fewshot, fewshot_config=dict(arm.fewshot_config))
+                        .where(
+                            schema.arms.c.experiment_id == experiment_id, schema.arms.c.id == arm.id
+                        )
+                        .values(
+                            prompt_hash=arm.prompt_hash,
+                            fewshot=arm.fewshot,
+                            fewshot_config=dict(arm.fewshot_config),
+                        )
                     )
                     self._arm_event(
                         conn,
@@ -173,17 +189,39 @@ class Store:
                     )
 
     def record_arm_event(
-        self, experiment_id: str, arm_id: str, kind: str, *, actor: str, evidence: Mapping[str, Any] | None = None, at: datetime | None = None
+        self,
+        experiment_id: str,
+        arm_id: str,
+        kind: str,
+        *,
+        actor: str,
+        evidence: Mapping[str, Any] | None = None,
+        at: datetime | None = None,
     ) -> None:
-        """Append a status change (paused_guardrail, paused_operator, resumed, promoted, retired, cap_set, …)."""
+        """Append a status change: paused_guardrail, paused_operator, resumed, promoted, retired…"""
         with self.engine.begin() as conn:
-            self._arm_event(conn, experiment_id, arm_id, kind, actor, dict(evidence or {}), at or utcnow())
+            self._arm_event(
+                conn, experiment_id, arm_id, kind, actor, dict(evidence or {}), at or utcnow()
+            )
 
     @staticmethod
-    def _arm_event(conn: sa.Connection, experiment_id: str, arm_id: str, kind: str, actor: str, evidence: dict[str, Any], at: datetime) -> None:
+    def _arm_event(
+        conn: sa.Connection,
+        experiment_id: str,
+        arm_id: str,
+        kind: str,
+        actor: str,
+        evidence: dict[str, Any],
+        at: datetime,
+    ) -> None:
         conn.execute(
             schema.arm_events.insert().values(
-                experiment_id=experiment_id, arm_id=arm_id, kind=kind, actor=actor, evidence=evidence, created_at=at
+                experiment_id=experiment_id,
+                arm_id=arm_id,
+                kind=kind,
+                actor=actor,
+                evidence=evidence,
+                created_at=at,
             )
         )
 
@@ -194,7 +232,9 @@ class Store:
         """
         ev = schema.arm_events
         rows = self._all(
-            sa.select(ev.c.arm_id, ev.c.kind).where(ev.c.experiment_id == experiment_id).order_by(ev.c.id)
+            sa.select(ev.c.arm_id, ev.c.kind)
+            .where(ev.c.experiment_id == experiment_id)
+            .order_by(ev.c.id)
         )
         status: dict[str, str] = {}
         for arm_id, kind in rows:
@@ -207,7 +247,11 @@ class Store:
         return status
 
     def arms(self, experiment_id: str) -> list[sa.Row[Any]]:
-        return self._all(sa.select(schema.arms).where(schema.arms.c.experiment_id == experiment_id).order_by(schema.arms.c.id))
+        return self._all(
+            sa.select(schema.arms)
+            .where(schema.arms.c.experiment_id == experiment_id)
+            .order_by(schema.arms.c.id)
+        )
 
     # -- assignments --------------------------------------------------------
     def record_assignment(self, rec: AssignmentRecord) -> AssignmentRecord:
@@ -232,17 +276,24 @@ class Store:
         except IntegrityError:
             existing = self.get_assignment(rec.session_id)
             if existing is None:
-                raise StoreError(f"assignment for session {rec.session_id!r} conflicted but is not readable") from None
+                raise StoreError(
+                    f"assignment for session {rec.session_id!r} conflicted but is not readable"
+                ) from None
             return existing
 
     def get_assignment(self, session_id: str) -> AssignmentRecord | None:
-        row = self._first(sa.select(schema.assignments).where(schema.assignments.c.session_id == session_id))
+        row = self._first(
+            sa.select(schema.assignments).where(schema.assignments.c.session_id == session_id)
+        )
         return _assignment(row) if row is not None else None
 
     def last_assignment_for_user(self, user_id: str, experiment_id: str) -> AssignmentRecord | None:
         a = schema.assignments
         row = self._first(
-            sa.select(a).where(a.c.user_id == user_id, a.c.experiment_id == experiment_id).order_by(a.c.id.desc()).limit(1)
+            sa.select(a)
+            .where(a.c.user_id == user_id, a.c.experiment_id == experiment_id)
+            .order_by(a.c.id.desc())
+            .limit(1)
         )
         return _assignment(row) if row is not None else None
 
@@ -264,10 +315,20 @@ class Store:
 
     def set_turn_trace_id(self, turn_id: str, trace_id: str) -> None:
         with self.engine.begin() as conn:
-            conn.execute(schema.turns.update().where(schema.turns.c.id == turn_id).values(trace_id=trace_id))
+            conn.execute(
+                schema.turns.update().where(schema.turns.c.id == turn_id).values(trace_id=trace_id)
+            )
 
     # -- feedback --------------------------------------------------------------
-    def record_feedback(self, turn_id: str, user_id: str, value: int | None, comment: str | None = None, *, at: datetime | None = None) -> None:
+    def record_feedback(
+        self,
+        turn_id: str,
+        user_id: str,
+        value: int | None,
+        comment: str | None = None,
+        *,
+        at: datetime | None = None,
+    ) -> None:
         """Set (``value`` 1 or 0) or delete (``value`` None) the user's vote on a turn.
 
         Raises :class:`OwnershipError` unless the turn exists and belongs to
@@ -279,10 +340,14 @@ class Store:
         fb = schema.feedback
         with self.engine.begin() as conn:
             turn = conn.execute(
-                sa.select(schema.turns.c.user_id, schema.turns.c.session_id).where(schema.turns.c.id == turn_id)
+                sa.select(schema.turns.c.user_id, schema.turns.c.session_id).where(
+                    schema.turns.c.id == turn_id
+                )
             ).first()
             if turn is None or turn.user_id != user_id:
-                raise OwnershipError(f"user {user_id!r} cannot rate turn {turn_id!r}: not a turn of theirs")
+                raise OwnershipError(
+                    f"user {user_id!r} cannot rate turn {turn_id!r}: not a turn of theirs"
+                )
             conn.execute(
                 schema.feedback_events.insert().values(
                     turn_id=turn_id,
@@ -343,7 +408,13 @@ class Store:
 
     # -- snapshots -------------------------------------------------------------------
     def save_snapshot(
-        self, experiment_id: str, policy: str, allocation: Mapping[str, Any], summary: Mapping[str, Any], *, at: datetime | None = None
+        self,
+        experiment_id: str,
+        policy: str,
+        allocation: Mapping[str, Any],
+        summary: Mapping[str, Any],
+        *,
+        at: datetime | None = None,
     ) -> int:
         """Append a policy snapshot with the next version number; returns the version.
 
@@ -355,7 +426,9 @@ class Store:
             try:
                 with self.engine.begin() as conn:
                     current = conn.execute(
-                        sa.select(sa.func.max(ps.c.version)).where(ps.c.experiment_id == experiment_id)
+                        sa.select(sa.func.max(ps.c.version)).where(
+                            ps.c.experiment_id == experiment_id
+                        )
                     ).scalar()
                     version = (current or 0) + 1
                     conn.execute(
@@ -371,25 +444,38 @@ class Store:
                 return version
             except IntegrityError:
                 continue
-        raise StoreError(f"could not write a snapshot for experiment {experiment_id!r}: version conflicts")
+        raise StoreError(
+            f"could not write a snapshot for experiment {experiment_id!r}: version conflicts"
+        )
 
     def latest_snapshot(self, experiment_id: str) -> sa.Row[Any] | None:
         ps = schema.policy_snapshots
         return self._first(
-            sa.select(ps).where(ps.c.experiment_id == experiment_id).order_by(ps.c.version.desc()).limit(1)
+            sa.select(ps)
+            .where(ps.c.experiment_id == experiment_id)
+            .order_by(ps.c.version.desc())
+            .limit(1)
         )
 
     # -- audit -----------------------------------------------------------------------
-    def audit(self, actor: str, action: str, target: str, details: Mapping[str, Any] | None = None) -> None:
+    def audit(
+        self, actor: str, action: str, target: str, details: Mapping[str, Any] | None = None
+    ) -> None:
         with self.engine.begin() as conn:
             conn.execute(
                 schema.audit_events.insert().values(
-                    actor=actor, action=action, target=target, details=dict(details or {}), created_at=utcnow()
+                    actor=actor,
+                    action=action,
+                    target=target,
+                    details=dict(details or {}),
+                    created_at=utcnow(),
                 )
             )
 
     # -- reading ------------------------------------------------------------------------
-    def frame(self, table: str | sa.Table, where: sa.ColumnElement[bool] | None = None) -> pd.DataFrame:
+    def frame(
+        self, table: str | sa.Table, where: sa.ColumnElement[bool] | None = None
+    ) -> pd.DataFrame:
         """A whole table (optionally filtered) as a DataFrame with UTC timestamps."""
         tbl = schema.metadata.tables[table] if isinstance(table, str) else table
         query = sa.select(tbl) if where is None else sa.select(tbl).where(where)

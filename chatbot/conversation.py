@@ -1,0 +1,240 @@
+"""One chat session's turn logic, shared by the Chainlit app and ``flywheel chat``.
+
+A :class:`Conversation` is bound to a session (the Chainlit thread id) and
+its user. It is assigned an arm once (sticky, with the propensity recorded),
+then each :meth:`Conversation.reply`:
+
+1. refuses a message over ``limits.max_message_chars`` with a clear message
+   (nothing sent to the model, nothing recorded);
+2. selects the arm's few-shot examples and builds the prompt within budget;
+3. streams the reply through :func:`chatbot.llm.stream_reply` (which never
+   raises for provider trouble: a failed reply carries the friendly text and
+   an error);
+4. records the turn (prompt id and hash, few-shot ids kept, model, latency,
+   time to first token, tokens, cost, error), then traces it and stores the
+   trace id.
+
+Call-to-action clicks (:meth:`Conversation.click`) and "my issue is solved"
+(:meth:`Conversation.resolve`) record outcomes keyed by session and action, so
+a double click counts once. Store calls run in worker threads: the event loop
+never waits on the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from chatbot.llm import Completion, stream_reply
+from chatbot.prompting import build_messages, prompt_budget
+from chatbot.runtime import Runtime, best_effort
+from optimizer.clock import utcnow
+from optimizer.config import ActionConfig
+from optimizer.store import AssignmentRecord, OutcomeRecord, TurnRecord, schema
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ActionResult", "Conversation", "Reply"]
+
+OnToken = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the user is shown for one message.
+
+    ``turn`` is the recorded turn, or None when the message was refused
+    (``refused`` then says why, and ``text`` is that explanation).
+    """
+
+    text: str
+    turn: TurnRecord | None = None
+    completion: Completion | None = None
+    refused: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.turn is not None and self.turn.error is not None
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What a click recorded (``stored`` False: counted before) and what to tell the user."""
+
+    stored: bool
+    message: str
+    outcomes: tuple[OutcomeRecord, ...] = ()
+
+
+@dataclass
+class Conversation:
+    """A session's assignment and history. Create with :meth:`start`."""
+
+    runtime: Runtime
+    assignment: AssignmentRecord
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def session_id(self) -> str:
+        return self.assignment.session_id
+
+    @property
+    def user_id(self) -> str:
+        return self.assignment.user_id
+
+    @classmethod
+    async def start(
+        cls,
+        runtime: Runtime,
+        session_id: str,
+        user_id: str,
+        context: Mapping[str, Any] | None = None,
+    ) -> Conversation:
+        """Assign the session (or find its assignment) and load its earlier turns.
+
+        Resuming a session therefore keeps its arm and its history.
+        """
+        assignment = await asyncio.to_thread(
+            runtime.assigner.assign, session_id, user_id, dict(context or {})
+        )
+        if assignment.user_id != user_id:
+            # Session ids are unguessable UUIDs; a mismatch is a bug, not a user error.
+            raise ValueError(f"session {session_id!r} belongs to another user, not {user_id!r}")
+        history = await asyncio.to_thread(_history, runtime, session_id)
+        return cls(runtime, assignment, history)
+
+    # -- turns ----------------------------------------------------------------------
+    async def reply(self, turn_id: str, text: str, *, on_token: OnToken | None = None) -> Reply:
+        """Answer ``text`` as turn ``turn_id``, streaming tokens to ``on_token``."""
+        rt = self.runtime
+        limit = rt.config.limits.max_message_chars
+        text = text.strip()
+        if not text:
+            return Reply("Please type a question.", refused="empty message")
+        if len(text) > limit:
+            reason = f"message is {len(text):,} characters; the limit is {limit:,}"
+            return Reply(f"Your {reason}. Please shorten it and send it again.", refused=reason)
+
+        arm = rt.arm(self.assignment.arm_id)
+        variant = rt.prompts.variant(arm.prompt)
+        examples = await asyncio.to_thread(rt.selector.select, arm, text)
+        messages, kept = build_messages(
+            variant,
+            rt.prompts.knowledge,
+            examples,
+            self.history,
+            text,
+            budget_tokens=prompt_budget(rt.config.model),
+        )
+        completion = await stream_reply(messages, model=rt.config.model, on_token=on_token)
+        turn = TurnRecord(
+            id=turn_id,
+            session_id=self.session_id,
+            user_id=self.user_id,
+            experiment_id=self.assignment.experiment_id,
+            arm_id=self.assignment.arm_id,
+            prompt_id=variant.id,
+            prompt_hash=variant.hash,
+            model=completion.model,
+            user_message=text,
+            reply=completion.text,
+            fewshot_ids=tuple(kept),
+            latency_ms=completion.latency_ms,
+            ttft_ms=completion.ttft_ms,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            cost=completion.cost,
+            error=completion.error,
+        )
+        if not await asyncio.to_thread(rt.store.record_turn, turn):
+            log.warning("turn %s was already recorded; keeping the first", turn_id)
+        if completion.error is None:
+            # Failed replies stay out of the history: the model should not imitate an apology.
+            self.history += [
+                {"role": "user", "content": text},
+                {"role": "assistant", "content": completion.text},
+            ]
+        trace_id = best_effort(rt.tracer.trace_turn, turn, self.assignment, messages)
+        if trace_id:
+            await asyncio.to_thread(rt.store.set_turn_trace_id, turn_id, trace_id)
+        return Reply(completion.text, turn, completion)
+
+    async def vote(self, turn_id: str, value: int | None, comment: str | None = None) -> None:
+        """The session user's thumbs (1 up, 0 down, None removes the vote) on one of their turns."""
+        await self.runtime.record_vote(turn_id, self.user_id, value, comment)
+
+    # -- outcomes ---------------------------------------------------------------------
+    async def click(self, action: ActionConfig, *, turn_id: str | None = None) -> ActionResult:
+        """Record a call-to-action click as its configured outcome, once per session."""
+        outcome = self._outcome(action.name, action.outcome, action.value, turn_id=turn_id)
+        stored = await self.runtime.record_outcome(outcome)
+        message = (
+            f"Done: “{action.label}” is recorded."
+            if stored
+            else f"“{action.label}” was already recorded for this conversation."
+        )
+        return ActionResult(stored, message, (outcome,))
+
+    async def resolve(
+        self, *, turn_id: str | None = None, now: datetime | None = None
+    ) -> ActionResult:
+        """Record ``resolved`` = 1 and ``support_minutes`` since the session began (once)."""
+        seconds = max(((now or utcnow()) - self.assignment.assigned_at).total_seconds(), 0.0)
+        extra = {"seconds": round(seconds, 3)}
+        outcomes = (
+            self._outcome("resolved", "resolved", 1.0, turn_id=turn_id, extra=extra),
+            self._outcome(
+                "resolved", "support_minutes", seconds / 60, turn_id=turn_id, extra=extra
+            ),
+        )
+        stored = [await self.runtime.record_outcome(o) for o in outcomes]
+        if any(stored):
+            minutes = seconds / 60
+            return ActionResult(
+                True, f"Glad it's solved! (Support time recorded: {minutes:.1f} min.)", outcomes
+            )
+        return ActionResult(False, "This conversation is already marked as solved.", outcomes)
+
+    def _outcome(
+        self,
+        action: str,
+        name: str,
+        value: float,
+        *,
+        turn_id: str | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> OutcomeRecord:
+        return OutcomeRecord(
+            # Per session and outcome: a double click, a second tab or a retry count once.
+            idempotency_key=f"chat:{self.session_id}:{action}:{name}",
+            name=name,
+            value=value,
+            session_id=self.session_id,
+            user_id=self.user_id,
+            source="chat",
+            extra={"action": action, "turn_id": turn_id, **(extra or {})},
+        )
+
+
+def _history(runtime: Runtime, session_id: str) -> list[dict[str, str]]:
+    """The session's successful turns as chat messages, oldest first."""
+    t = schema.turns
+    with runtime.store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(t.c.user_message, t.c.reply)
+            .where(t.c.session_id == session_id, t.c.error.is_(None))
+            .order_by(t.c.created_at, t.c.id)
+        ).all()
+    history: list[dict[str, str]] = []
+    for row in rows:
+        history += [
+            {"role": "user", "content": row.user_message},
+            {"role": "assistant", "content": row.reply},
+        ]
+    return history

@@ -1,0 +1,267 @@
+"""One streamed LLM reply through litellm, with retries, fallback and a deadline.
+
+:func:`stream_reply` is the only way the chat path calls a model. It never
+raises for provider trouble (HTTP errors, 429s, timeouts, a dead local
+model): the returned :class:`Completion` carries a short technical ``error``
+for the store and a ``text`` the user can read.
+
+Failure policy, per model (``model.name``, then ``model.fallback``):
+
+- every attempt is bounded by ``model.timeout_s`` as a whole (connect, queue
+  and the full stream), passed to litellm and enforced with
+  :func:`asyncio.wait_for`; a timed-out model is not retried (it just used the
+  whole budget), the fallback gets its own ``timeout_s``;
+- 429s, 5xx and connection errors are retried up to ``model.retries`` times
+  with a short backoff; other errors (400, 401…) go straight to the fallback;
+- nothing is retried once a token reached the user: the streamed text is kept
+  as the reply (nothing appended) and the error recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import litellm  # chatbot/__init__ has set LITELLM_LOCAL_MODEL_COST_MAP: no network at import
+from litellm.exceptions import MidStreamFallbackError
+
+from optimizer.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FRIENDLY_ERROR",
+    "Completion",
+    "register_providers",
+    "stream_reply",
+]
+
+#: What the user reads when no model could answer.
+FRIENDLY_ERROR = "Sorry — I couldn't answer just now. Please try again in a moment."
+#: Seconds before the first retry; doubled for each further one.
+RETRY_BACKOFF_S = 0.25
+#: Providers that run here and cost nothing.
+FREE_PROVIDERS = frozenset({"local", "fake"})
+
+_RETRYABLE = (
+    litellm.RateLimitError,
+    litellm.InternalServerError,
+    litellm.ServiceUnavailableError,
+    litellm.BadGatewayError,
+    litellm.APIConnectionError,
+)
+_MAX_ERROR_CHARS = 300
+
+OnToken = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The outcome of one reply.
+
+    ``error`` set means the reply failed: ``text`` is then :data:`FRIENDLY_ERROR`,
+    or, when tokens had already been streamed (``partial``), exactly the text
+    the user saw. ``ttft_ms`` (time to first token) and ``latency_ms`` count
+    from the call, across retries and fallback; ``model`` is the model that
+    answered (or was tried last). ``cost`` is in USD, ``0.0`` for models run
+    here, ``None`` when litellm does not know the price.
+    """
+
+    text: str
+    model: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost: float | None
+    ttft_ms: float | None
+    latency_ms: float
+    error: str | None
+
+    @property
+    def partial(self) -> bool:
+        """True when the reply failed after some tokens had reached the user."""
+        return self.error is not None and self.ttft_ms is not None
+
+
+_registered = False
+
+
+def register_providers() -> None:
+    """Register the ``local/…`` and ``fake/…`` litellm providers (idempotent, cheap)."""
+    global _registered
+    if _registered:
+        return
+    from chatbot.fake_model import PROVIDER as FAKE
+    from chatbot.fake_model import FakeProvider
+    from chatbot.local_model import PROVIDER as LOCAL
+    from chatbot.local_model import LocalModelProvider
+
+    present = {item["provider"] for item in litellm.custom_provider_map}
+    for name, handler in ((LOCAL, LocalModelProvider), (FAKE, FakeProvider)):
+        if name not in present:
+            litellm.custom_provider_map.append({"provider": name, "custom_handler": handler()})
+    _registered = True
+
+
+@dataclass
+class _Stream:
+    """What has been received so far, across attempts."""
+
+    started: float
+    on_token: OnToken | None
+    parts: list[str] = field(default_factory=list)
+    first_token_at: float | None = None
+    usage: Any = None
+
+    async def token(self, text: str) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.parts.append(text)
+        if self.on_token is not None:
+            try:
+                await self.on_token(text)
+            except Exception as exc:  # the caller's bug, not the provider's: let it out
+                raise _CallbackError(exc) from exc
+
+
+class _CallbackError(Exception):
+    def __init__(self, original: Exception) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def _provider(name: str) -> str:
+    return name.split("/", 1)[0] if "/" in name else ""
+
+
+def _cost(name: str, prompt_tokens: int | None, completion_tokens: int | None) -> float | None:
+    if _provider(name) in FREE_PROVIDERS:
+        return 0.0
+    if prompt_tokens is None or completion_tokens is None:
+        return None
+    try:
+        prompt_cost, completion_cost = litellm.cost_per_token(
+            model=name, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+        )
+    except Exception:  # litellm raises for models missing from its price map
+        return None
+    return float(prompt_cost + completion_cost)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The provider's own error: litellm wraps errors raised while streaming."""
+    while isinstance(exc, MidStreamFallbackError) and exc.original_exception is not None:
+        exc = exc.original_exception
+    return exc
+
+
+def _describe(name: str, exc: BaseException) -> str:
+    """``"<model>: <ErrorType> <status>: <message>"``, short, for the store."""
+    status = getattr(exc, "status_code", None)
+    message = " ".join(str(getattr(exc, "message", None) or exc).split())
+    while message.startswith("litellm.") and ": " in message:  # litellm prefixes its class names
+        message = message.split(": ", 1)[1]
+    label = f"{type(exc).__name__} {status}" if status else type(exc).__name__
+    return f"{name}: {label}: {message}"[:_MAX_ERROR_CHARS]
+
+
+def _summary(errors: list[str]) -> str:
+    """Join attempt errors, counting repeats: ``"x: … (2 attempts); y: …"``."""
+    counts = dict.fromkeys(errors, 0)
+    for error in errors:
+        counts[error] += 1
+    return "; ".join(f"{e} ({n} attempts)" if n > 1 else e for e, n in counts.items())
+
+
+async def _attempt(name: str, messages: list[dict[str, Any]], model: ModelConfig, stream: _Stream) -> None:
+    response = await litellm.acompletion(
+        model=name,
+        messages=messages,
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=model.max_tokens,
+        temperature=model.temperature,
+        timeout=model.timeout_s,
+        max_retries=0,  # retries are ours (counted, and never after a token was streamed)
+    )
+    try:
+        async for chunk in response:
+            if getattr(chunk, "usage", None):
+                stream.usage = chunk.usage
+            if chunk.choices and (text := chunk.choices[0].delta.content):
+                await stream.token(text)
+    finally:
+        await response.aclose()
+
+
+async def stream_reply(
+    messages: list[dict[str, Any]],
+    *,
+    model: ModelConfig,
+    on_token: OnToken | None = None,
+) -> Completion:
+    """Stream one reply, calling ``on_token`` with each piece of text as it arrives.
+
+    Never raises for provider errors or timeouts (see the module docstring);
+    exceptions raised by ``on_token`` itself propagate. After the call, show
+    ``completion.text`` (the friendly message when nothing was streamed).
+    """
+    register_providers()
+    stream = _Stream(time.perf_counter(), on_token)
+    errors: list[str] = []
+    name = model.name
+    candidates = [model.name] + ([model.fallback] if model.fallback and model.fallback != model.name else [])
+    for name in candidates:
+        if _provider(name) == "local":
+            from chatbot.local_model import configure
+
+            configure(context_tokens=model.context_tokens)
+        for attempt in range(model.retries + 1):
+            try:
+                await asyncio.wait_for(_attempt(name, messages, model, stream), timeout=model.timeout_s)
+            except _CallbackError as exc:
+                raise exc.original from None
+            except (TimeoutError, litellm.Timeout) as exc:
+                errors.append(
+                    f"{name}: timeout after {model.timeout_s:g} s"
+                    if isinstance(exc, TimeoutError)
+                    else _describe(name, _unwrap(exc))
+                )
+                log.warning("LLM %s timed out (attempt %d)", name, attempt + 1)
+                break
+            except Exception as raised:
+                exc = _unwrap(raised)
+                errors.append(_describe(name, exc))
+                log.warning("LLM %s failed (attempt %d): %s", name, attempt + 1, errors[-1])
+                if stream.first_token_at is not None or not isinstance(exc, _RETRYABLE):
+                    break
+                if attempt < model.retries:
+                    await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
+            else:
+                return _finish(stream, name, None)
+            if stream.first_token_at is not None:
+                return _finish(stream, name, _summary(errors))
+    return _finish(stream, name, _summary(errors))
+
+
+def _finish(stream: _Stream, name: str, error: str | None) -> Completion:
+    now = time.perf_counter()
+    usage = stream.usage
+    prompt_tokens = getattr(usage, "prompt_tokens", None)
+    completion_tokens = getattr(usage, "completion_tokens", None)
+    text = "".join(stream.parts)
+    if error is not None and stream.first_token_at is None:
+        text = FRIENDLY_ERROR
+    return Completion(
+        text=text,
+        model=name,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost=_cost(name, prompt_tokens, completion_tokens) if error is None or usage else None,
+        ttft_ms=None if stream.first_token_at is None else (stream.first_token_at - stream.started) * 1000,
+        latency_ms=(now - stream.started) * 1000,
+        error=error,
+    )

@@ -1,0 +1,162 @@
+"""What the operator's buttons do: plain functions, testable without HTTP.
+
+Every action is recorded twice, on purpose: as an arm event (the optimizer and
+the Assigner derive arm statuses from those) and as an audit event (who did
+what, when, from the dashboard). Then the optimizer runs, so the next snapshot
+reflects the change, and the process's Assigner forgets its cached snapshot,
+so the very next assignment does too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from optimizer.assignment import Assigner
+from optimizer.config import Config
+from optimizer.store import ACTIVE_STATUSES, Store
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ARM_ACTIONS",
+    "ActionError",
+    "ActionResult",
+    "Services",
+    "arm_action",
+    "available_actions",
+    "refresh_policy",
+    "run_optimizer_now",
+]
+
+#: Dashboard action → arm event kind.
+ARM_ACTIONS = {
+    "pause": "paused_operator",
+    "resume": "resumed",
+    "promote": "promoted",
+    "retire": "retired",
+    "cap": "cap_set",
+}
+
+
+def available_actions(status: str) -> list[tuple[str, str]]:
+    """(action, button label) an arm in ``status`` offers; :func:`arm_action` enforces the same rules.
+
+    >>> [a for a, _ in available_actions("paused_guardrail")]
+    ['resume', 'promote', 'retire']
+    """
+    offered = []
+    if status == "active":
+        offered.append(("pause", "Pause"))
+    if status.startswith("paused"):
+        offered.append(("resume", "Resume"))
+    if status != "champion":
+        offered.append(("promote", "Promote"))
+    if status not in ("champion", "retired"):
+        offered.append(("retire", "Retire"))
+    return offered
+
+
+class Services(Protocol):
+    """What the dashboard needs from the process (``chatbot.runtime.Runtime`` provides it)."""
+
+    config: Config
+    store: Store
+    assigner: Assigner
+
+
+class ActionError(ValueError):
+    """An action that cannot be done; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    message: str
+    snapshot_version: int | None = None
+
+
+def arm_action(
+    services: Services, actor: str, arm_id: str, action: str, *, cap: float | None = None
+) -> ActionResult:
+    """Apply a dashboard action to an arm of the configured experiment.
+
+    Raises :class:`ActionError` (404 unknown arm, 400 bad value, 409 not allowed
+    in the arm's current status).
+    """
+    if action not in ARM_ACTIONS:
+        raise ActionError(f"action must be one of {sorted(ARM_ACTIONS)}, got {action!r}", 400)
+    store, exp = services.store, services.config.experiment
+    known = {row.id for row in store.arms(exp.id)}
+    if arm_id not in known:
+        raise ActionError(f"no arm {arm_id!r} in experiment {exp.id!r}", 404)
+    statuses = store.arm_statuses(exp.id)
+    status = statuses.get(arm_id, "active")
+    served = [a for a in known if statuses.get(a, "active") in ACTIVE_STATUSES]
+    evidence: dict[str, Any] = {"via": "operator dashboard", "previous_status": status}
+
+    if action in ("pause", "retire"):
+        if status == "champion":
+            raise ActionError(f"{arm_id!r} is the champion: promote another arm before you {action} it")
+        if action == "pause" and status not in ACTIVE_STATUSES:
+            raise ActionError(f"{arm_id!r} is not active (it is {status}); nothing to pause")
+        if action == "retire" and status == "retired":
+            raise ActionError(f"{arm_id!r} is already retired")
+        if served == [arm_id]:
+            raise ActionError(f"{arm_id!r} is the only arm served; at least one must stay active")
+    elif action == "resume" and not status.startswith("paused"):
+        raise ActionError(f"{arm_id!r} is not paused (it is {status}); nothing to resume")
+    elif action == "promote" and status == "champion":
+        raise ActionError(f"{arm_id!r} is already the champion")
+    elif action == "cap":
+        if cap is None or not math.isfinite(cap) or not 0 < cap <= 1:
+            raise ActionError(f"cap must be a share in (0, 1], got {cap!r}", 400)
+        evidence["cap"] = cap
+
+    store.record_arm_event(exp.id, arm_id, ARM_ACTIONS[action], actor=actor, evidence=evidence)
+    store.audit(actor, f"arm.{action}", arm_id, {"experiment": exp.id, **evidence})
+    version = refresh_policy(services, actor)
+    done = {
+        "pause": "paused",
+        "resume": "resumed",
+        "promote": "promoted to champion",
+        "retire": "retired",
+        "cap": f"capped at {cap:.0%}" if cap is not None else "capped",
+    }[action]
+    return ActionResult(f"{arm_id} {done}{_snapshot_note(version)}", version)
+
+
+def run_optimizer_now(services: Services, actor: str) -> ActionResult:
+    """Fit and write a snapshot now (the background job would otherwise wait its interval)."""
+    services.store.audit(actor, "optimizer.run", services.config.experiment.id, {"via": "operator dashboard"})
+    version = refresh_policy(services, actor)
+    if version is None:
+        return ActionResult("the optimizer is already running elsewhere; its snapshot will follow")
+    return ActionResult(f"optimizer ran{_snapshot_note(version)}", version)
+
+
+def refresh_policy(services: Services, actor: str) -> int | None:
+    """Run the optimizer (new snapshot) and drop the Assigner's cache; the snapshot version or None.
+
+    None when another process holds the optimizer lock: the arm statuses still
+    apply at once, because the Assigner serves only active arms.
+    """
+    try:  # TEMPORARY until optimizer.job lands
+        from optimizer.job import run_optimizer
+    except ImportError:
+        services.assigner.invalidate()
+        return None
+    try:
+        run = run_optimizer(services.store, services.config, actor=actor)
+    finally:
+        services.assigner.invalidate()
+    return getattr(run, "snapshot_version", None) if run is not None else None
+
+
+def _snapshot_note(version: int | None) -> str:
+    return f"; policy snapshot v{version} written" if version is not None else ""

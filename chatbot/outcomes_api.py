@@ -1,0 +1,266 @@
+"""HTTP API on the chat server: ``POST /api/outcomes`` for integrators, ``GET /api/health``.
+
+Business systems (CRM, checkout, helpdesk) report what happened after a chat::
+
+    curl -X POST http://127.0.0.1:8000/api/outcomes \\
+      -H "X-API-Key: $FLYWHEEL_API_KEY" -H "Content-Type: application/json" \\
+      -d '{"idempotency_key": "order-1042", "session_id": "…", "name": "revenue", "value": 96}'
+
+- ``X-API-Key`` must equal ``FLYWHEEL_API_KEY`` (constant-time comparison);
+  with no key configured every request is refused (401), so the API is closed
+  by default.
+- The body is checked in this order: size (``limits.max_body_bytes`` → 413),
+  JSON, then the fields (422 listing every problem). Nothing here answers 500
+  for bad input.
+- Delivery is at-least-once friendly: the idempotency key is unique in the
+  store, a repeat is acknowledged (200, ``"duplicate"``) and stored once; a new
+  outcome is acknowledged (201, ``"stored"``) only after it is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from chatbot.ratelimit import RateLimiter, RateLimitExceeded
+from chatbot.runtime import Runtime
+from optimizer.store import OutcomeRecord
+
+log = logging.getLogger(__name__)
+
+__all__ = ["API_KEY_HEADER", "OutcomeIn", "api_router", "flywheel_version"]
+
+API_KEY_HEADER = "X-API-Key"
+#: How far in the future ``occurred_at`` may lie (clock skew between systems).
+MAX_FUTURE = timedelta(minutes=5)
+#: Size of ``extra`` once serialised; it is for small annotations, not payloads.
+MAX_EXTRA_BYTES = 2048
+
+
+class OutcomeIn(BaseModel):
+    """A business outcome reported by an integrator."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    idempotency_key: str = Field(
+        min_length=1, max_length=200, description="Unique per real-world event; repeats count once."
+    )
+    session_id: str | None = Field(
+        None, min_length=1, max_length=100, description="Chat session (Chainlit thread id)."
+    )
+    user_id: str | None = Field(
+        None, min_length=1, max_length=200, description="Chat user, when the session is unknown."
+    )
+    name: str = Field(
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Outcome name as used by the KPI, e.g. conversion, revenue, support_minutes.",
+    )
+    value: float = Field(1.0, allow_inf_nan=False, description="A finite number.")
+    occurred_at: datetime | None = Field(
+        None, description="ISO 8601 time of the event (UTC if no offset); default: now."
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description=f"Small JSON object, at most {MAX_EXTRA_BYTES} bytes."
+    )
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _not_in_future(cls, v: datetime | None) -> datetime | None:
+        if v is None:
+            return None
+        v = v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+        if v > datetime.now(UTC) + MAX_FUTURE:
+            raise ValueError(f"occurred_at must not be in the future, got {v.isoformat()}")
+        return v
+
+    @field_validator("extra")
+    @classmethod
+    def _small_extra(cls, v: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(v, allow_nan=False, default=str).encode())
+        if size > MAX_EXTRA_BYTES:
+            raise ValueError(f"extra must be at most {MAX_EXTRA_BYTES} bytes as JSON, got {size}")
+        return v
+
+    @model_validator(mode="after")
+    def _someone(self) -> OutcomeIn:
+        if self.session_id is None and self.user_id is None:
+            raise ValueError("give a session_id or a user_id, got neither")
+        return self
+
+    def record(self) -> OutcomeRecord:
+        return OutcomeRecord(
+            idempotency_key=self.idempotency_key,
+            name=self.name,
+            value=self.value,
+            session_id=self.session_id,
+            user_id=self.user_id,
+            occurred_at=self.occurred_at,
+            source="api",
+            extra=self.extra,
+        )
+
+
+class OutcomeAck(BaseModel):
+    status: str = Field(description='"stored" (201) or "duplicate" (200).')
+    idempotency_key: str
+
+
+class Problem(BaseModel):
+    detail: Any
+
+
+def flywheel_version() -> str:
+    try:
+        return version("flywheel")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _problem(status: int, detail: Any, **headers: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | JSONResponse:
+    """The request body, or a 413 once it exceeds ``limit`` bytes (without reading the rest)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return _problem(413, f"body must be at most {limit} bytes, got {declared}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return _problem(413, f"body must be at most {limit} bytes")
+    return bytes(body)
+
+
+def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
+    return [
+        {
+            "loc": ["body", *err["loc"]],
+            "msg": str(err["msg"]).removeprefix("Value error, "),
+            "type": err["type"],
+        }
+        for err in exc.errors(include_url=False)
+    ]
+
+
+def api_router(runtime: Runtime, *, api_key: str | None) -> APIRouter:
+    """The ``/api`` routes, bound to ``runtime``; ``api_key`` None closes the outcomes API."""
+    router = APIRouter(prefix="/api", tags=["api"])
+    limits = runtime.config.limits
+    limiter = RateLimiter(limits.outcomes_per_minute_per_key)
+    expected = api_key.encode() if api_key else None
+
+    def key_problem(request: Request) -> JSONResponse | None:
+        given = request.headers.get(API_KEY_HEADER)
+        if expected is None:
+            return _problem(401, "the outcomes API is closed: the server has no FLYWHEEL_API_KEY")
+        if not given:
+            return _problem(401, f"missing {API_KEY_HEADER} header")
+        if not hmac.compare_digest(given.encode(), expected):
+            return _problem(401, f"wrong {API_KEY_HEADER}")
+        return None
+
+    @router.post(
+        "/outcomes",
+        status_code=201,
+        response_model=OutcomeAck,
+        summary="Report a business outcome",
+        responses={
+            200: {"model": OutcomeAck, "description": "Duplicate: already stored, counted once."},
+            401: {"model": Problem, "description": "Missing or wrong API key."},
+            413: {"model": Problem, "description": "Body too large."},
+            422: {"model": Problem, "description": "Invalid body; `detail` lists the problems."},
+            429: {"model": Problem, "description": "Too many requests for this key."},
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": OutcomeIn.model_json_schema()}},
+            },
+            "parameters": [
+                {
+                    "name": API_KEY_HEADER,
+                    "in": "header",
+                    "required": True,
+                    "schema": {"type": "string"},
+                }
+            ],
+        },
+    )
+    async def post_outcome(request: Request) -> JSONResponse:
+        # Order matters: authenticate before reading or parsing anything.
+        if (problem := key_problem(request)) is not None:
+            return problem
+        try:
+            limiter.hit(API_KEY_HEADER)  # one key per deployment: one bucket
+        except RateLimitExceeded as exc:
+            return _problem(429, str(exc), **{"Retry-After": f"{exc.retry_after_s:.0f}"})
+        body = await _read_body(request, limits.max_body_bytes)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            data = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _problem(
+                422,
+                [
+                    {
+                        "loc": ["body"],
+                        "msg": f"body is not valid JSON: {exc}",
+                        "type": "json_invalid",
+                    }
+                ],
+            )
+        try:
+            outcome = OutcomeIn.model_validate(data)
+        except ValidationError as exc:
+            return _problem(422, _validation_detail(exc))
+        stored = await runtime.record_outcome(outcome.record())
+        ack = OutcomeAck(
+            status="stored" if stored else "duplicate", idempotency_key=outcome.idempotency_key
+        )
+        return JSONResponse(ack.model_dump(), status_code=201 if stored else 200)
+
+    @router.get("/health", summary="Liveness and database reachability")
+    async def health() -> JSONResponse:
+        def ping() -> None:
+            with runtime.store.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+
+        try:
+            await asyncio.wait_for(asyncio.to_thread(ping), timeout=5)
+            database = "ok"
+        except Exception as exc:  # report, do not crash: this is what health checks are for
+            log.warning("health check: database unreachable: %s", exc)
+            database = f"unreachable: {type(exc).__name__}"
+        ok = database == "ok"
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "degraded",
+                "database": database,
+                "model": runtime.config.model.name,
+                "experiment": runtime.config.experiment.id,
+                "version": flywheel_version(),
+            },
+            status_code=200 if ok else 503,
+        )
+
+    return router
+
+
+def _reject_constant(name: str) -> float:
+    # json.loads accepts NaN and Infinity, which are not JSON; say so precisely.
+    raise ValueError(f"{name} is not a JSON number")

@@ -1,0 +1,216 @@
+"""What one process needs to chat, built once: config, store, prompts, assignment, tracer.
+
+The Chainlit app, the outcomes API and the terminal REPL (``flywheel chat``)
+share one :class:`Runtime`. :meth:`Runtime.build` loads and validates the
+prompt files (a bad file fails here, naming the file and field), migrates the
+store, registers the experiment's arms and the LLM providers. The web server
+installs its runtime with :func:`set_runtime`; Chainlit handlers, which
+Chainlit calls without arguments, find it with :func:`get_runtime`.
+
+Recording a vote or an outcome goes through the runtime too, so the store
+write and its Langfuse mirror stay in one place: the tracer is called only
+after the store committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from chatbot.tracing import Tracer, get_tracer
+from optimizer.assignment import Assigner
+from optimizer.config import ArmConfig, Config
+from optimizer.errors import ConfigError
+from optimizer.fewshot import ExampleSelector
+from optimizer.prompts import PromptLibrary, load_prompts
+from optimizer.store import ArmSpec, OutcomeRecord, Store, schema
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Runtime", "best_effort", "experiment_arms", "get_runtime", "set_runtime"]
+
+
+def experiment_arms(config: Config, prompts: PromptLibrary) -> dict[str, ArmConfig]:
+    """The configured arms, or one arm per prompt variant when none are configured.
+
+    Every arm must name a known prompt variant and, for ``fixed`` few-shot,
+    known example ids; otherwise :class:`ConfigError` names the arm.
+
+    >>> from optimizer.prompts import load_prompts
+    >>> sorted(experiment_arms(Config(), load_prompts("prompts")))
+    ['concise', 'empathetic', 'proactive-upsell']
+    """
+    arms = config.experiment.arms or tuple(
+        ArmConfig(id=v, prompt=v) for v in sorted(prompts.variants)
+    )
+    for arm in arms:
+        if arm.prompt not in prompts.variants:
+            raise ConfigError(
+                f"{config.source}: experiment.arms {arm.id!r}: prompt {arm.prompt!r} is not a "
+                f"variant in {config.prompts_dir}/variants (known: {sorted(prompts.variants)})"
+            )
+        missing = [e for e in arm.examples if e not in prompts.examples]
+        if missing:
+            raise ConfigError(
+                f"{config.source}: experiment.arms {arm.id!r}: unknown example ids {missing} "
+                f"(known: {sorted(prompts.examples)})"
+            )
+    return {arm.id: arm for arm in arms}
+
+
+def _arm_spec(arm: ArmConfig, prompts: PromptLibrary) -> ArmSpec:
+    fewshot: dict[str, Any] = {}
+    if arm.fewshot == "fixed":
+        fewshot = {"examples": list(arm.examples)}
+    elif arm.fewshot == "retrieved":
+        fewshot = {"k": arm.k, "reward_weighted": arm.reward_weighted}
+    return ArmSpec(arm.id, arm.prompt, prompts.variant(arm.prompt).hash, arm.fewshot, fewshot)
+
+
+@dataclass
+class Runtime:
+    """The services of one chat process. Build with :meth:`build`."""
+
+    config: Config
+    store: Store
+    prompts: PromptLibrary
+    arms: dict[str, ArmConfig]
+    assigner: Assigner
+    selector: ExampleSelector
+    tracer: Tracer
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        *,
+        store: Store | None = None,
+        tracer: Tracer | None = None,
+        migrate: bool = True,
+    ) -> Runtime:
+        """Validate prompts and arms, migrate the store, sync the experiment, register providers.
+
+        Raises :class:`ConfigError` for a bad prompt file or arm.
+        """
+        from chatbot.llm import register_providers
+
+        prompts = load_prompts(config.prompts_dir)
+        arms = experiment_arms(config, prompts)
+        store = store if store is not None else Store(config.database_url)
+        if migrate:
+            store.upgrade()
+        runtime = cls(
+            config=config,
+            store=store,
+            prompts=prompts,
+            arms=arms,
+            assigner=Assigner(
+                store,
+                config.experiment.id,
+                salt=config.experiment.salt,
+                segment_by=config.experiment.segment_by,
+            ),
+            selector=ExampleSelector(prompts),
+            tracer=tracer if tracer is not None else get_tracer(),
+        )
+        runtime.sync_experiment()
+        register_providers()
+        return runtime
+
+    def sync_experiment(self) -> None:
+        """Register the experiment and its arms (with prompt hashes) in the store.
+
+        The configured champion is promoted once, when the experiment has no
+        ``promoted`` event yet; later promotions (operator, optimizer) win.
+        """
+        exp = self.config.experiment
+        self.store.sync_experiment(
+            exp.id, exp.salt, [_arm_spec(a, self.prompts) for a in self.arms.values()]
+        )
+        if exp.champion is None:
+            return
+        ev = schema.arm_events
+        with self.store.engine.connect() as conn:
+            promoted = conn.execute(
+                sa.select(ev.c.id).where(ev.c.experiment_id == exp.id, ev.c.kind == "promoted")
+            ).first()
+        if promoted is None:
+            self.store.record_arm_event(
+                exp.id,
+                exp.champion,
+                "promoted",
+                actor="config",
+                evidence={"source": self.config.source},
+            )
+
+    def arm(self, arm_id: str) -> ArmConfig:
+        """The configuration of an assigned arm.
+
+        An assignment may name an arm removed from the configuration since;
+        such sessions keep chatting on the champion's (or the first) arm.
+        """
+        if arm_id in self.arms:
+            return self.arms[arm_id]
+        fallback = self.config.experiment.champion or next(iter(self.arms))
+        log.warning("arm %r is no longer configured; serving %r", arm_id, fallback)
+        return self.arms[fallback]
+
+    async def record_outcome(self, outcome: OutcomeRecord) -> bool:
+        """Store an outcome once per idempotency key, then mirror it; False for a duplicate."""
+        stored = await asyncio.to_thread(self.store.record_outcome, outcome)
+        if stored:
+            best_effort(self.tracer.score_outcome, outcome)
+        return stored
+
+    async def record_vote(
+        self, turn_id: str, user_id: str, value: int | None, comment: str | None = None
+    ) -> None:
+        """Set (1 up, 0 down) or delete (None) ``user_id``'s vote on a turn of theirs.
+
+        Raises :class:`~optimizer.errors.OwnershipError` when the turn is not
+        the user's, ``ValueError`` for a comment over ``limits.max_comment_chars``.
+        """
+        limit = self.config.limits.max_comment_chars
+        comment = comment.strip() if comment else None
+        if comment and len(comment) > limit:
+            raise ValueError(f"comment must be at most {limit} characters, got {len(comment)}")
+        await asyncio.to_thread(
+            self.store.record_feedback, turn_id, user_id, value, comment or None
+        )
+        best_effort(self.tracer.score_feedback, turn_id, user_id, value, comment or None)
+
+    def close(self) -> None:
+        """Flush the tracer (bounded) and release database connections."""
+        best_effort(self.tracer.shutdown)
+        self.store.dispose()
+
+
+def best_effort(fn: Any, *args: Any) -> Any:
+    """Call a tracer method; tracing must never break a chat (it should not raise anyway)."""
+    try:
+        return fn(*args)
+    except Exception:
+        log.exception("tracer call %s failed", getattr(fn, "__name__", fn))
+        return None
+
+
+_runtime: Runtime | None = None
+
+
+def set_runtime(runtime: Runtime) -> None:
+    """Install the process's runtime (``create_app`` does this)."""
+    global _runtime
+    _runtime = runtime
+
+
+def get_runtime() -> Runtime:
+    """The runtime installed by :func:`set_runtime`; raises RuntimeError before that."""
+    if _runtime is None:
+        raise RuntimeError(
+            "no Flywheel runtime installed: build the app with chatbot.server.create_app"
+        )
+    return _runtime

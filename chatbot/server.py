@@ -1,0 +1,125 @@
+"""The web server: our FastAPI app with the Chainlit UI mounted at ``/``.
+
+Routes, in matching order (first match wins)::
+
+    /api/outcomes, /api/health      chatbot.outcomes_api (schema /api/openapi.json, docs /api/docs)
+    PUT/DELETE /feedback            chatbot.datalayer.feedback_router (ownership-checked thumbs)
+    /operator…                      the operator dashboard (chatbot.operator)
+    /  (everything else)            Chainlit: UI, login, websocket
+
+Chainlit's app ends with a catch-all ``GET /{path}`` that would hide routes
+added after it, so we build our own app and mount Chainlit last with
+``chainlit.utils.mount_chainlit``. A background task runs the optimizer every
+``policy.refit_interval_s`` seconds (0 disables it) in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from chatbot.auth import ensure_auth_secret
+from chatbot.datalayer import feedback_router
+from chatbot.operator import create_router as operator_router
+from chatbot.outcomes_api import api_router, flywheel_version
+from chatbot.runtime import Runtime, best_effort, set_runtime
+from optimizer import settings
+from optimizer.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CHAINLIT_APP", "create_app", "run_optimizer_periodically"]
+
+#: The Chainlit handlers module, loaded by Chainlit from its file.
+CHAINLIT_APP = Path(__file__).with_name("app.py")
+
+_chainlit_loaded = False
+
+
+def create_app(config: Config | None = None, *, runtime: Runtime | None = None) -> FastAPI:
+    """The whole server: outcomes API, health, feedback, operator pages and the chat UI.
+
+    Builds a :class:`Runtime` from ``config`` (default: :func:`load_config`)
+    unless one is given, installs it for the Chainlit handlers, and makes sure
+    the session-signing secret exists. ``FLYWHEEL_API_KEY`` opens the outcomes API.
+    """
+    if runtime is None:
+        runtime = Runtime.build(config or load_config())
+    set_runtime(runtime)
+    ensure_auth_secret()
+    app = FastAPI(
+        title="Flywheel",
+        version=flywheel_version(),
+        summary="A chatbot that learns from its users: outcomes API and health.",
+        lifespan=_lifespan(runtime),
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    app.state.runtime = runtime
+    app.include_router(api_router(runtime, api_key=settings.env(settings.FLYWHEEL_API_KEY)))
+    app.include_router(feedback_router)
+    app.include_router(operator_router(runtime))
+    _mount_chat(app)  # last: its catch-all GET would hide any route added after it
+    return app
+
+
+def _mount_chat(app: FastAPI) -> None:
+    global _chainlit_loaded
+    if _chainlit_loaded:
+        # Chainlit keeps its handlers, config and sessions in module globals: it is
+        # loaded once per process, and a second app (tests build several) mounts it again.
+        from chainlit.server import app as chainlit_app
+
+        app.mount("/", chainlit_app)
+        return
+    from chainlit.utils import mount_chainlit
+
+    mount_chainlit(app, target=str(CHAINLIT_APP), path="/")
+    _chainlit_loaded = True
+
+
+def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        interval = runtime.config.policy.refit_interval_s
+        task = (
+            asyncio.create_task(run_optimizer_periodically(runtime, interval))
+            if interval > 0
+            else None
+        )
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+            best_effort(runtime.tracer.shutdown)
+
+    return lifespan
+
+
+async def run_optimizer_periodically(runtime: Runtime, interval_s: float) -> None:
+    """Run the optimizer job every ``interval_s`` seconds in a worker thread, forever.
+
+    A failed run is logged and retried at the next interval; it never stops
+    the server. With several replicas the job's own lock lets one run at a time.
+    """
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            from optimizer.job import run_optimizer  # heavy (pandas, scipy): only when it runs
+
+            result = await asyncio.to_thread(run_optimizer, runtime.store, runtime.config)
+        except Exception:
+            log.exception("background optimizer run failed; next try in %g s", interval_s)
+            continue
+        if result is None:
+            log.info("optimizer skipped: another process holds its lock")
+        runtime.assigner.invalidate()  # serve the new snapshot from the next assignment

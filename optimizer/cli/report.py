@@ -1,0 +1,118 @@
+"""``flywheel report``: the experiment's numbers in the terminal, as JSON, or as one HTML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from optimizer.cli.common import (
+    ConfigOption,
+    DatabaseOption,
+    JsonOption,
+    console,
+    fail,
+    get_config,
+    open_store,
+    print_json,
+)
+
+HtmlOption = typer.Option(
+    None,
+    "--html",
+    help="Also write a self-contained HTML report (tables and plots, works offline) to this file.",
+    dir_okay=False,
+    writable=True,
+)
+
+
+def report(
+    config: str | None = ConfigOption,
+    database_url: str | None = DatabaseOption,
+    html: Path | None = HtmlOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Show the experiment: arms with uncertainty, guardrails, SRM, traffic now."""
+    from optimizer.report import experiment_report
+
+    cfg = get_config(config)
+    store = open_store(cfg, database_url)
+    try:
+        rep = experiment_report(store, cfg)
+    finally:
+        store.dispose()
+    if html is not None:
+        from optimizer.report_html import render_standalone
+
+        try:
+            html.write_text(render_standalone(rep), encoding="utf-8")
+        except OSError as exc:
+            fail(f"cannot write {html}: {exc.strerror}")
+    if as_json:
+        print_json(rep)
+        return
+    _print(rep)
+    if html is not None:
+        console.print(f"HTML report written to [bold]{html}[/bold]")
+
+
+def _print(rep: dict[str, Any]) -> None:
+    from optimizer.report_html import ago, evidence, interval, num, pct
+
+    exp, snap = rep["experiment"], rep["snapshot"]
+    title = f"Experiment [bold]{exp['id']}[/bold] · {rep['totals']['sessions']} sessions"
+    if rep["simulated"]:
+        title += " · [yellow]simulated data[/yellow]"
+    table = Table(title=title, title_justify="left")
+    for name in ("Arm", "Status"):
+        table.add_column(name)
+    for name in (
+        "Sessions",
+        "Alloc. now",
+        "Conv.",
+        "Conv. rate [95% CI]",
+        "Up",
+        "Down",
+        "Support min",
+        "KPI [95% CI]",
+        "P(best)",
+        "E[loss]",
+    ):
+        table.add_column(name, justify="right")
+    for a in rep["arms"]:
+        table.add_row(
+            a["id"],
+            a["status_label"],
+            str(a["sessions"]),
+            pct(a["allocation"]),
+            "—" if a["conversions"] is None else str(int(a["conversions"])),
+            f"{pct(a['conversion_rate'])} {interval(a['conversion_ci'], pct)}".strip(),
+            pct(a["thumbs_up_rate"]),
+            pct(a["thumbs_down_rate"]),
+            num(a["median_support_minutes"], 1),
+            f"{num(a['kpi_mean'], 4)} {interval(a['kpi_ci'], lambda v: num(v, 4))}".strip(),
+            pct(a["prob_best"]),
+            num(a["expected_loss"], 4),
+        )
+    console.print(table)
+    if snap is None:
+        console.print("Posterior: [dim]no policy snapshot yet (run `flywheel optimize`)[/dim]")
+    else:
+        console.print(f"Posterior from snapshot v{snap['version']} ({snap['policy']}, {ago(snap['age_s'])})")
+    if leader := rep["leader"]:
+        console.print(
+            f"Leader: [bold]{leader['arm']}[/bold] · P(best) {pct(leader['prob_best'])}"
+            f" · expected loss {num(leader['expected_loss'], 4)}"
+        )
+    if stop := rep["stop"]:
+        console.print(f"Stop rule: {evidence(stop)}")
+    if srm := rep["srm"]:
+        state = "[red]MISMATCH[/red]" if srm.get("warning") else "[green]ok[/green]"
+        console.print(f"SRM: {state} (p = {num(srm.get('p_value'), 4)})")
+    for fired in rep["guardrail_firings"]:
+        console.print(
+            f"[red]Guardrail[/red] {fired['metric'] or ''} paused [bold]{fired['arm']}[/bold]"
+            f" at {fired['at']}: {evidence(fired['evidence'])}"
+        )

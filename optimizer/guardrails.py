@@ -1,0 +1,216 @@
+"""Guardrails: is a challenger worse than the champion beyond a limit, with high probability?
+
+Each configured guardrail (``config.kpi.guardrails``) compares every active
+non-champion arm with the champion:
+
+- ``thumbs_down_rate`` (thumbs down per rated turn) and ``error_rate`` (errored
+  turns per turn): Beta(1 + hits, 1 + misses) posteriors for both arms; the
+  probability of a breach is P(rate_arm − rate_champion > max_delta), by Monte
+  Carlo. Turn-level counts are summed per arm from :func:`optimizer.kpi.session_frame`.
+- ``latency_p95_ms``: the p95 of turn latencies. Instead of a bootstrap (too slow
+  on millions of turns, and the optimizer runs often) we use the asymptotic
+  normality of a sample quantile with a distribution-free standard error from
+  order statistics: the p95 estimate's rank is binomial, so the values at ranks
+  ``n·0.95 ± sqrt(n·0.95·0.05)`` bracket ±1 standard error. On the log scale the
+  ratio of two p95s is then approximately normal and
+  P(p95_arm / p95_champion > max_ratio) = Φ((log ratio − log max_ratio) / se).
+  It needs at least :data:`MIN_LATENCY_TURNS` turns per arm.
+
+An arm is breached when that probability is ≥ ``policy.pause_probability``;
+:mod:`optimizer.job` records the pause. The champion is never checked.
+
+>>> import pandas as pd
+>>> from optimizer.config import GuardrailConfig
+>>> frame = pd.DataFrame({"arm_id": ["champ", "new"], "rated": [1000, 1000],
+...                       "thumbs_down": [100, 300], "turns": [1000, 1000], "errors": [0, 0]})
+>>> rails = [GuardrailConfig(metric="thumbs_down_rate", max_delta=0.05)]
+>>> checks = check_guardrails(frame, rails, champion="champ", arms=["new"],
+...                           pause_probability=0.95, random_state=0)
+>>> checks[0].breached, round(checks[0].arm_value, 2)
+(True, 0.3)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import special
+
+from optimizer.config import GuardrailConfig
+
+__all__ = ["MIN_LATENCY_TURNS", "GuardrailCheck", "check_guardrails", "p95_with_se"]
+
+log = logging.getLogger(__name__)
+
+#: Fewer latencies than this per arm: the p95 comparison is skipped (probability 0).
+MIN_LATENCY_TURNS = 30
+_RATE_COLUMNS = {"thumbs_down_rate": ("thumbs_down", "rated"), "error_rate": ("errors", "turns")}
+
+
+@dataclass(frozen=True)
+class GuardrailCheck:
+    """One guardrail evaluated for one arm against the champion (the evidence of a pause)."""
+
+    metric: str
+    arm: str
+    champion: str
+    arm_value: float | None
+    champion_value: float | None
+    limit: float
+    limit_kind: str  # "max_delta" or "max_ratio"
+    probability: float
+    n: int
+    champion_n: int
+    breached: bool
+
+    def evidence(self) -> dict[str, Any]:
+        """JSON-ready dict for arm events and snapshots."""
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in asdict(self).items()
+        }
+
+
+def check_guardrails(
+    sessions: pd.DataFrame,
+    guardrails: Sequence[GuardrailConfig],
+    *,
+    champion: str | None,
+    arms: Sequence[str],
+    pause_probability: float,
+    latencies: Mapping[str, np.ndarray] | None = None,
+    samples: int = 4000,
+    random_state: int | np.random.Generator | None = None,
+) -> list[GuardrailCheck]:
+    """Evaluate every guardrail for every arm of ``arms`` other than the champion.
+
+    ``sessions`` needs ``arm_id`` and the count columns of the rates checked
+    (``thumbs_down``/``rated``, ``errors``/``turns``); ``latencies`` maps arm →
+    turn latencies in ms (:func:`optimizer.kpi.turn_latencies`). Without a
+    champion nothing can be compared and the result is empty.
+    """
+    if not 0.5 < pause_probability < 1:
+        raise ValueError(f"pause_probability must be in (0.5, 1), got {pause_probability!r}")
+    if champion is None:
+        return []
+    rng = np.random.default_rng(random_state)
+    challengers = [a for a in sorted(dict.fromkeys(arms)) if a != champion]
+    counts = _counts(sessions)
+    checks: list[GuardrailCheck] = []
+    for rail in guardrails:
+        for arm in challengers:  # guardrails × arms: a handful
+            if rail.metric in _RATE_COLUMNS:
+                check = _rate_check(rail, arm, champion, counts, samples, rng)
+            else:
+                check = _latency_check(rail, arm, champion, latencies or {})
+            checks.append(_with_verdict(check, pause_probability))
+    return checks
+
+
+def _counts(sessions: pd.DataFrame) -> pd.DataFrame:
+    cols = [c for c in ("thumbs_down", "rated", "errors", "turns") if c in sessions.columns]
+    if sessions.empty or not cols:
+        return pd.DataFrame(columns=cols)
+    return sessions.groupby("arm_id", observed=True)[cols].sum()
+
+
+def _count(counts: pd.DataFrame, arm: str, column: str) -> int:
+    if arm in counts.index and column in counts.columns:
+        return int(counts.at[arm, column])
+    return 0
+
+
+def _rate_check(
+    rail: GuardrailConfig,
+    arm: str,
+    champion: str,
+    counts: pd.DataFrame,
+    samples: int,
+    rng: np.random.Generator,
+) -> GuardrailCheck:
+    hits_col, total_col = _RATE_COLUMNS[rail.metric]
+    h_a, n_a = _count(counts, arm, hits_col), _count(counts, arm, total_col)
+    h_c, n_c = _count(counts, champion, hits_col), _count(counts, champion, total_col)
+    draw_a = rng.beta(1 + h_a, 1 + n_a - h_a, size=samples)
+    draw_c = rng.beta(1 + h_c, 1 + n_c - h_c, size=samples)
+    if rail.max_delta is not None:
+        limit, kind = rail.max_delta, "max_delta"
+        prob = float(np.mean(draw_a - draw_c > limit))
+    else:
+        assert rail.max_ratio is not None
+        limit, kind = rail.max_ratio, "max_ratio"
+        prob = float(np.mean(draw_a > limit * draw_c))
+    return GuardrailCheck(
+        metric=rail.metric,
+        arm=arm,
+        champion=champion,
+        arm_value=h_a / n_a if n_a else None,
+        champion_value=h_c / n_c if n_c else None,
+        limit=limit,
+        limit_kind=kind,
+        probability=prob,
+        n=n_a,
+        champion_n=n_c,
+        breached=False,
+    )
+
+
+def p95_with_se(values: np.ndarray, q: float = 0.95) -> tuple[float, float]:
+    """Sample ``q``-quantile and its standard error from order statistics.
+
+    >>> p95_with_se(np.arange(1, 10_001, dtype=float))
+    (9500.05, 22.0)
+    """
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan
+    half = math.sqrt(n * q * (1 - q))
+    lo = int(np.clip(math.floor(n * q - half), 0, n - 1))
+    hi = int(np.clip(math.ceil(n * q + half), 0, n - 1))
+    return float(np.quantile(x, q)), float((x[hi] - x[lo]) / 2)
+
+
+def _latency_check(
+    rail: GuardrailConfig, arm: str, champion: str, latencies: Mapping[str, np.ndarray]
+) -> GuardrailCheck:
+    a = np.asarray(latencies.get(arm, ()), dtype=float)
+    c = np.asarray(latencies.get(champion, ()), dtype=float)
+    q_a, se_a = p95_with_se(a)
+    q_c, se_c = p95_with_se(c)
+    if rail.max_ratio is not None:
+        limit, kind = rail.max_ratio, "max_ratio"
+    else:
+        assert rail.max_delta is not None
+        limit, kind = rail.max_delta, "max_delta"
+    prob = 0.0
+    if min(len(a), len(c)) >= MIN_LATENCY_TURNS and q_a > 0 and q_c > 0:
+        if kind == "max_ratio":
+            # delta method on the log scale: se(log q) ≈ se(q) / q
+            excess, se = math.log(q_a / q_c / limit), math.hypot(se_a / q_a, se_c / q_c)
+        else:
+            excess, se = q_a - q_c - limit, math.hypot(se_a, se_c)
+        prob = float(special.ndtr(excess / se)) if se > 0 else float(excess > 0)
+    return GuardrailCheck(
+        metric=rail.metric,
+        arm=arm,
+        champion=champion,
+        arm_value=q_a if len(a) else None,
+        champion_value=q_c if len(c) else None,
+        limit=limit,
+        limit_kind=kind,
+        probability=prob,
+        n=len(a),
+        champion_n=len(c),
+        breached=False,
+    )
+
+
+def _with_verdict(check: GuardrailCheck, pause_probability: float) -> GuardrailCheck:
+    return GuardrailCheck(**{**asdict(check), "breached": check.probability >= pause_probability})

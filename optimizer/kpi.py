@@ -1,0 +1,456 @@
+"""Per-session KPI from the event store, vectorised with pandas.
+
+The reward of a session is ``Σ weight × min(value, cap)`` over the configured
+terms (``config.kpi.terms``):
+
+- ``outcome:<name>`` — the outcome events of the session combined with the term's
+  ``aggregate`` (``max``, ``sum`` or ``last``), 0 when there is none. An outcome
+  reported with a ``session_id`` belongs to that session; one reported with only
+  a ``user_id`` belongs to that user's most recent session of the experiment
+  assigned at or before ``occurred_at``. Either way it counts only if it occurred
+  within the term's ``window_days`` after the assignment.
+- ``feedback:up_rate`` / ``feedback:down_rate`` — thumbs up (down) over rated
+  turns of the session, from the current votes. **A session without any rated
+  turn contributes 0** to these terms (not NaN): most sessions are never rated,
+  and dropping them would make the KPI of an arm depend on who bothers to vote.
+
+Delay, without bias
+-------------------
+A conversion may arrive days after the chat. Counting a session whose window is
+still open as "no conversion" would bias every arm downward, and the newest arm
+(or the arm the bandit currently favours, whose sessions are youngest) the most.
+So a term's column is **NaN until its window has closed** (``age >= window_days``),
+and ``reward`` is NaN and ``complete`` False until *all* windows have closed. This
+is what the policy uses by default (``policy.delay = "wait"``): exact, at the
+price of learning only from sessions older than the longest window.
+
+For faster learning (``policy.delay = "model"``) the frame also carries, per
+term, ``<term>_observed`` (the value so far) and ``<term>_exposure``: the share
+of the term's final value expected to have arrived by the session's age,
+``F(age)``, with ``F`` the empirical delay distribution of that term's events in
+sessions whose window has closed (value-weighted for ``sum``, first event for
+``max``/``last``), or ``age / window`` until 20 such events exist. Feedback is
+given during the chat, so its exposure is 1. The policy then estimates an arm's
+mean as observed value per unit of exposure, which is unbiased as long as the
+delay distribution does not depend on the arm.
+
+Events stamped after ``now`` are ignored, so a simulation can write outcomes
+ahead of simulated time without the optimizer peeking.
+
+>>> from optimizer.config import load_config
+>>> from optimizer.store import Store
+>>> store = Store("sqlite:///:memory:"); store.create_all()
+>>> session_frame(store, load_config("/nonexistent.toml", environ=False)).shape[0]
+0
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from optimizer.clock import as_utc, utcnow
+from optimizer.config import Config, KPITermConfig
+from optimizer.store import Store, schema
+
+__all__ = [
+    "BASE_COLUMNS",
+    "arm_metrics",
+    "session_frame",
+    "term_column",
+    "turn_latencies",
+]
+
+log = logging.getLogger(__name__)
+
+#: Columns of :func:`session_frame` besides the per-term ones, in order.
+BASE_COLUMNS = (
+    "session_id",
+    "user_id",
+    "arm_id",
+    "segment",
+    "propensity",
+    "snapshot_version",
+    "assigned_at",
+    "age_days",
+    "turns",
+    "errors",
+    "rated",
+    "thumbs_up",
+    "thumbs_down",
+    "reward",
+    "complete",
+)
+_RESERVED = frozenset(BASE_COLUMNS) | {"assigned_s"}
+#: Below this many events in closed windows, ``F(age)`` is assumed linear in age.
+MIN_DELAY_EVENTS = 20
+_DAY_S = 86_400.0
+
+
+def session_frame(store: Store, config: Config, *, now: datetime | None = None) -> pd.DataFrame:
+    """One row per assignment of ``config.experiment.id`` made at or before ``now``.
+
+    Columns: :data:`BASE_COLUMNS`, then for each KPI term a column named
+    :func:`term_column` (the term's name unless that clashes with a base column,
+    as the default ``thumbs_up`` term does: then ``kpi:<name>``) holding the
+    capped value, NaN while its window is open, plus ``<column>_observed`` (value
+    so far) and ``<column>_exposure`` (see the module docstring).
+    ``frame.attrs["kpi_terms"]`` lists the terms (name, column, source, weight,
+    window_days, aggregate, cap).
+    Reads only the columns it needs; the heavy lifting is SQL ``GROUP BY`` and
+    pandas, never a Python loop over sessions.
+    """
+    now = as_utc(now) if now is not None else utcnow()
+    terms = config.kpi.terms
+    now_s = now.timestamp()
+    experiment_id = config.experiment.id
+    with store.engine.connect() as conn:
+        epoch = _epoch_function(conn)
+        sessions = _sessions(conn, epoch, experiment_id, now)
+        if sessions.empty:
+            return _empty_frame(terms)
+        turns = _turn_counts(conn, experiment_id, now)
+        votes = _vote_counts(conn, experiment_id, now)
+        outcome_names = sorted(
+            {t.source.split(":", 1)[1] for t in terms if t.source.startswith("outcome:")}
+        )
+        outcomes = _outcomes(conn, epoch, outcome_names, now)
+
+    frame = sessions.merge(turns, on="session_id", how="left").merge(
+        votes, on="session_id", how="left"
+    )
+    for col in ("turns", "errors", "rated", "thumbs_up", "thumbs_down"):
+        frame[col] = frame[col].fillna(0).astype(np.int64)
+    age_s = now_s - frame["assigned_s"].to_numpy()
+    frame["assigned_at"] = pd.to_datetime(frame["assigned_s"], unit="s", utc=True)
+    frame["age_days"] = age_s / _DAY_S
+    events = _attribute(outcomes, frame)
+
+    reward = np.zeros(len(frame))
+    complete = np.ones(len(frame), dtype=bool)
+    extra: dict[str, np.ndarray] = {}
+    for term in terms:
+        window_s = term.window_days * _DAY_S
+        closed = age_s >= window_s
+        observed, exposure = _term_values(term, frame, events, age_s, closed, window_s)
+        if term.cap is not None:
+            observed = np.minimum(observed, term.cap)
+        col = term_column(term.name)
+        extra[col] = np.where(closed, observed, np.nan)
+        extra[f"{col}_observed"] = observed
+        extra[f"{col}_exposure"] = exposure
+        reward += term.weight * np.where(closed, observed, 0.0)
+        complete &= closed
+    frame["reward"] = np.where(complete, reward, np.nan)
+    frame["complete"] = complete
+    frame = frame[list(BASE_COLUMNS)]
+    frame = pd.concat([frame, pd.DataFrame(extra, index=frame.index)], axis=1)
+    frame.attrs["kpi_terms"] = _term_attrs(terms)
+    return frame
+
+
+def arm_metrics(frame: pd.DataFrame, by: Sequence[str] = ("arm_id",)) -> pd.DataFrame:
+    """Descriptive per-arm (or per-``by`` group) figures from a :func:`session_frame`.
+
+    ``conversion_rate`` (share of sessions with the ``outcome:conversion`` term > 0,
+    among sessions whose conversion window closed), ``thumbs_up_rate`` and
+    ``thumbs_down_rate`` (per rated turn), ``error_rate`` (per turn),
+    ``median_support_minutes`` (``outcome:support_minutes`` term, closed windows).
+    Missing terms give NaN.
+    """
+    terms = {t["source"]: t["column"] for t in frame.attrs.get("kpi_terms", [])}
+    conv, support = terms.get("outcome:conversion"), terms.get("outcome:support_minutes")
+    f = frame.assign(
+        _conv_known=frame[conv].notna() if conv else False,
+        _converted=(frame[conv] > 0) if conv else False,
+        _support=frame[support] if support else np.nan,
+    )
+    out = f.groupby(list(by), observed=True, sort=True).agg(
+        sessions=("session_id", "size"),
+        complete_sessions=("complete", "sum"),
+        conversions=("_converted", "sum"),
+        conversion_known=("_conv_known", "sum"),
+        thumbs_up=("thumbs_up", "sum"),
+        thumbs_down=("thumbs_down", "sum"),
+        rated=("rated", "sum"),
+        turns=("turns", "sum"),
+        errors=("errors", "sum"),
+        median_support_minutes=("_support", "median"),
+    )
+    rated = out["rated"].where(out["rated"] > 0)
+    out["conversion_rate"] = out["conversions"] / out["conversion_known"].where(
+        out["conversion_known"] > 0
+    )
+    if not conv:
+        out["conversion_rate"] = np.nan
+    out["thumbs_up_rate"] = out["thumbs_up"] / rated
+    out["thumbs_down_rate"] = out["thumbs_down"] / rated
+    out["error_rate"] = out["errors"] / out["turns"].where(out["turns"] > 0)
+    return out
+
+
+def turn_latencies(
+    store: Store, experiment_id: str, arms: Sequence[str], *, now: datetime | None = None
+) -> dict[str, np.ndarray]:
+    """Latencies (ms) of every answered turn of each arm up to ``now``, for the p95 guardrail."""
+    now = as_utc(now) if now is not None else utcnow()
+    t = schema.turns
+    out: dict[str, np.ndarray] = {}
+    with store.engine.connect() as conn:
+        for arm in arms:  # one indexed query per arm: a handful
+            rows = conn.execute(
+                sa.select(t.c.latency_ms).where(
+                    t.c.experiment_id == experiment_id,
+                    t.c.arm_id == arm,
+                    t.c.created_at <= now,
+                    t.c.latency_ms.is_not(None),
+                )
+            ).scalars()
+            out[arm] = np.fromiter(rows, dtype=float)
+    return out
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def _epoch_function(conn: sa.Connection) -> Any:
+    """SQL expression giving seconds since 1970 as a float: the database parses timestamps."""
+    if conn.dialect.name == "postgresql":
+        return lambda col: sa.cast(sa.extract("epoch", col), sa.Double())
+    # SQLite stores "YYYY-MM-DD HH:MM:SS.ffffff" in UTC; julianday parses it natively.
+    return lambda col: (sa.func.julianday(col) - 2440587.5) * _DAY_S
+
+
+def _read(conn: sa.Connection, query: sa.Select[Any], columns: Sequence[str]) -> pd.DataFrame:
+    rows = conn.execute(query).all()
+    if not rows:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    return pd.DataFrame.from_records([tuple(r) for r in rows], columns=list(columns))
+
+
+def _sessions(conn: sa.Connection, epoch: Any, experiment_id: str, now: datetime) -> pd.DataFrame:
+    a = schema.assignments
+    query = (
+        sa.select(
+            a.c.session_id,
+            a.c.user_id,
+            a.c.arm_id,
+            a.c.segment,
+            a.c.propensity,
+            a.c.snapshot_version,
+            epoch(a.c.assigned_at),
+        )
+        .where(a.c.experiment_id == experiment_id, a.c.assigned_at <= now)
+        .order_by(a.c.id)
+    )
+    columns = (
+        "session_id",
+        "user_id",
+        "arm_id",
+        "segment",
+        "propensity",
+        "snapshot_version",
+        "assigned_s",
+    )
+    frame = _read(conn, query, columns)
+    frame["propensity"] = frame["propensity"].astype(float)
+    frame["assigned_s"] = frame["assigned_s"].astype(float)
+    frame["snapshot_version"] = frame["snapshot_version"].astype("Int64")
+    return frame
+
+
+def _turn_counts(conn: sa.Connection, experiment_id: str, now: datetime) -> pd.DataFrame:
+    t = schema.turns
+    query = (
+        sa.select(
+            t.c.session_id,
+            sa.func.count(),
+            sa.func.sum(sa.case((t.c.error.is_not(None), 1), else_=0)),
+        )
+        .where(t.c.experiment_id == experiment_id, t.c.created_at <= now)
+        .group_by(t.c.session_id)
+    )
+    return _read(conn, query, ("session_id", "turns", "errors"))
+
+
+def _vote_counts(conn: sa.Connection, experiment_id: str, now: datetime) -> pd.DataFrame:
+    f, a = schema.feedback, schema.assignments
+    in_experiment = sa.select(a.c.session_id).where(a.c.experiment_id == experiment_id)
+    query = (
+        sa.select(
+            f.c.session_id,
+            sa.func.count(),
+            sa.func.sum(sa.case((f.c.value == 1, 1), else_=0)),
+            sa.func.sum(sa.case((f.c.value == 0, 1), else_=0)),
+        )
+        .where(f.c.value.is_not(None), f.c.updated_at <= now, f.c.session_id.in_(in_experiment))
+        .group_by(f.c.session_id)
+    )
+    return _read(conn, query, ("session_id", "rated", "thumbs_up", "thumbs_down"))
+
+
+def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: datetime) -> pd.DataFrame:
+    o = schema.outcomes
+    columns = ("session_id", "user_id", "name", "value", "occurred_s")
+    if not names:
+        return _read(conn, sa.select(*[sa.null()] * 5).where(sa.false()), columns)
+    query = sa.select(
+        o.c.session_id, o.c.user_id, o.c.name, o.c.value, epoch(o.c.occurred_at)
+    ).where(o.c.name.in_(list(names)), o.c.occurred_at <= now)
+    frame = _read(conn, query, columns)
+    frame["value"] = frame["value"].astype(float)
+    frame["occurred_s"] = frame["occurred_s"].astype(float)
+    return frame
+
+
+# -- attribution and terms ------------------------------------------------------------------
+
+
+def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame) -> pd.DataFrame:
+    """Outcome events with the row position (``pos``) of the session they belong to.
+
+    Session-linked events join on ``session_id``; user-level events go to the
+    user's latest session assigned at or before the event (``merge_asof``).
+    """
+    columns = ["pos", "name", "value", "occurred_s", "delay_s"]
+    if outcomes.empty:
+        return pd.DataFrame({c: pd.Series(dtype=float if c != "name" else object) for c in columns})
+    assigned_s = sessions["assigned_s"].to_numpy()
+    by_session = outcomes[outcomes["session_id"].notna()]
+    pos = pd.Index(sessions["session_id"]).get_indexer(by_session["session_id"])
+    linked = by_session.assign(pos=pos)[pos >= 0]
+
+    by_user = outcomes[outcomes["session_id"].isna() & outcomes["user_id"].notna()]
+    if not by_user.empty:
+        lookup = pd.DataFrame(
+            {
+                "user_id": sessions["user_id"].to_numpy(),
+                "assigned_s": assigned_s,
+                "pos": np.arange(len(sessions)),
+            }
+        ).sort_values("assigned_s", kind="stable")
+        matched = pd.merge_asof(
+            by_user.sort_values("occurred_s", kind="stable"),
+            lookup,
+            left_on="occurred_s",
+            right_on="assigned_s",
+            by="user_id",
+            direction="backward",
+        )
+        matched = matched[matched["pos"].notna()]
+        linked = pd.concat([linked, matched[[*by_user.columns.tolist(), "pos"]]], ignore_index=True)
+    linked = linked.astype({"pos": np.int64})
+    linked["delay_s"] = linked["occurred_s"].to_numpy() - assigned_s[linked["pos"].to_numpy()]
+    return linked[columns]
+
+
+def _term_values(
+    term: KPITermConfig,
+    frame: pd.DataFrame,
+    events: pd.DataFrame,
+    age_s: np.ndarray,
+    closed: np.ndarray,
+    window_s: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(value so far, exposure) of one term for every session."""
+    n = len(frame)
+    kind, _, name = term.source.partition(":")
+    if kind == "feedback":
+        rated = frame["rated"].to_numpy()
+        hits = frame["thumbs_up" if name == "up_rate" else "thumbs_down"].to_numpy()
+        value = np.divide(hits, rated, out=np.zeros(n), where=rated > 0)
+        return value, np.ones(n)
+
+    ev = events[(events["name"] == name) & (events["delay_s"] <= window_s)]
+    value = np.zeros(n)
+    if not ev.empty:
+        groups = ev.groupby("pos", sort=False)["value"]
+        if term.aggregate == "max":
+            agg = groups.max()
+        elif term.aggregate == "sum":
+            agg = groups.sum()
+        else:  # last by time
+            agg = (
+                ev.sort_values("occurred_s", kind="stable")
+                .groupby("pos", sort=False)["value"]
+                .last()
+            )
+        value[agg.index.to_numpy()] = agg.to_numpy()
+    exposure = np.where(closed, 1.0, _delay_cdf(term, ev, closed, window_s)(age_s))
+    return value, exposure
+
+
+def _delay_cdf(term: KPITermConfig, ev: pd.DataFrame, closed: np.ndarray, window_s: float) -> Any:
+    """Estimated share of a term's final value that has arrived by a given age (seconds)."""
+    done = ev[closed[ev["pos"].to_numpy()]] if not ev.empty else ev
+    if term.aggregate == "sum":
+        delays, weights = done["delay_s"].to_numpy(), np.abs(done["value"].to_numpy())
+    else:  # the value is known from the session's first event on
+        first = done.groupby("pos", sort=False)["delay_s"].min()
+        delays, weights = first.to_numpy(), np.ones(len(first))
+    if len(delays) < MIN_DELAY_EVENTS or weights.sum() <= 0:
+        if window_s <= 0:
+            return lambda age: np.ones_like(age, dtype=float)
+        return lambda age: np.clip(age / window_s, 0.0, 1.0)
+    order = np.argsort(delays, kind="stable")
+    delays = np.clip(delays[order], 0.0, None)
+    cum = np.cumsum(weights[order]) / weights.sum()
+
+    def cdf(age: np.ndarray) -> np.ndarray:
+        idx = np.searchsorted(delays, age, side="right")
+        return np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0.0)
+
+    return cdf
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def term_column(name: str) -> str:
+    """Column of a KPI term in :func:`session_frame`.
+
+    >>> term_column("conversion"), term_column("thumbs_up")
+    ('conversion', 'kpi:thumbs_up')
+    """
+    return f"kpi:{name}" if name in _RESERVED else name
+
+
+def _term_attrs(terms: Sequence[KPITermConfig]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": t.name,
+            "column": term_column(t.name),
+            "source": t.source,
+            "weight": t.weight,
+            "window_days": t.window_days,
+            "aggregate": t.aggregate,
+            "cap": t.cap,
+        }
+        for t in terms
+    ]
+
+
+def _empty_frame(terms: Sequence[KPITermConfig]) -> pd.DataFrame:
+    dtypes: Mapping[str, Any] = {
+        "propensity": float,
+        "snapshot_version": "Int64",
+        "assigned_at": "datetime64[ns, UTC]",
+        "age_days": float,
+        "reward": float,
+        "complete": bool,
+        **{c: np.int64 for c in ("turns", "errors", "rated", "thumbs_up", "thumbs_down")},
+    }
+    columns = {c: pd.Series(dtype=dtypes.get(c, object)) for c in BASE_COLUMNS}
+    for t in terms:
+        col = term_column(t.name)
+        for c in (col, f"{col}_observed", f"{col}_exposure"):
+            columns[c] = pd.Series(dtype=float)
+    frame = pd.DataFrame(columns)
+    frame.attrs["kpi_terms"] = _term_attrs(terms)
+    return frame

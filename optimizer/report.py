@@ -1,0 +1,552 @@
+"""The numbers of an experiment in one JSON-ready dict, for the operator page and ``flywheel report``.
+
+Where each number comes from:
+
+- the newest **policy snapshot**: what the optimizer decided and believed — posterior
+  KPI mean and 95% interval, conversion interval, probability best, expected loss,
+  guardrail checks, SRM, stop rule. The page shows the optimizer's own numbers
+  rather than re-deriving them;
+- :func:`optimizer.kpi.session_frame`: live counts and rates per arm and segment, and
+  the series behind the plots, aggregated with pandas (no per-session Python loops);
+- **arm events**: statuses, which guardrail fired, when, and its evidence;
+- the **Assigner**: the allocation serving uses right now (snapshot minus paused arms);
+- the **audit log**: the history of operator actions.
+
+Everything is plain ``dict``/``list``/``float``/``str``/``None`` (NaN becomes None),
+so ``json.dumps(report)`` works as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from optimizer import kpi
+from optimizer.assignment import ALL_SEGMENTS, Assigner
+from optimizer.clock import as_utc, utcnow
+from optimizer.config import Config
+from optimizer.errors import PolicyError
+from optimizer.store import Store, schema
+from optimizer.store.store import ARM_STATUS_BY_EVENT
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "GUARDRAIL_METRICS",
+    "STATUS_LABELS",
+    "experiment_report",
+    "recent_sessions",
+]
+
+STATUS_LABELS = {
+    "active": "active",
+    "champion": "champion",
+    "paused_guardrail": "paused by guardrail",
+    "paused_operator": "paused by operator",
+    "retired": "retired",
+}
+GUARDRAIL_METRICS = ("thumbs_down_rate", "error_rate", "latency_p95_ms")
+#: Experiments shorter than this are bucketed by hour in the time series, longer ones by day.
+HOURLY_SPAN = timedelta(days=2)
+#: At most this many policy snapshots are read for the allocation-over-time series.
+MAX_SNAPSHOTS = 5000
+
+
+def experiment_report(
+    store: Store, config: Config, *, now: datetime | None = None, history_limit: int = 50
+) -> dict[str, Any]:
+    """Everything the operator page shows about ``config.experiment``, as of ``now``.
+
+    >>> from optimizer.config import load_config
+    >>> store = Store("sqlite:///:memory:"); store.create_all()
+    >>> report = experiment_report(store, load_config("/nonexistent.toml", environ=False))
+    >>> report["totals"]["sessions"], report["snapshot"]
+    (0, None)
+    """
+    if history_limit < 0:
+        raise ValueError(f"history_limit must be >= 0, got {history_limit}")
+    now = as_utc(now) if now is not None else utcnow()
+    exp = config.experiment
+    frame = kpi.session_frame(store, config, now=now)
+    snapshot = store.latest_snapshot(exp.id)
+    summary: Mapping[str, Any] = (snapshot.summary or {}) if snapshot is not None else {}
+    events = _arm_events(store, exp.id)
+    allocation = _serving_allocation(store, config)
+    arms = _arm_rows(config, frame, events, allocation, summary, known=_known_arms(store, exp.id))
+    leader = _leader(arms)
+    report: dict[str, Any] = {
+        "experiment": {
+            "id": exp.id,
+            "champion": next((a["id"] for a in arms if a["status"] == "champion"), exp.champion),
+            "policy": config.policy.kind,
+            "segment_by": list(exp.segment_by),
+            "kpi_terms": [
+                {"name": t.name, "source": t.source, "weight": t.weight, "cap": t.cap, "window_days": t.window_days}
+                for t in config.kpi.terms
+            ],
+            "guardrails": [g.model_dump() for g in config.kpi.guardrails],
+        },
+        "now": now.isoformat(),
+        "simulated": bool(_any_simulated(store, exp.id)),
+        "totals": {
+            "sessions": len(frame),
+            "complete_sessions": int(frame["complete"].sum()) if len(frame) else 0,
+            "users": int(frame["user_id"].nunique()) if len(frame) else 0,
+        },
+        "snapshot": _snapshot_info(snapshot, now),
+        "arms": arms,
+        "leader": leader,
+        "stop": summary.get("stop"),
+        "srm": summary.get("srm"),
+        "guardrail_firings": _guardrail_firings(events),
+        "segments": _segment_rows(config, frame, allocation, summary),
+        "series": _series(store, config, frame, [a["id"] for a in arms], now),
+        "history": _history(store, exp.id, events, history_limit),
+    }
+    return _jsonable(report)
+
+
+# -- arms ---------------------------------------------------------------------------------
+
+
+def _known_arms(store: Store, experiment_id: str) -> list[str]:
+    return [row.id for row in store.arms(experiment_id)]
+
+
+def _arm_events(store: Store, experiment_id: str) -> pd.DataFrame:
+    ev = schema.arm_events
+    frame = store.frame(ev, ev.c.experiment_id == experiment_id)
+    return frame.sort_values("id", kind="stable").reset_index(drop=True)
+
+
+def _statuses(events: pd.DataFrame, champion: str | None) -> dict[str, dict[str, Any]]:
+    """Current status per arm with the event that set it (same rules as ``Store.arm_statuses``).
+
+    Before any ``promoted`` event the configured champion is shown as champion.
+    """
+    current: dict[str, dict[str, Any]] = {}
+    for row in events.itertuples(index=False):  # one row per status change: a handful
+        new = ARM_STATUS_BY_EVENT.get(row.kind)
+        if new is None:
+            continue
+        if new == "champion":
+            for info in current.values():
+                if info["status"] == "champion":
+                    info["status"] = "active"
+        current[row.arm_id] = {
+            "status": new,
+            "since": row.created_at,
+            "actor": row.actor,
+            "event": row.kind,
+            "evidence": row.evidence,
+        }
+    has_champion = any(i["status"] == "champion" for i in current.values())
+    if champion and not has_champion and current.get(champion, {}).get("status") == "active":
+        current[champion]["status"] = "champion"
+    return current
+
+
+def _serving_allocation(store: Store, config: Config) -> dict[str, dict[str, float]]:
+    """The allocation the chat path would use for the next session, per segment."""
+    exp = config.experiment
+    assigner = Assigner(store, exp.id, salt=exp.salt, segment_by=exp.segment_by, snapshot_ttl_s=0)
+    try:
+        return {seg: dict(p) for seg, p in assigner.allocation().segments.items()}
+    except PolicyError:
+        return {}
+
+
+def _observed(frame: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
+    """Live per-group figures: :func:`optimizer.kpi.arm_metrics` plus the observed mean KPI."""
+    out = kpi.arm_metrics(frame, by)
+    out["kpi_observed_mean"] = frame["reward"].groupby([frame[c] for c in by]).mean()
+    return out
+
+
+def _arm_rows(
+    config: Config,
+    frame: pd.DataFrame,
+    events: pd.DataFrame,
+    allocation: Mapping[str, Mapping[str, float]],
+    summary: Mapping[str, Any],
+    *,
+    known: Sequence[str],
+) -> list[dict[str, Any]]:
+    configured = {a.id: a for a in config.experiment.arms}
+    ids = list(configured) + [a for a in known if a not in configured]
+    ids += sorted(set(frame["arm_id"]) - set(ids)) if len(frame) else []
+    statuses = _statuses(events, config.experiment.champion)
+    observed = _observed(frame, ["arm_id"]) if len(frame) else pd.DataFrame()
+    posterior = summary.get("arms", {}) if isinstance(summary, Mapping) else {}
+    serving = allocation.get(ALL_SEGMENTS, {})
+    caps = _latest_by_arm(events, "cap_set")
+    rows = []
+    for arm_id in ids:  # one row per arm: a handful
+        arm_cfg = configured.get(arm_id)
+        status = statuses.get(arm_id, {"status": "active"})
+        obs = observed.loc[arm_id].to_dict() if arm_id in observed.index else {}
+        post = posterior.get(arm_id, {})
+        fired = _latest_by_arm(events, "paused_guardrail").get(arm_id)
+        rows.append(
+            {
+                "id": arm_id,
+                "prompt": arm_cfg.prompt if arm_cfg else None,
+                "fewshot": arm_cfg.fewshot if arm_cfg else None,
+                "configured": arm_cfg is not None,
+                "status": status["status"],
+                "status_label": STATUS_LABELS.get(status["status"], status["status"]),
+                "status_since": status.get("since"),
+                "status_actor": status.get("actor"),
+                "allocation": serving.get(arm_id, 0.0),
+                "policy_allocation": post.get("allocation"),
+                "sessions": int(obs.get("sessions", 0)),
+                "complete_sessions": int(obs.get("complete_sessions", 0)),
+                "conversions": obs.get("conversions"),
+                "conversion_rate": obs.get("conversion_rate"),
+                "conversion_ci": post.get("conversion_ci"),
+                "thumbs_up_rate": obs.get("thumbs_up_rate"),
+                "thumbs_down_rate": obs.get("thumbs_down_rate"),
+                "error_rate": obs.get("error_rate"),
+                "median_support_minutes": obs.get("median_support_minutes"),
+                "kpi_observed_mean": obs.get("kpi_observed_mean"),
+                "kpi_mean": post.get("kpi_mean"),
+                "kpi_ci": post.get("kpi_ci"),
+                "prob_best": post.get("prob_best"),
+                "expected_loss": post.get("expected_loss"),
+                "snapshot_sessions": post.get("sessions"),
+                "guardrails": post.get("guardrails"),
+                "guardrail_fired": fired if status["status"] == "paused_guardrail" else None,
+                "cap": (caps.get(arm_id) or {}).get("evidence", {}).get("cap"),
+            }
+        )
+    return rows
+
+
+def _latest_by_arm(events: pd.DataFrame, kind: str) -> dict[str, dict[str, Any]]:
+    if events.empty:
+        return {}
+    latest = events[events["kind"] == kind].drop_duplicates("arm_id", keep="last")
+    return {
+        r.arm_id: {"at": r.created_at, "actor": r.actor, "evidence": r.evidence}
+        for r in latest.itertuples(index=False)
+    }
+
+
+def _leader(arms: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    scored = [a for a in arms if _num(a.get("prob_best")) is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda a: a["prob_best"])
+    return {"arm": best["id"], "prob_best": best["prob_best"], "expected_loss": best.get("expected_loss")}
+
+
+def _snapshot_info(snapshot: Any, now: datetime) -> dict[str, Any] | None:
+    if snapshot is None:
+        return None
+    created = as_utc(snapshot.created_at)
+    return {
+        "version": snapshot.version,
+        "policy": snapshot.policy,
+        "created_at": created,
+        "age_s": (now - created).total_seconds(),
+        "allocation": snapshot.allocation,
+    }
+
+
+def _guardrail_firings(events: pd.DataFrame) -> list[dict[str, Any]]:
+    if events.empty:
+        return []
+    fired = events[events["kind"] == "paused_guardrail"].iloc[::-1]
+    return [
+        {
+            "arm": r.arm_id,
+            "at": r.created_at,
+            "actor": r.actor,
+            "metric": (r.evidence or {}).get("metric"),
+            "evidence": r.evidence or {},
+        }
+        for r in fired.itertuples(index=False)
+    ]
+
+
+# -- segments --------------------------------------------------------------------------------
+
+
+def _segment_rows(
+    config: Config,
+    frame: pd.DataFrame,
+    allocation: Mapping[str, Mapping[str, float]],
+    summary: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """Per segment and arm: sessions, live rates, allocation now (only with ``segment_by``)."""
+    if not config.experiment.segment_by or frame.empty:
+        return []
+    observed = _observed(frame, ["segment", "arm_id"]).reset_index()
+    seg_summary = summary.get("segments", {}) if isinstance(summary, Mapping) else {}
+    rows = []
+    for r in observed.sort_values(["segment", "arm_id"]).to_dict("records"):
+        serving = allocation.get(r["segment"]) or allocation.get(ALL_SEGMENTS, {})
+        post = (seg_summary.get(r["segment"]) or {}).get("arms", {}).get(r["arm_id"], {})
+        rows.append(
+            {
+                "segment": r["segment"],
+                "arm": r["arm_id"],
+                "sessions": int(r["sessions"]),
+                "allocation": serving.get(r["arm_id"], 0.0),
+                "conversion_rate": r["conversion_rate"],
+                "thumbs_up_rate": r["thumbs_up_rate"],
+                "thumbs_down_rate": r["thumbs_down_rate"],
+                "kpi_observed_mean": r["kpi_observed_mean"],
+                "kpi_mean": post.get("kpi_mean"),
+                "prob_best": post.get("prob_best"),
+            }
+        )
+    return rows
+
+
+# -- time series -----------------------------------------------------------------------------
+
+
+def _series(store: Store, config: Config, frame: pd.DataFrame, arm_ids: Sequence[str], now: datetime) -> dict[str, Any]:
+    """Per-period series behind the plots: traffic share, cumulative KPI, guardrail metrics."""
+    policy_allocation = _policy_allocation_series(store, config.experiment.id)
+    if frame.empty:
+        return {
+            "bucket": "day",
+            "times": [],
+            "sessions": {},
+            "traffic_share": {},
+            "cumulative_kpi": {},
+            "guardrails": {},
+            "policy_allocation": policy_allocation,
+        }
+    assigned = frame["assigned_at"]
+    freq = "h" if assigned.max() - assigned.min() <= HOURLY_SPAN else "D"
+    times = pd.date_range(assigned.min().floor(freq), assigned.max().floor(freq), freq=freq)
+    bucketed = frame.assign(bucket=assigned.dt.floor(freq))
+    by = ["bucket", "arm_id"]
+
+    def wide(values: pd.Series) -> pd.DataFrame:
+        return values.unstack("arm_id").reindex(index=times, columns=list(arm_ids))
+
+    counts = wide(bucketed.groupby(by).size()).fillna(0)
+    share = counts.div(counts.sum(axis=1).where(lambda s: s > 0), axis=0)
+
+    # Running mean KPI over complete sessions, by assignment period.
+    complete = bucketed[bucketed["complete"]]
+    sums = wide(complete.groupby(by)["reward"].sum()).fillna(0).cumsum()
+    n = wide(complete.groupby(by).size()).fillna(0).cumsum()
+    cumulative = sums / n.where(n > 0)
+
+    metrics = kpi.arm_metrics(bucketed, by)
+    guardrails = {
+        "thumbs_down_rate": wide(metrics["thumbs_down_rate"]),
+        "error_rate": wide(metrics["error_rate"]),
+        "latency_p95_ms": _latency_p95(store, config.experiment.id, freq, now).reindex(
+            index=times, columns=list(arm_ids)
+        ),
+    }
+    return {
+        "bucket": "hour" if freq == "h" else "day",
+        "times": [t.isoformat() for t in times],
+        "sessions": _columns(counts),
+        "traffic_share": _columns(share),
+        "cumulative_kpi": _columns(cumulative),
+        "guardrails": {metric: _columns(table) for metric, table in guardrails.items()},
+        "policy_allocation": policy_allocation,
+    }
+
+
+def _latency_p95(store: Store, experiment_id: str, freq: str, now: datetime) -> pd.DataFrame:
+    """95th percentile of turn latency per period (rows) and arm (columns).
+
+    Timestamps come back as epoch seconds computed by the database: parsing
+    hundreds of thousands of datetimes in Python would dominate the page load.
+    """
+    t = schema.turns
+    with store.engine.connect() as conn:
+        epoch = kpi._epoch_function(conn)
+        query = sa.select(t.c.arm_id, epoch(t.c.created_at), t.c.latency_ms).where(
+            t.c.experiment_id == experiment_id, t.c.created_at <= now, t.c.latency_ms.is_not(None)
+        )
+        rows = conn.execute(query).all()
+    if not rows:
+        return pd.DataFrame()
+    arm, seconds, latency = (np.asarray(col) for col in zip(*rows, strict=True))
+    bucket = pd.to_datetime(seconds.astype(float), unit="s", utc=True).floor(freq)
+    return pd.Series(latency.astype(float)).groupby([bucket, arm]).quantile(0.95).unstack()
+
+
+def _columns(table: pd.DataFrame) -> dict[str, list[float | None]]:
+    return {str(col): [_num(v) for v in table[col].to_numpy()] for col in table.columns}
+
+
+def _policy_allocation_series(store: Store, experiment_id: str) -> dict[str, Any]:
+    """Allocation of the overall segment in each snapshot (the newest ``MAX_SNAPSHOTS``)."""
+    ps = schema.policy_snapshots
+    query = (
+        sa.select(ps.c.version, ps.c.created_at, ps.c.allocation)
+        .where(ps.c.experiment_id == experiment_id)
+        .order_by(ps.c.version.desc())
+        .limit(MAX_SNAPSHOTS)
+    )
+    with store.engine.connect() as conn:
+        rows = conn.execute(query).all()[::-1]
+    arms: dict[str, list[float | None]] = {}
+    for i, row in enumerate(rows):
+        for arm, p in (row.allocation or {}).get("segments", {}).get(ALL_SEGMENTS, {}).items():
+            arms.setdefault(arm, [0.0] * len(rows))[i] = float(p)
+    return {
+        "times": [as_utc(r.created_at).isoformat() for r in rows],
+        "versions": [r.version for r in rows],
+        "arms": arms,
+    }
+
+
+# -- history ---------------------------------------------------------------------------------
+
+
+def _history(store: Store, experiment_id: str, events: pd.DataFrame, limit: int) -> list[dict[str, Any]]:
+    """Arm events and operator actions, newest first."""
+    items = [
+        {"at": r.created_at, "actor": r.actor, "action": r.kind, "target": r.arm_id, "details": r.evidence or {}}
+        for r in events.tail(limit).itertuples(index=False)
+    ]
+    au = schema.audit_events
+    # Dashboard arm actions are audited and also recorded as the arm events listed above.
+    query = sa.select(au).where(au.c.action.not_like("arm.%")).order_by(au.c.id.desc()).limit(limit)
+    with store.engine.connect() as conn:
+        audit = conn.execute(query).all()
+    items += [
+        {"at": as_utc(r.created_at), "actor": r.actor, "action": r.action, "target": r.target, "details": r.details or {}}
+        for r in audit
+    ]
+    items.sort(key=lambda item: as_utc(pd.Timestamp(item["at"]).to_pydatetime()), reverse=True)
+    return items[:limit]
+
+
+def _any_simulated(store: Store, experiment_id: str) -> bool:
+    a = schema.assignments
+    query = sa.select(a.c.id).where(a.c.experiment_id == experiment_id, a.c.simulated.is_(True)).limit(1)
+    with store.engine.connect() as conn:
+        return conn.execute(query).first() is not None
+
+
+# -- drill-down ------------------------------------------------------------------------------
+
+
+def recent_sessions(store: Store, config: Config, arm_id: str, *, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest ``limit`` sessions of an arm with their turns, votes and outcomes.
+
+    Four indexed queries whatever the size of the store. Outcomes reported for
+    the user without a session are listed with ``"scope": "user"``.
+    """
+    if not 1 <= limit <= 500:
+        raise ValueError(f"limit must be between 1 and 500, got {limit}")
+    a, t, fb, o = schema.assignments, schema.turns, schema.feedback, schema.outcomes
+    with store.engine.connect() as conn:
+        sessions = conn.execute(
+            sa.select(a)
+            .where(a.c.experiment_id == config.experiment.id, a.c.arm_id == arm_id)
+            .order_by(a.c.assigned_at.desc(), a.c.id.desc())
+            .limit(limit)
+        ).all()
+        ids = [s.session_id for s in sessions]
+        users = sorted({s.user_id for s in sessions})
+        turns = conn.execute(sa.select(t).where(t.c.session_id.in_(ids)).order_by(t.c.created_at)).all() if ids else []
+        votes = conn.execute(sa.select(fb).where(fb.c.session_id.in_(ids))).all() if ids else []
+        outcomes = (
+            conn.execute(
+                sa.select(o)
+                .where(sa.or_(o.c.session_id.in_(ids), sa.and_(o.c.session_id.is_(None), o.c.user_id.in_(users))))
+                .order_by(o.c.occurred_at)
+            ).all()
+            if ids
+            else []
+        )
+    vote_by_turn: dict[str, list[Any]] = {}
+    for v in votes:
+        vote_by_turn.setdefault(v.turn_id, []).append(v)
+    result = []
+    for s in sessions:
+        result.append(
+            {
+                "session_id": s.session_id,
+                "user_id": s.user_id,
+                "assigned_at": as_utc(s.assigned_at),
+                "segment": s.segment,
+                "propensity": s.propensity,
+                "snapshot_version": s.snapshot_version,
+                "simulated": bool(s.simulated),
+                "turns": [
+                    {
+                        "id": turn.id,
+                        "at": as_utc(turn.created_at),
+                        "user_message": turn.user_message,
+                        "reply": turn.reply,
+                        "latency_ms": turn.latency_ms,
+                        "error": turn.error,
+                        "trace_id": turn.trace_id,
+                        "votes": [
+                            {"value": v.value, "comment": v.comment}
+                            for v in vote_by_turn.get(turn.id, [])
+                            if v.value is not None
+                        ],
+                    }
+                    for turn in turns
+                    if turn.session_id == s.session_id
+                ],
+                "outcomes": [
+                    {
+                        "name": out.name,
+                        "value": out.value,
+                        "at": as_utc(out.occurred_at),
+                        "source": out.source,
+                        "scope": "session" if out.session_id else "user",
+                    }
+                    for out in outcomes
+                    if out.session_id == s.session_id or (out.session_id is None and out.user_id == s.user_id)
+                ],
+            }
+        )
+    return _jsonable(result)
+
+
+# -- JSON ------------------------------------------------------------------------------------
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for NaN, None and non-numbers."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain Python values: numpy scalars unwrapped, NaN → None, timestamps → ISO strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return _num(value)
+    if isinstance(value, pd.Timestamp):
+        return None if pd.isna(value) else value.isoformat()
+    if isinstance(value, datetime):
+        return as_utc(value).isoformat()
+    return value
