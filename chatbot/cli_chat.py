@@ -85,7 +85,7 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level="warning", loop="asyncio")
 
 
-HELP = """Commands: /up, /down [comment] rate the last reply · /solved marks the issue solved ·
+HELP = r"""Commands: /up, /down \[comment] rate the last reply · /solved marks the issue solved ·
 /<action> clicks a call-to-action (e.g. {actions}) · /help · /quit"""
 
 

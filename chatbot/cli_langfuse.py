@@ -99,12 +99,8 @@ def sync_prompts_cmd(
     champion = next((a for a, s in statuses.items() if s == "champion"), cfg.experiment.champion)
     arms = list(cfg.experiment.arms)
     try:
-        results = sync_prompts(
-            rest_client(creds, timeout_s=cfg.langfuse.request_timeout_s * 3),
-            library,
-            arms,
-            champion_arm=champion,
-        )
+        with rest_client(creds, timeout_s=cfg.langfuse.request_timeout_s * 3) as api:
+            results = sync_prompts(api, library, arms, champion_arm=champion)
     except Exception as exc:  # the SDK raises its own API and transport errors
         fail(f"Langfuse at {creds.base_url} refused the sync: {exc}")
     for r in results:
@@ -195,12 +191,8 @@ def import_cmd(
         creds = _credentials()
         store = open_store(cfg, database_url)
         try:
-            report = import_langfuse_scores(
-                store,
-                rest_client(creds, timeout_s=cfg.langfuse.request_timeout_s * 3),
-                since=start,
-                sources=source,
-            )
+            with rest_client(creds, timeout_s=cfg.langfuse.request_timeout_s * 3) as api:
+                report = import_langfuse_scores(store, api, since=start, sources=source)
         except Exception as exc:
             fail(f"could not read scores from Langfuse at {creds.base_url}: {exc}")
     else:

@@ -67,7 +67,7 @@ class ImportReport:
         }
 
 
-# -- from Langfuse ------------------------------------------------------------------
+# -- from Langfuse ------------------------------------------------------------
 def import_langfuse_scores(
     store: Store,
     api: LangfuseAPI,
@@ -192,7 +192,7 @@ class _SessionResolver:
         return None, None
 
 
-# -- from a file ------------------------------------------------------------------
+# -- from a file --------------------------------------------------------------
 def import_outcome_file(
     store: Store, path: str | Path, *, tracer: Tracer | None = None, max_errors: int = 20
 ) -> ImportReport:

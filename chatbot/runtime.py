@@ -37,8 +37,9 @@ __all__ = ["Runtime", "best_effort", "experiment_arms", "get_runtime", "set_runt
 def experiment_arms(config: Config, prompts: PromptLibrary) -> dict[str, ArmConfig]:
     """The configured arms, or one arm per prompt variant when none are configured.
 
-    Every arm must name a known prompt variant and, for ``fixed`` few-shot,
-    known example ids; otherwise :class:`ConfigError` names the arm.
+    Every arm must name a known prompt variant, else :class:`ConfigError` names
+    the arm. (Example ids of ``fixed`` arms may be bank ids: the selector checks
+    them, see :meth:`Runtime.build`.)
 
     >>> from optimizer.prompts import load_prompts
     >>> sorted(experiment_arms(Config(), load_prompts("prompts")))
@@ -52,12 +53,6 @@ def experiment_arms(config: Config, prompts: PromptLibrary) -> dict[str, ArmConf
             raise ConfigError(
                 f"{config.source}: experiment.arms {arm.id!r}: prompt {arm.prompt!r} is not a "
                 f"variant in {config.prompts_dir}/variants (known: {sorted(prompts.variants)})"
-            )
-        missing = [e for e in arm.examples if e not in prompts.examples]
-        if missing:
-            raise ConfigError(
-                f"{config.source}: experiment.arms {arm.id!r}: unknown example ids {missing} "
-                f"(known: {sorted(prompts.examples)})"
             )
     return {arm.id: arm for arm in arms}
 
@@ -94,7 +89,8 @@ class Runtime:
     ) -> Runtime:
         """Validate prompts and arms, migrate the store, sync the experiment, register providers.
 
-        Raises :class:`ConfigError` for a bad prompt file or arm.
+        Raises :class:`ConfigError` for a bad prompt file or arm (unknown
+        prompt, unknown example id of a ``fixed`` arm).
         """
         from chatbot.llm import register_providers
 
@@ -114,9 +110,14 @@ class Runtime:
                 salt=config.experiment.salt,
                 segment_by=config.experiment.segment_by,
             ),
-            selector=ExampleSelector(prompts),
-            tracer=tracer if tracer is not None else get_tracer(),
+            selector=ExampleSelector(prompts, store, refresh_s=config.fewshot.refresh_s),
+            tracer=tracer if tracer is not None else get_tracer(config),
         )
+        for arm in arms.values():
+            if arm.fewshot == "fixed":
+                runtime.selector.select(
+                    arm, ""
+                )  # unknown example ids: ConfigError now, not mid-chat
         runtime.sync_experiment()
         register_providers()
         return runtime

@@ -8,9 +8,9 @@ Routes, in matching order (first match wins)::
     /  (everything else)            Chainlit: UI, login, websocket
 
 Chainlit's app ends with a catch-all ``GET /{path}`` that would hide routes
-added after it, so we build our own app and mount Chainlit last with
-``chainlit.utils.mount_chainlit``. A background task runs the optimizer every
-``policy.refit_interval_s`` seconds (0 disables it) in a worker thread.
+added after it, so we build our own app and mount Chainlit last, at ``/``.
+A background task runs the optimizer every ``policy.refit_interval_s``
+seconds (0 disables it) in a worker thread.
 """
 
 from __future__ import annotations
@@ -70,18 +70,26 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
 
 
 def _mount_chat(app: FastAPI) -> None:
+    """Mount Chainlit at ``/``: what ``chainlit.utils.mount_chainlit`` does, minus its guard.
+
+    That guard is a ``BaseHTTPMiddleware`` that only matters for a mount below
+    ``/``, and it logs "No response returned" each time a browser drops a
+    socket.io long-poll request. Chainlit keeps its handlers, config and
+    sessions in module globals, so the handlers are loaded once per process
+    and a second app (tests build several) mounts the same Chainlit app.
+    """
+    from chainlit.auth import ensure_jwt_secret
+    from chainlit.config import config as chainlit_config
+    from chainlit.config import load_module
+    from chainlit.server import app as chainlit_app
+
     global _chainlit_loaded
-    if _chainlit_loaded:
-        # Chainlit keeps its handlers, config and sessions in module globals: it is
-        # loaded once per process, and a second app (tests build several) mounts it again.
-        from chainlit.server import app as chainlit_app
-
-        app.mount("/", chainlit_app)
-        return
-    from chainlit.utils import mount_chainlit
-
-    mount_chainlit(app, target=str(CHAINLIT_APP), path="/")
-    _chainlit_loaded = True
+    if not _chainlit_loaded:
+        chainlit_config.run.module_name = str(CHAINLIT_APP)
+        load_module(str(CHAINLIT_APP))
+        _chainlit_loaded = True
+    ensure_jwt_secret()
+    app.mount("/", chainlit_app)
 
 
 def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -108,18 +116,27 @@ def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManag
 async def run_optimizer_periodically(runtime: Runtime, interval_s: float) -> None:
     """Run the optimizer job every ``interval_s`` seconds in a worker thread, forever.
 
-    A failed run is logged and retried at the next interval; it never stops
-    the server. With several replicas the job's own lock lets one run at a time.
+    After each run, sessions whose attribution window closed get their KPI
+    reward score in Langfuse (a no-op without Langfuse). A failed run is
+    logged and retried at the next interval; it never stops the server. With
+    several replicas the job's own lock lets one run at a time.
     """
     while True:
         await asyncio.sleep(interval_s)
         try:
-            from optimizer.job import run_optimizer  # heavy (pandas, scipy): only when it runs
-
-            result = await asyncio.to_thread(run_optimizer, runtime.store, runtime.config)
+            result = await asyncio.to_thread(_optimize_once, runtime)
         except Exception:
             log.exception("background optimizer run failed; next try in %g s", interval_s)
             continue
         if result is None:
             log.info("optimizer skipped: another process holds its lock")
         runtime.assigner.invalidate()  # serve the new snapshot from the next assignment
+
+
+def _optimize_once(runtime: Runtime) -> object:
+    from chatbot.tracing import score_session_rewards
+    from optimizer.job import run_optimizer  # heavy (pandas, scipy): imported when it runs
+
+    result = run_optimizer(runtime.store, runtime.config)
+    score_session_rewards(runtime.store, runtime.config, runtime.tracer)
+    return result

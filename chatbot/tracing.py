@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -46,7 +47,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -71,10 +72,10 @@ __all__ = [
     "LANGFUSE_PUBLIC_KEY",
     "LANGFUSE_SECRET_KEY",
     "LANGFUSE_TRACING_ENVIRONMENT",
+    "REWARD_SCORE",
     "LangfuseCredentials",
     "LangfuseTracer",
     "NoopTracer",
-    "REWARD_SCORE",
     "Tracer",
     "feedback_score_id",
     "get_tracer",
@@ -87,7 +88,7 @@ __all__ = [
     "trace_id_for_turn",
 ]
 
-# -- settings (the SDK's own variable names, read in one place) --------------------------
+# -- settings (the SDK's own variable names, read in one place) ---------------
 #: Public key of the Langfuse project. Default: none (tracing off).
 LANGFUSE_PUBLIC_KEY = "LANGFUSE_PUBLIC_KEY"
 #: Secret key of the Langfuse project. Default: none (tracing off).
@@ -141,7 +142,7 @@ class LangfuseCredentials:
         return f"LangfuseCredentials(public_key={self.public_key!r}, base_url={self.base_url!r})"
 
 
-# -- deterministic ids ------------------------------------------------------------------
+# -- deterministic ids --------------------------------------------------------
 def trace_id_for_turn(turn_id: str) -> str:
     """Langfuse trace id of a turn: ``Langfuse.create_trace_id(seed=turn_id)``.
 
@@ -195,6 +196,11 @@ def default_mask() -> Callable[[str], str]:
     return cast(Callable[[str], str], scrub)
 
 
+def _mask_messages(messages: list[dict[str, Any]], mask: Callable[[str], str]) -> list[Any]:
+    """Mask what people wrote; the system message is our prompt and knowledge base."""
+    return [m if m.get("role") == "system" else _mask_value(m, mask) for m in messages]
+
+
 def _mask_value(value: Any, mask: Callable[[str], str]) -> Any:
     if isinstance(value, str):
         return mask(value)
@@ -205,7 +211,7 @@ def _mask_value(value: Any, mask: Callable[[str], str]) -> Any:
     return value
 
 
-# -- the interface ------------------------------------------------------------------
+# -- the interface ------------------------------------------------------------
 class Tracer:
     """What the chat path calls. Every method is best-effort and non-blocking."""
 
@@ -252,7 +258,7 @@ class NoopTracer(Tracer):
     """Used when Langfuse is not configured."""
 
 
-# -- the Langfuse implementation ------------------------------------------------------------------
+# -- the Langfuse implementation ----------------------------------------------
 @dataclass(frozen=True)
 class _Score:
     body: dict[str, Any]
@@ -274,8 +280,8 @@ class LangfuseTracer(Tracer):
     Langfuse prompt version (default: the file ``sync-prompts`` writes).
 
     >>> tracer = LangfuseTracer(LangfuseCredentials("pk-doc", "sk", "http://127.0.0.1:9"))
-    >>> tracer.trace_turn.__doc__ is not None
-    True
+    >>> tracer.enabled, tracer.flush(1.0)  # nothing queued: flushed at once
+    (True, True)
     >>> tracer.shutdown()
     """
 
@@ -295,7 +301,10 @@ class LangfuseTracer(Tracer):
 
         self.credentials = credentials
         self.config = config or LangfuseConfig()
-        self._mask = (mask or default_mask()) if self.config.mask else None
+        # Cached: every turn re-sends the whole history, and the scrubber costs ~ms per message.
+        self._mask = (
+            functools.lru_cache(maxsize=4096)(mask or default_mask()) if self.config.mask else None
+        )
         if prompt_versions is None:
             from chatbot.langfuse_prompts import PromptVersionCache
 
@@ -325,7 +334,7 @@ class LangfuseTracer(Tracer):
         atexit.register(self.shutdown)
         log.info("Langfuse tracing on: %s", credentials.base_url)
 
-    # -- what the chat path calls (enqueue only) ---------------------------------------------
+    # -- what the chat path calls (enqueue only) ------------------------------
     def trace_turn(
         self,
         turn: TurnRecord,
@@ -424,9 +433,13 @@ class LangfuseTracer(Tracer):
                 log.warning("Langfuse queue full: %d items dropped so far", self.dropped)
             return False
 
-    # -- flushing -----------------------------------------------------------------------------
+    # -- flushing -------------------------------------------------------------
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait (at most ``timeout_s``, default ``flush_timeout_s``) until queued work is sent."""
+        """Wait at most ``timeout_s`` (default ``flush_timeout_s``) for queued work to go out.
+
+        True if the queue drained and the span exporter finished in time; failed
+        deliveries are logged by the worker and the exporter, not reported here.
+        """
         timeout = self.config.flush_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         drained = threading.Event()
@@ -455,7 +468,7 @@ class LangfuseTracer(Tracer):
         _bounded(self.client.shutdown, deadline - time.monotonic())
         _bounded(self._provider.shutdown, deadline - time.monotonic())
 
-    # -- the worker ---------------------------------------------------------------------------
+    # -- the worker -----------------------------------------------------------
     def _run(self) -> None:
         carry: Any = None
         while True:
@@ -608,7 +621,7 @@ class LangfuseTracer(Tracer):
             generation = LangfuseGeneration(
                 otel_span=gen_span,
                 langfuse_client=self.client,
-                input=_mask_value(messages, mask),
+                input=_mask_messages(messages, mask),
                 output=mask(turn.reply),
                 model=turn.model,
                 usage_details=usage or None,
@@ -659,25 +672,31 @@ def _bounded(fn: Callable[[], Any], timeout_s: float) -> bool:
     return done.wait(max(timeout_s, 0))
 
 
-# -- construction ------------------------------------------------------------------
-def rest_client(credentials: LangfuseCredentials, *, timeout_s: float = 10.0) -> LangfuseAPI:
-    """The SDK's REST client alone (no tracing threads), for CLI work such as prompt sync.
+# -- construction -------------------------------------------------------------
+@contextlib.contextmanager
+def rest_client(
+    credentials: LangfuseCredentials, *, timeout_s: float = 10.0
+) -> Iterator[LangfuseAPI]:
+    """The SDK's REST client alone (no tracing threads), for CLI work; closed on exit.
 
     Kept apart from :class:`LangfuseTracer` because the SDK shares one client per
     public key in a process: a tracing-less client made first would disable tracing.
     """
+    import httpx
     from langfuse import __version__
     from langfuse.api import LangfuseAPI
 
-    return LangfuseAPI(
-        base_url=credentials.base_url,
-        username=credentials.public_key,
-        password=credentials.secret_key,
-        x_langfuse_sdk_name="python",
-        x_langfuse_sdk_version=__version__,
-        x_langfuse_public_key=credentials.public_key,
-        timeout=timeout_s,
-    )
+    with httpx.Client(timeout=timeout_s) as http:
+        yield LangfuseAPI(
+            base_url=credentials.base_url,
+            username=credentials.public_key,
+            password=credentials.secret_key,
+            x_langfuse_sdk_name="python",
+            x_langfuse_sdk_version=__version__,
+            x_langfuse_public_key=credentials.public_key,
+            timeout=timeout_s,
+            httpx_client=http,
+        )
 
 
 def make_tracer(config: Config | None = None) -> Tracer:
@@ -705,7 +724,7 @@ def get_tracer(config: Config | None = None) -> Tracer:
         return _tracer
 
 
-# -- session rewards ------------------------------------------------------------------
+# -- session rewards ----------------------------------------------------------
 def score_session_rewards(
     store: Store, config: Config, tracer: Tracer, *, now: datetime | None = None
 ) -> int:
@@ -740,7 +759,7 @@ def score_session_rewards(
             experiment_id,
             str(row.session_id),
             reward,
-            at=closed.to_pydatetime(),
+            at=closed.floor("us").to_pydatetime(),
             metadata={"arm": row.arm_id, "user_id": row.user_id, "segment": row.segment},
         )
     if sent == len(done):

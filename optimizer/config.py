@@ -232,6 +232,25 @@ class FewShotConfig(_Section):
     min_chars: int = Field(20, ge=0)
     max_chars: int = Field(1200, gt=0)
     auto_approve: bool = False
+    # Mining (optimizer.fewshot.mining): besides a session reward >= min_reward,
+    # a thumbs-up on the turn, one of `outcomes` (value > 0) or a `resolved_outcome`
+    # with at most `max_support_minutes` of support time makes a turn qualify.
+    thumbs_up: bool = True
+    outcomes: tuple[str, ...] = ("conversion",)
+    resolved_outcome: str = "resolved"
+    support_minutes_outcome: str = "support_minutes"
+    max_support_minutes: float = Field(10.0, ge=0)
+    # Credit (optimizer.fewshot.credit): demote an example whose sessions are below
+    # their arm's average with this posterior probability, once it has enough sessions.
+    demote_probability: float = Field(0.9, gt=0.5, lt=1)
+    credit_min_sessions: int = Field(20, ge=2)
+    # Challenger proposal after this many newly approved examples, with the best k.
+    propose_after: int = Field(10, ge=1)
+    propose_k: int = Field(3, ge=1, le=20)
+    #: Seconds between the chat path's checks for bank changes (0 = every call).
+    refresh_s: float = Field(30.0, ge=0)
+    #: Preference pairs for exports: minimum TF-IDF cosine between the two prompts.
+    pair_similarity: float = Field(0.6, gt=0, le=1)
 
 
 class LangfuseConfig(_Section):

@@ -72,28 +72,40 @@ def allocation_figure(report: Mapping[str, Any]) -> go.Figure:
     """Share of new sessions per arm in each period (solid) and the policy's allocation (dashed).
 
     >>> from optimizer.plots import allocation_figure
-    >>> fig = allocation_figure({"arms": [{"id": "a"}], "series": {"times": ["2025-01-01T00:00:00+00:00"],
-    ...     "traffic_share": {"a": [1.0]}, "policy_allocation": {"times": [], "arms": {}}}})
+    >>> series = {"times": ["2025-01-01T00:00:00+00:00"], "traffic_share": {"a": [1.0]},
+    ...           "policy_allocation": {"times": [], "arms": {}}}
+    >>> fig = allocation_figure({"arms": [{"id": "a"}], "series": series})
     >>> [t.name for t in fig.data]
     ['a']
     """
     series = report["series"]
     colors = _colors(report)
-    fig = _layout(go.Figure(), FIGURE_TITLES["allocation"], y_title="share of sessions", percent=True)
+    fig = _layout(
+        go.Figure(), FIGURE_TITLES["allocation"], y_title="share of sessions", percent=True
+    )
     for arm, values in series.get("traffic_share", {}).items():
         fig.add_trace(
             go.Scatter(
-                x=series["times"], y=values, name=arm, mode="lines+markers",
-                line={"color": colors.get(arm)}, legendgroup=arm, connectgaps=False,
+                x=series["times"],
+                y=values,
+                name=arm,
+                mode="lines+markers",
+                line={"color": colors.get(arm)},
+                legendgroup=arm,
+                connectgaps=False,
             )
         )
     policy = series.get("policy_allocation", {})
     for arm, values in policy.get("arms", {}).items():
         fig.add_trace(
             go.Scatter(
-                x=policy["times"], y=values, name=f"{arm} (policy)", mode="lines",
+                x=policy["times"],
+                y=values,
+                name=f"{arm} (policy)",
+                mode="lines",
                 line={"color": colors.get(arm), "dash": "dash", "shape": "hv"},
-                legendgroup=arm, showlegend=False,
+                legendgroup=arm,
+                showlegend=False,
             )
         )
     if not fig.data:
@@ -116,12 +128,23 @@ def posterior_figure(report: Mapping[str, Any]) -> go.Figure:
         mean = arm["kpi_mean"]
         fig.add_trace(
             go.Scatter(
-                x=[mean], y=[arm["id"]], mode="markers", name=arm["id"],
+                x=[mean],
+                y=[arm["id"]],
+                mode="markers",
+                name=arm["id"],
                 marker={"color": colors.get(arm["id"]), "size": 11},
-                error_x={"type": "data", "symmetric": False, "array": [hi - mean], "arrayminus": [mean - lo],
-                         "thickness": 2.5, "width": 8},
-                hovertemplate=(f"{arm['id']}<br>KPI %{{x:.4f}} [{lo:.4f}, {hi:.4f}]"
-                               f"<br>P(best) {_pct(arm.get('prob_best'))}<extra></extra>"),
+                error_x={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [hi - mean],
+                    "arrayminus": [mean - lo],
+                    "thickness": 2.5,
+                    "width": 8,
+                },
+                hovertemplate=(
+                    f"{arm['id']}<br>KPI %{{x:.4f}} [{lo:.4f}, {hi:.4f}]"
+                    f"<br>P(best) {_pct(arm.get('prob_best'))}<extra></extra>"
+                ),
                 showlegend=False,
             )
         )
@@ -141,7 +164,9 @@ def cumulative_kpi_figure(report: Mapping[str, Any]) -> go.Figure:
         if all(v is None for v in values):
             continue
         fig.add_trace(
-            go.Scatter(x=series["times"], y=values, name=arm, mode="lines", line={"color": colors.get(arm)})
+            go.Scatter(
+                x=series["times"], y=values, name=arm, mode="lines", line={"color": colors.get(arm)}
+            )
         )
     if not fig.data:
         return _empty(fig, "no complete sessions yet (attribution windows still open)")
@@ -155,7 +180,9 @@ def guardrail_figure(report: Mapping[str, Any]) -> go.Figure:
     colors = _colors(report)
     if not metrics:
         return _empty(_layout(go.Figure(), FIGURE_TITLES["guardrails"]), "no sessions yet")
-    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[GUARDRAIL_TITLES.get(m, m) for m in metrics])
+    fig = make_subplots(
+        rows=1, cols=len(metrics), subplot_titles=[GUARDRAIL_TITLES.get(m, m) for m in metrics]
+    )
     _layout(fig, FIGURE_TITLES["guardrails"])
     limits = {g["metric"]: g for g in report["experiment"].get("guardrails", [])}
     champion = report["experiment"].get("champion")
@@ -165,23 +192,41 @@ def guardrail_figure(report: Mapping[str, Any]) -> go.Figure:
             if all(v is None for v in values):
                 continue
             fig.add_trace(
-                go.Scatter(x=series["times"], y=values, name=arm, mode="lines", legendgroup=arm,
-                           line={"color": colors.get(arm)}, showlegend=col == 1),
-                row=1, col=col,
+                go.Scatter(
+                    x=series["times"],
+                    y=values,
+                    name=arm,
+                    mode="lines",
+                    legendgroup=arm,
+                    line={"color": colors.get(arm)},
+                    showlegend=col == 1,
+                ),
+                row=1,
+                col=col,
             )
         limit = _limit_series(table.get(champion or ""), limits.get(metric))
         if limit is not None:
             fig.add_trace(
-                go.Scatter(x=series["times"], y=limit, name="limit (vs champion)", mode="lines",
-                           line={"color": "#c0392b", "dash": "dot"}, legendgroup="limit", showlegend=col == 1),
-                row=1, col=col,
+                go.Scatter(
+                    x=series["times"],
+                    y=limit,
+                    name="limit (vs champion)",
+                    mode="lines",
+                    line={"color": "#c0392b", "dash": "dot"},
+                    legendgroup="limit",
+                    showlegend=col == 1,
+                ),
+                row=1,
+                col=col,
             )
         if metric.endswith("_rate"):
             fig.update_yaxes(tickformat=".0%", row=1, col=col)
     return fig
 
 
-def _limit_series(champion: Sequence[float | None] | None, guardrail: Mapping[str, Any] | None) -> list[float | None] | None:
+def _limit_series(
+    champion: Sequence[float | None] | None, guardrail: Mapping[str, Any] | None
+) -> list[float | None] | None:
     if not champion or not guardrail:
         return None
     if guardrail.get("max_delta") is not None:

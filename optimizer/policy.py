@@ -49,11 +49,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+from sklearn.base import BaseEstimator
 
 from optimizer.assignment import ALL_SEGMENTS
 from optimizer.config import PolicyConfig
@@ -190,10 +191,11 @@ class _Data:
         )
 
 
-class _PosteriorPolicy:
+class _PosteriorPolicy(BaseEstimator):  # type: ignore[misc]
     """Shared fitting: posteriors per segment and arm, summaries, stop rule."""
 
-    _name = "base"
+    #: Name written into snapshots.
+    name: ClassVar[str] = "base"
 
     def __init__(
         self,
@@ -556,7 +558,7 @@ class UniformPolicy(_PosteriorPolicy):
     {'*': {'a': 0.5, 'b': 0.5}}
     """
 
-    _name = "uniform"
+    name: ClassVar[str] = "uniform"
 
     def __init__(
         self,
@@ -595,7 +597,7 @@ class ThompsonSamplingPolicy(_PosteriorPolicy):
     ('beta', True, 'a')
     """
 
-    _name = "thompson"
+    name: ClassVar[str] = "thompson"
 
     def __init__(
         self,

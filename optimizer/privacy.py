@@ -58,6 +58,7 @@ __all__ = [
     "Entity",
     "Scrubber",
     "find_entities",
+    "public_allowlist",
     "scrub",
 ]
 
@@ -707,3 +708,15 @@ def find_entities(text: str) -> list[Entity]:
 def scrub(text: str) -> str:
     """``text`` with all personal data replaced by typed placeholders (``<EMAIL>``, ``<NAME>`` …)."""
     return _DEFAULT.scrub(text)
+
+
+def public_allowlist(*documents: str) -> frozenset[str]:
+    """Entities found in public documents (e.g. the knowledge base), to pass as ``Scrubber(allow=…)``.
+
+    The company's own support address in an assistant's answer is a fact, not
+    personal data; scrubbing it would teach the model to answer "<EMAIL>".
+
+    >>> sorted(public_allowlist("Support: email support@lumen.example"))
+    ['support@lumen.example']
+    """
+    return frozenset(e.text for doc in documents for e in _DEFAULT.find(doc))

@@ -1,4 +1,4 @@
-"""The numbers of an experiment in one JSON-ready dict, for the operator page and ``flywheel report``.
+"""The numbers of an experiment in one JSON-ready dict, for the dashboard and ``flywheel report``.
 
 Where each number comes from:
 
@@ -42,6 +42,7 @@ __all__ = [
     "GUARDRAIL_METRICS",
     "STATUS_LABELS",
     "experiment_report",
+    "promotion_estimates",
     "recent_sessions",
 ]
 
@@ -88,7 +89,13 @@ def experiment_report(
             "policy": config.policy.kind,
             "segment_by": list(exp.segment_by),
             "kpi_terms": [
-                {"name": t.name, "source": t.source, "weight": t.weight, "cap": t.cap, "window_days": t.window_days}
+                {
+                    "name": t.name,
+                    "source": t.source,
+                    "weight": t.weight,
+                    "cap": t.cap,
+                    "window_days": t.window_days,
+                }
                 for t in config.kpi.terms
             ],
             "guardrails": [g.model_dump() for g in config.kpi.guardrails],
@@ -222,7 +229,9 @@ def _arm_rows(
                 "expected_loss": post.get("expected_loss"),
                 "snapshot_sessions": post.get("sessions"),
                 "guardrails": post.get("guardrails"),
-                "guardrail_fired": fired if status["status"] == "paused_guardrail" else None,
+                "guardrail_metrics": _breached_metrics(fired)
+                if status["status"] == "paused_guardrail"
+                else [],
                 "cap": (caps.get(arm_id) or {}).get("evidence", {}).get("cap"),
             }
         )
@@ -239,12 +248,22 @@ def _latest_by_arm(events: pd.DataFrame, kind: str) -> dict[str, dict[str, Any]]
     }
 
 
+def _breached_metrics(fired: Mapping[str, Any] | None) -> list[str]:
+    evidence = (fired or {}).get("evidence") or {}
+    checks = evidence.get("checks") or [evidence]
+    return [c["metric"] for c in checks if c.get("metric")]
+
+
 def _leader(arms: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     scored = [a for a in arms if _num(a.get("prob_best")) is not None]
     if not scored:
         return None
     best = max(scored, key=lambda a: a["prob_best"])
-    return {"arm": best["id"], "prob_best": best["prob_best"], "expected_loss": best.get("expected_loss")}
+    return {
+        "arm": best["id"],
+        "prob_best": best["prob_best"],
+        "expected_loss": best.get("expected_loss"),
+    }
 
 
 def _snapshot_info(snapshot: Any, now: datetime) -> dict[str, Any] | None:
@@ -261,19 +280,24 @@ def _snapshot_info(snapshot: Any, now: datetime) -> dict[str, Any] | None:
 
 
 def _guardrail_firings(events: pd.DataFrame) -> list[dict[str, Any]]:
+    """Guardrail pauses, newest first, one entry per breached metric with its check."""
     if events.empty:
         return []
     fired = events[events["kind"] == "paused_guardrail"].iloc[::-1]
-    return [
-        {
-            "arm": r.arm_id,
-            "at": r.created_at,
-            "actor": r.actor,
-            "metric": (r.evidence or {}).get("metric"),
-            "evidence": r.evidence or {},
-        }
-        for r in fired.itertuples(index=False)
-    ]
+    out = []
+    for r in fired.itertuples(index=False):
+        evidence = r.evidence or {}
+        for check in evidence.get("checks") or [evidence]:
+            out.append(
+                {
+                    "arm": r.arm_id,
+                    "at": r.created_at,
+                    "actor": r.actor,
+                    "metric": check.get("metric"),
+                    "evidence": check,
+                }
+            )
+    return out
 
 
 # -- segments --------------------------------------------------------------------------------
@@ -314,7 +338,9 @@ def _segment_rows(
 # -- time series -----------------------------------------------------------------------------
 
 
-def _series(store: Store, config: Config, frame: pd.DataFrame, arm_ids: Sequence[str], now: datetime) -> dict[str, Any]:
+def _series(
+    store: Store, config: Config, frame: pd.DataFrame, arm_ids: Sequence[str], now: datetime
+) -> dict[str, Any]:
     """Per-period series behind the plots: traffic share, cumulative KPI, guardrail metrics."""
     policy_allocation = _policy_allocation_series(store, config.experiment.id)
     if frame.empty:
@@ -413,10 +439,18 @@ def _policy_allocation_series(store: Store, experiment_id: str) -> dict[str, Any
 # -- history ---------------------------------------------------------------------------------
 
 
-def _history(store: Store, experiment_id: str, events: pd.DataFrame, limit: int) -> list[dict[str, Any]]:
+def _history(
+    store: Store, experiment_id: str, events: pd.DataFrame, limit: int
+) -> list[dict[str, Any]]:
     """Arm events and operator actions, newest first."""
     items = [
-        {"at": r.created_at, "actor": r.actor, "action": r.kind, "target": r.arm_id, "details": r.evidence or {}}
+        {
+            "at": r.created_at,
+            "actor": r.actor,
+            "action": r.kind,
+            "target": r.arm_id,
+            "details": r.evidence or {},
+        }
         for r in events.tail(limit).itertuples(index=False)
     ]
     au = schema.audit_events
@@ -425,7 +459,13 @@ def _history(store: Store, experiment_id: str, events: pd.DataFrame, limit: int)
     with store.engine.connect() as conn:
         audit = conn.execute(query).all()
     items += [
-        {"at": as_utc(r.created_at), "actor": r.actor, "action": r.action, "target": r.target, "details": r.details or {}}
+        {
+            "at": as_utc(r.created_at),
+            "actor": r.actor,
+            "action": r.action,
+            "target": r.target,
+            "details": r.details or {},
+        }
         for r in audit
     ]
     items.sort(key=lambda item: as_utc(pd.Timestamp(item["at"]).to_pydatetime()), reverse=True)
@@ -434,7 +474,11 @@ def _history(store: Store, experiment_id: str, events: pd.DataFrame, limit: int)
 
 def _any_simulated(store: Store, experiment_id: str) -> bool:
     a = schema.assignments
-    query = sa.select(a.c.id).where(a.c.experiment_id == experiment_id, a.c.simulated.is_(True)).limit(1)
+    query = (
+        sa.select(a.c.id)
+        .where(a.c.experiment_id == experiment_id, a.c.simulated.is_(True))
+        .limit(1)
+    )
     with store.engine.connect() as conn:
         return conn.execute(query).first() is not None
 
@@ -442,7 +486,9 @@ def _any_simulated(store: Store, experiment_id: str) -> bool:
 # -- drill-down ------------------------------------------------------------------------------
 
 
-def recent_sessions(store: Store, config: Config, arm_id: str, *, limit: int = 20) -> list[dict[str, Any]]:
+def recent_sessions(
+    store: Store, config: Config, arm_id: str, *, limit: int = 20
+) -> list[dict[str, Any]]:
     """The newest ``limit`` sessions of an arm with their turns, votes and outcomes.
 
     Four indexed queries whatever the size of the store. Outcomes reported for
@@ -460,12 +506,21 @@ def recent_sessions(store: Store, config: Config, arm_id: str, *, limit: int = 2
         ).all()
         ids = [s.session_id for s in sessions]
         users = sorted({s.user_id for s in sessions})
-        turns = conn.execute(sa.select(t).where(t.c.session_id.in_(ids)).order_by(t.c.created_at)).all() if ids else []
+        turns = (
+            conn.execute(sa.select(t).where(t.c.session_id.in_(ids)).order_by(t.c.created_at)).all()
+            if ids
+            else []
+        )
         votes = conn.execute(sa.select(fb).where(fb.c.session_id.in_(ids))).all() if ids else []
         outcomes = (
             conn.execute(
                 sa.select(o)
-                .where(sa.or_(o.c.session_id.in_(ids), sa.and_(o.c.session_id.is_(None), o.c.user_id.in_(users))))
+                .where(
+                    sa.or_(
+                        o.c.session_id.in_(ids),
+                        sa.and_(o.c.session_id.is_(None), o.c.user_id.in_(users)),
+                    )
+                )
                 .order_by(o.c.occurred_at)
             ).all()
             if ids
@@ -512,11 +567,50 @@ def recent_sessions(store: Store, config: Config, arm_id: str, *, limit: int = 2
                         "scope": "session" if out.session_id else "user",
                     }
                     for out in outcomes
-                    if out.session_id == s.session_id or (out.session_id is None and out.user_id == s.user_id)
+                    if out.session_id == s.session_id
+                    or (out.session_id is None and out.user_id == s.user_id)
                 ],
             }
         )
     return _jsonable(result)
+
+
+# -- off-policy estimates --------------------------------------------------------------------
+
+
+def promotion_estimates(
+    store: Store, config: Config, *, now: datetime | None = None, n_bootstrap: int = 200
+) -> dict[str, Any]:
+    """What the KPI would be under the current policy and if each arm got all traffic.
+
+    Off-policy estimates (SNIPS and doubly robust, :mod:`optimizer.ope`) from the
+    logged propensities of complete sessions: the evidence next to a promotion.
+    A target the logs cannot support gets its reason instead of numbers.
+    """
+    from optimizer.errors import EstimationError
+    from optimizer.ope import evaluate_target, logs_from_store, parse_target
+
+    exp = config.experiment
+    logs = logs_from_store(store, config, now=now)
+    if logs.empty:
+        return {"n": 0, "logged_mean": None, "rows": []}
+    snapshot = store.latest_snapshot(exp.id)
+    recommended = ((snapshot.summary or {}).get("stop") or {}).get("recommended") if snapshot else None
+    statuses = store.arm_statuses(exp.id)
+    targets = [("current policy (newest snapshot)", "snapshot", None)] if snapshot is not None else []
+    targets += [(f"all traffic to {arm}", f"arm:{arm}", arm) for arm in sorted(statuses) if statuses[arm] != "retired"]
+    rows = []
+    for label, spec, arm in targets:
+        row: dict[str, Any] = {"label": label, "target": spec, "arm": arm, "recommended": arm == recommended}
+        try:
+            target = parse_target(spec, store=store, experiment_id=exp.id)
+            out = evaluate_target(logs, target, estimators=("snips", "dr"), n_bootstrap=n_bootstrap)
+        except (EstimationError, ValueError) as exc:
+            row["error"] = str(exc)
+        else:
+            row["estimators"] = out["estimators"]
+        rows.append(row)
+    return _jsonable({"n": len(logs), "logged_mean": float(logs["reward"].mean()), "rows": rows})
 
 
 # -- JSON ------------------------------------------------------------------------------------

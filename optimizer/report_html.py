@@ -105,4 +105,6 @@ def environment(loaders: Iterable[jinja2.BaseLoader] = ()) -> jinja2.Environment
 def render_standalone(report: Mapping[str, Any]) -> str:
     """One HTML file with the numbers, tables and plots, plotly.js inlined (works offline)."""
     template = environment().get_template("report/standalone.html")
-    return template.render(r=report, divs=figure_divs(report, include_plotlyjs=True), titles=FIGURE_TITLES)
+    return template.render(
+        r=report, divs=figure_divs(report, include_plotlyjs=True), titles=FIGURE_TITLES
+    )

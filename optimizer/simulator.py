@@ -35,7 +35,7 @@ import math
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -681,11 +681,8 @@ def _oracle_allocation(scenario: Scenario) -> dict[str, Any]:
     return {"segments": segments}
 
 
-def _optimizer_entry() -> Callable[..., Any] | None:
-    try:  # TEMPORARY until optimizer.job lands
-        from optimizer.job import run_optimizer
-    except ImportError:
-        return None
+def _optimizer_entry() -> Callable[..., Any]:
+    from optimizer.job import run_optimizer  # heavy (pandas, scipy): only when refitting
 
     return run_optimizer
 
@@ -705,17 +702,15 @@ def _require_fresh(store: Store, experiment_id: str) -> None:
 
 
 def _winner(run: Any, snapshot: Any) -> str | None:
-    """The arm the stop rule named, from the last optimizer run or snapshot (None if none)."""
-    for source in (getattr(run, "winner", None), _summary_winner(snapshot)):
-        if isinstance(source, str) and source:
-            return source
-    return None
-
-
-def _summary_winner(snapshot: Any) -> str | None:
+    """The arm the stop rule promoted or recommends at the end (None if none)."""
+    if run is not None:
+        if run.promoted:
+            return str(run.promoted)
+        if run.recommendation:
+            return str(run.recommendation["arm"])
+        return None
     if snapshot is None:
         return None
-    summary: Mapping[str, Any] = snapshot.summary or {}
-    stop = summary.get("stop") or {}
-    winner = stop.get("winner") if isinstance(stop, Mapping) else None
+    stop = (snapshot.summary or {}).get("stop") or {}
+    winner = stop.get("promoted") or stop.get("recommended")
     return winner if isinstance(winner, str) else None

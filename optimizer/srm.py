@@ -106,7 +106,7 @@ def srm_check(
     version = first["snapshot_version"].astype("Int64").fillna(-1).astype(np.int64)
     keyed = pd.DataFrame(
         {"version": version.to_numpy(), "segment": first["segment"].to_numpy()}
-    ).join(_active_flags(first, known, activity))
+    ).join(_active_flags(first, known, activity).reset_index(drop=True))
     groups = keyed.groupby(list(keyed.columns), sort=True).size()
     uniform_arms = sorted(pd.unique(first.loc[version.to_numpy() < 0, "arm_id"]).tolist())
     expected: dict[str, float] = dict.fromkeys(known, 0.0)

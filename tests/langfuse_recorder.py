@@ -146,7 +146,7 @@ class LangfuseRecorder:
         self._thread: threading.Thread | None = None
         self.port = 0
 
-    # -- lifecycle ------------------------------------------------------------------
+    # -- lifecycle ------------------------------------------------------------
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
@@ -185,7 +185,7 @@ class LangfuseRecorder:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- reading what arrived -----------------------------------------------------------
+    # -- reading what arrived -------------------------------------------------
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
         """Wait until ``predicate()`` holds (re-checked whenever something arrives)."""
         deadline = time.monotonic() + timeout
@@ -217,7 +217,7 @@ class LangfuseRecorder:
             fn()
             self._changed.notify_all()
 
-    # -- HTTP -----------------------------------------------------------------------------
+    # -- HTTP -----------------------------------------------------------------
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         recorder = self
 
@@ -327,7 +327,7 @@ class LangfuseRecorder:
             return self._prompts(method, path, query, body)
         raise _HTTPError(404, f"no route for {method} {path}")
 
-    # -- scores made in Langfuse ------------------------------------------------------------
+    # -- scores made in Langfuse ----------------------------------------------
     def _scores_page(self, query: dict[str, str]) -> dict[str, Any]:
         limit = int(query.get("limit", 50))
         if limit > 100:
@@ -372,7 +372,7 @@ class LangfuseRecorder:
             )
         return {"data": rows[: int(query.get("limit", 50))], "meta": {}}
 
-    # -- prompt management --------------------------------------------------------------------
+    # -- prompt management ----------------------------------------------------
     def _prompts(
         self, method: str, path: str, query: dict[str, str], body: bytes
     ) -> tuple[int, Any, str]:

@@ -59,7 +59,9 @@ def tracer_for(rec: LangfuseRecorder, **kwargs: object) -> LangfuseTracer:
     return LangfuseTracer(creds, config, prompt_versions=lambda prompt_id, prompt_hash: None)
 
 
-def assignment(session_id: str = "thread-1", user_id: str = "ana", **kw: object) -> AssignmentRecord:
+def assignment(
+    session_id: str = "thread-1", user_id: str = "ana", **kw: object
+) -> AssignmentRecord:
     values: dict[str, object] = {
         "session_id": session_id,
         "user_id": user_id,
@@ -75,7 +77,9 @@ def assignment(session_id: str = "thread-1", user_id: str = "ana", **kw: object)
     return AssignmentRecord(**values)  # type: ignore[arg-type]
 
 
-def turn(turn_id: str = "run-1", session_id: str = "thread-1", user_id: str = "ana", **kw: object) -> TurnRecord:
+def turn(
+    turn_id: str = "run-1", session_id: str = "thread-1", user_id: str = "ana", **kw: object
+) -> TurnRecord:
     values: dict[str, object] = {
         "id": turn_id,
         "session_id": session_id,
@@ -110,13 +114,15 @@ def by_name(spans: list[RecordedSpan], name: str) -> RecordedSpan:
     return span
 
 
-# -- configuration ------------------------------------------------------------------------------
+# -- configuration ------------------------------------------------------------
 def test_public_names() -> None:
     import chatbot.tracing as mod
 
-    assert mod.__all__ == sorted(mod.__all__)
+    assert {"Tracer", "NoopTracer", "LangfuseTracer", "get_tracer", "score_session_rewards"} <= set(
+        mod.__all__
+    )
     for name in mod.__all__:
-        assert hasattr(mod, name)
+        assert hasattr(mod, name), name
 
 
 def test_off_without_keys_with_one_log_line(
@@ -131,7 +137,9 @@ def test_off_without_keys_with_one_log_line(
     assert tracer.trace_turn(turn(), assignment(), MESSAGES) is None
 
 
-def test_half_configured_warns(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_half_configured_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-only")
     monkeypatch.delenv("LANGFUSE_SECRET_KEY", raising=False)
     with caplog.at_level(logging.INFO, logger="chatbot.tracing"):
@@ -156,8 +164,10 @@ def test_trace_id_is_the_sdks_seeded_id() -> None:
         assert trace_id_for_turn(seed) == Langfuse.create_trace_id(seed=seed)
 
 
-# -- one trace per turn -----------------------------------------------------------------------------
-def test_turn_trace_on_the_wire_matches_the_stored_turn(store: Store, recorder: LangfuseRecorder) -> None:
+# -- one trace per turn -------------------------------------------------------
+def test_turn_trace_on_the_wire_matches_the_stored_turn(
+    store: Store, recorder: LangfuseRecorder
+) -> None:
     tracer = tracer_for(recorder)
     a = store.record_assignment(assignment())
     t = turn()
@@ -193,7 +203,11 @@ def test_turn_trace_on_the_wire_matches_the_stored_turn(store: Store, recorder: 
 
     assert gen.attributes["langfuse.observation.type"] == "generation"
     assert gen.attributes["langfuse.observation.model.name"] == "fake/echo"
-    assert gen.json_attr("langfuse.observation.usage_details") == {"input": 120, "output": 30, "total": 150}
+    assert gen.json_attr("langfuse.observation.usage_details") == {
+        "input": 120,
+        "output": 30,
+        "total": 150,
+    }
     assert gen.json_attr("langfuse.observation.cost_details") == {"total": 0.0004}
     assert gen.json_attr("langfuse.observation.metadata.fewshot_ids") == ["password-reset", "trial"]
     # The spans carry the turn's real timing: latency and time to first token.
@@ -201,17 +215,23 @@ def test_turn_trace_on_the_wire_matches_the_stored_turn(store: Store, recorder: 
     assert end is not None
     assert gen.end_ns == root.end_ns == int(end.timestamp() * 1e9)
     assert (gen.end_ns - gen.start_ns) / 1e6 == pytest.approx(1500.0, abs=0.01)
-    first_token = datetime.fromisoformat(gen.json_attr("langfuse.observation.completion_start_time"))
+    first_token = datetime.fromisoformat(
+        gen.json_attr("langfuse.observation.completion_start_time")
+    )
     assert (first_token - (end - timedelta(milliseconds=1500))) == timedelta(milliseconds=250)
     assert root.attributes["langfuse.observation.output"] == "Open Settings, then Security."
     assert "langfuse.observation.prompt.name" not in gen.attributes  # no sync yet: no link
 
 
-def test_generation_links_the_synced_prompt_version(recorder: LangfuseRecorder, tmp_path: Path) -> None:
+def test_generation_links_the_synced_prompt_version(
+    recorder: LangfuseRecorder, tmp_path: Path
+) -> None:
     cache = PromptVersionCache(tmp_path / "versions.json")
     cache.record("concise", "abc123", 4)
     creds = LangfuseCredentials(recorder.public_key, recorder.secret_key, recorder.base_url)
-    tracer = LangfuseTracer(creds, LangfuseConfig(), prompt_versions=PromptVersionCache(cache.path).lookup)
+    tracer = LangfuseTracer(
+        creds, LangfuseConfig(), prompt_versions=PromptVersionCache(cache.path).lookup
+    )
     trace_id = tracer.trace_turn(turn(), assignment(), MESSAGES)
     other = tracer.trace_turn(turn("run-2", prompt_hash="edited"), assignment(), MESSAGES)
     assert tracer.flush(10)
@@ -220,11 +240,16 @@ def test_generation_links_the_synced_prompt_version(recorder: LangfuseRecorder, 
     assert gen.attributes["langfuse.observation.prompt.name"] == "concise"
     assert gen.attributes["langfuse.observation.prompt.version"] == 4
     # Another content of the variant was never synced: no (wrong) link.
-    assert "langfuse.observation.prompt.version" not in by_name(recorder.spans_of(other or ""), "llm").attributes
+    assert (
+        "langfuse.observation.prompt.version"
+        not in by_name(recorder.spans_of(other or ""), "llm").attributes
+    )
 
 
 @pytest.mark.parametrize("mask", [True, False])
-def test_inputs_and_outputs_are_masked_when_configured(recorder: LangfuseRecorder, mask: bool) -> None:
+def test_inputs_and_outputs_are_masked_when_configured(
+    recorder: LangfuseRecorder, mask: bool
+) -> None:
     tracer = tracer_for(recorder, mask=mask)
     t = turn(reply="Call us at +1 415 555 0100.")
     trace_id = tracer.trace_turn(t, assignment(), MESSAGES)
@@ -237,8 +262,10 @@ def test_inputs_and_outputs_are_masked_when_configured(recorder: LangfuseRecorde
         assert (pii in wire) is not mask
 
 
-# -- scores -------------------------------------------------------------------------------------------
-def test_feedback_score_lands_on_the_turn_and_follows_the_vote(store: Store, recorder: LangfuseRecorder) -> None:
+# -- scores -------------------------------------------------------------------
+def test_feedback_score_lands_on_the_turn_and_follows_the_vote(
+    store: Store, recorder: LangfuseRecorder
+) -> None:
     tracer = tracer_for(recorder)
     store.record_assignment(assignment())
     t = turn()
@@ -275,10 +302,9 @@ def test_feedback_score_lands_on_the_turn_and_follows_the_vote(store: Store, rec
 
 
 def test_outcome_from_a_separate_process_days_later_lands_on_the_session(
-    store: Store, recorder: LangfuseRecorder, tmp_path: Path
+    recorder: LangfuseRecorder, tmp_path: Path
 ) -> None:
     """The CRM posts a conversion three days after the chat, from another process, twice."""
-    store.record_assignment(assignment())
     occurred = NOW + timedelta(days=3)
     script = (
         "from datetime import datetime\n"
@@ -286,7 +312,8 @@ def test_outcome_from_a_separate_process_days_later_lands_on_the_session(
         "from optimizer.store import OutcomeRecord\n"
         "tracer = make_tracer()\n"
         "assert tracer.enabled\n"
-        "tracer.score_outcome(OutcomeRecord('crm-order-991', 'conversion', 1.0, session_id='thread-1',"
+        "tracer.score_outcome(OutcomeRecord('crm-order-991', 'conversion', 1.0,"
+        " session_id='thread-1',"
         f" occurred_at=datetime.fromisoformat('{occurred.isoformat()}'), source='api'))\n"
         "tracer.shutdown()\n"
     )
@@ -299,7 +326,12 @@ def test_outcome_from_a_separate_process_days_later_lands_on_the_session(
     }
     for _ in range(2):  # a redelivery must not double the conversion
         done = subprocess.run(
-            [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", script],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert done.returncode == 0, done.stderr
 
@@ -326,20 +358,34 @@ def test_session_rewards_once_the_window_closed(store: Store, recorder: Langfuse
     config = Config(
         experiment=ExperimentConfig(id="support-v1"),
         kpi=KPIConfig(
-            terms=(KPITermConfig(name="conversion", source="outcome:conversion", weight=1.0, window_days=1),),
+            terms=(
+                KPITermConfig(
+                    name="conversion", source="outcome:conversion", weight=1.0, window_days=1
+                ),
+            ),
             guardrails=(),
         ),
     )
     store.record_assignment(assignment("old", "ana", assigned_at=NOW - timedelta(days=3)))
     store.record_assignment(assignment("young", "bob", assigned_at=NOW - timedelta(hours=2)))
     store.record_outcome(
-        OutcomeRecord("c-1", "conversion", 1.0, session_id="old", occurred_at=NOW - timedelta(days=2, hours=20))
+        OutcomeRecord(
+            "c-1",
+            "conversion",
+            1.0,
+            session_id="old",
+            occurred_at=NOW - timedelta(days=2, hours=20),
+        )
     )
     tracer = tracer_for(recorder)
 
     assert score_session_rewards(store, config, tracer, now=NOW) == 1
-    assert score_session_rewards(store, config, tracer, now=NOW + timedelta(hours=1)) == 0  # sent once
-    assert score_session_rewards(store, config, tracer, now=NOW + timedelta(days=1)) == 1  # "young" closed
+    assert (
+        score_session_rewards(store, config, tracer, now=NOW + timedelta(hours=1)) == 0
+    )  # sent once
+    assert (
+        score_session_rewards(store, config, tracer, now=NOW + timedelta(days=1)) == 1
+    )  # "young" closed
     assert score_session_rewards(store, config, NoopTracer(), now=NOW + timedelta(days=9)) == 0
     assert tracer.flush(10)
     tracer.shutdown()
@@ -353,7 +399,7 @@ def test_session_rewards_once_the_window_closed(store: Store, recorder: Langfuse
     assert datetime.fromisoformat(rewards["old"]["timestamp"]) == NOW - timedelta(days=2)
 
 
-# -- Langfuse down never reaches the chat -----------------------------------------------------------------
+# -- Langfuse down never reaches the chat -------------------------------------
 def _request_path_ms(tracer: Tracer, n: int) -> list[float]:
     """What one chat turn pays the tracer: trace_turn + a vote + an outcome."""
     costs = []
@@ -374,16 +420,17 @@ def test_request_path_cost_is_the_same_when_langfuse_is_down(mode: Mode) -> None
     with LangfuseRecorder(mode, public_key=f"pk-lf-{uuid.uuid4().hex[:12]}") as rec:
         tracer = tracer_for(rec, flush_timeout_s=1.0)
         costs = _request_path_ms(tracer, 30)
+        flushed = tracer.flush(30 if mode == "normal" else 1.0)
         start = time.perf_counter()
-        flushed = tracer.flush()
         tracer.shutdown()
-        closing_s = time.perf_counter() - start
+        shutdown_s = time.perf_counter() - start
+        sent = len(rec.spans) + len(list(rec.iter_score_bodies()))
     assert statistics.median(costs) < 50, (mode, costs)
     assert max(costs) < 1000, (mode, costs)
     assert statistics.median(absent) < 50
-    # Shutdown is bounded too (flush_timeout_s for flush + shutdown, plus slack).
-    assert closing_s < 4.0, closing_s
+    assert shutdown_s < 3.0, shutdown_s  # bounded by flush_timeout_s (1 s), plus slack
     assert flushed is (mode == "normal")
+    assert sent == (30 * 2 + 30 * 2 if mode == "normal" else 0)
 
 
 def test_a_full_queue_drops_instead_of_blocking() -> None:
@@ -403,8 +450,17 @@ def test_a_full_queue_drops_instead_of_blocking() -> None:
 
 def test_tracer_never_raises_on_odd_input(recorder: LangfuseRecorder) -> None:
     tracer = tracer_for(recorder)
-    odd = turn(latency_ms=None, ttft_ms=None, prompt_tokens=None, cost=None, created_at=None, error="timeout")
-    trace_id = tracer.trace_turn(odd, assignment(snapshot_version=None), [{"role": "user", "content": None}])
+    odd = turn(
+        latency_ms=None,
+        ttft_ms=None,
+        prompt_tokens=None,
+        cost=None,
+        created_at=None,
+        error="timeout",
+    )
+    trace_id = tracer.trace_turn(
+        odd, assignment(snapshot_version=None), [{"role": "user", "content": None}]
+    )
     tracer.score_outcome(OutcomeRecord("k-nan", "revenue", float("nan"), session_id="s"))
     assert tracer.flush(10)
     tracer.shutdown()

@@ -24,10 +24,12 @@ __all__ = [
     "ARM_ACTIONS",
     "ActionError",
     "ActionResult",
+    "EXAMPLE_DECISIONS",
     "Services",
     "arm_action",
     "available_actions",
     "refresh_policy",
+    "review_example",
     "run_optimizer_now",
 ]
 
@@ -42,7 +44,7 @@ ARM_ACTIONS = {
 
 
 def available_actions(status: str) -> list[tuple[str, str]]:
-    """(action, button label) an arm in ``status`` offers; :func:`arm_action` enforces the same rules.
+    """(action, button label) pairs an arm in ``status`` offers (:func:`arm_action` enforces them).
 
     >>> [a for a, _ in available_actions("paused_guardrail")]
     ['resume', 'promote', 'retire']
@@ -102,7 +104,9 @@ def arm_action(
 
     if action in ("pause", "retire"):
         if status == "champion":
-            raise ActionError(f"{arm_id!r} is the champion: promote another arm before you {action} it")
+            raise ActionError(
+                f"{arm_id!r} is the champion: promote another arm before you {action} it"
+            )
         if action == "pause" and status not in ACTIVE_STATUSES:
             raise ActionError(f"{arm_id!r} is not active (it is {status}); nothing to pause")
         if action == "retire" and status == "retired":
@@ -131,9 +135,41 @@ def arm_action(
     return ActionResult(f"{arm_id} {done}{_snapshot_note(version)}", version)
 
 
+#: Few-shot review decision → bank status.
+EXAMPLE_DECISIONS = {"approve": "approved", "reject": "rejected"}
+
+
+def review_example(
+    services: Services, actor: str, example_id: str, decision: str, *, reason: str | None = None
+) -> ActionResult:
+    """Approve or reject a bank example; retrieval sees it from the next turn on.
+
+    Raises :class:`ActionError` (404 unknown example, 400 unknown decision).
+    """
+    from optimizer.fewshot import ExampleBank
+
+    if decision not in EXAMPLE_DECISIONS:
+        raise ActionError(f"decision must be one of {sorted(EXAMPLE_DECISIONS)}, got {decision!r}", 400)
+    bank = ExampleBank(services.store)
+    example = bank.get(example_id)
+    if example is None:
+        raise ActionError(f"no example {example_id!r} in the bank", 404)
+    status = EXAMPLE_DECISIONS[decision]
+    bank.set_status(example_id, status, actor=actor, reason=reason or None)
+    services.store.audit(
+        actor, f"example.{decision}", example_id, {"from": example.status, "reason": reason or None}
+    )
+    selector = getattr(services, "selector", None)
+    if selector is not None:
+        selector.refresh()  # the chat path's cached index, rebuilt on the next turn
+    return ActionResult(f"example {example_id} {status}")
+
+
 def run_optimizer_now(services: Services, actor: str) -> ActionResult:
     """Fit and write a snapshot now (the background job would otherwise wait its interval)."""
-    services.store.audit(actor, "optimizer.run", services.config.experiment.id, {"via": "operator dashboard"})
+    services.store.audit(
+        actor, "optimizer.run", services.config.experiment.id, {"via": "operator dashboard"}
+    )
     version = refresh_policy(services, actor)
     if version is None:
         return ActionResult("the optimizer is already running elsewhere; its snapshot will follow")
@@ -146,11 +182,8 @@ def refresh_policy(services: Services, actor: str) -> int | None:
     None when another process holds the optimizer lock: the arm statuses still
     apply at once, because the Assigner serves only active arms.
     """
-    try:  # TEMPORARY until optimizer.job lands
-        from optimizer.job import run_optimizer
-    except ImportError:
-        services.assigner.invalidate()
-        return None
+    from optimizer.job import run_optimizer
+
     try:
         run = run_optimizer(services.store, services.config, actor=actor)
     finally:

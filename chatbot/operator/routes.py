@@ -27,7 +27,7 @@ from chatbot.operator.security import COOKIE_NAME, MAX_AGE_S, OperatorSession, S
 from chatbot.tracing import LANGFUSE_BASE_URL, LANGFUSE_HOST
 from optimizer import settings
 from optimizer.plots import FIGURE_TITLES, figure_divs, plotly_js
-from optimizer.report import experiment_report, recent_sessions
+from optimizer.report import experiment_report, promotion_estimates, recent_sessions
 from optimizer.report_html import environment
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,18 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
     def page(
         request: Request, session: OperatorSession, template: str, status: int = 200, **context: Any
     ) -> Response:
-        html = templates.get_template(f"operator/{template}").render(session=session, prefix=PREFIX, **context)
+        html = templates.get_template(f"operator/{template}").render(
+            session=session, prefix=PREFIX, **context
+        )
         response = HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
         # Shown once: the cookie is re-issued without the flash message.
         return with_cookie(response, request, session.without_flash())
 
     def refuse(request: Request, status: int, reason: str) -> Response:
         session = current(request) or OperatorSession.anonymous()
-        return page(request, session, "error.html", status=status, status_code=status, reason=reason)
+        return page(
+            request, session, "error.html", status=status, status_code=status, reason=reason
+        )
 
     def operator_or_login(request: Request) -> OperatorSession | Response:
         session = current(request)
@@ -99,10 +103,14 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
             return refuse(request, 401, "operator login required")
         form = await _form(request) or {}
         if not session.csrf_ok(form.get("csrf")):
-            return refuse(request, 403, "missing or invalid CSRF token: reload the page and try again")
+            return refuse(
+                request, 403, "missing or invalid CSRF token: reload the page and try again"
+            )
         return session, form
 
-    def back(request: Request, session: OperatorSession, to: str, message: str, *, error: bool = False) -> Response:
+    def back(
+        request: Request, session: OperatorSession, to: str, message: str, *, error: bool = False
+    ) -> Response:
         response = RedirectResponse(to, status_code=303)
         return with_cookie(response, request, session.with_flash(message, error=error))
 
@@ -122,16 +130,49 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
             return refuse(request, 403, "missing or invalid CSRF token: reload the login page")
         name, password = form.get("username", "").strip(), form.get("password", "")
         if not name or not password or len(name) > 100 or len(password) > 200:
-            return page(request, session, "login.html", status=400, error="enter a name and a password", name=name[:100])
+            return page(
+                request,
+                session,
+                "login.html",
+                status=400,
+                error="enter a name and a password",
+                name=name[:100],
+            )
         who = await run_in_threadpool(authenticator.check, name, password)
         if who is None:
-            await run_in_threadpool(services.store.audit, name, "operator.login_failed", "operator", {"reason": "bad credentials"})
-            return page(request, session, "login.html", status=401, error="wrong name or password", name=name)
+            await run_in_threadpool(
+                services.store.audit,
+                name,
+                "operator.login_failed",
+                "operator",
+                {"reason": "bad credentials"},
+            )
+            return page(
+                request,
+                session,
+                "login.html",
+                status=401,
+                error="wrong name or password",
+                name=name,
+            )
         if who.role != "operator":
-            await run_in_threadpool(services.store.audit, name, "operator.login_refused", "operator", {"role": who.role})
-            return page(request, session, "login.html", status=403, error="this login is a chat user; the dashboard needs the operator role", name=name)
+            await run_in_threadpool(
+                services.store.audit, name, "operator.login_refused", "operator", {"role": who.role}
+            )
+            return page(
+                request,
+                session,
+                "login.html",
+                status=403,
+                error="this login is a chat user; the dashboard needs the operator role",
+                name=name,
+            )
         await run_in_threadpool(services.store.audit, who.name, "operator.login", "operator", {})
-        return with_cookie(RedirectResponse(PREFIX, status_code=303), request, session.logged_in(who.name, who.role))
+        return with_cookie(
+            RedirectResponse(PREFIX, status_code=303),
+            request,
+            session.logged_in(who.name, who.role),
+        )
 
     @router.post("/logout")
     async def logout(request: Request) -> Response:
@@ -139,8 +180,14 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
         if isinstance(checked, Response):
             return checked
         session, _ = checked
-        await run_in_threadpool(services.store.audit, session.user or "", "operator.logout", "operator", {})
-        return with_cookie(RedirectResponse(f"{PREFIX}/login", status_code=303), request, OperatorSession.anonymous())
+        await run_in_threadpool(
+            services.store.audit, session.user or "", "operator.logout", "operator", {}
+        )
+        return with_cookie(
+            RedirectResponse(f"{PREFIX}/login", status_code=303),
+            request,
+            OperatorSession.anonymous(),
+        )
 
     # -- pages ---------------------------------------------------------------------------------
     @router.get("")
@@ -157,7 +204,6 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
             r=report,
             divs=figure_divs(report),
             titles=FIGURE_TITLES,
-            ope=_ope_estimates(services),
         )
 
     @router.get("/arms/{arm_id:path}")
@@ -167,9 +213,13 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
             return session
         known = {row.id for row in services.store.arms(services.config.experiment.id)}
         if arm_id not in known:
-            return refuse(request, 404, f"no arm {arm_id!r} in experiment {services.config.experiment.id!r}")
+            return refuse(
+                request, 404, f"no arm {arm_id!r} in experiment {services.config.experiment.id!r}"
+            )
         sessions = recent_sessions(services.store, services.config, arm_id, limit=20)
-        return page(request, session, "arm.html", arm_id=arm_id, sessions=sessions, trace_url=_trace_url())
+        return page(
+            request, session, "arm.html", arm_id=arm_id, sessions=sessions, trace_url=_trace_url()
+        )
 
     @router.get("/report.json")
     def report_json(request: Request) -> Response:
@@ -198,9 +248,15 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
             try:
                 cap = float(form.get("cap", "")) / 100  # the form asks for a percentage
             except ValueError:
-                return refuse(request, 400, f"cap must be a percentage between 0 and 100, got {form.get('cap')!r}")
+                return refuse(
+                    request,
+                    400,
+                    f"cap must be a percentage between 0 and 100, got {form.get('cap')!r}",
+                )
         try:
-            result = await run_in_threadpool(actions.arm_action, services, session.user or "", arm_id, action, cap=cap)
+            result = await run_in_threadpool(
+                actions.arm_action, services, session.user or "", arm_id, action, cap=cap
+            )
         except actions.ActionError as exc:
             return refuse(request, exc.status, str(exc))
         return back(request, session, PREFIX, result.message)
@@ -213,6 +269,37 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
         session, _ = checked
         result = await run_in_threadpool(actions.run_optimizer_now, services, session.user or "")
         return back(request, session, PREFIX, result.message)
+
+    # -- few-shot review and off-policy estimates ------------------------------------------------
+    @router.get("/examples")
+    def examples(request: Request) -> Response:
+        session = operator_or_login(request)
+        if isinstance(session, Response):
+            return session
+        return page(request, session, "examples.html", **_bank_view(services))
+
+    @router.post("/examples/{example_id}/{decision}")
+    async def example_review(request: Request, example_id: str, decision: str) -> Response:
+        checked = await checked_form(request)
+        if isinstance(checked, Response):
+            return checked
+        session, form = checked
+        reason = form.get("reason", "").strip()[:500]
+        try:
+            result = await run_in_threadpool(
+                actions.review_example, services, session.user or "", example_id, decision, reason=reason
+            )
+        except actions.ActionError as exc:
+            return refuse(request, exc.status, str(exc))
+        return back(request, session, f"{PREFIX}/examples", result.message)
+
+    @router.get("/ope")
+    def ope(request: Request) -> Response:
+        session = operator_or_login(request)
+        if isinstance(session, Response):
+            return session
+        estimates = promotion_estimates(services.store, services.config)
+        return page(request, session, "ope.html", ope=estimates)
 
     return router
 
@@ -239,6 +326,22 @@ def _trace_url() -> Callable[[str | None], str | None]:
     return url
 
 
-def _ope_estimates(services: actions.Services) -> dict[str, Any] | None:
-    """Off-policy estimates for proposed challengers, once optimizer.ope can give them."""
-    return None
+def _bank_view(services: actions.Services) -> dict[str, Any]:
+    """Examples waiting for review, the servable ones, and the bank's challenger proposals."""
+    import sqlalchemy as sa
+
+    from optimizer.fewshot import ExampleBank
+    from optimizer.fewshot.proposal import AUDIT_ACTION
+    from optimizer.store import schema
+
+    bank = ExampleBank(services.store)
+    au = schema.audit_events
+    with services.store.engine.connect() as conn:
+        proposals = conn.execute(
+            sa.select(au).where(au.c.action == AUDIT_ACTION).order_by(au.c.id.desc()).limit(5)
+        ).all()
+    return {
+        "candidates": bank.list("candidate")[::-1],
+        "servable": bank.list(("approved", "pinned"))[::-1],
+        "proposals": proposals,
+    }

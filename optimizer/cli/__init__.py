@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import typer
 
-from optimizer.cli import db, demo, report, simulate
+from optimizer.cli import db, demo, optimize, report, simulate
+from optimizer.cli import export as export_cmd
+from optimizer.cli import fewshot, scrub
 
 __all__ = ["app"]
 
@@ -24,3 +26,7 @@ app.add_typer(db.app, name="db")
 app.command()(simulate.simulate)
 app.command()(report.report)
 app.command()(demo.demo)
+app.command()(optimize.optimize)
+app.command()(scrub.scrub)
+app.add_typer(fewshot.app, name="fewshot")
+app.command()(export_cmd.export)

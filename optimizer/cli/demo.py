@@ -95,7 +95,7 @@ def demo(
     database_url: str | None = typer.Option(
         None,
         "--database-url",
-        help="Where to put the demo (default: sqlite:///$FLYWHEEL_HOME/demo.db). Never a real store.",
+        help="Where to put the demo (default: $FLYWHEEL_HOME/demo.db). Never a real store.",
     ),
     days: int = typer.Option(28, "--days", min=2, max=365, help="Simulated days of traffic."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the simulation."),
@@ -108,15 +108,17 @@ def demo(
     home = settings.home_dir()
     url = database_url or f"sqlite:///{home / 'demo.db'}"
     try:
-        result, config_path = build_demo(url, days=days, seed=seed, force=force, home=home, progress=not as_json)
+        result, config_path = build_demo(
+            url, days=days, seed=seed, force=force, home=home, progress=not as_json
+        )
     except FlywheelError as exc:
         fail(str(exc), 2)
     if as_json:
         print_json({**result.to_dict(), "config": str(config_path)})
         return
     console.print(
-        f"Demo experiment [bold]{result.sessions:,}[/bold] simulated sessions over {result.days:g} days"
-        f" in {url}\n"
+        f"Demo experiment: [bold]{result.sessions:,}[/bold] simulated sessions"
+        f" over {result.days:g} days in {url}\n"
         f"  paused by a guardrail: {', '.join(result.paused_arms) or 'none'}\n"
         f"  stop rule winner: {result.winner or 'not yet'}\n"
         f"See it:  flywheel report --config {config_path}\n"
@@ -125,7 +127,13 @@ def demo(
 
 
 def build_demo(
-    url: str, *, days: int = 28, seed: int = 0, force: bool = False, home: Path | None = None, progress: bool = False
+    url: str,
+    *,
+    days: int = 28,
+    seed: int = 0,
+    force: bool = False,
+    home: Path | None = None,
+    progress: bool = False,
 ) -> tuple[Any, Path]:
     """Simulate the demo into ``url`` and write ``demo.toml`` beside it; (result, config path).
 
@@ -140,7 +148,8 @@ def build_demo(
     from optimizer.simulator import scenario_config, simulate
 
     scenario = parse_scenario(
-        {**DEMO_SCENARIO, "sessions": int(DEMO_SCENARIO["sessions_per_day"] * days)}, source="<demo>"
+        {**DEMO_SCENARIO, "sessions": int(DEMO_SCENARIO["sessions_per_day"] * days)},
+        source="<demo>",
     )
     experiment_id = f"sim-{scenario.name}-thompson-{seed}"
     _check_target(url, experiment_id, force=force)
@@ -201,7 +210,9 @@ def _check_target(url: str, experiment_id: str, *, force: bool) -> None:
         a = schema.assignments
         with store.engine.connect() as conn:
             real = conn.execute(sa.select(sa.func.count()).where(a.c.simulated.is_(False))).scalar()
-            mine = conn.execute(sa.select(sa.func.count()).where(a.c.experiment_id == experiment_id)).scalar()
+            mine = conn.execute(
+                sa.select(sa.func.count()).where(a.c.experiment_id == experiment_id)
+            ).scalar()
     finally:
         store.dispose()
     if real:
@@ -215,7 +226,11 @@ def _check_target(url: str, experiment_id: str, *, force: bool) -> None:
     if not force or not database or database == ":memory:":
         raise ConfigError(
             f"{url} already holds the demo (experiment {experiment_id!r}); "
-            + ("pass --force to rebuild it" if database else "use a fresh database or another --seed")
+            + (
+                "pass --force to rebuild it"
+                if database
+                else "use a fresh database or another --seed"
+            )
         )
     for suffix in ("", "-wal", "-shm"):
         Path(database + suffix).unlink(missing_ok=True)

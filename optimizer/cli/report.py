@@ -100,7 +100,9 @@ def _print(rep: dict[str, Any]) -> None:
     if snap is None:
         console.print("Posterior: [dim]no policy snapshot yet (run `flywheel optimize`)[/dim]")
     else:
-        console.print(f"Posterior from snapshot v{snap['version']} ({snap['policy']}, {ago(snap['age_s'])})")
+        console.print(
+            f"Posterior from snapshot v{snap['version']} ({snap['policy']}, {ago(snap['age_s'])})"
+        )
     if leader := rep["leader"]:
         console.print(
             f"Leader: [bold]{leader['arm']}[/bold] · P(best) {pct(leader['prob_best'])}"

@@ -1,0 +1,247 @@
+"""Mine the example bank from conversations that earned the KPI.
+
+A turn of the experiment qualifies when it has no error, no thumbs-down, and
+at least one of (thresholds in ``[fewshot]`` of ``flywheel.toml``):
+
+- ``thumbs_up`` — the user gave that turn a thumbs-up;
+- ``reward`` — its session's KPI reward (:func:`optimizer.kpi.session_frame`) is
+  complete and ``>= min_reward``;
+- ``outcome:<name>`` — its session reported one of ``outcomes`` (e.g. a
+  conversion) with a value > 0;
+- ``resolved_quickly`` — its session reported ``resolved_outcome`` with at most
+  ``max_support_minutes`` of ``support_minutes_outcome``.
+
+A session that needed more than ``max_support_minutes`` of support never
+teaches, whatever its thumbs.
+The qualifying turns are scrubbed (:mod:`optimizer.privacy`, user text *and*
+reply; facts of the public knowledge base are kept), cut to
+``[min_chars, max_chars]`` per side, de-duplicated by TF-IDF cosine ``>=
+dedup_threshold`` against every banked example — rejected ones included, so
+they never return — and within the batch (best reward first), then added as
+``candidate`` (``approved`` with ``auto_approve``) with their provenance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+from sklearn.feature_extraction.text import TfidfVectorizer
+
+from optimizer.clock import as_utc, utcnow
+from optimizer.config import Config
+from optimizer.fewshot.bank import ExampleBank
+from optimizer.kpi import session_frame
+from optimizer.privacy import SCRUBBER_VERSION, Scrubber, public_allowlist
+from optimizer.prompts import PromptLibrary, load_prompts
+from optimizer.store import Store, schema
+
+__all__ = ["MiningResult", "mine_examples", "turn_reasons"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MiningResult:
+    """What one mining pass did; ``added`` are the new example ids."""
+
+    considered: int = 0
+    qualifying: int = 0
+    added: tuple[str, ...] = ()
+    too_short: int = 0
+    too_long: int = 0
+    duplicates: int = 0
+    seeds_added: tuple[str, ...] = ()
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "considered": self.considered,
+            "qualifying": self.qualifying,
+            "added": list(self.added),
+            "too_short": self.too_short,
+            "too_long": self.too_long,
+            "duplicates": self.duplicates,
+            "seeds_added": list(self.seeds_added),
+            "reasons": dict(self.reasons),
+        }
+
+
+def _session_signals(store: Store, config: Config, now: datetime) -> pd.DataFrame:
+    """Per session: KPI reward (complete or so far) and the outcome signals mining uses."""
+    frame = session_frame(store, config, now=now)
+    if frame.empty:
+        return pd.DataFrame(columns=["reward", "complete", "reward_so_far"]).rename_axis("session_id")
+    so_far = np.zeros(len(frame))
+    for term in frame.attrs.get("kpi_terms", []):
+        so_far += term["weight"] * frame[f"{term['column']}_observed"].fillna(0).to_numpy()
+    sessions = frame.set_index("session_id")[["arm_id", "reward", "complete"]].copy()
+    sessions["reward_so_far"] = so_far
+    fs = config.fewshot
+    names = sorted({*fs.outcomes, fs.resolved_outcome, fs.support_minutes_outcome})
+    oc = schema.outcomes
+    query = (
+        sa.select(oc.c.session_id, oc.c.name, sa.func.sum(oc.c.value).label("total"), sa.func.max(oc.c.value).label("peak"))
+        .where(oc.c.session_id.in_(list(sessions.index)), oc.c.name.in_(names), oc.c.occurred_at <= now)
+        .group_by(oc.c.session_id, oc.c.name)
+    )
+    with store.engine.connect() as conn:
+        outcomes = pd.DataFrame(conn.execute(query).all(), columns=["session_id", "name", "total", "peak"])
+    peak = outcomes.pivot_table(index="session_id", columns="name", values="peak", aggfunc="max")
+    total = outcomes.pivot_table(index="session_id", columns="name", values="total", aggfunc="sum")
+    for name in fs.outcomes:
+        sessions[f"outcome:{name}"] = peak[name].reindex(sessions.index).fillna(0) > 0 if name in peak else False
+    resolved = peak[fs.resolved_outcome].reindex(sessions.index).fillna(0) > 0 if fs.resolved_outcome in peak else False
+    minutes = (
+        total[fs.support_minutes_outcome].reindex(sessions.index).fillna(0)
+        if fs.support_minutes_outcome in total
+        else pd.Series(0.0, index=sessions.index)
+    )
+    sessions["resolved_quickly"] = resolved & (minutes <= fs.max_support_minutes)
+    sessions["slow_support"] = minutes > fs.max_support_minutes
+    return sessions
+
+
+def turn_reasons(store: Store, config: Config, *, now: datetime | None = None) -> pd.DataFrame:
+    """Every turn of the experiment up to ``now`` with the session's reward and ``reasons``.
+
+    ``reasons`` lists why the turn qualifies for mining (empty: it does not).
+    Sorted best first: complete reward, then reward so far, then newest.
+    """
+    now = as_utc(now) if now is not None else utcnow()
+    fs = config.fewshot
+    t = schema.turns
+    turns = store.frame(t, sa.and_(t.c.experiment_id == config.experiment.id, t.c.created_at <= now))
+    if turns.empty:
+        return turns.assign(reasons=pd.Series(dtype=object), reward=pd.Series(dtype=float),
+                            complete=pd.Series(dtype=bool), reward_so_far=pd.Series(dtype=float))
+    sessions = _session_signals(store, config, now).drop(columns=["arm_id"], errors="ignore")
+    turns = turns.join(sessions, on="session_id")
+    fb = schema.feedback
+    votes = store.frame(fb, fb.c.value.is_not(None))
+    up = turns["id"].isin(set(votes.loc[votes["value"] == 1, "turn_id"]))
+    down = turns["id"].isin(set(votes.loc[votes["value"] == 0, "turn_id"]))
+    failed = turns["error"].fillna("").astype(str).str.len() > 0
+    complete = turns["complete"].astype("boolean").fillna(False).astype(bool)
+    reward = turns["reward"].astype(float)
+
+    def flag(column: str) -> pd.Series:
+        return turns[column].astype("boolean").fillna(False).astype(bool) if column in turns else up & False
+
+    flags = {"thumbs_up": up & fs.thumbs_up, "reward": complete & (reward >= fs.min_reward)}
+    flags |= {f"outcome:{name}": flag(f"outcome:{name}") for name in fs.outcomes}
+    flags["resolved_quickly"] = flag("resolved_quickly")
+    eligible = ~failed & ~down & ~flag("slow_support")
+    table = pd.DataFrame(flags).to_numpy() & eligible.to_numpy()[:, None]
+    names = list(flags)
+    turns["reasons"] = [[names[j] for j in np.flatnonzero(row)] for row in table]
+    turns["complete"] = complete
+    order = pd.DataFrame({"r": reward.fillna(-np.inf), "s": turns["reward_so_far"].astype(float).fillna(-np.inf),
+                          "t": turns["created_at"]})
+    return turns.loc[order.sort_values(["r", "s", "t"], ascending=False).index].reset_index(drop=True)
+
+
+def mine_examples(
+    store: Store,
+    config: Config,
+    *,
+    now: datetime | None = None,
+    library: PromptLibrary | None = None,
+    actor: str = "miner",
+) -> MiningResult:
+    """Add scrubbed, de-duplicated examples from qualifying turns to the bank.
+
+    Idempotent: turns already mined and texts already banked are skipped. The
+    optimizer job calls this; so does ``flywheel fewshot mine``.
+    """
+    now = as_utc(now) if now is not None else utcnow()
+    fs = config.fewshot
+    library = library if library is not None else load_prompts(config.prompts_dir)
+    bank = ExampleBank(store)
+    seeds = tuple(bank.sync_seeds(library, at=now))
+    turns = turn_reasons(store, config, now=now)
+    candidates = turns.loc[turns["reasons"].map(bool).astype(bool)]
+    qualifying = len(candidates)
+    reason_counts: dict[str, int] = {}
+    for why in candidates["reasons"]:
+        for r in why:
+            reason_counts[r] = reason_counts.get(r, 0) + 1
+    candidates = candidates[~candidates["id"].isin(bank.mined_turn_ids())]
+    scrubber = Scrubber(allow=public_allowlist(library.knowledge))
+
+    too_short = too_long = 0
+    pending: list[tuple[Any, str, str]] = []
+    for row in candidates.to_dict("records"):
+        user, reply = scrubber.scrub(row["user_message"]).strip(), scrubber.scrub(row["reply"]).strip()
+        if min(len(user), len(reply)) < fs.min_chars:
+            too_short += 1
+        elif max(len(user), len(reply)) > fs.max_chars:
+            too_long += 1
+        else:
+            pending.append((row, user, reply))
+
+    keep = _novel(pending, [f"{e.user_text}\n{e.assistant_text}" for e in bank.list()], fs.dedup_threshold)
+    added: list[str] = []
+    status = "approved" if fs.auto_approve else "candidate"
+    for (row, user, reply), novel in zip(pending, keep, strict=True):
+        if not novel:
+            continue
+        final = _number(row["reward"]) if row["complete"] else None
+        so_far = _number(row["reward_so_far"])
+        provenance = {
+            "session_id": row["session_id"],
+            "turn_id": row["id"],
+            "arm_id": row["arm_id"],
+            "prompt_id": row["prompt_id"],
+            "turn_created_at": as_utc(pd.Timestamp(row["created_at"]).to_pydatetime()).isoformat(),
+            "reasons": list(row["reasons"]),
+            "session_reward": final,
+            "reward_complete": bool(row["complete"]),
+            "reward_so_far": so_far,
+            "mined_at": now.isoformat(),
+            "scrubber_version": SCRUBBER_VERSION,
+        }
+        example_id = bank.add(
+            user, reply, source="mined", status=status, session_id=row["session_id"], turn_id=row["id"],
+            reward=final if final is not None else so_far, provenance=provenance, actor=actor, at=now,
+        )
+        if example_id is not None:  # None: the same text was banked meanwhile
+            added.append(example_id)
+    result = MiningResult(
+        considered=len(turns),
+        qualifying=qualifying,
+        added=tuple(added),
+        too_short=too_short,
+        too_long=too_long,
+        duplicates=len(pending) - len(added),
+        seeds_added=seeds,
+        reasons=reason_counts,
+    )
+    log.info("mining: %s", result.as_dict())
+    return result
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _novel(pending: list[tuple[Any, str, str]], banked: list[str], threshold: float) -> list[bool]:
+    """For each pending pair: not a near-duplicate of the bank nor of an earlier kept pair."""
+    if not pending:
+        return []
+    texts = [f"{user}\n{reply}" for _, user, reply in pending]
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    matrix = vectorizer.fit_transform(banked + texts)
+    bank_m, new_m = matrix[: len(banked)], matrix[len(banked) :]
+    against_bank = (new_m @ bank_m.T).toarray().max(axis=1) if len(banked) else np.zeros(len(texts))
+    within = (new_m @ new_m.T).toarray()
+    keep: list[bool] = []
+    for i in range(len(texts)):
+        dup = against_bank[i] >= threshold or any(keep[j] and within[i, j] >= threshold for j in range(i))
+        keep.append(not dup)
+    return keep

@@ -1,0 +1,291 @@
+"""The optimizer job: events in, a new policy snapshot out.
+
+One run, under a lock so two processes never fit at once (:mod:`optimizer.locks`):
+
+1. arm statuses from arm events; paused and retired arms get no traffic;
+2. the session frame (:func:`optimizer.kpi.session_frame`) as of ``now``;
+3. guardrails against the champion (:mod:`optimizer.guardrails`): a breached arm
+   gets a ``paused_guardrail`` arm event with the evidence and leaves the allocation;
+4. the policy (``config.policy.kind``) fits and allocates per segment;
+5. stop rule: a ``stop_recommended`` event, or ``promoted`` with
+   ``policy.auto_promote`` (an event already current is not repeated);
+6. sample-ratio-mismatch check (:mod:`optimizer.srm`);
+7. a versioned snapshot (``Store.save_snapshot``) that serving reads.
+
+Snapshot format (JSON)::
+
+    allocation = {"segments": {"*": {arm: p}, "<segment>": {arm: p}}}
+    summary = {"arms": {arm: {"status", "sessions", "complete_sessions", "kpi_mean",
+                              "kpi_ci", "prob_best", "expected_loss", "conversion_rate",
+                              "conversion_ci", "thumbs_up_rate", "thumbs_down_rate",
+                              "error_rate", "median_support_minutes", "guardrails"}},
+               "segments": {segment: {arm: {...posterior fields...}}},
+               "srm": {"p_value", "chi2", "warning", ...}, "stop": {...},
+               "guardrails": [check, ...], "policy": "thompson", "model": "beta",
+               "champion": arm, "burn_in_complete": bool, "sessions": n,
+               "complete_sessions": n, "now": iso}
+
+NaN never reaches the JSON (PostgreSQL's JSONB refuses it): it becomes null.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from optimizer import guardrails, kpi, srm
+from optimizer.assignment import ALL_SEGMENTS
+from optimizer.clock import as_utc, utcnow
+from optimizer.config import Config
+from optimizer.locks import job_lock
+from optimizer.policy import make_policy
+from optimizer.store import ACTIVE_STATUSES, Store, schema
+
+__all__ = ["OptimizerRun", "run_optimizer"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimizerRun:
+    """What one optimizer run did."""
+
+    experiment_id: str
+    snapshot_version: int
+    policy: str
+    allocation: dict[str, Any]
+    summary: dict[str, Any]
+    now: datetime
+    duration_s: float
+    sessions: int
+    complete_sessions: int
+    paused: tuple[str, ...] = ()
+    promoted: str | None = None
+    recommendation: dict[str, Any] | None = None
+    srm: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (for ``flywheel optimize --json``)."""
+        return {
+            "experiment_id": self.experiment_id,
+            "snapshot_version": self.snapshot_version,
+            "policy": self.policy,
+            "allocation": self.allocation,
+            "summary": self.summary,
+            "now": self.now.isoformat(),
+            "duration_s": self.duration_s,
+            "sessions": self.sessions,
+            "complete_sessions": self.complete_sessions,
+            "paused": list(self.paused),
+            "promoted": self.promoted,
+            "recommendation": self.recommendation,
+            "srm": self.srm,
+        }
+
+
+def run_optimizer(
+    store: Store,
+    config: Config,
+    *,
+    now: datetime | None = None,
+    random_state: int | np.random.Generator | None = None,
+    actor: str = "optimizer",
+) -> OptimizerRun | None:
+    """Fit the policy on the events up to ``now`` and write a snapshot.
+
+    Returns None, without doing anything, if another run holds the lock. Raises
+    :class:`~optimizer.errors.PolicyError` when no arm is active.
+
+    >>> from optimizer.config import load_config
+    >>> from optimizer.store import ArmSpec
+    >>> config = load_config("/nonexistent.toml", environ=False)
+    >>> store = Store("sqlite:///:memory:"); store.create_all()
+    >>> arms = [ArmSpec("a", "p", "h"), ArmSpec("b", "p", "h")]
+    >>> store.sync_experiment(config.experiment.id, "salt", arms)
+    >>> run = run_optimizer(store, config, random_state=0)
+    >>> run.snapshot_version, run.allocation["segments"]["*"]
+    (1, {'a': 0.5, 'b': 0.5})
+    """
+    now = as_utc(now) if now is not None else utcnow()
+    with job_lock(store, f"optimizer:{config.experiment.id}") as held:
+        if not held:
+            log.info("optimizer: another run holds the lock for %r; skipping", config.experiment.id)
+            return None
+        return _run(store, config, now, np.random.default_rng(random_state), actor)
+
+
+def _run(
+    store: Store, config: Config, now: datetime, rng: np.random.Generator, actor: str
+) -> OptimizerRun:
+    started = time.perf_counter()
+    exp, pol = config.experiment, config.policy
+    statuses = store.arm_statuses(exp.id) or {a.id: "active" for a in exp.arms}
+    champion = next((a for a, s in statuses.items() if s == "champion"), None)
+    if champion is None and exp.champion is not None and statuses.get(exp.champion) == "active":
+        champion = exp.champion
+    active = sorted(a for a, s in statuses.items() if s in ACTIVE_STATUSES)
+    frame = kpi.session_frame(store, config, now=now)
+
+    latencies = None
+    if any(g.metric == "latency_p95_ms" for g in config.kpi.guardrails) and champion is not None:
+        latencies = kpi.turn_latencies(store, exp.id, active, now=now)
+    checks = guardrails.check_guardrails(
+        frame,
+        config.kpi.guardrails,
+        champion=champion,
+        arms=active,
+        pause_probability=pol.pause_probability,
+        latencies=latencies,
+        samples=pol.samples,
+        random_state=rng,
+    )
+    paused: list[str] = []
+    for arm in sorted({c.arm for c in checks if c.breached}):
+        evidence = {"checks": [c.evidence() for c in checks if c.arm == arm and c.breached]}
+        store.record_arm_event(
+            exp.id, arm, "paused_guardrail", actor=actor, evidence=evidence, at=now
+        )
+        statuses[arm] = "paused_guardrail"
+        paused.append(arm)
+        log.warning("optimizer: paused arm %r (guardrail breach): %s", arm, evidence["checks"])
+    active = [a for a in active if a not in paused]
+
+    policy = make_policy(pol, random_state=rng).fit(frame, active, champion=champion)
+    recommendation = policy.recommendation_
+    promoted = None
+    if recommendation is not None:
+        promoted = _record_stop(store, config, recommendation, champion, actor, now)
+        if promoted:
+            statuses = {a: ("active" if s == "champion" else s) for a, s in statuses.items()}
+            statuses[promoted] = "champion"
+            champion = promoted
+
+    versions = frame["snapshot_version"].dropna().unique().tolist()
+    srm_result = srm.srm_check(
+        frame,
+        srm.load_allocations(store, exp.id, versions),
+        activity=srm.arm_activity(store, exp.id),
+    ).to_dict()
+
+    by_arm: dict[str, dict[str, Any]] = {}
+    for c in checks:
+        by_arm.setdefault(c.arm, {})[c.metric] = c.evidence()
+    complete = int(frame["complete"].sum()) if len(frame) else 0
+    summary: dict[str, Any] = {
+        "arms": {
+            arm: {
+                "status": _status(statuses.get(arm), arm, champion),
+                **s,
+                "guardrails": by_arm.get(arm, {}),
+            }
+            for arm, s in policy.summary_.items()
+        },
+        "segments": {k: v for k, v in policy.segment_summary_.items() if k != ALL_SEGMENTS},
+        "srm": srm_result,
+        "stop": {
+            "recommended": recommendation["arm"] if recommendation else None,
+            "promoted": promoted,
+            "details": recommendation,
+            "stop_probability_best": pol.stop_probability_best,
+            "stop_expected_loss": pol.stop_expected_loss,
+        },
+        "guardrails": [c.evidence() for c in checks],
+        "policy": policy.name,
+        "model": policy.model_,
+        "delay": pol.delay,
+        "champion": champion,
+        "burn_in_complete": policy.burn_in_complete_,
+        "sessions": len(frame),
+        "complete_sessions": complete,
+        "now": now.isoformat(),
+    }
+    summary = _jsonable(summary)
+    allocation = _jsonable(policy.snapshot_allocation())
+    version = store.save_snapshot(exp.id, policy.name, allocation, summary, at=now)
+    duration = time.perf_counter() - started
+    log.info(
+        "optimizer: snapshot %d for %r from %d sessions in %.2fs",
+        version,
+        exp.id,
+        len(frame),
+        duration,
+    )
+    return OptimizerRun(
+        experiment_id=exp.id,
+        snapshot_version=version,
+        policy=policy.name,
+        allocation=allocation,
+        summary=summary,
+        now=now,
+        duration_s=duration,
+        sessions=len(frame),
+        complete_sessions=complete,
+        paused=tuple(paused),
+        promoted=promoted,
+        recommendation=recommendation,
+        srm=srm_result,
+    )
+
+
+def _record_stop(
+    store: Store,
+    config: Config,
+    recommendation: Mapping[str, Any],
+    champion: str | None,
+    actor: str,
+    now: datetime,
+) -> str | None:
+    """Record the stop recommendation (or promotion) unless it is already the current one."""
+    exp = config.experiment
+    arm = recommendation["arm"]
+    evidence = _jsonable(dict(recommendation))
+    if config.policy.auto_promote and arm != champion:
+        store.record_arm_event(exp.id, arm, "promoted", actor=actor, evidence=evidence, at=now)
+        log.info("optimizer: promoted %r (stop rule)", arm)
+        return arm
+    if _last_event_kind(store, exp.id, arm) != "stop_recommended":
+        store.record_arm_event(
+            exp.id, arm, "stop_recommended", actor=actor, evidence=evidence, at=now
+        )
+        log.info("optimizer: stop rule recommends %r", arm)
+    return None
+
+
+def _last_event_kind(store: Store, experiment_id: str, arm: str) -> str | None:
+    ev = schema.arm_events
+    with store.engine.connect() as conn:
+        return conn.execute(
+            sa.select(ev.c.kind)
+            .where(ev.c.experiment_id == experiment_id, ev.c.arm_id == arm)
+            .order_by(ev.c.id.desc())
+            .limit(1)
+        ).scalar()
+
+
+def _status(status: str | None, arm: str, champion: str | None) -> str:
+    if arm == champion:
+        return "champion"
+    return status or "unknown"
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types; NaN and infinities become None."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    return value
