@@ -8,7 +8,7 @@ paths. The model name chooses the behaviour::
     fake/echo             replies "You asked: <last user message>", word by word
     fake/slow             the same, 50 ms per token (and before the first)
     fake/429              raises litellm.RateLimitError before any token
-    fake/error-<status>   raises the litellm error for that HTTP status (400, 401, 404, 500, 502, 503…)
+    fake/error-<status>   raises the litellm error for that HTTP status (400, 401, 404, 500, 503…)
     fake/timeout          waits for the request's timeout, then raises litellm.Timeout
     fake/hang             never answers (for the caller's own deadline)
     fake/flaky-<n>        the first n calls fail with 503, then it echoes
@@ -32,9 +32,9 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import litellm
-from litellm.llms.custom_llm import CustomLLM
-from litellm.types.utils import GenericStreamingChunk, ModelResponse
+from litellm.types.utils import GenericStreamingChunk
 
+from chatbot.llm import StreamingProvider, stream_chunk, timeout_seconds
 from chatbot.prompting import estimate_tokens
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ def parse_behaviour(model: str) -> FakeBehaviour:
         kind, flaky = "flaky", int(m.group(1))
     elif name != "echo":
         raise ValueError(
-            f"unknown fake model {model!r}; use echo, slow, 429, error-<status>, timeout, hang or flaky-<n>"
+            f"unknown fake model {model!r}; "
+            "use echo, slow, 429, error-<status>, timeout, hang or flaky-<n>"
         )
     return FakeBehaviour(kind, status, delay_s, first_s, fail_after, flaky)
 
@@ -98,22 +99,18 @@ def provider_error(status: int, model: str, message: str) -> Exception:
     >>> type(provider_error(429, "fake/429", "slow down")).__name__
     'RateLimitError'
     """
-    args = {"message": message, "llm_provider": PROVIDER, "model": model}
-    if status == 400:
-        return litellm.BadRequestError(**args)
-    if status == 401:
-        return litellm.AuthenticationError(**args)
-    if status == 404:
-        return litellm.NotFoundError(**args)
+    errors: dict[int, type[Exception]] = {
+        400: litellm.BadRequestError,
+        401: litellm.AuthenticationError,
+        404: litellm.NotFoundError,
+        429: litellm.RateLimitError,
+        502: litellm.BadGatewayError,
+        503: litellm.ServiceUnavailableError,
+    }
     if status == 408:
-        return litellm.Timeout(**args)
-    if status == 429:
-        return litellm.RateLimitError(**args)
-    if status == 503:
-        return litellm.ServiceUnavailableError(**args)
-    if status == 502:
-        return litellm.BadGatewayError(**args)
-    return litellm.InternalServerError(**args)
+        return litellm.Timeout(message=message, model=model, llm_provider=PROVIDER)
+    error = errors.get(status, litellm.InternalServerError)
+    return error(message=message, llm_provider=PROVIDER, model=model)  # type: ignore[call-arg]
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -137,25 +134,7 @@ def _usage(messages: list[dict[str, Any]], completion_tokens: int) -> dict[str, 
     }
 
 
-def _chunk(text: str, *, finished: bool = False, usage: dict[str, int] | None = None) -> GenericStreamingChunk:
-    return {
-        "text": text,
-        "is_finished": finished,
-        "finish_reason": "stop" if finished else "",
-        "usage": usage,  # type: ignore[typeddict-item]
-        "index": 0,
-        "tool_use": None,
-    }
-
-
-def _timeout_s(timeout: Any) -> float | None:
-    if isinstance(timeout, int | float):
-        return float(timeout)
-    read = getattr(timeout, "read", None)  # an httpx.Timeout
-    return float(read) if isinstance(read, int | float) else None
-
-
-class FakeProvider(CustomLLM):
+class FakeProvider(StreamingProvider):
     """litellm custom provider for ``fake/…`` model names (sync and async, streaming or not)."""
 
     def __init__(self) -> None:
@@ -171,7 +150,9 @@ class FakeProvider(CustomLLM):
         if behaviour.kind == "error":
             raise provider_error(behaviour.status, model, f"fake provider error {behaviour.status}")
         if behaviour.kind == "flaky" and calls <= behaviour.flaky:
-            raise provider_error(503, model, f"fake provider flaky failure {calls}/{behaviour.flaky}")
+            raise provider_error(
+                503, model, f"fake provider flaky failure {calls}/{behaviour.flaky}"
+            )
         return behaviour
 
     def calls(self, model: str) -> int:
@@ -184,7 +165,9 @@ class FakeProvider(CustomLLM):
 
     def _fail_mid_stream(self, behaviour: FakeBehaviour, model: str, sent: int) -> None:
         if behaviour.fail_after is not None and sent >= behaviour.fail_after:
-            raise provider_error(behaviour.status, model, f"fake provider failed after {sent} tokens")
+            raise provider_error(
+                behaviour.status, model, f"fake provider failed after {sent} tokens"
+            )
 
     # --- async -----------------------------------------------------------------------
 
@@ -192,8 +175,10 @@ class FakeProvider(CustomLLM):
         if behaviour.kind == "hang":
             await asyncio.sleep(_HANG_S)
         if behaviour.kind == "timeout":
-            await asyncio.sleep(_timeout_s(timeout) or _HANG_S)
-            raise litellm.Timeout(message="fake provider timed out", model=model, llm_provider=PROVIDER)
+            await asyncio.sleep(timeout_seconds(timeout) or _HANG_S)
+            raise litellm.Timeout(
+                message="fake provider timed out", model=model, llm_provider=PROVIDER
+            )
 
     async def astreaming(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenericStreamingChunk]:  # type: ignore[override]
         model, messages = kwargs["model"], kwargs["messages"]
@@ -204,47 +189,25 @@ class FakeProvider(CustomLLM):
             self._fail_mid_stream(behaviour, model, i)
             if i:
                 await asyncio.sleep(behaviour.delay_s)
-            yield _chunk(token)
+            yield stream_chunk(token)
         self._fail_mid_stream(behaviour, model, len(tokens))
-        yield _chunk("", finished=True, usage=_usage(messages, len(tokens)))
-
-    async def acompletion(self, *args: Any, **kwargs: Any) -> ModelResponse:  # type: ignore[override]
-        text, usage = "", None
-        async for chunk in self.astreaming(*args, **kwargs):
-            text += chunk["text"]
-            usage = chunk["usage"] or usage
-        return _response(kwargs["model_response"], kwargs["model"], text, usage)
+        yield stream_chunk("", usage=_usage(messages, len(tokens)))
 
     # --- sync ------------------------------------------------------------------------
 
-    def streaming(self, *args: Any, **kwargs: Any) -> Iterator[GenericStreamingChunk]:  # type: ignore[override]
+    def streaming(self, *args: Any, **kwargs: Any) -> Iterator[GenericStreamingChunk]:
         model, messages = kwargs["model"], kwargs["messages"]
         behaviour, tokens = self._plan(model, messages)
         if behaviour.kind in ("hang", "timeout"):
-            time.sleep(_timeout_s(kwargs.get("timeout")) or _HANG_S)
-            raise litellm.Timeout(message="fake provider timed out", model=model, llm_provider=PROVIDER)
+            time.sleep(timeout_seconds(kwargs.get("timeout")) or _HANG_S)
+            raise litellm.Timeout(
+                message="fake provider timed out", model=model, llm_provider=PROVIDER
+            )
         time.sleep(behaviour.first_s)
         for i, token in enumerate(tokens):
             self._fail_mid_stream(behaviour, model, i)
             if i:
                 time.sleep(behaviour.delay_s)
-            yield _chunk(token)
+            yield stream_chunk(token)
         self._fail_mid_stream(behaviour, model, len(tokens))
-        yield _chunk("", finished=True, usage=_usage(messages, len(tokens)))
-
-    def completion(self, *args: Any, **kwargs: Any) -> ModelResponse:  # type: ignore[override]
-        text, usage = "", None
-        for chunk in self.streaming(*args, **kwargs):
-            text += chunk["text"]
-            usage = chunk["usage"] or usage
-        return _response(kwargs["model_response"], kwargs["model"], text, usage)
-
-
-def _response(response: ModelResponse, model: str, text: str, usage: dict[str, int] | None) -> ModelResponse:
-    """Fill litellm's response object the way built-in providers do."""
-    response.choices[0].message.content = text  # type: ignore[union-attr]
-    response.choices[0].finish_reason = "stop"
-    response.model = model
-    if usage is not None:
-        response.usage = litellm.Usage(**usage)  # type: ignore[attr-defined]
-    return response
+        yield stream_chunk("", usage=_usage(messages, len(tokens)))

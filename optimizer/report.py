@@ -595,13 +595,26 @@ def promotion_estimates(
     if logs.empty:
         return {"n": 0, "logged_mean": None, "rows": []}
     snapshot = store.latest_snapshot(exp.id)
-    recommended = ((snapshot.summary or {}).get("stop") or {}).get("recommended") if snapshot else None
+    recommended = (
+        ((snapshot.summary or {}).get("stop") or {}).get("recommended") if snapshot else None
+    )
     statuses = store.arm_statuses(exp.id)
-    targets = [("current policy (newest snapshot)", "snapshot", None)] if snapshot is not None else []
-    targets += [(f"all traffic to {arm}", f"arm:{arm}", arm) for arm in sorted(statuses) if statuses[arm] != "retired"]
+    targets = (
+        [("current policy (newest snapshot)", "snapshot", None)] if snapshot is not None else []
+    )
+    targets += [
+        (f"all traffic to {arm}", f"arm:{arm}", arm)
+        for arm in sorted(statuses)
+        if statuses[arm] != "retired"
+    ]
     rows = []
     for label, spec, arm in targets:
-        row: dict[str, Any] = {"label": label, "target": spec, "arm": arm, "recommended": arm == recommended}
+        row: dict[str, Any] = {
+            "label": label,
+            "target": spec,
+            "arm": arm,
+            "recommended": arm == recommended,
+        }
         try:
             target = parse_target(spec, store=store, experiment_id=exp.id)
             out = evaluate_target(logs, target, estimators=("snips", "dr"), n_bootstrap=n_bootstrap)

@@ -22,6 +22,12 @@ otherwise). Modes: ``normal``; ``refuse`` (nothing listens: connections are
 refused); ``hang`` (connections are accepted by the kernel and never
 answered, like a wedged host).
 
+Run as a script it serves in its own process (so its work does not compete
+with the code under measurement), prints its base URL, and answers ``stats``
+lines on stdin with a JSON line of counts; it stops at end of input::
+
+    python tests/langfuse_recorder.py --mode normal --public-key pk --secret-key sk
+
 >>> with LangfuseRecorder() as rec:
 ...     rec.base_url.startswith("http://127.0.0.1:")
 True
@@ -455,3 +461,24 @@ class _HTTPError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _serve_stdin() -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Serve a recording Langfuse stand-in.")
+    parser.add_argument("--mode", default="normal", choices=["normal", "refuse", "hang"])
+    parser.add_argument("--public-key", default="pk-lf-test")
+    parser.add_argument("--secret-key", default="sk-lf-test")
+    args = parser.parse_args()
+    with LangfuseRecorder(args.mode, public_key=args.public_key, secret_key=args.secret_key) as rec:
+        print(rec.base_url, flush=True)
+        for line in sys.stdin:
+            if line.strip() == "stats":
+                counts = {"spans": len(rec.spans), "scores": len(list(rec.iter_score_bodies()))}
+                print(json.dumps(counts), flush=True)
+
+
+if __name__ == "__main__":
+    _serve_stdin()

@@ -39,7 +39,11 @@ def make_config(
     """A config for experiment ``exp``; the KPI defaults to conversion within 7 days."""
     base = load_config("/nonexistent.toml", environ=False)
     if terms is None:
-        terms = (KPITermConfig(name="conversion", source="outcome:conversion", weight=1.0, window_days=7),)
+        terms = (
+            KPITermConfig(
+                name="conversion", source="outcome:conversion", weight=1.0, window_days=7
+            ),
+        )
     return base.model_copy(
         update={
             "experiment": ExperimentConfig(
@@ -119,7 +123,9 @@ def add_sessions(
         for sid, t in list(zip(sids, times, strict=True))[:conversions]
     ]
     turn_rows, votes = [], []
-    latencies = [latency_ms] * (n * turns) if isinstance(latency_ms, int | float) else list(latency_ms)
+    latencies = (
+        [latency_ms] * (n * turns) if isinstance(latency_ms, int | float) else list(latency_ms)
+    )
     k = 0
     for sid, uid, t in zip(sids, uids, times, strict=True):
         for j in range(turns):

@@ -1,4 +1,4 @@
-"""chatbot.conversation: a session's turns end to end with the fake LLM provider and a real store."""
+"""chatbot.conversation: a session's turns end to end, with the fake LLM and a real store."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def _rows(store: Store, table: sa.Table) -> list[sa.Row]:
 
 
 def _fake_calls(model: str) -> int:
+    """Calls the fake provider received for ``model`` (litellm passes the name without "fake/")."""
     (fake,) = [p["custom_handler"] for p in litellm.custom_provider_map if p["provider"] == "fake"]
-    return int(fake.calls(model))
+    return int(fake.calls(model.removeprefix("fake/")))
 
 
 async def _start(runtime: Runtime, user: str = "alice") -> Conversation:

@@ -153,7 +153,9 @@ def test_empty_frame_has_every_column(store: Store) -> None:
 def test_arm_metrics_and_latencies(store: Store) -> None:
     config = make_config()
     register(store, config)
-    add_sessions(store, "a", 10, conversions=2, turns=2, ups=3, downs=1, errors=1, latency_ms=[100, 300])
+    add_sessions(
+        store, "a", 10, conversions=2, turns=2, ups=3, downs=1, errors=1, latency_ms=[100, 300]
+    )
     add_sessions(store, "b", 10, conversions=5, turns=1, latency_ms=200)
     frame = kpi.session_frame(store, config, now=T0 + 10 * DAY)
     m = kpi.arm_metrics(frame)

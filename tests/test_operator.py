@@ -7,6 +7,7 @@ through Starlette's test client, cookies and all.
 
 from __future__ import annotations
 
+import html
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,16 @@ ARMS = ["concise", "concise+fixed", "concise+retrieved", "empathetic", "proactiv
 def runtime(store: Store) -> Iterator[Runtime]:
     config = load_config(ROOT / "flywheel.toml", environ=False)
     users = (
-        UserConfig(name="alice", password_hash=bcrypt.hashpw(b"alice-pw", bcrypt.gensalt(4)).decode(), role="operator"),
-        UserConfig(name="bob", password_hash=bcrypt.hashpw(b"bob-pw", bcrypt.gensalt(4)).decode(), role="user"),
+        UserConfig(
+            name="alice",
+            password_hash=bcrypt.hashpw(b"alice-pw", bcrypt.gensalt(4)).decode(),
+            role="operator",
+        ),
+        UserConfig(
+            name="bob",
+            password_hash=bcrypt.hashpw(b"bob-pw", bcrypt.gensalt(4)).decode(),
+            role="user",
+        ),
     )
     config = config.model_copy(
         update={
@@ -53,8 +62,8 @@ def client(runtime: Runtime) -> TestClient:
     return TestClient(app, base_url="http://testserver")
 
 
-def csrf_of(html: str) -> str:
-    match = re.search(r'name="csrf" value="([^"]+)"', html)
+def csrf_of(page: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', page)
     assert match, "page has no CSRF field"
     return match.group(1)
 
@@ -62,7 +71,9 @@ def csrf_of(html: str) -> str:
 def login(client: TestClient, name: str = "operator", password: str = "operator") -> str:
     """Log in through the form; returns the CSRF token of the logged-in session."""
     token = csrf_of(client.get(f"{PREFIX}/login").text)
-    response = client.post(f"{PREFIX}/login", data={"csrf": token, "username": name, "password": password})
+    response = client.post(
+        f"{PREFIX}/login", data={"csrf": token, "username": name, "password": password}
+    )
     assert response.status_code == 200, response.text
     return csrf_of(response.text)
 
@@ -70,10 +81,13 @@ def login(client: TestClient, name: str = "operator", password: str = "operator"
 def audit_actions(store: Store) -> list[tuple[str, str, str]]:
     au = schema.audit_events
     with store.engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(sa.select(au.c.actor, au.c.action, au.c.target).order_by(au.c.id))]
+        return [
+            tuple(r)
+            for r in conn.execute(sa.select(au.c.actor, au.c.action, au.c.target).order_by(au.c.id))
+        ]
 
 
-def assigned_arms(runtime: Runtime, n: int = 300, prefix: str = "new") -> set[str]:
+def assigned_arms(runtime: Runtime, n: int = 60, prefix: str = "new") -> set[str]:
     """Arms the process's Assigner gives ``n`` new users (what the next chats would get)."""
     return {runtime.assigner.assign(f"{prefix}-s{i}", f"{prefix}-u{i}").arm_id for i in range(n)}
 
@@ -85,7 +99,9 @@ def test_unauthenticated_requests_are_refused(client: TestClient, runtime: Runti
     before = runtime.store.arm_statuses(runtime.config.experiment.id)
     for path in ("", "/", "/arms/concise", "/examples"):
         response = client.get(PREFIX + path, follow_redirects=False)
-        assert response.status_code == 303 and response.headers["location"] == f"{PREFIX}/login", path
+        assert response.status_code == 303 and response.headers["location"] == f"{PREFIX}/login", (
+            path
+        )
     assert client.get(f"{PREFIX}/report.json").status_code == 401
     for path in ("/arms/empathetic/pause", "/optimize", "/logout", "/examples/x/approve"):
         response = client.post(PREFIX + path, data={"csrf": "anything"})
@@ -98,7 +114,9 @@ def test_unauthenticated_requests_are_refused(client: TestClient, runtime: Runti
 def test_chat_users_are_refused(client: TestClient, runtime: Runtime) -> None:
     for name, password in (("demo", "demo"), ("bob", "bob-pw")):
         token = csrf_of(client.get(f"{PREFIX}/login").text)
-        response = client.post(f"{PREFIX}/login", data={"csrf": token, "username": name, "password": password})
+        response = client.post(
+            f"{PREFIX}/login", data={"csrf": token, "username": name, "password": password}
+        )
         assert response.status_code == 403
         assert "needs the operator role" in response.text
         assert client.get(PREFIX, follow_redirects=False).status_code == 303
@@ -108,9 +126,13 @@ def test_chat_users_are_refused(client: TestClient, runtime: Runtime) -> None:
 
 def test_wrong_password_and_forged_cookie(client: TestClient) -> None:
     token = csrf_of(client.get(f"{PREFIX}/login").text)
-    response = client.post(f"{PREFIX}/login", data={"csrf": token, "username": "operator", "password": "nope"})
+    response = client.post(
+        f"{PREFIX}/login", data={"csrf": token, "username": "operator", "password": "nope"}
+    )
     assert response.status_code == 401 and "wrong name or password" in response.text
-    forged = SessionSigner(b"another secret").dumps(OperatorSession(csrf="t", user="operator", role="operator", iat=9e9))
+    forged = SessionSigner(b"another secret").dumps(
+        OperatorSession(csrf="t", user="operator", role="operator", iat=9e9)
+    )
     client.cookies.set(COOKIE_NAME, forged, path=PREFIX)
     assert client.get(PREFIX, follow_redirects=False).status_code == 303
 
@@ -154,7 +176,9 @@ def test_forms_without_a_valid_csrf_token_are_refused(client: TestClient, runtim
 
 def test_pause_and_resume_change_the_next_assignment(client: TestClient, runtime: Runtime) -> None:
     exp = runtime.config.experiment.id
-    assert "empathetic" in assigned_arms(runtime, prefix="before")  # the cache now holds an allocation
+    assert "empathetic" in assigned_arms(
+        runtime, prefix="before"
+    )  # the cache now holds an allocation
     token = login(client)
     response = client.post(f"{PREFIX}/arms/empathetic/pause", data={"csrf": token})
     assert response.status_code == 200 and "empathetic paused" in response.text
@@ -173,21 +197,28 @@ def test_pause_and_resume_change_the_next_assignment(client: TestClient, runtime
     assert "paused_operator" in history and "resumed" in history
 
 
-def test_retire_and_promote_change_the_next_assignment(client: TestClient, runtime: Runtime) -> None:
+def test_retire_and_promote_change_the_next_assignment(
+    client: TestClient, runtime: Runtime
+) -> None:
     exp = runtime.config.experiment.id
     token = login(client)
     response = client.post(f"{PREFIX}/arms/proactive-upsell/retire", data={"csrf": token})
     assert response.status_code == 200
     assert "proactive-upsell" not in assigned_arms(runtime, prefix="retired")
     # Promoting a retired arm brings it back, as the champion.
-    response = client.post(f"{PREFIX}/arms/proactive-upsell/promote", data={"csrf": csrf_of(response.text)})
+    response = client.post(
+        f"{PREFIX}/arms/proactive-upsell/promote", data={"csrf": csrf_of(response.text)}
+    )
     assert response.status_code == 200
     statuses = runtime.store.arm_statuses(exp)
     assert statuses["proactive-upsell"] == "champion" and statuses["concise"] == "active"
     assert "proactive-upsell" in assigned_arms(runtime, prefix="promoted")
     assert runtime.store.latest_snapshot(exp).summary["champion"] == "proactive-upsell"
     targets = [(a[1], a[2]) for a in audit_actions(runtime.store)]
-    assert ("arm.retire", "proactive-upsell") in targets and ("arm.promote", "proactive-upsell") in targets
+    assert ("arm.retire", "proactive-upsell") in targets and (
+        "arm.promote",
+        "proactive-upsell",
+    ) in targets
 
 
 def test_run_optimizer_now_serves_the_new_snapshot(client: TestClient, runtime: Runtime) -> None:
@@ -196,13 +227,17 @@ def test_run_optimizer_now_serves_the_new_snapshot(client: TestClient, runtime: 
     assert first.snapshot_version is None  # uniform before any snapshot
     token = login(client)
     response = client.post(f"{PREFIX}/optimize", data={"csrf": token})
-    assert response.status_code == 200 and "optimizer ran; policy snapshot v1 written" in response.text
+    assert (
+        response.status_code == 200 and "optimizer ran; policy snapshot v1 written" in response.text
+    )
     assert runtime.assigner.assign("s-after", "u-after").snapshot_version == 1
     assert runtime.store.latest_snapshot(exp).version == 1
     assert ("operator", "optimizer.run", exp) in audit_actions(runtime.store)
 
 
-@pytest.mark.xfail(strict=True, reason="optimizer.job does not read cap_set arm events yet (asked the lead)")
+@pytest.mark.xfail(
+    strict=True, reason="optimizer.job does not read cap_set arm events yet (asked the lead)"
+)
 def test_challenger_cap_limits_the_next_assignments(client: TestClient, runtime: Runtime) -> None:
     token = login(client)
     response = client.post(f"{PREFIX}/arms/empathetic/cap", data={"csrf": token, "cap": "5"})
@@ -222,7 +257,11 @@ def test_cap_action_is_recorded_and_validated(client: TestClient, runtime: Runti
     ev = schema.arm_events
     with runtime.store.engine.connect() as conn:
         row = conn.execute(sa.select(ev).where(ev.c.kind == "cap_set")).one()
-    assert row.arm_id == "empathetic" and row.evidence["cap"] == pytest.approx(0.1) and row.actor == "operator"
+    assert (
+        row.arm_id == "empathetic"
+        and row.evidence["cap"] == pytest.approx(0.1)
+        and row.actor == "operator"
+    )
     assert ("operator", "arm.cap", "empathetic") in audit_actions(runtime.store)
 
 
@@ -239,7 +278,7 @@ def test_actions_refused_with_a_reason(client: TestClient, runtime: Runtime) -> 
     for path, status, reason in cases:
         response = client.post(PREFIX + path, data={"csrf": token})
         assert response.status_code == status, path
-        assert reason in response.text, path
+        assert reason in html.unescape(response.text), path
     # Never leave the experiment without an arm to serve.
     for arm in ARMS[1:-1]:
         assert client.post(f"{PREFIX}/arms/{arm}/retire", data={"csrf": token}).status_code == 200
@@ -264,7 +303,7 @@ def test_experiment_page_and_local_plotly(client: TestClient) -> None:
     assert js.status_code == 200 and js.headers["content-type"].startswith("application/javascript")
     assert len(js.content) > 1_000_000
     data = client.get(f"{PREFIX}/report.json").json()
-    assert [a["id"] for a in data["arms"]] == sorted(ARMS, key=ARMS.index) or {a["id"] for a in data["arms"]} == set(ARMS)
+    assert {a["id"] for a in data["arms"]} == set(ARMS)
 
 
 def test_drill_down_shows_turns_votes_outcomes_and_trace_links(
@@ -273,8 +312,20 @@ def test_drill_down_shows_turns_votes_outcomes_and_trace_links(
     record = runtime.assigner.assign("sess-1", "user-1")
     exp = runtime.config.experiment.id
     runtime.store.record_turn(
-        TurnRecord("turn-1", "sess-1", "user-1", exp, record.arm_id, "p", "h", "fake/echo",
-                   "How do I <b>export</b>?", "Settings, then Export.", latency_ms=123.0, trace_id="abc123")
+        TurnRecord(
+            "turn-1",
+            "sess-1",
+            "user-1",
+            exp,
+            record.arm_id,
+            "p",
+            "h",
+            "fake/echo",
+            "How do I <b>export</b>?",
+            "Settings, then Export.",
+            latency_ms=123.0,
+            trace_id="abc123",
+        )
     )
     runtime.store.record_feedback("turn-1", "user-1", 0, "too short")
     runtime.store.record_outcome(OutcomeRecord("k-1", "conversion", 1.0, session_id="sess-1"))
@@ -294,14 +345,25 @@ def test_drill_down_shows_turns_votes_outcomes_and_trace_links(
 
 def test_fewshot_review_approves_and_rejects(client: TestClient, runtime: Runtime) -> None:
     bank = ExampleBank(runtime.store)
-    keep = bank.add("How can I export invoices to PDF?", "Open Billing, pick the invoice, Export PDF.", source="mined")
-    drop = bank.add("Can I get a refund after 90 days?", "Refunds are possible within 30 days.", source="mined")
+    keep = bank.add(
+        "How can I export invoices to PDF?",
+        "Open Billing, pick the invoice, Export PDF.",
+        source="mined",
+    )
+    drop = bank.add(
+        "Can I get a refund after 90 days?", "Refunds are possible within 30 days.", source="mined"
+    )
     assert keep and drop
     token = login(client)
     page = client.get(f"{PREFIX}/examples")
     assert page.status_code == 200 and "export invoices to PDF" in page.text
     assert client.post(f"{PREFIX}/examples/{keep}/approve", data={"csrf": token}).status_code == 200
-    assert client.post(f"{PREFIX}/examples/{drop}/reject", data={"csrf": token, "reason": "wrong"}).status_code == 200
+    assert (
+        client.post(
+            f"{PREFIX}/examples/{drop}/reject", data={"csrf": token, "reason": "wrong"}
+        ).status_code
+        == 200
+    )
     assert bank.get(keep).status == "approved" and bank.get(drop).status == "rejected"
     # The next retrieved turn can use the approved example, never the rejected one.
     retrieved = next(a for a in runtime.arms.values() if a.fewshot == "retrieved")
@@ -310,4 +372,6 @@ def test_fewshot_review_approves_and_rejects(client: TestClient, runtime: Runtim
     assert ("operator", "example.approve", keep) in audit_actions(runtime.store)
     assert ("operator", "example.reject", drop) in audit_actions(runtime.store)
     assert client.post(f"{PREFIX}/examples/nope/approve", data={"csrf": token}).status_code == 404
-    assert client.post(f"{PREFIX}/examples/{keep}/frobnicate", data={"csrf": token}).status_code == 400
+    assert (
+        client.post(f"{PREFIX}/examples/{keep}/frobnicate", data={"csrf": token}).status_code == 400
+    )

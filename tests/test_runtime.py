@@ -1,4 +1,4 @@
-"""chatbot.runtime: building the process runtime, syncing the experiment, recording votes and outcomes."""
+"""chatbot.runtime: building the runtime, syncing the experiment, recording votes and outcomes."""
 
 from __future__ import annotations
 

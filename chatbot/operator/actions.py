@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ARM_ACTIONS",
+    "EXAMPLE_DECISIONS",
     "ActionError",
     "ActionResult",
-    "EXAMPLE_DECISIONS",
     "Services",
     "arm_action",
     "available_actions",
@@ -149,7 +149,9 @@ def review_example(
     from optimizer.fewshot import ExampleBank
 
     if decision not in EXAMPLE_DECISIONS:
-        raise ActionError(f"decision must be one of {sorted(EXAMPLE_DECISIONS)}, got {decision!r}", 400)
+        raise ActionError(
+            f"decision must be one of {sorted(EXAMPLE_DECISIONS)}, got {decision!r}", 400
+        )
     bank = ExampleBank(services.store)
     example = bank.get(example_id)
     if example is None:

@@ -287,7 +287,12 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
         reason = form.get("reason", "").strip()[:500]
         try:
             result = await run_in_threadpool(
-                actions.review_example, services, session.user or "", example_id, decision, reason=reason
+                actions.review_example,
+                services,
+                session.user or "",
+                example_id,
+                decision,
+                reason=reason,
             )
         except actions.ActionError as exc:
             return refuse(request, exc.status, str(exc))

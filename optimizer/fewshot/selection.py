@@ -51,6 +51,7 @@ class _Index:
     pinned: list[Example]
     quality: np.ndarray  # per pool example, in [0, 1]
     by_id: dict[str, Example]  # every known example except rejected ones
+    known: frozenset[str]  # every id in the bank or the library
     vectorizer: TfidfVectorizer
     matrix: object
 
@@ -98,7 +99,7 @@ class ExampleSelector:
             return []
         index = self._current()
         if arm.fewshot == "fixed":
-            missing = [i for i in arm.examples if i not in index.by_id and i not in self.library.examples]
+            missing = [i for i in arm.examples if i not in index.known]
             if missing:
                 raise ConfigError(f"arm {arm.id!r}: unknown example ids {missing}")
             chosen = [index.by_id[i] for i in arm.examples if i in index.by_id]
@@ -163,7 +164,8 @@ class ExampleSelector:
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
         matrix = vectorizer.fit_transform([e.user for e in pool] or [""])
         log.debug("few-shot index v%s: %d examples, %d pinned", version, len(pool), len(pinned))
-        return _Index(version, pool, pinned, quality, by_id, vectorizer, matrix)
+        known = frozenset(banked | set(seeds))
+        return _Index(version, pool, pinned, quality, by_id, known, vectorizer, matrix)
 
 
 def _reward_quality(rewards: np.ndarray) -> np.ndarray:

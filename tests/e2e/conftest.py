@@ -88,7 +88,16 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     flywheel = Path(sys.executable).with_name("flywheel")
     with log.open("w", encoding="utf-8") as out:
         proc = subprocess.Popen(
-            [str(flywheel), "serve", "--host", "127.0.0.1", "--port", str(port), "--config", str(config)],
+            [
+                str(flywheel),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--config",
+                str(config),
+            ],
             cwd=ROOT,  # Chainlit reads .chainlit/config.toml and chainlit.md from here
             env=env,
             stdout=out,
@@ -118,7 +127,9 @@ def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    pytest.fail(f"flywheel serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+    pytest.fail(
+        f"flywheel serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
+    )
 
 
 @pytest.fixture(scope="module")

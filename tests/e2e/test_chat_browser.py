@@ -83,7 +83,9 @@ def test_chat_rate_and_convert_in_the_browser(served: Any, browser: Any) -> None
     events = _socket_events(frames)
     starts = [e for name, e in events if name == "stream_start"]
     assert len(starts) == 1, [name for name, _ in events]
-    streamed = [e["token"] for name, e in events if name == "stream_token" and e["id"] == starts[0]["id"]]
+    streamed = [
+        e["token"] for name, e in events if name == "stream_token" and e["id"] == starts[0]["id"]
+    ]
     assert streamed, "the reply arrived in one piece, not streamed"
 
     engine = sa.create_engine(served.database_url)
@@ -118,7 +120,9 @@ def test_chat_rate_and_convert_in_the_browser(served: Any, browser: Any) -> None
     assert 0 < t.ttft_ms <= t.latency_ms
     assert t.prompt_tokens > 0 and 0 < t.completion_tokens <= 32 and t.cost == 0.0
 
-    assert [(v.turn_id, v.user_id, v.value, v.comment) for v in votes] == [(t.id, "demo", 1, COMMENT)]
+    assert [(v.turn_id, v.user_id, v.value, v.comment) for v in votes] == [
+        (t.id, "demo", 1, COMMENT)
+    ]
     assert [(e.kind, e.value) for e in vote_events] == [("upsert", 1)]
 
     assert len(outcomes) == 1

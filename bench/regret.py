@@ -1,0 +1,318 @@
+"""Regret of Thompson sampling vs the uniform A/B split vs the oracle, on the shipped scenarios.
+
+Every policy runs through ``optimizer.simulator.simulate`` (real assigner, store,
+optimizer job, delayed outcomes in simulated time), averaged over seeds. Next to
+them, two references that do not use the product's code:
+
+- **ideal TS**: an in-memory Thompson sampler that sees every outcome the moment
+  the session ends (no delay, no refit interval, no burn-in, no floor) — the
+  practical limit of what any bandit could do on the scenario;
+- **Lai–Robbins**: the asymptotic lower bound ``Σ_a Δ_a / KL(p_a, p*) · ln T`` for
+  Bernoulli KPIs (per segment), among the arms that respect the guardrails.
+
+The baseline of the ratio is the uniform split measured in the same run:
+``thompson / uniform`` regret. Target: ≤ 25% on ``five_arms_one_winner``.
+
+``--floor-study`` prices the traffic floor on the target scenario: Thompson with
+no floor, a constant 2% floor and the default decaying floor
+(``floor / (1 + n / floor_decay_sessions)``).
+
+Usage::
+
+    python bench/regret.py                     # all scenarios, 3 seeds
+    python bench/regret.py --seeds 5 --jobs 2 --floor-study
+    python bench/regret.py --scenario two_close_arms --seeds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from optimizer.scenario import CONVERSION_OFFSET_S, SUPPORT_OFFSET_S, Scenario, load_scenario  # noqa: E402
+from optimizer.simulator import simulate  # noqa: E402
+
+SCENARIOS = ROOT / "bench" / "scenarios"
+TARGET_SCENARIO = "five_arms_one_winner"
+TARGET_RATIO = 0.25
+
+
+# -- references -------------------------------------------------------------------------------
+def bernoulli_kl(p: float, q: float) -> float:
+    """KL(Bernoulli(p) ‖ Bernoulli(q)).
+
+    >>> round(bernoulli_kl(0.03, 0.05), 5)
+    0.00496
+    """
+    eps = 1e-12
+    p, q = min(max(p, eps), 1 - eps), min(max(q, eps), 1 - eps)
+    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+
+def lai_robbins(scenario: Scenario) -> float | None:
+    """Σ over segments and allowed suboptimal arms of Δ/KL(p_a, p*) · ln T_segment (binary KPI only)."""
+    if not scenario.is_binary_kpi():
+        return None
+    weight = scenario.kpi.terms[0].weight
+    rewards = scenario.expected_rewards()
+    allowed = [i for i, a in enumerate(scenario.arm_ids) if a in scenario.allowed_arms()]
+    total = 0.0
+    for s, share in enumerate(scenario.segment_shares):
+        t = scenario.sessions * share
+        p = rewards[s] / weight
+        best = max(allowed, key=lambda i: rewards[s, i])
+        for i in allowed:
+            delta = rewards[s, best] - rewards[s, i]
+            if delta > 0:
+                total += delta / bernoulli_kl(p[i], p[best]) * math.log(t)
+    return total
+
+
+def _reward_sampler(scenario: Scenario, seg: int, arm: str, rng: np.random.Generator) -> Any:
+    """Draw n per-session rewards from the truth, with the KPI's caps and windows."""
+    truth = scenario.truths()[seg][arm]
+    lam = scenario.turns_mean - 1
+    r = truth.rate * (1 - truth.error_rate)
+
+    def draw(n: int) -> np.ndarray:
+        total = np.zeros(n)
+        converted = rng.random(n) < truth.conversion
+        delay_s = CONVERSION_OFFSET_S + scenario.delay.sample(rng.random(n), scenario.delay_max_days) * 86400
+        for term in scenario.kpi.terms:
+            cap = term.cap if term.cap is not None else np.inf
+            window_s = term.window_days * 86400
+            if term.source == "outcome:conversion":
+                value = (converted & (delay_s <= window_s)) * min(1.0, cap)
+            elif term.source == "outcome:revenue":
+                amount = rng.exponential(truth.revenue, n) if truth.revenue > 0 else np.zeros(n)
+                value = np.minimum(amount, cap) * (converted & (delay_s <= window_s))
+            elif term.source == "outcome:support_minutes":
+                minutes = rng.exponential(truth.support_minutes, n) if truth.support_minutes > 0 else np.zeros(n)
+                value = np.minimum(minutes, cap) * (window_s >= SUPPORT_OFFSET_S)
+            else:
+                turns = 1 + rng.poisson(lam, n)
+                rated = rng.binomial(turns, r)
+                p_vote = truth.thumbs_up if term.source == "feedback:up_rate" else truth.thumbs_down
+                votes = rng.binomial(rated, p_vote)
+                value = np.minimum(np.divide(votes, rated, out=np.zeros(n), where=rated > 0), cap)
+            total += term.weight * value
+        return total
+
+    return draw
+
+
+def ideal_thompson(scenario: Scenario, seed: int) -> float:
+    """Regret of a Thompson sampler that learns from each session instantly.
+
+    Beta–Bernoulli for a binary KPI, a Normal posterior on the mean otherwise;
+    one independent sampler per segment, over the arms that respect the guardrails.
+    """
+    rng = np.random.default_rng([seed, 99])
+    rewards = scenario.expected_rewards()
+    arms = [a for a in scenario.arm_ids if a in scenario.allowed_arms()]
+    cols = [scenario.arm_ids.index(a) for a in arms]
+    binary = scenario.is_binary_kpi()
+    weight = scenario.kpi.terms[0].weight if binary else 1.0
+    counts = rng.multinomial(scenario.sessions, scenario.segment_shares)
+    regret = 0.0
+    for s, t in enumerate(counts):
+        mean = rewards[s, cols]
+        best = mean.max()
+        k = len(arms)
+        if binary:
+            p = mean / weight
+            a, b = np.ones(k), np.ones(k)
+            outcomes = rng.random((t, k))
+            for i in range(t):
+                j = int(np.argmax(rng.beta(a, b)))
+                hit = outcomes[i, j] < p[j]
+                a[j] += hit
+                b[j] += 1 - hit
+                regret += best - mean[j]
+            continue
+        pools = [_reward_sampler(scenario, s, arm, rng)(t + 10) for arm in arms]
+        n, sy, syy = np.zeros(k), np.zeros(k), np.zeros(k)
+        for i in range(t):
+            if i < 2 * k:  # two pulls each to start the variance
+                j = i % k
+            else:
+                mu = sy / n
+                var = np.maximum(syy / n - mu**2, 1e-12)
+                j = int(np.argmax(mu + np.sqrt(var / n) * rng.standard_normal(k)))
+            y = pools[j][int(n[j])]
+            n[j] += 1
+            sy[j] += y
+            syy[j] += y * y
+            regret += best - mean[j]
+    return regret
+
+
+# -- running the product's policies -----------------------------------------------------------
+def _one(args: tuple[str, str, int, dict[str, Any]]) -> dict[str, Any]:
+    path, policy, seed, policy_overrides = args
+    scenario = load_scenario(path)
+    if policy_overrides:
+        scenario = scenario.model_copy(
+            update={"policy": scenario.policy.model_copy(update=policy_overrides)}
+        )
+    result = simulate(scenario, policy=policy, seed=seed)  # type: ignore[arg-type]
+    return {
+        "scenario": scenario.name,
+        "policy": policy,
+        "variant": json.dumps(policy_overrides, sort_keys=True) if policy_overrides else "",
+        "seed": seed,
+        "regret": result.regret,
+        "sessions": result.sessions,
+        "best_share": result.sessions_per_arm.get(scenario.oracle_arms()[0], 0) / result.sessions,
+        "paused": result.paused_arms,
+        "winner": result.winner,
+        "final_allocation": result.final_allocation,
+        "sessions_per_s": result.sessions_per_s,
+        "elapsed_s": result.elapsed_s,
+        "timings_s": result.timings_s,
+    }
+
+
+def _run_all(tasks: list[tuple[str, str, int, dict[str, Any]]], jobs: int) -> list[dict[str, Any]]:
+    done: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    if jobs > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for row in pool.map(_one, tasks):
+                done.append(row)
+                _log(row, len(done), len(tasks), started)
+    else:
+        for task in tasks:
+            row = _one(task)
+            done.append(row)
+            _log(row, len(done), len(tasks), started)
+    return done
+
+
+def _log(row: dict[str, Any], i: int, n: int, started: float) -> None:
+    print(
+        f"  [{i}/{n} {time.perf_counter() - started:6.0f}s] {row['scenario']:<22} {row['policy']:<8}"
+        f" {row['variant']:<40} seed {row['seed']}: regret {row['regret']:8.2f}"
+        f" ({row['sessions_per_s']:,.0f} sessions/s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per scenario and policy (default 3)")
+    parser.add_argument("--scenario", action="append", help="scenario name (repeatable; default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="simulations in parallel processes")
+    parser.add_argument("--floor-study", action="store_true", help="price the traffic floor on the target")
+    parser.add_argument("--study-only", action="store_true", help="only the floor study")
+    parser.add_argument("--json", type=Path, help="also write every run as JSON here")
+    args = parser.parse_args(argv)
+
+    paths = sorted(SCENARIOS.glob("*.toml"))
+    if args.scenario:
+        paths = [p for p in paths if p.stem in set(args.scenario)]
+    seeds = list(range(args.seeds))
+    tasks: list[tuple[str, str, int, dict[str, Any]]] = []
+    if not args.study_only:
+        tasks += [(str(p), pol, s, {}) for p in paths for pol in ("thompson", "uniform", "oracle") for s in seeds]
+    study = [
+        {"floor": 0.0},
+        {"floor": 0.02, "floor_decay_sessions": 0.0},
+    ]
+    target = SCENARIOS / f"{TARGET_SCENARIO}.toml"
+    if args.floor_study or args.study_only:
+        tasks += [(str(target), "thompson", s, v) for v in study for s in seeds]
+    rows = _run_all(tasks, args.jobs)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=str))
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not args.study_only:
+        table = Table(title=f"Regret (KPI units, mean ± sd over {len(seeds)} seeds)")
+        for col in ("scenario", "sessions", "oracle", "ideal TS", "Lai–Robbins", "thompson", "uniform"):
+            table.add_column(col, justify="right" if col != "scenario" else "left")
+        table.add_column("thompson / uniform", justify="right")
+        table.add_column("best-arm share (TS)", justify="right")
+        table.add_column("paused (TS)")
+        for path in paths:
+            sc = load_scenario(path)
+            got = {
+                pol: [r for r in rows if r["scenario"] == sc.name and r["policy"] == pol and not r["variant"]]
+                for pol in ("thompson", "uniform", "oracle")
+            }
+            ts, ts_sd = _mean_sd([r["regret"] for r in got["thompson"]])
+            un, un_sd = _mean_sd([r["regret"] for r in got["uniform"]])
+            orc, _ = _mean_sd([r["regret"] for r in got["oracle"]])
+            ideal, ideal_sd = _mean_sd([ideal_thompson(sc, s) for s in range(max(len(seeds), 5))])
+            lr = lai_robbins(sc)
+            share, _ = _mean_sd([r["best_share"] for r in got["thompson"]])
+            paused = sorted({a for r in got["thompson"] for a in r["paused"]})
+            ratio = ts / un if un > 0 else float("nan")
+            mark = ""
+            if sc.name == TARGET_SCENARIO:
+                mark = " [green]✓[/green]" if ratio <= TARGET_RATIO else " [red]✗[/red]"
+            table.add_row(
+                sc.name,
+                f"{sc.sessions:,}",
+                f"{orc:.2f}",
+                f"{ideal:.1f} ± {ideal_sd:.1f}",
+                f"{lr:.1f}" if lr is not None else "n/a (composite)",
+                f"{ts:.1f} ± {ts_sd:.1f}",
+                f"{un:.1f} ± {un_sd:.1f}",
+                f"{ratio:.1%}{mark}",
+                f"{share:.1%}",
+                ", ".join(paused) or "—",
+            )
+        console.print(table)
+        console.print(
+            f"target: thompson / uniform ≤ {TARGET_RATIO:.0%} on {TARGET_SCENARIO}. "
+            "Regret counts the true expected KPI lost against the best guardrail-respecting arm "
+            "of each segment; 'ideal TS' sees each outcome instantly."
+        )
+    if args.floor_study or args.study_only:
+        sc = load_scenario(target)
+        default = f"floor {sc.policy.floor:g} decaying (n0={sc.policy.floor_decay_sessions:g})"
+        uniform = [r["regret"] for r in rows if r["scenario"] == TARGET_SCENARIO and r["policy"] == "uniform"]
+        table = Table(title=f"Price of the traffic floor on {TARGET_SCENARIO} ({len(seeds)} seeds)")
+        for col in ("floor", "regret", "vs no floor", "thompson / uniform"):
+            table.add_column(col, justify="right" if col != "floor" else "left")
+        base_rows = [r for r in rows if r["scenario"] == TARGET_SCENARIO and r["policy"] == "thompson"]
+        variants = [("no floor", json.dumps(study[0], sort_keys=True)),
+                    ("floor 0.02 constant", json.dumps(study[1], sort_keys=True)),
+                    (default + " (scenario default)", "")]
+        no_floor, _ = _mean_sd([r["regret"] for r in base_rows if r["variant"] == variants[0][1]])
+        un = _mean_sd(uniform)[0] if uniform else float("nan")
+        for label, key in variants:
+            vals = [r["regret"] for r in base_rows if r["variant"] == key]
+            if not vals:
+                continue
+            m, sd = _mean_sd(vals)
+            table.add_row(label, f"{m:.1f} ± {sd:.1f}", f"{m - no_floor:+.1f}", f"{m / un:.1%}" if un == un else "—")
+        console.print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
