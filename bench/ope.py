@@ -45,19 +45,28 @@ def naive(logs, n_bootstrap: int, rng: np.random.Generator) -> tuple[float, tupl
     """On-policy mean of the logged rewards with a percentile bootstrap interval."""
     reward = logs["reward"].to_numpy()
     chunk = max(1, 2_000_000 // len(reward))  # bounded memory at 100k rows
-    means = np.concatenate([
-        reward[rng.integers(0, len(reward), size=(min(chunk, n_bootstrap - s), len(reward)))].mean(axis=1)
-        for s in range(0, n_bootstrap, chunk)
-    ])
+    means = np.concatenate(
+        [
+            reward[
+                rng.integers(0, len(reward), size=(min(chunk, n_bootstrap - s), len(reward)))
+            ].mean(axis=1)
+            for s in range(0, n_bootstrap, chunk)
+        ]
+    )
     lo, hi = np.quantile(means, [0.025, 0.975])
     return float(reward.mean()), (float(lo), float(hi))
 
 
-def run(scenario: Scenario, sizes: dict[int, int], n_bootstrap: int, seed: int, console: Console) -> dict:
+def run(
+    scenario: Scenario, sizes: dict[int, int], n_bootstrap: int, seed: int, console: Console
+) -> dict:
     targets = {name: scenario.target(name) for name in scenario.targets}
     truth = {name: scenario.true_value(t) for name, t in targets.items()}
-    console.print(f"[bold]{scenario.name}[/bold]: true KPI " + ", ".join(f"{k}={v:.4f}" for k, v in truth.items())
-                  + f", logging policy={scenario.true_value(scenario.logging):.4f}")
+    console.print(
+        f"[bold]{scenario.name}[/bold]: true KPI "
+        + ", ".join(f"{k}={v:.4f}" for k, v in truth.items())
+        + f", logging policy={scenario.true_value(scenario.logging):.4f}"
+    )
     names = ["naive", *ESTIMATORS]
     results: dict = {}
     for n, reps in sizes.items():
@@ -68,7 +77,12 @@ def run(scenario: Scenario, sizes: dict[int, int], n_bootstrap: int, seed: int, 
             for tname, target in targets.items():
                 est, (lo, hi) = naive(logs, n_bootstrap, np.random.default_rng(rep))
                 rec = cell[(tname, "naive")]
-                rec["est"].append(est), rec["lo"].append(lo), rec["hi"].append(hi), rec["ess"].append(n)
+                (
+                    rec["est"].append(est),
+                    rec["lo"].append(lo),
+                    rec["hi"].append(hi),
+                    rec["ess"].append(n),
+                )
                 for ename, cls in ESTIMATORS.items():
                     fitted = cls(target, n_bootstrap=n_bootstrap, random_state=rep).fit(logs)
                     rec = cell[(tname, ename)]
@@ -94,8 +108,18 @@ def run(scenario: Scenario, sizes: dict[int, int], n_bootstrap: int, seed: int, 
 
 def report(results: dict, scenario: Scenario, sizes: dict[int, int], console: Console) -> bool:
     table = Table(title="OPE: relative error and 95% interval coverage (truth known analytically)")
-    for col in ("target", "n", "estimator", "mean rel. err", "rel. RMSE", "rel. bias", "coverage",
-                "rel. CI width", "mean ESS", "naive/est"):
+    for col in (
+        "target",
+        "n",
+        "estimator",
+        "mean rel. err",
+        "rel. RMSE",
+        "rel. bias",
+        "coverage",
+        "rel. CI width",
+        "mean ESS",
+        "naive/est",
+    ):
         table.add_column(col, justify="left" if col in ("target", "estimator") else "right")
     for tname in scenario.targets:
         for n in sizes:
@@ -104,8 +128,15 @@ def report(results: dict, scenario: Scenario, sizes: dict[int, int], console: Co
                 r = results[(n, tname, ename)]
                 se = np.sqrt(max(r["coverage"] * (1 - r["coverage"]), 1e-9) / r["reps"])
                 table.add_row(
-                    tname, f"{n:,}", ename, f"{r['mare']:.2%}", f"{r['rrmse']:.2%}", f"{r['bias']:+.2%}",
-                    f"{r['coverage']:.0%} ±{se:.0%}", f"{r['width']:.1%}", f"{r['ess']:,.0f}",
+                    tname,
+                    f"{n:,}",
+                    ename,
+                    f"{r['mare']:.2%}",
+                    f"{r['rrmse']:.2%}",
+                    f"{r['bias']:+.2%}",
+                    f"{r['coverage']:.0%} ±{se:.0%}",
+                    f"{r['width']:.1%}",
+                    f"{r['ess']:,.0f}",
                     "1.00" if ename == "naive" else f"{base / r['mare']:.1f}",
                 )
             table.add_section()
@@ -117,20 +148,30 @@ def report(results: dict, scenario: Scenario, sizes: dict[int, int], console: Co
             err = results[(10_000, headline, ename)]["mare"]
             passed = err <= GOAL
             ok &= passed
-            console.print(f"target {headline!r}, n=10,000, {ename}: mean relative error {err:.2%} "
-                          f"{'≤' if passed else '>'} {GOAL:.0%} goal: {'MET' if passed else 'MISSED'}")
+            console.print(
+                f"target {headline!r}, n=10,000, {ename}: mean relative error {err:.2%} "
+                f"{'≤' if passed else '>'} {GOAL:.0%} goal: {'MET' if passed else 'MISSED'}"
+            )
     return ok
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default=str(SCENARIO))
-    parser.add_argument("--quick", action="store_true", help="40/20/5 replications instead of 200/100/25")
-    parser.add_argument("--bootstrap", type=int, default=500, help="bootstrap replicates per interval")
+    parser.add_argument(
+        "--quick", action="store_true", help="40/20/5 replications instead of 200/100/25"
+    )
+    parser.add_argument(
+        "--bootstrap", type=int, default=500, help="bootstrap replicates per interval"
+    )
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
     scenario = Scenario.from_toml(args.scenario)
-    sizes = {1_000: 40, 10_000: 20, 100_000: 5} if args.quick else {1_000: 200, 10_000: 100, 100_000: 25}
+    sizes = (
+        {1_000: 40, 10_000: 20, 100_000: 5}
+        if args.quick
+        else {1_000: 200, 10_000: 100, 100_000: 25}
+    )
     console = Console(width=140)
     started = time.perf_counter()
     results = run(scenario, sizes, args.bootstrap, args.seed, console)

@@ -13,9 +13,10 @@ them, two references that do not use the product's code:
 The baseline of the ratio is the uniform split measured in the same run:
 ``thompson / uniform`` regret. Target: ≤ 25% on ``five_arms_one_winner``.
 
-``--floor-study`` prices the traffic floor on the target scenario: Thompson with
-no floor, a constant 2% floor and the default decaying floor
-(``floor / (1 + n / floor_decay_sessions)``).
+``--floor-study`` prices the safe-rollout choices on the target scenario:
+Thompson with no floor, a constant 2% floor, the default decaying floor
+(``floor / (1 + n / floor_decay_sessions)``), waiting for windows to close
+instead of modelling the delay, and a daily instead of 6-hourly refit.
 
 Usage::
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -42,12 +44,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from optimizer.config import PolicyConfig  # noqa: E402
 from optimizer.scenario import CONVERSION_OFFSET_S, SUPPORT_OFFSET_S, Scenario, load_scenario  # noqa: E402
 from optimizer.simulator import simulate  # noqa: E402
 
 SCENARIOS = ROOT / "bench" / "scenarios"
+#: The simulator's scenarios (the folder also holds inputs of other benchmarks).
+NAMES = (
+    "two_close_arms",
+    "five_arms_one_winner",
+    "guardrail_breach",
+    "segments",
+    "slow_conversions",
+)
 TARGET_SCENARIO = "five_arms_one_winner"
 TARGET_RATIO = 0.25
+#: Variants of Thompson sampling on the target scenario (policy or scenario fields).
+STUDY: list[tuple[str, dict[str, Any]]] = [
+    ("no floor", {"floor": 0.0}),
+    ("constant floor 0.02", {"floor": 0.02, "floor_decay_sessions": 0.0}),
+    ("delay=wait (count a session once its window closed)", {"delay": "wait"}),
+    ("refit every 24 h", {"refit_every_hours": 24.0}),
+]
 
 
 # -- references -------------------------------------------------------------------------------
@@ -63,7 +81,7 @@ def bernoulli_kl(p: float, q: float) -> float:
 
 
 def lai_robbins(scenario: Scenario) -> float | None:
-    """Σ over segments and allowed suboptimal arms of Δ/KL(p_a, p*) · ln T_segment (binary KPI only)."""
+    """Σ over segments and allowed worse arms of Δ/KL(p_a, p*) · ln T_segment (binary KPI only)."""
     if not scenario.is_binary_kpi():
         return None
     weight = scenario.kpi.terms[0].weight
@@ -90,7 +108,10 @@ def _reward_sampler(scenario: Scenario, seg: int, arm: str, rng: np.random.Gener
     def draw(n: int) -> np.ndarray:
         total = np.zeros(n)
         converted = rng.random(n) < truth.conversion
-        delay_s = CONVERSION_OFFSET_S + scenario.delay.sample(rng.random(n), scenario.delay_max_days) * 86400
+        delay_s = (
+            CONVERSION_OFFSET_S
+            + scenario.delay.sample(rng.random(n), scenario.delay_max_days) * 86400
+        )
         for term in scenario.kpi.terms:
             cap = term.cap if term.cap is not None else np.inf
             window_s = term.window_days * 86400
@@ -100,7 +121,11 @@ def _reward_sampler(scenario: Scenario, seg: int, arm: str, rng: np.random.Gener
                 amount = rng.exponential(truth.revenue, n) if truth.revenue > 0 else np.zeros(n)
                 value = np.minimum(amount, cap) * (converted & (delay_s <= window_s))
             elif term.source == "outcome:support_minutes":
-                minutes = rng.exponential(truth.support_minutes, n) if truth.support_minutes > 0 else np.zeros(n)
+                minutes = (
+                    rng.exponential(truth.support_minutes, n)
+                    if truth.support_minutes > 0
+                    else np.zeros(n)
+                )
                 value = np.minimum(minutes, cap) * (window_s >= SUPPORT_OFFSET_S)
             else:
                 turns = 1 + rng.poisson(lam, n)
@@ -162,17 +187,19 @@ def ideal_thompson(scenario: Scenario, seed: int) -> float:
 
 # -- running the product's policies -----------------------------------------------------------
 def _one(args: tuple[str, str, int, dict[str, Any]]) -> dict[str, Any]:
-    path, policy, seed, policy_overrides = args
+    path, policy, seed, overrides = args
+    logging.getLogger("optimizer").setLevel(logging.ERROR)  # pauses are expected, not news
     scenario = load_scenario(path)
-    if policy_overrides:
-        scenario = scenario.model_copy(
-            update={"policy": scenario.policy.model_copy(update=policy_overrides)}
-        )
+    policy_fields = {k: v for k, v in overrides.items() if k in PolicyConfig.model_fields}
+    scenario_fields = {k: v for k, v in overrides.items() if k not in policy_fields}
+    scenario = scenario.model_copy(
+        update={"policy": scenario.policy.model_copy(update=policy_fields), **scenario_fields}
+    )
     result = simulate(scenario, policy=policy, seed=seed)  # type: ignore[arg-type]
     return {
         "scenario": scenario.name,
         "policy": policy,
-        "variant": json.dumps(policy_overrides, sort_keys=True) if policy_overrides else "",
+        "variant": json.dumps(overrides, sort_keys=True) if overrides else "",
         "seed": seed,
         "regret": result.regret,
         "sessions": result.sessions,
@@ -204,7 +231,8 @@ def _run_all(tasks: list[tuple[str, str, int, dict[str, Any]]], jobs: int) -> li
 
 def _log(row: dict[str, Any], i: int, n: int, started: float) -> None:
     print(
-        f"  [{i}/{n} {time.perf_counter() - started:6.0f}s] {row['scenario']:<22} {row['policy']:<8}"
+        f"  [{i}/{n} {time.perf_counter() - started:6.0f}s] "
+        f"{row['scenario']:<22} {row['policy']:<8}"
         f" {row['variant']:<40} seed {row['seed']}: regret {row['regret']:8.2f}"
         f" ({row['sessions_per_s']:,.0f} sessions/s)",
         file=sys.stderr,
@@ -218,29 +246,46 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per scenario and policy (default 3)")
-    parser.add_argument("--scenario", action="append", help="scenario name (repeatable; default: all)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="seeds per scenario and policy (default 3)"
+    )
+    parser.add_argument(
+        "--scenario", action="append", help="scenario name (repeatable; default: all)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="simulations in parallel processes")
-    parser.add_argument("--floor-study", action="store_true", help="price the traffic floor on the target")
-    parser.add_argument("--study-only", action="store_true", help="only the floor study")
+    parser.add_argument(
+        "--floor-study",
+        action="store_true",
+        help="also price floor, delay handling, refit interval",
+    )
+    parser.add_argument("--study-only", action="store_true", help="only that study")
+    parser.add_argument("--study-seeds", type=int, help="seeds of the study (default: --seeds)")
     parser.add_argument("--json", type=Path, help="also write every run as JSON here")
     args = parser.parse_args(argv)
 
-    paths = sorted(SCENARIOS.glob("*.toml"))
+    paths = [SCENARIOS / f"{name}.toml" for name in NAMES]
     if args.scenario:
         paths = [p for p in paths if p.stem in set(args.scenario)]
     seeds = list(range(args.seeds))
     tasks: list[tuple[str, str, int, dict[str, Any]]] = []
     if not args.study_only:
-        tasks += [(str(p), pol, s, {}) for p in paths for pol in ("thompson", "uniform", "oracle") for s in seeds]
-    study = [
-        {"floor": 0.0},
-        {"floor": 0.02, "floor_decay_sessions": 0.0},
-    ]
+        tasks += [
+            (str(p), pol, s, {})
+            for p in paths
+            for pol in ("thompson", "uniform", "oracle")
+            for s in seeds
+        ]
     target = SCENARIOS / f"{TARGET_SCENARIO}.toml"
     if args.floor_study or args.study_only:
-        tasks += [(str(target), "thompson", s, v) for v in study for s in seeds]
+        study_seeds = list(range(args.study_seeds or args.seeds))
+        tasks += [(str(target), "thompson", s, v) for _, v in STUDY for s in study_seeds]
+        if args.study_only:  # the default variant and the baseline, for the comparison
+            tasks += [
+                (str(target), pol, s, {}) for pol in ("thompson", "uniform") for s in study_seeds
+            ]
     rows = _run_all(tasks, args.jobs)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str))
@@ -248,10 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=200)
     if not args.study_only:
         table = Table(title=f"Regret (KPI units, mean ± sd over {len(seeds)} seeds)")
-        for col in ("scenario", "sessions", "oracle", "ideal TS", "Lai–Robbins", "thompson", "uniform"):
+        for col in (
+            "scenario",
+            "sessions",
+            "oracle",
+            "ideal TS",
+            "Lai–Robbins",
+            "thompson",
+            "uniform",
+        ):
             table.add_column(col, justify="right" if col != "scenario" else "left")
         table.add_column("thompson / uniform", justify="right")
         table.add_column("best-arm share (TS)", justify="right")
@@ -259,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         for path in paths:
             sc = load_scenario(path)
             got = {
-                pol: [r for r in rows if r["scenario"] == sc.name and r["policy"] == pol and not r["variant"]]
+                pol: [
+                    r
+                    for r in rows
+                    if r["scenario"] == sc.name and r["policy"] == pol and not r["variant"]
+                ]
                 for pol in ("thompson", "uniform", "oracle")
             }
             ts, ts_sd = _mean_sd([r["regret"] for r in got["thompson"]])
@@ -293,23 +350,46 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.floor_study or args.study_only:
         sc = load_scenario(target)
-        default = f"floor {sc.policy.floor:g} decaying (n0={sc.policy.floor_decay_sessions:g})"
-        uniform = [r["regret"] for r in rows if r["scenario"] == TARGET_SCENARIO and r["policy"] == "uniform"]
-        table = Table(title=f"Price of the traffic floor on {TARGET_SCENARIO} ({len(seeds)} seeds)")
-        for col in ("floor", "regret", "vs no floor", "thompson / uniform"):
-            table.add_column(col, justify="right" if col != "floor" else "left")
-        base_rows = [r for r in rows if r["scenario"] == TARGET_SCENARIO and r["policy"] == "thompson"]
-        variants = [("no floor", json.dumps(study[0], sort_keys=True)),
-                    ("floor 0.02 constant", json.dumps(study[1], sort_keys=True)),
-                    (default + " (scenario default)", "")]
-        no_floor, _ = _mean_sd([r["regret"] for r in base_rows if r["variant"] == variants[0][1]])
-        un = _mean_sd(uniform)[0] if uniform else float("nan")
-        for label, key in variants:
-            vals = [r["regret"] for r in base_rows if r["variant"] == key]
+        pol = sc.policy
+        table = Table(
+            title=f"Price of the floor, delay handling and refit interval on {TARGET_SCENARIO}"
+        )
+        for col in (
+            "thompson variant",
+            "seeds",
+            "regret",
+            "vs scenario default",
+            "thompson / uniform",
+        ):
+            table.add_column(col, justify="left" if col == "thompson variant" else "right")
+        on_target = [r for r in rows if r["scenario"] == TARGET_SCENARIO]
+        un = _mean_sd([r["regret"] for r in on_target if r["policy"] == "uniform"])[0]
+        default_vals = [
+            r["regret"] for r in on_target if r["policy"] == "thompson" and not r["variant"]
+        ]
+        default = _mean_sd(default_vals)[0]
+        label = (
+            f"scenario default: floor {pol.floor:g} decaying over {pol.floor_decay_sessions:g} "
+            f"sessions, delay={pol.delay}, refit {sc.refit_every_hours:g} h"
+        )
+        for name, _variant, vals in [(label, {}, default_vals)] + [
+            (
+                n,
+                v,
+                [r["regret"] for r in on_target if r["variant"] == json.dumps(v, sort_keys=True)],
+            )
+            for n, v in STUDY
+        ]:
             if not vals:
                 continue
             m, sd = _mean_sd(vals)
-            table.add_row(label, f"{m:.1f} ± {sd:.1f}", f"{m - no_floor:+.1f}", f"{m / un:.1%}" if un == un else "—")
+            table.add_row(
+                name,
+                str(len(vals)),
+                f"{m:.1f} ± {sd:.1f}",
+                f"{m - default:+.1f}",
+                f"{m / un:.1%}" if un > 0 else "—",
+            )
         console.print(table)
     return 0
 

@@ -1,14 +1,14 @@
 """What tracing to Langfuse costs a chat turn, with Langfuse up, refusing and hanging.
 
-    .venv/bin/python bench/tracing_overhead.py [--turns 300] [--rounds 5] [--pace-ms 0]
-                                               [--skip-sdk] [--json]
+    .venv/bin/python bench/tracing_overhead.py [--turns 300] [--rounds 5]
+        [--pace-ms 0] [--skip-sdk] [--json]
 
 A chat turn calls the tracer after the store committed: ``trace_turn`` (then
 ``set_turn_trace_id``), and for votes and outcomes ``score_feedback`` and
 ``score_outcome``. For each mode this runs ``--turns`` turns back to back
-(unless ``--pace-ms``: the background worker then competes for the GIL as hard
-as it can, a worst case) on a fresh SQLite store, with the default masking (the few-shot scrubber) on, and
-times
+(unless ``--pace-ms``): the background worker then competes for the GIL as
+hard as it can, a worst case. The store is a fresh SQLite file, masking is on
+(the few-shot scrubber, the default), and it times
 
 * ``tracer``: the tracer calls of a turn (what the request path pays for
   Langfuse);

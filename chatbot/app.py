@@ -10,6 +10,7 @@ is what Chainlit's thumbs send as ``forId``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import chainlit as cl
@@ -18,7 +19,10 @@ from chainlit.types import ThreadDict
 from chatbot.auth import Authenticator
 from chatbot.conversation import Conversation
 from chatbot.datalayer import FlywheelDataLayer
+from chatbot.llm import FRIENDLY_ERROR
 from chatbot.runtime import get_runtime
+
+log = logging.getLogger("chatbot.app")  # Chainlit loads this file under its path as __name__
 
 #: Name of the "my issue is solved" action; ':' keeps it apart from configured action names.
 RESOLVED_ACTION = "flywheel:resolved"
@@ -68,11 +72,16 @@ async def on_chat_resume(thread: ThreadDict) -> None:
 
 @cl.on_message
 async def on_message(message: cl.Message) -> None:
-    conversation = await _conversation()
     answer = cl.Message(content="")
-    reply = await conversation.reply(
-        cl.context.current_run.id, message.content, on_token=answer.stream_token
-    )
+    try:
+        conversation = await _conversation()
+        reply = await conversation.reply(
+            cl.context.current_run.id, message.content, on_token=answer.stream_token
+        )
+    except Exception:  # e.g. the database is down: say sorry, never show internals
+        log.exception("turn failed")
+        await cl.ErrorMessage(content=FRIENDLY_ERROR).send()
+        return
     answer.content = reply.text  # refusals and errors were not streamed
     if reply.turn is not None and not reply.failed:
         answer.actions = _actions(reply.turn.id)
@@ -90,13 +99,18 @@ def _actions(turn_id: str) -> list[cl.Action]:
 
 
 async def on_action(action: cl.Action) -> None:
-    conversation = await _conversation()
     turn_id = (action.payload or {}).get("turn_id")
-    if action.name == RESOLVED_ACTION:
-        result = await conversation.resolve(turn_id=turn_id)
-    else:
-        configured = {a.name: a for a in get_runtime().config.actions}[action.name]
-        result = await conversation.click(configured, turn_id=turn_id)
+    try:
+        conversation = await _conversation()
+        if action.name == RESOLVED_ACTION:
+            result = await conversation.resolve(turn_id=turn_id)
+        else:
+            configured = {a.name: a for a in get_runtime().config.actions}[action.name]
+            result = await conversation.click(configured, turn_id=turn_id)
+    except Exception:
+        log.exception("action %s failed", action.name)
+        await cl.ErrorMessage(content="Sorry — that did not go through. Please try again.").send()
+        return
     await cl.Message(content=result.message, author="Flywheel").send()
 
 

@@ -70,9 +70,9 @@ class Authenticator:
             return Login(name, role) if _bcrypt_ok(candidate, stored) else None
         _bcrypt_ok(candidate, _DUMMY_HASH)  # same cost as a known name
         if self.auth.demo and name in DEMO_USERS:
-            demo_password, role = DEMO_USERS[name]
+            demo_password, demo_role = DEMO_USERS[name]
             if hmac.compare_digest(candidate, demo_password.encode()):
-                return Login(name, role)
+                return Login(name, demo_role)
         return None
 
 

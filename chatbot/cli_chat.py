@@ -176,8 +176,10 @@ async def _command(conversation: Conversation, line: str, last_turn: str | None)
         if name in ("solved", "resolved"):
             console.print((await conversation.resolve(turn_id=last_turn)).message)
             return True
-        actions = conversation.runtime.config.actions
-        matches = [x for x in actions if x.name == name] or [x for x in actions if name in x.name]
+        configured = conversation.runtime.config.actions
+        matches = [x for x in configured if x.name == name] or [
+            x for x in configured if name in x.name
+        ]
         if len(matches) == 1:
             console.print((await conversation.click(matches[0], turn_id=last_turn)).message)
             return True

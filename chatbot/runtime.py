@@ -46,7 +46,7 @@ def experiment_arms(config: Config, prompts: PromptLibrary) -> dict[str, ArmConf
     ['concise', 'empathetic', 'proactive-upsell']
     """
     arms = config.experiment.arms or tuple(
-        ArmConfig(id=v, prompt=v) for v in sorted(prompts.variants)
+        ArmConfig.model_validate({"id": v, "prompt": v}) for v in sorted(prompts.variants)
     )
     for arm in arms:
         if arm.prompt not in prompts.variants:

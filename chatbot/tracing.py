@@ -270,6 +270,8 @@ class _Delete:
 
 
 _STOP = object()
+#: Seconds shutdown allows itself, after the flush, to stop threads and close connections.
+_CLOSE_S = 1.0
 
 
 class LangfuseTracer(Tracer):
@@ -296,6 +298,7 @@ class LangfuseTracer(Tracer):
         prompt_versions: Callable[[str, str], int | None] | None = None,
         max_queue: int = 10_000,
     ) -> None:
+        import httpx
         from langfuse import Langfuse
         from opentelemetry.sdk.trace import TracerProvider
 
@@ -313,11 +316,14 @@ class LangfuseTracer(Tracer):
         # Our own provider: only our spans go to Langfuse, the app's global OTel setup is
         # untouched, and no atexit hook of its own can block exit (we shut down with a bound).
         self._provider = TracerProvider(shutdown_on_exit=False)
+        # Ours so that shutdown can close it (the SDK leaves its own client open).
+        self._http = httpx.Client(timeout=self.config.request_timeout_s)
         self.client: Langfuse = Langfuse(
             public_key=credentials.public_key,
             secret_key=credentials.secret_key,
             base_url=credentials.base_url,
             timeout=cast(int, self.config.request_timeout_s),  # float seconds work; hint says int
+            httpx_client=self._http,
             tracer_provider=self._provider,
         )
         self._request_options: Any = {
@@ -421,6 +427,11 @@ class LangfuseTracer(Tracer):
             log.warning("could not queue the reward of session %s", session_id, exc_info=True)
             return False
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`shutdown` ran; a closed tracer queues nothing."""
+        return self._closed
+
     def _submit(self, item: Any) -> bool:
         if self._closed:
             return False
@@ -440,6 +451,8 @@ class LangfuseTracer(Tracer):
         True if the queue drained and the span exporter finished in time; failed
         deliveries are logged by the worker and the exporter, not reported here.
         """
+        if self._closed:
+            return False
         timeout = self.config.flush_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         drained = threading.Event()
@@ -454,19 +467,24 @@ class LangfuseTracer(Tracer):
         return _bounded(self._provider.force_flush, deadline - time.monotonic())
 
     def shutdown(self) -> None:
-        """Flush for at most ``flush_timeout_s``, then stop; never blocks longer than that."""
+        """Flush for at most ``flush_timeout_s``, then stop within one more second.
+
+        What is still queued then is dropped (the store has it all).
+        """
         if self._closed:
             return
         atexit.unregister(self.shutdown)
-        deadline = time.monotonic() + self.config.flush_timeout_s
         self.flush(self.config.flush_timeout_s)
         self._closed = True
-        with contextlib.suppress(queue.Full):  # a full queue: the daemon worker dies with us
+        with contextlib.suppress(queue.Full):  # a full queue: the worker sees _closed anyway
             self._queue.put_nowait(_STOP)
+        deadline = time.monotonic() + _CLOSE_S
         self._worker.join(max(deadline - time.monotonic(), 0))
         # The SDK's shutdown first unregisters its own exit hook, then flushes without a bound.
         _bounded(self.client.shutdown, deadline - time.monotonic())
         _bounded(self._provider.shutdown, deadline - time.monotonic())
+        self._http.close()  # also ends a request still hanging in the worker
+        _forget_sdk_client(self.credentials.public_key)
 
     # -- the worker -----------------------------------------------------------
     def _run(self) -> None:
@@ -474,7 +492,7 @@ class LangfuseTracer(Tracer):
         while True:
             item = carry if carry is not None else self._queue.get()
             carry = None
-            if item is _STOP:
+            if item is _STOP or self._closed:
                 return
             try:
                 if isinstance(item, _Score):
@@ -640,6 +658,21 @@ def _parent_span_id(turn_id: str) -> int:
     return int(hashlib.sha256(f"parent:{turn_id}".encode()).hexdigest()[:16], 16) or 1
 
 
+def _forget_sdk_client(public_key: str) -> None:
+    """Drop the SDK's per-key singleton once shut down.
+
+    The SDK hands every later ``Langfuse(public_key=…)`` in the process the same
+    (now shut down) resources, which would silently drop a new tracer's data.
+    """
+    try:
+        from langfuse._client.resource_manager import LangfuseResourceManager
+
+        with LangfuseResourceManager._lock:
+            LangfuseResourceManager._instances.pop(public_key, None)
+    except (ImportError, AttributeError):  # another SDK version: nothing to forget
+        pass
+
+
 def _usage(turn: TurnRecord) -> dict[str, int]:
     usage = {"input": turn.prompt_tokens, "output": turn.completion_tokens}
     known = {k: v for k, v in usage.items() if v is not None}
@@ -719,22 +752,31 @@ def get_tracer(config: Config | None = None) -> Tracer:
     """The process-wide tracer, made on first use (pass the config for ``[langfuse]``)."""
     global _tracer
     with _tracer_lock:
-        if _tracer is None:
+        if _tracer is None or getattr(_tracer, "closed", False):
             _tracer = make_tracer(config)
         return _tracer
 
 
 # -- session rewards ----------------------------------------------------------
 def score_session_rewards(
-    store: Store, config: Config, tracer: Tracer, *, now: datetime | None = None
+    store: Store,
+    config: Config,
+    tracer: Tracer,
+    *,
+    now: datetime | None = None,
+    max_sessions: int = 2000,
 ) -> int:
     """Send ``kpi_reward`` for every session whose attribution window closed since the last call.
 
-    Sessions are read with :func:`optimizer.kpi.session_frame`; the time up to
-    which rewards were sent is kept as an audit event, so each session is sent
-    once (a re-send would replace the score anyway: its id and timestamp are
+    Sessions are read with :func:`optimizer.kpi.session_frame` and sent in the
+    order their windows closed, at most ``max_sessions`` per call (a first run
+    over a long history catches up over several calls instead of flooding the
+    queue). How far it got is kept as an audit event, so each session is sent
+    once; a re-send would replace the score anyway (id and timestamp are
     derived from the session). Returns the number of rewards queued.
     """
+    if max_sessions < 1:
+        raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
     if not tracer.enabled:
         return 0
     from optimizer import kpi
@@ -745,28 +787,32 @@ def score_session_rewards(
     if frame.empty:
         return 0
     window = timedelta(days=max(t.window_days for t in config.kpi.terms))
-    done = frame[frame["complete"].astype(bool) & frame["reward"].notna()]
-    closes_at = done["assigned_at"] + window
+    done = frame[frame["complete"].astype(bool) & frame["reward"].notna()].copy()
+    done["closes_at"] = (done["assigned_at"] + window).dt.floor("us")
     since = _rewards_watermark(store, experiment_id)
     if since is not None:
-        done, closes_at = done[closes_at > since], closes_at[closes_at > since]
-    sent = 0
-    for row, closed in zip(done.itertuples(index=False), closes_at, strict=True):
-        reward = float(row.reward)
-        if not math.isfinite(reward):
-            continue
-        sent += tracer.score_session_reward(
+        done = done[done["closes_at"] > since]
+    done = done.sort_values("closes_at", kind="stable")
+    sent, through = 0, now
+    for row in done.itertuples(index=False):
+        closed = row.closes_at.to_pydatetime()
+        queued = sent < max_sessions and tracer.score_session_reward(
             experiment_id,
             str(row.session_id),
-            reward,
-            at=closed.floor("us").to_pydatetime(),
+            float(row.reward),
+            at=closed,
             metadata={"arm": row.arm_id, "user_id": row.user_id, "segment": row.segment},
         )
-    if sent == len(done):
-        details = {"through": now.isoformat(), "sessions": sent}
+        if not queued:
+            # Resume just before this session next time (its peers closing at the same
+            # instant may be re-sent: harmless, they replace themselves).
+            through = closed - timedelta(microseconds=1)
+            log.info("queued %d of %d session rewards; the rest follow next time", sent, len(done))
+            break
+        sent += 1
+    if sent:
+        details = {"through": through.isoformat(), "sessions": sent}
         store.audit("langfuse", REWARDS_AUDIT_ACTION, experiment_id, details)
-    else:
-        log.warning("queued %d of %d session rewards; all are re-sent next time", sent, len(done))
     return sent
 
 

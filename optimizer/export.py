@@ -42,7 +42,7 @@ from optimizer.privacy import SCRUBBER_VERSION, Scrubber, public_allowlist
 from optimizer.prompts import PromptLibrary, load_prompts
 from optimizer.store import Store, schema
 
-__all__ = ["FORMATS", "ExportResult", "export_dataset"]
+__all__ = ["ExportResult", "FORMATS", "export_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def _pairs(turns: pd.DataFrame, scrubber: Scrubber, threshold: float) -> tuple[l
         return [], clean.iloc[0:0], extra
     up_prompts = [scrubber.scrub(t) for t in ups["user_message"]]
     down_prompts = [scrubber.scrub(t) for t in downs["user_message"]]
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(up_prompts + down_prompts)
+    vectorizer = TfidfVectorizer(sublinear_tf=True).fit(up_prompts + down_prompts)  # words: paraphrases match
     sims = (vectorizer.transform(down_prompts) @ vectorizer.transform(up_prompts).T).toarray()
     records: list[dict[str, str]] = []
     used: list[int] = []

@@ -53,9 +53,9 @@ from stdnum import luhn
 
 __all__ = [
     "ENTITY_TYPES",
+    "Entity",
     "PHONE_REGIONS",
     "SCRUBBER_VERSION",
-    "Entity",
     "Scrubber",
     "find_entities",
     "public_allowlist",

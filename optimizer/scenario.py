@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from scipy.special import ndtr, ndtri
 
 from optimizer.assignment import ALL_SEGMENTS
-from optimizer.config import GuardrailConfig, KPIConfig, KPITermConfig, PolicyConfig
+from optimizer.config import KPIConfig, KPITermConfig, PolicyConfig
 from optimizer.errors import ConfigError
 
 __all__ = [
@@ -168,9 +168,12 @@ class DelaySpec(_Strict):
 
 
 def _default_kpi() -> KPIConfig:
-    return KPIConfig(
-        terms=(KPITermConfig(name="conversion", source="outcome:conversion", weight=1.0, window_days=7),),
-        guardrails=(GuardrailConfig(metric="thumbs_down_rate", max_delta=0.05),),
+    """Conversion only (7-day window), with the thumbs-down guardrail."""
+    return KPIConfig.model_validate(
+        {
+            "terms": [{"name": "conversion", "source": "outcome:conversion", "weight": 1.0}],
+            "guardrails": [{"metric": "thumbs_down_rate", "max_delta": 0.05}],
+        }
     )
 
 
@@ -189,9 +192,9 @@ class Scenario(_Strict):
     turns_mean: float = Field(2.0, ge=1, le=50)
     champion: str | None = None
     segment_by: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$")
-    delay: DelaySpec = DelaySpec(mean_days=1.0)
+    delay: DelaySpec = Field(default_factory=lambda: DelaySpec.model_validate({"mean_days": 1.0}))
     kpi: KPIConfig = Field(default_factory=_default_kpi)
-    policy: PolicyConfig = PolicyConfig()
+    policy: PolicyConfig = Field(default_factory=lambda: PolicyConfig.model_validate({}))
     arms: tuple[ArmTruth, ...] = Field(min_length=2)
     segments: tuple[SegmentSpec, ...] = ()
     source: str = "<scenario>"
@@ -221,7 +224,9 @@ class Scenario(_Strict):
             for i, seg in enumerate(self.segments):
                 unknown = sorted(set(seg.arms) - set(ids))
                 if unknown:
-                    raise ValueError(f"segments.{i}.arms: unknown arm ids {unknown}, arms are {ids}")
+                    raise ValueError(
+                        f"segments.{i}.arms: unknown arm ids {unknown}, arms are {ids}"
+                    )
         return self
 
     # -- derived ---------------------------------------------------------------
@@ -235,7 +240,7 @@ class Scenario(_Strict):
 
     @property
     def segment_keys(self) -> list[str]:
-        """Allocation keys of the segments, as :func:`optimizer.assignment.segment_key` makes them."""
+        """Allocation keys of the segments, as :func:`~optimizer.assignment.segment_key` builds."""
         if not self.segments:
             return [ALL_SEGMENTS]
         return [f"{self.segment_by}={s.value}" for s in self.segments]
@@ -281,9 +286,7 @@ class Scenario(_Strict):
 
     def expected_rewards(self) -> np.ndarray:
         """True expected per-session KPI, shape (segments, arms), in :attr:`arm_ids` order."""
-        return np.array(
-            [[self.expected_reward(t[a]) for a in self.arm_ids] for t in self.truths()]
-        )
+        return np.array([[self.expected_reward(t[a]) for a in self.arm_ids] for t in self.truths()])
 
     def expected_reward(self, truth: ArmTruth) -> float:
         """Expected KPI of one session on an arm: Σ weight × E[min(value, cap)] over the terms."""
@@ -392,10 +395,12 @@ def _format_error(source: str, exc: ValidationError) -> str:
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"])
         msg = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "value_error":
+        if err["type"] in ("value_error", "missing"):
             parts.append(f"{where}: {msg}" if where else msg)
         else:
-            parts.append(f"{where}: {msg} (got {err.get('input')!r})")
+            got = repr(err.get("input"))
+            got = got if len(got) <= 60 else got[:57] + "..."
+            parts.append(f"{where}: {msg} (got {got})")
     return f"{source}: " + "; ".join(parts)
 
 

@@ -34,7 +34,7 @@ import logging
 import math
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -114,7 +114,7 @@ def scenario_config(scenario: Scenario, policy: Policy, *, experiment_id: str) -
         salt=experiment_id,
         champion=scenario.champion_id,
         segment_by=(scenario.segment_by,) if scenario.segment_by else (),
-        arms=tuple(ArmConfig(id=a.id, prompt=a.id) for a in scenario.arms),
+        arms=tuple(ArmConfig.model_validate({"id": a.id, "prompt": a.id}) for a in scenario.arms),
     )
     return Config(
         experiment=experiment,
@@ -393,7 +393,7 @@ def simulate(
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     started = time.perf_counter()
-    timings: Counter[str] = Counter()
+    timings: dict[str, float] = defaultdict(float)
     rng = np.random.default_rng(seed)
     draws = _draw(scenario, rng)
     job_rng = np.random.default_rng([seed, 1])
@@ -433,7 +433,11 @@ def simulate(
         )
         if policy == "oracle":
             base_store.save_snapshot(
-                experiment_id, "oracle", _oracle_allocation(scenario), {"policy": "oracle"}, at=start
+                experiment_id,
+                "oracle",
+                _oracle_allocation(scenario),
+                {"policy": "oracle"},
+                at=start,
             )
         run_optimizer = _optimizer_entry() if policy != "oracle" else None
         writer = _Writer(base_store, bulk=bulk)
@@ -584,7 +588,9 @@ def _generate(
     tseg, tarm = draws.segment[owner], assigned[owner]
     t_turn = draws.t[owner] + (k + 1) * _TURN_GAP_S
     error = draws.u_error[tix] < truth.error_rate[tseg, tarm]
-    latency = np.exp(truth.log_latency[tseg, tarm] + truth.latency_sigma[tseg, tarm] * draws.z_latency[tix])
+    latency = np.exp(
+        truth.log_latency[tseg, tarm] + truth.latency_sigma[tseg, tarm] * draws.z_latency[tix]
+    )
     rated = draws.u_rate[tix] < truth.rate[tseg, tarm]
     up = draws.u_vote[tix] < truth.thumbs_up[tseg, tarm]
     for j in range(len(owner)):
@@ -658,15 +664,17 @@ def _generate(
             )
         )
 
-    for j in np.flatnonzero(converted):
-        i = int(idx[j])
-        t_conv = float(t0[j]) + CONVERSION_OFFSET_S + float(delays[j])
+    for c in np.flatnonzero(converted):
+        i = int(idx[c])
+        t_conv = float(t0[c]) + CONVERSION_OFFSET_S + float(delays[c])
         outcome(i, "conversion", 1.0, t_conv)
-        if write_revenue and revenue[j] > 0:
-            outcome(i, "revenue", float(revenue[j]), t_conv)
+        if write_revenue and revenue[c] > 0:
+            outcome(i, "revenue", float(revenue[c]), t_conv)
     if write_support:
-        for j in np.flatnonzero(support > 0):
-            outcome(int(idx[j]), "support_minutes", float(support[j]), float(t0[j]) + SUPPORT_OFFSET_S)
+        for c in np.flatnonzero(support > 0):
+            outcome(
+                int(idx[c]), "support_minutes", float(support[c]), float(t0[c]) + SUPPORT_OFFSET_S
+            )
 
 
 def _oracle_allocation(scenario: Scenario) -> dict[str, Any]:
@@ -674,7 +682,9 @@ def _oracle_allocation(scenario: Scenario) -> dict[str, Any]:
     rewards = scenario.expected_rewards()
     allowed = np.array([a in scenario.allowed_arms() for a in scenario.arm_ids])
     pooled = np.where(allowed, scenario.segment_shares @ rewards, -np.inf)
-    segments: dict[str, dict[str, float]] = {ALL_SEGMENTS: {scenario.arm_ids[int(pooled.argmax())]: 1.0}}
+    segments: dict[str, dict[str, float]] = {
+        ALL_SEGMENTS: {scenario.arm_ids[int(pooled.argmax())]: 1.0}
+    }
     if scenario.segments:
         for key, arm in zip(scenario.segment_keys, scenario.oracle_arms(), strict=True):
             segments[key] = {arm: 1.0}

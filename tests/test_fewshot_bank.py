@@ -65,9 +65,9 @@ def test_seeds_enter_approved_and_follow_edits(sqlite_store: Store) -> None:
         ("optimizer.fewshot", ["BankExample", "CreditResult", "ExampleBank", "ExampleCredit", "ExampleSelector",
                                "MiningResult", "Proposal", "credit_examples", "example_hash", "mine_examples",
                                "propose_challenger"]),
-        ("optimizer.privacy", ["ENTITY_TYPES", "PHONE_REGIONS", "SCRUBBER_VERSION", "Entity", "Scrubber",
+        ("optimizer.privacy", ["ENTITY_TYPES", "Entity", "PHONE_REGIONS", "SCRUBBER_VERSION", "Scrubber",
                                "find_entities", "public_allowlist", "scrub"]),
-        ("optimizer.export", ["FORMATS", "ExportResult", "export_dataset"]),
+        ("optimizer.export", ["ExportResult", "FORMATS", "export_dataset"]),
     ],
 )
 def test_public_names(module: str, expected: list[str]) -> None:

@@ -111,12 +111,14 @@ def test_cli_prints_a_table_and_rejects_bad_input(tmp_path: Path) -> None:
     bad_policy = runner.invoke(app, ["simulate", "--scenario", str(scenario), "--policy", "greedy"])
     assert bad_policy.exit_code == 2 and "--policy must be one of" in bad_policy.output
     bad = tmp_path / "bad.toml"
-    bad.write_text('sessions = 10\nsessions_per_day = 10\nrefit_every_hours = 1\n[[arms]]\nid = "a"\n')
+    bad.write_text(
+        'sessions = 10\nsessions_per_day = 10\nrefit_every_hours = 1\n[[arms]]\nid = "a"\n'
+    )
     broken = runner.invoke(app, ["simulate", "--scenario", str(bad), "--policy", "oracle"])
     assert broken.exit_code == 2 and str(bad) in broken.output and "arms" in broken.output
     small = tmp_path / "small.toml"
     small.write_text(
-        'sessions = 300\nsessions_per_day = 300\nrefit_every_hours = 24\n'
+        "sessions = 300\nsessions_per_day = 300\nrefit_every_hours = 24\n"
         '[[arms]]\nid = "a"\nconversion = 0.02\n[[arms]]\nid = "b"\nconversion = 0.05\n'
     )
     table = runner.invoke(app, ["simulate", "--scenario", str(small), "--policy", "oracle"])
@@ -179,7 +181,12 @@ def test_events_are_written_only_once_they_have_happened(tmp_path: Path) -> None
             # conversions of the first day's sessions known so far
             first_day = conn.execute(
                 sa.select(sa.func.count())
-                .select_from(schema.outcomes.join(schema.assignments, schema.outcomes.c.session_id == schema.assignments.c.session_id))
+                .select_from(
+                    schema.outcomes.join(
+                        schema.assignments,
+                        schema.outcomes.c.session_id == schema.assignments.c.session_id,
+                    )
+                )
                 .where(schema.assignments.c.assigned_at < sc.start + timedelta(days=1))
             ).scalar()
         assert all(t is not None and t <= now.replace(tzinfo=None) for t in latest), (now, latest)
@@ -230,7 +237,12 @@ def test_guardrail_breach_ends_with_the_harmful_arm_paused() -> None:
         champion="a",
         kpi={
             "terms": [
-                {"name": "conversion", "source": "outcome:conversion", "weight": 1, "window_days": 0.25}
+                {
+                    "name": "conversion",
+                    "source": "outcome:conversion",
+                    "weight": 1,
+                    "window_days": 0.25,
+                }
             ],
             "guardrails": [{"metric": "thumbs_down_rate", "max_delta": 0.05}],
         },
@@ -255,14 +267,21 @@ def test_segments_get_their_own_allocation() -> None:
         policy={"burn_in": 30, "challenger_min_sessions": 0, "samples": 1000},
         segments=[
             {"value": "free", "share": 0.5},
-            {"value": "pro", "share": 0.5, "arms": {"a": {"conversion": 0.45}, "c": {"conversion": 0.05}}},
+            {
+                "value": "pro",
+                "share": 0.5,
+                "arms": {"a": {"conversion": 0.45}, "c": {"conversion": 0.05}},
+            },
         ],
     )
     result = simulate(sc, policy="thompson", seed=6)
     free, pro = result.final_allocation["plan=free"], result.final_allocation["plan=pro"]
     assert max(free, key=free.__getitem__) == "c" and free["c"] > 0.6
     assert max(pro, key=pro.__getitem__) == "a" and pro["a"] > 0.6
-    assert result.sessions_per_segment_arm["plan=pro"]["a"] > result.sessions_per_segment_arm["plan=pro"]["c"]
+    assert (
+        result.sessions_per_segment_arm["plan=pro"]["a"]
+        > result.sessions_per_segment_arm["plan=pro"]["c"]
+    )
     uniform = simulate(sc, policy="uniform", seed=6)
     assert result.regret < uniform.regret
 
@@ -279,7 +298,12 @@ def test_true_expected_kpi_matches_what_the_optimizer_measures(tmp_path: Path) -
             "delay": {"distribution": "lognormal", "median_days": 0.3, "sigma": 1.0},
             "kpi": {
                 "terms": [
-                    {"name": "conversion", "source": "outcome:conversion", "weight": 1.0, "window_days": 1},
+                    {
+                        "name": "conversion",
+                        "source": "outcome:conversion",
+                        "weight": 1.0,
+                        "window_days": 1,
+                    },
                     {"name": "up", "source": "feedback:up_rate", "weight": 0.5, "window_days": 1},
                     {
                         "name": "support",
@@ -288,12 +312,25 @@ def test_true_expected_kpi_matches_what_the_optimizer_measures(tmp_path: Path) -
                         "cap": 10,
                         "window_days": 1,
                     },
-                    {"name": "revenue", "source": "outcome:revenue", "weight": 0.001, "window_days": 0.5},
+                    {
+                        "name": "revenue",
+                        "source": "outcome:revenue",
+                        "weight": 0.001,
+                        "window_days": 0.5,
+                    },
                 ],
                 "guardrails": [],
             },
             "arms": [
-                {"id": "a", "conversion": 0.2, "rate": 0.4, "thumbs_up": 0.8, "support_minutes": 6, "revenue": 100, "error_rate": 0.1},
+                {
+                    "id": "a",
+                    "conversion": 0.2,
+                    "rate": 0.4,
+                    "thumbs_up": 0.8,
+                    "support_minutes": 6,
+                    "revenue": 100,
+                    "error_rate": 0.1,
+                },
                 {"id": "b", "conversion": 0.1, "rate": 0.2, "thumbs_up": 0.5, "support_minutes": 2},
             ],
             "segments": [
@@ -335,7 +372,9 @@ def test_simulating_into_a_store_keeps_the_events(store_url: str) -> None:
                 )
             }
             simulated = conn.execute(
-                sa.select(sa.func.count()).select_from(schema.assignments).where(schema.assignments.c.simulated)
+                sa.select(sa.func.count())
+                .select_from(schema.assignments)
+                .where(schema.assignments.c.simulated)
             ).scalar()
         assert counts == result.events_written
         assert simulated == 400

@@ -164,6 +164,30 @@ def test_trace_id_is_the_sdks_seeded_id() -> None:
         assert trace_id_for_turn(seed) == Langfuse.create_trace_id(seed=seed)
 
 
+def test_process_tracer_is_replaced_after_shutdown(
+    recorder: LangfuseRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second tracer with the same key (a restarted runtime, a test) must still deliver."""
+    import chatbot.tracing as tracing
+
+    monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", recorder.public_key)
+    monkeypatch.setenv("LANGFUSE_SECRET_KEY", recorder.secret_key)
+    monkeypatch.setenv("LANGFUSE_BASE_URL", recorder.base_url)
+    monkeypatch.setattr(tracing, "_tracer", None)
+    first = tracing.get_tracer()
+    assert isinstance(first, LangfuseTracer) and tracing.get_tracer() is first
+    first.trace_turn(turn("run-a"), assignment(), MESSAGES)
+    assert first.flush(10)
+    first.shutdown()
+    second = tracing.get_tracer()
+    assert second is not first and second.enabled
+    trace_id = second.trace_turn(turn("run-b"), assignment(), MESSAGES)
+    assert second.flush(10)
+    second.shutdown()
+    assert len(recorder.spans_of(trace_id_for_turn("run-a"))) == 2
+    assert len(recorder.spans_of(trace_id or "")) == 2
+
+
 # -- one trace per turn -------------------------------------------------------
 def test_turn_trace_on_the_wire_matches_the_stored_turn(
     store: Store, recorder: LangfuseRecorder
@@ -397,6 +421,34 @@ def test_session_rewards_once_the_window_closed(store: Store, recorder: Langfuse
     assert rewards["old"]["metadata"]["arm"] == "concise+fixed"
     # Timestamp = when the window closed: a re-send replaces the same record.
     assert datetime.fromisoformat(rewards["old"]["timestamp"]) == NOW - timedelta(days=2)
+
+
+def test_session_rewards_catch_up_in_bounded_steps(
+    sqlite_store: Store, recorder: LangfuseRecorder
+) -> None:
+    config = Config(
+        experiment=ExperimentConfig(id="support-v1"),
+        kpi=KPIConfig(
+            terms=(
+                KPITermConfig(name="c", source="outcome:conversion", weight=1.0, window_days=1),
+            ),
+            guardrails=(),
+        ),
+    )
+    for i in range(5):
+        sqlite_store.record_assignment(
+            assignment(f"s{i}", f"u{i}", assigned_at=NOW - timedelta(days=9 - i))
+        )
+    tracer = tracer_for(recorder)
+    steps = [
+        score_session_rewards(sqlite_store, config, tracer, now=NOW, max_sessions=2)
+        for _ in range(4)
+    ]
+    assert tracer.flush(10)
+    tracer.shutdown()
+    assert steps == [2, 2, 1, 0]
+    rewards = [s["sessionId"] for s in recorder.iter_score_bodies() if s["name"] == REWARD_SCORE]
+    assert rewards == ["s0", "s1", "s2", "s3", "s4"]  # oldest window first, each once
 
 
 # -- Langfuse down never reaches the chat -------------------------------------

@@ -13,6 +13,7 @@ import typer
 from optimizer.cli import db, demo, optimize, report, simulate
 from optimizer.cli import export as export_cmd
 from optimizer.cli import fewshot, scrub
+from optimizer.cli import ope as ope_cmd
 
 __all__ = ["app"]
 
@@ -30,3 +31,4 @@ app.command()(optimize.optimize)
 app.command()(scrub.scrub)
 app.add_typer(fewshot.app, name="fewshot")
 app.command()(export_cmd.export)
+app.command()(ope_cmd.ope)

@@ -59,24 +59,23 @@ def report(
 
 
 def _print(rep: dict[str, Any]) -> None:
-    from optimizer.report_html import ago, evidence, interval, num, pct
+    from optimizer.report_html import ago, interval, num, pct, when
 
     exp, snap = rep["experiment"], rep["snapshot"]
     title = f"Experiment [bold]{exp['id']}[/bold] · {rep['totals']['sessions']} sessions"
     if rep["simulated"]:
         title += " · [yellow]simulated data[/yellow]"
     table = Table(title=title, title_justify="left")
-    for name in ("Arm", "Status"):
-        table.add_column(name)
+    table.add_column("Arm", no_wrap=True)
+    table.add_column("Status")
     for name in (
         "Sessions",
-        "Alloc. now",
-        "Conv.",
-        "Conv. rate [95% CI]",
+        "Traffic",
+        "Conversion",
         "Up",
         "Down",
         "Support min",
-        "KPI [95% CI]",
+        "KPI",
         "P(best)",
         "E[loss]",
     ):
@@ -87,12 +86,11 @@ def _print(rep: dict[str, Any]) -> None:
             a["status_label"],
             str(a["sessions"]),
             pct(a["allocation"]),
-            "—" if a["conversions"] is None else str(int(a["conversions"])),
-            f"{pct(a['conversion_rate'])} {interval(a['conversion_ci'], pct)}".strip(),
+            f"{pct(a['conversion_rate'])}\n{interval(a['conversion_ci'], pct)}".strip(),
             pct(a["thumbs_up_rate"]),
             pct(a["thumbs_down_rate"]),
             num(a["median_support_minutes"], 1),
-            f"{num(a['kpi_mean'], 4)} {interval(a['kpi_ci'], lambda v: num(v, 4))}".strip(),
+            f"{num(a['kpi_mean'], 4)}\n{interval(a['kpi_ci'], lambda v: num(v, 4))}".strip(),
             pct(a["prob_best"]),
             num(a["expected_loss"], 4),
         )
@@ -109,12 +107,34 @@ def _print(rep: dict[str, Any]) -> None:
             f" · expected loss {num(leader['expected_loss'], 4)}"
         )
     if stop := rep["stop"]:
-        console.print(f"Stop rule: {evidence(stop)}")
+        rule = (
+            f"P(best) ≥ {pct(stop.get('stop_probability_best'), 0)}"
+            f" and expected loss < {stop.get('stop_expected_loss')}"
+        )
+        if stop.get("recommended"):
+            console.print(
+                f"Stop rule [green]met[/green]: [bold]{stop['recommended']}[/bold] ({rule})"
+            )
+        else:
+            console.print(f"Stop rule not met yet: keep exploring ({rule})")
     if srm := rep["srm"]:
         state = "[red]MISMATCH[/red]" if srm.get("warning") else "[green]ok[/green]"
         console.print(f"SRM: {state} (p = {num(srm.get('p_value'), 4)})")
     for fired in rep["guardrail_firings"]:
         console.print(
             f"[red]Guardrail[/red] {fired['metric'] or ''} paused [bold]{fired['arm']}[/bold]"
-            f" at {fired['at']}: {evidence(fired['evidence'])}"
+            f" at {when(fired['at'])}: {_check(fired['evidence'])}"
         )
+
+
+def _check(check: dict[str, Any]) -> str:
+    """One guardrail check as a sentence (the evidence of a pause)."""
+    from optimizer.report_html import evidence, num
+
+    if "arm_value" not in check or "limit" not in check:
+        return evidence(check)
+    limit = f"+{check['limit']}" if check.get("limit_kind") == "max_delta" else f"×{check['limit']}"
+    return (
+        f"{num(check['arm_value'], 4)} vs champion {num(check.get('champion_value'), 4)}"
+        f" (limit {limit}), P(breach) = {num(check.get('probability'), 3)}"
+    )

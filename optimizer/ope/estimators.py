@@ -92,13 +92,19 @@ def _prepare(logs: pd.DataFrame, target: TargetPolicy, clip: float | None) -> _L
     if clip is not None:
         n_clipped = int(np.sum(raw > clip))
         weights = np.minimum(raw, clip)
-    return _Logged(frame, arms, arm_codes, frame["reward"].to_numpy(), probs, raw, weights, n_clipped)
+    return _Logged(
+        frame, arms, arm_codes, frame["reward"].to_numpy(), probs, raw, weights, n_clipped
+    )
 
 
 def _check_support(
-    segments: np.ndarray, arm_codes: np.ndarray, probs: np.ndarray, arms: list[str], target: TargetPolicy
+    segments: np.ndarray,
+    arm_codes: np.ndarray,
+    probs: np.ndarray,
+    arms: list[str],
+    target: TargetPolicy,
 ) -> None:
-    """The target may only put mass on arms logged in the same segment: elsewhere there is no data."""
+    """The target may only put mass on arms logged in the same segment: no data elsewhere."""
     names, seg_codes = np.unique(segments, return_inverse=True)
     logged = np.zeros((len(names), len(arms)), dtype=bool)
     logged[seg_codes, arm_codes] = True
@@ -110,8 +116,8 @@ def _check_support(
         label = target.describe().get("label", "target")
         raise EstimationError(
             f"{label} puts mass on arm {arms[a]!r} in segment {names[s]!r}, where it was never "
-            f"logged ({int(np.sum(seg_codes == s))} sessions there); {len(gaps)} such (segment, arm) "
-            "pair(s) in all: evaluate a target that stays within the logged arms"
+            f"logged ({int(np.sum(seg_codes == s))} sessions there); {len(gaps)} such "
+            "(segment, arm) pair(s) in all: evaluate a target that stays within the logged arms"
         )
 
 
@@ -119,15 +125,17 @@ def _bootstrap_means(columns: np.ndarray, n_bootstrap: int, rng: np.random.Gener
     """Means of each column over ``n_bootstrap`` resamples of the rows: shape (n_bootstrap, m)."""
     n = len(columns)
     out = np.empty((n_bootstrap, columns.shape[1]))
+    by_column = np.ascontiguousarray(columns.T)  # 1-D gathers are ~5x faster than 2-D ones
     chunk = max(1, _MAX_DRAWS // n)
     for start in range(0, n_bootstrap, chunk):
         stop = min(start + chunk, n_bootstrap)
         idx = rng.integers(0, n, size=(stop - start, n))
-        out[start:stop] = columns[idx].mean(axis=1)
+        for j, column in enumerate(by_column):
+            out[start:stop, j] = column[idx].mean(axis=1)
     return out
 
 
-class _Estimator(BaseEstimator):  # type: ignore[misc]
+class _Estimator(BaseEstimator):
     """Shared fitting: validation, weights, ESS, interval, warnings, summary."""
 
     name: ClassVar[str]
@@ -149,7 +157,9 @@ class _Estimator(BaseEstimator):  # type: ignore[misc]
         estimate, replicates = self._estimate(data, rng)
         finite = replicates[np.isfinite(replicates)]
         if len(finite) < 2:
-            raise EstimationError(f"{self.name}: bootstrap produced no usable replicate from {data.n} sessions")
+            raise EstimationError(
+                f"{self.name}: bootstrap produced no usable replicate from {data.n} sessions"
+            )
         lo, hi = np.quantile(finite, [self.alpha / 2, 1 - self.alpha / 2])
         self.n_ = data.n
         self.arms_ = data.arms
@@ -186,17 +196,21 @@ class _Estimator(BaseEstimator):  # type: ignore[misc]
         if ess < self.min_ess or ess < self.min_ess_fraction * data.n:
             extra = " and the reward model extrapolates" if not self.uses_weights else ""
             out.append(
-                f"effective sample size {ess:.1f} of {data.n} sessions is below the trust threshold "
-                f"(min_ess={self.min_ess:g}, min_ess_fraction={self.min_ess_fraction:g}): the target is "
-                f"far from the logged policy{extra}; do not trust this estimate"
+                f"effective sample size {ess:.1f} of {data.n} sessions is below the trust "
+                f"threshold (min_ess={self.min_ess:g}, "
+                f"min_ess_fraction={self.min_ess_fraction:g}): the target is far from the "
+                f"logged policy{extra}; do not trust this estimate"
             )
         if data.n_clipped and self.uses_weights:
             out.append(
                 f"clipped {data.n_clipped} of {data.n} weights above {self.clip:g} "
-                f"(largest {data.raw_weights.max():.3g}): the estimate is biased toward the logged policy"
+                f"(largest {data.raw_weights.max():.3g}): the estimate is biased toward the "
+                "logged policy"
             )
         if failed_replicates:
-            out.append(f"{failed_replicates} of {self.n_bootstrap} bootstrap replicates were undefined")
+            out.append(
+                f"{failed_replicates} of {self.n_bootstrap} bootstrap replicates were undefined"
+            )
         return out
 
     def _summary(self) -> dict[str, Any]:
@@ -259,7 +273,8 @@ class SNIPS(IPS):
     dividing by it removes most of IPS's variance for a small bias.
 
     >>> from optimizer.ope.synthetic import demo_scenario, make_logs
-    >>> round(SNIPS(target="arm:b").fit(make_logs(demo_scenario(), 5000, random_state=0)).estimate_, 3)
+    >>> logs = make_logs(demo_scenario(), 5000, random_state=0)
+    >>> round(SNIPS(target="arm:b").fit(logs).estimate_, 3)
     0.257
     """
 
@@ -296,7 +311,7 @@ class DirectMethod(_Estimator):
 
     name = "dm"
     uses_weights = False
-    clip = None  # the estimate has no weights; kept for the shared checks
+    clip: float | None = None  # the estimate has no weights; kept for the shared checks
 
     def __init__(
         self,
@@ -332,7 +347,9 @@ class DirectMethod(_Estimator):
         # scores do not sum to zero); the mean of `influence` is the estimate.
         influence = terms + correction - correction.mean()
         self.reward_model_ = model
-        return float(terms.mean()), _bootstrap_means(influence[:, None], self.n_bootstrap, rng)[:, 0]
+        return float(terms.mean()), _bootstrap_means(influence[:, None], self.n_bootstrap, rng)[
+            :, 0
+        ]
 
 
 class DoublyRobust(DirectMethod):
@@ -378,7 +395,9 @@ class DoublyRobust(DirectMethod):
     def _terms(self, data: _Logged, predicted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.arange(data.n)
         logged = predicted[rows, data.arm_codes]
-        terms = np.sum(data.target_probs * predicted, axis=1) + data.weights * (data.reward - logged)
+        terms = np.sum(data.target_probs * predicted, axis=1) + data.weights * (
+            data.reward - logged
+        )
         derivative = data.target_probs.copy()
         derivative[rows, data.arm_codes] -= data.weights
         return terms, derivative
@@ -422,7 +441,9 @@ def evaluate_target(
     """
     unknown = [e for e in estimators if e not in ESTIMATORS]
     if unknown or not estimators:
-        raise ValueError(f"estimators must be a non-empty subset of {list(ESTIMATORS)}, got {list(estimators)}")
+        raise ValueError(
+            f"estimators must be a non-empty subset of {list(ESTIMATORS)}, got {list(estimators)}"
+        )
     resolved = as_target(target)
     frame = validate_logs(logs)
     results: dict[str, Any] = {}

@@ -46,7 +46,8 @@ def validate_logs(logs: pd.DataFrame) -> pd.DataFrame:
     the first bad row and value: a missing column, a missing arm or reward, a
     non-finite reward, a propensity missing, zero or outside (0, 1].
 
-    >>> validate_logs(pd.DataFrame({"arm": ["a"], "reward": [1], "propensity": [0.5]})).dtypes["reward"]
+    >>> logs = pd.DataFrame({"arm": ["a"], "reward": [1], "propensity": [0.5]})
+    >>> validate_logs(logs).dtypes["reward"]
     dtype('float64')
     """
     if not isinstance(logs, pd.DataFrame):
@@ -54,7 +55,8 @@ def validate_logs(logs: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in LOG_COLUMNS if c not in logs.columns]
     if missing:
         raise EstimationError(
-            f"logs lack the column(s) {missing}; required: {list(LOG_COLUMNS)}, got {list(logs.columns)}"
+            f"logs lack the column(s) {missing}; required: {list(LOG_COLUMNS)}, "
+            f"got {list(logs.columns)}"
         )
     if logs.empty:
         raise EstimationError("logs have no rows: no session to evaluate from")
@@ -123,7 +125,9 @@ def logs_from_store(store: Store, config: Config, *, now: datetime | None = None
     columns = ["session_id", "arm", "reward", "propensity", "segment"]
     if sessions.empty:
         return pd.DataFrame(columns=columns).set_index("session_id")
-    complete = sessions["complete"].astype(bool) if "complete" in sessions else sessions["reward"].notna()
+    complete = (
+        sessions["complete"].astype(bool) if "complete" in sessions else sessions["reward"].notna()
+    )
     sessions = sessions.loc[complete & sessions["reward"].notna()]
     log.info("ope: %d complete sessions of experiment %r", len(sessions), config.experiment.id)
     frame = sessions.rename(columns={"arm_id": "arm"})[columns].set_index("session_id")

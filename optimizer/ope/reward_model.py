@@ -1,7 +1,7 @@
 """The direct method's reward model: one scikit-learn GLM per arm on the session context.
 
 Context columns are encoded once (categorical → one-hot, numeric → standardised)
-and rows are grouped by (context pattern, arm). A model fitted on the groups, with
+and rows are grouped by (distinct context pattern, arm). A model fitted on the groups, with
 their counts as sample weights, is the same model as one fitted on every row: for
 squared loss the target is the group mean, for log loss each group is two rows
 weighted by its successes and failures. So fitting costs little even at 100k rows.
@@ -25,11 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.base import clone
-from sklearn.compose import ColumnTransformer
-from sklearn.impute import SimpleImputer
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import OneHotEncoder, StandardScaler
 from threadpoolctl import threadpool_limits
 
 __all__ = ["RewardModel"]
@@ -61,16 +57,21 @@ class RewardModel:
     [[0.98, 0.5], [0.02, 0.5]]
     """
 
-    def __init__(self, model: Any, context: pd.DataFrame, arm_codes: np.ndarray, reward: np.ndarray, n_arms: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        context: pd.DataFrame,
+        arm_codes: np.ndarray,
+        reward: np.ndarray,
+        n_arms: int,
+    ) -> None:
         self.binary = bool(np.isin(reward, (0.0, 1.0)).all())
         self.estimator = _make_estimator(model, self.binary)
-        patterns, pattern_of_row = np.unique(_encode(context), axis=0, return_inverse=True)
-        self.patterns = patterns
-        self.pattern_of_row = np.asarray(pattern_of_row).ravel()
+        self.patterns, self.pattern_of_row = _patterns(context)
         self.arm_codes = arm_codes
         self.n_arms = n_arms
         groups = self.pattern_of_row * n_arms + arm_codes
-        shape = (len(patterns), n_arms)
+        shape = (len(self.patterns), n_arms)
         self.counts_ = np.bincount(groups, minlength=shape[0] * n_arms).reshape(shape).astype(float)
         sums = np.bincount(groups, weights=reward, minlength=shape[0] * n_arms).reshape(shape)
         self.table_ = np.empty(shape)
@@ -95,7 +96,9 @@ class RewardModel:
         n_patterns = len(self.patterns)
         gamma = np.empty((n_patterns, self.n_arms))
         for arm, fit in enumerate(self._fits):
-            by_pattern = np.bincount(self.pattern_of_row, weights=derivative[:, arm], minlength=n_patterns)
+            by_pattern = np.bincount(
+                self.pattern_of_row, weights=derivative[:, arm], minlength=n_patterns
+            )
             gradient = fit.design.T @ (by_pattern * fit.slope)
             gamma[:, arm] = fit.design @ (fit.inverse_hessian @ gradient)
         return gamma[self.pattern_of_row, self.arm_codes]
@@ -144,45 +147,66 @@ def _make_estimator(model: Any, binary: bool) -> LogisticRegression | Ridge:
         elif model == "ridge":
             model = Ridge(alpha=1.0)
         else:
-            raise ValueError(f"model must be 'auto', 'logistic', 'ridge' or an estimator, got {model!r}")
+            raise ValueError(
+                f"model must be 'auto', 'logistic', 'ridge' or an estimator, got {model!r}"
+            )
     if isinstance(model, LogisticRegression):
         if not binary:
-            raise ValueError("a logistic reward model needs 0/1 rewards; use 'ridge' or 'auto' for this KPI")
+            raise ValueError(
+                "a logistic reward model needs 0/1 rewards; use 'ridge' or 'auto' for this KPI"
+            )
         if model.class_weight is not None:
-            raise ValueError(f"the logistic reward model must have class_weight=None, got {model!r}")
+            raise ValueError(
+                f"the logistic reward model must have class_weight=None, got {model!r}"
+            )
         l1_ratio = getattr(model, "l1_ratio", None)
-        if getattr(model, "penalty", "l2") not in ("l2", "deprecated") or l1_ratio not in (None, 0, 0.0):
+        if getattr(model, "penalty", "l2") not in ("l2", "deprecated") or l1_ratio not in (
+            None,
+            0,
+            0.0,
+        ):
             raise ValueError(f"the logistic reward model must use an L2 penalty, got {model!r}")
     elif not isinstance(model, Ridge):
         raise ValueError(
-            f"model must be a LogisticRegression or Ridge (the bootstrap linearises a GLM), got {model!r}"
+            "model must be a LogisticRegression or Ridge (the bootstrap linearises a GLM), "
+            f"got {model!r}"
         )
     if not model.fit_intercept or not np.isscalar(getattr(model, "alpha", 0.0)):
-        raise ValueError(f"the reward model needs fit_intercept=True and a scalar penalty, got {model!r}")
+        raise ValueError(
+            f"the reward model needs fit_intercept=True and a scalar penalty, got {model!r}"
+        )
     return model
 
 
-def _encode(context: pd.DataFrame) -> np.ndarray:
-    """Dense float design matrix; a single zero column when no column varies."""
+def _patterns(context: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct context patterns as a float design matrix, and each row's pattern.
+
+    Categorical columns become one-hot (the ``MAX_CATEGORIES - 1`` most frequent
+    values, the rest sharing one column), numeric ones are standardised with missing
+    values at the mean. Encoding is vectorised pandas on the distinct patterns only.
+    """
     usable = [c for c in context.columns if context[c].nunique(dropna=False) > 1]
     if not usable:
-        return np.zeros((len(context), 1))
-    frame = context[usable]
-    numeric = [
-        c for c in usable if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+        return np.zeros((1, 1)), np.zeros(len(context), dtype=np.int64)
+    prepared = pd.DataFrame(index=context.index)
+    for column in usable:
+        values = context[column]
+        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            numbers = values.astype(float)
+            std = numbers.std(ddof=0)
+            prepared[column] = ((numbers - numbers.mean()) / (std if std > 0 else 1.0)).fillna(0.0)
+        else:
+            # JSON context may hold bools, lists or None: compare values as text.
+            text = values.astype(object).where(values.notna(), "<missing>").astype(str)
+            keep = text.value_counts().index[: MAX_CATEGORIES - 1]
+            prepared[column] = text.where(text.isin(keep), "<other>")
+    codes = prepared.groupby(usable, sort=False, dropna=False).ngroup().to_numpy()
+    first = np.unique(codes, return_index=True)[1]
+    distinct = prepared.iloc[first]
+    blocks = [
+        pd.get_dummies(distinct[c], dtype=float).to_numpy()
+        if distinct[c].dtype == object or pd.api.types.is_string_dtype(distinct[c])
+        else distinct[[c]].to_numpy(dtype=float)
+        for c in usable
     ]
-    categorical = [c for c in usable if c not in numeric]
-    # Values may be anything JSON held (bools, lists, None): compare them as text.
-    frame = frame.assign(**{c: frame[c].map(lambda v: "<missing>" if _isna(v) else str(v)) for c in categorical})
-    transformers: list[tuple[str, Any, list[str]]] = []
-    if categorical:
-        onehot = OneHotEncoder(handle_unknown="infrequent_if_exist", max_categories=MAX_CATEGORIES, sparse_output=False)
-        transformers.append(("categorical", onehot, categorical))
-    if numeric:
-        transformers.append(("numeric", make_pipeline(SimpleImputer(), StandardScaler()), numeric))
-    encoder = ColumnTransformer(transformers, sparse_threshold=0.0)
-    return np.asarray(encoder.fit_transform(frame), dtype=float)
-
-
-def _isna(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
+    return np.hstack(blocks), codes

@@ -55,9 +55,14 @@ class Scenario:
         for feature, dist in self.contexts.items():
             total = sum(dist.values())
             if abs(total - 1) > 1e-9 or min(dist.values()) < 0:
-                raise ValueError(f"contexts.{feature} must be probabilities summing to 1, got {dict(dist)}")
+                raise ValueError(
+                    f"contexts.{feature} must be probabilities summing to 1, got {dict(dist)}"
+                )
         if self.rate_by not in self.contexts:
-            raise ValueError(f"rate_by must be one of the context features {list(self.contexts)}, got {self.rate_by!r}")
+            raise ValueError(
+                f"rate_by must be one of the context features {list(self.contexts)}, "
+                f"got {self.rate_by!r}"
+            )
         for value in self.contexts[self.rate_by]:
             missing = [a for a in self.arms if a not in self.rates.get(value, {})]
             if missing:
@@ -86,7 +91,11 @@ class Scenario:
     def target(self, name: str) -> TargetPolicy:
         """A named target of the scenario."""
         spec = self.targets[name]
-        return as_target(spec) if not isinstance(spec, Mapping) else AllocationTarget.from_json(spec, label=name)
+        return (
+            as_target(spec)
+            if not isinstance(spec, Mapping)
+            else AllocationTarget.from_json(spec, label=name)
+        )
 
     def segments_of(self, frame: pd.DataFrame) -> pd.Series:
         if not self.segment_by:
@@ -119,7 +128,9 @@ class Scenario:
         return float(np.sum(cells["probability"].to_numpy() * np.sum(probs * rates, axis=1)))
 
 
-def make_logs(scenario: Scenario, n: int, *, random_state: int | np.random.Generator | None = None) -> pd.DataFrame:
+def make_logs(
+    scenario: Scenario, n: int, *, random_state: int | np.random.Generator | None = None
+) -> pd.DataFrame:
     """``n`` logged sessions: context columns, ``segment``, ``arm``, ``propensity``, ``reward``.
 
     >>> logs = make_logs(demo_scenario(), 4, random_state=0)
@@ -148,7 +159,9 @@ def make_logs(scenario: Scenario, n: int, *, random_state: int | np.random.Gener
 
 
 def _rates(scenario: Scenario, frame: pd.DataFrame) -> np.ndarray:
-    base = pd.DataFrame(scenario.rates).T.loc[frame[scenario.rate_by], list(scenario.arms)].to_numpy()
+    base = (
+        pd.DataFrame(scenario.rates).T.loc[frame[scenario.rate_by], list(scenario.arms)].to_numpy()
+    )
     factor = np.ones(len(frame))
     for feature, effect in scenario.effects.items():
         factor *= frame[feature].map(lambda v, e=effect: e.get(v, 1.0)).to_numpy(dtype=float)

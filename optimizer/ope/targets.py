@@ -73,9 +73,7 @@ class ArmTarget(TargetPolicy):
     def probabilities(self, frame: pd.DataFrame, arms: Sequence[str]) -> np.ndarray:
         arms = list(arms)
         if self.arm not in arms:
-            raise EstimationError(
-                f"target arm {self.arm!r} was never logged; logged arms: {arms}"
-            )
+            raise EstimationError(f"target arm {self.arm!r} was never logged; logged arms: {arms}")
         out = np.zeros((len(frame), len(arms)))
         out[:, arms.index(self.arm)] = 1.0
         return out
@@ -122,13 +120,15 @@ class AllocationTarget(TargetPolicy):
     def __post_init__(self) -> None:
         if not isinstance(self.segments, Mapping) or not self.segments:
             raise ValueError(
-                f"allocation must be a non-empty mapping {{segment: {{arm: p}}}}, got {self.segments!r}"
+                "allocation must be a non-empty mapping {segment: {arm: p}}, "
+                f"got {self.segments!r}"
             )
         clean: dict[str, dict[str, float]] = {}
         for segment, alloc in self.segments.items():
             if not isinstance(alloc, Mapping) or not alloc:
                 raise ValueError(
-                    f"allocation for segment {segment!r} must be a non-empty {{arm: p}} mapping, got {alloc!r}"
+                    f"allocation for segment {segment!r} must be a non-empty {{arm: p}} "
+                    f"mapping, got {alloc!r}"
                 )
             probs: dict[str, float] = {}
             for arm, p in alloc.items():
@@ -136,17 +136,20 @@ class AllocationTarget(TargetPolicy):
                     value = float(p)
                 except (TypeError, ValueError):
                     raise ValueError(
-                        f"probability of arm {arm!r} in segment {segment!r} must be a number, got {p!r}"
+                        f"probability of arm {arm!r} in segment {segment!r} must be a "
+                        f"number, got {p!r}"
                     ) from None
                 if not (math.isfinite(value) and value >= 0):
                     raise ValueError(
-                        f"probability of arm {arm!r} in segment {segment!r} must be finite and >= 0, got {p!r}"
+                        f"probability of arm {arm!r} in segment {segment!r} must be finite "
+                        f"and >= 0, got {p!r}"
                     )
                 probs[str(arm)] = value
             total = sum(probs.values())
             if abs(total - 1.0) > SUM_TOLERANCE:
                 raise ValueError(
-                    f"probabilities in segment {segment!r} must sum to 1 (±{SUM_TOLERANCE}), got {total:g}"
+                    f"probabilities in segment {segment!r} must sum to 1 "
+                    f"(±{SUM_TOLERANCE}), got {total:g}"
                 )
             clean[str(segment)] = {arm: p / total for arm, p in probs.items() if p > 0}
         object.__setattr__(self, "_clean", clean)
@@ -218,7 +221,9 @@ def snapshot_target(store: Any, experiment_id: str, version: int | None = None) 
         ps = schema.policy_snapshots
         found = store.frame(ps, (ps.c.experiment_id == experiment_id) & (ps.c.version == version))
         if found.empty:
-            raise EstimationError(f"experiment {experiment_id!r} has no policy snapshot version {version}")
+            raise EstimationError(
+                f"experiment {experiment_id!r} has no policy snapshot version {version}"
+            )
         allocation = found["allocation"].iloc[0]
     if isinstance(allocation, str):  # a driver that returns JSON as text
         allocation = json.loads(allocation)
@@ -246,7 +251,9 @@ def parse_target(spec: str, *, store: Any = None, experiment_id: str | None = No
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ValueError(f"target allocation file {arg!r} cannot be read: {exc.strerror}") from None
+            raise ValueError(
+                f"target allocation file {arg!r} cannot be read: {exc.strerror}"
+            ) from None
         except json.JSONDecodeError as exc:
             raise ValueError(f"target allocation file {arg!r} is not valid JSON: {exc}") from None
         try:
@@ -275,4 +282,6 @@ def as_target(target: TargetPolicy | str | Mapping[str, Any]) -> TargetPolicy:
         return parse_target(target)
     if isinstance(target, Mapping):
         return AllocationTarget.from_json(target)
-    raise TypeError(f"target must be a TargetPolicy, a spec string or a mapping, got {type(target).__name__}")
+    raise TypeError(
+        f"target must be a TargetPolicy, a spec string or a mapping, got {type(target).__name__}"
+    )
