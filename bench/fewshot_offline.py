@@ -1,7 +1,7 @@
 """Offline effect of few-shot examples on the local model's answers.
 
-    LITELLM_LOCAL_MODEL_COST_MAP=True .venv/bin/python bench/fewshot_offline.py [--model local/gemma3-270m]
-        [--max-tokens 80] [--limit N] [--json]
+    LITELLM_LOCAL_MODEL_COST_MAP=True .venv/bin/python bench/fewshot_offline.py
+        [--model local/gemma3-270m] [--max-tokens 80] [--limit N] [--json]
 
 For each held-out question about the demo knowledge base
 (``bench/data/heldout_questions.jsonl``: question, reference answer, key facts)
@@ -87,18 +87,41 @@ def build_bank(store: Store) -> int:
     config = config.model_copy(
         update={
             "prompts_dir": str(ROOT / "prompts"),
-            "experiment": ExperimentConfig(id="bench", salt="bench", arms=(ArmConfig(id="concise", prompt="concise"),)),
+            "experiment": ExperimentConfig(
+                id="bench", salt="bench", arms=(ArmConfig(id="concise", prompt="concise"),)
+            ),
             "fewshot": config.fewshot.model_copy(update={"auto_approve": True}),
         }
     )
-    rows = [json.loads(line) for line in (DATA / "fewshot_bank.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in (DATA / "fewshot_bank.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     for i, row in enumerate(rows):
         sid, uid, at = f"bank-{i}", f"u{i}", START + timedelta(minutes=i)
-        store.record_assignment(AssignmentRecord(sid, uid, "bench", "concise", 1.0, None, "*", {}, at))
-        store.record_turn(TurnRecord(f"{sid}-t0", sid, uid, "bench", "concise", "concise", "h", "bench",
-                                     row["user"], row["assistant"], created_at=at))
+        store.record_assignment(
+            AssignmentRecord(sid, uid, "bench", "concise", 1.0, None, "*", {}, at)
+        )
+        store.record_turn(
+            TurnRecord(
+                f"{sid}-t0",
+                sid,
+                uid,
+                "bench",
+                "concise",
+                "concise",
+                "h",
+                "bench",
+                row["user"],
+                row["assistant"],
+                created_at=at,
+            )
+        )
         store.record_feedback(f"{sid}-t0", uid, 1, at=at)
-    result = mine_examples(store, config, now=START + timedelta(days=60), library=load_prompts(ROOT / "prompts"))
+    result = mine_examples(
+        store, config, now=START + timedelta(days=60), library=load_prompts(ROOT / "prompts")
+    )
     return len(result.added)
 
 
@@ -106,27 +129,39 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     config = load_config(ROOT / "flywheel.toml", environ=False)
     library = load_prompts(ROOT / "prompts")
     variant = library.variant("concise")
-    model = ModelConfig(name=args.model, temperature=0.0, max_tokens=args.max_tokens, timeout_s=120, retries=0)
+    model = ModelConfig(
+        name=args.model, temperature=0.0, max_tokens=args.max_tokens, timeout_s=120, retries=0
+    )
     budget = config.model.context_tokens - args.max_tokens
     fixed_arm = next(a for a in config.experiment.arms if a.fewshot == "fixed")
     arms = {
         "none": ArmConfig(id="none", prompt="concise"),
-        "fixed": ArmConfig(id="fixed", prompt="concise", fewshot="fixed", examples=fixed_arm.examples),
+        "fixed": ArmConfig(
+            id="fixed", prompt="concise", fewshot="fixed", examples=fixed_arm.examples
+        ),
         "retrieved": ArmConfig(id="retrieved", prompt="concise", fewshot="retrieved", k=3),
     }
-    questions = [json.loads(line) for line in (DATA / "heldout_questions.jsonl").read_text().splitlines() if line.strip()]
+    questions = [
+        json.loads(line)
+        for line in (DATA / "heldout_questions.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     questions = questions[: args.limit] if args.limit else questions
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(f"sqlite:///{tmp}/bench.db")
         store.create_all()
         banked = build_bank(store)
         selector = ExampleSelector(library, store, refresh_s=0)
-        await stream_reply([{"role": "user", "content": "Hello"}], model=model)  # load the model outside the timing
+        await stream_reply(
+            [{"role": "user", "content": "Hello"}], model=model
+        )  # load the model outside the timing
         results: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
         for q in questions:
             for name, arm in arms.items():
                 examples = selector.select(arm, q["question"])
-                messages, kept = build_messages(variant, library.knowledge, examples, [], q["question"], budget_tokens=budget)
+                messages, kept = build_messages(
+                    variant, library.knowledge, examples, [], q["question"], budget_tokens=budget
+                )
                 completion = await stream_reply(messages, model=model)
                 results[name].append(
                     {
@@ -140,9 +175,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         "prompt_tokens": completion.prompt_tokens,
                     }
                 )
-                print(f"  {q['id']:18} {name:9} facts {results[name][-1]['fact_recall']:.2f} "
-                      f"F1 {results[name][-1]['token_f1']:.2f} {completion.latency_ms:6.0f} ms  "
-                      f"{completion.text.strip()[:70]!r}", file=sys.stderr)
+                print(
+                    f"  {q['id']:18} {name:9} facts {results[name][-1]['fact_recall']:.2f} "
+                    f"F1 {results[name][-1]['token_f1']:.2f} {completion.latency_ms:6.0f} ms  "
+                    f"{completion.text.strip()[:70]!r}",
+                    file=sys.stderr,
+                )
         store.dispose()
     summary = {}
     for name, rows in results.items():
@@ -154,8 +192,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "prompt_tokens_mean": statistics.fmean(r["prompt_tokens"] or 0 for r in rows),
             "errors": sum(1 for r in rows if r["error"]),
         }
-    return {"model": args.model, "questions": len(questions), "bank_examples_mined": banked,
-            "max_tokens": args.max_tokens, "summary": summary, "answers": results}
+    return {
+        "model": args.model,
+        "questions": len(questions),
+        "bank_examples_mined": banked,
+        "max_tokens": args.max_tokens,
+        "summary": summary,
+        "answers": results,
+    }
 
 
 def main() -> None:
@@ -171,16 +215,39 @@ def main() -> None:
         print()
         return
     base = report["summary"]["none"]
-    print(f"model {report['model']}, {report['questions']} held-out questions, "
-          f"{report['bank_examples_mined']} mined bank examples, max_tokens {report['max_tokens']}")
-    print(f"{'strategy':10} {'facts':>6} {'x none':>7} {'tokenF1':>8} {'x none':>7} {'lat ms':>8} {'median':>8} "
-          f"{'x none':>7} {'prompt tok':>10} {'errors':>6}")
+    print(
+        f"model {report['model']}, {report['questions']} held-out questions, "
+        f"{report['bank_examples_mined']} mined bank examples, max_tokens {report['max_tokens']}"
+    )
+    cols = (
+        "facts",
+        "x none",
+        "tokenF1",
+        "x none",
+        "lat ms",
+        "median",
+        "x none",
+        "prompt tok",
+        "errors",
+    )
+    print(f"{'strategy':10} " + " ".join(f"{c:>8}" for c in cols))
     for name, s in report["summary"].items():
+
         def ratio(key: str, s: dict[str, Any] = s) -> str:
-            return f"{s[key] / base[key]:.2f}x" if base[key] else "  n/a"
-        print(f"{name:10} {s['fact_recall']:6.2f} {ratio('fact_recall'):>7} {s['token_f1']:8.3f} {ratio('token_f1'):>7} "
-              f"{s['latency_ms_mean']:8.0f} {s['latency_ms_median']:8.0f} {ratio('latency_ms_mean'):>7} "
-              f"{s['prompt_tokens_mean']:10.0f} {s['errors']:6d}")
+            return f"{s[key] / base[key]:.2f}x" if base[key] else "n/a"
+
+        cells = (
+            f"{s['fact_recall']:.2f}",
+            ratio("fact_recall"),
+            f"{s['token_f1']:.3f}",
+            ratio("token_f1"),
+            f"{s['latency_ms_mean']:.0f}",
+            f"{s['latency_ms_median']:.0f}",
+            ratio("latency_ms_mean"),
+            f"{s['prompt_tokens_mean']:.0f}",
+            str(s["errors"]),
+        )
+        print(f"{name:10} " + " ".join(f"{c:>8}" for c in cells))
 
 
 if __name__ == "__main__":

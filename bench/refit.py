@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"target for 1M sessions: ≤ {TARGET_S:g} s and ≤ {TARGET_GB:g} GB peak RSS "
         "(RSS includes the interpreter and imports, "
-        f"~{rows[0]['rss_before_mb']:.0f} MB before the run)."
+        f"~{rows[0]['rss_before_mb']:.0f} MB before the run). "
+        f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs."
     )
     return 0
 

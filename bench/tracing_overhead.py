@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import logging
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,8 +123,8 @@ class Mode:
             )
             self.tracer = LangfuseTracer(creds, config)
         # On tmpfs when there is one: disk flush jitter would drown the differences measured.
-        tmp = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
-        self.store = Store(f"sqlite:///{tmp / 'bench.db'}")
+        self.tmp = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        self.store = Store(f"sqlite:///{self.tmp / 'bench.db'}")
         self.store.upgrade()
         self.tracer_ms: list[float] = []
         self.turn_ms: list[float] = []
@@ -178,6 +179,7 @@ class Mode:
         delivered = self.server.delivered()
         self.server.stop()
         self.store.dispose()
+        shutil.rmtree(self.tmp, ignore_errors=True)
         return {
             "mode": self.name,
             "tracer_p50_ms": statistics.median(self.tracer_ms),

@@ -9,14 +9,14 @@ paths. The model name chooses the behaviour::
     fake/slow             the same, 50 ms per token (and before the first)
     fake/429              raises litellm.RateLimitError before any token
     fake/error-<status>   raises the litellm error for that HTTP status (400, 401, 404, 500, 503…)
-    fake/timeout          waits for the request's timeout, then raises litellm.Timeout
+    fake/timeout          waits for the request's timeout (or first_ms), then raises litellm.Timeout
     fake/hang             never answers (for the caller's own deadline)
     fake/flaky-<n>        the first n calls fail with 503, then it echoes
 
-Options follow a ``?``, e.g. ``fake/echo?delay_ms=20&first_ms=100`` (seconds
+Options follow a ``?``, e.g. ``fake/echo?delay_ms=20&first_ms=100`` (time
 between tokens and before the first, in ms), ``fail_after=3&status=500`` (fail
 after streaming 3 tokens), ``tag=x`` (ignored; makes a name unique, e.g. for
-separate ``flaky`` counters).
+its own ``flaky`` counter). Calls are counted per exact name (:func:`call_count`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,14 @@ from chatbot.prompting import estimate_tokens
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PROVIDER", "FakeBehaviour", "FakeProvider", "parse_behaviour", "provider_error"]
+__all__ = [
+    "PROVIDER",
+    "FakeBehaviour",
+    "FakeProvider",
+    "call_count",
+    "parse_behaviour",
+    "provider_error",
+]
 
 PROVIDER = "fake"
 
@@ -134,80 +141,75 @@ def _usage(messages: list[dict[str, Any]], completion_tokens: int) -> dict[str, 
     }
 
 
+_calls: dict[str, int] = {}
+_calls_lock = threading.Lock()
+
+
+def call_count(model: str) -> int:
+    """How many calls the fake ``model`` (exact name, prefix optional) received in this process."""
+    with _calls_lock:
+        return _calls.get(model.removeprefix(f"{PROVIDER}/"), 0)
+
+
+def _start(model: str) -> FakeBehaviour:
+    """Count the call and return its behaviour; raise what fails before any token."""
+    behaviour = parse_behaviour(model)
+    with _calls_lock:
+        _calls[model] = calls = _calls.get(model, 0) + 1
+    if behaviour.kind == "error":
+        raise provider_error(behaviour.status, model, f"fake provider error {behaviour.status}")
+    if behaviour.kind == "flaky" and calls <= behaviour.flaky:
+        raise provider_error(503, model, f"fake provider flaky failure {calls}/{behaviour.flaky}")
+    return behaviour
+
+
+def _check_mid_stream(behaviour: FakeBehaviour, model: str, sent: int) -> None:
+    if behaviour.fail_after is not None and sent >= behaviour.fail_after:
+        raise provider_error(behaviour.status, model, f"fake provider failed after {sent} tokens")
+
+
+def _wait_s(behaviour: FakeBehaviour, timeout: Any) -> float:
+    """How long ``timeout``/``hang`` wait before failing: ``first_ms``, else the request timeout."""
+    if behaviour.kind == "hang":
+        return _HANG_S
+    return behaviour.first_s or timeout_seconds(timeout) or _HANG_S
+
+
+def _timed_out(model: str) -> Exception:
+    return litellm.Timeout(message="fake provider timed out", model=model, llm_provider=PROVIDER)
+
+
 class FakeProvider(StreamingProvider):
     """litellm custom provider for ``fake/…`` model names (sync and async, streaming or not)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._calls: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def _start(self, model: str) -> FakeBehaviour:
-        """Count the call and return the behaviour; raises what fails up front."""
-        behaviour = parse_behaviour(model)
-        with self._lock:
-            self._calls[model] = calls = self._calls.get(model, 0) + 1
-        if behaviour.kind == "error":
-            raise provider_error(behaviour.status, model, f"fake provider error {behaviour.status}")
-        if behaviour.kind == "flaky" and calls <= behaviour.flaky:
-            raise provider_error(
-                503, model, f"fake provider flaky failure {calls}/{behaviour.flaky}"
-            )
-        return behaviour
-
-    def calls(self, model: str) -> int:
-        """How many calls ``model`` (the full fake name) has received in this process."""
-        with self._lock:
-            return self._calls.get(model, 0)
-
-    def _plan(self, model: str, messages: list[dict[str, Any]]) -> tuple[FakeBehaviour, list[str]]:
-        return self._start(model), _reply_tokens(messages)
-
-    def _fail_mid_stream(self, behaviour: FakeBehaviour, model: str, sent: int) -> None:
-        if behaviour.fail_after is not None and sent >= behaviour.fail_after:
-            raise provider_error(
-                behaviour.status, model, f"fake provider failed after {sent} tokens"
-            )
-
-    # --- async -----------------------------------------------------------------------
-
-    async def _await_kind(self, behaviour: FakeBehaviour, model: str, timeout: Any) -> None:
-        if behaviour.kind == "hang":
-            await asyncio.sleep(_HANG_S)
-        if behaviour.kind == "timeout":
-            await asyncio.sleep(timeout_seconds(timeout) or _HANG_S)
-            raise litellm.Timeout(
-                message="fake provider timed out", model=model, llm_provider=PROVIDER
-            )
-
     async def astreaming(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenericStreamingChunk]:  # type: ignore[override]
         model, messages = kwargs["model"], kwargs["messages"]
-        behaviour, tokens = self._plan(model, messages)
-        await self._await_kind(behaviour, model, kwargs.get("timeout"))
+        behaviour = _start(model)
+        if behaviour.kind in ("hang", "timeout"):
+            await asyncio.sleep(_wait_s(behaviour, kwargs.get("timeout")))
+            raise _timed_out(model)
+        tokens = _reply_tokens(messages)
         await asyncio.sleep(behaviour.first_s)
         for i, token in enumerate(tokens):
-            self._fail_mid_stream(behaviour, model, i)
+            _check_mid_stream(behaviour, model, i)
             if i:
                 await asyncio.sleep(behaviour.delay_s)
             yield stream_chunk(token)
-        self._fail_mid_stream(behaviour, model, len(tokens))
+        _check_mid_stream(behaviour, model, len(tokens))
         yield stream_chunk("", usage=_usage(messages, len(tokens)))
-
-    # --- sync ------------------------------------------------------------------------
 
     def streaming(self, *args: Any, **kwargs: Any) -> Iterator[GenericStreamingChunk]:
         model, messages = kwargs["model"], kwargs["messages"]
-        behaviour, tokens = self._plan(model, messages)
+        behaviour = _start(model)
         if behaviour.kind in ("hang", "timeout"):
-            time.sleep(timeout_seconds(kwargs.get("timeout")) or _HANG_S)
-            raise litellm.Timeout(
-                message="fake provider timed out", model=model, llm_provider=PROVIDER
-            )
+            time.sleep(_wait_s(behaviour, kwargs.get("timeout")))
+            raise _timed_out(model)
+        tokens = _reply_tokens(messages)
         time.sleep(behaviour.first_s)
         for i, token in enumerate(tokens):
-            self._fail_mid_stream(behaviour, model, i)
+            _check_mid_stream(behaviour, model, i)
             if i:
                 time.sleep(behaviour.delay_s)
             yield stream_chunk(token)
-        self._fail_mid_stream(behaviour, model, len(tokens))
+        _check_mid_stream(behaviour, model, len(tokens))
         yield stream_chunk("", usage=_usage(messages, len(tokens)))

@@ -293,38 +293,43 @@ async def stream_reply(
         [model.fallback] if model.fallback and model.fallback != model.name else []
     )
     for name in candidates:
-        if _provider(name) == "local":
-            from chatbot.local_model import configure
-
-            configure(context_tokens=model.context_tokens)
-        for attempt in range(model.retries + 1):
-            try:
-                await asyncio.wait_for(
-                    _attempt(name, messages, model, stream), timeout=model.timeout_s
-                )
-            except _CallbackError as exc:
-                raise exc.original from None
-            except (TimeoutError, litellm.Timeout) as exc:
-                errors.append(
-                    f"{name}: timeout after {model.timeout_s:g} s"
-                    if isinstance(exc, TimeoutError)
-                    else _describe(name, _unwrap(exc))
-                )
-                log.warning("LLM %s timed out (attempt %d)", name, attempt + 1)
-                break
-            except Exception as raised:
-                cause = _unwrap(raised)
-                errors.append(_describe(name, cause))
-                log.warning("LLM %s failed (attempt %d): %s", name, attempt + 1, errors[-1])
-                if stream.first_token_at is not None or not isinstance(cause, _RETRYABLE):
-                    break
-                if attempt < model.retries:
-                    await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
-            else:
-                return _finish(stream, name, None)
-            if stream.first_token_at is not None:
-                return _finish(stream, name, _summary(errors))
+        if await _try_model(name, messages, model, stream, errors):
+            return _finish(stream, name, None)
+        if stream.first_token_at is not None:
+            break  # the user saw part of this reply: a fallback would start another one
     return _finish(stream, name, _summary(errors))
+
+
+async def _try_model(
+    name: str,
+    messages: list[dict[str, Any]],
+    model: ModelConfig,
+    stream: _Stream,
+    errors: list[str],
+) -> bool:
+    """Stream from ``name`` with retries; True on success, else errors appended."""
+    if _provider(name) == "local":
+        from chatbot.local_model import configure
+
+        configure(context_tokens=model.context_tokens)
+    for attempt in range(model.retries + 1):
+        try:
+            await asyncio.wait_for(_attempt(name, messages, model, stream), model.timeout_s)
+            return True
+        except _CallbackError as exc:
+            raise exc.original from None
+        except TimeoutError:
+            errors.append(f"{name}: timeout after {model.timeout_s:g} s")
+            retryable = False  # it used the whole budget; another try would too
+        except Exception as raised:
+            cause = _unwrap(raised)
+            errors.append(_describe(name, cause))
+            retryable = isinstance(cause, _RETRYABLE)
+        log.warning("LLM %s failed (attempt %d): %s", name, attempt + 1, errors[-1])
+        if stream.first_token_at is not None or not retryable or attempt == model.retries:
+            return False
+        await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
+    return False
 
 
 def _finish(stream: _Stream, name: str, error: str | None) -> Completion:

@@ -18,7 +18,8 @@ What goes to Langfuse:
   ids, propensity, snapshot version, segment) go through ``propagate_attributes``;
 * ``user_feedback``, a BOOLEAN score on the rated turn's trace, with the
   comment. Its id is derived from turn and user, so a changed vote replaces it
-  and a withdrawn vote deletes it (``DELETE /api/public/scores/{id}``);
+  (Langfuse upserts by score id) and a withdrawn vote deletes it
+  (``DELETE /api/public/scores/{id}``, sent after any pending upsert);
 * one NUMERIC score per business outcome on the session, its id derived from
   the outcome's idempotency key: a redelivery, even days later from another
   process, replaces the score instead of doubling it;
@@ -28,6 +29,10 @@ What goes to Langfuse:
 Scores are posted by our worker through the SDK's REST client (the same
 ``POST /api/public/scores`` JSON batches the SDK's own score thread sends) so
 that an upsert and a later delete of the same score are sent in order.
+
+Texts (user message, reply, conversation messages except the system prompt,
+vote comments) are masked with the few-shot scrubber when ``[langfuse] mask``
+is on; ids (session, user, turn) are sent as they are.
 
 Enabled by ``LANGFUSE_PUBLIC_KEY`` + ``LANGFUSE_SECRET_KEY`` (and
 ``LANGFUSE_BASE_URL`` or ``LANGFUSE_HOST``); ``[langfuse]`` in flywheel.toml
@@ -527,9 +532,14 @@ class LangfuseTracer(Tracer):
         ]
 
         def post() -> None:
-            self.client.api.scores.create(
+            result = self.client.api.scores.create(
                 request=cast(Any, payload), request_options=self._request_options
             )
+            if getattr(result, "rejected", 0):  # HTTP 207: some accepted, some not (not retried)
+                errors = "; ".join(e.message for e in getattr(result, "errors", []))
+                log.warning(
+                    "Langfuse rejected %s of %d scores: %s", result.rejected, len(batch), errors
+                )
 
         self._call(post, f"{len(batch)} score(s)")
 

@@ -42,12 +42,17 @@ from optimizer.privacy import SCRUBBER_VERSION, Scrubber, public_allowlist
 from optimizer.prompts import PromptLibrary, load_prompts
 from optimizer.store import Store, schema
 
-__all__ = ["ExportResult", "FORMATS", "export_dataset"]
+__all__ = ["FORMATS", "ExportResult", "export_dataset"]
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("openai-sft", "dpo", "csv", "parquet")
-_FILES = {"openai-sft": "sft.jsonl", "dpo": "dpo.jsonl", "csv": "turns.csv", "parquet": "turns.parquet"}
+_FILES = {
+    "openai-sft": "sft.jsonl",
+    "dpo": "dpo.jsonl",
+    "csv": "turns.csv",
+    "parquet": "turns.parquet",
+}
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,11 @@ def export_dataset(
         records, rows, extra = _pairs(turns, scrubber, config.fewshot.pair_similarity)
         _write_jsonl(path, records)
     else:
-        rows = turns if min_reward is None else turns[turns["complete"] & (turns["reward"] >= min_reward)]
+        rows = (
+            turns
+            if min_reward is None
+            else turns[turns["complete"] & (turns["reward"] >= min_reward)]
+        )
         table = _flat(rows, scrubber)
         if fmt == "csv":
             table.to_csv(path, index=False)
@@ -113,12 +122,16 @@ def export_dataset(
         "scrubber_version": SCRUBBER_VERSION,
     }
     manifest_path = out / f"{path.name}.manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    manifest_path.write_text(
+        json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+    )
     log.info("exported %d %s rows to %s", len(records), fmt, path)
     return ExportResult(path, manifest_path, manifest)
 
 
-def _turns(store: Store, config: Config, *, now: datetime, since: datetime | None, until: datetime | None) -> pd.DataFrame:
+def _turns(
+    store: Store, config: Config, *, now: datetime, since: datetime | None, until: datetime | None
+) -> pd.DataFrame:
     turns = turn_reasons(store, config, now=now)
     if turns.empty:
         return turns.assign(thumbs=pd.Series(dtype="Int64"))
@@ -153,8 +166,12 @@ def _sft_record(row: dict[str, Any], library: PromptLibrary, scrubber: Scrubber)
     }
 
 
-def _pairs(turns: pd.DataFrame, scrubber: Scrubber, threshold: float) -> tuple[list[dict[str, str]], pd.DataFrame, dict[str, Any]]:
-    clean = turns[turns["error"].fillna("").astype(str).str.len() == 0] if not turns.empty else turns
+def _pairs(
+    turns: pd.DataFrame, scrubber: Scrubber, threshold: float
+) -> tuple[list[dict[str, str]], pd.DataFrame, dict[str, Any]]:
+    clean = (
+        turns[turns["error"].fillna("").astype(str).str.len() == 0] if not turns.empty else turns
+    )
     ups = clean[clean["thumbs"] == 1]
     downs = clean[clean["thumbs"] == 0]
     extra = {"thumbs_up": len(ups), "thumbs_down": len(downs), "pair_similarity": threshold}
@@ -162,7 +179,9 @@ def _pairs(turns: pd.DataFrame, scrubber: Scrubber, threshold: float) -> tuple[l
         return [], clean.iloc[0:0], extra
     up_prompts = [scrubber.scrub(t) for t in ups["user_message"]]
     down_prompts = [scrubber.scrub(t) for t in downs["user_message"]]
-    vectorizer = TfidfVectorizer(sublinear_tf=True).fit(up_prompts + down_prompts)  # words: paraphrases match
+    vectorizer = TfidfVectorizer(sublinear_tf=True).fit(
+        up_prompts + down_prompts
+    )  # words: paraphrases match
     sims = (vectorizer.transform(down_prompts) @ vectorizer.transform(up_prompts).T).toarray()
     records: list[dict[str, str]] = []
     used: list[int] = []
@@ -181,15 +200,38 @@ def _pairs(turns: pd.DataFrame, scrubber: Scrubber, threshold: float) -> tuple[l
 
 def _flat(turns: pd.DataFrame, scrubber: Scrubber) -> pd.DataFrame:
     if turns.empty:
-        columns = ["turn_id", "session_id", "user_hash", "arm_id", "prompt_id", "model", "created_at", "user_message",
-                   "reply", "fewshot_ids", "latency_ms", "ttft_ms", "prompt_tokens", "completion_tokens", "cost",
-                   "has_error", "thumbs", "session_reward", "reward_complete", "reward_so_far", "qualifies", "reasons"]
+        columns = [
+            "turn_id",
+            "session_id",
+            "user_hash",
+            "arm_id",
+            "prompt_id",
+            "model",
+            "created_at",
+            "user_message",
+            "reply",
+            "fewshot_ids",
+            "latency_ms",
+            "ttft_ms",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost",
+            "has_error",
+            "thumbs",
+            "session_reward",
+            "reward_complete",
+            "reward_so_far",
+            "qualifies",
+            "reasons",
+        ]
         return pd.DataFrame(columns=columns)
     return pd.DataFrame(
         {
             "turn_id": turns["id"],
             "session_id": turns["session_id"],
-            "user_hash": turns["user_id"].map(lambda u: hashlib.sha256(str(u).encode()).hexdigest()[:16]),
+            "user_hash": turns["user_id"].map(
+                lambda u: hashlib.sha256(str(u).encode()).hexdigest()[:16]
+            ),
             "arm_id": turns["arm_id"],
             "prompt_id": turns["prompt_id"],
             "model": turns["model"],
@@ -216,7 +258,10 @@ def _flat(turns: pd.DataFrame, scrubber: Scrubber) -> pd.DataFrame:
 def _time_range(rows: pd.DataFrame) -> dict[str, str | None]:
     if rows.empty or "created_at" not in rows:
         return {"first": None, "last": None}
-    return {"first": rows["created_at"].min().isoformat(), "last": rows["created_at"].max().isoformat()}
+    return {
+        "first": rows["created_at"].min().isoformat(),
+        "last": rows["created_at"].max().isoformat(),
+    }
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

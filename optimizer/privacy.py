@@ -46,6 +46,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import phonenumbers
 from stdnum import iban as stdnum_iban
@@ -53,9 +54,9 @@ from stdnum import luhn
 
 __all__ = [
     "ENTITY_TYPES",
-    "Entity",
     "PHONE_REGIONS",
     "SCRUBBER_VERSION",
+    "Entity",
     "Scrubber",
     "find_entities",
     "public_allowlist",
@@ -144,7 +145,7 @@ _NOT_PHONE_CUE = re.compile(
 )
 
 
-def _phone_leniencies(text: str) -> tuple[phonenumbers.Leniency, ...]:
+def _phone_leniencies(text: str) -> tuple[Any, ...]:
     # With a phone cue anywhere, numbers that merely look possible are accepted
     # too (people mistype and invent numbers, which are still theirs to hide).
     if _PHONE_CUE.search(text.lower()):
@@ -171,7 +172,7 @@ def _phones(text: str, regions: Iterable[str]) -> Iterator[Entity]:
 _DATE_LIKE = re.compile(r"^(?:\d{1,2}[./-]\d{1,2}[./-]\d{2,4}|\d{4}[./-]\d{1,2}[./-]\d{1,2})$")
 
 
-def _accept_phone(text: str, start: int, raw: str, region: str, leniency: phonenumbers.Leniency) -> bool:
+def _accept_phone(text: str, start: int, raw: str, region: str, leniency: Any) -> bool:
     if _DATE_LIKE.match(raw):
         return False
     window = _before(text, start)
@@ -246,7 +247,9 @@ _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w]|\.\d)")
 _IPV6 = re.compile(
     r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\w)"
 )
-_NOT_IP_CUE = re.compile(r"(?:\b(?:version|ver|v|build|release|section|chapter|clause|step|rule|§)\.?\s*$)")
+_NOT_IP_CUE = re.compile(
+    r"(?:\b(?:version|ver|v|build|release|section|chapter|clause|step|rule|§)\.?\s*$)"
+)
 
 
 def _ips(text: str) -> Iterator[Entity]:
@@ -289,20 +292,27 @@ _CITY_TAIL = (
     rf"|{_CA_POSTCODE}|\d{{4}}\b|\d{{1,2}}\b))?"
     rf"|,?\s+{_UK_POSTCODE})?"
 )
-_EU_CITY_TAIL = rf"(?:,?\s+(?:\d{{4,5}}|\d{{4}}\s?[A-Z]{{2}})\s+{_CAP}(?:\s+{_CAP})?|,\s*{_CITYWORD})?"
-_EN_STREET = rf"\b\d{{1,5}}[A-Za-z]?(?:[-/]\d{{1,4}})?\s+(?:{_CAP}\s+){{1,3}}{_EN_SUFFIX}{_DIRECTION}"
+_EU_CITY_TAIL = (
+    rf"(?:,?\s+(?:\d{{4,5}}|\d{{4}}\s?[A-Z]{{2}})\s+{_CAP}(?:\s+{_CAP})?|,\s*{_CITYWORD})?"
+)
+_EN_STREET = (
+    rf"\b\d{{1,5}}[A-Za-z]?(?:[-/]\d{{1,4}})?\s+(?:{_CAP}\s+){{1,3}}{_EN_SUFFIX}{_DIRECTION}"
+)
 _ADDRESS_PATTERNS = [
     # "Apt 4B, 55 Water St, Brooklyn, NY 11201" / "350 Fifth Avenue, Suite 3300, New York, NY 10118"
     re.compile(rf"{_LEAD_UNIT}{_EN_STREET}{_UNIT}?{_CITY_TAIL}"),
-    # Any "number + capitalised words, City, ST 12345" (US streets without a suffix: "2500 Broadway")
-    re.compile(rf"\b\d{{1,5}}\s+(?:{_CAP}\s+){{0,3}}{_CAP},\s*{_CITY},\s*[A-Z]{{2}}\s+\d{{5}}(?:-\d{{4}})?\b"),
+    # "number + capitalised words, City, ST 12345" (US streets without a suffix: "2500 Broadway")
+    re.compile(
+        rf"\b\d{{1,5}}\s+(?:{_CAP}\s+){{0,3}}{_CAP},\s*{_CITY},\s*[A-Z]{{2}}\s+\d{{5}}(?:-\d{{4}})?\b"
+    ),
     # "Hauptstraße 5, 10115 Berlin", "Kerkstraat 12", "Königsallee 92"
     re.compile(
         rf"\b[A-ZÄÖÜ][\wäöüßéè-]*(?:straße|strasse|str\.|gasse|weg|platz|allee|ring|damm|ufer|"
         rf"straat|laan|gracht|plein|kade|steeg)\s+\d{{1,4}}\s?[a-zA-Z]?\b{_EU_CITY_TAIL}"
     ),
     re.compile(
-        rf"\b(?:Am|An der|Auf der|Im|In der|Zum|Zur)\s+{_CAP}\s+\d{{1,4}}\s?[a-z]?\b,?\s+\d{{5}}\s+{_CAP}"
+        rf"\b(?:Am|An der|Auf der|Im|In der|Zum|Zur)\s+{_CAP}\s+\d{{1,4}}\s?[a-z]?\b,?"
+        rf"\s+\d{{5}}\s+{_CAP}"
     ),
     # "12 rue de la Paix, 75002 Paris"
     re.compile(
@@ -318,7 +328,8 @@ _ADDRESS_PATTERNS = [
     re.compile(rf"\bP\.?\s?O\.?\s+Box\s+\d+{_CITY_TAIL}", re.IGNORECASE),
 ]
 _POSTCODE_CUE = re.compile(
-    rf"\b(?:post\s?code|postal code|zip(?: code)?|plz)\b(?:\s+is)?\s*:?\s*({_UK_POSTCODE}|{_CA_POSTCODE}|\d{{5}}(?:-\d{{4}})?)",
+    rf"\b(?:post\s?code|postal code|zip(?: code)?|plz)\b(?:\s+is)?\s*:?\s*"
+    rf"({_UK_POSTCODE}|{_CA_POSTCODE}|\d{{5}}(?:-\d{{4}})?)",
     re.IGNORECASE,
 )
 
@@ -327,8 +338,12 @@ def _addresses(text: str) -> Iterator[Entity]:
     for pattern in _ADDRESS_PATTERNS:
         for m in pattern.finditer(text):
             s, e = m.start(), m.end()
-            while e > s and text[e - 1] in " ,.":  # "123 Main St." keeps the dot out unless abbreviating
-                if text[e - 1] == "." and re.search(r"\b(?:St|Ave|Rd|Dr|Blvd|Ln|Ct|Pl|Sq|str)\.$", text[s:e]):
+            while (
+                e > s and text[e - 1] in " ,."
+            ):  # "123 Main St." keeps the dot out unless abbreviating
+                if text[e - 1] == "." and re.search(
+                    r"\b(?:St|Ave|Rd|Dr|Blvd|Ln|Ct|Pl|Sq|str)\.$", text[s:e]
+                ):
                     e -= 1
                     break
                 e -= 1
@@ -346,12 +361,15 @@ def _valid(module: str) -> Callable[[str], bool]:
 
 
 _ID_CUE = re.compile(
-    r"\b(?:ssn|social security(?: number| no\.?)?|itin|national insurance(?: number| no\.?)?|ni number|nino|"
-    r"passport(?: number| no\.?| nr\.?| #)?|reisepass(?:nummer)?|pass(?:nummer|port)|driver'?s? licen[cs]e(?: number| no\.?)?|"
-    r"driving licen[cs]e(?: number| no\.?)?|licen[cs]e number|national id(?: number)?|id card(?: number)?|"
-    r"identity card(?: number)?|personalausweis(?:nummer)?|ausweisnummer|steuer-?id|steuer-identifikationsnummer|"
-    r"steueridentifikationsnummer|identifikationsnummer|idnr|steuernummer|tax id|tax number|tin|bsn|"
-    r"burgerservicenummer|sin|social insurance(?: number)?|aadhaa?r(?: number| no\.?)?|pan(?: card| number)?|"
+    r"\b(?:ssn|social security(?: number| no\.?)?|itin|national insurance(?: number| no\.?)?|"
+    r"ni number|nino|passport(?: number| no\.?| nr\.?| #)?|reisepass(?:nummer)?|"
+    r"pass(?:nummer|port)|"
+    r"driver'?s? licen[cs]e(?: number| no\.?)?|driving licen[cs]e(?: number| no\.?)?|"
+    r"licen[cs]e number|national id(?: number)?|id card(?: number)?|identity card(?: number)?|"
+    r"personalausweis(?:nummer)?|ausweisnummer|steuer-?id|steuer-identifikationsnummer|"
+    r"steueridentifikationsnummer|identifikationsnummer|idnr|steuernummer|tax id|tax number|tin|"
+    r"bsn|burgerservicenummer|sin|social insurance(?: number)?|aadhaa?r(?: number| no\.?)?|"
+    r"pan(?: card| number)?|"
     r"dni|nie|nir|codice fiscale|personnummer|pesel|cpr|curp)\b(?:\s*(?:is|:|=|#|-))*\s*",
     re.IGNORECASE,
 )
@@ -360,15 +378,27 @@ _NINO = re.compile(
 )
 # (pattern, validator on the compact value, needs a cue)
 _ID_PATTERNS: list[tuple[re.Pattern[str], Callable[[str], bool], bool]] = [
-    (re.compile(r"\b\d{3}-\d{2}-\d{4}\b"), lambda v: _valid("us.ssn")(v) or _valid("us.itin")(v), False),
+    (
+        re.compile(r"\b\d{3}-\d{2}-\d{4}\b"),
+        lambda v: _valid("us.ssn")(v) or _valid("us.itin")(v),
+        False,
+    ),
     (re.compile(r"\b\d{3} \d{2} \d{4}\b|\b\d{9}\b"), lambda v: _valid("us.ssn")(v), True),
     (_NINO, lambda v: True, False),
     (re.compile(r"\b\d{2} ?\d{3} ?\d{3} ?\d{3}\b"), _valid("de.idnr"), True),
     (re.compile(r"\b\d{2,3}/\d{3,4}/\d{4,5}\b"), _valid("de.stnr"), False),
-    (re.compile(r"\b[12] ?\d{2} ?\d{2} ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?\d{2}\b"), _valid("fr.nir"), False),
+    (
+        re.compile(r"\b[12] ?\d{2} ?\d{2} ?(?:\d{2}|2[AB]) ?\d{3} ?\d{3} ?\d{2}\b"),
+        _valid("fr.nir"),
+        False,
+    ),
     (re.compile(r"\b\d{8}-?[A-Z]\b"), _valid("es.dni"), False),
     (re.compile(r"\b[XYZ]-?\d{7}-?[A-Z]\b"), _valid("es.nie"), False),
-    (re.compile(r"\b[A-Z]{6}\d{2}[A-EHLMPR-T]\d{2}[A-Z]\d{3}[A-Z]\b"), _valid("it.codicefiscale"), False),
+    (
+        re.compile(r"\b[A-Z]{6}\d{2}[A-EHLMPR-T]\d{2}[A-Z]\d{3}[A-Z]\b"),
+        _valid("it.codicefiscale"),
+        False,
+    ),
     (re.compile(r"\b\d{4}\.?\d{2}\.?\d{3}\b"), _valid("nl.bsn"), True),
     (re.compile(r"\b\d{3}[ -]?\d{3}[ -]?\d{3}\b"), _valid("ca.sin"), True),
     (re.compile(r"\b[2-9]\d{3} \d{4} \d{4}\b"), _valid("in_.aadhaar"), False),
@@ -405,9 +435,17 @@ def _id_token(text: str, pos: int) -> tuple[int, int] | None:
             break
         digits += sum(c.isdigit() for c in chunk)
         end = m.end()
-        if end < len(text) and text[end] in " -/" and end + 1 < len(text) and text[end + 1].isalnum():
+        if (
+            end < len(text)
+            and text[end] in " -/"
+            and end + 1 < len(text)
+            and text[end + 1].isalnum()
+        ):
             nxt = _ID_CHUNK.match(text, end + 1)
-            if nxt and (any(c.isdigit() for c in nxt.group()) or (len(nxt.group()) <= 2 and nxt.group().isupper())):
+            if nxt and (
+                any(c.isdigit() for c in nxt.group())
+                or (len(nxt.group()) <= 2 and nxt.group().isupper())
+            ):
                 end += 1
                 continue
         break
@@ -421,61 +459,81 @@ def _id_token(text: str, pos: int) -> tuple[int, int] | None:
 # -- NAME -------------------------------------------------------------------
 
 _NAME_LOCALES = (
-    "en_US", "en_GB", "en_IE", "en_IN", "en_NZ", "en_NG", "en_KE", "en_PK", "de_DE", "de_AT", "de_CH",
-    "fr_FR", "fr_CA", "es_ES", "es_MX", "es_AR", "it_IT", "nl_NL", "pt_BR", "pt_PT", "pl_PL", "sv_SE",
-    "da_DK", "no_NO", "fi_FI", "cs_CZ", "sk_SK", "ro_RO", "hu_HU", "hr_HR", "sl_SI", "tr_TR", "id_ID",
-    "vi_VN", "yo_NG", "ig_NG", "ha_NG", "zu_ZA", "tw_GH", "sw", "et_EE", "lt_LT", "lv_LV", "ja_JP",
-    "zh_CN", "zh_TW",
+    "en_US", "en_GB", "en_IE", "en_IN", "en_NZ", "en_NG", "en_KE", "en_PK", "de_DE", "de_AT",
+    "de_CH", "fr_FR", "fr_CA", "es_ES", "es_MX", "es_AR", "it_IT", "nl_NL", "pt_BR", "pt_PT",
+    "pl_PL", "sv_SE", "da_DK", "no_NO", "fi_FI", "cs_CZ", "sk_SK", "ro_RO", "hu_HU", "hr_HR",
+    "sl_SI", "tr_TR", "id_ID", "vi_VN", "yo_NG", "ig_NG", "ha_NG", "zu_ZA", "tw_GH", "sw",
+    "et_EE", "lt_LT", "lv_LV", "ja_JP", "zh_CN", "zh_TW",
 )  # fmt: skip
+
+
+def _words(block: str) -> list[str]:
+    return block.split()
+
 
 # Words that are names in some list but far more often ordinary words in
 # support chat (found by intersecting the name lists with common English
 # words); they count as names only after a cue or before a known surname.
 _AMBIGUOUS = frozenset(
-    """
-    About Across After Again Also Amber Among An Angel Apple April Art August Autumn Baker Bill Bo Both Brand
-    Brook Brooks Can Case Chance Chase Cherry Christian Crystal Daisy Dale Dawn Day Dean Destiny Diamond Don
-    Dove Drew Earl Else Eve Faith Fancy Forest Frank Friday Gene Gift Glen Golden Grace Grant Guy Happy
-    Harmony Heaven Holly Honey Hope Hunter Iris Ivy Jack Jade Jet Job Jordan Joy June King Lane Liberty Lily
-    Line Love Lucky Major Man March Mark Max May Miles Monday Morning Much Nice Noble Ocean Page Paris Patience
-    Pearl Peer Penny Per Pink Price Queen Rain Ray Reed Rich River Robin Rock Rose Ruby Sage Said Saturday
-    Scarlett Sky Snow Sol Song Spring Star Sterling Stone Storm Summer Sunday Sunny Sydney Thursday Tuesday
-    Unity Van Victoria Violet Wednesday Will Winter Young Austin Florence Georgia Charlotte Phoenix Savannah
-    Dallas Houston Madison Aurora Sierra Regina Lincoln Jackson Victory Justice Precious Trinity Harbour Hill
-    Mercedes Porsche Lexus Tesla Apollo Atlas Nova Luna Ella Lot Toy Till Lean Harm Lone Mad Odd Floor Server
-    Edit Dev Meta Chi Li Lo Vi Om Tan Eta Ties Simi Sine Tilde Gregorian Manus Pascal Kelvin Newton Kaiser
-    Mar Luz Paz Sole Amor Alba Ana Bay Bear Blue Bonnie Cash Clay Coral Cotton Crimson Delta Echo Ember
-    Fern Fox Gray Grey Green Haven Journey Kind Lake Leaf Legend Lyric Magic Maple Marina Marsh Melody Mercy
-    Mint Moon Myrtle North Oak Olive Pepper Pilot Poppy Rebel Royal Rusty Saint Salem Shadow Silver Sparrow
-    Sugar Tiger Topaz True Valentine Wren Zen Long Ping Bin Hong Kong Sun Wing Young Chance Dom
-    """.split()
+    _words(
+        """
+        About Across After Again Also Amber Among An Angel Apple April Art August Autumn Baker
+        Bill Bo Both Brand Brook Brooks Can Case Chance Chase Cherry Christian Crystal Daisy
+        Dale Dawn Day Dean Destiny Diamond Don Dove Drew Earl Else Eve Faith Fancy Forest Frank
+        Friday Gene Gift Glen Golden Grace Grant Guy Happy Harmony Heaven Holly Honey Hope
+        Hunter Iris Ivy Jack Jade Jet Job Jordan Joy June King Lane Liberty Lily Line Love Lucky
+        Major Man March Mark Max May Miles Monday Morning Much Nice Noble Ocean Page Paris
+        Patience Pearl Peer Penny Per Pink Price Queen Rain Ray Reed Rich River Robin Rock Rose
+        Ruby Sage Said Saturday Scarlett Sky Snow Sol Song Spring Star Sterling Stone Storm
+        Summer Sunday Sunny Sydney Thursday Tuesday Unity Van Victoria Violet Wednesday Will
+        Winter Young Austin Florence Georgia Charlotte Phoenix Savannah Dallas Houston Madison
+        Aurora Sierra Regina Lincoln Jackson Victory Justice Precious Trinity Harbour Hill
+        Mercedes Porsche Lexus Tesla Apollo Atlas Nova Luna Ella Lot Toy Till Lean Harm Lone Mad
+        Odd Floor Server Edit Dev Meta Chi Li Lo Vi Om Tan Eta Ties Simi Sine Tilde Gregorian
+        Manus Pascal Kelvin Newton Kaiser Mar Luz Paz Sole Amor Alba Ana Bay Bear Blue Bonnie
+        Cash Clay Coral Cotton Crimson Delta Echo Ember Fern Fox Gray Grey Green Haven Journey
+        Kind Lake Leaf Legend Lyric Magic Maple Marina Marsh Melody Mercy Mint Moon Myrtle North
+        Oak Olive Pepper Pilot Poppy Rebel Royal Rusty Saint Salem Shadow Silver Sparrow Sugar
+        Tiger Topaz True Valentine Wren Zen Long Ping Bin Hong Kong Sun Wing Young Chance Dom
+        """
+    )
 )
 # Capitalised words that are never names here, whatever a list says.
 _NEVER = frozenset(
-    """
-    The This That These Those There Here Hi Hello Hey Dear Thanks Thank Please Sorry Yes No Ok Okay Sure Best
-    Kind Regards Cheers Support Team Business Free Pro Plan Plans Billing Settings Data Export Account Invoice
-    Invoices Refund Trial Password Login Email Phone Help Admin Manager Customer Users User Sales Finance
-    Lumen Tasks Slack Zapier Google Calendar Github GitHub Gantt Kanban Board Chart Bank Pay Card Visa
-    Street Road Avenue Lane Drive Court Place Square Office Desk Station Airport Hotel Mr Mrs Ms Dr Prof
-    Sir Madam Monday Tuesday Wednesday Thursday Friday Saturday Sunday January February March April May June
-    July August September October November December I I'm Im Is Are Was Were Be Been Do Does Did Can Could
-    Would Should Will Shall Must Might Have Has Had Get Got Go Going Make Let My Our Your Their His Her Its
-    We You They He She It What When Where Why How Which Who Whom Whose If Then Else Because And Or But So Not
-    All Any Some Every Each New Old Good Great Quick Just Still Also Only Even Again Today Tomorrow Yesterday
-    Morning Evening Night Week Month Year Click Go Open Save Delete Edit Add Remove Start Stop Upgrade
-    """.split()
+    _words(
+        """
+        The This That These Those There Here Hi Hello Hey Dear Thanks Thank Please Sorry Yes No
+        Ok Okay Sure Best Kind Regards Cheers Support Team Business Free Pro Plan Plans Billing
+        Settings Data Export Account Invoice Invoices Refund Trial Password Login Email Phone
+        Help Admin Manager Customer Users User Sales Finance Lumen Tasks Slack Zapier Google
+        Calendar Github GitHub Gantt Kanban Board Chart Bank Pay Card Visa Street Road Avenue
+        Lane Drive Court Place Square Office Desk Station Airport Hotel Mr Mrs Ms Dr Prof Sir
+        Madam Monday Tuesday Wednesday Thursday Friday Saturday Sunday January February March
+        April May June July August September October November December I I'm Im Is Are Was Were
+        Be Been Do Does Did Can Could Would Should Will Shall Must Might Have Has Had Get Got Go
+        Going Make Let My Our Your Their His Her Its We You They He She It What When Where Why
+        How Which Who Whom Whose If Then Else Because And Or But So Not All Any Some Every Each
+        New Old Good Great Quick Just Still Also Only Even Again Today Tomorrow Yesterday
+        Morning Evening Night Week Month Year Click Go Open Save Delete Edit Add Remove Start
+        Stop Upgrade
+        """
+    )
 )
 # Short forms people sign with that the lists (full given names) lack.
 _NICKNAMES = frozenset(
-    """
-    Abby Alex Andy Becky Beth Ben Bill Billy Bob Bobby Chris Dan Danny Dave Eddie Gabe Greg Jake Jeff Jen
-    Jenny Jim Jimmy Joe Joey Jon Josh Kate Katie Liz Maggie Matt Meg Mike Nate Nick Pam Pete Rick Rob Sam
-    Steve Ted Tim Tom Tommy Tony Will Zach
-    """.split()
+    _words(
+        """
+        Abby Alex Andy Becky Beth Ben Bill Billy Bob Bobby Chris Dan Danny Dave Eddie Gabe Greg
+        Jake Jeff Jen Jenny Jim Jimmy Joe Joey Jon Josh Kate Katie Liz Maggie Matt Meg Mike Nate
+        Nick Pam Pete Rick Rob Sam Steve Ted Tim Tom Tommy Tony Will Zach
+        """
+    )
 )
 _TITLE = r"(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Madam|Herr|Frau|Mme|Mlle|Sr|Sra|Srta|Signor|Signora)"
-_PARTICLE = r"(?:van der|van den|van de|von der|van|von|de la|de los|del|de|da|di|du|dos|das|le|la|bin|binti|al|el|ibn)"
+_PARTICLE = (
+    r"(?:van der|van den|van de|von der|van|von|de la|de los|del|de|da|di|du|dos|das|le|la|"
+    r"bin|binti|al|el|ibn)"
+)
 # "Anna", "O'Brien", "McDonald", "Jean-Luc"
 _WORD = r"(?:[A-Z]['’])?[A-ZÀ-ÖØ-Þ][a-zà-öø-ÿ]+(?:[A-Z][a-z]+)?(?:['’-][A-Za-zÀ-ÖØ-öø-ÿ]+)*"
 _NAMESEQ = rf"(?:{_PARTICLE}\s+)?{_WORD}(?:\s+(?:{_PARTICLE}\s+)?{_WORD}){{0,2}}"
@@ -490,25 +548,33 @@ _STRONG_CUE = re.compile(
 _LOWER_NAME = re.compile(r"\bmy name is\s+([a-zà-öø-ÿ]+(?:\s+[a-zà-öø-ÿ]+)?)\b")
 # Cues after which one capitalised word is a name if it is a known first name, ambiguous or not.
 _WEAK_CUE = re.compile(
-    rf"(?:\bI'm|\bI’m|\bI am|\bthis is|\bit's|\bhi|\bhello|\bhey|\bdear|\bthanks,?|\bthank you,?|\bcheers,?|"
-    rf"\bask for|\bspeak (?:to|with)|\bspoke (?:to|with)|\btalk to|\bcontact|\bcolleague|\bmy (?:husband|wife|"
+    rf"(?:\bI'm|\bI’m|\bI am|\bthis is|\bit's|\bhi|\bhello|\bhey|\bdear|\bthanks,?|"
+    rf"\bthank you,?|\bcheers,?|\bask for|\bspeak (?:to|with)|\bspoke (?:to|with)|\btalk to|"
+    rf"\bcontact|\bcolleague|\bmy (?:husband|wife|"
     rf"boss|manager|colleague|partner|son|daughter))\s+({_NAMESEQ})",
 )
 _SIGNOFF = re.compile(
-    rf"(?:^|\n)\s*(?:(?:best|kind|warm|many)?\s*regards|thanks|thank you|cheers|best|sincerely|yours(?: truly| sincerely)?|"
-    rf"--|—|mit freundlichen grüßen|viele grüße|cordialement)\s*[,!.]?\s*\n\s*({_NAMESEQ})\s*(?:$|\n)",
+    rf"(?:^|\n)\s*(?:(?:best|kind|warm|many)?\s*regards|thanks|thank you|cheers|best|sincerely|"
+    rf"yours(?: truly| sincerely)?|--|—|mit freundlichen grüßen|viele grüße|cordialement)"
+    rf"\s*[,!.]?\s*\n\s*({_NAMESEQ})\s*(?:$|\n)",
     re.IGNORECASE,
 )
 # "… thx - Kenji" / "Cheers, Tom" closing a message on one line.
 _SIGNOFF_INLINE = re.compile(
-    rf"\b(?:thanks|thx|ty|cheers|regards|best|br)\s*[-—,!.:]+\s*({_NAMESEQ})\s*[!.]?\s*$", re.IGNORECASE
+    rf"\b(?:thanks|thx|ty|cheers|regards|best|br)\s*[-—,!.:]+\s*({_NAMESEQ})\s*[!.]?\s*$",
+    re.IGNORECASE,
 )
 _WORDS = re.compile(_WORD)
 _NAME_SHAPE = re.compile(rf"^{_WORD}$")
 _SKIP_BEFORE = re.compile(r"\b(?:in|at|near|to the|from the|visit|visiting|of)\s+$")
 # "São Paulo", "San Diego", "Fort Worth": the word after is a place.
 _PLACE_PREFIX = frozenset(
-    "São San Santa Santo Saint St Sankt Fort Port Mount Mt New Los Las El Lake Cape Puerto Porto".split()
+    _words(
+        """
+        São San Santa Santo Saint St Sankt Fort Port Mount Mt New Los Las El Lake Cape Puerto
+        Porto
+        """
+    )
 )
 
 
@@ -524,7 +590,9 @@ def _name_lists() -> tuple[frozenset[str], frozenset[str]]:
             log.debug("faker has no person provider for %s", locale)
             continue
         for attr in vars(provider):
-            target = first if attr.startswith("first_") else last if attr.startswith("last_") else None
+            target = (
+                first if attr.startswith("first_") else last if attr.startswith("last_") else None
+            )
             value = getattr(provider, attr)
             if target is not None and isinstance(value, (list, tuple, dict)):
                 target.update(n for n in value if isinstance(n, str) and _NAME_SHAPE.match(n))
@@ -577,13 +645,15 @@ def _names(text: str) -> Iterator[Entity]:
             if (ent := after_strong_cue(m)) is not None:
                 yield ent
     for m in _LOWER_NAME.finditer(text):
-        tokens = m.group(1).split()
+        lowered = m.group(1).split()
         known = 0
-        while known < len(tokens) and (tokens[known].capitalize() in first or tokens[known].capitalize() in last):
+        while known < len(lowered) and (
+            lowered[known].capitalize() in first or lowered[known].capitalize() in last
+        ):
             known += 1
         if known:
             s = m.start(1)
-            e = s + len(" ".join(tokens[:known]))
+            e = s + len(" ".join(lowered[:known]))
             yield Entity("NAME", s, e, text[s:e])
     for m in _WEAK_CUE.finditer(text):
         if (ent := after_weak_cue(m)) is not None:
@@ -603,7 +673,12 @@ def _names(text: str) -> Iterator[Entity]:
         word = run[0].group()
         prev = text[max(0, run[0].start() - 8) : run[0].start()].split()
         place = word in _PLACE_PREFIX and len(run) > 1
-        if place or (prev and prev[-1].rstrip(".") in _PLACE_PREFIX) or word in _NEVER or len(word) < 3:
+        if (
+            place
+            or (prev and prev[-1].rstrip(".") in _PLACE_PREFIX)
+            or word in _NEVER
+            or len(word) < 3
+        ):
             i += 1
             continue
         if word in first and word not in _AMBIGUOUS:
@@ -620,8 +695,8 @@ def _names(text: str) -> Iterator[Entity]:
             i += 1
             continue
         end = run[n - 1].end()
-        if n == 1 and (m := _PARTICLE_SURNAME.match(text, end)):  # "Pieter de Vries"
-            end = m.end()
+        if n == 1 and (particle := _PARTICLE_SURNAME.match(text, end)):  # "Pieter de Vries"
+            end = particle.end()
         yield Entity("NAME", run[0].start(), end, text[run[0].start() : end])
         i += n
 
@@ -647,8 +722,8 @@ class Scrubber:
     lists strings that are public and kept (e.g. the company's own support
     address quoted in the knowledge base), compared case-insensitively.
 
-    >>> Scrubber(allow=["support@lumen.example"]).scrub("mail support@lumen.example or me@home.example")
-    'mail support@lumen.example or <EMAIL>'
+    >>> Scrubber(allow=["support@lumen.example"]).scrub("support@lumen.example or me@home.example")
+    'support@lumen.example or <EMAIL>'
     """
 
     def __init__(
@@ -699,19 +774,20 @@ _DEFAULT = Scrubber()
 def find_entities(text: str) -> list[Entity]:
     """Personal data in ``text`` (all types), non-overlapping, in text order.
 
-    >>> [(e.type, e.text) for e in find_entities("IBAN DE89 3704 0044 0532 0130 00, card 4111 1111 1111 1111")]
+    >>> text = "IBAN DE89 3704 0044 0532 0130 00, card 4111 1111 1111 1111"
+    >>> [(e.type, e.text) for e in find_entities(text)]
     [('IBAN', 'DE89 3704 0044 0532 0130 00'), ('CARD', '4111 1111 1111 1111')]
     """
     return _DEFAULT.find(text)
 
 
 def scrub(text: str) -> str:
-    """``text`` with all personal data replaced by typed placeholders (``<EMAIL>``, ``<NAME>`` …)."""
+    """``text`` with all personal data replaced by typed placeholders (``<EMAIL>`` …)."""
     return _DEFAULT.scrub(text)
 
 
 def public_allowlist(*documents: str) -> frozenset[str]:
-    """Entities found in public documents (e.g. the knowledge base), to pass as ``Scrubber(allow=…)``.
+    """Entities in public documents (e.g. the knowledge base), for ``Scrubber(allow=…)``.
 
     The company's own support address in an assistant's answer is a fact, not
     personal data; scrubbing it would teach the model to answer "<EMAIL>".

@@ -21,18 +21,22 @@ from optimizer.plots import FIGURE_TITLES, figure_divs
 __all__ = ["ago", "environment", "evidence", "interval", "num", "pct", "render_standalone", "when"]
 
 
+def _missing(value: Any) -> bool:
+    return value is None or isinstance(value, jinja2.Undefined)
+
+
 def pct(value: Any, digits: int = 1) -> str:
     """``12.3%``, or ``—`` for a missing value."""
-    return "—" if value is None else f"{float(value):.{digits}%}"
+    return "—" if _missing(value) else f"{float(value):.{digits}%}"
 
 
 def num(value: Any, digits: int = 3) -> str:
     """Fixed decimals, or ``—`` for a missing value."""
-    return "—" if value is None else f"{float(value):.{digits}f}"
+    return "—" if _missing(value) else f"{float(value):.{digits}f}"
 
 
 def _int_or_dash(value: Any) -> str:
-    return "—" if value is None else str(int(value))
+    return "—" if _missing(value) else str(int(value))
 
 
 def interval(pair: Any, fmt: Any = num) -> str:

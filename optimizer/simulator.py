@@ -14,11 +14,12 @@ arrives three days later, exactly as it would from a CRM. Regret is measured
 against the true expected KPI of each assigned arm, so it does not depend on the
 luck of the draws, only on the choices.
 
-Writes go through ``Store.record_*`` one by one when ``bulk=False``. The default
-``bulk=True`` writes the same rows with one ``executemany`` per table before each
-refit (and batches the assignment rows :class:`Assigner` records), which is what
-makes weeks of a few thousand sessions a day run in seconds; a test checks the
-two paths give the same result.
+Writes go through ``Store.record_*`` one by one when ``bulk=False`` (a few
+hundred sessions a second). The default ``bulk=True`` writes the same rows with
+one ``executemany`` per table before each refit and batches the assignment rows
+:class:`Assigner` records (thousands of sessions a second); a test checks that
+both paths give the same result. On long runs the optimizer's refits, which
+read the whole history each time as in production, dominate the run time.
 
 >>> from optimizer.scenario import parse_scenario
 >>> sc = parse_scenario({"name": "tiny", "sessions": 200, "sessions_per_day": 100,
@@ -94,7 +95,7 @@ class SimulationResult:
     database_url: str | None = None
 
     @property
-    def regret_ratio(self) -> float:
+    def regret_per_session(self) -> float:
         """Regret per session, in KPI units."""
         return self.regret / self.sessions if self.sessions else 0.0
 
@@ -525,6 +526,15 @@ def simulate(
         statuses = base_store.arm_statuses(experiment_id)
         snapshot = base_store.latest_snapshot(experiment_id)
         elapsed = time.perf_counter() - started
+        log.info(
+            "simulated %s under %s (seed %d): %d sessions, regret %.3f, %.1f s",
+            scenario.name,
+            policy,
+            seed,
+            scenario.sessions,
+            oracle_total - expected_total,
+            elapsed,
+        )
         return SimulationResult(
             policy=policy,
             scenario=scenario.name,

@@ -59,9 +59,19 @@ def add_session(
         turn_id = f"{session_id}-t{i}"
         store.record_turn(
             TurnRecord(
-                id=turn_id, session_id=session_id, user_id=user_id, experiment_id="exp", arm_id=arm_id,
-                prompt_id="concise", prompt_hash="h", model="fake/echo", user_message=question, reply=reply,
-                fewshot_ids=tuple(fewshot_ids), latency_ms=120.0 + i, error="timeout" if i in error_turns else None,
+                id=turn_id,
+                session_id=session_id,
+                user_id=user_id,
+                experiment_id="exp",
+                arm_id=arm_id,
+                prompt_id="concise",
+                prompt_hash="h",
+                model="fake/echo",
+                user_message=question,
+                reply=reply,
+                fewshot_ids=tuple(fewshot_ids),
+                latency_ms=120.0 + i,
+                error="timeout" if i in error_turns else None,
                 created_at=at + timedelta(minutes=i + 1),
             )
         )
@@ -70,8 +80,14 @@ def add_session(
         store.record_feedback(ids[index], user_id, value, at=at + timedelta(minutes=5))
     for name, value in (outcomes or {}).items():
         store.record_outcome(
-            OutcomeRecord(f"{session_id}-{name}", name, value, session_id=session_id,
-                          occurred_at=at + timedelta(minutes=10), source="chat"),
+            OutcomeRecord(
+                f"{session_id}-{name}",
+                name,
+                value,
+                session_id=session_id,
+                occurred_at=at + timedelta(minutes=10),
+                source="chat",
+            ),
             received_at=at + timedelta(minutes=10),
         )
     return ids

@@ -5,12 +5,12 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-import litellm
 import pytest
 import sqlalchemy as sa
 from chat_helpers import CONCISE_FIXED, RecordingTracer, make_runtime
 
 from chatbot.conversation import Conversation
+from chatbot.fake_model import call_count
 from chatbot.llm import FRIENDLY_ERROR
 from chatbot.runtime import Runtime
 from optimizer.config import ActionConfig
@@ -23,12 +23,6 @@ TRIAL = ActionConfig(name="start_trial", label="Start free trial", outcome="conv
 def _rows(store: Store, table: sa.Table) -> list[sa.Row]:
     with store.engine.connect() as conn:
         return list(conn.execute(sa.select(table)).all())
-
-
-def _fake_calls(model: str) -> int:
-    """Calls the fake provider received for ``model`` (litellm passes the name without "fake/")."""
-    (fake,) = [p["custom_handler"] for p in litellm.custom_provider_map if p["provider"] == "fake"]
-    return int(fake.calls(model.removeprefix("fake/")))
 
 
 async def _start(runtime: Runtime, user: str = "alice") -> Conversation:
@@ -122,9 +116,9 @@ async def test_an_over_long_message_is_refused_and_never_sent(store: Store) -> N
     reply = await conversation.reply("turn-1", "x" * 21)
     assert reply.turn is None and reply.refused == "message is 21 characters; the limit is 20"
     assert "limit is 20" in reply.text
-    assert _rows(store, schema.turns) == [] and _fake_calls(model) == 0
+    assert _rows(store, schema.turns) == [] and call_count(model) == 0
     assert (await conversation.reply("turn-2", "x" * 20)).turn is not None
-    assert _fake_calls(model) == 1
+    assert call_count(model) == 1
 
 
 async def test_an_empty_message_is_refused(store: Store) -> None:

@@ -1,53 +1,107 @@
-"""Mining: only qualifying turns, scrubbed, de-duplicated, with provenance; rejected ones never return."""
+"""Mining: qualifying turns only, scrubbed, de-duplicated, with provenance; no rejected ones."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
 import pytest
+from fewshot_scenario import LATER, START, add_session, library, make_config
 
 from optimizer.fewshot import ExampleBank, mine_examples
 from optimizer.fewshot.mining import turn_reasons
 from optimizer.store import Store
-from fewshot_scenario import LATER, START, add_session, library, make_config
 
 EXPORT_Q = "Hi, I'm Anna Schmidt. How do I export all my projects to a CSV file?"
-EXPORT_A = "Go to Settings > Data > Export and pick CSV or JSON, Anna. You get one file with all projects."
+EXPORT_A = (
+    "Go to Settings > Data > Export and pick CSV or JSON, Anna. You get one file with all projects."
+)
 REFUND_Q = "My email is bob.miller@example.org, can I get a refund for a double charge?"
-REFUND_A = "Refunds are possible within 30 days: email support@lumen.example with the invoice and we refund it."
+REFUND_A = (
+    "Refunds are possible within 30 days: email support@lumen.example with the invoice "
+    "and we refund it."
+)
 
 
 def _scenario(store: Store) -> dict[str, list[str]]:
     ids = {}
-    ids["converted"] = add_session(store, "s1", [(EXPORT_Q, EXPORT_A)], votes={0: 1}, outcomes={"conversion": 1.0})
+    ids["converted"] = add_session(
+        store, "s1", [(EXPORT_Q, EXPORT_A)], votes={0: 1}, outcomes={"conversion": 1.0}
+    )
     ids["thumbs_up"] = add_session(store, "s2", [(REFUND_Q, REFUND_A)], votes={0: 1})
-    # Near-duplicate of s1 (one word differs), converted but not rated: s1 has the higher reward and wins.
+    # Near-duplicate of s1 (one word differs), converted, not rated: s1 has the higher reward.
     ids["near_duplicate"] = add_session(
-        store, "s3", [(EXPORT_Q, EXPORT_A.replace("all projects", "all your projects"))],
-        outcomes={"conversion": 1.0}, at=START + timedelta(hours=1),
+        store,
+        "s3",
+        [(EXPORT_Q, EXPORT_A.replace("all projects", "all your projects"))],
+        outcomes={"conversion": 1.0},
+        at=START + timedelta(hours=1),
     )
     ids["thumbs_down"] = add_session(
-        store, "s4", [("Which integrations does the Team plan include today?", "We integrate with nothing at all, sorry.")],
-        votes={0: 0}, outcomes={"conversion": 1.0},
+        store,
+        "s4",
+        [
+            (
+                "Which integrations does the Team plan include today?",
+                "We integrate with nothing at all, sorry.",
+            )
+        ],
+        votes={0: 0},
+        outcomes={"conversion": 1.0},
     )
-    ids["no_signal"] = add_session(store, "s5", [("What does the Business plan cost per user?", "It costs $15 per user per month.")])
+    ids["no_signal"] = add_session(
+        store,
+        "s5",
+        [("What does the Business plan cost per user?", "It costs $15 per user per month.")],
+    )
     ids["error"] = add_session(
-        store, "s6", [("How long is the password reset link valid?", "Sorry, something went wrong on our side.")],
-        votes={0: 1}, error_turns=[0],
+        store,
+        "s6",
+        [
+            (
+                "How long is the password reset link valid?",
+                "Sorry, something went wrong on our side.",
+            )
+        ],
+        votes={0: 1},
+        error_turns=[0],
     )
-    ids["too_short"] = add_session(store, "s7", [("Is there a free trial of the Team plan?", "Yes.")], votes={0: 1})
+    ids["too_short"] = add_session(
+        store, "s7", [("Is there a free trial of the Team plan?", "Yes.")], votes={0: 1}
+    )
     ids["resolved_quickly"] = add_session(
-        store, "s8", [("Can I pay yearly instead of monthly for the Team plan?", "Yes: yearly billing saves 20%, switch it in Settings > Billing.")],
+        store,
+        "s8",
+        [
+            (
+                "Can I pay yearly instead of monthly for the Team plan?",
+                "Yes: yearly billing saves 20%, switch it in Settings > Billing.",
+            )
+        ],
         outcomes={"resolved": 1.0, "support_minutes": 3.0},
     )
     ids["resolved_slowly"] = add_session(
-        store, "s9", [("Do you offer SSO on the Team plan or only Business?", "SSO is part of the Business plan only.")],
+        store,
+        "s9",
+        [
+            (
+                "Do you offer SSO on the Team plan or only Business?",
+                "SSO is part of the Business plan only.",
+            )
+        ],
         outcomes={"resolved": 1.0, "support_minutes": 45.0},
     )
     # A thumbs-up in a session that cost an hour of support: negative reward, never teaches.
     ids["negative_reward"] = add_session(
-        store, "s10", [("Where can I find the invoices of last year?", "Invoices are under Settings > Billing > Invoices.")],
-        votes={0: 1}, outcomes={"support_minutes": 60.0},
+        store,
+        "s10",
+        [
+            (
+                "Where can I find the invoices of last year?",
+                "Invoices are under Settings > Billing > Invoices.",
+            )
+        ],
+        votes={0: 1},
+        outcomes={"support_minutes": 60.0},
     )
     return ids
 
@@ -76,7 +130,9 @@ def test_mining_adds_only_qualifying_scrubbed_unique_turns(store: Store) -> None
 
     refund = mined[ids["thumbs_up"][0]]
     assert "bob.miller@example.org" not in refund.user_text and "<EMAIL>" in refund.user_text
-    assert "support@lumen.example" in refund.assistant_text  # public fact of the knowledge base, kept
+    assert (
+        "support@lumen.example" in refund.assistant_text
+    )  # public fact of the knowledge base, kept
     assert refund.provenance["reasons"] == ["thumbs_up"]
     assert mined[ids["resolved_quickly"][0]].provenance["reasons"] == ["resolved_quickly"]
 
@@ -95,8 +151,20 @@ def test_rejected_examples_never_return(store: Store) -> None:
     bank.set_status(first, "rejected", actor="alice", reason="too chatty")
 
     # The same conversation again, and a light paraphrase of it, both converted.
-    add_session(store, "s2", [(EXPORT_Q, EXPORT_A)], outcomes={"conversion": 1.0}, at=START + timedelta(days=1))
-    add_session(store, "s3", [(EXPORT_Q + " Thanks!", EXPORT_A)], outcomes={"conversion": 1.0}, at=START + timedelta(days=1))
+    add_session(
+        store,
+        "s2",
+        [(EXPORT_Q, EXPORT_A)],
+        outcomes={"conversion": 1.0},
+        at=START + timedelta(days=1),
+    )
+    add_session(
+        store,
+        "s3",
+        [(EXPORT_Q + " Thanks!", EXPORT_A)],
+        outcomes={"conversion": 1.0},
+        at=START + timedelta(days=1),
+    )
     result = mine_examples(store, config, now=LATER, library=library())
     assert result.added == () and result.duplicates == 2
     assert bank.get(first).status == "rejected"
@@ -105,7 +173,13 @@ def test_rejected_examples_never_return(store: Store) -> None:
 
 def test_auto_approve_and_open_windows(store: Store) -> None:
     add_session(store, "s1", [(EXPORT_Q, EXPORT_A)], votes={0: 1})
-    add_session(store, "s2", [(REFUND_Q, REFUND_A)], outcomes={"revenue": 900.0}, at=START + timedelta(hours=2))
+    add_session(
+        store,
+        "s2",
+        [(REFUND_Q, REFUND_A)],
+        outcomes={"revenue": 900.0},
+        at=START + timedelta(hours=2),
+    )
     config = make_config(auto_approve=True, min_reward=0.5)
     # A day later the revenue term (30-day window) is still open: s2 cannot qualify on
     # reward yet, the thumbs-up of s1 qualifies at once.
@@ -120,12 +194,27 @@ def test_auto_approve_and_open_windows(store: Store) -> None:
 
 def test_turn_reasons_respects_thresholds(sqlite_store: Store) -> None:
     add_session(sqlite_store, "s1", [(EXPORT_Q, EXPORT_A)], votes={0: 1})
-    add_session(sqlite_store, "s2", [(REFUND_Q, REFUND_A)], outcomes={"resolved": 1.0, "support_minutes": 8.0})
+    add_session(
+        sqlite_store,
+        "s2",
+        [(REFUND_Q, REFUND_A)],
+        outcomes={"resolved": 1.0, "support_minutes": 8.0},
+    )
     strict = make_config(thumbs_up=False, max_support_minutes=5.0)
-    reasons = dict(zip(*[turn_reasons(sqlite_store, strict, now=LATER)[c] for c in ("id", "reasons")], strict=True))
+    reasons = dict(
+        zip(
+            *[turn_reasons(sqlite_store, strict, now=LATER)[c] for c in ("id", "reasons")],
+            strict=True,
+        )
+    )
     assert reasons == {"s1-t0": [], "s2-t0": []}
     loose = make_config()
-    reasons = dict(zip(*[turn_reasons(sqlite_store, loose, now=LATER)[c] for c in ("id", "reasons")], strict=True))
+    reasons = dict(
+        zip(
+            *[turn_reasons(sqlite_store, loose, now=LATER)[c] for c in ("id", "reasons")],
+            strict=True,
+        )
+    )
     assert reasons == {"s1-t0": ["thumbs_up"], "s2-t0": ["resolved_quickly"]}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import bcrypt
@@ -19,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from chatbot.operator import PREFIX, create_router
+from chatbot.operator.routes import ReportCache
 from chatbot.operator.security import COOKIE_NAME, OperatorSession, SessionSigner
 from chatbot.runtime import Runtime
 from optimizer.config import UserConfig, load_config
@@ -375,3 +377,51 @@ def test_fewshot_review_approves_and_rejects(client: TestClient, runtime: Runtim
     assert (
         client.post(f"{PREFIX}/examples/{keep}/frobnicate", data={"csrf": token}).status_code == 400
     )
+
+
+def test_off_policy_estimates_page(client: TestClient, runtime: Runtime) -> None:
+    old = datetime.now(UTC) - timedelta(days=40)  # every attribution window has closed
+    for i in range(400):
+        record = runtime.assigner.assign(f"ope-s{i}", f"ope-u{i}", at=old + timedelta(minutes=i))
+        if i % 5 == 0:
+            runtime.store.record_outcome(
+                OutcomeRecord(
+                    f"ope-k{i}",
+                    "conversion",
+                    1.0,
+                    session_id=record.session_id,
+                    occurred_at=record.assigned_at,
+                )
+            )
+    token = login(client)
+    assert client.post(f"{PREFIX}/optimize", data={"csrf": token}).status_code == 200
+    page = client.get(f"{PREFIX}/ope")
+    assert page.status_code == 200
+    text = html.unescape(page.text)
+    assert "from 400 complete logged sessions" in text
+    for arm in ARMS:
+        assert f'data-target="arm:{arm}"' in page.text
+    assert 'data-target="snapshot"' in page.text
+
+
+def test_report_cache_reuses_then_recomputes() -> None:
+    calls: list[int] = []
+    now = [0.0]
+    cache = ReportCache(
+        lambda: {"n": len(calls.append(1) or calls)}, ttl_s=30, clock=lambda: now[0]
+    )
+    assert cache.get() == {"n": 1} and cache.get() == {"n": 1}
+    now[0] = 29.9
+    assert cache.get() == {"n": 1}
+    now[0] = 30.0
+    assert cache.get() == {"n": 2}
+    cache.clear()
+    assert cache.get() == {"n": 3}
+    with pytest.raises(ValueError, match="ttl_s must be >= 0 seconds, got -1"):
+        ReportCache(dict, ttl_s=-1)
+
+
+def test_public_names() -> None:
+    import chatbot.operator
+
+    assert chatbot.operator.__all__ == ["PREFIX", "create_router"]

@@ -1,7 +1,8 @@
-"""The PII scrubber: each entity type with positives and tricky negatives, the CLI, the corpus figures."""
+"""The PII scrubber: positives and tricky negatives per entity type, the CLI, the corpora."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -14,7 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 POSITIVES = [
     ("EMAIL", "write to maria.gonzalez@gmail.com today", "maria.gonzalez@gmail.com"),
-    ("EMAIL", "my email is kevin dot brown at outlook dot com", "kevin dot brown at outlook dot com"),
+    (
+        "EMAIL",
+        "my email is kevin dot brown at outlook dot com",
+        "kevin dot brown at outlook dot com",
+    ),
     ("PHONE", "Call me on (415) 555-2671 after 5pm.", "(415) 555-2671"),
     ("PHONE", "My mobile is +44 7911 123456.", "+44 7911 123456"),
     ("PHONE", "Handynummer: 0151 23456789", "0151 23456789"),
@@ -25,7 +30,11 @@ POSITIVES = [
     ("IBAN", "account NL91ABNA0417164300 for the refund", "NL91ABNA0417164300"),
     ("IP", "My IP is 81.2.69.142 and I'm blocked.", "81.2.69.142"),
     ("IP", "Logged in from 2001:db8:85a3::8a2e:370:7334 at night", "2001:db8:85a3::8a2e:370:7334"),
-    ("ADDRESS", "I live at 1600 Pennsylvania Avenue NW, Washington, DC 20500.", "1600 Pennsylvania Avenue NW, Washington, DC 20500"),
+    (
+        "ADDRESS",
+        "I live at 1600 Pennsylvania Avenue NW, Washington, DC 20500.",
+        "1600 Pennsylvania Avenue NW, Washington, DC 20500",
+    ),
     ("ADDRESS", "Rechnungsadresse: Hauptstraße 5, 10115 Berlin", "Hauptstraße 5, 10115 Berlin"),
     ("GOV_ID", "SSN 536-22-8740", "536-22-8740"),
     ("GOV_ID", "National Insurance number: AB 12 34 56 C", "AB 12 34 56 C"),
@@ -72,21 +81,29 @@ def test_tricky_negatives_are_left_alone(text: str) -> None:
 
 
 def test_spans_point_into_the_text_and_scrub_is_idempotent() -> None:
-    text = ("Hi, I'm Laura Bianchi (laura.bianchi@gmail.com, +39 347 123 4567). Refund to "
-            "IT60 X054 2811 1010 0000 0123 456 or card 5555 5555 5555 4444; I'm at 10 Downing St, London SW1A 2AA.")
+    text = (
+        "Hi, I'm Laura Bianchi (laura.bianchi@gmail.com, +39 347 123 4567). Refund to "
+        "IT60 X054 2811 1010 0000 0123 456 or card 5555 5555 5555 4444; "
+        "I'm at 10 Downing St, London SW1A 2AA."
+    )
     entities = find_entities(text)
     assert [e.type for e in entities] == ["NAME", "EMAIL", "PHONE", "IBAN", "CARD", "ADDRESS"]
     assert all(text[e.start : e.end] == e.text for e in entities)
-    assert all(a.end <= b.start for a, b in zip(entities, entities[1:], strict=False))
+    assert all(a.end <= b.start for a, b in itertools.pairwise(entities))
     once = scrub(text)
     assert scrub(once) == once
-    assert once == "Hi, I'm <NAME> (<EMAIL>, <PHONE>). Refund to <IBAN> or card <CARD>; I'm at <ADDRESS>."
+    assert (
+        once
+        == "Hi, I'm <NAME> (<EMAIL>, <PHONE>). Refund to <IBAN> or card <CARD>; I'm at <ADDRESS>."
+    )
 
 
 def test_scrubber_options() -> None:
     text = "mail support@lumen.example or me at +49 30 901820"
     assert Scrubber(types=["EMAIL"]).scrub(text) == "mail <EMAIL> or me at +49 30 901820"
-    allow = public_allowlist((ROOT / "prompts" / "knowledge" / "lumen.md").read_text(encoding="utf-8"))
+    allow = public_allowlist(
+        (ROOT / "prompts" / "knowledge" / "lumen.md").read_text(encoding="utf-8")
+    )
     assert Scrubber(allow=allow).scrub(text) == "mail support@lumen.example or me at <PHONE>"
     with pytest.raises(ValueError, match="types must be among"):
         Scrubber(types=["SSN"])
@@ -104,14 +121,19 @@ def test_cli_scrub_reads_stdin() -> None:
     out = runner.invoke(app, ["scrub", "--json"], input="ping me: anna@example.org")
     payload = json.loads(out.output)
     assert payload["scrubbed"] == "ping me: <EMAIL>"
-    assert payload["entities"] == [{"type": "EMAIL", "start": 9, "end": 25, "text": "anna@example.org"}]
+    assert payload["entities"] == [
+        {"type": "EMAIL", "start": 9, "end": 25, "text": "anna@example.org"}
+    ]
     assert runner.invoke(app, ["scrub", "--type", "nope"], input="x").exit_code == 2
 
 
 @pytest.mark.parametrize("corpus", ["pii_corpus.jsonl", "pii_heldout.jsonl"])
 def test_corpus_recall_and_precision(corpus: str) -> None:
-    """The shipped corpora (bench/scrubber.py prints the full table): every type found, little noise."""
-    rows = [json.loads(line) for line in (ROOT / "bench" / "data" / corpus).read_text(encoding="utf-8").splitlines()]
+    """The shipped corpora (bench/scrubber.py prints the table): every type found, little noise."""
+    rows = [
+        json.loads(line)
+        for line in (ROOT / "bench" / "data" / corpus).read_text(encoding="utf-8").splitlines()
+    ]
     gold = predicted = hit_gold = hit_pred = 0
     types_seen = set()
     for row in rows:
@@ -123,8 +145,12 @@ def test_corpus_recall_and_precision(corpus: str) -> None:
             types_seen.add(ent["type"])
         gold += len(spans)
         predicted += len(found)
-        hit_gold += sum(any(f.type == t and f.start < e and s < f.end for f in found) for t, s, e in spans)
-        hit_pred += sum(any(f.type == t and f.start < e and s < f.end for t, s, e in spans) for f in found)
+        hit_gold += sum(
+            any(f.type == t and f.start < e and s < f.end for f in found) for t, s, e in spans
+        )
+        hit_pred += sum(
+            any(f.type == t and f.start < e and s < f.end for t, s, e in spans) for f in found
+        )
     assert types_seen == set(ENTITY_TYPES)
     assert hit_gold / gold >= 0.95
     assert hit_pred / predicted >= 0.95

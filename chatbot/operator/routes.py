@@ -13,6 +13,9 @@ session's CSRF token 403; a login by a chat user (role ``user``) 403.
 from __future__ import annotations
 
 import logging
+import math
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,23 +35,65 @@ from optimizer.report_html import environment
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PREFIX", "create_router"]
+__all__ = ["PREFIX", "REPORT_TTL_S", "ReportCache", "create_router"]
 
 PREFIX = "/operator"
 #: Forms on these pages are tiny; anything bigger is not ours.
 MAX_FORM_BYTES = 4096
+#: Seconds a computed experiment report is shown before it is recomputed.
+REPORT_TTL_S = 30.0
 
 
 def _templates() -> jinja2.Environment:
     return environment([jinja2.PackageLoader("chatbot.operator", "templates")])
 
 
-def create_router(services: actions.Services, *, secret: bytes | None = None) -> APIRouter:
+class ReportCache:
+    """The newest experiment report, recomputed at most every ``ttl_s`` seconds.
+
+    Building the report reads every session of the experiment (seconds at 100k
+    sessions), so page views within ``ttl_s`` share one computation; concurrent
+    requests wait for the one in flight rather than starting their own. Every
+    operator action clears it, so its effect shows on the next page.
+    """
+
+    def __init__(
+        self,
+        compute: Callable[[], dict[str, Any]],
+        *,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl_s < 0:
+            raise ValueError(f"ttl_s must be >= 0 seconds, got {ttl_s}")
+        self.compute, self.ttl_s, self.clock = compute, ttl_s, clock
+        self._lock = threading.Lock()
+        self._value: dict[str, Any] | None = None
+        self._at = -math.inf
+
+    def get(self) -> dict[str, Any]:
+        with self._lock:
+            if self._value is None or self.clock() - self._at >= self.ttl_s:
+                self._value, self._at = self.compute(), self.clock()
+            return self._value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._value = None
+
+
+def create_router(
+    services: actions.Services, *, secret: bytes | None = None, report_ttl_s: float = REPORT_TTL_S
+) -> APIRouter:
     """The ``/operator`` routes over a process's services (a ``chatbot.runtime.Runtime``).
 
     ``secret`` signs the session cookie; by default the shared auth secret
     (``CHAINLIT_AUTH_SECRET`` or the generated one in ``FLYWHEEL_HOME``).
+    ``report_ttl_s``: how long a computed experiment report is reused.
     """
+    reports = ReportCache(
+        lambda: experiment_report(services.store, services.config), ttl_s=report_ttl_s
+    )
     signer = SessionSigner(secret if secret is not None else ensure_auth_secret().encode())
     authenticator = Authenticator(services.config.auth)
     templates = _templates()
@@ -196,7 +241,7 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
         session = operator_or_login(request)
         if isinstance(session, Response):
             return session
-        report = experiment_report(services.store, services.config)
+        report = reports.get()
         return page(
             request,
             session,
@@ -204,6 +249,7 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
             r=report,
             divs=figure_divs(report),
             titles=FIGURE_TITLES,
+            report_ttl_s=report_ttl_s,
         )
 
     @router.get("/arms/{arm_id:path}")
@@ -226,7 +272,7 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
         session = current(request)
         if session is None or not session.is_operator:
             return JSONResponse({"detail": "operator login required"}, status_code=401)
-        return JSONResponse(experiment_report(services.store, services.config))
+        return JSONResponse(reports.get())
 
     @router.get("/static/plotly.min.js")
     def plotly() -> Response:
@@ -259,6 +305,7 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
             )
         except actions.ActionError as exc:
             return refuse(request, exc.status, str(exc))
+        reports.clear()
         return back(request, session, PREFIX, result.message)
 
     @router.post("/optimize")
@@ -268,6 +315,7 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
             return checked
         session, _ = checked
         result = await run_in_threadpool(actions.run_optimizer_now, services, session.user or "")
+        reports.clear()
         return back(request, session, PREFIX, result.message)
 
     # -- few-shot review and off-policy estimates ------------------------------------------------
@@ -296,6 +344,7 @@ def create_router(services: actions.Services, *, secret: bytes | None = None) ->
             )
         except actions.ActionError as exc:
             return refuse(request, exc.status, str(exc))
+        reports.clear()
         return back(request, session, f"{PREFIX}/examples", result.message)
 
     @router.get("/ope")

@@ -98,7 +98,7 @@ def demo(
         help="Where to put the demo (default: $FLYWHEEL_HOME/demo.db). Never a real store.",
     ),
     days: int = typer.Option(21, "--days", min=2, max=365, help="Simulated days of traffic."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the simulation."),
+    seed: int = typer.Option(1, "--seed", min=0, help="Seed of the simulation."),
     force: bool = typer.Option(False, "--force", help="Rebuild a demo SQLite file that exists."),
     as_json: bool = JsonOption,
 ) -> None:
@@ -130,7 +130,7 @@ def build_demo(
     url: str,
     *,
     days: int = 21,
-    seed: int = 0,
+    seed: int = 1,
     force: bool = False,
     home: Path | None = None,
     progress: bool = False,

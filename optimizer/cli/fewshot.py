@@ -5,15 +5,33 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from optimizer.cli.common import ConfigOption, DatabaseOption, JsonOption, console, fail, get_config, open_store, print_json
+from optimizer.cli.common import (
+    ConfigOption,
+    DatabaseOption,
+    JsonOption,
+    console,
+    fail,
+    get_config,
+    open_store,
+    print_json,
+)
 
-app = typer.Typer(help="The few-shot example bank: mine, list, approve, reject, pin, propose.", no_args_is_help=True)
+app = typer.Typer(
+    help="The few-shot example bank: mine, list, approve, reject, pin, propose.",
+    no_args_is_help=True,
+)
 
-ActorOption = typer.Option("operator", "--actor", help="Who is acting (recorded in the example's history).")
+ActorOption = typer.Option(
+    "operator", "--actor", help="Who is acting (recorded in the example's history)."
+)
 
 
 @app.command()
-def mine(config: str | None = ConfigOption, database_url: str | None = DatabaseOption, as_json: bool = JsonOption) -> None:
+def mine(
+    config: str | None = ConfigOption,
+    database_url: str | None = DatabaseOption,
+    as_json: bool = JsonOption,
+) -> None:
     """Add scrubbed examples from conversations that earned the KPI (also run by the optimizer)."""
     from optimizer.fewshot import mine_examples
 
@@ -27,8 +45,9 @@ def mine(config: str | None = ConfigOption, database_url: str | None = DatabaseO
         print_json(result.as_dict())
         return
     console.print(
-        f"{result.considered} turns, {result.qualifying} qualifying → [bold]{len(result.added)} added[/bold] "
-        f"({result.duplicates} near-duplicates, {result.too_short} too short, {result.too_long} too long); "
+        f"{result.considered} turns, {result.qualifying} qualifying → "
+        f"[bold]{len(result.added)} added[/bold] ({result.duplicates} near-duplicates, "
+        f"{result.too_short} too short, {result.too_long} too long); "
         f"status {'approved' if cfg.fewshot.auto_approve else 'candidate'}"
     )
     for example_id in result.added:
@@ -37,7 +56,9 @@ def mine(config: str | None = ConfigOption, database_url: str | None = DatabaseO
 
 @app.command("list")
 def list_examples(
-    status: str | None = typer.Option(None, "--status", help="candidate | approved | rejected | pinned | demoted"),
+    status: str | None = typer.Option(
+        None, "--status", help="candidate | approved | rejected | pinned | demoted"
+    ),
     config: str | None = ConfigOption,
     database_url: str | None = DatabaseOption,
     as_json: bool = JsonOption,
@@ -56,17 +77,32 @@ def list_examples(
     if as_json:
         print_json(
             [
-                {"id": e.id, "status": e.status, "source": e.source, "reward": e.reward, "user": e.user_text,
-                 "assistant": e.assistant_text, "session_id": e.session_id, "turn_id": e.turn_id,
-                 "provenance": dict(e.provenance), "created_at": e.created_at}
+                {
+                    "id": e.id,
+                    "status": e.status,
+                    "source": e.source,
+                    "reward": e.reward,
+                    "user": e.user_text,
+                    "assistant": e.assistant_text,
+                    "session_id": e.session_id,
+                    "turn_id": e.turn_id,
+                    "provenance": dict(e.provenance),
+                    "created_at": e.created_at,
+                }
                 for e in examples
             ]
         )
         return
     table = Table("id", "status", "source", "reward", "user", "assistant")
     for e in examples:
-        table.add_row(e.id, e.status, e.source, "" if e.reward is None else f"{e.reward:.2f}",
-                      _short(e.user_text), _short(e.assistant_text))
+        table.add_row(
+            e.id,
+            e.status,
+            e.source,
+            "" if e.reward is None else f"{e.reward:.2f}",
+            _short(e.user_text),
+            _short(e.assistant_text),
+        )
     console.print(table)
 
 
@@ -75,8 +111,15 @@ def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _set(example_id: str, status: str, actor: str, reason: str | None, config: str | None, database_url: str | None,
-         as_json: bool) -> None:
+def _set(
+    example_id: str,
+    status: str,
+    actor: str,
+    reason: str | None,
+    config: str | None,
+    database_url: str | None,
+    as_json: bool,
+) -> None:
     from optimizer.errors import StoreError
     from optimizer.fewshot import ExampleBank
 
@@ -98,34 +141,54 @@ ReasonOption = typer.Option(None, "--reason", help="Why (kept in the example's h
 
 
 @app.command()
-def approve(example_id: str, actor: str = ActorOption, reason: str | None = ReasonOption,
-            config: str | None = ConfigOption, database_url: str | None = DatabaseOption, as_json: bool = JsonOption) -> None:
+def approve(
+    example_id: str,
+    actor: str = ActorOption,
+    reason: str | None = ReasonOption,
+    config: str | None = ConfigOption,
+    database_url: str | None = DatabaseOption,
+    as_json: bool = JsonOption,
+) -> None:
     """Let retrieval use an example."""
     _set(example_id, "approved", actor, reason, config, database_url, as_json)
 
 
 @app.command()
-def reject(example_id: str, actor: str = ActorOption, reason: str | None = ReasonOption,
-           config: str | None = ConfigOption, database_url: str | None = DatabaseOption, as_json: bool = JsonOption) -> None:
+def reject(
+    example_id: str,
+    actor: str = ActorOption,
+    reason: str | None = ReasonOption,
+    config: str | None = ConfigOption,
+    database_url: str | None = DatabaseOption,
+    as_json: bool = JsonOption,
+) -> None:
     """Never serve this example, and never mine it (or a near-duplicate) again."""
     _set(example_id, "rejected", actor, reason, config, database_url, as_json)
 
 
 @app.command()
-def pin(example_id: str, actor: str = ActorOption, reason: str | None = ReasonOption,
-        config: str | None = ConfigOption, database_url: str | None = DatabaseOption, as_json: bool = JsonOption) -> None:
+def pin(
+    example_id: str,
+    actor: str = ActorOption,
+    reason: str | None = ReasonOption,
+    config: str | None = ConfigOption,
+    database_url: str | None = DatabaseOption,
+    as_json: bool = JsonOption,
+) -> None:
     """Always include this example first in retrieved arms."""
     _set(example_id, "pinned", actor, reason, config, database_url, as_json)
 
 
 @app.command()
 def propose(
-    force: bool = typer.Option(False, "--force", help="Propose even if the bank has not grown enough."),
+    force: bool = typer.Option(
+        False, "--force", help="Propose even if the bank has not grown enough."
+    ),
     config: str | None = ConfigOption,
     database_url: str | None = DatabaseOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Propose a challenger arm (champion's prompt × best examples) as a TOML snippet; edits nothing."""
+    """Propose a challenger arm (champion's prompt × best examples) as TOML; edits nothing."""
     from optimizer.fewshot import propose_challenger
 
     cfg = get_config(config)
@@ -138,7 +201,10 @@ def propose(
         print_json(proposal.as_dict() if proposal else None)
         return
     if proposal is None:
-        console.print(f"no proposal: fewer than {cfg.fewshot.propose_after} newly approved examples since the last one")
+        console.print(
+            f"no proposal: fewer than {cfg.fewshot.propose_after} newly approved examples "
+            "since the last one"
+        )
         return
     console.print("Add this arm to flywheel.toml to let it compete (under the challenger cap):\n")
     console.print(proposal.toml, markup=False, highlight=False)

@@ -134,28 +134,22 @@ def _print(out: dict[str, Any]) -> None:
         f"Off-policy estimate of [bold]{target['label']}[/bold] · {out['n']:,} logged sessions "
         f"({out['source']}) · logged mean reward {out['logged_mean']:.4g}"
     )
+    confidence = next(iter(out["estimators"].values()))["confidence"]
     table = Table(title=title, title_justify="left")
-    for name, justify in (
-        ("Estimator", "left"),
-        ("Estimate", "right"),
-        ("CI", "right"),
-        ("Std. err.", "right"),
-        ("ESS", "right"),
-        ("Clipped", "right"),
-        ("", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("Estimator")
+    for name in ("Estimate", f"{confidence:.0%} CI", "ESS", "Clipped"):
+        table.add_column(name, justify="right")
+    table.add_column("Warnings", justify="right")
     for name, r in out["estimators"].items():
         lo, hi = r["ci"]
         clipping = r["clipping"]
         table.add_row(
             name,
             f"{r['estimate']:.4g}",
-            f"{r['confidence']:.0%} [{lo:.4g}, {hi:.4g}]",
-            f"{r['std_error']:.2g}",
+            f"[{lo:.4g}, {hi:.4g}]",
             f"{r['ess']:,.0f} ({r['ess_fraction']:.0%})",
             "—" if clipping is None else f"{clipping['clipped']:,} > {clipping['threshold']:g}",
-            "[yellow]warning[/yellow]" if r["warnings"] else "",
+            f"[yellow]{len(r['warnings'])}[/yellow]" if r["warnings"] else "—",
         )
     console.print(table)
     if target.get("kind") == "allocation":

@@ -12,8 +12,10 @@ from optimizer.cli.common import JsonOption, print_json
 
 def scrub(
     as_json: bool = JsonOption,
-    types: list[str] = typer.Option(  # noqa: B008
-        None, "--type", help="Only this entity type (repeatable): EMAIL, PHONE, CARD, IBAN, IP, ADDRESS, GOV_ID, NAME."
+    types: list[str] = typer.Option(
+        None,
+        "--type",
+        help="Only this type (repeatable): EMAIL, PHONE, CARD, IBAN, IP, ADDRESS, GOV_ID, NAME.",
     ),
 ) -> None:
     """Read text on stdin, print it with <EMAIL>, <PHONE>, <NAME> … in place of personal data."""

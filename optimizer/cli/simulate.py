@@ -105,7 +105,7 @@ def _print(result: object) -> None:
         console.print(table)
     console.print(
         f"expected KPI {r.expected_kpi_total:,.2f} · oracle {r.oracle_kpi_total:,.2f} · "
-        f"[bold]regret {r.regret:,.2f}[/bold] ({r.regret_ratio:.5f}/session)"
+        f"[bold]regret {r.regret:,.2f}[/bold] ({r.regret_per_session:.5f}/session)"
     )
     console.print(
         f"paused: {', '.join(r.paused_arms) or '—'} · winner: {r.winner or '—'} · "

@@ -18,6 +18,7 @@ before :meth:`ExampleBank.add` (see :mod:`optimizer.fewshot.mining`).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import logging
 import re
@@ -47,7 +48,13 @@ log = logging.getLogger(__name__)
 STATUSES = ("candidate", "approved", "rejected", "pinned", "demoted")
 #: Statuses retrieval draws from.
 SERVABLE = ("approved", "pinned")
-_EVENT_BY_STATUS = {"approved": "approved", "rejected": "rejected", "pinned": "pinned", "demoted": "demoted", "candidate": "updated"}
+_EVENT_BY_STATUS = {
+    "approved": "approved",
+    "rejected": "rejected",
+    "pinned": "pinned",
+    "demoted": "demoted",
+    "candidate": "updated",
+}
 
 
 def example_hash(user_text: str, assistant_text: str) -> str:
@@ -102,12 +109,13 @@ class ExampleBank:
 
     >>> store = Store("sqlite:///:memory:"); store.create_all()
     >>> bank = ExampleBank(store)
-    >>> ex_id = bank.add("How do I export my projects?", "Settings > Data > Export.", source="mined")
+    >>> q, a = "How do I export my projects?", "Settings > Data > Export."
+    >>> ex_id = bank.add(q, a, source="mined")
     >>> bank.get(ex_id).status
     'candidate'
     >>> bank.set_status(ex_id, "rejected", actor="alice").status
     'rejected'
-    >>> bank.add("How do I export my projects?", "Settings > Data > Export.", source="mined") is None
+    >>> bank.add(q, a, source="mined") is None
     True
     """
 
@@ -133,9 +141,11 @@ class ExampleBank:
     def version(self) -> int:
         """Id of the newest example event: changes whenever the bank does (cheap to poll)."""
         with self.store.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.max(schema.example_events.c.id))).scalar() or 0)
+            return int(
+                conn.execute(sa.select(sa.func.max(schema.example_events.c.id))).scalar() or 0
+            )
 
-    def events(self, example_id: str | None = None) -> list[sa.Row[Any]]:
+    def events(self, example_id: str | None = None) -> builtins.list[sa.Row[Any]]:
         ev = schema.example_events
         query = sa.select(ev).order_by(ev.c.id)
         if example_id is not None:
@@ -146,7 +156,9 @@ class ExampleBank:
     def mined_turn_ids(self) -> set[str]:
         ex = schema.examples
         with self.store.engine.connect() as conn:
-            return {r[0] for r in conn.execute(sa.select(ex.c.turn_id).where(ex.c.turn_id.is_not(None)))}
+            return {
+                r[0] for r in conn.execute(sa.select(ex.c.turn_id).where(ex.c.turn_id.is_not(None)))
+            }
 
     # -- writing ------------------------------------------------------------
     def add(
@@ -176,7 +188,13 @@ class ExampleBank:
         digest = example_hash(user_text, assistant_text)
         example_id = example_id or f"ex-{digest[:12]}"
         now = at or utcnow()
-        details = {"status": status, "source": source, "session_id": session_id, "turn_id": turn_id, "reward": reward}
+        details = {
+            "status": status,
+            "source": source,
+            "session_id": session_id,
+            "turn_id": turn_id,
+            "reward": reward,
+        }
         try:
             with self.store.engine.begin() as conn:
                 conn.execute(
@@ -210,7 +228,7 @@ class ExampleBank:
         details: Mapping[str, Any] | None = None,
         at: datetime | None = None,
     ) -> BankExample:
-        """Change an example's status and append the matching event. Raises :class:`StoreError` if unknown."""
+        """Change an example's status and append the event; :class:`StoreError` if unknown."""
         _check_statuses([status])
         now = at or utcnow()
         ex = schema.examples
@@ -218,15 +236,24 @@ class ExampleBank:
             row = conn.execute(sa.select(ex.c.status).where(ex.c.id == example_id)).first()
             if row is None:
                 raise StoreError(f"no example {example_id!r} in the bank")
-            conn.execute(ex.update().where(ex.c.id == example_id).values(status=status, updated_at=now))
-            payload = {"from": row.status, "to": status, **({"reason": reason} if reason else {}), **dict(details or {})}
+            conn.execute(
+                ex.update().where(ex.c.id == example_id).values(status=status, updated_at=now)
+            )
+            payload = {
+                "from": row.status,
+                "to": status,
+                **({"reason": reason} if reason else {}),
+                **dict(details or {}),
+            }
             self._event(conn, example_id, _EVENT_BY_STATUS[status], actor, payload, now)
         updated = self.get(example_id)
         assert updated is not None
         log.info("example %s: %s -> %s by %s", example_id, row.status, status, actor)
         return updated
 
-    def sync_seeds(self, library: PromptLibrary, *, actor: str = "seed", at: datetime | None = None) -> list[str]:
+    def sync_seeds(
+        self, library: PromptLibrary, *, actor: str = "seed", at: datetime | None = None
+    ) -> builtins.list[str]:
         """Put the library's seed examples in the bank (``approved``); returns the ids added.
 
         An edited seed file updates the text in place (``updated`` event) and
@@ -237,29 +264,57 @@ class ExampleBank:
         for seed in library.examples.values():
             current = self.get(seed.id)
             if current is None:
-                if self.add(seed.user, seed.assistant, source="seed", status="approved", example_id=seed.id,
-                            provenance={"path": seed.path}, actor=actor, at=at) is not None:
+                if (
+                    self.add(
+                        seed.user,
+                        seed.assistant,
+                        source="seed",
+                        status="approved",
+                        example_id=seed.id,
+                        provenance={"path": seed.path},
+                        actor=actor,
+                        at=at,
+                    )
+                    is not None
+                ):
                     added.append(seed.id)
                 else:
                     log.warning("seed example %s duplicates a banked example; not added", seed.id)
-            elif (current.user_text, current.assistant_text) != (seed.user, seed.assistant) and current.source == "seed":
+            elif (current.user_text, current.assistant_text) != (
+                seed.user,
+                seed.assistant,
+            ) and current.source == "seed":
                 now = at or utcnow()
                 try:
                     with self.store.engine.begin() as conn:
                         conn.execute(
                             ex.update()
                             .where(ex.c.id == seed.id)
-                            .values(user_text=seed.user, assistant_text=seed.assistant,
-                                    content_hash=example_hash(seed.user, seed.assistant), updated_at=now)
+                            .values(
+                                user_text=seed.user,
+                                assistant_text=seed.assistant,
+                                content_hash=example_hash(seed.user, seed.assistant),
+                                updated_at=now,
+                            )
                         )
                         self._event(conn, seed.id, "updated", actor, {"path": seed.path}, now)
                 except IntegrityError:
-                    log.warning("edited seed example %s duplicates a banked example; kept the old text", seed.id)
+                    log.warning(
+                        "edited seed example %s duplicates a banked example; kept the old text",
+                        seed.id,
+                    )
         return added
 
     # -- internals ------------------------------------------------------------
     @staticmethod
-    def _event(conn: sa.Connection, example_id: str, kind: str, actor: str, details: dict[str, Any], at: datetime) -> None:
+    def _event(
+        conn: sa.Connection,
+        example_id: str,
+        kind: str,
+        actor: str,
+        details: dict[str, Any],
+        at: datetime,
+    ) -> None:
         conn.execute(
             schema.example_events.insert().values(
                 example_id=example_id, kind=kind, actor=actor, details=details, created_at=at

@@ -50,7 +50,8 @@ class ExampleCredit:
 
     >>> sessions = pd.DataFrame({"session_id": [f"s{i}" for i in range(40)], "arm_id": "a",
     ...                          "reward": [0.0] * 20 + [1.0] * 20})
-    >>> usage = pd.DataFrame({"session_id": [f"s{i}" for i in range(40)], "example_id": ["bad"] * 20 + ["good"] * 20})
+    >>> usage = pd.DataFrame({"session_id": [f"s{i}" for i in range(40)],
+    ...                       "example_id": ["bad"] * 20 + ["good"] * 20})
     >>> credit = ExampleCredit(min_sessions=10, demote_probability=0.9).fit(usage, sessions)
     >>> credit.demote_
     ['bad']
@@ -64,11 +65,15 @@ class ExampleCredit:
         if self.min_sessions < 2:
             raise ValueError(f"min_sessions must be >= 2, got {self.min_sessions}")
         if not 0.5 < self.demote_probability < 1:
-            raise ValueError(f"demote_probability must be in (0.5, 1), got {self.demote_probability}")
+            raise ValueError(
+                f"demote_probability must be in (0.5, 1), got {self.demote_probability}"
+            )
         done = sessions.dropna(subset=["reward"])
         arm_mean = done.groupby("arm_id")["reward"].mean().rename("arm_mean")
-        rows = usage[["session_id", "example_id"]].drop_duplicates().merge(
-            done[["session_id", "arm_id", "reward"]], on="session_id"
+        rows = (
+            usage[["session_id", "example_id"]]
+            .drop_duplicates()
+            .merge(done[["session_id", "arm_id", "reward"]], on="session_id")
         )
         rows = rows.join(arm_mean, on="arm_id")
         rows["residual"] = rows["reward"] - rows["arm_mean"]
@@ -91,18 +96,24 @@ class ExampleCredit:
         prob[flat] = np.where(stats.loc[flat, "mean_residual"] < 0, 1.0, 0.0)
         stats["prob_below"] = prob
         self.stats_ = stats.sort_index()
-        eligible = (stats["sessions"] >= self.min_sessions) & (stats["prob_below"] >= self.demote_probability)
+        eligible = (stats["sessions"] >= self.min_sessions) & (
+            stats["prob_below"] >= self.demote_probability
+        )
         self.demote_ = sorted(stats.index[eligible])
         return self
 
 
-def example_usage(store: Store, config: Config, *, now: datetime | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def example_usage(
+    store: Store, config: Config, *, now: datetime | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(usage, sessions)`` for :class:`ExampleCredit` from the store."""
     sessions = session_frame(store, config, now=now)[["session_id", "arm_id", "reward"]]
     t = schema.turns
     with store.engine.connect() as conn:
         rows = conn.execute(
-            sa.select(t.c.session_id, t.c.fewshot_ids).where(t.c.experiment_id == config.experiment.id)
+            sa.select(t.c.session_id, t.c.fewshot_ids).where(
+                t.c.experiment_id == config.experiment.id
+            )
         ).all()
     pairs = [(sid, ex) for sid, ids in rows for ex in (ids or [])]
     usage = pd.DataFrame(pairs, columns=["session_id", "example_id"]).drop_duplicates()
@@ -115,7 +126,10 @@ class CreditResult:
     demoted: tuple[str, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"demoted": list(self.demoted), "examples": self.stats.reset_index().to_dict("records")}
+        return {
+            "demoted": list(self.demoted),
+            "examples": self.stats.reset_index().to_dict("records"),
+        }
 
 
 def credit_examples(
@@ -132,7 +146,9 @@ def credit_examples(
     bank.sync_seeds(library if library is not None else load_prompts(config.prompts_dir), at=now)
     usage, sessions = example_usage(store, config, now=now)
     fs = config.fewshot
-    credit = ExampleCredit(min_sessions=fs.credit_min_sessions, demote_probability=fs.demote_probability)
+    credit = ExampleCredit(
+        min_sessions=fs.credit_min_sessions, demote_probability=fs.demote_probability
+    )
     credit.fit(usage, sessions)
     demoted: list[str] = []
     for example_id in credit.demote_:
@@ -140,7 +156,9 @@ def credit_examples(
         if current is None or current.status != "approved":
             continue
         evidence = {k: _plain(v) for k, v in credit.stats_.loc[example_id].items()}
-        bank.set_status(example_id, "demoted", actor=actor, reason="below_arm_average", details=evidence, at=now)
+        bank.set_status(
+            example_id, "demoted", actor=actor, reason="below_arm_average", details=evidence, at=now
+        )
         demoted.append(example_id)
     return CreditResult(credit.stats_, tuple(demoted))
 

@@ -76,7 +76,9 @@ def _session_signals(store: Store, config: Config, now: datetime) -> pd.DataFram
     """Per session: KPI reward (complete or so far) and the outcome signals mining uses."""
     frame = session_frame(store, config, now=now)
     if frame.empty:
-        return pd.DataFrame(columns=["reward", "complete", "reward_so_far"]).rename_axis("session_id")
+        return pd.DataFrame(columns=["reward", "complete", "reward_so_far"]).rename_axis(
+            "session_id"
+        )
     so_far = np.zeros(len(frame))
     for term in frame.attrs.get("kpi_terms", []):
         so_far += term["weight"] * frame[f"{term['column']}_observed"].fillna(0).to_numpy()
@@ -86,17 +88,32 @@ def _session_signals(store: Store, config: Config, now: datetime) -> pd.DataFram
     names = sorted({*fs.outcomes, fs.resolved_outcome, fs.support_minutes_outcome})
     oc = schema.outcomes
     query = (
-        sa.select(oc.c.session_id, oc.c.name, sa.func.sum(oc.c.value).label("total"), sa.func.max(oc.c.value).label("peak"))
-        .where(oc.c.session_id.in_(list(sessions.index)), oc.c.name.in_(names), oc.c.occurred_at <= now)
+        sa.select(
+            oc.c.session_id,
+            oc.c.name,
+            sa.func.sum(oc.c.value).label("total"),
+            sa.func.max(oc.c.value).label("peak"),
+        )
+        .where(
+            oc.c.session_id.in_(list(sessions.index)), oc.c.name.in_(names), oc.c.occurred_at <= now
+        )
         .group_by(oc.c.session_id, oc.c.name)
     )
     with store.engine.connect() as conn:
-        outcomes = pd.DataFrame(conn.execute(query).all(), columns=["session_id", "name", "total", "peak"])
+        outcomes = pd.DataFrame(
+            conn.execute(query).all(), columns=["session_id", "name", "total", "peak"]
+        )
     peak = outcomes.pivot_table(index="session_id", columns="name", values="peak", aggfunc="max")
     total = outcomes.pivot_table(index="session_id", columns="name", values="total", aggfunc="sum")
     for name in fs.outcomes:
-        sessions[f"outcome:{name}"] = peak[name].reindex(sessions.index).fillna(0) > 0 if name in peak else False
-    resolved = peak[fs.resolved_outcome].reindex(sessions.index).fillna(0) > 0 if fs.resolved_outcome in peak else False
+        sessions[f"outcome:{name}"] = (
+            peak[name].reindex(sessions.index).fillna(0) > 0 if name in peak else False
+        )
+    resolved = (
+        peak[fs.resolved_outcome].reindex(sessions.index).fillna(0) > 0
+        if fs.resolved_outcome in peak
+        else False
+    )
     minutes = (
         total[fs.support_minutes_outcome].reindex(sessions.index).fillna(0)
         if fs.support_minutes_outcome in total
@@ -116,10 +133,16 @@ def turn_reasons(store: Store, config: Config, *, now: datetime | None = None) -
     now = as_utc(now) if now is not None else utcnow()
     fs = config.fewshot
     t = schema.turns
-    turns = store.frame(t, sa.and_(t.c.experiment_id == config.experiment.id, t.c.created_at <= now))
+    turns = store.frame(
+        t, sa.and_(t.c.experiment_id == config.experiment.id, t.c.created_at <= now)
+    )
     if turns.empty:
-        return turns.assign(reasons=pd.Series(dtype=object), reward=pd.Series(dtype=float),
-                            complete=pd.Series(dtype=bool), reward_so_far=pd.Series(dtype=float))
+        return turns.assign(
+            reasons=pd.Series(dtype=object),
+            reward=pd.Series(dtype=float),
+            complete=pd.Series(dtype=bool),
+            reward_so_far=pd.Series(dtype=float),
+        )
     sessions = _session_signals(store, config, now).drop(columns=["arm_id"], errors="ignore")
     turns = turns.join(sessions, on="session_id")
     fb = schema.feedback
@@ -131,7 +154,11 @@ def turn_reasons(store: Store, config: Config, *, now: datetime | None = None) -
     reward = turns["reward"].astype(float)
 
     def flag(column: str) -> pd.Series:
-        return turns[column].astype("boolean").fillna(False).astype(bool) if column in turns else up & False
+        return (
+            turns[column].astype("boolean").fillna(False).astype(bool)
+            if column in turns
+            else up & False
+        )
 
     flags = {"thumbs_up": up & fs.thumbs_up, "reward": complete & (reward >= fs.min_reward)}
     flags |= {f"outcome:{name}": flag(f"outcome:{name}") for name in fs.outcomes}
@@ -141,9 +168,16 @@ def turn_reasons(store: Store, config: Config, *, now: datetime | None = None) -
     names = list(flags)
     turns["reasons"] = [[names[j] for j in np.flatnonzero(row)] for row in table]
     turns["complete"] = complete
-    order = pd.DataFrame({"r": reward.fillna(-np.inf), "s": turns["reward_so_far"].astype(float).fillna(-np.inf),
-                          "t": turns["created_at"]})
-    return turns.loc[order.sort_values(["r", "s", "t"], ascending=False).index].reset_index(drop=True)
+    order = pd.DataFrame(
+        {
+            "r": reward.fillna(-np.inf),
+            "s": turns["reward_so_far"].astype(float).fillna(-np.inf),
+            "t": turns["created_at"],
+        }
+    )
+    return turns.loc[order.sort_values(["r", "s", "t"], ascending=False).index].reset_index(
+        drop=True
+    )
 
 
 def mine_examples(
@@ -163,7 +197,7 @@ def mine_examples(
     fs = config.fewshot
     library = library if library is not None else load_prompts(config.prompts_dir)
     bank = ExampleBank(store)
-    seeds = tuple(bank.sync_seeds(library, at=now))
+    seeds: tuple[str, ...] = tuple(bank.sync_seeds(library, at=now))
     turns = turn_reasons(store, config, now=now)
     candidates = turns.loc[turns["reasons"].map(bool).astype(bool)]
     qualifying = len(candidates)
@@ -177,7 +211,10 @@ def mine_examples(
     too_short = too_long = 0
     pending: list[tuple[Any, str, str]] = []
     for row in candidates.to_dict("records"):
-        user, reply = scrubber.scrub(row["user_message"]).strip(), scrubber.scrub(row["reply"]).strip()
+        user, reply = (
+            scrubber.scrub(row["user_message"]).strip(),
+            scrubber.scrub(row["reply"]).strip(),
+        )
         if min(len(user), len(reply)) < fs.min_chars:
             too_short += 1
         elif max(len(user), len(reply)) > fs.max_chars:
@@ -185,7 +222,9 @@ def mine_examples(
         else:
             pending.append((row, user, reply))
 
-    keep = _novel(pending, [f"{e.user_text}\n{e.assistant_text}" for e in bank.list()], fs.dedup_threshold)
+    keep = _novel(
+        pending, [f"{e.user_text}\n{e.assistant_text}" for e in bank.list()], fs.dedup_threshold
+    )
     added: list[str] = []
     status = "approved" if fs.auto_approve else "candidate"
     for (row, user, reply), novel in zip(pending, keep, strict=True):
@@ -207,8 +246,16 @@ def mine_examples(
             "scrubber_version": SCRUBBER_VERSION,
         }
         example_id = bank.add(
-            user, reply, source="mined", status=status, session_id=row["session_id"], turn_id=row["id"],
-            reward=final if final is not None else so_far, provenance=provenance, actor=actor, at=now,
+            user,
+            reply,
+            source="mined",
+            status=status,
+            session_id=row["session_id"],
+            turn_id=row["id"],
+            reward=final if final is not None else so_far,
+            provenance=provenance,
+            actor=actor,
+            at=now,
         )
         if example_id is not None:  # None: the same text was banked meanwhile
             added.append(example_id)
@@ -242,6 +289,8 @@ def _novel(pending: list[tuple[Any, str, str]], banked: list[str], threshold: fl
     within = (new_m @ new_m.T).toarray()
     keep: list[bool] = []
     for i in range(len(texts)):
-        dup = against_bank[i] >= threshold or any(keep[j] and within[i, j] >= threshold for j in range(i))
+        dup = against_bank[i] >= threshold or any(
+            keep[j] and within[i, j] >= threshold for j in range(i)
+        )
         keep.append(not dup)
     return keep

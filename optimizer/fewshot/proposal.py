@@ -38,21 +38,31 @@ class Proposal:
     examples: tuple[str, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"arm": self.arm, "toml": self.toml, "approved_mined": self.approved_mined,
-                "previous": self.previous, "examples": list(self.examples)}
+        return {
+            "arm": self.arm,
+            "toml": self.toml,
+            "approved_mined": self.approved_mined,
+            "previous": self.previous,
+            "examples": list(self.examples),
+        }
 
 
 def _last_count(store: Store) -> int:
     au = schema.audit_events
     with store.engine.connect() as conn:
         row = conn.execute(
-            sa.select(au.c.details).where(au.c.action == AUDIT_ACTION).order_by(au.c.id.desc()).limit(1)
+            sa.select(au.c.details)
+            .where(au.c.action == AUDIT_ACTION)
+            .order_by(au.c.id.desc())
+            .limit(1)
         ).first()
     return int((row.details or {}).get("approved_mined", 0)) if row is not None else 0
 
 
-def propose_challenger(store: Store, config: Config, *, actor: str = "optimizer", force: bool = False) -> Proposal | None:
-    """Record and return a proposal, or ``None`` if the bank has not grown enough (``force`` skips that check)."""
+def propose_challenger(
+    store: Store, config: Config, *, actor: str = "optimizer", force: bool = False
+) -> Proposal | None:
+    """Record and return a proposal; ``None`` if the bank has not grown enough (or ``force``)."""
     fs = config.fewshot
     bank = ExampleBank(store)
     servable = [e for e in bank.list(("approved", "pinned"))]
@@ -64,13 +74,21 @@ def propose_challenger(store: Store, config: Config, *, actor: str = "optimizer"
         return None
     champion_id = config.experiment.champion
     arms = {a.id: a for a in config.experiment.arms}
-    prompt = arms[champion_id].prompt if champion_id in arms else (config.experiment.arms[0].prompt if arms else None)
+    prompt = (
+        arms[champion_id].prompt
+        if champion_id in arms
+        else (config.experiment.arms[0].prompt if arms else None)
+    )
     if prompt is None:
         log.warning("no arms configured: cannot propose a challenger")
         return None
     ranked = sorted(
         servable,
-        key=lambda e: (e.status != "pinned", -(e.reward if e.reward is not None else float("-inf")), e.id),
+        key=lambda e: (
+            e.status != "pinned",
+            -(e.reward if e.reward is not None else float("-inf")),
+            e.id,
+        ),
     )
     chosen = tuple(e.id for e in ranked[: fs.propose_k])
     arm_id = f"{prompt}+bank{approved_mined}"

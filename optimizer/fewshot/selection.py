@@ -61,7 +61,8 @@ class ExampleSelector:
 
     >>> from optimizer.prompts import load_prompts
     >>> sel = ExampleSelector(load_prompts("prompts"))
-    >>> [e.id for e in sel.select(ArmConfig(id="x", prompt="concise", fewshot="retrieved", k=1), "reset my password")]
+    >>> arm = ArmConfig(id="x", prompt="concise", fewshot="retrieved", k=1)
+    >>> [e.id for e in sel.select(arm, "reset my password")]
     ['password-reset']
     """
 
@@ -104,12 +105,16 @@ class ExampleSelector:
                 raise ConfigError(f"arm {arm.id!r}: unknown example ids {missing}")
             chosen = [index.by_id[i] for i in arm.examples if i in index.by_id]
             if len(chosen) < len(arm.examples):
-                log.warning("arm %s: skipped rejected examples %s", arm.id, [i for i in arm.examples if i not in index.by_id])
+                log.warning(
+                    "arm %s: skipped rejected examples %s",
+                    arm.id,
+                    [i for i in arm.examples if i not in index.by_id],
+                )
             return chosen
         room = max(arm.k - len(index.pinned), 0)
         if not index.pool or room == 0:
             return index.pinned[: max(arm.k, len(index.pinned))]
-        scores = (index.matrix @ index.vectorizer.transform([user_message]).T).toarray().ravel()  # type: ignore[attr-defined]
+        scores = (index.matrix @ index.vectorizer.transform([user_message]).T).toarray().ravel()
         if arm.reward_weighted:
             scores = scores * (0.5 + 0.5 * index.quality)
         order = np.argsort(-scores, kind="stable")[:room]
@@ -119,7 +124,9 @@ class ExampleSelector:
     def _current(self) -> _Index:
         with self._lock:
             now = self.clock()
-            if self._index is not None and (self.store is None or now - self._checked_at < self.refresh_s):
+            if self._index is not None and (
+                self.store is None or now - self._checked_at < self.refresh_s
+            ):
                 return self._index
             self._checked_at = now
             version = self._bank_version()

@@ -170,8 +170,8 @@ class _Estimator(BaseEstimator):
         self.n_clipped_ = data.n_clipped
         self.max_weight_ = float(data.raw_weights.max())
         self.warnings_ = self._warnings(data, len(replicates) - len(finite))
-        for message in self.warnings_:
-            log.warning("%s: %s", self.name, message)
+        for message in self.warnings_:  # callers show them; the log keeps a trace
+            log.info("%s: %s", self.name, message)
         self.summary_ = self._summary()
         return self
 

@@ -10,6 +10,7 @@ column and row are wrong.
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import sqlalchemy as sa
 
 from optimizer.assignment import ALL_SEGMENTS
 from optimizer.errors import EstimationError
@@ -132,14 +134,20 @@ def logs_from_store(store: Store, config: Config, *, now: datetime | None = None
     log.info("ope: %d complete sessions of experiment %r", len(sessions), config.experiment.id)
     frame = sessions.rename(columns={"arm_id": "arm"})[columns].set_index("session_id")
     a = schema.assignments
-    contexts = store.frame(a, a.c.experiment_id == config.experiment.id)[["session_id", "context"]]
-    context = _flatten_context(contexts.set_index("session_id")["context"])
+    query = sa.select(a.c.session_id, a.c.context).where(a.c.experiment_id == config.experiment.id)
+    with store.engine.connect() as conn:
+        contexts = {row.session_id: row.context for row in conn.execute(query)}
+    context = _flatten_context(pd.Series([contexts.get(s) for s in frame.index], index=frame.index))
     return frame.join(context, how="left")
 
 
 def _flatten_context(contexts: pd.Series) -> pd.DataFrame:
-    records: list[dict[str, Any]] = [c if isinstance(c, dict) else {} for c in contexts]
-    flat = pd.json_normalize(records) if records else pd.DataFrame()
+    if contexts.empty:
+        return pd.DataFrame(index=contexts.index)
+    records: list[dict[str, Any]] = [
+        json.loads(c) if isinstance(c, str) else c if isinstance(c, dict) else {} for c in contexts
+    ]
+    flat = pd.json_normalize(records)
     flat.index = contexts.index
     flat = flat.dropna(axis=1, how="all")
     return flat.rename(columns={c: f"context.{c}" for c in flat.columns if c in _RESERVED})

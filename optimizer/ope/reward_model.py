@@ -19,6 +19,7 @@ estimated propensities.)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression, Ridge
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 __all__ = ["RewardModel"]
 
@@ -77,7 +78,7 @@ class RewardModel:
         self.table_ = np.empty(shape)
         self._fits: list[_ArmFit] = []
         # The grouped problems are tiny: BLAS threads cost more than they save (4x on 2 busy cores).
-        with threadpool_limits(limits=1):
+        with _threadpools().limit(limits=1):
             for arm in range(n_arms):
                 predicted, fit = self._fit_arm(self.counts_[:, arm], sums[:, arm])
                 self.table_[:, arm] = predicted
@@ -138,6 +139,12 @@ class RewardModel:
         return np.full(len(counts), mean), _ArmFit(design, np.ones(len(counts)), inverse)
 
 
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    """Inspecting the loaded BLAS libraries is slow: do it once per process."""
+    return ThreadpoolController()
+
+
 def _make_estimator(model: Any, binary: bool) -> LogisticRegression | Ridge:
     if isinstance(model, str):
         if model == "auto":
@@ -185,11 +192,8 @@ def _patterns(context: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     values, the rest sharing one column), numeric ones are standardised with missing
     values at the mean. Encoding is vectorised pandas on the distinct patterns only.
     """
-    usable = [c for c in context.columns if context[c].nunique(dropna=False) > 1]
-    if not usable:
-        return np.zeros((1, 1)), np.zeros(len(context), dtype=np.int64)
     prepared = pd.DataFrame(index=context.index)
-    for column in usable:
+    for column in context.columns:
         values = context[column]
         if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
             numbers = values.astype(float)
@@ -200,6 +204,9 @@ def _patterns(context: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
             text = values.astype(object).where(values.notna(), "<missing>").astype(str)
             keep = text.value_counts().index[: MAX_CATEGORIES - 1]
             prepared[column] = text.where(text.isin(keep), "<other>")
+    usable = [c for c in prepared.columns if prepared[c].nunique() > 1]
+    if not usable:
+        return np.zeros((1, 1)), np.zeros(len(context), dtype=np.int64)
     codes = prepared.groupby(usable, sort=False, dropna=False).ngroup().to_numpy()
     first = np.unique(codes, return_index=True)[1]
     distinct = prepared.iloc[first]

@@ -56,7 +56,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     home = tmp_path_factory.mktemp("demo-home")
-    result, config_path = build_demo(f"sqlite:///{home / 'demo.db'}", days=4, seed=0, home=home)
+    result, config_path = build_demo(f"sqlite:///{home / 'demo.db'}", days=4, seed=1, home=home)
     port = _free_port()
     env = {
         k: v
@@ -103,9 +103,8 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(
-                    f"flywheel serve not healthy after {STARTUP_TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
-                )
+                tail = log.read_text()[-3000:]
+                pytest.fail(f"flywheel serve not healthy after {STARTUP_TIMEOUT_S} s:\n{tail}")
             time.sleep(0.5)
         yield Dashboard(url, config_path, result)
     finally:
