@@ -51,6 +51,7 @@ __all__ = [
     "configure",
     "load_llama",
     "model_path",
+    "shared_llama",
 ]
 
 PROVIDER = "local"
@@ -120,6 +121,14 @@ def _llama(model_id: str) -> Any:
     return _loaded[model_id]
 
 
+def shared_llama(model_id: str = "gemma3-270m") -> Any:
+    """The provider's own ``Llama`` (loaded on its worker if needed), for benchmarks.
+
+    Use it only while no reply is being generated: the provider does not lock it.
+    """
+    return _worker.submit(_llama, model_id).result()
+
+
 @dataclass(frozen=True)
 class _Job:
     model: str  # the full litellm name, for errors
@@ -141,6 +150,8 @@ def _generate(job: _Job, emit: Callable[[_Item], None], cancelled: threading.Eve
         _pending -= 1
     if cancelled.is_set():
         return  # its caller gave up while it waited in the queue
+    from llama_cpp import StoppingCriteriaList
+
     try:
         llama = _llama(job.model_id)
         tokens = llama.tokenize(job.prompt.encode("utf-8"), add_bos=True, special=False)
@@ -160,15 +171,18 @@ def _generate(job: _Job, emit: Callable[[_Item], None], cancelled: threading.Eve
             temperature=job.temperature,
             stop=list(job.stop),
             stream=True,
+            # Checked after every sampled token, also those held back while they
+            # might begin a stop sequence: an abandoned request frees the model at once.
+            stopping_criteria=StoppingCriteriaList([lambda _ids, _logits: cancelled.is_set()]),
         ):
-            if cancelled.is_set():
-                log.info("local generation cancelled after %d characters", len(text))
-                return
             choice = chunk["choices"][0]
             if piece := trim(choice["text"]):
                 text += piece
                 emit(("token", piece))
             finish = choice.get("finish_reason") or finish
+        if cancelled.is_set():
+            log.info("local generation cancelled after %d characters", len(text))
+            return
         completion_tokens = len(llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
         usage = {
             "prompt_tokens": len(tokens),

@@ -21,9 +21,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 
 from chatbot.auth import ensure_auth_secret
+from chatbot.bodylimit import BodyLimitMiddleware
 from chatbot.datalayer import feedback_router
 from chatbot.operator import create_router as operator_router
 from chatbot.outcomes_api import api_router, flywheel_version
@@ -33,7 +36,7 @@ from optimizer.config import Config, load_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHAINLIT_APP", "create_app", "run_optimizer_periodically"]
+__all__ = ["CHAINLIT_APP", "DATABASE_UNAVAILABLE", "create_app", "run_optimizer_periodically"]
 
 #: The Chainlit handlers module, loaded by Chainlit from its file.
 CHAINLIT_APP = Path(__file__).with_name("app.py")
@@ -62,11 +65,34 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
         redoc_url=None,
     )
     app.state.runtime = runtime
+    for unavailable in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(unavailable, _database_unavailable)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.config.limits.max_body_bytes)
     app.include_router(api_router(runtime, api_key=settings.env(settings.FLYWHEEL_API_KEY)))
     app.include_router(feedback_router)
     app.include_router(operator_router(runtime))
     _mount_chat(app)  # last: its catch-all GET would hide any route added after it
     return app
+
+
+#: Database errors that mean "unreachable right now" (a restart, a failover, a full pool).
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+)
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 with a reason, not 500: the client should retry (duplicates count once)."""
+    log.warning(
+        "database unavailable for %s %s: %s", request.method, request.url.path, type(exc).__name__
+    )
+    return JSONResponse(
+        {"detail": "the database is unavailable; nothing was acknowledged, retry shortly"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 def _mount_chat(app: FastAPI) -> None:

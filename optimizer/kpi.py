@@ -61,6 +61,7 @@ from optimizer.store import Store, schema
 
 __all__ = [
     "BASE_COLUMNS",
+    "LATENCY_TURNS",
     "arm_metrics",
     "session_frame",
     "term_column",
@@ -88,6 +89,8 @@ BASE_COLUMNS = (
     "complete",
 )
 _RESERVED = frozenset(BASE_COLUMNS) | {"assigned_s"}
+#: The latency guardrail looks at this many of each arm's most recent turns.
+LATENCY_TURNS = 50_000
 #: Below this many events in closed windows, ``F(age)`` is assumed linear in age.
 MIN_DELAY_EVENTS = 20
 _DAY_S = 86_400.0
@@ -196,22 +199,41 @@ def arm_metrics(frame: pd.DataFrame, by: Sequence[str] = ("arm_id",)) -> pd.Data
 
 
 def turn_latencies(
-    store: Store, experiment_id: str, arms: Sequence[str], *, now: datetime | None = None
+    store: Store,
+    experiment_id: str,
+    arms: Sequence[str],
+    *,
+    now: datetime | None = None,
+    limit: int = LATENCY_TURNS,
 ) -> dict[str, np.ndarray]:
-    """Latencies (ms) of every answered turn of each arm up to ``now``, for the p95 guardrail."""
+    """Latencies (ms) of each arm's latest ``limit`` answered turns up to ``now``.
+
+    For the p95 guardrail: recent behaviour is what a guardrail should react to,
+    and the bound keeps a refit on millions of turns fast.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
     now = as_utc(now) if now is not None else utcnow()
     t = schema.turns
     out: dict[str, np.ndarray] = {}
     with store.engine.connect() as conn:
+        # SQLite walks the (experiment, arm) index backwards by rowid: no sort needed.
+        newest = (
+            sa.literal_column("turns.rowid") if conn.dialect.name == "sqlite" else t.c.created_at
+        )
         for arm in arms:  # one indexed query per arm: a handful
-            query = sa.select(t.c.latency_ms).where(
-                t.c.experiment_id == experiment_id,
-                t.c.arm_id == arm,
-                t.c.created_at <= now,
-                t.c.latency_ms.is_not(None),
+            query = (
+                sa.select(t.c.latency_ms)
+                .where(
+                    t.c.experiment_id == experiment_id,
+                    t.c.arm_id == arm,
+                    t.c.created_at <= now,
+                    t.c.latency_ms.is_not(None),
+                )
+                .order_by(newest.desc())
+                .limit(limit)
             )
-            rows = _fetch(conn, query)
-            out[arm] = np.array(rows, dtype=float).reshape(-1)
+            out[arm] = np.array(_fetch(conn, query), dtype=float).reshape(-1)
     return out
 
 
@@ -243,13 +265,12 @@ def _read(conn: sa.Connection, query: sa.Select[Any], columns: Sequence[str]) ->
 
 def _sessions(conn: sa.Connection, epoch: Any, experiment_id: str, now: datetime) -> pd.DataFrame:
     a = schema.assignments
-    experiment = a.c.experiment_id
+    experiment: sa.ColumnElement[str] = a.c.experiment_id
     if conn.dialect.name == "sqlite":
         # Reading a whole experiment, a table scan is ~4x faster than SQLite's row-by-row
         # index lookups; the no-op concatenation keeps it off the index.
         experiment = experiment.concat("")
     query = sa.select(
-        a.c.id,
         a.c.session_id,
         a.c.user_id,
         a.c.arm_id,
@@ -259,7 +280,6 @@ def _sessions(conn: sa.Connection, epoch: Any, experiment_id: str, now: datetime
         epoch(a.c.assigned_at),
     ).where(experiment == experiment_id, a.c.assigned_at <= now)
     columns = (
-        "id",
         "session_id",
         "user_id",
         "arm_id",
@@ -272,21 +292,36 @@ def _sessions(conn: sa.Connection, epoch: Any, experiment_id: str, now: datetime
     frame["propensity"] = frame["propensity"].astype(float)
     frame["assigned_s"] = frame["assigned_s"].astype(float)
     frame["snapshot_version"] = frame["snapshot_version"].astype("Int64")
-    # in assignment order (time, then insertion): SRM takes each user's first session
-    order = np.lexsort((frame["id"].to_numpy(), frame["assigned_s"].to_numpy()))
-    return frame.iloc[order].drop(columns="id").reset_index(drop=True)
+    # in time order (SRM takes each user's first session); stable keeps the scan order on ties
+    assigned = frame["assigned_s"].to_numpy()
+    if (np.diff(assigned) >= 0).all():  # the usual case: rows come in insertion order
+        return frame
+    return frame.iloc[np.argsort(assigned, kind="stable")].reset_index(drop=True)
 
 
 def _turn_counts(conn: sa.Connection, now: datetime) -> pd.DataFrame:
-    # No experiment filter: session ids are unique across experiments, and the merge on
-    # them keeps this experiment's sessions (a filter would cost a lookup per turn).
+    # No experiment filter: session ids are unique across experiments and the merge on
+    # them keeps this experiment's sessions. Counting turns needs only the
+    # (session_id, created_at) index; errors are rare, so they get their own query
+    # instead of a table lookup per turn.
     t = schema.turns
-    query = (
-        sa.select(t.c.session_id, sa.func.count(), sa.func.count(t.c.error))
+    counts = _read(
+        conn,
+        sa.select(t.c.session_id, sa.func.count())
         .where(t.c.created_at <= now)
-        .group_by(t.c.session_id)
+        .group_by(t.c.session_id),
+        ("session_id", "turns"),
     )
-    return _read(conn, query, ("session_id", "turns", "errors"))
+    errors = _read(
+        conn,
+        sa.select(t.c.session_id, sa.func.count())
+        .where(t.c.error.is_not(None), t.c.created_at <= now)
+        .group_by(t.c.session_id),
+        ("session_id", "errors"),
+    )
+    if errors.empty:
+        return counts.assign(errors=0)
+    return counts.merge(errors, on="session_id", how="left")
 
 
 def _vote_counts(conn: sa.Connection, now: datetime) -> pd.DataFrame:
@@ -308,7 +343,7 @@ def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: dateti
     o = schema.outcomes
     columns = ("session_id", "user_id", "name", "value", "occurred_s")
     if not names:
-        return _read(conn, sa.select(*[sa.null()] * 5).where(sa.false()), columns)
+        return pd.DataFrame({c: pd.Series(dtype=float if c != "name" else object) for c in columns})
     query = sa.select(
         o.c.session_id, o.c.user_id, o.c.name, o.c.value, epoch(o.c.occurred_at)
     ).where(o.c.name.in_(list(names)), o.c.occurred_at <= now)

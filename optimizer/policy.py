@@ -90,11 +90,12 @@ def beta_posterior(
 
 
 def nig_posterior(
-    n: float, mean: float, sse: float, *, mu0: float, kappa0: float, alpha0: float, beta0: float
-) -> tuple[float, float, float, float]:
+    n: Any, mean: Any, sse: Any, *, mu0: float, kappa0: float, alpha0: float, beta0: float
+) -> tuple[Any, Any, Any, Any]:
     """Normal–Inverse-Gamma posterior ``(mu, kappa, alpha, beta)`` from sufficient statistics.
 
-    ``n`` observations with sample ``mean`` and sum of squared deviations ``sse``.
+    ``n`` observations with sample ``mean`` and sum of squared deviations ``sse``
+    (floats, or arrays for several arms at once).
 
     >>> nig_posterior(4, 2.0, 6.0, mu0=0.0, kappa0=1.0, alpha0=1.0, beta0=1.0)
     (1.6, 5.0, 3.0, 5.6)
@@ -191,7 +192,7 @@ class _Data:
         )
 
 
-class _PosteriorPolicy(BaseEstimator):  # type: ignore[misc]
+class _PosteriorPolicy(BaseEstimator):
     """Shared fitting: posteriors per segment and arm, summaries, stop rule."""
 
     #: Name written into snapshots.
@@ -682,23 +683,27 @@ def make_policy(
     >>> make_policy(PolicyConfig(kind="uniform")).__class__.__name__
     'UniformPolicy'
     """
-    common = {
-        "samples": config.samples,
-        "stop_probability_best": config.stop_probability_best,
-        "stop_expected_loss": config.stop_expected_loss,
-        "delay": config.delay,
-        "segment_prior_sessions": config.segment_prior_sessions,
-        "random_state": random_state,
-    }
     if config.kind == "uniform":
-        return UniformPolicy(**common)
+        return UniformPolicy(
+            samples=config.samples,
+            stop_probability_best=config.stop_probability_best,
+            stop_expected_loss=config.stop_expected_loss,
+            delay=config.delay,
+            segment_prior_sessions=config.segment_prior_sessions,
+            random_state=random_state,
+        )
     return ThompsonSamplingPolicy(
         burn_in=config.burn_in,
         floor=config.floor,
         floor_decay_sessions=config.floor_decay_sessions,
         challenger_cap=config.challenger_cap,
         challenger_min_sessions=config.challenger_min_sessions,
-        **common,
+        samples=config.samples,
+        stop_probability_best=config.stop_probability_best,
+        stop_expected_loss=config.stop_expected_loss,
+        delay=config.delay,
+        segment_prior_sessions=config.segment_prior_sessions,
+        random_state=random_state,
     )
 
 

@@ -49,7 +49,7 @@ def _templates() -> jinja2.Environment:
 
 
 class ReportCache:
-    """The newest experiment report, recomputed at most every ``ttl_s`` seconds.
+    """The newest experiment report (and its figures), recomputed at most every ``ttl_s`` seconds.
 
     Building the report reads every session of the experiment (seconds at 100k
     sessions), so page views within ``ttl_s`` share one computation; concurrent
@@ -91,9 +91,12 @@ def create_router(
     (``CHAINLIT_AUTH_SECRET`` or the generated one in ``FLYWHEEL_HOME``).
     ``report_ttl_s``: how long a computed experiment report is reused.
     """
-    reports = ReportCache(
-        lambda: experiment_report(services.store, services.config), ttl_s=report_ttl_s
-    )
+
+    def experiment_view() -> dict[str, Any]:
+        report = experiment_report(services.store, services.config)
+        return {"report": report, "divs": figure_divs(report)}  # the figures cost as much again
+
+    reports = ReportCache(experiment_view, ttl_s=report_ttl_s)
     signer = SessionSigner(secret if secret is not None else ensure_auth_secret().encode())
     authenticator = Authenticator(services.config.auth)
     templates = _templates()
@@ -241,13 +244,13 @@ def create_router(
         session = operator_or_login(request)
         if isinstance(session, Response):
             return session
-        report = reports.get()
+        view = reports.get()
         return page(
             request,
             session,
             "experiment.html",
-            r=report,
-            divs=figure_divs(report),
+            r=view["report"],
+            divs=view["divs"],
             titles=FIGURE_TITLES,
             report_ttl_s=report_ttl_s,
         )
@@ -272,7 +275,7 @@ def create_router(
         session = current(request)
         if session is None or not session.is_operator:
             return JSONResponse({"detail": "operator login required"}, status_code=401)
-        return JSONResponse(reports.get())
+        return JSONResponse(reports.get()["report"])
 
     @router.get("/static/plotly.min.js")
     def plotly() -> Response:

