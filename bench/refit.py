@@ -162,6 +162,17 @@ def build(path: Path, n: int, seed: int = 0) -> dict[str, int]:
 
 
 def _rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB.
+
+    Linux's ``VmHWM`` belongs to the process image; ``ru_maxrss`` would carry
+    over the parent's peak across fork + exec (the build's, here).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

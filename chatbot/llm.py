@@ -262,6 +262,7 @@ async def _attempt(
         temperature=model.temperature,
         timeout=model.timeout_s,
         max_retries=0,  # retries are ours (counted, and never after a token was streamed)
+        drop_params=True,  # e.g. stream_options or temperature where a provider lacks them
     )
     try:
         async for chunk in response:
@@ -284,6 +285,15 @@ async def stream_reply(
     Never raises for provider errors or timeouts (see the module docstring);
     exceptions raised by ``on_token`` itself propagate. After the call, show
     ``completion.text`` (the friendly message when nothing was streamed).
+
+    >>> import asyncio
+    >>> question = [{"role": "user", "content": "Hi?"}]
+    >>> reply = asyncio.run(stream_reply(question, model=ModelConfig(name="fake/echo")))
+    >>> reply.text, reply.error, reply.completion_tokens
+    ('You asked: Hi?', None, 3)
+    >>> failed = asyncio.run(stream_reply(question, model=ModelConfig(name="fake/error-400")))
+    >>> failed.text == FRIENDLY_ERROR, failed.error
+    (True, 'fake/error-400: BadRequestError 400: fake provider error 400')
     """
     register_providers()
     stream = _Stream(time.perf_counter(), on_token)

@@ -214,7 +214,7 @@ def _as_provider_error(exc: Exception, model: str) -> Exception:
 class _WhitespaceTrim:
     """Drop the reply's leading and trailing whitespace while streaming.
 
-    The transcript ends with ``"Assistant:"``, so the first token carries a
+    The transcript ends with ``"Answer:"``, so the first token carries a
     space; the last tokens before a stop sequence are often newlines. Trailing
     whitespace of each piece is held back until more text follows it.
     """
@@ -272,6 +272,16 @@ def _timeout_error(job: _Job, seconds: float) -> litellm.Timeout:
     )
 
 
+def _to_chunk(kind: str, value: Any) -> GenericStreamingChunk:
+    """A worker item as litellm's chunk; an error item is raised."""
+    if kind == "error":
+        raise value
+    if kind == "done":
+        usage, finish = value
+        return stream_chunk("", usage=usage, finish=finish)
+    return stream_chunk(value)
+
+
 class LocalModelProvider(StreamingProvider):
     """litellm custom provider for ``local/…`` models (sync and async, streaming or not)."""
 
@@ -289,22 +299,18 @@ class LocalModelProvider(StreamingProvider):
                 cancelled.set()
 
         _submit(job, emit, cancelled)
+        ended = False  # the worker has sent its last item
         try:
-            while True:
+            while not ended:
                 try:
                     kind, value = await asyncio.wait_for(items.get(), timeout)
                 except TimeoutError:
                     raise _timeout_error(job, timeout or 0) from None
-                if kind == "token":
-                    yield stream_chunk(value)
-                elif kind == "error":
-                    raise value
-                else:
-                    usage, finish = value
-                    yield stream_chunk("", usage=usage, finish=finish)
-                    return
+                ended = kind != "token"
+                yield _to_chunk(kind, value)
         finally:
-            cancelled.set()
+            if not ended:  # abandoned (timeout, cancelled task, closed stream): free the model
+                cancelled.set()
 
     def streaming(self, *args: Any, **kwargs: Any) -> Iterator[GenericStreamingChunk]:
         job = _job(kwargs)
@@ -312,19 +318,15 @@ class LocalModelProvider(StreamingProvider):
         items: queue.Queue[_Item] = queue.Queue()
         cancelled = threading.Event()
         _submit(job, items.put, cancelled)
+        ended = False
         try:
-            while True:
+            while not ended:
                 try:
                     kind, value = items.get(timeout=timeout)
                 except queue.Empty:
                     raise _timeout_error(job, timeout or 0) from None
-                if kind == "token":
-                    yield stream_chunk(value)
-                elif kind == "error":
-                    raise value
-                else:
-                    usage, finish = value
-                    yield stream_chunk("", usage=usage, finish=finish)
-                    return
+                ended = kind != "token"
+                yield _to_chunk(kind, value)
         finally:
-            cancelled.set()
+            if not ended:
+                cancelled.set()

@@ -343,7 +343,10 @@ def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: dateti
     o = schema.outcomes
     columns = ("session_id", "user_id", "name", "value", "occurred_s")
     if not names:
-        return pd.DataFrame({c: pd.Series(dtype=float if c != "name" else object) for c in columns})
+        numeric = {"value", "occurred_s"}
+        return pd.DataFrame(
+            {c: pd.Series(dtype=float if c in numeric else object) for c in columns}
+        )
     query = sa.select(
         o.c.session_id, o.c.user_id, o.c.name, o.c.value, epoch(o.c.occurred_at)
     ).where(o.c.name.in_(list(names)), o.c.occurred_at <= now)

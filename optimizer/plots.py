@@ -10,7 +10,7 @@ JavaScript comes from the installed package (:func:`plotly_js`), never a CDN.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import plotly.graph_objects as go
@@ -32,7 +32,7 @@ FIGURE_TITLES = {
     "allocation": "Allocation share over time",
     "posterior": "KPI per arm: posterior mean and 95% interval",
     "cumulative_kpi": "Cumulative KPI per arm (running mean of complete sessions)",
-    "guardrails": "Guardrail metrics over time",
+    "guardrails": "Guardrail metrics at each optimizer run",
 }
 GUARDRAIL_TITLES = {
     "thumbs_down_rate": "thumbs-down rate",
@@ -174,46 +174,49 @@ def cumulative_kpi_figure(report: Mapping[str, Any]) -> go.Figure:
 
 
 def guardrail_figure(report: Mapping[str, Any]) -> go.Figure:
-    """One panel per guardrail metric, a line per arm, with the limit implied by the champion."""
-    series = report["series"]
-    metrics = [m for m in series.get("guardrails", {}) if series["guardrails"][m]]
+    """One panel per guardrail metric at each optimizer run: every arm's value, the champion's,
+    and the limit an arm may not cross (champion + delta, or champion × ratio)."""
+    series = report["series"].get("guardrails") or {}
+    metrics = series.get("metrics") or {}
     colors = _colors(report)
     if not metrics:
-        return _empty(_layout(go.Figure(), FIGURE_TITLES["guardrails"]), "no sessions yet")
-    fig = make_subplots(
-        rows=1, cols=len(metrics), subplot_titles=[GUARDRAIL_TITLES.get(m, m) for m in metrics]
-    )
+        return _empty(_layout(go.Figure(), FIGURE_TITLES["guardrails"]), "no guardrail check yet")
+    names = list(metrics)
+    titles = [GUARDRAIL_TITLES.get(m, m) for m in names]
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=titles)
     _layout(fig, FIGURE_TITLES["guardrails"])
-    limits = {g["metric"]: g for g in report["experiment"].get("guardrails", [])}
-    champion = report["experiment"].get("champion")
-    for col, metric in enumerate(metrics, start=1):
-        table = series["guardrails"][metric]
-        for arm, values in table.items():
-            if all(v is None for v in values):
-                continue
+    times = series["times"]
+    for col, metric in enumerate(names, start=1):
+        m = metrics[metric]
+        for arm, values in m["arms"].items():
             fig.add_trace(
                 go.Scatter(
-                    x=series["times"],
+                    x=times,
                     y=values,
                     name=arm,
                     mode="lines",
                     legendgroup=arm,
                     line={"color": colors.get(arm)},
                     showlegend=col == 1,
+                    customdata=m["probability"].get(arm),
+                    hovertemplate=f"{arm}: %{{y:.4g}}, P(breach) %{{customdata:.2f}}"
+                    "<extra></extra>",
                 ),
                 row=1,
                 col=col,
             )
-        limit = _limit_series(table.get(champion or ""), limits.get(metric))
-        if limit is not None:
+        for name, values, line in (
+            ("champion", m["champion"], {"color": "#52606d", "width": 2}),
+            ("limit (vs champion)", m["limit"], {"color": "#c0392b", "dash": "dot"}),
+        ):
             fig.add_trace(
                 go.Scatter(
-                    x=series["times"],
-                    y=limit,
-                    name="limit (vs champion)",
+                    x=times,
+                    y=values,
+                    name=name,
                     mode="lines",
-                    line={"color": "#c0392b", "dash": "dot"},
-                    legendgroup="limit",
+                    line=line,
+                    legendgroup=name,
                     showlegend=col == 1,
                 ),
                 row=1,
@@ -222,18 +225,6 @@ def guardrail_figure(report: Mapping[str, Any]) -> go.Figure:
         if metric.endswith("_rate"):
             fig.update_yaxes(tickformat=".0%", row=1, col=col)
     return fig
-
-
-def _limit_series(
-    champion: Sequence[float | None] | None, guardrail: Mapping[str, Any] | None
-) -> list[float | None] | None:
-    if not champion or not guardrail:
-        return None
-    if guardrail.get("max_delta") is not None:
-        return [None if v is None else v + guardrail["max_delta"] for v in champion]
-    if guardrail.get("max_ratio") is not None:
-        return [None if v is None else v * guardrail["max_ratio"] for v in champion]
-    return None
 
 
 def figures(report: Mapping[str, Any]) -> dict[str, go.Figure]:

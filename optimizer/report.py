@@ -39,7 +39,6 @@ from optimizer.store.store import ARM_STATUS_BY_EVENT
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "GUARDRAIL_METRICS",
     "STATUS_LABELS",
     "experiment_report",
     "promotion_estimates",
@@ -53,11 +52,10 @@ STATUS_LABELS = {
     "paused_operator": "paused by operator",
     "retired": "retired",
 }
-GUARDRAIL_METRICS = ("thumbs_down_rate", "error_rate", "latency_p95_ms")
 #: Experiments shorter than this are bucketed by hour in the time series, longer ones by day.
 HOURLY_SPAN = timedelta(days=2)
-#: At most this many policy snapshots are read for the allocation-over-time series.
-MAX_SNAPSHOTS = 5000
+#: About this many policy snapshots at most are read for the series over time.
+MAX_SNAPSHOTS = 500
 
 
 def experiment_report(
@@ -114,7 +112,7 @@ def experiment_report(
         "srm": summary.get("srm"),
         "guardrail_firings": _guardrail_firings(events),
         "segments": _segment_rows(config, frame, allocation, summary),
-        "series": _series(store, config, frame, [a["id"] for a in arms], now),
+        "series": _series(store, config, frame, [a["id"] for a in arms]),
         "history": _history(store, exp.id, events, history_limit),
     }
     return _jsonable(report)
@@ -339,20 +337,28 @@ def _segment_rows(
 
 
 def _series(
-    store: Store, config: Config, frame: pd.DataFrame, arm_ids: Sequence[str], now: datetime
+    store: Store, config: Config, frame: pd.DataFrame, arm_ids: Sequence[str]
 ) -> dict[str, Any]:
-    """Per-period series behind the plots: traffic share, cumulative KPI, guardrail metrics."""
-    policy_allocation = _policy_allocation_series(store, config.experiment.id)
+    """Series behind the plots.
+
+    Per assignment period (hour or day) from the session frame: sessions, traffic
+    share, running mean KPI. Per policy snapshot: the allocation the policy set,
+    and each guardrail check the optimizer made (arm value, champion value,
+    limit, breach probability): exactly what the guardrails saw, without
+    re-reading every turn.
+    """
+    allocation, guardrails = _snapshot_series(store, config.experiment.id)
+    out: dict[str, Any] = {
+        "bucket": "day",
+        "times": [],
+        "sessions": {},
+        "traffic_share": {},
+        "cumulative_kpi": {},
+        "policy_allocation": allocation,
+        "guardrails": guardrails,
+    }
     if frame.empty:
-        return {
-            "bucket": "day",
-            "times": [],
-            "sessions": {},
-            "traffic_share": {},
-            "cumulative_kpi": {},
-            "guardrails": {},
-            "policy_allocation": policy_allocation,
-        }
+        return out
     assigned = frame["assigned_at"]
     freq = "h" if assigned.max() - assigned.min() <= HOURLY_SPAN else "D"
     times = pd.date_range(assigned.min().floor(freq), assigned.max().floor(freq), freq=freq)
@@ -364,103 +370,77 @@ def _series(
 
     counts = wide(bucketed.groupby(by).size()).fillna(0)
     share = counts.div(counts.sum(axis=1).where(lambda s: s > 0), axis=0)
-
     # Running mean KPI over complete sessions, by assignment period.
     complete = bucketed[bucketed["complete"]]
     sums = wide(complete.groupby(by)["reward"].sum()).fillna(0).cumsum()
     n = wide(complete.groupby(by).size()).fillna(0).cumsum()
-    cumulative = sums / n.where(n > 0)
-
-    metrics = kpi.arm_metrics(bucketed, by)
-    guardrails = {
-        "thumbs_down_rate": wide(metrics["thumbs_down_rate"]),
-        "error_rate": wide(metrics["error_rate"]),
-        "latency_p95_ms": _latency_p95(store, config.experiment.id, freq, now).reindex(
-            index=times, columns=list(arm_ids)
-        ),
-    }
-    return {
-        "bucket": "hour" if freq == "h" else "day",
-        "times": [t.isoformat() for t in times],
-        "sessions": _columns(counts),
-        "traffic_share": _columns(share),
-        "cumulative_kpi": _columns(cumulative),
-        "guardrails": {metric: _columns(table) for metric, table in guardrails.items()},
-        "policy_allocation": policy_allocation,
-    }
-
-
-def _latency_p95(store: Store, experiment_id: str, freq: str, now: datetime) -> pd.DataFrame:
-    """95th percentile (nearest rank) of turn latency per period (rows) and arm (columns).
-
-    Computed by the database with window functions, so only one row per arm and
-    period leaves it, whatever the number of turns.
-    """
-    t = schema.turns
-    bucket_s = 3600 if freq == "h" else 86400
-    with store.engine.connect() as conn:
-        epoch = kpi._epoch_function(conn)
-        seconds = epoch(t.c.created_at) / bucket_s
-        # Timestamps are positive, so truncation is floor; PostgreSQL's cast rounds instead.
-        bucket = (
-            sa.func.floor(seconds)
-            if conn.dialect.name == "postgresql"
-            else sa.cast(seconds, sa.Integer)
-        )
-        ranked = (
-            sa.select(
-                t.c.arm_id,
-                bucket.label("bucket"),
-                t.c.latency_ms,
-                sa.func.row_number()
-                .over(partition_by=(t.c.arm_id, bucket), order_by=t.c.latency_ms)
-                .label("rank"),
-                sa.func.count().over(partition_by=(t.c.arm_id, bucket)).label("n"),
-            )
-            .where(
-                t.c.experiment_id == experiment_id,
-                t.c.created_at <= now,
-                t.c.latency_ms.is_not(None),
-            )
-            .subquery()
-        )
-        query = (
-            sa.select(ranked.c.arm_id, ranked.c.bucket, sa.func.min(ranked.c.latency_ms))
-            .where(ranked.c.rank >= 0.95 * ranked.c.n)
-            .group_by(ranked.c.arm_id, ranked.c.bucket)
-        )
-        rows = conn.execute(query).all()
-    if not rows:
-        return pd.DataFrame()
-    p95 = pd.DataFrame(rows, columns=["arm_id", "bucket", "p95"])
-    p95["bucket"] = pd.to_datetime(p95["bucket"].astype(float) * bucket_s, unit="s", utc=True)
-    return p95.pivot(index="bucket", columns="arm_id", values="p95")
+    out.update(
+        bucket="hour" if freq == "h" else "day",
+        times=[t.isoformat() for t in times],
+        sessions=_columns(counts),
+        traffic_share=_columns(share),
+        cumulative_kpi=_columns(sums / n.where(n > 0)),
+    )
+    return out
 
 
 def _columns(table: pd.DataFrame) -> dict[str, list[float | None]]:
     return {str(col): [_num(v) for v in table[col].to_numpy()] for col in table.columns}
 
 
-def _policy_allocation_series(store: Store, experiment_id: str) -> dict[str, Any]:
-    """Allocation of the overall segment in each snapshot (the newest ``MAX_SNAPSHOTS``)."""
+def _snapshot_series(store: Store, experiment_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(allocation series, guardrail series) from at most about ``MAX_SNAPSHOTS`` snapshots.
+
+    With more snapshots, every k-th version is read (and always the newest), so
+    a server that refits every few minutes for months still loads fast. Only the
+    allocation and the ``guardrails`` list of each summary leave the database.
+    """
     ps = schema.policy_snapshots
-    query = (
-        sa.select(ps.c.version, ps.c.created_at, ps.c.allocation)
-        .where(ps.c.experiment_id == experiment_id)
-        .order_by(ps.c.version.desc())
-        .limit(MAX_SNAPSHOTS)
-    )
+    mine = ps.c.experiment_id == experiment_id
+    rows: list[Any] = []
     with store.engine.connect() as conn:
-        rows = conn.execute(query).all()[::-1]
-    arms: dict[str, list[float | None]] = {}
+        newest = conn.execute(sa.select(sa.func.max(ps.c.version)).where(mine)).scalar()
+        if newest is not None:
+            stride = max(1, math.ceil(newest / MAX_SNAPSHOTS))
+            query = (
+                sa.select(
+                    ps.c.version, ps.c.created_at, ps.c.allocation, ps.c.summary["guardrails"]
+                )
+                .where(mine, sa.or_(ps.c.version % stride == 0, ps.c.version == newest))
+                .order_by(ps.c.version)
+            )
+            rows = list(conn.execute(query).all())
+    times = [as_utc(r[1]).isoformat() for r in rows]
+    shares: dict[str, list[float | None]] = {}
     for i, row in enumerate(rows):
-        for arm, p in (row.allocation or {}).get("segments", {}).get(ALL_SEGMENTS, {}).items():
-            arms.setdefault(arm, [0.0] * len(rows))[i] = float(p)
-    return {
-        "times": [as_utc(r.created_at).isoformat() for r in rows],
-        "versions": [r.version for r in rows],
-        "arms": arms,
-    }
+        for arm, p in (row[2] or {}).get("segments", {}).get(ALL_SEGMENTS, {}).items():
+            shares.setdefault(arm, [0.0] * len(rows))[i] = float(p)
+    allocation = {"times": times, "versions": [r[0] for r in rows], "arms": shares}
+
+    metrics: dict[str, dict[str, Any]] = {}
+    blank: list[float | None] = [None] * len(rows)
+    for i, row in enumerate(rows):
+        for check in row[3] or []:
+            m = metrics.setdefault(
+                check["metric"],
+                {"arms": {}, "probability": {}, "champion": list(blank), "limit": list(blank)},
+            )
+            m["arms"].setdefault(check["arm"], list(blank))[i] = _num(check.get("arm_value"))
+            m["probability"].setdefault(check["arm"], list(blank))[i] = _num(
+                check.get("probability")
+            )
+            champion = _num(check.get("champion_value"))
+            m["champion"][i] = champion
+            m["limit"][i] = _limit(champion, check.get("limit"), check.get("limit_kind"))
+    return allocation, {"times": times, "metrics": metrics}
+
+
+def _limit(champion: float | None, limit: Any, kind: Any) -> float | None:
+    """The value an arm may not exceed, given the champion's (None if unknown)."""
+    bound = _num(limit)
+    if champion is None or bound is None:
+        return None
+    return champion + bound if kind == "max_delta" else champion * bound
 
 
 # -- history ---------------------------------------------------------------------------------

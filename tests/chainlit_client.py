@@ -23,6 +23,7 @@ Votes go over HTTP like the browser's: ``PUT /feedback`` with the cookie.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -137,10 +138,8 @@ class ChatSession:
             if left <= 0:
                 raise ChatError(f"no {what} within {timeout:g} s")
             self._changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
-            except TimeoutError:
-                pass
 
     async def ask(self, text: str, *, timeout: float = 60) -> Turn:
         """Send a message and wait until the reply is complete (the turn's ``task_end``)."""

@@ -171,6 +171,22 @@ def test_auto_promote_makes_the_winner_champion(store: Store) -> None:
     assert len(arm_events(store, "promoted")) == 1
 
 
+def test_delay_model_learns_from_open_sessions(store: Store) -> None:
+    cfg = config(delay="model", burn_in=20)
+    register(store, cfg)
+    young = NOW - timedelta(days=2)  # inside the 7-day window
+    add_sessions(store, "a", 100, at=young, conversions=20, conversion_delay=timedelta(hours=2))
+    add_sessions(store, "b", 100, at=young, conversions=2, conversion_delay=timedelta(hours=2))
+    add_sessions(store, "c", 100, at=young, conversions=2, conversion_delay=timedelta(hours=2))
+    waiting = run_optimizer(store, config(burn_in=20), now=NOW, random_state=0)
+    modelled = run_optimizer(store, cfg, now=NOW, random_state=0)
+    assert waiting is not None and modelled is not None
+    assert waiting.complete_sessions == 0 and not waiting.summary["burn_in_complete"]
+    assert modelled.summary["delay"] == "model" and modelled.summary["burn_in_complete"]
+    assert modelled.summary["arms"]["a"]["effective_sessions"] > 20
+    assert modelled.allocation["segments"]["*"]["a"] > 0.5
+
+
 def test_seeded_runs_are_identical(store: Store) -> None:
     cfg = config(burn_in=10)
     register(store, cfg)
@@ -241,21 +257,21 @@ def test_a_lock_held_by_another_process_blocks_the_run(store: Store) -> None:
         "    sys.stdin.readline()\n"
     )
     root = Path(__file__).resolve().parents[1]
-    child = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", code],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         cwd=root,
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "held"
-        assert run_optimizer(store, cfg, now=NOW) is None
-    finally:
-        assert child.stdin is not None
-        child.stdin.write("\n")
-        child.stdin.close()
-        child.wait(30)
+    ) as child:
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            assert child.stdout.readline().strip() == "held"
+            assert run_optimizer(store, cfg, now=NOW) is None
+        finally:
+            child.stdin.write("\n")
+            child.stdin.flush()
+        assert child.wait(30) == 0
     assert run_optimizer(store, cfg, now=NOW) is not None
 
 

@@ -165,6 +165,9 @@ def test_arm_metrics_and_latencies(store: Store) -> None:
     lat = kpi.turn_latencies(store, EXPERIMENT, ["a", "b"], now=T0 + 10 * DAY)
     assert sorted(lat["a"].tolist()) == [100.0] * 10 + [300.0] * 10
     assert lat["b"].tolist() == [200.0] * 10
+    add_sessions(store, "b", 3, at=T0 + DAY, turns=1, latency_ms=900)
+    newest = kpi.turn_latencies(store, EXPERIMENT, ["b"], now=T0 + 10 * DAY, limit=3)
+    assert newest["b"].tolist() == [900.0] * 3
 
 
 def test_term_column() -> None:

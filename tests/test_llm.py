@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import doctest
 import uuid
+from types import ModuleType
 
 import litellm
 import pytest
 
+import chatbot.fake_model
+import chatbot.llm
 from chatbot.fake_model import call_count
 from chatbot.llm import FRIENDLY_ERROR, Completion, register_providers, stream_reply
 from optimizer.config import ModelConfig
@@ -201,3 +205,10 @@ def test_unknown_fake_models_are_named_in_the_error() -> None:
     completion = asyncio.run(stream_reply(MESSAGES, model=config("fake/nonsense")))
     assert completion.text == FRIENDLY_ERROR
     assert completion.error is not None and "unknown fake model" in completion.error
+
+
+@pytest.mark.parametrize("module", [chatbot.llm, chatbot.fake_model])
+def test_docstring_examples(module: ModuleType) -> None:
+    # pytest collects doctests under tests/ and optimizer/ only; these run here.
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -601,9 +601,10 @@ def test_read_logged_csv(tmp_path: Path) -> None:
     path.write_text("arm,reward,propensity,country\na,1,0.5,de\nb,0,0.5,fr\nb,1,0,fr\n")
     with pytest.raises(EstimationError, match=r"logs.csv: column 'propensity' .* first at row 4"):
         read_logged_csv(path)  # row = line number in the file
-    path.write_text("arm,reward,propensity,country\na,1,0.5,de\nb,0,0.5,fr\n")
+    path.write_text(",arm,reward,propensity,country\n0,a,1,0.5,de\n1,b,0,0.5,fr\n")
     logs = read_logged_csv(path)
     assert list(logs["segment"]) == ["*", "*"] and list(logs["country"]) == ["de", "fr"]
+    assert list(logs.columns) == ["arm", "reward", "propensity", "country", "segment"]
     with pytest.raises(EstimationError, match="does not exist"):
         read_logged_csv(tmp_path / "nope.csv")
 

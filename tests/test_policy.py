@@ -263,3 +263,32 @@ def test_no_active_arm_is_a_policy_error() -> None:
         ts().fit(binary_frame(STRONG).iloc[:0], [])
     with pytest.raises(PolicyError, match="lacks columns"):
         ts().fit(pd.DataFrame({"arm_id": ["a"]}))
+
+
+def test_delay_model_composite_uses_ratio_estimators() -> None:
+    frame = pd.DataFrame(
+        {
+            "arm_id": ["a", "a", "a", "b", "b"],
+            "reward": np.nan,
+            "complete": False,
+            "conv_observed": [1.0, 0.0, 0.0, 0.0, 0.0],
+            "conv_exposure": [1.0, 1.0, 0.5, 1.0, 0.2],
+            "up_observed": [1.0, 0.5, 0.0, 0.0, 1.0],
+            "up_exposure": 1.0,
+            "conv": np.nan,
+            "up": np.nan,
+        }
+    )
+    frame.attrs["kpi_terms"] = [
+        {"name": "conv", "column": "conv", "weight": 1.0},
+        {"name": "up", "column": "up", "weight": 0.5},
+    ]
+    policy = ts(delay="model", samples=100_000).fit(frame)
+    assert policy.model_ == "normal"
+    m_conv, m_up = 1 / 3.7, 2.5 / 5  # pooled means: one pseudo-session each
+    a = (1 + m_conv) / (2.5 + 1) + 0.5 * (1.5 + m_up) / (3 + 1)
+    b = (0 + m_conv) / (1.2 + 1) + 0.5 * (1 + m_up) / (2 + 1)
+    assert policy.summary_["a"]["kpi_mean"] == pytest.approx(a)
+    assert policy.summary_["b"]["kpi_mean"] == pytest.approx(b)
+    lo, hi = policy.summary_["a"]["kpi_ci"]
+    assert lo < a < hi

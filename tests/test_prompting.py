@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import doctest
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import chatbot.prompting
 from chatbot.prompting import (
     STOP,
     build_messages,
@@ -192,3 +194,9 @@ def test_the_demo_prompts_fit_the_default_budget() -> None:
             budget_tokens=budget,
         )
         assert kept == [ex.id for ex in examples]
+
+
+def test_docstring_examples() -> None:
+    # pytest collects doctests under tests/ and optimizer/ only; these run here.
+    result = doctest.testmod(chatbot.prompting)
+    assert result.attempted > 0 and result.failed == 0

@@ -145,6 +145,11 @@ class _Cells(HTMLParser):
             cell[self._col] = " ".join((cell[self._col] + " " + data).split())
 
 
+def snapshot_checks(store: Store, config: Config) -> list[dict[str, Any]]:
+    snapshot = store.latest_snapshot(config.experiment.id)
+    return [c for c in snapshot.summary["guardrails"] if c["metric"] == "thumbs_down_rate"]
+
+
 def table_cells(html: str) -> dict[str, dict[str, str]]:
     parser = _Cells()
     parser.feed(html)
@@ -229,6 +234,14 @@ def test_report_is_strict_json_and_series_add_up(
     for arm, values in series["cumulative_kpi"].items():
         last = [v for v in values if v is not None][-1]
         assert last == pytest.approx(final[arm])
+    # Guardrail series: what each optimizer run checked, the newest equal to the snapshot's checks.
+    guard = series["guardrails"]
+    assert guard["times"] == series["policy_allocation"]["times"]
+    down = guard["metrics"]["thumbs_down_rate"]
+    for check in snapshot_checks(store, config):
+        assert down["arms"][check["arm"]][-1] == pytest.approx(check["arm_value"])
+        assert down["champion"][-1] == pytest.approx(check["champion_value"])
+        assert down["limit"][-1] == pytest.approx(check["champion_value"] + check["limit"])
     # One policy allocation per snapshot, the newest equal to the snapshot's.
     snapshot = store.latest_snapshot(config.experiment.id)
     policy = series["policy_allocation"]
@@ -286,8 +299,12 @@ def test_plots_have_one_trace_per_arm(report: dict[str, Any]) -> None:
         assert trace.x[0] + trace.error_x.array[0] == pytest.approx(arm["kpi_ci"][1])
         assert trace.x[0] - trace.error_x.arrayminus[0] == pytest.approx(arm["kpi_ci"][0])
     assert len(figs["cumulative_kpi"].data) == 3
-    metrics = {t.name for t in figs["guardrails"].data}
-    assert {"a", "b", "c", "limit (vs champion)"} <= metrics
+    names = {t.name for t in figs["guardrails"].data}
+    assert {
+        "b",
+        "champion",
+        "limit (vs champion)",
+    } <= names and "a" not in names  # champion unchecked
 
 
 def test_standalone_html_has_no_external_assets(report: dict[str, Any]) -> None:

@@ -109,6 +109,8 @@ def read_logged_csv(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise EstimationError(f"logged file {str(path)!r} is not a readable CSV: {exc}") from None
     frame.index = pd.RangeIndex(2, len(frame) + 2, name="line")  # line 1 is the header
+    # A pandas index written by `to_csv` is a row number, not context.
+    frame = frame.drop(columns=[c for c in frame.columns if str(c).startswith("Unnamed: ")])
     try:
         return validate_logs(frame)
     except EstimationError as exc:
