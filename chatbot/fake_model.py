@@ -7,6 +7,7 @@ paths. The model name chooses the behaviour::
 
     fake/echo             replies "You asked: <last user message>", word by word
     fake/slow             the same, 50 ms per token (and before the first)
+    fake/empty            streams only whitespace (a model that stops at once)
     fake/429              raises litellm.RateLimitError before any token
     fake/error-<status>   raises the litellm error for that HTTP status (400, 401, 404, 500, 503…)
     fake/timeout          waits for the request's timeout (or first_ms), then raises litellm.Timeout
@@ -58,7 +59,7 @@ _HANG_S = 3600.0
 class FakeBehaviour:
     """What a ``fake/…`` model name asks for (see the module docstring)."""
 
-    kind: str  # echo | error | timeout | hang | flaky
+    kind: str  # echo | empty | error | timeout | hang | flaky
     status: int = 500
     delay_s: float = 0.0
     first_s: float = 0.0
@@ -86,7 +87,7 @@ def parse_behaviour(model: str) -> FakeBehaviour:
     kind, flaky = "echo", 0
     if name == "slow":
         delay_s, first_s = delay_s or 0.05, first_s or 0.05
-    elif name in ("timeout", "hang"):
+    elif name in ("timeout", "hang", "empty"):
         kind = name
     elif m := re.fullmatch(r"(?:error-)?(\d{3})", name):
         kind, status = "error", int(m.group(1))
@@ -95,7 +96,7 @@ def parse_behaviour(model: str) -> FakeBehaviour:
     elif name != "echo":
         raise ValueError(
             f"unknown fake model {model!r}; "
-            "use echo, slow, 429, error-<status>, timeout, hang or flaky-<n>"
+            "use echo, slow, empty, 429, error-<status>, timeout, hang or flaky-<n>"
         )
     return FakeBehaviour(kind, status, delay_s, first_s, fail_after, flaky)
 
@@ -128,7 +129,9 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-def _reply_tokens(messages: list[dict[str, Any]]) -> list[str]:
+def _reply_tokens(behaviour: FakeBehaviour, messages: list[dict[str, Any]]) -> list[str]:
+    if behaviour.kind == "empty":
+        return [" ", "\n"]
     return _TOKEN.findall(f"You asked: {_last_user_text(messages)}")
 
 
@@ -188,7 +191,7 @@ class FakeProvider(StreamingProvider):
         if behaviour.kind in ("hang", "timeout"):
             await asyncio.sleep(_wait_s(behaviour, kwargs.get("timeout")))
             raise _timed_out(model)
-        tokens = _reply_tokens(messages)
+        tokens = _reply_tokens(behaviour, messages)
         await asyncio.sleep(behaviour.first_s)
         for i, token in enumerate(tokens):
             _check_mid_stream(behaviour, model, i)
@@ -204,7 +207,7 @@ class FakeProvider(StreamingProvider):
         if behaviour.kind in ("hang", "timeout"):
             time.sleep(_wait_s(behaviour, kwargs.get("timeout")))
             raise _timed_out(model)
-        tokens = _reply_tokens(messages)
+        tokens = _reply_tokens(behaviour, messages)
         time.sleep(behaviour.first_s)
         for i, token in enumerate(tokens):
             _check_mid_stream(behaviour, model, i)

@@ -14,7 +14,14 @@ Failure policy, per model (``model.name``, then ``model.fallback``):
 - 429s, 5xx and connection errors are retried up to ``model.retries`` times
   with a short backoff; other errors (400, 401…) go straight to the fallback;
 - nothing is retried once a token reached the user: the streamed text is kept
-  as the reply (nothing appended) and the error recorded.
+  as the reply (nothing appended) and the error recorded;
+- an empty reply (whitespace only) counts as a retryable failure: a small
+  base model sometimes stops at once, and sampling again usually answers.
+
+Leading whitespace is not streamed: ``on_token`` and ``ttft_ms`` start at the
+first visible text. :class:`StreamingProvider` is the small base of our own
+litellm providers (``local/…`` in :mod:`chatbot.local_model`, ``fake/…`` in
+:mod:`chatbot.fake_model`), registered by :func:`register_providers`.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FRIENDLY_ERROR",
     "Completion",
+    "EmptyReplyError",
     "StreamingProvider",
     "register_providers",
     "stream_chunk",
@@ -52,7 +60,13 @@ RETRY_BACKOFF_S = 0.25
 #: Providers that run here and cost nothing.
 FREE_PROVIDERS = frozenset({"local", "fake"})
 
-_RETRYABLE = (
+
+class EmptyReplyError(Exception):
+    """A reply with no text (a base model can stop at once); retried like a 5xx."""
+
+
+_RETRYABLE: tuple[type[Exception], ...] = (
+    EmptyReplyError,
     litellm.RateLimitError,
     litellm.InternalServerError,
     litellm.ServiceUnavailableError,
@@ -192,6 +206,9 @@ class _Stream:
 
     async def token(self, text: str) -> None:
         if self.first_token_at is None:
+            text = text.lstrip()  # leading whitespace shows nothing: the reply starts later
+            if not text:
+                return
             self.first_token_at = time.perf_counter()
         self.parts.append(text)
         if self.on_token is not None:
@@ -272,6 +289,8 @@ async def _attempt(
                 await stream.token(text)
     finally:
         await response.aclose()
+    if stream.first_token_at is None:
+        raise EmptyReplyError("the model returned an empty reply")
 
 
 async def stream_reply(

@@ -6,14 +6,16 @@ Two shapes of the same conversation:
   provider), fitted to a token budget.
 - :func:`render_transcript` flattens those messages into the plain-text
   transcript a *base* model continues (the local Gemma 3 270M has no chat
-  template worth using), ending with ``"Assistant:"``; :data:`STOP` ends the
+  template worth using), ending with ``"Answer:"``; :data:`STOP` ends the
   reply after one turn.
 
 Token counts are estimated, not tokenised: ``ceil(chars / 3.5)`` plus
-:data:`MESSAGE_OVERHEAD_TOKENS` per message. English support text runs at about
-4 characters per Gemma token (the knowledge file: 4.1), so the estimate errs
-on the large side for the text this product sends; it costs nothing and needs
-no tokenizer for remote models.
+:data:`MESSAGE_OVERHEAD_TOKENS` per message. The demo prompts run at 3.9–4.9
+characters per Gemma token (the knowledge file: 4.0), so the estimate errs on
+the large side for English support text (a test pins this); it costs nothing
+and needs no tokenizer for remote models. Text dense in digits or non-Latin
+scripts can run below 3.5 characters per token: the local provider then still
+counts exactly and fails cleanly if the prompt outgrows the context.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from optimizer.config import Config
 from optimizer.locks import job_lock
 from optimizer.policy import make_policy
 from optimizer.store import ACTIVE_STATUSES, Store, schema
+from optimizer.store.store import ARM_STATUS_BY_EVENT
 
 __all__ = ["OptimizerRun", "run_optimizer"]
 
@@ -132,13 +133,22 @@ def _run(
     if champion is None and exp.champion is not None and statuses.get(exp.champion) == "active":
         champion = exp.champion
     active = sorted(a for a, s in statuses.items() if s in ACTIVE_STATUSES)
+    if exp.arms:  # an arm dropped from the configuration gets no more traffic
+        configured = {a.id for a in exp.arms}
+        active = [a for a in active if a in configured]
     frame = kpi.session_frame(store, config, now=now)
 
+    # An arm an operator resumed is judged on what happened since, not re-paused on old data.
+    resumed = {a: t for a, t in _resumed_at(store, exp.id).items() if a != champion}
     latencies = None
     if any(g.metric == "latency_p95_ms" for g in config.kpi.guardrails) and champion is not None:
-        latencies = kpi.turn_latencies(store, exp.id, active, now=now)
+        latencies = kpi.turn_latencies(store, exp.id, active, now=now, since=resumed)
+    evidence_frame = frame
+    if resumed and len(frame):
+        since = frame["arm_id"].map(resumed)
+        evidence_frame = frame[since.isna() | (frame["assigned_at"] > since)]
     checks = guardrails.check_guardrails(
-        frame,
+        evidence_frame,
         config.kpi.guardrails,
         champion=champion,
         arms=active,
@@ -257,6 +267,19 @@ def _record_stop(
         )
         log.info("optimizer: stop rule recommends %r", arm)
     return None
+
+
+def _resumed_at(store: Store, experiment_id: str) -> dict[str, datetime]:
+    """Arms whose current status comes from a ``resumed`` event, with its time."""
+    ev = schema.arm_events
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(ev.c.arm_id, ev.c.kind, ev.c.created_at)
+            .where(ev.c.experiment_id == experiment_id, ev.c.kind.in_(list(ARM_STATUS_BY_EVENT)))
+            .order_by(ev.c.id)
+        ).all()
+    latest = {r.arm_id: r for r in rows}  # status events are few
+    return {a: as_utc(r.created_at) for a, r in latest.items() if r.kind == "resumed"}
 
 
 def _last_event_kind(store: Store, experiment_id: str, arm: str) -> str | None:

@@ -32,10 +32,19 @@ sessions whose window has closed (value-weighted for ``sum``, first event for
 ``max``/``last``), or ``age / window`` until 20 such events exist. Feedback is
 given during the chat, so its exposure is 1. The policy then estimates an arm's
 mean as observed value per unit of exposure, which is unbiased as long as the
-delay distribution does not depend on the arm.
+delay distribution does not depend on the arm. Until ``F`` is learnt, the linear
+guess misstates every arm's level by about the same factor: the ranking, which
+is what allocation needs, holds; absolute figures firm up as windows close.
 
 Events stamped after ``now`` are ignored, so a simulation can write outcomes
-ahead of simulated time without the optimizer peeking.
+ahead of simulated time without the optimizer peeking. Votes count as they
+stand at ``now`` (a vote changed after the window still counts: it is the
+user's current opinion of the reply).
+
+Reading is column-lean and done by the database: ``GROUP BY`` per session for
+turns and votes, raw DBAPI rows (no per-row SQLAlchemy objects), timestamps
+converted to epoch seconds in SQL. That keeps a 1M-session frame within a few
+seconds and well under a gigabyte.
 
 >>> from optimizer.config import load_config
 >>> from optimizer.store import Store
@@ -205,11 +214,13 @@ def turn_latencies(
     *,
     now: datetime | None = None,
     limit: int = LATENCY_TURNS,
+    since: Mapping[str, datetime] | None = None,
 ) -> dict[str, np.ndarray]:
     """Latencies (ms) of each arm's latest ``limit`` answered turns up to ``now``.
 
     For the p95 guardrail: recent behaviour is what a guardrail should react to,
-    and the bound keeps a refit on millions of turns fast.
+    and the bound keeps a refit on millions of turns fast. ``since`` maps an arm
+    to a time before which its turns are ignored.
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
@@ -233,6 +244,8 @@ def turn_latencies(
                 .order_by(newest.desc())
                 .limit(limit)
             )
+            if since and arm in since:
+                query = query.where(t.c.created_at > as_utc(since[arm]))
             out[arm] = np.array(_fetch(conn, query), dtype=float).reshape(-1)
     return out
 

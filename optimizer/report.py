@@ -315,7 +315,7 @@ def _segment_rows(
     rows = []
     for r in observed.sort_values(["segment", "arm_id"]).to_dict("records"):
         serving = allocation.get(r["segment"]) or allocation.get(ALL_SEGMENTS, {})
-        post = (seg_summary.get(r["segment"]) or {}).get("arms", {}).get(r["arm_id"], {})
+        post = (seg_summary.get(r["segment"]) or {}).get(r["arm_id"]) or {}
         rows.append(
             {
                 "segment": r["segment"],

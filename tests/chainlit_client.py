@@ -143,6 +143,26 @@ class ChatSession:
 
     async def ask(self, text: str, *, timeout: float = 60) -> Turn:
         """Send a message and wait until the reply is complete (the turn's ``task_end``)."""
+        start, sent_at = await self.send(text)
+        answer: dict[str, Any] = {}
+        turn = Turn(None, self.thread_id, "", sent_at, 0.0)
+        await self._wait(self._scan(start, turn, answer), timeout, "reply")
+        final = answer["final"]
+        turn.text = final.get("output") or ""
+        turn.turn_id = final.get("parentId")
+        turn.thread_id = self.thread_id or final.get("threadId")
+        turn.is_error = bool(final.get("isError")) or final.get("type") == "error_message"
+        turn.actions = sum(1 for name, _ in self.events[start:] if name == "action")
+        return turn
+
+    async def wait_for_event(self, name: str, count: int = 1, *, timeout: float = 30) -> None:
+        """Wait until ``count`` events called ``name`` have arrived in this session."""
+        await self._wait(
+            lambda: sum(1 for n, _ in self.events if n == name) >= count, timeout, name
+        )
+
+    async def send(self, text: str) -> tuple[int, float]:
+        """Emit a user message without waiting; returns (event cursor, send time)."""
         start = len(self.events)
         message_id = str(uuid.uuid4())
         payload = {
@@ -158,22 +178,7 @@ class ChatSession:
         }
         sent_at = time.perf_counter()
         await self._sio.emit("client_message", payload)
-        answer: dict[str, Any] = {}
-        turn = Turn(None, self.thread_id, "", sent_at, 0.0)
-
-        # Re-scan the events received since the emit each time something arrives.
-        await self._wait(self._scan(start, turn, answer), timeout, "reply")
-        final = answer["final"]
-        turn.text = final.get("output") or ""
-        turn.turn_id = final.get("parentId")
-        turn.thread_id = self.thread_id or final.get("threadId")
-        turn.is_error = bool(final.get("isError")) or final.get("type") == "error_message"
-        turn.actions = sum(
-            1
-            for name, data in self.events[start:]
-            if name == "action" or (name == "new_message" and data.get("actions"))
-        )
-        return turn
+        return start, sent_at
 
     def _scan(self, start: int, turn: Turn, answer: dict[str, Any]) -> Any:
         """A predicate that consumes new events of one turn and says whether it is complete."""
@@ -208,14 +213,14 @@ class ChatSession:
     async def vote(
         self, http: httpx.AsyncClient, turn_id: str, value: int, comment: str | None = None
     ) -> httpx.Response:
-        """Thumbs (1 up, 0 down) on a turn, over HTTP like the browser."""
+        """Thumbs (1 up, 0 down) on a turn, over HTTP like the browser, to ``http``'s server."""
         body: dict[str, Any] = {"forId": turn_id, "value": value}
         if comment is not None:
             body["comment"] = comment
         return await http.put(
-            f"{self.base_url}/feedback",
+            "/feedback",
             json={"sessionId": self.session_id, "feedback": body},
-            cookies={"access_token": self.token},
+            headers={"Cookie": f"access_token={self.token}"},
         )
 
     async def close(self) -> None:

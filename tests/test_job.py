@@ -114,6 +114,23 @@ def test_guardrail_pause_is_recorded_once_with_evidence(store: Store) -> None:
     assert rerun.summary["arms"]["b"]["status"] == "paused_guardrail"
 
 
+def test_an_arm_resumed_by_an_operator_is_judged_on_new_data_only(store: Store) -> None:
+    cfg = config(guardrails=(DOWN,))
+    register(store, cfg)
+    add_sessions(store, "a", 200, turns=2, ups=360, downs=40)
+    add_sessions(store, "b", 200, turns=2, ups=240, downs=160)
+    add_sessions(store, "c", 200, turns=2, ups=360, downs=40)
+    assert run_optimizer(store, cfg, now=NOW, random_state=0).paused == ("b",)  # type: ignore[union-attr]
+    store.record_arm_event(EXPERIMENT, "b", "resumed", actor="op", at=NOW + timedelta(hours=1))
+    later = NOW + timedelta(hours=2)
+    kept = run_optimizer(store, cfg, now=later, random_state=0)
+    assert kept is not None and kept.paused == () and "b" in kept.allocation["segments"]["*"]
+    add_sessions(store, "b", 200, at=later, turns=2, ups=240, downs=160)  # still harmful
+    again = run_optimizer(store, cfg, now=later + timedelta(hours=1), random_state=0)
+    assert again is not None and again.paused == ("b",)
+    assert len(arm_events(store, "paused_guardrail")) == 2
+
+
 def test_the_champion_is_never_paused(store: Store) -> None:
     cfg = config(guardrails=(DOWN,))
     register(store, cfg)

@@ -125,6 +125,18 @@ async def test_retryable_errors_end_in_the_friendly_message(name: str, expected:
     assert call_count(name) == 2
 
 
+async def test_an_empty_reply_is_retried_then_reported() -> None:
+    name = unique("fake/empty")
+    completion, _ = await collect(config(name, retries=1))
+
+    assert call_count(name) == 2
+    assert completion.text == FRIENDLY_ERROR
+    assert completion.error is not None and "EmptyReplyError" in completion.error
+
+    rescued, _ = await collect(config(unique("fake/empty"), retries=0, fallback="fake/echo"))
+    assert rescued.error is None and rescued.text == ECHO
+
+
 async def test_client_errors_are_not_retried_but_fall_back() -> None:
     name = unique("fake/error-400")
     completion, _ = await collect(config(name, retries=3, fallback=unique("fake/error-401")))

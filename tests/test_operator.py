@@ -99,7 +99,7 @@ def assigned_arms(runtime: Runtime, n: int = 60, prefix: str = "new") -> set[str
 
 def test_unauthenticated_requests_are_refused(client: TestClient, runtime: Runtime) -> None:
     before = runtime.store.arm_statuses(runtime.config.experiment.id)
-    for path in ("", "/", "/arms/concise", "/examples"):
+    for path in ("", "/", "/arms/concise", "/examples", "/ope"):
         response = client.get(PREFIX + path, follow_redirects=False)
         assert response.status_code == 303 and response.headers["location"] == f"{PREFIX}/login", (
             path
@@ -297,6 +297,7 @@ def test_experiment_page_and_local_plotly(client: TestClient) -> None:
     page = client.get(PREFIX)
     assert page.status_code == 200
     assert page.headers["cache-control"] == "no-store"
+    assert page.headers["x-frame-options"] == "DENY"
     assert f'<script src="{PREFIX}/static/plotly.min.js">' in page.text
     assert not re.search(r'<script[^>]+src="https?://', page.text)  # no CDN
     for name in ("allocation", "posterior", "cumulative_kpi", "guardrails"):

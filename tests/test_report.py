@@ -258,8 +258,11 @@ def test_segments_and_guardrail_firings(
     assert {seg for seg, _ in segments} == {"plan=free", "plan=pro"}
     frame = kpi.session_frame(store, config)
     counts = frame.groupby(["segment", "arm_id"]).size()
+    posterior = store.latest_snapshot(config.experiment.id).summary["segments"]
     for (seg, arm), row in segments.items():
         assert row["sessions"] == counts[(seg, arm)]
+        assert row["kpi_mean"] == posterior[seg][arm]["kpi_mean"]
+        assert row["prob_best"] == posterior[seg][arm]["prob_best"]
     # Arm c earns many thumbs down: the optimizer paused it with evidence, and the report says so.
     statuses = {a["id"]: a for a in report["arms"]}
     assert statuses["c"]["status"] == "paused_guardrail"

@@ -40,6 +40,14 @@ __all__ = ["PREFIX", "REPORT_TTL_S", "ReportCache", "create_router"]
 PREFIX = "/operator"
 #: Forms on these pages are tiny; anything bigger is not ours.
 MAX_FORM_BYTES = 4096
+#: On every page: never cached, never framed (clickjacking), no referrer leaves the site.
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "Referrer-Policy": "same-origin",
+    "X-Content-Type-Options": "nosniff",
+}
 #: Seconds a computed experiment report is shown before it is recomputed.
 REPORT_TTL_S = 30.0
 
@@ -125,7 +133,7 @@ def create_router(
         html = templates.get_template(f"operator/{template}").render(
             session=session, prefix=PREFIX, **context
         )
-        response = HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})
+        response = HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
         # Shown once: the cookie is re-issued without the flash message.
         return with_cookie(response, request, session.without_flash())
 

@@ -13,6 +13,7 @@ so ``flywheel serve --config …/demo.toml`` shows the dashboard and
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -187,14 +188,16 @@ def build_demo(
             "source": "demo.toml",
         }
     )
-    # One more fit at today's date: every attribution window has closed since, so the
-    # dashboard opens on the full picture (what the server's first refit would do).
+    # One more fit once every attribution window has closed, so the dashboard opens on
+    # the full picture (what the server's next refit would do).
     from optimizer.job import run_optimizer
     from optimizer.store import Store
 
+    longest = max(t.window_days for t in config.kpi.terms)
+    settled = scenario.start + timedelta(days=scenario.days + longest + 1)
     store = Store(url)
     try:
-        run_optimizer(store, config, random_state=seed)
+        run_optimizer(store, config, now=settled, random_state=seed)
     finally:
         store.dispose()
     path = (home or settings.home_dir()) / "demo.toml"

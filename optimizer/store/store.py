@@ -134,7 +134,22 @@ class Store:
 
         Existing arms keep their status; a changed prompt hash is updated in
         place and recorded as an ``updated`` arm event with old and new hash.
+        Replicas starting together on an empty database race to register: the
+        loser's transaction hits a unique key, rolls back, and retries to find
+        the rows there.
         """
+        arms = list(arms)
+        for attempt in range(3):
+            try:
+                self._sync_experiment(experiment_id, salt, arms, at=at)
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+
+    def _sync_experiment(
+        self, experiment_id: str, salt: str, arms: list[ArmSpec], *, at: datetime | None
+    ) -> None:
         now = at or utcnow()
         with self.engine.begin() as conn:
             exists = conn.execute(
