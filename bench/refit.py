@@ -13,7 +13,9 @@ the measured work's own:
   into pandas and a plain ``groupby("arm_id").mean()`` — the least any per-arm
   estimate from this store costs.
 
-Targets: 1M sessions ≤ 10 s and ≤ 2 GB.
+Wall and CPU time are both printed: on a shared machine the wall time includes
+waiting for a core, the process CPU time does not. Targets: 1M sessions ≤ 10 s
+(wall) and ≤ 2 GB.
 
 Usage::
 
@@ -187,9 +189,9 @@ def measure_optimizer(url: str) -> dict[str, Any]:
     store = Store(url)
     now = START + timedelta(days=DAYS + 1)
     rss_before = _rss_mb()
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), time.process_time()
     run = run_optimizer(store, config, now=now, random_state=0)
-    total = time.perf_counter() - tic
+    total, total_cpu = time.perf_counter() - tic, time.process_time() - cpu
     rss_peak = _rss_mb()
     assert run is not None
     tic = time.perf_counter()
@@ -200,6 +202,7 @@ def measure_optimizer(url: str) -> dict[str, Any]:
     t_fit = time.perf_counter() - tic
     return {
         "run_optimizer_s": total,
+        "run_optimizer_cpu_s": total_cpu,
         "session_frame_s": t_frame,
         "fit_s": t_fit,
         "sessions": run.sessions,
@@ -218,7 +221,7 @@ def measure_baseline(url: str) -> dict[str, Any]:
 
     store = Store(url)
     rss_before = _rss_mb()
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), time.process_time()
     with store.engine.connect() as conn:
         sessions = pd.read_sql(
             sa.text("SELECT session_id, arm_id FROM assignments WHERE experiment_id = :e"),
@@ -230,9 +233,10 @@ def measure_baseline(url: str) -> dict[str, Any]:
         )
     frame = sessions.merge(conversions, on="session_id", how="left").fillna({"value": 0.0})
     means = frame.groupby("arm_id")["value"].mean()
-    elapsed = time.perf_counter() - tic
+    elapsed, elapsed_cpu = time.perf_counter() - tic, time.process_time() - cpu
     return {
         "baseline_s": elapsed,
+        "baseline_cpu_s": elapsed_cpu,
         "baseline_peak_rss_mb": _rss_mb(),
         "baseline_rss_before_mb": rss_before,
         "arms": len(means),
@@ -295,26 +299,32 @@ def main(argv: list[str] | None = None) -> int:
     for col in (
         "sessions",
         "run_optimizer",
+        "(CPU)",
         "session_frame",
         "policy fit",
         "peak RSS",
         "baseline groupby",
+        "(CPU)",
         "baseline RSS",
-        "run_optimizer / baseline",
+        "run_optimizer / baseline (CPU)",
         "target",
     ):
         table.add_column(col, justify="right")
     for r in rows:
         ok = r["run_optimizer_s"] <= TARGET_S and r["peak_rss_mb"] <= TARGET_GB * 1024
+        # CPU time is what a quiet machine's wall time would be; wall time counts waiting too.
         table.add_row(
             f"{r['n']:,}",
             f"{r['run_optimizer_s']:.2f} s",
+            f"{r['run_optimizer_cpu_s']:.2f} s",
             f"{r['session_frame_s']:.2f} s",
             f"{r['fit_s']:.2f} s",
             f"{r['peak_rss_mb']:,.0f} MB",
             f"{r['baseline_s']:.2f} s",
+            f"{r['baseline_cpu_s']:.2f} s",
             f"{r['baseline_peak_rss_mb']:,.0f} MB",
-            f"{r['run_optimizer_s'] / r['baseline_s']:.1f}×",
+            f"{r['run_optimizer_s'] / r['baseline_s']:.1f}× "
+            f"({r['run_optimizer_cpu_s'] / r['baseline_cpu_s']:.1f}×)",
             ("[green]✓[/green]" if ok else "[red]✗[/red]") if r["n"] >= 1_000_000 else "",
         )
     console.print(table)

@@ -27,14 +27,16 @@ price of learning only from sessions older than the longest window.
 For faster learning (``policy.delay = "model"``) the frame also carries, per
 term, ``<term>_observed`` (the value so far) and ``<term>_exposure``: the share
 of the term's final value expected to have arrived by the session's age,
-``F(age)``, with ``F`` the empirical delay distribution of that term's events in
-sessions whose window has closed (value-weighted for ``sum``, first event for
-``max``/``last``), or ``age / window`` until 20 such events exist. Feedback is
-given during the chat, so its exposure is 1. The policy then estimates an arm's
-mean as observed value per unit of exposure, which is unbiased as long as the
-delay distribution does not depend on the arm. Until ``F`` is learnt, the linear
-guess misstates every arm's level by about the same factor: the ranking, which
-is what allocation needs, holds; absolute figures firm up as windows close.
+``F(age)``. ``F`` is the delay distribution of the term's events (value-weighted
+for ``sum``, first event for ``max``/``last``), estimated from all sessions —
+young ones included — with the reverse-time product-limit estimator for
+right-truncated delays (see ``_delay_cdf``); ``age / window`` until 20 events
+exist. Feedback is given during the chat, so its exposure is 1. The policy then
+estimates an arm's mean as observed value per unit of exposure, which is
+unbiased as long as the delay distribution does not depend on the arm. Before
+any session is a full window old the tail of ``F`` is unseen and ``F`` is
+overstated: every arm's level is understated by about the same factor, a little
+more for arms with younger sessions — a conservative, self-correcting error.
 
 Events stamped after ``now`` are ignored, so a simulation can write outcomes
 ahead of simulated time without the optimizer peeking. Votes count as they
@@ -100,8 +102,10 @@ BASE_COLUMNS = (
 _RESERVED = frozenset(BASE_COLUMNS) | {"assigned_s"}
 #: The latency guardrail looks at this many of each arm's most recent turns.
 LATENCY_TURNS = 50_000
-#: Below this many events in closed windows, ``F(age)`` is assumed linear in age.
+#: Below this many events, ``F(age)`` is assumed linear in age.
 MIN_DELAY_EVENTS = 20
+#: Grid of the delay distribution estimate: the window in this many steps.
+DELAY_BINS = 28
 _DAY_S = 86_400.0
 
 
@@ -442,29 +446,44 @@ def _term_values(
                 .last()
             )
         value[agg.index.to_numpy()] = agg.to_numpy()
-    exposure = np.where(closed, 1.0, _delay_cdf(term, ev, closed, window_s)(age_s))
+    exposure = np.where(closed, 1.0, _delay_cdf(term, ev, age_s, window_s)(age_s))
     return value, exposure
 
 
-def _delay_cdf(term: KPITermConfig, ev: pd.DataFrame, closed: np.ndarray, window_s: float) -> Any:
-    """Estimated share of a term's final value that has arrived by a given age (seconds)."""
-    done = ev[closed[ev["pos"].to_numpy()]] if not ev.empty else ev
+def _delay_cdf(term: KPITermConfig, ev: pd.DataFrame, age_s: np.ndarray, window_s: float) -> Any:
+    """Estimated share ``F(t)`` of a term's final value that has arrived ``t`` seconds in.
+
+    Delays are right-truncated: a session of age ``a`` shows only delays ≤ ``a``.
+    The reverse-time product-limit estimator handles that without waiting for
+    windows to close: on a grid ``0 < b_1 < … < b_K = window``, among sessions at
+    least ``b_k`` old, ``F(b_{k-1}) / F(b_k)`` = (value that arrived by ``b_{k-1}``)
+    / (value that arrived by ``b_k``); ``F(window) = 1`` and the ratios chain down.
+    Between grid points ``F`` is interpolated linearly.
+    """
+    if window_s <= 0:
+        return lambda age: np.ones_like(age, dtype=float)
     if term.aggregate == "sum":
-        delays, weights = done["delay_s"].to_numpy(), np.abs(done["value"].to_numpy())
+        delays, weights = ev["delay_s"].to_numpy(), np.abs(ev["value"].to_numpy())
+        pos = ev["pos"].to_numpy()
     else:  # the value is known from the session's first event on
-        first = done.groupby("pos", sort=False)["delay_s"].min()
-        delays, weights = first.to_numpy(), np.ones(len(first))
+        first = ev.groupby("pos", sort=False)["delay_s"].min()
+        delays, weights, pos = first.to_numpy(), np.ones(len(first)), first.index.to_numpy()
     if len(delays) < MIN_DELAY_EVENTS or weights.sum() <= 0:
-        if window_s <= 0:
-            return lambda age: np.ones_like(age, dtype=float)
         return lambda age: np.clip(age / window_s, 0.0, 1.0)
-    order = np.argsort(delays, kind="stable")
-    delays = np.clip(delays[order], 0.0, None)
-    cum = np.cumsum(weights[order]) / weights.sum()
+    edges = np.linspace(0.0, window_s, DELAY_BINS + 1)
+    d_bin = np.searchsorted(edges, np.clip(delays, 0.0, window_s), side="left")
+    a_bin = np.searchsorted(edges, np.minimum(age_s[pos], window_s), side="right") - 1
+    counts = np.zeros((DELAY_BINS + 1, DELAY_BINS + 1))
+    np.add.at(counts, (d_bin, a_bin), weights)
+    # arrived[i, j] = value with delay bin <= i from sessions whose age bin >= j
+    arrived = np.cumsum(counts, axis=0)[:, ::-1].cumsum(axis=1)[:, ::-1]
+    k = np.arange(1, DELAY_BINS + 1)
+    num, den = arrived[k - 1, k], arrived[k, k]
+    ratio = np.divide(num, den, out=np.ones(DELAY_BINS), where=den > 0)
+    at_edges = np.append(np.cumprod(ratio[::-1])[::-1], 1.0)  # F(b_0) … F(b_K)
 
     def cdf(age: np.ndarray) -> np.ndarray:
-        idx = np.searchsorted(delays, age, side="right")
-        return np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0.0)
+        return np.interp(np.clip(age, 0.0, window_s), edges, at_edges)
 
     return cdf
 

@@ -42,8 +42,9 @@ from chatbot.server import create_app
 from optimizer.store import Store, schema
 
 KEY = "fuzz-key"
+REASONS = Counter()
 #: Generated requests per kind; together well over 1,000 per backend.
-EXAMPLES = {"valid key, schema-conforming": 450, "valid key, schema-breaking": 450, "any key": 120}
+EXAMPLES = {"valid key, schema-conforming": 150, "valid key, schema-breaking": 5, "any key": 5}
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -85,6 +86,8 @@ def test_fuzzed_requests_never_fail_the_server_and_every_rejection_says_why(
         case.validate_response(response, checks=CHECKS, headers=headers)
         statuses[response.status_code] += 1
         assert response.status_code < 500, response.text
+        if response.status_code == 422 and headers is None and case.meta and 'ositive' in str(case.meta.generation.mode):
+            REASONS[str([d["msg"][:60] for d in response.json()["detail"]])] += 1
         if response.status_code >= 400:
             assert _reason(response.json()), (response.status_code, response.text)
         elif response.status_code == 201:
@@ -111,7 +114,7 @@ def test_fuzzed_requests_never_fail_the_server_and_every_rejection_says_why(
         def run(case: Any) -> None:
             check(case)
 
-        run()
+        import time, cProfile, pstats; t0=time.time(); pr=cProfile.Profile(); pr.enable(); run(); pr.disable(); pstats.Stats(pr).sort_stats("cumulative").print_stats(40); print("KIND", kind, time.time()-t0, dict(statuses))
     health = api["/api/health"]["GET"]
 
     @settings(max_examples=10, deadline=None, database=None, derandomize=True)
@@ -122,6 +125,7 @@ def test_fuzzed_requests_never_fail_the_server_and_every_rejection_says_why(
     run_health()
 
     total = sum(statuses.values())
+    print("STATUSES", statuses); print(REASONS.most_common(15))
     assert total >= 1000, statuses
     assert statuses[201] > 50 and statuses[422] > 50 and statuses[401] > 50, statuses
     with store.engine.connect() as conn:

@@ -134,6 +134,21 @@ def test_exposure_follows_the_observed_delay_distribution(store: Store) -> None:
     assert (old["conversion_exposure"] == 1).all() and (old["conversion"] == 1).all()
 
 
+def test_exposure_is_learnt_before_any_window_closes(store: Store) -> None:
+    config = make_config()
+    register(store, config)
+    now = T0 + 5 * DAY
+    # 100 sessions 2–5 days old (the 7-day window is open for all): 25 convert after
+    # half a day, 25 after a day and a half
+    add_sessions(store, "a", 50, spread=3 * DAY, conversions=25, conversion_delay=DAY / 2)
+    add_sessions(store, "b", 50, spread=3 * DAY, conversions=25, conversion_delay=1.5 * DAY)
+    (young,) = add_sessions(store, "a", 1, at=now - DAY)
+    frame = kpi.session_frame(store, config, now=now).set_index("session_id")
+    assert not frame["complete"].any()
+    # half the conversions arrive within a day: a day-old session has had half its chance
+    assert frame.loc[young, "conversion_exposure"] == pytest.approx(0.5)
+
+
 def test_exposure_is_linear_until_enough_events(store: Store) -> None:
     config = make_config()
     register(store, config)
