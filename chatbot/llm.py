@@ -51,6 +51,7 @@ __all__ = [
     "stream_chunk",
     "stream_reply",
     "timeout_seconds",
+    "warm_up",
 ]
 
 #: What the user reads when no model could answer.
@@ -291,6 +292,23 @@ async def _attempt(
         await response.aclose()
     if stream.first_token_at is None:
         raise EmptyReplyError("the model returned an empty reply")
+
+
+async def warm_up(model: ModelConfig) -> None:
+    """Load a ``local/…`` model (main or fallback) ahead of the first reply; no-op otherwise.
+
+    Loading takes a few seconds on the model's worker thread; the event loop
+    stays free. Failures are logged, not raised: the first reply reports them.
+    """
+    for name in (model.name, model.fallback):
+        if name and _provider(name) == "local":
+            from chatbot import local_model
+
+            local_model.configure(context_tokens=model.context_tokens)
+            try:
+                await local_model.preload(name.split("/", 1)[1])
+            except Exception:
+                log.exception("could not preload %s", name)
 
 
 async def stream_reply(

@@ -25,6 +25,7 @@ How it behaves:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import queue
 import threading
@@ -51,6 +52,7 @@ __all__ = [
     "configure",
     "load_llama",
     "model_path",
+    "preload",
     "shared_llama",
 ]
 
@@ -121,12 +123,26 @@ def _llama(model_id: str) -> Any:
     return _loaded[model_id]
 
 
+@atexit.register
+def _close_models() -> None:
+    # Free llama.cpp memory while its module still exists: left to interpreter
+    # teardown, Llama.__del__ runs after llama_cpp's globals are gone and prints errors.
+    while _loaded:
+        _, llama = _loaded.popitem()
+        llama.close()
+
+
 def shared_llama(model_id: str = "gemma3-270m") -> Any:
     """The provider's own ``Llama`` (loaded on its worker if needed), for benchmarks.
 
     Use it only while no reply is being generated: the provider does not lock it.
     """
     return _worker.submit(_llama, model_id).result()
+
+
+async def preload(model_id: str = "gemma3-270m") -> None:
+    """Load the model on the worker now (e.g. at server start) without blocking the loop."""
+    await asyncio.wrap_future(_worker.submit(_llama, model_id))
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,16 @@ MAX_EXTRA_BYTES = 2048
 class OutcomeIn(BaseModel):
     """A business outcome reported by an integrator."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # Say in the schema what _someone checks, so clients and fuzzers know it.
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["session_id"], "properties": {"session_id": {"type": "string"}}},
+                {"required": ["user_id"], "properties": {"user_id": {"type": "string"}}},
+            ]
+        },
+    )
 
     idempotency_key: str = Field(
         min_length=1, max_length=200, description="Unique per real-world event; repeats count once."

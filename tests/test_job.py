@@ -84,6 +84,7 @@ def test_snapshot_is_written_and_serving_follows_it(store: Store) -> None:
     served = [assigner.assign(f"new-{i}", f"new-user-{i}", at=NOW) for i in range(40)]
     assert all(r.snapshot_version == 1 for r in served)
     assert all(r.propensity == pytest.approx(alloc[r.arm_id]) for r in served)
+    assert sum(assigner.allocation().for_segment("*").values()) == pytest.approx(1)
     assert sum(r.arm_id == "a" for r in served) >= 30
 
     again = run_optimizer(store, cfg, now=NOW + timedelta(hours=1), random_state=0)

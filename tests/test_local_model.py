@@ -9,7 +9,7 @@ from pathlib import Path
 import litellm
 import pytest
 
-from chatbot.llm import Completion, stream_reply
+from chatbot.llm import Completion, stream_reply, warm_up
 from chatbot.local_model import configure, model_path
 from chatbot.prompting import estimate_tokens
 from optimizer.config import ModelConfig
@@ -45,6 +45,13 @@ def test_token_estimate_is_conservative_for_the_demo_prompts() -> None:
         assert estimate_tokens(text) >= real, text[:60]
 
 
+async def test_warm_up_reports_a_bad_local_model_without_raising(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await warm_up(ModelConfig(name="fake/echo", fallback="local/nope"))
+    assert "could not preload local/nope" in caplog.text
+
+
 @pytest.mark.slow
 async def test_real_model_streams_through_litellm_one_request_at_a_time() -> None:
     """Two concurrent replies from the real model: streamed, serialised, loop kept free."""
@@ -67,6 +74,7 @@ async def test_real_model_streams_through_litellm_one_request_at_a_time() -> Non
             events.append(("tick", ""))
             await asyncio.sleep(0.01)
 
+    await warm_up(model)  # load outside the measured replies
     ticks = asyncio.create_task(ticker())
     try:
         first = ask("a", "How do I reset my password?")
