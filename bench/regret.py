@@ -213,19 +213,47 @@ def _one(args: tuple[str, str, int, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _run_all(tasks: list[tuple[str, str, int, dict[str, Any]]], jobs: int) -> list[dict[str, Any]]:
+Task = tuple[str, str, int, dict[str, Any]]
+
+
+def _key(scenario: str, policy: str, variant: str, seed: int) -> tuple[str, str, str, int]:
+    return scenario, policy, variant, seed
+
+
+def _task_key(task: Task) -> tuple[str, str, str, int]:
+    path, policy, seed, overrides = task
+    variant = json.dumps(overrides, sort_keys=True) if overrides else ""
+    return _key(Path(path).stem, policy, variant, seed)
+
+
+def _run_all(tasks: list[Task], jobs: int, checkpoint: Path | None) -> list[dict[str, Any]]:
+    """Run the tasks; with ``checkpoint``, rows already saved there are reused and every
+    finished row is saved at once, so an interrupted run resumes where it stopped."""
     done: list[dict[str, Any]] = []
-    started = time.perf_counter()
+    if checkpoint is not None and checkpoint.exists():
+        wanted = {_task_key(t) for t in tasks}
+        saved = json.loads(checkpoint.read_text())
+        done = [
+            r for r in saved if _key(r["scenario"], r["policy"], r["variant"], r["seed"]) in wanted
+        ]
+        have = {_key(r["scenario"], r["policy"], r["variant"], r["seed"]) for r in done}
+        tasks = [t for t in tasks if _task_key(t) not in have]
+        print(f"  reusing {len(done)} runs from {checkpoint}", file=sys.stderr)
+    started, total = time.perf_counter(), len(done) + len(tasks)
+
+    def finished(row: dict[str, Any]) -> None:
+        done.append(row)
+        _log(row, len(done), total, started)
+        if checkpoint is not None:
+            checkpoint.write_text(json.dumps(done, indent=2, default=str))
+
     if jobs > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             for row in pool.map(_one, tasks):
-                done.append(row)
-                _log(row, len(done), len(tasks), started)
+                finished(row)
     else:
         for task in tasks:
-            row = _one(task)
-            done.append(row)
-            _log(row, len(done), len(tasks), started)
+            finished(_one(task))
     return done
 
 
@@ -263,14 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--study-only", action="store_true", help="only that study")
     parser.add_argument("--study-seeds", type=int, help="seeds of the study (default: --seeds)")
-    parser.add_argument("--json", type=Path, help="also write every run as JSON here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="save every run here as it finishes; runs already saved there are reused",
+    )
     args = parser.parse_args(argv)
 
     paths = [SCENARIOS / f"{name}.toml" for name in NAMES]
     if args.scenario:
         paths = [p for p in paths if p.stem in set(args.scenario)]
     seeds = list(range(args.seeds))
-    tasks: list[tuple[str, str, int, dict[str, Any]]] = []
+    tasks: list[Task] = []
     if not args.study_only:
         tasks += [
             (str(p), pol, s, {})
@@ -286,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks += [
                 (str(target), pol, s, {}) for pol in ("thompson", "uniform") for s in study_seeds
             ]
-    rows = _run_all(tasks, args.jobs)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=str))
+    rows = _run_all(tasks, args.jobs, args.json)
 
     from rich.console import Console
     from rich.table import Table
