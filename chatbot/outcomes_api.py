@@ -84,6 +84,14 @@ class OutcomeIn(BaseModel):
         default_factory=dict, description=f"Small JSON object, at most {MAX_EXTRA_BYTES} bytes."
     )
 
+    @field_validator("value", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, v: Any) -> Any:
+        # pydantic would store JSON true/false as 1.0/0.0; the schema says number.
+        if isinstance(v, bool):
+            raise ValueError(f"value must be a number, got {json.dumps(v)}")
+        return v
+
     @field_validator("occurred_at")
     @classmethod
     def _not_in_future(cls, v: datetime | None) -> datetime | None:

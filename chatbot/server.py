@@ -121,6 +121,8 @@ def _mount_chat(app: FastAPI) -> None:
 def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Load the local model in the background so the first user does not pay for it.
+        warm = asyncio.create_task(_warm_up(runtime))
         interval = runtime.config.policy.refit_interval_s
         task = (
             asyncio.create_task(run_optimizer_periodically(runtime, interval))
@@ -130,6 +132,7 @@ def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManag
         try:
             yield
         finally:
+            warm.cancel()
             if task is not None:
                 task.cancel()
                 with suppress(asyncio.CancelledError):
@@ -137,6 +140,15 @@ def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManag
             best_effort(runtime.tracer.shutdown)
 
     return lifespan
+
+
+async def _warm_up(runtime: Runtime) -> None:
+    from chatbot.llm import warm_up
+
+    try:
+        await warm_up(runtime.config.model)
+    except Exception:  # the first turn will load it (and report a failure) instead
+        log.warning("could not pre-load model %s", runtime.config.model.name, exc_info=True)
 
 
 async def run_optimizer_periodically(runtime: Runtime, interval_s: float) -> None:
