@@ -33,7 +33,7 @@ import sqlalchemy as sa
 
 from chatbot.llm import Completion, stream_reply
 from chatbot.prompting import build_messages, prompt_budget
-from chatbot.runtime import Runtime, best_effort
+from chatbot.runtime import Runtime, best_effort, storable_text
 from optimizer.clock import utcnow
 from optimizer.config import ActionConfig
 from optimizer.store import AssignmentRecord, OutcomeRecord, TurnRecord, schema
@@ -114,7 +114,7 @@ class Conversation:
         """Answer ``text`` as turn ``turn_id``, streaming tokens to ``on_token``."""
         rt = self.runtime
         limit = rt.config.limits.max_message_chars
-        text = text.strip()
+        text = storable_text(text).strip()
         if not text:
             return Reply("Please type a question.", refused="empty message")
         if len(text) > limit:

@@ -84,6 +84,14 @@ class OutcomeIn(BaseModel):
         default_factory=dict, description=f"Small JSON object, at most {MAX_EXTRA_BYTES} bytes."
     )
 
+    @field_validator("idempotency_key", "session_id", "user_id", "extra")
+    @classmethod
+    def _storable(cls, v: Any) -> Any:
+        # Refuse here what the database would refuse on insert (a 500 there).
+        if (problem := _unstorable(v)) is not None:
+            raise ValueError(problem)
+        return v
+
     @field_validator("value", mode="before")
     @classmethod
     def _not_a_boolean(cls, v: Any) -> Any:
@@ -276,6 +284,29 @@ def api_router(runtime: Runtime, *, api_key: str | None) -> APIRouter:
         )
 
     return router
+
+
+def _unstorable(value: Any) -> str | None:
+    """Why a string, or a key or string inside a JSON value, cannot be stored; None if it can.
+
+    PostgreSQL keeps no NUL character in text or JSON, and neither database
+    takes a lone UTF-16 surrogate (JSON's ``"\\ud800"``), which is not UTF-8.
+    """
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "must not contain NUL characters (\\u0000)"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must be valid Unicode text (no lone surrogates such as \\ud800)"
+        return None
+    if isinstance(value, dict):
+        parts = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        parts = value
+    else:
+        return None
+    return next((p for p in map(_unstorable, parts) if p is not None), None)
 
 
 def _reject_constant(name: str) -> float:

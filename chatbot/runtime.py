@@ -31,7 +31,14 @@ from optimizer.store import ArmSpec, OutcomeRecord, Store, schema
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Runtime", "best_effort", "experiment_arms", "get_runtime", "set_runtime"]
+__all__ = [
+    "Runtime",
+    "best_effort",
+    "experiment_arms",
+    "get_runtime",
+    "set_runtime",
+    "storable_text",
+]
 
 
 def experiment_arms(config: Config, prompts: PromptLibrary) -> dict[str, ArmConfig]:
@@ -176,7 +183,9 @@ class Runtime:
         the user's, ``ValueError`` for a comment over ``limits.max_comment_chars``.
         """
         limit = self.config.limits.max_comment_chars
-        comment = comment.strip() if comment else None
+        if storable_text(turn_id) != turn_id:
+            raise ValueError(f"turn id must be plain text, got {turn_id!r}")
+        comment = storable_text(comment).strip() if comment else None
         if comment and len(comment) > limit:
             raise ValueError(f"comment must be at most {limit} characters, got {len(comment)}")
         await asyncio.to_thread(
@@ -188,6 +197,15 @@ class Runtime:
         """Flush the tracer (bounded) and release database connections."""
         best_effort(self.tracer.shutdown)
         self.store.dispose()
+
+
+def storable_text(text: str) -> str:
+    """``text`` without what a database cannot store: NUL characters, lone surrogates (→ "?").
+
+    >>> storable_text("a" + chr(0) + "b" + chr(0xD800) + "c")
+    'ab?c'
+    """
+    return text.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
 
 
 def best_effort(fn: Any, *args: Any) -> Any:

@@ -128,21 +128,14 @@ def session_frame(store: Store, config: Config, *, now: datetime | None = None) 
     experiment_id = config.experiment.id
     with store.engine.connect() as conn:
         epoch = _epoch_function(conn)
-        sessions = _sessions(conn, epoch, experiment_id, now)
-        if sessions.empty:
+        frame = _sessions(conn, epoch, experiment_id, now)
+        if frame.empty:
             return _empty_frame(terms)
-        turns = _turn_counts(conn, now)
-        votes = _vote_counts(conn, now)
         outcome_names = sorted(
             {t.source.split(":", 1)[1] for t in terms if t.source.startswith("outcome:")}
         )
         outcomes = _outcomes(conn, epoch, outcome_names, now)
 
-    frame = sessions.merge(turns, on="session_id", how="left").merge(
-        votes, on="session_id", how="left"
-    )
-    for col in ("turns", "errors", "rated", "thumbs_up", "thumbs_down"):
-        frame[col] = frame[col].fillna(0).astype(np.int64)
     age_s = now_s - frame["assigned_s"].to_numpy()
     frame["assigned_at"] = pd.to_datetime(frame["assigned_s"], unit="s", utc=True)
     frame["age_days"] = age_s / _DAY_S
@@ -281,79 +274,85 @@ def _read(conn: sa.Connection, query: sa.Select[Any], columns: Sequence[str]) ->
 
 
 def _sessions(conn: sa.Connection, epoch: Any, experiment_id: str, now: datetime) -> pd.DataFrame:
-    a = schema.assignments
+    """Assignments with their turn, error and vote counts: one query, one row per session.
+
+    The counts are grouped by the database and joined there, so a million sessions
+    cross into Python once, with no string-keyed merges in pandas. The count
+    subqueries need no experiment filter: session ids are unique across experiments.
+    """
+    a, t, f = schema.assignments, schema.turns, schema.feedback
     experiment: sa.ColumnElement[str] = a.c.experiment_id
     if conn.dialect.name == "sqlite":
         # Reading a whole experiment, a table scan is ~4x faster than SQLite's row-by-row
         # index lookups; the no-op concatenation keeps it off the index.
         experiment = experiment.concat("")
-    query = sa.select(
-        a.c.session_id,
-        a.c.user_id,
-        a.c.arm_id,
-        a.c.segment,
-        a.c.propensity,
-        a.c.snapshot_version,
-        epoch(a.c.assigned_at),
-    ).where(experiment == experiment_id, a.c.assigned_at <= now)
-    columns = (
-        "session_id",
-        "user_id",
-        "arm_id",
-        "segment",
-        "propensity",
-        "snapshot_version",
-        "assigned_s",
+    turns = (
+        sa.select(t.c.session_id, sa.func.count().label("n"))
+        .where(t.c.created_at <= now)
+        .group_by(t.c.session_id)
+        .subquery("turn_counts")
     )
-    frame = _read(conn, query, columns)
-    frame["propensity"] = frame["propensity"].astype(float)
-    frame["assigned_s"] = frame["assigned_s"].astype(float)
-    frame["snapshot_version"] = frame["snapshot_version"].astype("Int64")
+    errors = (  # errors are rare: their own small aggregate, not a table lookup per turn
+        sa.select(t.c.session_id, sa.func.count().label("n"))
+        .where(t.c.error.is_not(None), t.c.created_at <= now)
+        .group_by(t.c.session_id)
+        .subquery("error_counts")
+    )
+    votes = (
+        sa.select(
+            f.c.session_id,
+            sa.func.count().label("rated"),
+            sa.func.sum(sa.case((f.c.value == 1, 1), else_=0)).label("up"),
+            sa.func.sum(sa.case((f.c.value == 0, 1), else_=0)).label("down"),
+        )
+        .where(f.c.value.is_not(None), f.c.updated_at <= now)
+        .group_by(f.c.session_id)
+        .subquery("vote_counts")
+    )
+    query = (
+        sa.select(
+            a.c.session_id,
+            a.c.user_id,
+            a.c.arm_id,
+            a.c.segment,
+            a.c.propensity,
+            a.c.snapshot_version,
+            epoch(a.c.assigned_at),
+            turns.c.n,
+            errors.c.n,
+            votes.c.rated,
+            votes.c.up,
+            votes.c.down,
+        )
+        .select_from(
+            a.outerjoin(turns, turns.c.session_id == a.c.session_id)
+            .outerjoin(errors, errors.c.session_id == a.c.session_id)
+            .outerjoin(votes, votes.c.session_id == a.c.session_id)
+        )
+        .where(experiment == experiment_id, a.c.assigned_at <= now)
+    )
+    rows = _fetch(conn, query)
+    if not rows:
+        return pd.DataFrame()
+    # One object array, then typed columns: ids stay Python strings (cheap to hash,
+    # no Arrow round trip); counts are NULL for sessions without turns or votes.
+    cols = np.array(rows, dtype=object)
+    frame = pd.DataFrame(
+        {
+            name: pd.Series(cols[:, i], dtype=object)
+            for i, name in enumerate(("session_id", "user_id", "arm_id", "segment"))
+        }
+    )
+    frame["propensity"] = cols[:, 4].astype(float)
+    frame["snapshot_version"] = pd.array(cols[:, 5].astype(float), dtype="Int64")
+    frame["assigned_s"] = cols[:, 6].astype(float)
+    for i, name in enumerate(("turns", "errors", "rated", "thumbs_up", "thumbs_down"), start=7):
+        frame[name] = np.nan_to_num(cols[:, i].astype(float)).astype(np.int64)
     # in time order (SRM takes each user's first session); stable keeps the scan order on ties
     assigned = frame["assigned_s"].to_numpy()
     if (np.diff(assigned) >= 0).all():  # the usual case: rows come in insertion order
         return frame
     return frame.iloc[np.argsort(assigned, kind="stable")].reset_index(drop=True)
-
-
-def _turn_counts(conn: sa.Connection, now: datetime) -> pd.DataFrame:
-    # No experiment filter: session ids are unique across experiments and the merge on
-    # them keeps this experiment's sessions. Counting turns needs only the
-    # (session_id, created_at) index; errors are rare, so they get their own query
-    # instead of a table lookup per turn.
-    t = schema.turns
-    counts = _read(
-        conn,
-        sa.select(t.c.session_id, sa.func.count())
-        .where(t.c.created_at <= now)
-        .group_by(t.c.session_id),
-        ("session_id", "turns"),
-    )
-    errors = _read(
-        conn,
-        sa.select(t.c.session_id, sa.func.count())
-        .where(t.c.error.is_not(None), t.c.created_at <= now)
-        .group_by(t.c.session_id),
-        ("session_id", "errors"),
-    )
-    if errors.empty:
-        return counts.assign(errors=0)
-    return counts.merge(errors, on="session_id", how="left")
-
-
-def _vote_counts(conn: sa.Connection, now: datetime) -> pd.DataFrame:
-    f = schema.feedback
-    query = (
-        sa.select(
-            f.c.session_id,
-            sa.func.count(),
-            sa.func.sum(sa.case((f.c.value == 1, 1), else_=0)),
-            sa.func.sum(sa.case((f.c.value == 0, 1), else_=0)),
-        )
-        .where(f.c.value.is_not(None), f.c.updated_at <= now)
-        .group_by(f.c.session_id)
-    )
-    return _read(conn, query, ("session_id", "rated", "thumbs_up", "thumbs_down"))
 
 
 def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: datetime) -> pd.DataFrame:
