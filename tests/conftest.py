@@ -18,19 +18,14 @@ import sqlalchemy as sa
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from pg_schema import postgres_schema_url as _postgres_schema_url
+
 from optimizer.store import Store, make_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL", "")
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-def _postgres_schema_url(base: str, schema_name: str) -> str:
-    url = sa.engine.make_url(make_engine(base).url)
-    return url.update_query_dict({"options": f"-csearch_path={schema_name}"}).render_as_string(
-        hide_password=False
-    )
 
 
 @pytest.fixture(params=BACKENDS)

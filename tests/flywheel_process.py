@@ -209,7 +209,7 @@ def start_all(servers: list[ServerProcess]) -> None:
 @contextmanager
 def postgres_schema(base_url: str, prefix: str = "t") -> Iterator[str]:
     """A fresh PostgreSQL schema (dropped afterwards); yields a URL whose search_path is it."""
-    from conftest import _postgres_schema_url
+    from pg_schema import postgres_schema_url as _postgres_schema_url
 
     from optimizer.store import make_engine
 

@@ -1,0 +1,19 @@
+"""PostgreSQL URLs scoped to one schema, so tests never see each other's rows.
+
+A module of its own (not conftest) because tests/ and tests/e2e/ both have a
+conftest, and ``from conftest import …`` would pick whichever was imported first.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from optimizer.store import make_engine
+
+
+def postgres_schema_url(base: str, schema_name: str) -> str:
+    """``base`` with ``search_path`` set to ``schema_name`` on every connection."""
+    url = sa.engine.make_url(make_engine(base).url)
+    return url.update_query_dict({"options": f"-csearch_path={schema_name}"}).render_as_string(
+        hide_password=False
+    )
