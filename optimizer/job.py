@@ -168,7 +168,9 @@ def _run(
         log.warning("optimizer: paused arm %r (guardrail breach): %s", arm, evidence["checks"])
     active = [a for a in active if a not in paused]
 
-    policy = make_policy(pol, random_state=rng).fit(frame, active, champion=champion)
+    policy = make_policy(pol, random_state=rng).fit(
+        frame, active, champion=champion, caps=_operator_caps(store, exp.id)
+    )
     recommendation = policy.recommendation_
     promoted = None
     if recommendation is not None:
@@ -267,6 +269,20 @@ def _record_stop(
         )
         log.info("optimizer: stop rule recommends %r", arm)
     return None
+
+
+def _operator_caps(store: Store, experiment_id: str) -> dict[str, float]:
+    """Newest operator cap per arm (``cap_set`` events); a cap of 1 lifts it."""
+    ev = schema.arm_events
+    query = (
+        sa.select(ev.c.arm_id, ev.c.evidence)
+        .where(ev.c.experiment_id == experiment_id, ev.c.kind == "cap_set")
+        .order_by(ev.c.id)
+    )
+    with store.engine.connect() as conn:
+        latest = {arm: evidence for arm, evidence in conn.execute(query)}
+    caps = {arm: float((evidence or {}).get("cap", 1.0)) for arm, evidence in latest.items()}
+    return {arm: cap for arm, cap in caps.items() if 0 < cap < 1}
 
 
 def _resumed_at(store: Store, experiment_id: str) -> dict[str, datetime]:

@@ -43,10 +43,10 @@ ahead of simulated time without the optimizer peeking. Votes count as they
 stand at ``now`` (a vote changed after the window still counts: it is the
 user's current opinion of the reply).
 
-Reading is column-lean and done by the database: ``GROUP BY`` per session for
-turns and votes, raw DBAPI rows (no per-row SQLAlchemy objects), timestamps
-converted to epoch seconds in SQL. That keeps a 1M-session frame within a few
-seconds and well under a gigabyte.
+Reading is column-lean and done by the database: one query with turn and vote
+counts grouped and joined in SQL, raw DBAPI rows (no per-row SQLAlchemy
+objects), timestamps converted to epoch seconds in SQL. Reading is the cost of
+a refit (``bench/refit.py``): SQLite spends most of it grouping turns per session.
 
 >>> from optimizer.config import load_config
 >>> from optimizer.store import Store

@@ -240,14 +240,19 @@ class _PosteriorPolicy(BaseEstimator):
         arms: Sequence[str] | None = None,
         *,
         champion: str | None = None,
+        caps: Mapping[str, float] | None = None,
     ) -> _PosteriorPolicy:
         """Fit posteriors on a :func:`optimizer.kpi.session_frame` and allocate over ``arms``.
 
         ``arms`` are the active arms (default: every arm in ``sessions``); sessions of
         other arms are summarised but get no traffic. ``champion`` is exempt from the
-        challenger cap. Needs columns ``arm_id``, ``reward``, ``complete`` and
-        optionally ``segment``.
+        challenger cap. ``caps`` are operator-set maximum shares per arm (from
+        ``cap_set`` arm events); they bind every segment, champion included. Needs
+        columns ``arm_id``, ``reward``, ``complete`` and optionally ``segment``.
         """
+        for arm, cap in (caps or {}).items():
+            if not (math.isfinite(cap) and 0 < cap <= 1):
+                raise ValueError(f"cap for arm {arm!r} must be in (0, 1], got {cap!r}")
         self._validate()
         missing = {"arm_id", "reward", "complete"} - set(sessions.columns)
         if missing:
@@ -315,6 +320,9 @@ class _PosteriorPolicy(BaseEstimator):
             shares = self._constrain(
                 target, eff_total[is_active], np.array(all_arms)[is_active], champion
             )
+            if caps:
+                upper = np.array([caps.get(a, 1.0) for a in np.array(all_arms)[is_active]])
+                shares = rollout(shares, np.zeros(len(shares)), upper)
             active_ids = [a for a, on in zip(all_arms, is_active, strict=True) if on]
             self.allocation_[key] = {a: float(p) for a, p in zip(active_ids, shares, strict=True)}
             self.segment_summary_[key] = {

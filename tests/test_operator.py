@@ -237,9 +237,6 @@ def test_run_optimizer_now_serves_the_new_snapshot(client: TestClient, runtime: 
     assert ("operator", "optimizer.run", exp) in audit_actions(runtime.store)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="optimizer.job does not read cap_set arm events yet (asked the lead)"
-)
 def test_challenger_cap_limits_the_next_assignments(client: TestClient, runtime: Runtime) -> None:
     token = login(client)
     response = client.post(f"{PREFIX}/arms/empathetic/cap", data={"csrf": token, "cap": "5"})

@@ -168,6 +168,17 @@ def test_challenger_cap_limits_a_new_arm_until_it_has_data() -> None:
     assert ts(challenger_min_sessions=2000).fit(frame, champion="b").allocation_["*"]["b"] > 0.9
 
 
+def test_operator_cap_binds_any_arm_and_frees_the_rest() -> None:
+    frame = binary_frame({"a": (1000, 50), "b": (1000, 150)})  # b is clearly better
+    free = ts().fit(frame, champion="a")
+    assert free.allocation_["*"]["b"] > 0.9
+    capped = ts().fit(frame, champion="a", caps={"b": 0.3})
+    assert capped.allocation_["*"]["b"] == pytest.approx(0.3)
+    assert capped.allocation_["*"]["a"] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="cap for arm 'b'"):
+        ts().fit(frame, caps={"b": 0.0})
+
+
 def test_stop_rule_recommends_a_clear_winner_only() -> None:
     clear = ts(stop_expected_loss=0.001).fit(binary_frame(STRONG))
     assert clear.recommendation_ is not None and clear.recommendation_["arm"] == "a"

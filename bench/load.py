@@ -1,0 +1,360 @@
+"""Load: N simulated chat users over Chainlit's socket.io protocol against a real server.
+
+    .venv/bin/python bench/load.py [--users 50] [--turns 5] [--think-ms 1000]
+        [--database sqlite|postgres|URL] [--url http://… --database-url URL] [--json]
+
+Each simulated user logs in (``POST /login``), opens a chat over socket.io like
+the browser (:mod:`tests.chainlit_client`), sends ``--turns`` messages one
+after another (waiting ``--think-ms`` ± 50 % after each reply, as a person
+reading it), votes thumbs up or down on every reply over HTTP, and reports a
+conversion for its session through the outcomes API. Unless ``--url`` is
+given, the script starts ``flywheel serve`` itself with the fast fake model
+(``fake/echo``) on a fresh SQLite file or PostgreSQL schema
+(``--database postgres`` uses ``FLYWHEEL_TEST_POSTGRES_URL``).
+
+Figures, per turn (``client`` = from emitting the message to the finished
+reply, as the user experiences it):
+
+- **throughput** (turns/s over the load phase) and **errors** (failed turns,
+  refused votes or outcomes, exceptions);
+- **overhead vs bare litellm**: client latency minus the median of a bare
+  ``litellm.acompletion`` stream of the same fake model and message, timed in
+  this process in the same run, at the same concurrency, before the load;
+- **server overhead**: client latency minus the model time the server itself
+  measured for that very turn (``turns.latency_ms``: litellm and the model, on
+  the server) — what Chainlit, socket.io, assignment, prompt building, the
+  store writes and the network add;
+- **lost events**: afterwards every turn the clients saw, every acknowledged
+  vote and outcome must be in the store exactly once.
+
+Target: server overhead p99 ≤ 5 ms at 50 concurrent users, zero lost events.
+The load average is printed before and after: on a shared machine the
+latencies move with it, the baseline measured in the same run less so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import httpx  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+from chainlit_client import ChatSession, login  # noqa: E402
+from flywheel_process import (  # noqa: E402
+    API_KEY,
+    PASSWORD,
+    ServerProcess,
+    postgres_schema,
+    user_name,
+    write_config,
+)
+
+from optimizer.store import Store, schema  # noqa: E402
+
+TARGET_P99_MS = 5.0
+MESSAGE = "How do I export my tasks to a spreadsheet?"
+
+
+@dataclass
+class UserResult:
+    turns: list[dict[str, Any]] = field(default_factory=list)  # turn_id, latency_ms, ttft_ms
+    votes: dict[str, int] = field(default_factory=dict)  # acknowledged: turn id → value
+    outcomes: list[str] = field(default_factory=list)  # acknowledged idempotency keys
+    errors: list[str] = field(default_factory=list)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def bare_litellm(model: str, concurrency: int, calls: int) -> list[float]:
+    """Latency (ms) of streaming the same fake model directly through litellm."""
+    import litellm
+
+    from chatbot.llm import register_providers
+
+    register_providers()
+    messages = [{"role": "user", "content": MESSAGE}]
+
+    async def one() -> float:
+        start = time.perf_counter()
+        response = await litellm.acompletion(
+            model=model, messages=messages, stream=True, max_tokens=160
+        )
+        async for _ in response:
+            pass
+        return (time.perf_counter() - start) * 1000
+
+    await one()  # litellm's first call imports lazily: not part of the baseline
+    latencies: list[float] = []
+
+    async def worker() -> None:
+        for _ in range(calls):
+            latencies.append(await one())
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+async def simulate_user(
+    url: str, index: int, turns: int, think_ms: float, start: asyncio.Event, ready: list[int]
+) -> UserResult:
+    result = UserResult()
+    rng = random.Random(index)
+    async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+        try:
+            token = await login(http, user_name(index), PASSWORD)
+            chat = await ChatSession.open(url, token)
+        except Exception as exc:
+            result.errors.append(f"connect: {type(exc).__name__}: {exc}")
+            return result
+        ready.append(index)
+        await start.wait()
+        try:
+            for t in range(turns):
+                turn = await chat.ask(f"{MESSAGE} ({t + 1})", timeout=120)
+                if turn.is_error or not turn.turn_id:
+                    result.errors.append(f"turn failed: {turn.text[:80]}")
+                    continue
+                ttft = (turn.first_token_at - turn.sent_at) * 1000 if turn.first_token_at else None
+                result.turns.append(
+                    {"turn_id": turn.turn_id, "latency_ms": turn.latency_ms, "ttft_ms": ttft}
+                )
+                value = (index + t) % 2
+                vote = await chat.vote(http, turn.turn_id, value)
+                if vote.status_code == 200:
+                    result.votes[turn.turn_id] = value
+                else:
+                    result.errors.append(f"vote {vote.status_code}: {vote.text[:80]}")
+                if think_ms:
+                    await asyncio.sleep(think_ms / 1000 * rng.uniform(0.5, 1.5))
+            key = f"load-{uuid.uuid4().hex}"
+            body = {"idempotency_key": key, "session_id": chat.thread_id, "name": "conversion"}
+            response = await http.post("/api/outcomes", json=body, headers={"X-API-Key": API_KEY})
+            if response.status_code == 201:
+                result.outcomes.append(key)
+            else:
+                result.errors.append(f"outcome {response.status_code}: {response.text[:80]}")
+        except Exception as exc:
+            result.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(chat.close(), 5)
+    return result
+
+
+def check_store(database_url: str, results: list[UserResult]) -> dict[str, Any]:
+    """Every turn seen, vote and outcome acknowledged: in the store once, as acknowledged."""
+    store = Store(database_url)
+    turn_ids = [t["turn_id"] for r in results for t in r.turns]
+    votes = {k: v for r in results for k, v in r.votes.items()}
+    keys = [k for r in results for k in r.outcomes]
+    t, f, o = schema.turns, schema.feedback, schema.outcomes
+    with store.engine.connect() as conn:
+        stored_turns = dict(
+            conn.execute(sa.select(t.c.id, t.c.latency_ms).where(t.c.id.in_(turn_ids))).all()
+        )
+        stored_votes = dict(
+            conn.execute(sa.select(f.c.turn_id, f.c.value).where(f.c.turn_id.in_(votes))).all()
+        )
+        stored_keys = (
+            conn.execute(sa.select(o.c.idempotency_key).where(o.c.idempotency_key.in_(keys)))
+            .scalars()
+            .all()
+        )
+    store.dispose()
+    lost = (
+        len(set(turn_ids) - set(stored_turns))
+        + sum(stored_votes.get(k) != v for k, v in votes.items())
+        + len(set(keys) - set(stored_keys))
+    )
+    return {
+        "turns": len(turn_ids),
+        "votes": len(votes),
+        "outcomes": len(keys),
+        "lost": lost,
+        "model_ms": stored_turns,
+    }
+
+
+async def run_load(
+    url: str, users: int, turns: int, think_ms: float
+) -> tuple[list[UserResult], float]:
+    """All users log in and connect first; then they chat at once (the measured phase)."""
+    start = asyncio.Event()
+    ready: list[int] = []
+    tasks = [
+        asyncio.create_task(simulate_user(url, i, turns, think_ms, start, ready))
+        for i in range(users)
+    ]
+    deadline = time.monotonic() + 300
+    while len(ready) < users and not all(t.done() for t in tasks):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(ready)} of {users} users connected in 300 s")
+        await asyncio.sleep(0.1)
+    began = time.perf_counter()
+    start.set()
+    results = await asyncio.gather(*tasks)
+    return list(results), time.perf_counter() - began
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=50)
+    parser.add_argument("--turns", type=int, default=5, help="messages per user")
+    parser.add_argument("--think-ms", type=float, default=1000, help="pause after each reply")
+    parser.add_argument("--model", default="fake/echo")
+    parser.add_argument(
+        "--database", default="postgres", help="sqlite, postgres (FLYWHEEL_TEST_POSTGRES_URL)"
+    )
+    parser.add_argument("--url", help="a running server (then give --database-url)")
+    parser.add_argument("--database-url", help="the running server's database, for the check")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.users < 1 or args.turns < 1:
+        parser.error(f"--users and --turns must be ≥ 1, got {args.users} and {args.turns}")
+
+    load_before = os.getloadavg()
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            if not args.database_url:
+                parser.error("--url needs --database-url (to check the store afterwards)")
+            url, database_url = args.url.rstrip("/"), args.database_url
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flywheel-load-")))
+            if args.database == "sqlite":
+                database_url = f"sqlite:///{root / 'load.db'}"
+            else:
+                base = (
+                    os.environ.get("FLYWHEEL_TEST_POSTGRES_URL")
+                    if args.database == "postgres"
+                    else args.database
+                )
+                if not base:
+                    parser.error("--database postgres needs FLYWHEEL_TEST_POSTGRES_URL")
+                database_url = stack.enter_context(postgres_schema(base, "load"))
+            config = write_config(
+                root / "flywheel.toml",
+                model=args.model,
+                users=args.users,
+                limits={
+                    "votes_per_minute_per_user": 100_000,
+                    "outcomes_per_minute_per_key": 100_000,
+                },
+            )
+            server = ServerProcess("load-server", root / "home", config, database_url)
+            stack.callback(server.stop)
+            server.start()
+            url = server.url
+
+        bare = asyncio.run(bare_litellm(args.model, args.users, max(2, args.turns)))
+        results, duration = asyncio.run(run_load(url, args.users, args.turns, args.think_ms))
+        stored = check_store(database_url, results)
+    load_after = os.getloadavg()
+
+    latencies = [t["latency_ms"] for r in results for t in r.turns]
+    ttfts = [t["ttft_ms"] for r in results for t in r.turns if t["ttft_ms"] is not None]
+    bare_p50 = statistics.median(bare)
+    overhead = [x - bare_p50 for x in latencies]
+    server_overhead = [
+        t["latency_ms"] - stored["model_ms"][t["turn_id"]]
+        for r in results
+        for t in r.turns
+        if stored["model_ms"].get(t["turn_id"]) is not None
+    ]
+    errors = [e for r in results for e in r.errors]
+    figures = {
+        "users": args.users,
+        "turns_per_user": args.turns,
+        "think_ms": args.think_ms,
+        "model": args.model,
+        "database": database_url.split(":")[0].split("+")[0],
+        "turns": len(latencies),
+        "duration_s": duration,
+        "throughput_turns_per_s": len(latencies) / duration if duration else float("nan"),
+        "client_p50_ms": _pct(latencies, 50),
+        "client_p99_ms": _pct(latencies, 99),
+        "ttft_p50_ms": _pct(ttfts, 50),
+        "ttft_p99_ms": _pct(ttfts, 99),
+        "bare_litellm_p50_ms": bare_p50,
+        "bare_litellm_p99_ms": _pct(bare, 99),
+        "overhead_vs_bare_p50_ms": _pct(overhead, 50),
+        "overhead_vs_bare_p99_ms": _pct(overhead, 99),
+        "server_overhead_p50_ms": _pct(server_overhead, 50),
+        "server_overhead_p99_ms": _pct(server_overhead, 99),
+        "server_model_p50_ms": _pct(list(stored["model_ms"].values()), 50),
+        "errors": len(errors),
+        "error_examples": sorted(set(errors))[:5],
+        "events_checked": {k: stored[k] for k in ("turns", "votes", "outcomes")},
+        "lost_events": stored["lost"],
+        "load_average_before": load_before[0],
+        "load_average_after": load_after[0],
+        "cpus": os.cpu_count(),
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return 0 if figures["lost_events"] == 0 else 1
+    _print(figures)
+    return 0 if figures["lost_events"] == 0 else 1
+
+
+def _print(f: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=(
+            f"{f['users']} users × {f['turns_per_user']} turns, think {f['think_ms']:g} ms, "
+            f"{f['model']}, {f['database']}"
+        )
+    )
+    table.add_column("figure")
+    table.add_column("p50 (ms)", justify="right")
+    table.add_column("p99 (ms)", justify="right")
+    for label, key in (
+        ("client latency per turn", "client"),
+        ("time to first token (client)", "ttft"),
+        ("bare litellm, same model (baseline)", "bare_litellm"),
+        ("overhead vs bare litellm", "overhead_vs_bare"),
+        ("server overhead (client − server's model time)", "server_overhead"),
+    ):
+        table.add_row(label, f"{f[key + '_p50_ms']:.1f}", f"{f[key + '_p99_ms']:.1f}")
+    console = Console(width=140)
+    console.print(table)
+    checked = f["events_checked"]
+    verdict = "met" if f["server_overhead_p99_ms"] <= TARGET_P99_MS else "MISSED"
+    console.print(
+        f"{f['turns']} turns in {f['duration_s']:.1f} s = "
+        f"{f['throughput_turns_per_s']:.1f} turns/s; "
+        f"errors {f['errors']} {f['error_examples'] or ''}\n"
+        f"store check: {checked['turns']} turns, {checked['votes']} votes, "
+        f"{checked['outcomes']} outcomes — lost {f['lost_events']}\n"
+        f"target server overhead p99 ≤ {TARGET_P99_MS:g} ms: {verdict} "
+        f"({f['server_overhead_p99_ms']:.1f} ms)\n"
+        f"load average {f['load_average_before']:.1f} before, {f['load_average_after']:.1f} "
+        f"after, on {f['cpus']} CPUs"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
