@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -72,6 +72,8 @@ class OptimizerRun:
     promoted: str | None = None
     recommendation: dict[str, Any] | None = None
     srm: dict[str, Any] = field(default_factory=dict)
+    #: The few-shot step: mined, demoted and proposed examples (empty when skipped).
+    fewshot: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (for ``flywheel optimize --json``)."""
@@ -89,6 +91,7 @@ class OptimizerRun:
             "promoted": self.promoted,
             "recommendation": self.recommendation,
             "srm": self.srm,
+            "fewshot": self.fewshot,
         }
 
 
@@ -99,10 +102,14 @@ def run_optimizer(
     now: datetime | None = None,
     random_state: int | np.random.Generator | None = None,
     actor: str = "optimizer",
+    fewshot: bool = True,
 ) -> OptimizerRun | None:
     """Fit the policy on the events up to ``now`` and write a snapshot.
 
-    Returns None, without doing anything, if another run holds the lock. Raises
+    With ``fewshot`` the run then turns the flywheel (:func:`fewshot_step`):
+    mines good turns into the example bank, demotes examples that drag the KPI
+    down and proposes a challenger arm when the bank grew. Returns None,
+    without doing anything, if another run holds the lock. Raises
     :class:`~optimizer.errors.PolicyError` when no arm is active.
 
     >>> from optimizer.config import load_config
@@ -111,7 +118,7 @@ def run_optimizer(
     >>> store = Store("sqlite:///:memory:"); store.create_all()
     >>> arms = [ArmSpec("a", "p", "h"), ArmSpec("b", "p", "h")]
     >>> store.sync_experiment(config.experiment.id, "salt", arms)
-    >>> run = run_optimizer(store, config, random_state=0)
+    >>> run = run_optimizer(store, config, random_state=0, fewshot=False)
     >>> run.snapshot_version, run.allocation["segments"]["*"]
     (1, {'a': 0.5, 'b': 0.5})
     """
@@ -120,7 +127,30 @@ def run_optimizer(
         if not held:
             log.info("optimizer: another run holds the lock for %r; skipping", config.experiment.id)
             return None
-        return _run(store, config, now, np.random.default_rng(random_state), actor)
+        run = _run(store, config, now, np.random.default_rng(random_state), actor)
+        if fewshot:
+            run = replace(run, fewshot=fewshot_step(store, config, now=now, actor=actor))
+        return run
+
+
+def fewshot_step(
+    store: Store, config: Config, *, now: datetime, actor: str = "optimizer"
+) -> dict[str, Any]:
+    """Mine, credit and propose few-shot examples; a failure here never loses the snapshot."""
+    from optimizer.fewshot import credit_examples, mine_examples, propose_challenger
+
+    try:
+        mined = mine_examples(store, config, now=now, actor=actor)
+        credit = credit_examples(store, config, now=now, actor=actor)
+        proposal = propose_challenger(store, config, actor=actor)
+    except Exception:  # logged with its traceback; the next run tries again
+        log.exception("optimizer: few-shot step failed")
+        return {"error": "few-shot step failed; see the log"}
+    return {
+        "mined": list(mined.added),
+        "demoted": list(credit.demoted),
+        "proposal": proposal.as_dict() if proposal is not None else None,
+    }
 
 
 def _run(

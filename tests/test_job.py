@@ -315,3 +315,33 @@ def test_cli_optimize_json(store: Store, tmp_path: Path) -> None:
     with job_lock(store, LOCK):
         busy = runner.invoke(app, [*args, "--json"])
     assert busy.exit_code == 3 and json.loads(busy.stdout)["ran"] is False
+
+
+def test_a_run_turns_the_few_shot_flywheel(store: Store) -> None:
+    """The optimizer job mines a thumbed-up, converted turn into the bank, scrubbed."""
+    from fewshot_scenario import LATER, add_session
+    from fewshot_scenario import make_config as fewshot_config
+
+    from optimizer.fewshot import ExampleBank
+    from optimizer.store import ArmSpec
+
+    config = fewshot_config()
+    store.sync_experiment("exp", "exp", [ArmSpec("concise", "concise", "h")])
+    question = "How do I export all my projects? I'm Jane Miller, jane@example.org"
+    answer = "Go to Settings > Data > Export and pick CSV or JSON for all your projects."
+    turn_ids = add_session(
+        store, "s1", [(question, answer)], votes={0: 1}, outcomes={"conversion": 1}
+    )
+
+    run = run_optimizer(store, config, now=LATER, random_state=0)
+
+    assert run is not None
+    assert len(run.fewshot["mined"]) == 1
+    example = ExampleBank(store).get(run.fewshot["mined"][0])
+    assert example is not None
+    assert example.turn_id == turn_ids[0]
+    assert "jane@example.org" not in example.user_text and "<EMAIL>" in example.user_text
+    assert "Jane Miller" not in example.user_text
+    # A second run mines nothing new: the turn is already in the bank.
+    again = run_optimizer(store, config, now=LATER, random_state=0)
+    assert again is not None and again.fewshot["mined"] == []
