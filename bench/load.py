@@ -78,6 +78,19 @@ class UserResult:
     votes: dict[str, int] = field(default_factory=dict)  # acknowledged: turn id → value
     outcomes: list[str] = field(default_factory=list)  # acknowledged idempotency keys
     errors: list[str] = field(default_factory=list)
+    retries: int = 0  # votes and outcomes re-sent after a dropped keep-alive connection
+
+
+async def _send_idempotent(result: UserResult, send: Any) -> httpx.Response:
+    """Send once more if the connection dropped (a keep-alive race): both requests are idempotent.
+
+    A repeated vote sets the same value; a repeated outcome has the same key.
+    """
+    try:
+        return await send()
+    except httpx.TransportError:
+        result.retries += 1
+        return await send()
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -141,7 +154,11 @@ async def simulate_user(
                     {"turn_id": turn.turn_id, "latency_ms": turn.latency_ms, "ttft_ms": ttft}
                 )
                 value = (index + t) % 2
-                vote = await chat.vote(http, turn.turn_id, value)
+                turn_id = turn.turn_id
+                vote = await _send_idempotent(
+                    result,
+                    lambda: chat.vote(http, turn_id, value),  # noqa: B023
+                )
                 if vote.status_code == 200:
                     result.votes[turn.turn_id] = value
                 else:
@@ -150,13 +167,16 @@ async def simulate_user(
                     await asyncio.sleep(think_ms / 1000 * rng.uniform(0.5, 1.5))
             key = f"load-{uuid.uuid4().hex}"
             body = {"idempotency_key": key, "session_id": chat.thread_id, "name": "conversion"}
-            response = await http.post("/api/outcomes", json=body, headers={"X-API-Key": API_KEY})
+            response = await _send_idempotent(
+                result,
+                lambda: http.post("/api/outcomes", json=body, headers={"X-API-Key": API_KEY}),
+            )
             if response.status_code == 201:
                 result.outcomes.append(key)
             else:
                 result.errors.append(f"outcome {response.status_code}: {response.text[:80]}")
         except Exception as exc:
-            result.errors.append(f"{type(exc).__name__}: {exc}")
+            result.errors.append(f"{type(exc).__name__} after {len(result.turns)} turns: {exc}")
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(chat.close(), 5)
@@ -305,6 +325,7 @@ def main() -> int:
         "server_model_p50_ms": _pct(list(stored["model_ms"].values()), 50),
         "errors": len(errors),
         "error_examples": sorted(set(errors))[:5],
+        "http_retries": sum(r.retries for r in results),
         "events_checked": {k: stored[k] for k in ("turns", "votes", "outcomes")},
         "lost_events": stored["lost"],
         "load_average_before": load_before[0],
@@ -346,7 +367,8 @@ def _print(f: dict[str, Any]) -> None:
     console.print(
         f"{f['turns']} turns in {f['duration_s']:.1f} s = "
         f"{f['throughput_turns_per_s']:.1f} turns/s; "
-        f"errors {f['errors']} {f['error_examples'] or ''}\n"
+        f"errors {f['errors']} {f['error_examples'] or ''}; "
+        f"votes/outcomes re-sent after a dropped connection: {f['http_retries']}\n"
         f"store check: {checked['turns']} turns, {checked['votes']} votes, "
         f"{checked['outcomes']} outcomes — lost {f['lost_events']}\n"
         f"target server overhead p99 ≤ {TARGET_P99_MS:g} ms: {verdict} "

@@ -190,7 +190,7 @@ def measure_optimizer(url: str) -> dict[str, Any]:
     now = START + timedelta(days=DAYS + 1)
     rss_before = _rss_mb()
     tic, cpu = time.perf_counter(), time.process_time()
-    run = run_optimizer(store, config, now=now, random_state=0)
+    run = run_optimizer(store, config, now=now, random_state=0, fewshot=False)
     total, total_cpu = time.perf_counter() - tic, time.process_time() - cpu
     rss_peak = _rss_mb()
     assert run is not None

@@ -500,7 +500,9 @@ def simulate(
             timings["write"] += time.perf_counter() - tic
             if run_optimizer is not None:
                 tic = time.perf_counter()
-                last_run = run_optimizer(base_store, config, now=at(now_s), random_state=job_rng)
+                last_run = run_optimizer(
+                    base_store, config, now=at(now_s), random_state=job_rng, fewshot=False
+                )  # simulated turns carry no text to mine
                 assigner.invalidate()
                 timings["refit"] += time.perf_counter() - tic
             lo = hi
