@@ -6,9 +6,10 @@ revenue — five arms, two turns per session, a vote on a quarter of the turns,
 conversions arriving over days. Then, each in a fresh process so peak RSS is
 the measured work's own:
 
-- ``run_optimizer`` once (KPI frame, guardrails incl. the p95-latency one, policy
-  fit, SRM, snapshot write), with ``kpi.session_frame`` and the policy fit timed
-  separately in the same process;
+- ``run_optimizer(fewshot=False)`` once — the re-fit: KPI frame, guardrails incl.
+  the p95-latency one, policy fit, SRM, snapshot write — with ``kpi.session_frame``
+  and the policy fit timed separately in the same process; then, on its own, the
+  few-shot step the job runs after the re-fit by default (``job.fewshot_step``);
 - the baseline: the same sessions and conversions read with one SQL query each
   into pandas and a plain ``groupby("arm_id").mean()`` — the least any per-arm
   estimate from this store costs.
@@ -181,7 +182,7 @@ def _rss_mb() -> float:
 def measure_optimizer(url: str) -> dict[str, Any]:
     """In this (fresh) process: run_optimizer once, plus its two heavy parts timed alone."""
     from optimizer import kpi
-    from optimizer.job import run_optimizer
+    from optimizer.job import fewshot_step, run_optimizer
     from optimizer.policy import make_policy
     from optimizer.store import Store
 
@@ -194,6 +195,11 @@ def measure_optimizer(url: str) -> dict[str, Any]:
     total, total_cpu = time.perf_counter() - tic, time.process_time() - cpu
     rss_peak = _rss_mb()
     assert run is not None
+    # The few-shot step the job runs after the re-fit by default, timed on its own.
+    tic = time.perf_counter()
+    step = fewshot_step(store, config, now=now)
+    t_fewshot = time.perf_counter() - tic
+    fewshot_rss = _rss_mb()
     tic = time.perf_counter()
     frame = kpi.session_frame(store, config, now=now)
     t_frame = time.perf_counter() - tic
@@ -208,6 +214,9 @@ def measure_optimizer(url: str) -> dict[str, Any]:
         "sessions": run.sessions,
         "complete_sessions": run.complete_sessions,
         "peak_rss_mb": rss_peak,
+        "fewshot_s": t_fewshot,
+        "fewshot_error": step.get("error"),
+        "fewshot_peak_rss_mb": fewshot_rss,
         "rss_before_mb": rss_before,
     }
 
@@ -308,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline RSS",
         "run_optimizer / baseline (CPU)",
         "target",
+        "then few-shot step",
     ):
         table.add_column(col, justify="right")
     for r in rows:
@@ -326,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['run_optimizer_s'] / r['baseline_s']:.1f}× "
             f"({r['run_optimizer_cpu_s'] / r['baseline_cpu_s']:.1f}×)",
             ("[green]✓[/green]" if ok else "[red]✗[/red]") if r["n"] >= 1_000_000 else "",
+            f"{r['fewshot_s']:.2f} s, {r['fewshot_peak_rss_mb']:,.0f} MB"
+            + (" [red]failed[/red]" if r["fewshot_error"] else ""),
         )
     console.print(table)
     console.print(

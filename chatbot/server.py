@@ -143,9 +143,14 @@ def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManag
 
 
 async def _warm_up(runtime: Runtime) -> None:
-    from chatbot.llm import warm_up
+    from chatbot.llm import stream_reply, warm_up
+    from optimizer.config import ModelConfig
 
     try:
+        # litellm imports much of itself on its first call (a second or more on a busy
+        # machine): pay that now with the built-in fake model (local, free), not on a reply.
+        fake = ModelConfig(name="fake/echo", retries=0, timeout_s=30)
+        await stream_reply([{"role": "user", "content": "warm-up"}], model=fake)
         await warm_up(runtime.config.model)
     except Exception:  # the first turn will load it (and report a failure) instead
         log.warning("could not pre-load model %s", runtime.config.model.name, exc_info=True)

@@ -219,3 +219,14 @@ async def test_replicas_serve_the_newest_snapshot_and_one_optimizer_fits_at_a_ti
             assert "optimizer skipped" in server.log_text()[before:], server.name
     # Released: the next replica to try fits and writes a snapshot.
     await _wait_for(lambda: deployment.count(ps, ps.c.policy != "test") > optimizer_snapshots)
+
+
+async def test_an_over_long_message_is_refused_on_the_socket_path(deployment: Deployment) -> None:
+    limit = deployment.config.limits.max_message_chars
+    async with httpx.AsyncClient(base_url=deployment.b.url, timeout=30) as http:
+        chat = await _open(deployment.b, http, user_name(17))
+        refused = await chat.ask("x" * (limit + 1))
+        await chat.close()
+    assert f"the limit is {limit:,}" in refused.text and refused.actions == 0
+    t = schema.turns
+    assert deployment.count(t, t.c.id == refused.turn_id) == 0  # nothing recorded
