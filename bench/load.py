@@ -6,11 +6,12 @@
 Each simulated user logs in (``POST /login``), opens a chat over socket.io like
 the browser (:mod:`tests.chainlit_client`), starts at a random moment within
 ``--think-ms``, sends ``--turns`` messages one after another (waiting
-``--think-ms`` ± 50 % after each reply, as a person reading it), votes thumbs up or down on every reply over HTTP, and reports a
-conversion for its session through the outcomes API. Unless ``--url`` is
-given, the script starts ``flywheel serve`` itself with the fast fake model
-(``fake/echo``) on a fresh SQLite file or PostgreSQL schema
-(``--database postgres`` uses ``FLYWHEEL_TEST_POSTGRES_URL``).
+``--think-ms`` ± 50 % after each reply, as a person reading it), votes
+thumbs up or down on every reply over HTTP, and reports a conversion for its
+session through the outcomes API. Unless ``--url`` is given, the script
+starts ``flywheel serve`` itself with the fast fake model (``fake/echo``) on
+a fresh SQLite file or PostgreSQL schema (``--database postgres``, the
+default, uses ``FLYWHEEL_TEST_POSTGRES_URL``).
 
 Figures, per turn (``client`` = from emitting the message to the finished
 reply, as the user experiences it):
@@ -19,11 +20,13 @@ reply, as the user experiences it):
   refused votes or outcomes, exceptions);
 - **overhead vs bare litellm**: client latency minus the median of a bare
   ``litellm.acompletion`` stream of the same fake model and message, timed in
-  this process in the same run, at the same concurrency, before the load;
+  this process in the same run, one call at a time, before the load (the
+  model's own latency, litellm included);
 - **server overhead**: client latency minus the model time the server itself
-  measured for that very turn (``turns.latency_ms``: litellm and the model, on
-  the server) — what Chainlit, socket.io, assignment, prompt building, the
-  store writes and the network add;
+  measured for that very turn (``turns.latency_ms``: litellm and the model on
+  the server, including handing each token to the socket) — what Chainlit,
+  socket.io, assignment, prompt building, the store writes and the network
+  add;
 - **lost events**: afterwards every turn the clients saw, every acknowledged
   vote and outcome must be in the store exactly once.
 
@@ -106,8 +109,8 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-async def bare_litellm(model: str, concurrency: int, calls: int) -> list[float]:
-    """Latency (ms) of streaming the same fake model directly through litellm."""
+async def bare_litellm(model: str, *, calls: int) -> list[float]:
+    """Latency (ms) of streaming the same fake model directly through litellm, one at a time."""
     import litellm
 
     from chatbot.llm import register_providers
@@ -125,14 +128,7 @@ async def bare_litellm(model: str, concurrency: int, calls: int) -> list[float]:
         return (time.perf_counter() - start) * 1000
 
     await one()  # litellm's first call imports lazily: not part of the baseline
-    latencies: list[float] = []
-
-    async def worker() -> None:
-        for _ in range(calls):
-            latencies.append(await one())
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return latencies
+    return [await one() for _ in range(calls)]
 
 
 async def simulate_user(
@@ -305,7 +301,7 @@ def main() -> int:
             url = server.url
 
         asyncio.run(warm_up(url))
-        bare = asyncio.run(bare_litellm(args.model, args.users, max(2, args.turns)))
+        bare = asyncio.run(bare_litellm(args.model, calls=100))
         results, duration = asyncio.run(run_load(url, args.users, args.turns, args.think_ms))
         stored = check_store(database_url, results)
     load_after = os.getloadavg()

@@ -100,6 +100,14 @@ class OutcomeIn(BaseModel):
             raise ValueError(f"value must be a number, got {json.dumps(v)}")
         return v
 
+    @field_validator("occurred_at", mode="before")
+    @classmethod
+    def _iso_text_only(cls, v: Any) -> Any:
+        # pydantic would read a bare number as Unix seconds; the schema promises an ISO string.
+        if v is not None and not isinstance(v, str | datetime):
+            raise ValueError(f"occurred_at must be an ISO 8601 string, got {json.dumps(v)}")
+        return v
+
     @field_validator("occurred_at")
     @classmethod
     def _not_in_future(cls, v: datetime | None) -> datetime | None:

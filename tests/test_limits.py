@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -29,7 +30,7 @@ from chatbot.runtime import Runtime
 from chatbot.server import create_app
 from optimizer import kpi
 from optimizer.clock import utcnow
-from optimizer.store import Store, schema
+from optimizer.store import Store, TurnRecord, schema
 
 KEY = "limits-key"
 
@@ -213,3 +214,33 @@ async def test_text_a_database_cannot_store_is_cleaned_or_refused(
     assert vote.status_code == 200 and store.get_feedback("t-demo", "demo").comment == "nice"
     assert bad_turn.status_code == 422 and "plain text" in bad_turn.json()["detail"]
     assert outcome.status_code == 422 and "NUL" in outcome.json()["detail"][0]["msg"]
+
+
+def test_simultaneous_first_votes_on_one_turn_are_one_vote(store: Store) -> None:
+    """Two tabs or two replicas racing to insert the first vote: one vote, every click logged."""
+    runtime = make_runtime(store)
+    store.record_turn(
+        TurnRecord("t-race", "s-race", "demo", "exp", "concise", "concise", "h", "m", "q", "a")
+    )
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def vote(i: int) -> None:
+        barrier.wait()
+        try:
+            runtime.store.record_feedback("t-race", "demo", i % 2)
+        except BaseException as exc:  # collected: the assertion below names them
+            errors.append(exc)
+
+    threads = [threading.Thread(target=vote, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with store.engine.connect() as conn:
+        events = conn.execute(
+            sa.select(sa.func.count()).select_from(schema.feedback_events)
+        ).scalar_one()
+        rows = conn.execute(sa.select(schema.feedback)).all()
+    assert events == 8 and len(rows) == 1

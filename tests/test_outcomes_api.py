@@ -131,6 +131,7 @@ async def test_authentication_comes_before_reading_the_body(client: Client) -> N
         ({**GOOD, "value": "1e999"}, ["body", "value"], "finite number"),
         ({**GOOD, "value": "lots"}, ["body", "value"], "valid number"),
         ({**GOOD, "occurred_at": "yesterday"}, ["body", "occurred_at"], "valid datetime"),
+        ({**GOOD, "occurred_at": -947913}, ["body", "occurred_at"], "ISO 8601 string"),
         (
             {**GOOD, "occurred_at": "2999-01-01T00:00:00Z"},
             ["body", "occurred_at"],

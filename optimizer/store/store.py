@@ -347,11 +347,24 @@ class Store:
         """Set (``value`` 1 or 0) or delete (``value`` None) the user's vote on a turn.
 
         Raises :class:`OwnershipError` unless the turn exists and belongs to
-        ``user_id``: users rate only their own conversations.
+        ``user_id``: users rate only their own conversations. Two first votes
+        on one turn at once (two tabs, two replicas) race to insert the current
+        vote; the loser rolls back and retries, so each vote is one event.
         """
         if value not in (0, 1, None):
             raise ValueError(f"value must be 1 (up), 0 (down) or None (delete), got {value!r}")
         now = at or utcnow()
+        for attempt in range(3):
+            try:
+                self._record_feedback(turn_id, user_id, value, comment, now)
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+
+    def _record_feedback(
+        self, turn_id: str, user_id: str, value: int | None, comment: str | None, now: datetime
+    ) -> None:
         fb = schema.feedback
         with self.engine.begin() as conn:
             turn = conn.execute(
