@@ -204,12 +204,14 @@ class PolicyConfig(_Section):
     auto_promote: bool = False
     refit_interval_s: float = Field(300.0, ge=0)
     samples: int = Field(4000, ge=100)
-    #: The floor of an arm shrinks as floor / (1 + complete_sessions / floor_decay_sessions); 0 = constant.
+    #: An arm's floor shrinks as floor / (1 + complete_sessions / floor_decay_sessions);
+    #: 0 keeps it constant.
     floor_decay_sessions: float = Field(1000.0, ge=0)
     #: "wait": a session counts once all KPI windows closed; "model": open sessions count with
     #: the estimated share of their outcome already observed (see ``optimizer.kpi``).
     delay: Literal["wait", "model"] = "wait"
-    #: Partial pooling: a segment's prior is its arm's pooled posterior shrunk to this many sessions.
+    #: Partial pooling: a segment's prior is its arm's pooled posterior, worth this many
+    #: sessions.
     segment_prior_sessions: float = Field(50.0, gt=0)
 
 

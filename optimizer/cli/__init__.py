@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import typer
 
-from optimizer.cli import db, demo, optimize, report, simulate
+from optimizer.cli import db, demo, fewshot, optimize, report, scrub, simulate
 from optimizer.cli import export as export_cmd
-from optimizer.cli import fewshot, scrub
 from optimizer.cli import ope as ope_cmd
 
 __all__ = ["app"]
