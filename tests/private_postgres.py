@@ -6,9 +6,6 @@ server: ``initdb`` into a temporary folder, ``pg_ctl`` on a free port, with
 the installed PostgreSQL's binaries (the newest version under
 ``/usr/lib/postgresql``). Run as root, the server runs as the ``postgres``
 user (PostgreSQL refuses root). fsync stays on: durability is what is tested.
-
->>> PrivatePostgres.binaries().name
-'bin'
 """
 
 from __future__ import annotations
