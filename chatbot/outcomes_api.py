@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 __all__ = ["API_KEY_HEADER", "OutcomeIn", "api_router", "flywheel_version"]
 
 API_KEY_HEADER = "X-API-Key"
+#: The text ``occurred_at`` accepts: RFC 3339 date-time, offset optional.
+_DATE_TIME = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})?", re.ASCII
+)
 #: How far in the future ``occurred_at`` may lie (clock skew between systems).
 MAX_FUTURE = timedelta(minutes=5)
 #: Size of ``extra`` once serialised; it is for small annotations, not payloads.
@@ -103,9 +108,15 @@ class OutcomeIn(BaseModel):
     @field_validator("occurred_at", mode="before")
     @classmethod
     def _iso_text_only(cls, v: Any) -> Any:
-        # pydantic would read a bare number as Unix seconds; the schema promises an ISO string.
-        if v is not None and not isinstance(v, str | datetime):
-            raise ValueError(f"occurred_at must be an ISO 8601 string, got {json.dumps(v)}")
+        # pydantic would read a number, or digits in a string, as Unix seconds; the schema
+        # promises an RFC 3339 date-time (the offset may be left out: UTC).
+        if isinstance(v, datetime) or v is None:
+            return v
+        if not isinstance(v, str) or not _DATE_TIME.fullmatch(v):
+            raise ValueError(
+                "occurred_at must be an ISO 8601 date-time such as 2026-11-25T10:00:00Z,"
+                f" got {json.dumps(v)}"
+            )
         return v
 
     @field_validator("occurred_at")
