@@ -161,6 +161,9 @@ def build(path: Path, n: int, seed: int = 0) -> dict[str, int]:
     )
     conn.commit()
     conn.close()
+    store = Store(f"sqlite:///{path}")
+    store.refresh_session_counts()  # what record_turn / record_feedback keep one at a time
+    store.dispose()
     return {"sessions": n, "turns": 2 * n, "votes": len(votes), "outcomes": len(rows)}
 
 

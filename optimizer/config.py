@@ -242,6 +242,9 @@ class FewShotConfig(_Section):
     resolved_outcome: str = "resolved"
     support_minutes_outcome: str = "support_minutes"
     max_support_minutes: float = Field(10.0, ge=0)
+    #: Examples a mining run scrubs and adds at most, best first; the rest wait for the
+    #: next run. Bounds the run's time and memory when thousands of turns qualify at once.
+    max_mined_per_run: int = Field(50, ge=1)
     # Credit (optimizer.fewshot.credit): demote an example whose sessions are below
     # their arm's average with this posterior probability, once it has enough sessions.
     demote_probability: float = Field(0.9, gt=0.5, lt=1)

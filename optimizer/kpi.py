@@ -43,10 +43,11 @@ ahead of simulated time without the optimizer peeking. Votes count as they
 stand at ``now`` (a vote changed after the window still counts: it is the
 user's current opinion of the reply).
 
-Reading is column-lean and done by the database: one query with turn and vote
-counts grouped and joined in SQL, raw DBAPI rows (no per-row SQLAlchemy
-objects), timestamps converted to epoch seconds in SQL. Reading is the cost of
-a refit (``bench/refit.py``): SQLite spends most of it grouping turns per session.
+Reading is column-lean: one scan of the assignments, with the turn and vote
+counts the store keeps on them (counted as of ``now`` only when something is
+stamped later), raw DBAPI rows (no per-row SQLAlchemy objects), timestamps
+converted to epoch seconds in SQL. Reading is most of the cost of a refit
+(``bench/refit.py``).
 
 >>> from optimizer.config import load_config
 >>> from optimizer.store import Store
@@ -128,7 +129,7 @@ def session_frame(store: Store, config: Config, *, now: datetime | None = None) 
     experiment_id = config.experiment.id
     with store.engine.connect() as conn:
         epoch = _epoch_function(conn)
-        frame = _sessions(conn, epoch, experiment_id, now)
+        frame, sessions = _sessions(conn, epoch, experiment_id, now)
         if frame.empty:
             return _empty_frame(terms)
         outcome_names = sorted(
@@ -139,7 +140,7 @@ def session_frame(store: Store, config: Config, *, now: datetime | None = None) 
     age_s = now_s - frame["assigned_s"].to_numpy()
     frame["assigned_at"] = pd.to_datetime(frame["assigned_s"], unit="s", utc=True)
     frame["age_days"] = age_s / _DAY_S
-    events = _attribute(outcomes, frame)
+    events = _attribute(outcomes, frame, sessions)
 
     reward = np.zeros(len(frame))
     complete = np.ones(len(frame), dtype=bool)
@@ -273,12 +274,17 @@ def _read(conn: sa.Connection, query: sa.Select[Any], columns: Sequence[str]) ->
     return pd.DataFrame.from_records(rows, columns=list(columns), nrows=len(rows))
 
 
-def _sessions(conn: sa.Connection, epoch: Any, experiment_id: str, now: datetime) -> pd.DataFrame:
-    """Assignments with their turn, error and vote counts: one query, one row per session.
+def _sessions(
+    conn: sa.Connection, epoch: Any, experiment_id: str, now: datetime
+) -> tuple[pd.DataFrame, pd.Index]:
+    """Assignments with their turn, error and vote counts, one row per session.
 
-    The counts are grouped by the database and joined there, so a million sessions
-    cross into Python once, with no string-keyed merges in pandas. The count
-    subqueries need no experiment filter: session ids are unique across experiments.
+    Returns the frame and an index of its session ids (row positions by id).
+    The counts are the ones the store keeps on each assignment (one table scan)
+    unless a turn or vote is stamped after ``now`` (a simulation writing ahead, a
+    report as of a past date): then they are counted as of ``now`` — the turns
+    through the ``(session_id, created_at)`` index, errors (rare) and votes (a
+    minority of sessions) grouped apart and aligned by session id in pandas.
     """
     a, t, f = schema.assignments, schema.turns, schema.feedback
     experiment: sa.ColumnElement[str] = a.c.experiment_id
@@ -286,73 +292,70 @@ def _sessions(conn: sa.Connection, epoch: Any, experiment_id: str, now: datetime
         # Reading a whole experiment, a table scan is ~4x faster than SQLite's row-by-row
         # index lookups; the no-op concatenation keeps it off the index.
         experiment = experiment.concat("")
-    turns = (
-        sa.select(t.c.session_id, sa.func.count().label("n"))
-        .where(t.c.created_at <= now)
-        .group_by(t.c.session_id)
-        .subquery("turn_counts")
-    )
-    errors = (  # errors are rare: their own small aggregate, not a table lookup per turn
-        sa.select(t.c.session_id, sa.func.count().label("n"))
-        .where(t.c.error.is_not(None), t.c.created_at <= now)
-        .group_by(t.c.session_id)
-        .subquery("error_counts")
-    )
-    votes = (
+    as_of_now = _stamped_after(conn, now)
+    counts: list[sa.ColumnElement[Any]] = [a.c[name] for name in schema.SESSION_COUNTS]
+    if as_of_now:
+        counts = [
+            sa.select(sa.func.count())
+            .where(t.c.session_id == a.c.session_id, t.c.created_at <= now)
+            .scalar_subquery()
+        ]
+    base = (a.c.session_id, a.c.user_id, a.c.arm_id, a.c.segment)
+    rows = _fetch(
+        conn,
         sa.select(
-            f.c.session_id,
-            sa.func.count().label("rated"),
-            sa.func.sum(sa.case((f.c.value == 1, 1), else_=0)).label("up"),
-            sa.func.sum(sa.case((f.c.value == 0, 1), else_=0)).label("down"),
-        )
-        .where(f.c.value.is_not(None), f.c.updated_at <= now)
-        .group_by(f.c.session_id)
-        .subquery("vote_counts")
+            *base, a.c.propensity, a.c.snapshot_version, epoch(a.c.assigned_at), *counts
+        ).where(experiment == experiment_id, a.c.assigned_at <= now),
     )
-    query = (
-        sa.select(
-            a.c.session_id,
-            a.c.user_id,
-            a.c.arm_id,
-            a.c.segment,
-            a.c.propensity,
-            a.c.snapshot_version,
-            epoch(a.c.assigned_at),
-            turns.c.n,
-            errors.c.n,
-            votes.c.rated,
-            votes.c.up,
-            votes.c.down,
-        )
-        .select_from(
-            a.outerjoin(turns, turns.c.session_id == a.c.session_id)
-            .outerjoin(errors, errors.c.session_id == a.c.session_id)
-            .outerjoin(votes, votes.c.session_id == a.c.session_id)
-        )
-        .where(experiment == experiment_id, a.c.assigned_at <= now)
-    )
-    rows = _fetch(conn, query)
     if not rows:
-        return pd.DataFrame()
-    # One object array, then typed columns: ids stay Python strings (cheap to hash,
-    # no Arrow round trip); counts are NULL for sessions without turns or votes.
-    cols = np.array(rows, dtype=object)
-    frame = pd.DataFrame(
-        {
-            name: pd.Series(cols[:, i], dtype=object)
-            for i, name in enumerate(("session_id", "user_id", "arm_id", "segment"))
-        }
-    )
-    frame["propensity"] = cols[:, 4].astype(float)
-    frame["snapshot_version"] = pd.array(cols[:, 5].astype(float), dtype="Int64")
-    frame["assigned_s"] = cols[:, 6].astype(float)
-    for i, name in enumerate(("turns", "errors", "rated", "thumbs_up", "thumbs_down"), start=7):
-        frame[name] = np.nan_to_num(cols[:, i].astype(float)).astype(np.int64)
+        return pd.DataFrame(), pd.Index([])
+    # One object array, then typed columns: ids stay Python strings (cheap to hash).
+    cells = np.array(rows, dtype=object)
+    del rows
+    frame = pd.DataFrame({c.name: pd.Series(cells[:, i], dtype=object) for i, c in enumerate(base)})
+    frame["propensity"] = cells[:, 4].astype(float)
+    frame["snapshot_version"] = pd.array(cells[:, 5].astype(float), dtype="Int64")
+    frame["assigned_s"] = cells[:, 6].astype(float)
+    for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=7):
+        frame[name] = cells[:, i].astype(np.int64)
+    del cells
+    sessions = pd.Index(frame["session_id"])
+    if as_of_now:
+        errors = sa.select(t.c.session_id, sa.func.count()).where(
+            t.c.error.is_not(None), t.c.created_at <= now
+        )
+        votes = sa.select(
+            f.c.session_id,
+            sa.func.count(),
+            sa.func.sum(sa.case((f.c.value == 1, 1), else_=0)),
+            sa.func.sum(sa.case((f.c.value == 0, 1), else_=0)),
+        ).where(f.c.value.is_not(None), f.c.updated_at <= now)
+        for query, names in (
+            (errors, ("errors",)),
+            (votes, ("rated", "thumbs_up", "thumbs_down")),
+        ):
+            grouped = _fetch(conn, query.group_by(query.selected_columns[0]))
+            pos = sessions.get_indexer([g[0] for g in grouped])
+            known = pos >= 0  # not other experiments' sessions
+            for i, name in enumerate(names, start=1):
+                column = np.zeros(len(frame), dtype=np.int64)
+                column[pos[known]] = np.array([g[i] for g in grouped], dtype=np.int64)[known]
+                frame[name] = column
     # in time order (SRM takes each user's first session); stable keeps the scan order on ties
     assigned = frame["assigned_s"].to_numpy()
     if (np.diff(assigned) >= 0).all():  # the usual case: rows come in insertion order
-        return frame
-    return frame.iloc[np.argsort(assigned, kind="stable")].reset_index(drop=True)
+        return frame, sessions
+    frame = frame.iloc[np.argsort(assigned, kind="stable")].reset_index(drop=True)
+    return frame, pd.Index(frame["session_id"])
+
+
+def _stamped_after(conn: sa.Connection, now: datetime) -> bool:
+    """Whether any turn or vote is stamped after ``now`` (two index probes)."""
+    t, f = schema.turns, schema.feedback
+    return any(
+        conn.execute(sa.select(sa.exists().where(column > now))).scalar()
+        for column in (t.c.created_at, f.c.updated_at)
+    )
 
 
 def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: datetime) -> pd.DataFrame:
@@ -375,7 +378,7 @@ def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: dateti
 # -- attribution and terms ------------------------------------------------------------------
 
 
-def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame) -> pd.DataFrame:
+def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) -> pd.DataFrame:
     """Outcome events with the row position (``pos``) of the session they belong to.
 
     Session-linked events join on ``session_id``; user-level events go to the
@@ -386,7 +389,7 @@ def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({c: pd.Series(dtype=float if c != "name" else object) for c in columns})
     assigned_s = sessions["assigned_s"].to_numpy()
     by_session = outcomes[outcomes["session_id"].notna()]
-    pos = pd.Index(sessions["session_id"]).get_indexer(by_session["session_id"])
+    pos = ids.get_indexer(by_session["session_id"])
     linked = by_session.assign(pos=pos)[pos >= 0]
 
     by_user = outcomes[outcomes["session_id"].isna() & outcomes["user_id"].notna()]

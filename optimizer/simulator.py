@@ -51,6 +51,7 @@ from optimizer.config import ArmConfig, Config, ExperimentConfig
 from optimizer.errors import ConfigError
 from optimizer.scenario import CONVERSION_OFFSET_S, SUPPORT_OFFSET_S, Scenario
 from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store, TurnRecord, schema
+from optimizer.store.store import refresh_session_counts
 
 __all__ = ["POLICIES", "SimulationResult", "scenario_config", "simulate"]
 
@@ -320,6 +321,7 @@ class _Writer:
                     )
                 if outcomes:
                     conn.execute(schema.outcomes.insert(), outcomes)
+                refresh_session_counts(conn, [r["session_id"] for r in (*turns, *votes)])
         else:
             for t in turns:
                 self.store.record_turn(TurnRecord(**{**t, "fewshot_ids": tuple(t["fewshot_ids"])}))

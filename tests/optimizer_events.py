@@ -21,6 +21,7 @@ from optimizer.config import (
     load_config,
 )
 from optimizer.store import ArmSpec, Store, schema
+from optimizer.store.store import refresh_session_counts
 
 T0 = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 EXPERIMENT = "exp"
@@ -169,4 +170,5 @@ def add_sessions(
             conn.execute(schema.turns.insert(), turn_rows)
         if votes:
             conn.execute(schema.feedback.insert(), votes)
+        refresh_session_counts(conn, sids)
     return sids

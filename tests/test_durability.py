@@ -147,9 +147,11 @@ async def test_kill_while_streaming_keeps_history_votes_and_arm(served: Served) 
 
 
 def _assignments(store: Store, user: str) -> list[sa.Row]:
+    """The user's assignments, without the turn and vote counts that grow with the session."""
     a = schema.assignments
+    columns = [c for c in a.c if c.name not in schema.SESSION_COUNTS]
     with store.engine.connect() as conn:
-        return list(conn.execute(sa.select(a).where(a.c.user_id == user).order_by(a.c.id)))
+        return list(conn.execute(sa.select(*columns).where(a.c.user_id == user).order_by(a.c.id)))
 
 
 def _turn_messages(store: Store, user: str) -> list[str]:

@@ -143,6 +143,23 @@ def test_mining_adds_only_qualifying_scrubbed_unique_turns(store: Store) -> None
     assert again.added == () and again.seeds_added == ()
 
 
+def test_a_run_mines_at_most_max_mined_per_run_best_first(store: Store) -> None:
+    ids = _scenario(store)
+    config = make_config(max_mined_per_run=1)
+    first = mine_examples(store, config, now=LATER, library=library())
+    bank = ExampleBank(store)
+    # The converted, thumbed-up session ranks first (highest complete reward); the
+    # too-short turn was counted without taking the run's one place.
+    assert [bank.get(i).turn_id for i in first.added] == ids["converted"]
+    assert first.too_short == 1
+    # Next runs: the near-duplicate of the first (ranked second) is passed over, not a block.
+    runs = [mine_examples(store, config, now=LATER, library=library()) for _ in range(3)]
+    assert [len(r.added) for r in runs] == [1, 1, 0]
+    assert runs[0].duplicates == 1
+    mined = {e.turn_id for e in bank.list() if e.source == "mined"}
+    assert mined == {ids["converted"][0], ids["thumbs_up"][0], ids["resolved_quickly"][0]}
+
+
 def test_rejected_examples_never_return(store: Store) -> None:
     add_session(store, "s1", [(EXPORT_Q, EXPORT_A)], outcomes={"conversion": 1.0})
     config = make_config()

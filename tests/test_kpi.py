@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from optimizer_events import EXPERIMENT, T0, add_sessions, make_config, register
 
@@ -36,14 +38,35 @@ def assign(store: Store, sid: str, uid: str, arm: str, at: object) -> None:
     )
 
 
-def turn(store: Store, tid: str, sid: str, uid: str, arm: str, **kw: object) -> None:
-    store.record_turn(
-        TurnRecord(tid, sid, uid, EXPERIMENT, arm, arm, "h", "m", "q", "a", created_at=T0, **kw)  # type: ignore[arg-type]
-    )
+def turn(store: Store, tid: str, sid: str, uid: str, arm: str, **kw: Any) -> None:
+    kw.setdefault("created_at", T0)
+    store.record_turn(TurnRecord(tid, sid, uid, EXPERIMENT, arm, arm, "h", "m", "q", "a", **kw))
 
 
 def outcome(store: Store, key: str, name: str, value: float, at: object, **who: str) -> None:
     store.record_outcome(OutcomeRecord(key, name, value, occurred_at=at, **who))  # type: ignore[arg-type]
+
+
+def test_counts_kept_by_the_store_equal_counting_as_of_now(store: Store) -> None:
+    config = make_config(terms=TERMS)
+    register(store, config)
+    add_sessions(store, "a", 40, turns=3, ups=20, downs=10, errors=5, spread=DAY)
+    add_sessions(store, "b", 30, turns=2, ups=5, downs=15, spread=DAY)
+    now = T0 + 10 * DAY
+    kept = kpi.session_frame(store, config, now=now)  # the counts on the assignments
+    assert kept[["turns", "errors", "rated"]].sum().tolist() == [180, 5, 50]
+
+    # A turn and a vote stamped after now: the frame is then counted as of now.
+    later = now + DAY
+    sid, uid = kept.session_id.iloc[0], kept.user_id.iloc[0]
+    turn(store, "late", sid, uid, "a", error="timeout", created_at=later)
+    store.record_feedback("late", uid, 1, at=later)
+    pd.testing.assert_frame_equal(kpi.session_frame(store, config, now=now), kept)
+
+    after = kpi.session_frame(store, config, now=later).set_index("session_id")
+    before = kept.set_index("session_id")
+    for column in ("turns", "errors", "rated", "thumbs_up"):
+        assert after.loc[sid, column] == before.loc[sid, column] + 1, column
 
 
 def test_rewards_by_hand(store: Store) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 
 from optimizer.errors import OwnershipError
-from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store, TurnRecord
-from optimizer.store.migrate import current_revision
+from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store, TurnRecord, schema
+from optimizer.store.migrate import current_revision, upgrade
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -37,9 +41,108 @@ def turn(turn_id: str = "t1", *, session: str = "s1", user: str = "u1", **kw: ob
 
 
 def test_migrated_to_head(store: Store) -> None:
-    assert current_revision(store.engine) == "0001"
+    assert current_revision(store.engine) == "0002"
     store.upgrade()  # idempotent
-    assert current_revision(store.engine) == "0001"
+    assert current_revision(store.engine) == "0002"
+
+
+def test_migrations_build_the_schema_the_code_declares(store: Store) -> None:
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), schema.metadata)
+    assert diff == []
+
+
+def _counts(store: Store) -> dict[str, tuple[int, ...]]:
+    a = schema.assignments
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(a.c.session_id, *(a.c[c] for c in schema.SESSION_COUNTS))
+        ).all()
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def _assign(store: Store, session: str, user: str = "u1") -> None:
+    store.record_assignment(AssignmentRecord(session, user, "exp", "a", 0.5, None, "*", {}, T0))
+
+
+def test_turns_and_votes_keep_the_session_counts(store: Store) -> None:
+    _assign(store, "s1")
+    _assign(store, "s2", "u2")
+    assert _counts(store) == {"s1": (0, 0, 0, 0, 0), "s2": (0, 0, 0, 0, 0)}
+    store.record_turn(turn("t1"))
+    store.record_turn(turn("t1"))  # a retried turn counts once
+    store.record_turn(turn("t2", error="timeout"))
+    store.record_turn(turn("t3"))
+    store.record_feedback("t1", "u1", 1)
+    store.record_feedback("t3", "u1", 1)
+    store.record_feedback("t3", "u1", 0)  # changed: one rated turn, now down
+    store.record_feedback("t2", "u1", 0)
+    store.record_feedback("t2", "u1", None)  # deleted: no longer rated
+    with pytest.raises(OwnershipError):
+        store.record_feedback("t1", "u2", 0)
+    # (turns, errors, rated, thumbs_up, thumbs_down)
+    assert _counts(store) == {"s1": (3, 1, 2, 1, 1), "s2": (0, 0, 0, 0, 0)}
+
+
+def test_upgrade_counts_what_an_older_database_holds(store_url: str) -> None:
+    store = Store(store_url)
+    try:
+        upgrade(store.engine, "0001")
+        a, t, f = schema.assignments, schema.turns, schema.feedback
+        turn_row = {**vars(turn("t1")), "fewshot_ids": [], "created_at": T0}
+        with store.engine.begin() as conn:  # written as 0001's code did: no counts
+            conn.execute(
+                sa.insert(a).values(
+                    session_id="s1",
+                    user_id="u1",
+                    experiment_id="exp",
+                    arm_id="a",
+                    propensity=1.0,
+                    segment="*",
+                    context={},
+                    simulated=False,
+                    assigned_at=T0,
+                )
+            )
+            conn.execute(sa.insert(t).values(turn_row))
+            conn.execute(sa.insert(t).values({**turn_row, "id": "t2", "error": "boom"}))
+            conn.execute(
+                sa.insert(f).values(
+                    turn_id="t1",
+                    user_id="u1",
+                    session_id="s1",
+                    value=1,
+                    created_at=T0,
+                    updated_at=T0,
+                )
+            )
+        store.upgrade()
+        assert _counts(store) == {"s1": (2, 1, 1, 1, 0)}
+    finally:
+        store.dispose()
+
+
+@pytest.mark.postgres
+def test_concurrent_votes_of_one_session_are_all_counted(store: Store) -> None:
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time")
+    _assign(store, "s1")
+    ids = [f"t{i}" for i in range(16)]
+    for turn_id in ids:
+        store.record_turn(turn(turn_id))
+    barrier = threading.Barrier(8)
+
+    def vote(chunk: list[str]) -> None:
+        barrier.wait()
+        for turn_id in chunk:
+            store.record_feedback(turn_id, "u1", 1)
+
+    threads = [threading.Thread(target=vote, args=(ids[i::8],)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert _counts(store)["s1"] == (16, 0, 16, 16, 0)
 
 
 def test_sync_experiment_registers_arms_once(store: Store) -> None:

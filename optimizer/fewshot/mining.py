@@ -94,9 +94,9 @@ def _session_signals(store: Store, config: Config, now: datetime) -> pd.DataFram
             sa.func.sum(oc.c.value).label("total"),
             sa.func.max(oc.c.value).label("peak"),
         )
-        .where(
-            oc.c.session_id.in_(list(sessions.index)), oc.c.name.in_(names), oc.c.occurred_at <= now
-        )
+        # Other experiments' sessions drop out at the reindex below: a list of this
+        # experiment's session ids would overflow SQLite's bound parameters at scale.
+        .where(oc.c.session_id.is_not(None), oc.c.name.in_(names), oc.c.occurred_at <= now)
         .group_by(oc.c.session_id, oc.c.name)
     )
     with store.engine.connect() as conn:
@@ -208,69 +208,96 @@ def mine_examples(
     candidates = candidates[~candidates["id"].isin(bank.mined_turn_ids())]
     scrubber = Scrubber(allow=public_allowlist(library.knowledge))
 
-    too_short = too_long = 0
-    pending: list[tuple[Any, str, str]] = []
-    for row in candidates.to_dict("records"):
-        user, reply = (
-            scrubber.scrub(row["user_message"]).strip(),
-            scrubber.scrub(row["reply"]).strip(),
-        )
-        if min(len(user), len(reply)) < fs.min_chars:
-            too_short += 1
-        elif max(len(user), len(reply)) > fs.max_chars:
-            too_long += 1
-        else:
-            pending.append((row, user, reply))
-
-    keep = _novel(
-        pending, [f"{e.user_text}\n{e.assistant_text}" for e in bank.list()], fs.dedup_threshold
-    )
+    # Lengths are checked before scrubbing too (it barely changes them), so turns that
+    # can never fit do not take the run's places; the best max_mined_per_run remain.
+    shortest = np.minimum(candidates["user_message"].str.len(), candidates["reply"].str.len())
+    longest = np.maximum(candidates["user_message"].str.len(), candidates["reply"].str.len())
+    too_short, too_long = int((shortest < fs.min_chars).sum()), int((longest > fs.max_chars).sum())
+    candidates = candidates[(shortest >= fs.min_chars) & (longest <= fs.max_chars)]
+    banked = [f"{e.user_text}\n{e.assistant_text}" for e in bank.list()]
     added: list[str] = []
-    status = "approved" if fs.auto_approve else "candidate"
-    for (row, user, reply), novel in zip(pending, keep, strict=True):
-        if not novel:
-            continue
-        final = _number(row["reward"]) if row["complete"] else None
-        so_far = _number(row["reward_so_far"])
-        provenance = {
-            "session_id": row["session_id"],
-            "turn_id": row["id"],
-            "arm_id": row["arm_id"],
-            "prompt_id": row["prompt_id"],
-            "turn_created_at": as_utc(pd.Timestamp(row["created_at"]).to_pydatetime()).isoformat(),
-            "reasons": list(row["reasons"]),
-            "session_reward": final,
-            "reward_complete": bool(row["complete"]),
-            "reward_so_far": so_far,
-            "mined_at": now.isoformat(),
-            "scrubber_version": SCRUBBER_VERSION,
-        }
-        example_id = bank.add(
-            user,
-            reply,
-            source="mined",
-            status=status,
-            session_id=row["session_id"],
-            turn_id=row["id"],
-            reward=final if final is not None else so_far,
-            provenance=provenance,
-            actor=actor,
-            at=now,
-        )
-        if example_id is not None:  # None: the same text was banked meanwhile
+    duplicates = 0
+    # Best first, in slices of the run's places, until they are filled: a near-duplicate
+    # (checked only once scrubbed) is passed over, never blocking the turns below it.
+    for start in range(0, len(candidates), fs.max_mined_per_run):
+        if len(added) >= fs.max_mined_per_run:
+            break
+        pending: list[tuple[Any, str, str]] = []
+        for row in candidates.iloc[start : start + fs.max_mined_per_run].to_dict("records"):
+            user, reply = (
+                scrubber.scrub(row["user_message"]).strip(),
+                scrubber.scrub(row["reply"]).strip(),
+            )
+            if min(len(user), len(reply)) < fs.min_chars:
+                too_short += 1
+            elif max(len(user), len(reply)) > fs.max_chars:
+                too_long += 1
+            else:
+                pending.append((row, user, reply))
+        for (row, user, reply), novel in zip(
+            pending, _novel(pending, banked, fs.dedup_threshold), strict=True
+        ):
+            if not novel or len(added) >= fs.max_mined_per_run:
+                duplicates += not novel
+                continue
+            example_id = _bank_turn(bank, row, user, reply, now=now, actor=actor, config=config)
+            if example_id is None:  # the same text was banked meanwhile
+                duplicates += 1
+                continue
             added.append(example_id)
+            banked.append(f"{user}\n{reply}")
     result = MiningResult(
         considered=len(turns),
         qualifying=qualifying,
         added=tuple(added),
         too_short=too_short,
         too_long=too_long,
-        duplicates=len(pending) - len(added),
+        duplicates=duplicates,
         seeds_added=seeds,
         reasons=reason_counts,
     )
     log.info("mining: %s", result.as_dict())
     return result
+
+
+def _bank_turn(
+    bank: ExampleBank,
+    row: dict[str, Any],
+    user: str,
+    reply: str,
+    *,
+    now: datetime,
+    actor: str,
+    config: Config,
+) -> str | None:
+    """Add one scrubbed turn to the bank with its provenance; None if the text is banked."""
+    final = _number(row["reward"]) if row["complete"] else None
+    so_far = _number(row["reward_so_far"])
+    provenance = {
+        "session_id": row["session_id"],
+        "turn_id": row["id"],
+        "arm_id": row["arm_id"],
+        "prompt_id": row["prompt_id"],
+        "turn_created_at": as_utc(pd.Timestamp(row["created_at"]).to_pydatetime()).isoformat(),
+        "reasons": list(row["reasons"]),
+        "session_reward": final,
+        "reward_complete": bool(row["complete"]),
+        "reward_so_far": so_far,
+        "mined_at": now.isoformat(),
+        "scrubber_version": SCRUBBER_VERSION,
+    }
+    return bank.add(
+        user,
+        reply,
+        source="mined",
+        status="approved" if config.fewshot.auto_approve else "candidate",
+        session_id=row["session_id"],
+        turn_id=row["id"],
+        reward=final if final is not None else so_far,
+        provenance=provenance,
+        actor=actor,
+        at=now,
+    )
 
 
 def _number(value: Any) -> float | None:

@@ -2,9 +2,10 @@
 
 Assignments, turns, feedback events, outcomes, arm events, audit events and
 example events are append-only: every statistic is derived from them. A few
-tables hold current state that is cheap to rebuild from the events
-(``feedback`` = latest vote per user and turn, ``examples`` = the bank), kept
-in the same transaction as the event that changes them.
+tables and columns hold current state that is cheap to rebuild from the events
+(``feedback`` = latest vote per user and turn, ``examples`` = the bank, the
+count columns of ``assignments``), kept in the same transaction as the event
+that changes them.
 
 Chainlit's own tables (``users``, ``threads``, ``steps``, ``elements``,
 ``feedbacks``) live in the same database so people get their thread history;
@@ -27,6 +28,8 @@ metadata = sa.MetaData(
 )
 
 _TS = sa.DateTime(timezone=True)
+#: Per-session counts kept on ``assignments``: turns, failed turns, rated turns, ups, downs.
+SESSION_COUNTS = ("turns", "errors", "rated", "thumbs_up", "thumbs_down")
 # JSON on both SQLite and PostgreSQL (JSONB there, for indexing later).
 _JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
@@ -94,6 +97,10 @@ assignments = sa.Table(
     sa.Column("context", _JSON, nullable=False),
     sa.Column("simulated", sa.Boolean, nullable=False, default=False),
     sa.Column("assigned_at", _TS, nullable=False),
+    # The session's turn and vote counts, kept by the store in the transaction that
+    # writes the turn or vote (Store.refresh_session_counts): a refit reads one row
+    # per session instead of counting millions of turns (optimizer.kpi).
+    *(sa.Column(name, sa.Integer, nullable=False, server_default="0") for name in SESSION_COUNTS),
     sa.Index("ix_assignments_user", "user_id", "experiment_id", "id"),
     sa.Index("ix_assignments_exp_time", "experiment_id", "assigned_at"),
 )
@@ -122,6 +129,7 @@ turns = sa.Table(
     sa.Column("created_at", _TS, nullable=False),
     sa.Index("ix_turns_session", "session_id", "created_at"),
     sa.Index("ix_turns_arm", "experiment_id", "arm_id"),
+    sa.Index("ix_turns_created", "created_at"),  # "anything after now?" in optimizer.kpi
 )
 
 # Every vote change is an event; `feedback` holds the current vote per (turn, user).
@@ -150,6 +158,7 @@ feedback = sa.Table(
     sa.Column("created_at", _TS, nullable=False),
     sa.Column("updated_at", _TS, nullable=False),
     sa.Index("ix_feedback_session", "session_id"),
+    sa.Index("ix_feedback_updated", "updated_at"),  # "anything after now?" in optimizer.kpi
 )
 
 outcomes = sa.Table(

@@ -97,6 +97,48 @@ class OutcomeRecord:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+def refresh_session_counts(conn: sa.Connection, session_ids: Iterable[str] | None) -> None:
+    """Set the count columns of ``assignments`` (:data:`schema.SESSION_COUNTS`) from the
+    turns and current votes of the given sessions (every session with None).
+
+    Recounting, rather than adding one, keeps the counts right whatever wrote
+    before: a retried turn, a changed or deleted vote, a bulk load.
+    """
+    a, t, f = schema.assignments, schema.turns, schema.feedback
+
+    def count(table: sa.Table, *where: sa.ColumnElement[bool]) -> sa.ScalarSelect[int]:
+        return (
+            sa.select(sa.func.count())
+            .where(table.c.session_id == a.c.session_id, *where)
+            .scalar_subquery()
+        )
+
+    update = a.update().values(
+        turns=count(t),
+        errors=count(t, t.c.error.is_not(None)),
+        rated=count(f, f.c.value.is_not(None)),
+        thumbs_up=count(f, f.c.value == 1),
+        thumbs_down=count(f, f.c.value == 0),
+    )
+    if session_ids is None:
+        conn.execute(update)
+        return
+    ids = [{"sid": sid} for sid in dict.fromkeys(session_ids)]
+    if ids:
+        conn.execute(update.where(a.c.session_id == sa.bindparam("sid")), ids)
+
+
+def _lock_session(conn: sa.Connection, session_id: str) -> None:
+    """Hold the session's assignment row until commit (PostgreSQL; SQLite has one writer).
+
+    Two turns or votes of one session at once then recount one after the other,
+    each seeing the other's committed row, instead of both counting without it.
+    """
+    if conn.dialect.name == "postgresql":
+        a = schema.assignments
+        conn.execute(sa.select(a.c.id).where(a.c.session_id == session_id).with_for_update())
+
+
 class Store:
     """Facade over the database. One instance per process; thread-safe.
 
@@ -252,7 +294,8 @@ class Store:
             .order_by(ev.c.id)
         )
         status: dict[str, str] = {}
-        for arm_id, kind in rows:
+        for row in rows:
+            arm_id, kind = row.arm_id, row.kind
             new = ARM_STATUS_BY_EVENT.get(kind)
             if new is None:
                 continue
@@ -320,7 +363,9 @@ class Store:
         values["created_at"] = rec.created_at or utcnow()
         try:
             with self.engine.begin() as conn:
+                _lock_session(conn, rec.session_id)
                 conn.execute(schema.turns.insert().values(**values))
+                refresh_session_counts(conn, [rec.session_id])
         except IntegrityError:
             return False
         return True
@@ -376,6 +421,7 @@ class Store:
                 raise OwnershipError(
                     f"user {user_id!r} cannot rate turn {turn_id!r}: not a turn of theirs"
                 )
+            _lock_session(conn, turn.session_id)
             conn.execute(
                 schema.feedback_events.insert().values(
                     turn_id=turn_id,
@@ -404,6 +450,16 @@ class Store:
                         updated_at=now,
                     )
                 )
+            refresh_session_counts(conn, [turn.session_id])
+
+    def refresh_session_counts(self, session_ids: Iterable[str] | None = None) -> None:
+        """Recount the count columns of these sessions' assignments (all with None).
+
+        For data written around :meth:`record_turn` and :meth:`record_feedback`,
+        which keep the counts themselves: bulk loads and imports.
+        """
+        with self.engine.begin() as conn:
+            refresh_session_counts(conn, session_ids)
 
     def get_feedback(self, turn_id: str, user_id: str) -> sa.Row[Any] | None:
         fb = schema.feedback
