@@ -112,7 +112,9 @@ def example_usage(
     with store.engine.connect() as conn:
         rows = conn.execute(
             sa.select(t.c.session_id, t.c.fewshot_ids).where(
-                t.c.experiment_id == config.experiment.id
+                t.c.experiment_id == config.experiment.id,
+                # only turns that showed examples: no JSON to decode for the rest
+                sa.cast(t.c.fewshot_ids, sa.Text) != "[]",
             )
         ).all()
     pairs = [(sid, ex) for sid, ids in rows for ex in (ids or [])]

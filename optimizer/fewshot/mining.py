@@ -72,6 +72,10 @@ class MiningResult:
         }
 
 
+#: The message columns of ``turns``, read for the few turns a mining run banks.
+TEXT_COLUMNS = ("user_message", "reply")
+
+
 def _session_signals(store: Store, config: Config, now: datetime) -> pd.DataFrame:
     """Per session: KPI reward (complete or so far) and the outcome signals mining uses."""
     frame = session_frame(store, config, now=now)
@@ -124,17 +128,23 @@ def _session_signals(store: Store, config: Config, now: datetime) -> pd.DataFram
     return sessions
 
 
-def turn_reasons(store: Store, config: Config, *, now: datetime | None = None) -> pd.DataFrame:
+def turn_reasons(
+    store: Store, config: Config, *, now: datetime | None = None, texts: bool = True
+) -> pd.DataFrame:
     """Every turn of the experiment up to ``now`` with the session's reward and ``reasons``.
 
     ``reasons`` lists why the turn qualifies for mining (empty: it does not).
-    Sorted best first: complete reward, then reward so far, then newest.
+    Sorted best first: complete reward, then reward so far, then newest. Without
+    ``texts`` the messages (:data:`TEXT_COLUMNS`) and few-shot ids are left out:
+    millions of turns are cheap to rank, not to read in full.
     """
     now = as_utc(now) if now is not None else utcnow()
     fs = config.fewshot
     t = schema.turns
     turns = store.frame(
-        t, sa.and_(t.c.experiment_id == config.experiment.id, t.c.created_at <= now)
+        t,
+        sa.and_(t.c.experiment_id == config.experiment.id, t.c.created_at <= now),
+        exclude=() if texts else (*TEXT_COLUMNS, "fewshot_ids"),
     )
     if turns.empty:
         return turns.assign(
@@ -166,7 +176,11 @@ def turn_reasons(store: Store, config: Config, *, now: datetime | None = None) -
     eligible = ~failed & ~down & ~flag("slow_support")
     table = pd.DataFrame(flags).to_numpy() & eligible.to_numpy()[:, None]
     names = list(flags)
-    turns["reasons"] = [[names[j] for j in np.flatnonzero(row)] for row in table]
+    # Each row's flags as one number; the few distinct combinations become lists once
+    # (shared between rows: read them, do not change them).
+    codes = table.astype(np.int64) @ (1 << np.arange(len(names), dtype=np.int64))
+    lists = {int(c): [n for j, n in enumerate(names) if c >> j & 1] for c in np.unique(codes)}
+    turns["reasons"] = [lists[c] for c in codes.tolist()]
     turns["complete"] = complete
     order = pd.DataFrame(
         {
@@ -198,7 +212,7 @@ def mine_examples(
     library = library if library is not None else load_prompts(config.prompts_dir)
     bank = ExampleBank(store)
     seeds: tuple[str, ...] = tuple(bank.sync_seeds(library, at=now))
-    turns = turn_reasons(store, config, now=now)
+    turns = turn_reasons(store, config, now=now, texts=False)
     candidates = turns.loc[turns["reasons"].map(bool).astype(bool)]
     qualifying = len(candidates)
     reason_counts: dict[str, int] = {}
@@ -210,10 +224,13 @@ def mine_examples(
 
     # Lengths are checked before scrubbing too (it barely changes them), so turns that
     # can never fit do not take the run's places; the best max_mined_per_run remain.
-    shortest = np.minimum(candidates["user_message"].str.len(), candidates["reply"].str.len())
-    longest = np.maximum(candidates["user_message"].str.len(), candidates["reply"].str.len())
-    too_short, too_long = int((shortest < fs.min_chars).sum()), int((longest > fs.max_chars).sum())
-    candidates = candidates[(shortest >= fs.min_chars) & (longest <= fs.max_chars)]
+    lengths = _text_lengths(store, config.experiment.id, now)
+    candidates = candidates.join(lengths, on="id")
+    too_short = int((candidates["shortest"] < fs.min_chars).sum())
+    too_long = int((candidates["longest"] > fs.max_chars).sum())
+    candidates = candidates[
+        (candidates["shortest"] >= fs.min_chars) & (candidates["longest"] <= fs.max_chars)
+    ]
     banked = [f"{e.user_text}\n{e.assistant_text}" for e in bank.list()]
     added: list[str] = []
     duplicates = 0
@@ -223,7 +240,8 @@ def mine_examples(
         if len(added) >= fs.max_mined_per_run:
             break
         pending: list[tuple[Any, str, str]] = []
-        for row in candidates.iloc[start : start + fs.max_mined_per_run].to_dict("records"):
+        chunk = _with_texts(store, candidates.iloc[start : start + fs.max_mined_per_run])
+        for row in chunk.to_dict("records"):
             user, reply = (
                 scrubber.scrub(row["user_message"]).strip(),
                 scrubber.scrub(row["reply"]).strip(),
@@ -258,6 +276,33 @@ def mine_examples(
     )
     log.info("mining: %s", result.as_dict())
     return result
+
+
+def _text_lengths(store: Store, experiment_id: str, now: datetime) -> pd.DataFrame:
+    """Per turn id: the shorter and the longer of its two messages, in characters."""
+    t = schema.turns
+    u, r = sa.func.length(t.c.user_message), sa.func.length(t.c.reply)
+    query = sa.select(
+        t.c.id,
+        sa.case((u < r, u), else_=r).label("shortest"),
+        sa.case((u > r, u), else_=r).label("longest"),
+    ).where(t.c.experiment_id == experiment_id, t.c.created_at <= now)
+    with store.engine.connect() as conn:
+        rows = [tuple(row) for row in conn.execute(query)]  # plain tuples: fast in pandas
+    return pd.DataFrame(rows, columns=["id", "shortest", "longest"]).set_index("id")
+
+
+def _with_texts(store: Store, turns: pd.DataFrame) -> pd.DataFrame:
+    """``turns`` (a few) with their messages read."""
+    t = schema.turns
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(t.c.id, *(t.c[c] for c in TEXT_COLUMNS)).where(
+                t.c.id.in_(turns["id"].tolist())
+            )
+        ).all()
+    texts = pd.DataFrame(rows, columns=["id", *TEXT_COLUMNS]).set_index("id")
+    return turns.join(texts, on="id")
 
 
 def _bank_turn(

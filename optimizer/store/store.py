@@ -558,11 +558,19 @@ class Store:
 
     # -- reading ------------------------------------------------------------------------
     def frame(
-        self, table: str | sa.Table, where: sa.ColumnElement[bool] | None = None
+        self,
+        table: str | sa.Table,
+        where: sa.ColumnElement[bool] | None = None,
+        *,
+        exclude: Iterable[str] = (),
     ) -> pd.DataFrame:
-        """A whole table (optionally filtered) as a DataFrame with UTC timestamps."""
+        """A whole table (optionally filtered, without ``exclude`` columns) as a DataFrame
+        with UTC timestamps."""
         tbl = schema.metadata.tables[table] if isinstance(table, str) else table
-        query = sa.select(tbl) if where is None else sa.select(tbl).where(where)
+        skip = set(exclude)
+        query = sa.select(*(c for c in tbl.columns if c.name not in skip))
+        if where is not None:
+            query = query.where(where)
         with self.engine.connect() as conn:
             df = pd.read_sql(query, conn)
         for col in tbl.columns:
