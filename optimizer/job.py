@@ -31,7 +31,6 @@ NaN never reaches the JSON (PostgreSQL's JSONB refuses it): it becomes null.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -45,6 +44,7 @@ from optimizer import guardrails, kpi, srm
 from optimizer.assignment import ALL_SEGMENTS
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
+from optimizer.jsonable import jsonable
 from optimizer.locks import job_lock
 from optimizer.policy import make_policy
 from optimizer.store import ACTIVE_STATUSES, Store, schema
@@ -249,8 +249,8 @@ def _run(
         "complete_sessions": complete,
         "now": now.isoformat(),
     }
-    summary = _jsonable(summary)
-    allocation = _jsonable(policy.snapshot_allocation())
+    summary = jsonable(summary)
+    allocation = jsonable(policy.snapshot_allocation())
     version = store.save_snapshot(exp.id, policy.name, allocation, summary, at=now)
     duration = time.perf_counter() - started
     log.info(
@@ -288,7 +288,7 @@ def _record_stop(
     """Record the stop recommendation (or promotion) unless it is already the current one."""
     exp = config.experiment
     arm = recommendation["arm"]
-    evidence = _jsonable(dict(recommendation))
+    evidence = jsonable(dict(recommendation))
     if config.policy.auto_promote and arm != champion:
         store.record_arm_event(exp.id, arm, "promoted", actor=actor, evidence=evidence, at=now)
         log.info("optimizer: promoted %r (stop rule)", arm)
@@ -343,18 +343,3 @@ def _status(status: str | None, arm: str, champion: str | None) -> str:
     if arm == champion:
         return "champion"
     return status or "unknown"
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types; NaN and infinities become None."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    return value

@@ -59,6 +59,7 @@ from sklearn.base import BaseEstimator
 from optimizer.assignment import ALL_SEGMENTS
 from optimizer.config import PolicyConfig
 from optimizer.errors import PolicyError
+from optimizer.jsonable import finite
 
 __all__ = [
     "ThompsonSamplingPolicy",
@@ -546,7 +547,7 @@ class _PosteriorPolicy(BaseEstimator):
                     "error_rate",
                     "median_support_minutes",
                 ):
-                    extra[key] = _num(row[key])
+                    extra[key] = finite(row[key])
             out[arm] = {**s, **extra}
         return out
 
@@ -713,11 +714,3 @@ def make_policy(
         segment_prior_sessions=config.segment_prior_sessions,
         random_state=random_state,
     )
-
-
-def _num(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None

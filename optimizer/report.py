@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
@@ -33,6 +32,7 @@ from optimizer.assignment import ALL_SEGMENTS, Assigner
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
 from optimizer.errors import PolicyError
+from optimizer.jsonable import finite, jsonable
 from optimizer.store import Store, schema
 from optimizer.store.store import ARM_STATUS_BY_EVENT
 
@@ -115,7 +115,7 @@ def experiment_report(
         "series": _series(store, config, frame, [a["id"] for a in arms]),
         "history": _history(store, exp.id, events, history_limit),
     }
-    return _jsonable(report)
+    return jsonable(report)
 
 
 # -- arms ---------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def _breached_metrics(fired: Mapping[str, Any] | None) -> list[str]:
 
 
 def _leader(arms: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    scored = [a for a in arms if _num(a.get("prob_best")) is not None]
+    scored = [a for a in arms if finite(a.get("prob_best")) is not None]
     if not scored:
         return None
     best = max(scored, key=lambda a: a["prob_best"])
@@ -385,7 +385,7 @@ def _series(
 
 
 def _columns(table: pd.DataFrame) -> dict[str, list[float | None]]:
-    return {str(col): [_num(v) for v in table[col].to_numpy()] for col in table.columns}
+    return {str(col): [finite(v) for v in table[col].to_numpy()] for col in table.columns}
 
 
 def _snapshot_series(store: Store, experiment_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -425,11 +425,11 @@ def _snapshot_series(store: Store, experiment_id: str) -> tuple[dict[str, Any], 
                 check["metric"],
                 {"arms": {}, "probability": {}, "champion": list(blank), "limit": list(blank)},
             )
-            m["arms"].setdefault(check["arm"], list(blank))[i] = _num(check.get("arm_value"))
-            m["probability"].setdefault(check["arm"], list(blank))[i] = _num(
+            m["arms"].setdefault(check["arm"], list(blank))[i] = finite(check.get("arm_value"))
+            m["probability"].setdefault(check["arm"], list(blank))[i] = finite(
                 check.get("probability")
             )
-            champion = _num(check.get("champion_value"))
+            champion = finite(check.get("champion_value"))
             m["champion"][i] = champion
             m["limit"][i] = _limit(champion, check.get("limit"), check.get("limit_kind"))
     return allocation, {"times": times, "metrics": metrics}
@@ -437,7 +437,7 @@ def _snapshot_series(store: Store, experiment_id: str) -> tuple[dict[str, Any], 
 
 def _limit(champion: float | None, limit: Any, kind: Any) -> float | None:
     """The value an arm may not exceed, given the champion's (None if unknown)."""
-    bound = _num(limit)
+    bound = finite(limit)
     if champion is None or bound is None:
         return None
     return champion + bound if kind == "max_delta" else champion * bound
@@ -579,7 +579,7 @@ def recent_sessions(
                 ],
             }
         )
-    return _jsonable(result)
+    return jsonable(result)
 
 
 # -- off-policy estimates --------------------------------------------------------------------
@@ -630,37 +630,7 @@ def promotion_estimates(
         else:
             row["estimators"] = out["estimators"]
         rows.append(row)
-    return _jsonable({"n": len(logs), "logged_mean": float(logs["reward"].mean()), "rows": rows})
+    return jsonable({"n": len(logs), "logged_mean": float(logs["reward"].mean()), "rows": rows})
 
 
 # -- JSON ------------------------------------------------------------------------------------
-
-
-def _num(value: Any) -> float | None:
-    """A finite float, or None for NaN, None and non-numbers."""
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain Python values: numpy scalars unwrapped, NaN → None, timestamps → ISO strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return _num(value)
-    if isinstance(value, pd.Timestamp):
-        return None if pd.isna(value) else value.isoformat()
-    if isinstance(value, datetime):
-        return as_utc(value).isoformat()
-    return value

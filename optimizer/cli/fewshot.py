@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import typer
 from rich.table import Table
 
@@ -111,72 +113,49 @@ def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _set(
-    example_id: str,
-    status: str,
-    actor: str,
-    reason: str | None,
-    config: str | None,
-    database_url: str | None,
-    as_json: bool,
-) -> None:
-    from optimizer.errors import StoreError
-    from optimizer.fewshot import ExampleBank
-
-    cfg = get_config(config)
-    store = open_store(cfg, database_url)
-    try:
-        example = ExampleBank(store).set_status(example_id, status, actor=actor, reason=reason)
-    except StoreError as exc:
-        fail(str(exc), 1)
-    finally:
-        store.dispose()
-    if as_json:
-        print_json({"id": example.id, "status": example.status})
-    else:
-        console.print(f"{example.id}: [bold]{example.status}[/bold]")
-
-
 ReasonOption = typer.Option(None, "--reason", help="Why (kept in the example's history).")
 
 
-@app.command()
-def approve(
-    example_id: str,
-    actor: str = ActorOption,
-    reason: str | None = ReasonOption,
-    config: str | None = ConfigOption,
-    database_url: str | None = DatabaseOption,
-    as_json: bool = JsonOption,
-) -> None:
-    """Let retrieval use an example."""
-    _set(example_id, "approved", actor, reason, config, database_url, as_json)
+def _status_command(status: str, doc: str) -> Callable[..., None]:
+    """The command that sets an example's ``status`` (approve, reject and pin are alike)."""
+
+    def command(
+        example_id: str,
+        actor: str = ActorOption,
+        reason: str | None = ReasonOption,
+        config: str | None = ConfigOption,
+        database_url: str | None = DatabaseOption,
+        as_json: bool = JsonOption,
+    ) -> None:
+        from optimizer.errors import StoreError
+        from optimizer.fewshot import ExampleBank
+
+        store = open_store(get_config(config), database_url)
+        try:
+            example = ExampleBank(store).set_status(example_id, status, actor=actor, reason=reason)
+        except StoreError as exc:
+            fail(str(exc), 1)
+        finally:
+            store.dispose()
+        if as_json:
+            print_json({"id": example.id, "status": example.status})
+        else:
+            console.print(f"{example.id}: [bold]{example.status}[/bold]")
+
+    command.__doc__ = doc
+    return command
 
 
-@app.command()
-def reject(
-    example_id: str,
-    actor: str = ActorOption,
-    reason: str | None = ReasonOption,
-    config: str | None = ConfigOption,
-    database_url: str | None = DatabaseOption,
-    as_json: bool = JsonOption,
-) -> None:
-    """Never serve this example, and never mine it (or a near-duplicate) again."""
-    _set(example_id, "rejected", actor, reason, config, database_url, as_json)
-
-
-@app.command()
-def pin(
-    example_id: str,
-    actor: str = ActorOption,
-    reason: str | None = ReasonOption,
-    config: str | None = ConfigOption,
-    database_url: str | None = DatabaseOption,
-    as_json: bool = JsonOption,
-) -> None:
-    """Always include this example first in retrieved arms."""
-    _set(example_id, "pinned", actor, reason, config, database_url, as_json)
+for _name, _status, _doc in (
+    ("approve", "approved", "Let retrieval use an example."),
+    (
+        "reject",
+        "rejected",
+        "Never serve this example, and never mine it (or a near-duplicate) again.",
+    ),
+    ("pin", "pinned", "Always include this example first in retrieved arms."),
+):
+    app.command(_name)(_status_command(_status, _doc))
 
 
 @app.command()
