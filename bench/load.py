@@ -27,6 +27,11 @@ reply, as the user experiences it):
   the server, including handing each token to the socket) — what Chainlit,
   socket.io, assignment, prompt building, the store writes and the network
   add;
+- **server CPU per turn**: the server process's CPU time (user + system, all
+  threads, from ``/proc/<pid>/stat``) over the load phase divided by the
+  turns — votes, outcomes and connections included. Unlike the latencies,
+  other jobs on a shared machine barely move it. Needs the server's pid:
+  known when the script starts the server, else ``--server-pid``;
 - **lost events**: afterwards every turn the clients saw, every acknowledged
   vote and outcome must be in the store exactly once.
 
@@ -78,6 +83,7 @@ from flywheel_process import (  # noqa: E402
 from optimizer.store import Store, schema  # noqa: E402
 
 TARGET_P99_MS = 5.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 MESSAGE = "How do I export my tasks to a spreadsheet?"
 
 
@@ -187,6 +193,18 @@ async def simulate_user(
     return result
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far; None if unknown."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may contain spaces
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime (fields 14, 15)
+
+
 def check_store(database_url: str, results: list[UserResult]) -> dict[str, Any]:
     """Every turn seen, vote and outcome acknowledged: in the store once, as acknowledged."""
     store = Store(database_url)
@@ -231,9 +249,12 @@ async def warm_up(url: str) -> None:
 
 
 async def run_load(
-    url: str, users: int, turns: int, think_ms: float
-) -> tuple[list[UserResult], float]:
-    """All users log in and connect first; then they chat at once (the measured phase)."""
+    url: str, users: int, turns: int, think_ms: float, server_pid: int | None = None
+) -> tuple[list[UserResult], float, float | None]:
+    """All users log in and connect first; then they chat at once (the measured phase).
+
+    Returns the results, the phase's duration (s) and the server's CPU seconds in it.
+    """
     start = asyncio.Event()
     ready: list[int] = []
     tasks = [
@@ -245,10 +266,14 @@ async def run_load(
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(ready)} of {users} users connected in 300 s")
         await asyncio.sleep(0.1)
+    cpu_before = cpu_seconds(server_pid)
     began = time.perf_counter()
     start.set()
     results = await asyncio.gather(*tasks)
-    return list(results), time.perf_counter() - began
+    duration = time.perf_counter() - began
+    cpu_after = cpu_seconds(server_pid)
+    cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
+    return list(results), duration, cpu
 
 
 def main() -> int:
@@ -262,6 +287,7 @@ def main() -> int:
     )
     parser.add_argument("--url", help="a running server (then give --database-url)")
     parser.add_argument("--database-url", help="the running server's database, for the check")
+    parser.add_argument("--server-pid", type=int, help="the running server's pid, for its CPU")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.users < 1 or args.turns < 1:
@@ -273,6 +299,7 @@ def main() -> int:
             if not args.database_url:
                 parser.error("--url needs --database-url (to check the store afterwards)")
             url, database_url = args.url.rstrip("/"), args.database_url
+            server_pid = args.server_pid
         else:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flywheel-load-")))
             if args.database == "sqlite":
@@ -299,10 +326,13 @@ def main() -> int:
             stack.callback(server.stop)
             server.start()
             url = server.url
+            server_pid = server.proc.pid if server.proc is not None else None
 
         asyncio.run(warm_up(url))
         bare = asyncio.run(bare_litellm(args.model, calls=100))
-        results, duration = asyncio.run(run_load(url, args.users, args.turns, args.think_ms))
+        results, duration, server_cpu_s = asyncio.run(
+            run_load(url, args.users, args.turns, args.think_ms, server_pid)
+        )
         stored = check_store(database_url, results)
     load_after = os.getloadavg()
 
@@ -337,6 +367,9 @@ def main() -> int:
         "server_overhead_p50_ms": _pct(server_overhead, 50),
         "server_overhead_p99_ms": _pct(server_overhead, 99),
         "server_model_p50_ms": _pct(list(stored["model_ms"].values()), 50),
+        "server_cpu_ms_per_turn": (
+            server_cpu_s * 1000 / len(latencies) if server_cpu_s is not None and latencies else None
+        ),
         "errors": len(errors),
         "error_examples": sorted(set(errors))[:5],
         "http_retries": sum(r.retries for r in results),
@@ -381,6 +414,11 @@ def _print(f: dict[str, Any]) -> None:
     )
     checked = f["events_checked"]
     verdict = "met" if f["server_overhead_p99_ms"] <= TARGET_P99_MS else "MISSED"
+    cpu = f["server_cpu_ms_per_turn"]
+    console.print(
+        f"server CPU per turn (votes, outcomes included): "
+        f"{'unknown (give --server-pid)' if cpu is None else f'{cpu:.1f} ms'}"
+    )
     console.print(
         f"{f['turns']} turns in {f['duration_s']:.1f} s = "
         f"{f['throughput_turns_per_s']:.1f} turns/s; "

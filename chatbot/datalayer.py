@@ -16,16 +16,22 @@ Feedback ids are ``"<turn id>:<user id>"``: Chainlit passes only the id to
 :meth:`FlywheelDataLayer.delete_feedback`, and this id says which vote to
 remove and whose it is (checked against the caller).
 
-SQLAlchemy calls are synchronous and run in worker threads
-(:func:`asyncio.to_thread`), never on the event loop.
+SQLAlchemy calls are synchronous and run in worker threads, never on the
+event loop. Chainlit persists steps and elements in fire-and-forget tasks;
+those writes get their own small thread pool, so that a chat turn's own store
+calls (few-shot selection, recording the turn) never queue behind them in the
+default executor. A step is written in one transaction (the thread row is
+made sure of once per thread and process).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
@@ -67,6 +73,11 @@ log = logging.getLogger(__name__)
 __all__ = ["FlywheelDataLayer", "acting_as", "feedback_id", "feedback_router", "parse_feedback_id"]
 
 T = TypeVar("T")
+
+#: Threads writing Chainlit's steps and elements (I/O-bound, off the turn's path).
+STEP_WRITERS = 2
+#: Thread ids remembered as existing; past this many the memory starts over.
+KNOWN_THREADS_MAX = 100_000
 
 _caller: ContextVar[str | None] = ContextVar("flywheel_feedback_caller", default=None)
 
@@ -136,6 +147,12 @@ class FlywheelDataLayer(BaseDataLayer):
         self.engine = runtime.store.engine
         self.thread_limit = thread_limit
         self.votes = RateLimiter(runtime.config.limits.votes_per_minute_per_user)
+        self._writer = ThreadPoolExecutor(STEP_WRITERS, thread_name_prefix="flywheel-steps")
+        self._known_threads: set[str] = set()  # thread rows that exist (never deleted, only hidden)
+
+    async def _write(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a step or element write on the writer threads."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, functools.partial(fn, *args))
 
     # -- users ------------------------------------------------------------------------
     async def get_user(self, identifier: str) -> PersistedUser | None:
@@ -384,11 +401,11 @@ class FlywheelDataLayer(BaseDataLayer):
     # -- steps ---------------------------------------------------------------------------
     @queue_until_user_message()
     async def create_step(self, step_dict: StepDict) -> None:
-        await asyncio.to_thread(self._upsert_step, dict(step_dict))
+        await self._write(self._upsert_step, dict(step_dict))
 
     @queue_until_user_message()
     async def update_step(self, step_dict: StepDict) -> None:
-        await asyncio.to_thread(self._upsert_step, dict(step_dict))
+        await self._write(self._upsert_step, dict(step_dict))
 
     def _upsert_step(self, step: dict[str, Any]) -> None:
         s = schema.steps
@@ -397,10 +414,11 @@ class FlywheelDataLayer(BaseDataLayer):
         if not thread_id or not step.get("id"):
             log.warning("step without id or thread id not stored: %r", step.get("name"))
             return
-        self._update_thread(thread_id, None, None, None, None)  # make sure the thread exists
-        for _ in range(2):  # create and update tasks of one step may race
+        for _ in range(2):  # create and update tasks of one step (or thread) may race
             try:
                 with self.engine.begin() as conn:
+                    if thread_id not in self._known_threads:
+                        self._ensure_thread(conn, thread_id)
                     row = conn.execute(sa.select(s.c.data).where(s.c.id == step["id"])).first()
                     if row is None:
                         conn.execute(
@@ -418,9 +436,18 @@ class FlywheelDataLayer(BaseDataLayer):
                         data = dict(row.data)
                         data.update({k: v for k, v in step.items() if v is not None})
                         conn.execute(s.update().where(s.c.id == step["id"]).values(data=data))
+                if len(self._known_threads) >= KNOWN_THREADS_MAX:
+                    self._known_threads.clear()  # a cache: a long-lived process must not grow
+                self._known_threads.add(thread_id)
                 return
             except IntegrityError:
                 continue
+
+    def _ensure_thread(self, conn: sa.Connection, thread_id: str) -> None:
+        """Insert an empty thread row unless it exists (Chainlit may persist steps first)."""
+        t = schema.threads
+        if conn.execute(sa.select(t.c.id).where(t.c.id == thread_id)).first() is None:
+            conn.execute(t.insert().values(id=thread_id, created_at=utcnow()))
 
     @queue_until_user_message()
     async def delete_step(self, step_id: str) -> None:
@@ -428,7 +455,7 @@ class FlywheelDataLayer(BaseDataLayer):
             with self.engine.begin() as conn:
                 conn.execute(schema.steps.delete().where(schema.steps.c.id == step_id))
 
-        await asyncio.to_thread(delete)
+        await self._write(delete)
 
     async def get_favorite_steps(self, user_id: str) -> list[StepDict]:
         def favorites() -> list[StepDict]:
@@ -465,7 +492,7 @@ class FlywheelDataLayer(BaseDataLayer):
                     )
                 )
 
-        await asyncio.to_thread(upsert)
+        await self._write(upsert)
 
     async def get_element(self, thread_id: str, element_id: str) -> ElementDict | None:
         e = schema.elements
@@ -485,7 +512,7 @@ class FlywheelDataLayer(BaseDataLayer):
             with self.engine.begin() as conn:
                 conn.execute(query)
 
-        await asyncio.to_thread(delete)
+        await self._write(delete)
 
     # -- feedback ----------------------------------------------------------------------------
     async def upsert_feedback(self, feedback: Feedback) -> str:
@@ -519,7 +546,8 @@ class FlywheelDataLayer(BaseDataLayer):
         return ""
 
     async def close(self) -> None:
-        """Nothing to do: the runtime owns the store."""
+        """Let the queued step writes finish; the runtime owns the store."""
+        await asyncio.to_thread(self._writer.shutdown)
 
 
 # Chainlit's own feedback routes turn every error into a 500 and trust forId; these

@@ -9,18 +9,16 @@ unreachable the tests fail rather than skip: CI must not pass by running less.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from pg_schema import postgres_schema_url as _postgres_schema_url
+from pg_schema import postgres_schema
 
-from optimizer.store import Store, make_engine
+from optimizer.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL", "")
@@ -36,16 +34,8 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     if not POSTGRES_URL:
         pytest.skip("FLYWHEEL_TEST_POSTGRES_URL not set (scripts/test sets it)")
-    schema_name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema_name}"'))
-    try:
-        yield _postgres_schema_url(POSTGRES_URL, schema_name)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema_name}" CASCADE'))
-        admin.dispose()
+    with postgres_schema(POSTGRES_URL) as url:
+        yield url
 
 
 @pytest.fixture

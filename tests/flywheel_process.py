@@ -18,17 +18,14 @@ import subprocess
 import sys
 import time
 import tomllib
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import bcrypt
 import httpx
-import sqlalchemy as sa
 import tomli_w
+from pg_schema import postgres_schema
 
 __all__ = [
     "API_KEY",
@@ -204,22 +201,3 @@ def start_all(servers: list[ServerProcess]) -> None:
         for server in servers:
             server.kill()
         raise
-
-
-@contextmanager
-def postgres_schema(base_url: str, prefix: str = "t") -> Iterator[str]:
-    """A fresh PostgreSQL schema (dropped afterwards); yields a URL whose search_path is it."""
-    from pg_schema import postgres_schema_url as _postgres_schema_url
-
-    from optimizer.store import make_engine
-
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(base_url)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{name}"'))
-    try:
-        yield _postgres_schema_url(base_url, name)
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{name}" CASCADE'))
-        admin.dispose()

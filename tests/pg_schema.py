@@ -6,6 +6,10 @@ conftest, and ``from conftest import …`` would pick whichever was imported fir
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import sqlalchemy as sa
 
 from optimizer.store import make_engine
@@ -17,3 +21,18 @@ def postgres_schema_url(base: str, schema_name: str) -> str:
     return url.update_query_dict({"options": f"-csearch_path={schema_name}"}).render_as_string(
         hide_password=False
     )
+
+
+@contextmanager
+def postgres_schema(base_url: str, prefix: str = "t") -> Iterator[str]:
+    """A fresh PostgreSQL schema (dropped afterwards); yields a URL whose search_path is it."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(base_url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{name}"'))
+    try:
+        yield postgres_schema_url(base_url, name)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{name}" CASCADE'))
+        admin.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import timedelta
 
@@ -9,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from chat_helpers import CONCISE_FIXED, RecordingTracer, make_runtime
 
-from chatbot.conversation import Conversation
+from chatbot.conversation import Conversation, TokenBatcher
 from chatbot.fake_model import call_count
 from chatbot.llm import FRIENDLY_ERROR
 from chatbot.runtime import Runtime
@@ -166,3 +167,82 @@ async def test_votes_are_the_session_users_own(store: Store) -> None:
     with pytest.raises(OwnershipError):
         await mallory.vote("turn-1", 1)
     assert [e.user_id for e in _rows(store, schema.feedback_events)] == ["alice"]
+
+
+# -- token batching (one socket emit per batch) ------------------------------------------
+
+
+async def test_batched_tokens_arrive_whole_and_in_order_and_match_the_stored_reply(
+    store: Store,
+) -> None:
+    conversation = await _start(make_runtime(store))
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    batcher = TokenBatcher(send, interval_s=60)  # longer than the stream: one batch after the first
+    reply = await conversation.reply("turn-1", "How do I export my tasks?", on_token=batcher)
+    await batcher.close()
+
+    (row,) = _rows(store, schema.turns)
+    assert "".join(sent) == reply.text == row.reply == "You asked: How do I export my tasks?"
+    assert sent == ["You", " asked: How do I export my tasks?"]  # first at once, then the rest
+    assert row.completion_tokens == len(reply.text.split())  # every token reached the store
+
+
+async def test_a_batch_waits_at_most_the_interval_without_close() -> None:
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    batcher = TokenBatcher(send, interval_s=0.05)
+    await batcher("a")
+    await batcher("b")
+    await batcher("c")
+    assert sent == ["a"]
+    await asyncio.sleep(0.2)  # the model pauses: the batch goes out on its own
+    assert sent == ["a", "bc"]
+    await batcher("d")  # the interval has passed: at once
+    assert sent == ["a", "bc", "d"]
+    await batcher.close()
+    assert sent == ["a", "bc", "d"]
+
+
+async def test_with_no_interval_every_token_is_sent_at_once() -> None:
+    sent: list[str] = []
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    batcher = TokenBatcher(send, interval_s=0)
+    for token in ["You", " asked", ":"]:
+        await batcher(token)
+    assert sent == ["You", " asked", ":"]
+
+
+async def test_a_failed_timed_send_is_raised_by_close() -> None:
+    calls: list[str] = []
+
+    async def send(text: str) -> None:
+        calls.append(text)
+        if len(calls) > 1:
+            raise ConnectionError("socket gone")
+
+    batcher = TokenBatcher(send, interval_s=0.01)
+    await batcher("a")
+    await batcher("b")
+    await asyncio.sleep(0.1)
+    with pytest.raises(ConnectionError, match="socket gone"):
+        await batcher.close()
+    assert calls == ["a", "b"]
+
+
+@pytest.mark.parametrize("interval", [-0.1, float("nan"), float("inf")])
+def test_a_bad_batch_interval_is_refused(interval: float) -> None:
+    async def send(text: str) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="interval_s must be a finite number ≥ 0, got"):
+        TokenBatcher(send, interval_s=interval)

@@ -269,3 +269,16 @@ async def test_votes_are_rate_limited_per_user(
         with pytest.raises(RateLimitExceeded, match="more than 5 requests per minute"):
             await layer.upsert_feedback(Feedback(forId=turn_id, value=1))
     assert _count(store, schema.feedback_events) == 5
+
+
+async def test_steps_written_before_their_thread_create_it_once_even_after_it_is_hidden(
+    layer: FlywheelDataLayer, store: Store, http_context: None
+) -> None:
+    thread_id = str(uuid.uuid4())
+    await layer.create_step(_step(thread_id, str(uuid.uuid4()), "run", "", "2026-01-01T10:00:00Z"))
+    await layer.create_step(_step(thread_id, str(uuid.uuid4()), "run", "", "2026-01-01T10:00:01Z"))
+    assert _count(store, schema.threads) == 1 and _count(store, schema.steps) == 2
+    await layer.delete_thread(thread_id)  # hidden, its steps dropped; the row stays
+    await layer.create_step(_step(thread_id, str(uuid.uuid4()), "run", "", "2026-01-01T10:00:02Z"))
+    assert _count(store, schema.threads) == 1 and _count(store, schema.steps) == 1
+    await layer.close()  # the step writers finish what is queued
