@@ -72,6 +72,7 @@ from sqlalchemy.sql.operators import custom_op
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config, KPITermConfig
 from optimizer.store import Store, schema
+from optimizer.store.store import fetch_tuples
 
 __all__ = [
     "BASE_COLUMNS",
@@ -246,7 +247,7 @@ def turn_latencies(
             )
             if since and arm in since:
                 query = query.where(t.c.created_at > as_utc(since[arm]))
-            out[arm] = np.array(_fetch(conn, query), dtype=float).reshape(-1)
+            out[arm] = np.array(fetch_tuples(conn, query), dtype=float).reshape(-1)
     return out
 
 
@@ -261,18 +262,8 @@ def _epoch_function(conn: sa.Connection) -> Any:
     return lambda col: (sa.func.julianday(col) - 2440587.5) * _DAY_S
 
 
-def _fetch(conn: sa.Connection, query: sa.Select[Any]) -> list[tuple[Any, ...]]:
-    result = conn.execute(query)
-    try:
-        # Raw DBAPI tuples: none of our columns needs SQLAlchemy's type processing, and
-        # skipping its per-row objects halves the time on a million sessions.
-        return list(result.cursor.fetchall())
-    finally:
-        result.close()
-
-
 def _read(conn: sa.Connection, query: sa.Select[Any], columns: Sequence[str]) -> pd.DataFrame:
-    rows = _fetch(conn, query)
+    rows = fetch_tuples(conn, query)
     return pd.DataFrame.from_records(rows, columns=list(columns), nrows=len(rows))
 
 
@@ -303,7 +294,7 @@ def _sessions(
             .scalar_subquery()
         ]
     base = (a.c.session_id, a.c.user_id, a.c.arm_id, a.c.segment)
-    rows = _fetch(
+    rows = fetch_tuples(
         conn,
         sa.select(
             *base, a.c.propensity, a.c.snapshot_version, epoch(a.c.assigned_at), *counts
@@ -336,7 +327,7 @@ def _sessions(
             (errors, ("errors",)),
             (votes, ("rated", "thumbs_up", "thumbs_down")),
         ):
-            grouped = _fetch(conn, query.group_by(query.selected_columns[0]))
+            grouped = fetch_tuples(conn, query.group_by(query.selected_columns[0]))
             pos = sessions.get_indexer([g[0] for g in grouped])
             known = pos >= 0  # not other experiments' sessions
             for i, name in enumerate(names, start=1):

@@ -40,6 +40,7 @@ from optimizer.kpi import session_frame
 from optimizer.privacy import SCRUBBER_VERSION, Scrubber, public_allowlist
 from optimizer.prompts import PromptLibrary, load_prompts
 from optimizer.store import Store, schema
+from optimizer.store.store import fetch_tuples
 
 __all__ = ["MiningResult", "mine_examples", "turn_reasons"]
 
@@ -74,6 +75,8 @@ class MiningResult:
 
 #: The message columns of ``turns``, read for the few turns a mining run banks.
 TEXT_COLUMNS = ("user_message", "reply")
+#: The columns of ``turns`` a mining run ranks by (texts come later, for the few it banks).
+RANK_COLUMNS = ("id", "session_id", "arm_id", "prompt_id", "error", "created_at")
 
 
 def _session_signals(store: Store, config: Config, now: datetime) -> pd.DataFrame:
@@ -135,8 +138,8 @@ def turn_reasons(
 
     ``reasons`` lists why the turn qualifies for mining (empty: it does not).
     Sorted best first: complete reward, then reward so far, then newest. Without
-    ``texts`` the messages (:data:`TEXT_COLUMNS`) and few-shot ids are left out:
-    millions of turns are cheap to rank, not to read in full.
+    ``texts`` only :data:`RANK_COLUMNS` are read: millions of turns are cheap to
+    rank, not to read in full.
     """
     now = as_utc(now) if now is not None else utcnow()
     fs = config.fewshot
@@ -144,7 +147,7 @@ def turn_reasons(
     turns = store.frame(
         t,
         sa.and_(t.c.experiment_id == config.experiment.id, t.c.created_at <= now),
-        exclude=() if texts else (*TEXT_COLUMNS, "fewshot_ids"),
+        exclude=() if texts else [c.name for c in t.columns if c.name not in RANK_COLUMNS],
     )
     if turns.empty:
         return turns.assign(
@@ -288,7 +291,7 @@ def _text_lengths(store: Store, experiment_id: str, now: datetime) -> pd.DataFra
         sa.case((u > r, u), else_=r).label("longest"),
     ).where(t.c.experiment_id == experiment_id, t.c.created_at <= now)
     with store.engine.connect() as conn:
-        rows = [tuple(row) for row in conn.execute(query)]  # plain tuples: fast in pandas
+        rows = fetch_tuples(conn, query)
     return pd.DataFrame(rows, columns=["id", "shortest", "longest"]).set_index("id")
 
 

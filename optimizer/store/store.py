@@ -97,6 +97,19 @@ class OutcomeRecord:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+def fetch_tuples(conn: sa.Connection, query: sa.Select[Any]) -> list[tuple[Any, ...]]:
+    """The rows of ``query`` as plain DBAPI tuples, for reads of millions of rows.
+
+    None of the columns read this way may need SQLAlchemy's type processing
+    (JSON, or timestamps on SQLite, come back as the driver gives them).
+    """
+    result = conn.execute(query)
+    try:  # skipping SQLAlchemy's per-row objects halves the time on a million rows
+        return list(result.cursor.fetchall())
+    finally:
+        result.close()
+
+
 def refresh_session_counts(conn: sa.Connection, session_ids: Iterable[str] | None) -> None:
     """Set the count columns of ``assignments`` (:data:`schema.SESSION_COUNTS`) from the
     turns and current votes of the given sessions (every session with None).
