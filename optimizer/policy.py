@@ -46,6 +46,7 @@ burn-in). Guardrail pauses are not the policy's job: see :mod:`optimizer.guardra
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -193,7 +194,7 @@ class _Data:
         )
 
 
-class _PosteriorPolicy(BaseEstimator):
+class _PosteriorPolicy(BaseEstimator, abc.ABC):
     """Shared fitting: posteriors per segment and arm, summaries, stop rule."""
 
     #: Name written into snapshots.
@@ -490,8 +491,9 @@ class _PosteriorPolicy(BaseEstimator):
     def _burn_in_done(self, effective: np.ndarray) -> bool:
         return True
 
+    @abc.abstractmethod
     def _target(self, prob_best: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The share each arm should get, from its probability of being best."""
 
     def _constrain(
         self, target: np.ndarray, effective: np.ndarray, arms: np.ndarray, champion: str | None

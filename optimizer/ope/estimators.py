@@ -20,6 +20,7 @@ estimators on one target and returns a JSON-ready dict (CLI and dashboard use it
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -136,7 +137,7 @@ def _bootstrap_means(columns: np.ndarray, n_bootstrap: int, rng: np.random.Gener
     return out
 
 
-class _Estimator(BaseEstimator):
+class _Estimator(BaseEstimator, abc.ABC):
     """Shared fitting: validation, weights, ESS, interval, warnings, summary."""
 
     name: ClassVar[str]
@@ -181,8 +182,9 @@ class _Estimator(BaseEstimator):
         self.summary_ = self._summary()
         return self
 
+    @abc.abstractmethod
     def _estimate(self, data: _Logged, rng: np.random.Generator) -> tuple[float, np.ndarray]:
-        raise NotImplementedError
+        """The point estimate and its bootstrap replicates."""
 
     def _check_params(self) -> None:
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
