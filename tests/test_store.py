@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -123,26 +124,30 @@ def test_upgrade_counts_what_an_older_database_holds(store_url: str) -> None:
 
 
 @pytest.mark.postgres
-def test_concurrent_votes_of_one_session_are_all_counted(store: Store) -> None:
+def test_concurrent_turns_and_votes_of_one_session_are_all_counted(store: Store) -> None:
     if store.engine.dialect.name != "postgresql":
         pytest.skip("SQLite has one writer at a time")
     _assign(store, "s1")
     ids = [f"t{i}" for i in range(16)]
-    for turn_id in ids:
-        store.record_turn(turn(turn_id))
-    barrier = threading.Barrier(8)
 
-    def vote(chunk: list[str]) -> None:
-        barrier.wait()
-        for turn_id in chunk:
-            store.record_feedback(turn_id, "u1", 1)
+    def at_once(work: Callable[[str], object]) -> None:
+        barrier = threading.Barrier(8)
 
-    threads = [threading.Thread(target=vote, args=(ids[i::8],)) for i in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert _counts(store)["s1"] == (16, 0, 16, 16, 0)
+        def run(chunk: list[str]) -> None:
+            barrier.wait()
+            for turn_id in chunk:
+                work(turn_id)
+
+        threads = [threading.Thread(target=run, args=(ids[i::8],)) for i in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+
+    at_once(lambda turn_id: store.record_turn(turn(turn_id, error="x" if turn_id < "t2" else None)))
+    at_once(lambda turn_id: store.record_feedback(turn_id, "u1", 1))
+    # (turns, errors, rated, thumbs_up, thumbs_down); "t0", "t1", "t10".."t15" failed
+    assert _counts(store)["s1"] == (16, 8, 16, 16, 0)
 
 
 def test_sync_experiment_registers_arms_once(store: Store) -> None:

@@ -144,8 +144,8 @@ def refresh_session_counts(conn: sa.Connection, session_ids: Iterable[str] | Non
 def _lock_session(conn: sa.Connection, session_id: str) -> None:
     """Hold the session's assignment row until commit (PostgreSQL; SQLite has one writer).
 
-    Two turns or votes of one session at once then recount one after the other,
-    each seeing the other's committed row, instead of both counting without it.
+    Two votes of one session at once then recount one after the other, each
+    seeing the other's committed row, instead of both counting without it.
     """
     if conn.dialect.name == "postgresql":
         a = schema.assignments
@@ -374,11 +374,20 @@ class Store:
         values = {k: getattr(rec, k) for k in rec.__dataclass_fields__}
         values["fewshot_ids"] = list(rec.fewshot_ids)
         values["created_at"] = rec.created_at or utcnow()
+        a = schema.assignments
         try:
             with self.engine.begin() as conn:
-                _lock_session(conn, rec.session_id)
                 conn.execute(schema.turns.insert().values(**values))
-                refresh_session_counts(conn, [rec.session_id])
+                # An increment, not a recount: one statement on the chat's path, and
+                # PostgreSQL applies concurrent increments of one row one after another.
+                conn.execute(
+                    a.update()
+                    .where(a.c.session_id == rec.session_id)
+                    .values(
+                        turns=a.c.turns + 1,
+                        errors=a.c.errors + (0 if rec.error is None else 1),
+                    )
+                )
         except IntegrityError:
             return False
         return True
