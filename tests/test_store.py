@@ -124,9 +124,8 @@ def test_upgrade_counts_what_an_older_database_holds(store_url: str) -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)  # SQLite: one writer
 def test_concurrent_turns_and_votes_of_one_session_are_all_counted(store: Store) -> None:
-    if store.engine.dialect.name != "postgresql":
-        pytest.skip("SQLite has one writer at a time")
     _assign(store, "s1")
     ids = [f"t{i}" for i in range(16)]
 
