@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -132,27 +132,21 @@ def timeout_seconds(timeout: Any) -> float | None:
 
 
 class StreamingProvider(CustomLLM):
-    """A litellm custom provider that implements ``streaming`` and ``astreaming``.
+    """A litellm custom provider: subclasses implement ``streaming`` and ``astreaming``
+    (litellm types the latter as a coroutine but iterates it as an async generator).
 
     The non-streaming calls collect the stream, so every path runs the same code.
     litellm calls these methods with keyword arguments (``model`` without the
     provider prefix, ``messages``, ``optional_params``, ``timeout``, ``model_response``…).
     """
 
-    def streaming(self, *args: Any, **kwargs: Any) -> Iterator[GenericStreamingChunk]:
-        raise NotImplementedError
-
-    # litellm types astreaming as a coroutine but iterates it as an async generator.
-    async def astreaming(self, *args: Any, **kwargs: Any) -> AsyncIterator[GenericStreamingChunk]:  # type: ignore[override]
-        raise NotImplementedError
-        yield  # pragma: no cover  (makes this an async generator, like the overrides)
-
     def completion(self, *args: Any, **kwargs: Any) -> ModelResponse:
         chunks = list(self.streaming(*args, **kwargs))
         return _collect(kwargs, chunks)
 
     async def acompletion(self, *args: Any, **kwargs: Any) -> ModelResponse:
-        chunks = [chunk async for chunk in self.astreaming(*args, **kwargs)]
+        stream = cast(AsyncIterator[GenericStreamingChunk], self.astreaming(*args, **kwargs))
+        chunks = [chunk async for chunk in stream]
         return _collect(kwargs, chunks)
 
 
