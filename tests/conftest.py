@@ -16,12 +16,11 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from pg_schema import postgres_schema
+from pg_schema import postgres_schema, postgres_url
 
 from optimizer.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
-POSTGRES_URL = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL", "")
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -32,9 +31,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'flywheel.db'}"
         return
-    if not POSTGRES_URL:
-        pytest.skip("FLYWHEEL_TEST_POSTGRES_URL not set (scripts/test sets it)")
-    with postgres_schema(POSTGRES_URL) as url:
+    with postgres_schema(postgres_url()) as url:
         yield url
 
 

@@ -6,13 +6,24 @@ conftest, and ``from conftest import …`` would pick whichever was imported fir
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import sqlalchemy as sa
 
 from optimizer.store import make_engine
+
+
+def postgres_url() -> str:
+    """``FLYWHEEL_TEST_POSTGRES_URL``, or skip the test: ``scripts/test`` (so CI) always sets
+    it and starts PostgreSQL; only a bare local ``pytest`` runs without."""
+    url = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL", "")
+    if not url:
+        pytest.skip("FLYWHEEL_TEST_POSTGRES_URL not set (scripts/test sets it)")
+    return url
 
 
 def postgres_schema_url(base: str, schema_name: str) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from chat_helpers import make_runtime
 from fastapi.testclient import TestClient
 from flywheel_process import API_KEY, PASSWORD, ServerProcess, user_name, write_config
 from langfuse_recorder import LangfuseRecorder, Mode
+from pg_schema import postgres_url
 from private_postgres import PrivatePostgres
 
 from chatbot.conversation import Conversation
@@ -67,8 +67,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    if not os.environ.get("FLYWHEEL_TEST_POSTGRES_URL"):
-        pytest.skip("FLYWHEEL_TEST_POSTGRES_URL not set: PostgreSQL tests are off")
+    postgres_url()  # runs its own server, but only where PostgreSQL tests are on
     root = tmp_path_factory.mktemp("durability")
     config = write_config(root / "flywheel.toml", model=SLOW_MODEL, users=4, limits=LIMITS)
     postgres = PrivatePostgres()

@@ -10,7 +10,6 @@ snapshot, and which of them may run the optimizer.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from flywheel_process import (
     user_name,
     write_config,
 )
+from pg_schema import postgres_url
 
 from optimizer import kpi
 from optimizer.config import load_config
@@ -37,7 +37,6 @@ from optimizer.store import Store, schema
 
 pytestmark = pytest.mark.postgres
 
-POSTGRES_URL = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL", "")
 #: Replicas cache the newest snapshot this long (optimizer.assignment.Assigner.snapshot_ttl_s).
 SNAPSHOT_TTL_S = 5.0
 OPTIMIZE_EVERY_S = 2.0
@@ -66,11 +65,10 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    if not POSTGRES_URL:
-        pytest.skip("FLYWHEEL_TEST_POSTGRES_URL not set (scripts/test sets it)")
+    base_url = postgres_url()
     root = tmp_path_factory.mktemp("replicas")
     config = write_config(root / "flywheel.toml", users=20, refit_interval_s=OPTIMIZE_EVERY_S)
-    with postgres_schema(POSTGRES_URL, "replicas") as url:
+    with postgres_schema(base_url, "replicas") as url:
         a = ServerProcess("replica-a", root / "a", config, url)
         b = ServerProcess("replica-b", root / "b", config, url)
         start_all([a, b])

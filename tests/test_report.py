@@ -7,9 +7,8 @@ optimizer's own posterior numbers) and with :func:`optimizer.kpi.arm_metrics`.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from html.parser import HTMLParser
@@ -17,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 import tomli_w
+from pg_schema import postgres_schema, postgres_url
 from typer.testing import CliRunner
 
 from optimizer import kpi
@@ -31,9 +30,7 @@ from optimizer.report import experiment_report, recent_sessions
 from optimizer.report_html import interval, num, pct, render_standalone
 from optimizer.scenario import parse_scenario
 from optimizer.simulator import scenario_config, simulate
-from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store, TurnRecord, make_engine
-
-POSTGRES_URL = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL", "")
+from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store, TurnRecord
 
 SCENARIO = {
     "name": "report",
@@ -77,33 +74,18 @@ def seeded(
 
     Module-scoped (the simulation takes seconds); the tests only read it.
     """
-    if request.param == "sqlite":
-        url, cleanup = f"sqlite:///{tmp_path_factory.mktemp('report') / 'flywheel.db'}", None
-    else:
-        if not POSTGRES_URL:
-            pytest.skip("FLYWHEEL_TEST_POSTGRES_URL not set (scripts/test sets it)")
-        schema_name = f"t_{uuid.uuid4().hex[:12]}"
-        admin = make_engine(POSTGRES_URL)
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'CREATE SCHEMA "{schema_name}"'))
-        url = (
-            sa.engine.make_url(make_engine(POSTGRES_URL).url)
-            .update_query_dict({"options": f"-csearch_path={schema_name}"})
-            .render_as_string(hide_password=False)
-        )
-        cleanup = (admin, schema_name)
-    scenario = parse_scenario(SCENARIO)
-    simulate(scenario, policy="thompson", seed=3, database_url=url)
-    config = scenario_config(scenario, "thompson", experiment_id="sim-report-thompson-3")
-    store = Store(url)
-    run_optimizer(store, config, random_state=0)
-    yield store, config
-    store.dispose()
-    if cleanup is not None:
-        admin, schema_name = cleanup
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema_name}" CASCADE'))
-        admin.dispose()
+    with contextlib.ExitStack() as stack:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path_factory.mktemp('report') / 'flywheel.db'}"
+        else:
+            url = stack.enter_context(postgres_schema(postgres_url()))
+        scenario = parse_scenario(SCENARIO)
+        simulate(scenario, policy="thompson", seed=3, database_url=url)
+        config = scenario_config(scenario, "thompson", experiment_id="sim-report-thompson-3")
+        store = Store(url)
+        stack.callback(store.dispose)
+        run_optimizer(store, config, random_state=0)
+        yield store, config
 
 
 @pytest.fixture(scope="module")
