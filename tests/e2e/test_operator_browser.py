@@ -12,19 +12,13 @@ request may leave the server (plotly.js is served locally). Screenshots go to
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+from flywheel_process import ServerProcess
 
 from optimizer.assignment import Assigner
 from optimizer.cli.demo import build_demo
@@ -34,7 +28,6 @@ from optimizer.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
-STARTUP_TIMEOUT_S = 180
 PLOTS = ("allocation", "posterior", "cumulative_kpi", "guardrails")
 
 pytestmark = [pytest.mark.e2e]
@@ -47,73 +40,23 @@ class Dashboard:
     result: Any
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dashboard]:
     home = tmp_path_factory.mktemp("demo-home")
-    result, config_path = build_demo(f"sqlite:///{home / 'demo.db'}", days=4, seed=1, home=home)
-    port = _free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("FLYWHEEL_", "LANGFUSE_", "CHAINLIT_"))
-    }
-    env.update(
-        FLYWHEEL_HOME=str(home),
-        FLYWHEEL_MODEL="fake/echo",
-        FLYWHEEL_OPTIMIZE_INTERVAL="0",
-        LITELLM_LOCAL_MODEL_COST_MAP="True",
+    database_url = f"sqlite:///{home / 'demo.db'}"
+    result, config_path = build_demo(database_url, days=4, seed=1, home=home)
+    server = ServerProcess(
+        "e2e-operator-server",
+        home,
+        config_path,
+        database_url,
+        env={"FLYWHEEL_MODEL": "fake/echo", "FLYWHEEL_OPTIMIZE_INTERVAL": "0"},
     )
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / "e2e-operator-server.log"
-    flywheel = Path(sys.executable).with_name("flywheel")
-    with log.open("w", encoding="utf-8") as out:
-        proc = subprocess.Popen(
-            [
-                str(flywheel),
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--config",
-                str(config_path),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"flywheel serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-                )
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                tail = log.read_text()[-3000:]
-                pytest.fail(f"flywheel serve not healthy after {STARTUP_TIMEOUT_S} s:\n{tail}")
-            time.sleep(0.5)
-        yield Dashboard(url, config_path, result)
+        server.start()
+        yield Dashboard(server.url, config_path, result)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        server.stop()
 
 
 def test_operator_dashboard_in_the_browser(dashboard: Dashboard, browser: Any) -> None:
