@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 import chainlit as cl
@@ -73,7 +72,6 @@ async def on_chat_resume(thread: ThreadDict) -> None:
 
 @cl.on_message
 async def on_message(message: cl.Message) -> None:
-    began = time.perf_counter()
     answer = cl.Message(content="")
     tokens = TokenBatcher(answer.stream_token)  # a socket emit per batch, not per token
     try:
@@ -83,7 +81,6 @@ async def on_message(message: cl.Message) -> None:
                 cl.context.current_run.id, message.content, on_token=tokens
             )
         finally:
-            replied = time.perf_counter()
             await tokens.close()
     except Exception:  # e.g. the database is down: say sorry, never show internals
         log.exception("turn failed")
@@ -93,13 +90,6 @@ async def on_message(message: cl.Message) -> None:
     if reply.turn is not None and not reply.failed:
         answer.actions = _actions(reply.turn.id)
     await answer.send()
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug(
-            "turn %s: handler %.1f ms, of which after the reply %.1f ms (last tokens, send)",
-            cl.context.current_run.id,
-            (time.perf_counter() - began) * 1000,
-            (time.perf_counter() - replied) * 1000,
-        )
 
 
 def _actions(turn_id: str) -> list[cl.Action]:
