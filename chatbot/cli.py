@@ -9,11 +9,12 @@ import os
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm must not fetch its cost map
 
-from chatbot.cli_chat import chat, serve
+from chatbot.cli_chat import chat, doctor, serve
 from optimizer.cli import app
 
 app.command()(serve)
 app.command()(chat)
+app.command()(doctor)
 
 from chatbot import cli_langfuse  # noqa: E402
 

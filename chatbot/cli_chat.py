@@ -14,14 +14,22 @@ from typing import TYPE_CHECKING
 import typer
 
 from optimizer import settings
-from optimizer.cli.common import ConfigOption, console, err_console, fail, get_config
+from optimizer.cli.common import (
+    ConfigOption,
+    JsonOption,
+    console,
+    err_console,
+    fail,
+    get_config,
+    print_json,
+)
 from optimizer.errors import FlywheelError
 
 if TYPE_CHECKING:
     from chatbot.conversation import Conversation, Reply
     from chatbot.runtime import Runtime
 
-__all__ = ["chat", "serve"]
+__all__ = ["chat", "doctor", "serve"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -54,6 +62,9 @@ def serve(
         None, "--port", min=1, max=65535, help=f"Port (default: $FLYWHEEL_PORT or {DEFAULT_PORT})."
     ),
     config: str | None = ConfigOption,
+    skip_model_check: bool = typer.Option(
+        False, "--skip-model-check", help="Serve even if the model gives no tokens at start."
+    ),
 ) -> None:
     """Serve the chat UI, the outcomes API and the operator pages; migrates the database first."""
     host = host or settings.env(settings.FLYWHEEL_HOST, DEFAULT_HOST) or DEFAULT_HOST
@@ -64,6 +75,8 @@ def serve(
         port = int(raw)
     _log_to_console()
     runtime = _build_runtime(config)
+    if not skip_model_check:
+        _check_model(runtime)
 
     import uvicorn
 
@@ -85,6 +98,39 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level="warning", loop="asyncio")
 
 
+def _check_model(runtime: Runtime) -> None:
+    """A few tokens from the model before taking users; else one line on what to do, exit 1."""
+    from chatbot.doctor import failure_line, self_test
+
+    model = runtime.config.model
+    with console.status(f"Checking the model ({model.name})…"):
+        reply = asyncio.run(self_test(model))
+    if reply.error is not None:
+        runtime.close()
+        fail(failure_line(model, reply.error), 1)
+
+
+def doctor(
+    config: str | None = ConfigOption,
+    max_tokens: int = typer.Option(48, "--max-tokens", min=2, max=512, help="Tokens to time."),
+    as_json: bool = JsonOption,
+) -> None:
+    """What the model runs on (CPU, llama.cpp build, options) and its speed: for bug reports."""
+    from chatbot.doctor import diagnose
+
+    cfg = get_config(config)
+    with console.status(f"Loading and timing {cfg.model.name}…"):
+        report = asyncio.run(diagnose(cfg.model, max_tokens=max_tokens))
+    if as_json:
+        print_json(report)
+    else:
+        local = report.pop("local", {})
+        for key, value in [*report.items(), *local.items()]:
+            console.print(f"[bold]{key:>18}[/bold]  {value}", highlight=False)
+    if report.get("error"):
+        raise typer.Exit(1)
+
+
 HELP = r"""Commands: /up, /down \[comment] rate the last reply · /solved marks the issue solved ·
 /<action> clicks a call-to-action (e.g. {actions}) · /help · /quit"""
 
@@ -95,6 +141,7 @@ def chat(
 ) -> None:
     """Chat in the terminal on the web UI's code path: assignment, prompt, streaming, recording."""
     runtime = _build_runtime(config)
+    _check_model(runtime)
     try:
         asyncio.run(_repl(runtime, user))
     finally:

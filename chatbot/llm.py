@@ -13,8 +13,8 @@ Failure policy, per model (``model.name``, then ``model.fallback``):
   whole budget), the fallback gets its own ``timeout_s``;
 - 429s, 5xx and connection errors are retried up to ``model.retries`` times
   with a short backoff; other errors (400, 401…) go straight to the fallback;
-- nothing is retried once a token reached the user: the streamed text is kept
-  as the reply (nothing appended) and the error recorded;
+- nothing is retried once a token reached the user: the streamed text is kept,
+  :data:`FRIENDLY_ERROR` appended, and the error recorded;
 - an empty reply (whitespace only) counts as a retryable failure: a small
   base model sometimes stops at once, and sampling again usually answers.
 
@@ -84,8 +84,8 @@ class Completion:
     """The outcome of one reply.
 
     ``error`` set means the reply failed: ``text`` is then :data:`FRIENDLY_ERROR`,
-    or, when tokens had already been streamed (``partial``), exactly the text
-    the user saw. ``ttft_ms`` (time to first token) and ``latency_ms`` count
+    after the text already streamed when there was some (``partial``): the
+    final message the user sees. ``ttft_ms`` (time to first token) and ``latency_ms`` count
     from the call, across retries and fallback; ``model`` is the model that
     answered (or was tried last). ``cost`` is in USD, ``0.0`` for models run
     here, ``None`` when litellm does not know the price.
@@ -303,7 +303,7 @@ async def warm_up(model: ModelConfig) -> None:
         if name and _provider(name) == "local":
             from chatbot import local_model
 
-            local_model.configure(context_tokens=model.context_tokens)
+            local_model.configure(context_tokens=model.context_tokens, stall_s=model.stall_s)
             try:
                 await local_model.preload(name.split("/", 1)[1])
             except Exception:
@@ -357,7 +357,7 @@ async def _try_model(
     if _provider(name) == "local":
         from chatbot.local_model import configure
 
-        configure(context_tokens=model.context_tokens)
+        configure(context_tokens=model.context_tokens, stall_s=model.stall_s)
     for attempt in range(model.retries + 1):
         try:
             await asyncio.wait_for(_attempt(name, messages, model, stream), model.timeout_s)
@@ -384,8 +384,9 @@ def _finish(stream: _Stream, name: str, error: str | None) -> Completion:
     prompt_tokens = getattr(usage, "prompt_tokens", None)
     completion_tokens = getattr(usage, "completion_tokens", None)
     text = "".join(stream.parts)
-    if error is not None and stream.first_token_at is None:
-        text = FRIENDLY_ERROR
+    if error is not None:
+        # Cut off mid-reply: the user must not take the fragment for a whole answer.
+        text = f"{text}\n\n{FRIENDLY_ERROR}" if text else FRIENDLY_ERROR
     return Completion(
         text=text,
         model=name,

@@ -291,11 +291,23 @@ def api_router(runtime: Runtime, *, api_key: str | None) -> APIRouter:
             log.warning("health check: database unreachable: %s", exc)
             database = f"unreachable: {type(exc).__name__}"
         ok = database == "ok"
+        body: dict[str, Any] = {}
+        model = runtime.config.model.name
+        if model.startswith("local/"):
+            from chatbot.local_model import model_process
+
+            # Down or restarting: chats say sorry meanwhile, votes and outcomes still work,
+            # so the replica stays in the load balancer (200) but says so.
+            body["model_process"] = process = model_process().status()
+            ok_model = process["state"] in ("ready", "not started")
+        else:
+            ok_model = True
         return JSONResponse(
             {
-                "status": "ok" if ok else "degraded",
+                "status": "ok" if ok and ok_model else "degraded",
                 "database": database,
-                "model": runtime.config.model.name,
+                **body,
+                "model": model,
                 "experiment": runtime.config.experiment.id,
                 "version": flywheel_version(),
             },

@@ -48,6 +48,7 @@ class ModelConfig(_Section):
     name: str = settings.DEFAULT_MODEL
     fallback: str | None = None
     timeout_s: float = Field(60.0, gt=0)
+    stall_s: float = Field(15.0, gt=0)  # longest gap between tokens before a model counts as hung
     retries: int = Field(1, ge=0, le=5)
     max_tokens: int = Field(160, gt=0, le=4096)
     temperature: float = Field(0.7, ge=0, le=2)

@@ -175,7 +175,7 @@ async def test_error_after_some_tokens_keeps_what_the_user_saw() -> None:
     completion, tokens = await collect(config(name, retries=2, fallback="fake/echo"))
 
     assert tokens == ECHO.split(" ")[:1] + [" " + w for w in ECHO.split(" ")[1:3]]
-    assert completion.text == "".join(tokens)  # nothing appended
+    assert completion.text == "".join(tokens) + "\n\n" + FRIENDLY_ERROR  # the cut is said
     assert completion.partial
     assert completion.error is not None and "BadGatewayError 502" in completion.error
     assert call_count(name) == 1  # never retried (nor fallen back) once the user saw tokens

@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomli_w
@@ -38,29 +39,44 @@ class Served:
     database_url: str
     api_key: str
     log: Path
+    pid: int
 
 
-def _write_config(path: Path) -> None:
+def _write_config(path: Path, **model: Any) -> None:
     data = tomllib.loads((ROOT / "flywheel.toml").read_text(encoding="utf-8"))
     data["prompts_dir"] = str(ROOT / "prompts")
-    data.setdefault("model", {}).update(max_tokens=32, temperature=0.0)
+    data.setdefault("model", {}).update(model)
     data["model"].pop("name", None)  # the default: the packaged local model, never a fake
     data.setdefault("policy", {})["refit_interval_s"] = 0
     path.write_text(tomli_w.dumps(data), encoding="utf-8")
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """``flywheel serve`` on a free port, stopped (SIGTERM, then SIGKILL) after the module."""
-    home = tmp_path_factory.mktemp("flywheel-home")
+def serve(factory: pytest.TempPathFactory, name: str, **model: Any) -> Iterator[Served]:
+    """``flywheel serve`` on a free port with these ``[model]`` settings, stopped afterwards."""
+    home = factory.mktemp(name)
     config = home / "flywheel.toml"
-    _write_config(config)
-    server = ServerProcess("e2e-server", home, config, f"sqlite:///{home / 'e2e.db'}")
+    _write_config(config, **model)
+    server = ServerProcess(name, home, config, f"sqlite:///{home / 'e2e.db'}")
     try:
         server.start()
-        yield Served(server.url, server.database_url, API_KEY, server.log)
+        assert server.proc is not None
+        yield Served(server.url, server.database_url, API_KEY, server.log, server.proc.pid)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The local model with short, reproducible replies (SIGTERM, then SIGKILL after)."""
+    yield from serve(tmp_path_factory, "e2e-server", max_tokens=32, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def fragile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """Long replies (so a test can cut one mid-stream) and a 5 s gap deadline."""
+    yield from serve(
+        tmp_path_factory, "e2e-model-failures", max_tokens=200, temperature=1.0, stall_s=5
+    )
 
 
 @pytest.fixture(scope="module")
