@@ -18,7 +18,7 @@ from typing import Any
 from chatbot.llm import Completion, stream_reply
 from optimizer.config import ModelConfig
 
-__all__ = ["diagnose", "failure_line", "self_test"]
+__all__ = ["cpu", "diagnose", "failure_line", "self_test"]
 
 _CHECK = [{"role": "user", "content": "Say hello."}]
 _BENCH = [{"role": "user", "content": "Describe the steps to reset a password."}]
@@ -71,7 +71,8 @@ def failure_line(model: ModelConfig, error: str) -> str:
     return f"model check failed for {model.name}: {error}. {advice}."
 
 
-def _cpu() -> dict[str, Any]:
+def cpu() -> dict[str, Any]:
+    """The CPU's model name, the machine type and Python's version."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -85,7 +86,7 @@ def _cpu() -> dict[str, Any]:
 
 async def diagnose(model: ModelConfig, *, max_tokens: int = 48) -> dict[str, Any]:
     """What the model runs on and how fast: CPU, build, load parameters, TTFT, tokens/s."""
-    report: dict[str, Any] = {"model": model.name, **_cpu()}
+    report: dict[str, Any] = {"model": model.name, **cpu()}
     if model.name.startswith("local/"):
         from chatbot.local_model import configure, model_info
 

@@ -135,6 +135,7 @@ def test_a_model_failure_mid_reply_costs_one_turn(fragile: Any, browser: Any, fa
         chat.login(fragile.url)
         chat.on_first_token = freeze
         failed = chat.ask(QUESTION)
+        page.screenshot(path=str(ARTIFACTS / f"e2e-model-{failure}-cut.png"))
         assert frozen, "no token was streamed"
         assert FRIENDLY in failed, failed
         recovered = chat.ask("How long is the free trial?")
