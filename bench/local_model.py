@@ -231,9 +231,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(
-        f"{report['cpu']} ({', '.join(report['cpu_flags'])}); OMP_WAIT_POLICY={report['omp_wait_policy']}"
-    )
+    flags = ", ".join(report["cpu_flags"])
+    print(f"{report['cpu']} ({flags}); OMP_WAIT_POLICY={report['omp_wait_policy']}")
     print(f"llama.cpp build: {report['build']}")
     print(
         f"{report['model']}: loaded in {report['load_s']} s; prompt {prompt_tokens} tokens; "
