@@ -7,8 +7,11 @@ Routes, in matching order (first match wins)::
     /operator…                      the operator dashboard (chatbot.operator)
     /  (everything else)            Chainlit: UI, login, websocket
 
-Chainlit's app ends with a catch-all ``GET /{path}`` that would hide routes
-added after it, so we build our own app and mount Chainlit last, at ``/``.
+Every request first passes :mod:`chatbot.websecurity` (trusted proxies and
+Secure cookies, the origin allow-list instead of Chainlit's CORS wildcard,
+sessions ended by a password change). Chainlit's app ends with a catch-all
+``GET /{path}`` that would hide routes added after it, so we build our own app
+and mount Chainlit last, at ``/``.
 A background task runs the optimizer every ``policy.refit_interval_s``
 seconds (0 disables it) in a worker thread.
 """
@@ -31,8 +34,10 @@ from chatbot.datalayer import feedback_router
 from chatbot.operator import create_router as operator_router
 from chatbot.outcomes_api import api_router, flywheel_version
 from chatbot.runtime import Runtime, best_effort, set_runtime
+from chatbot.websecurity import OriginMiddleware, SessionEndMiddleware, TrustedProxyMiddleware
 from optimizer import settings
 from optimizer.config import Config, load_config
+from optimizer.store.accounts import Accounts
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,11 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
     for unavailable in DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, _database_unavailable)
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.config.limits.max_body_bytes)
+    # Added innermost first: proxies resolved, then origins, then ended sessions.
+    security = runtime.config.security
+    app.add_middleware(SessionEndMiddleware, accounts=Accounts(runtime.store.engine))
+    app.add_middleware(OriginMiddleware, allowed=security.allowed_origins)
+    app.add_middleware(TrustedProxyMiddleware, trusted=security.trusted_proxies)
     app.include_router(api_router(runtime, api_key=settings.env(settings.FLYWHEEL_API_KEY)))
     app.include_router(feedback_router)
     app.include_router(operator_router(runtime))

@@ -1,0 +1,109 @@
+"""Login throttling: backoff per account and per client address, shared through the database.
+
+Each failed login is a row in ``login_attempts`` (one for the account name, one
+for the client address), so all replicas see the same count. After
+``security.login_free_failures`` failures of an account (``client_free_failures``
+from one address) within ``login_window_s``, the next attempt must wait
+``login_backoff_s`` after the newest failure, doubling per further failure up
+to ``login_max_backoff_s``; a success clears the account's count. A throttled
+attempt is answered 429 with ``Retry-After`` *before* the password is checked,
+so guessing costs no bcrypt work and learns nothing.
+
+What the account's owner sees while someone guesses their password: the same
+429 "too many failed logins for this account; try again in N s", even with the
+right password, until the backoff has passed (at most ``login_max_backoff_s``,
+15 minutes by default). Other accounts, and the owner from another address
+after the wait, are unaffected; the per-address limit is higher so that people
+behind one office NAT are not locked out by a colleague.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from optimizer.config import SecurityConfig
+from optimizer.store.accounts import Accounts
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LoginThrottle", "Throttled"]
+
+
+class Throttled(Exception):
+    """A login attempt refused before its password was checked; says when to retry."""
+
+    def __init__(self, reason: str, retry_after_s: int) -> None:
+        super().__init__(f"{reason}; try again in {retry_after_s} s")
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class LoginThrottle:
+    """Check before a login, record after it.
+
+    >>> from optimizer.store import Store
+    >>> store = Store("sqlite://"); store.create_all()
+    >>> clock = [1_000_000.0]
+    >>> throttle = LoginThrottle(Accounts(store.engine), SecurityConfig(login_free_failures=2),
+    ...                          clock=lambda: clock[0])
+    >>> for _ in range(2): throttle.record("eve", "10.0.0.9", ok=False)
+    >>> throttle.check("eve", "10.0.0.9")
+    Traceback (most recent call last):
+    ...
+    chatbot.throttle.Throttled: too many failed logins for this account; try again in 2 s
+    >>> clock[0] += 2; throttle.check("eve", "10.0.0.9")  # the backoff has passed
+    """
+
+    def __init__(
+        self,
+        accounts: Accounts,
+        security: SecurityConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.accounts = accounts
+        self.security = security
+        self.clock = clock
+        self._last_cleanup = -math.inf
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    def wait_s(self, failures: int, free: int) -> float:
+        """Seconds the attempt after ``failures`` failures must wait after the newest one."""
+        if failures < free:
+            return 0.0
+        s = self.security
+        return float(min(s.login_max_backoff_s, s.login_backoff_s * 2 ** (failures - free)))
+
+    def check(self, account: str, client: str | None) -> None:
+        """Raise :class:`Throttled` if this account or client must wait."""
+        now = self._now()
+        since = now - timedelta(seconds=self.security.login_window_s)
+        subjects = [("account", account.lower(), self.security.login_free_failures, "account")]
+        if client:
+            subjects.append(("client", client, self.security.client_free_failures, "address"))
+        for scope, subject, free, label in subjects:
+            failures, newest = self.accounts.recent_failures(scope, subject, since=since)
+            if newest is None:
+                continue
+            wait = self.wait_s(failures, free) - (now - newest).total_seconds()
+            if wait > 0:
+                raise Throttled(f"too many failed logins for this {label}", math.ceil(wait))
+
+    def record(self, account: str, client: str | None, *, ok: bool) -> None:
+        """Count an attempt whose password was checked."""
+        now = self._now()
+        self.accounts.record_attempt("account", account.lower(), succeeded=ok, at=now)
+        if client:
+            self.accounts.record_attempt("client", client, succeeded=ok, at=now)
+        if ok and self.clock() - self._last_cleanup > 3600:
+            self._last_cleanup = self.clock()
+            window = timedelta(seconds=self.security.login_window_s)
+            removed = self.accounts.forget_attempts(before=now - 2 * window)
+            if removed:
+                log.info("forgot %d old login attempts", removed)
