@@ -15,15 +15,12 @@ from typing import Any
 
 import chainlit as cl
 from chainlit.types import ThreadDict
-from fastapi import HTTPException
 
 from chatbot.auth import Authenticator
 from chatbot.conversation import Conversation, TokenBatcher
 from chatbot.datalayer import FlywheelDataLayer
 from chatbot.llm import FRIENDLY_ERROR
 from chatbot.runtime import get_runtime
-from chatbot.throttle import LoginThrottle, Throttled
-from chatbot.websecurity import client_address
 from optimizer.store.accounts import Accounts
 
 log = logging.getLogger("chatbot.app")  # Chainlit loads this file under its path as __name__
@@ -39,20 +36,10 @@ def data_layer() -> FlywheelDataLayer:
 
 @cl.password_auth_callback
 async def login(username: str, password: str) -> cl.User | None:
-    """Chainlit's ``POST /login``: throttled (429 + Retry-After) before any bcrypt work."""
+    """Chainlit's ``POST /login`` (throttled in front of it: chatbot.throttle)."""
     runtime = get_runtime()
-    accounts = Accounts(runtime.store.engine)
-    throttle = LoginThrottle(accounts, runtime.config.security)
-    client = client_address()
-    try:
-        await asyncio.to_thread(throttle.check, username, client)
-    except Throttled as exc:
-        raise HTTPException(
-            status_code=429, detail=str(exc), headers={"Retry-After": str(exc.retry_after_s)}
-        ) from None
-    checker = Authenticator(runtime.config.auth, accounts)
+    checker = Authenticator(runtime.config.auth, Accounts(runtime.store.engine))
     who = await asyncio.to_thread(checker.check, username, password)  # bcrypt: off the loop
-    await asyncio.to_thread(throttle.record, username, client, ok=who is not None)
     if who is None:
         return None
     return cl.User(identifier=who.name, metadata={**who.attributes, "role": who.role})

@@ -34,6 +34,7 @@ from chatbot.datalayer import feedback_router
 from chatbot.operator import create_router as operator_router
 from chatbot.outcomes_api import api_router, flywheel_version
 from chatbot.runtime import Runtime, best_effort, set_runtime
+from chatbot.throttle import ChatLoginThrottleMiddleware, LoginThrottle
 from chatbot.websecurity import OriginMiddleware, SessionEndMiddleware, TrustedProxyMiddleware
 from optimizer import settings
 from optimizer.config import Config, load_config
@@ -75,7 +76,11 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.config.limits.max_body_bytes)
     # Added innermost first: proxies resolved, then origins, then ended sessions.
     security = runtime.config.security
-    app.add_middleware(SessionEndMiddleware, accounts=Accounts(runtime.store.engine))
+    accounts = Accounts(runtime.store.engine)
+    app.add_middleware(
+        ChatLoginThrottleMiddleware, throttle=LoginThrottle(accounts, runtime.config.security)
+    )
+    app.add_middleware(SessionEndMiddleware, accounts=accounts)
     app.add_middleware(OriginMiddleware, allowed=security.allowed_origins)
     app.add_middleware(TrustedProxyMiddleware, trusted=security.trusted_proxies)
     app.include_router(api_router(runtime, api_key=settings.env(settings.FLYWHEEL_API_KEY)))

@@ -9,6 +9,11 @@ to ``login_max_backoff_s``; a success clears the account's count. A throttled
 attempt is answered 429 with ``Retry-After`` *before* the password is checked,
 so guessing costs no bcrypt work and learns nothing.
 
+Chainlit's ``POST /login`` cannot answer 429 itself (its wrapper turns any
+exception of the password callback into "no user", 401), so
+:class:`ChatLoginThrottleMiddleware` stands in front of it; the operator login
+calls :class:`LoginThrottle` directly.
+
 What the account's owner sees while someone guesses their password: the same
 429 "too many failed logins for this account; try again in N s", even with the
 right password, until the backoff has passed (at most ``login_max_backoff_s``,
@@ -19,18 +24,23 @@ behind one office NAT are not locked out by a colleague.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from optimizer.config import SecurityConfig
 from optimizer.store.accounts import Accounts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoginThrottle", "Throttled"]
+__all__ = ["ChatLoginThrottleMiddleware", "LoginThrottle", "Throttled"]
 
 
 class Throttled(Exception):
@@ -107,3 +117,86 @@ class LoginThrottle:
             removed = self.accounts.forget_attempts(before=now - 2 * window)
             if removed:
                 log.info("forgot %d old login attempts", removed)
+
+
+class ChatLoginThrottleMiddleware:
+    """Throttle Chainlit's ``POST /login``: refuse in backoff, count what Chainlit answers.
+
+    The form (urlencoded or multipart, as Chainlit's page sends it) is read
+    here for the user name and replayed unchanged to Chainlit; a 200 counts
+    as a success, a 401 as a failure. Install it inside the trusted-proxy
+    middleware so the client address is the real one.
+    """
+
+    def __init__(self, app: ASGIApp, *, throttle: LoginThrottle, path: str = "/login") -> None:
+        self.app = app
+        self.throttle = throttle
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        name = await _username(scope, body)
+        client = scope["client"][0] if scope.get("client") else None
+        if name:
+            try:
+                await asyncio.to_thread(self.throttle.check, name, client)
+            except Throttled as exc:
+                await _refuse(send, exc)
+                return
+        status: list[int] = []
+
+        async def replay() -> Message:
+            nonlocal body
+            chunk, body = body, b""
+            return {"type": "http.request", "body": chunk, "more_body": False}
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        await self.app(scope, replay, watch)
+        if name and status and status[0] in (200, 401):
+            await asyncio.to_thread(self.throttle.record, name, client, ok=status[0] == 200)
+
+
+async def _username(scope: Scope, body: bytes) -> str | None:
+    sent = False
+
+    async def once() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(scope, once).form(max_files=0, max_fields=10)
+    except Exception:  # not a form: Chainlit answers it (422)
+        return None
+    name = form.get("username")
+    return name.strip()[:200] if isinstance(name, str) and name.strip() else None
+
+
+async def _refuse(send: Send, exc: Throttled) -> None:
+    body = json.dumps({"detail": str(exc)}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 429,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(exc.retry_after_s).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -10,14 +10,11 @@ Order, outermost first (``chatbot.server.create_app`` installs them)::
     SessionEndMiddleware     a chat session (Chainlit's JWT) issued before its user's password
                              change or removal is refused (401) and its cookie cleared
 
-Pure ASGI (no ``BaseHTTPMiddleware``): websockets pass through them too, and
-the client address they resolve is visible to handlers through
-:func:`client_address` (Chainlit's password callback gets no request).
+Pure ASGI (no ``BaseHTTPMiddleware``): websockets pass through them too.
 """
 
 from __future__ import annotations
 
-import contextvars
 import ipaddress
 import json
 import logging
@@ -36,18 +33,9 @@ __all__ = [
     "OriginMiddleware",
     "SessionEndMiddleware",
     "TrustedProxyMiddleware",
-    "client_address",
 ]
 
-_client: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "flywheel_client", default=None
-)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def client_address() -> str | None:
-    """The current request's client address (after trusted proxies), if inside a request."""
-    return _client.get()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -97,14 +85,10 @@ class TrustedProxyMiddleware:
                 if proto in ("http", "https"):
                     ws = scope["type"] == "websocket"
                     scope["scheme"] = {"http": "ws", "https": "wss"}[proto] if ws else proto
-        token = _client.set(host)
-        try:
-            if scope.get("scheme") in ("https", "wss"):
-                await self.app(scope, receive, _secure_cookies(send))
-            else:
-                await self.app(scope, receive, send)
-        finally:
-            _client.reset(token)
+        if scope.get("scheme") in ("https", "wss"):
+            await self.app(scope, receive, _secure_cookies(send))
+        else:
+            await self.app(scope, receive, send)
 
 
 def _secure_cookies(send: Send) -> Send:
