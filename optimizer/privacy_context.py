@@ -14,7 +14,8 @@ type       how it is found
 SECRET     a value after a credential cue ("my password is …", "api key:",
            "PIN", "Passwort ist", "mot de passe") that is not an ordinary
            word; known key shapes (``sk-live-…``, ``sk_live_…``, ``ghp_…``,
-           ``xoxb-…``, ``AKIA…``, ``AIza…``, ``glpat-…``, ``whsec_…``), JWTs,
+           ``xoxb-…``, ``AKIA…``, ``AIza…``, ``glpat-…``, ``whsec_…``, our own
+           ``fwk_…``), JWTs,
            ``Bearer`` tokens, private-key blocks, URLs with a password in
            them (``postgres://user:pw@host``); any other 20+ character token
            mixing upper case, lower case and digits with high entropy and
@@ -96,6 +97,7 @@ _KNOWN_KEY = re.compile(
     r"|AIza[0-9A-Za-z_-]{30,}"
     r"|glpat-[A-Za-z0-9_-]{16,}"
     r"|whsec_[A-Za-z0-9]{16,}"
+    r"|fwk_[0-9a-f]{12}_[A-Za-z0-9_-]{20,}"
     r"|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{8,}"
     r")"
 )

@@ -583,3 +583,18 @@ def test_another_users_thread_is_refused_through_chainlits_thread_routes(
     assert tuple(row) == ("my refund and address", None)
     chat_login(server, "alice")
     assert server.get("/project/thread/alice-thread").status_code == 200
+
+
+def test_origins_and_proxies_come_from_the_environment_and_are_checked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from optimizer.config import load_config
+
+    monkeypatch.setenv("FLYWHEEL_ALLOWED_ORIGINS", "https://a.example, https://b.example:8443")
+    monkeypatch.setenv("FLYWHEEL_TRUSTED_PROXIES", "10.0.0.0/8,192.0.2.1")
+    security = load_config(tmp_path / "none.toml").security
+    assert security.allowed_origins == ("https://a.example", "https://b.example:8443")
+    assert security.trusted_proxies == ("10.0.0.0/8", "192.0.2.1")
+    monkeypatch.setenv("FLYWHEEL_TRUSTED_PROXIES", "the-load-balancer")
+    with pytest.raises(ConfigError, match="IP addresses or networks"):
+        load_config(tmp_path / "none.toml")
