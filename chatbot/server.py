@@ -26,7 +26,6 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import exc as sa_exc
 
 from chatbot.auth import ensure_auth_secret
 from chatbot.bodylimit import BodyLimitMiddleware
@@ -35,7 +34,12 @@ from chatbot.operator import create_router as operator_router
 from chatbot.outcomes_api import api_router, flywheel_version
 from chatbot.runtime import Runtime, best_effort, set_runtime
 from chatbot.throttle import ChatLoginThrottleMiddleware, LoginThrottle
-from chatbot.websecurity import OriginMiddleware, SessionEndMiddleware, TrustedProxyMiddleware
+from chatbot.websecurity import (
+    DATABASE_DOWN,
+    OriginMiddleware,
+    SessionEndMiddleware,
+    TrustedProxyMiddleware,
+)
 from optimizer import settings
 from optimizer.config import Config, load_config
 from optimizer.store.accounts import Accounts
@@ -91,11 +95,7 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
 
 
 #: Database errors that mean "unreachable right now" (a restart, a failover, a full pool).
-DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.TimeoutError,
-)
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = DATABASE_DOWN
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:

@@ -35,6 +35,7 @@ from datetime import UTC, datetime, timedelta
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chatbot.websecurity import DATABASE_DOWN, database_unavailable
 from optimizer.config import SecurityConfig
 from optimizer.store.accounts import Accounts
 
@@ -151,6 +152,9 @@ class ChatLoginThrottleMiddleware:
             except Throttled as exc:
                 await _refuse(send, exc)
                 return
+            except DATABASE_DOWN:
+                await database_unavailable(scope, send)
+                return
         status: list[int] = []
 
         async def replay() -> Message:
@@ -165,7 +169,10 @@ class ChatLoginThrottleMiddleware:
 
         await self.app(scope, replay, watch)
         if name and status and status[0] in (200, 401):
-            await asyncio.to_thread(self.throttle.record, name, client, ok=status[0] == 200)
+            try:
+                await asyncio.to_thread(self.throttle.record, name, client, ok=status[0] == 200)
+            except DATABASE_DOWN:  # the answer is sent; one uncounted attempt is the lesser harm
+                log.warning("could not count a login attempt: the database is unavailable")
 
 
 async def _username(scope: Scope, body: bytes) -> str | None:

@@ -15,6 +15,7 @@ Pure ASGI (no ``BaseHTTPMiddleware``): websockets pass through them too.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from http.cookies import SimpleCookie
 from typing import Any
 
+from sqlalchemy import exc as sa_exc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from optimizer.store.accounts import Accounts
@@ -30,10 +32,19 @@ from optimizer.store.accounts import Accounts
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "DATABASE_DOWN",
     "OriginMiddleware",
     "SessionEndMiddleware",
     "TrustedProxyMiddleware",
+    "database_unavailable",
 ]
+
+#: Database errors that mean "unreachable right now" (also ``chatbot.server.DATABASE_UNAVAILABLE``).
+DATABASE_DOWN: tuple[type[Exception], ...] = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -224,7 +235,12 @@ class SessionEndMiddleware:
             return
         token = self._token(scope)
         claims = _claims(token) if token else None
-        if claims is not None and not self._valid(claims):
+        try:
+            valid = claims is None or await asyncio.to_thread(self._valid, claims)
+        except DATABASE_DOWN:
+            await database_unavailable(scope, send)
+            return
+        if not valid:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 1008})
                 return
@@ -270,3 +286,16 @@ def _claims(token: str) -> dict[str, Any] | None:
     except jwt.PyJWTError:
         return None
     return claims if isinstance(claims, dict) else None
+
+
+async def database_unavailable(scope: Scope, send: Send) -> None:
+    """The server's 503 for a guard that needed the database (websockets: closed, 1011)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1011})
+        return
+    await _json(
+        send,
+        503,
+        {"detail": "the database is unavailable; nothing was acknowledged, retry shortly"},
+        [(b"retry-after", b"1")],
+    )
