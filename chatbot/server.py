@@ -82,7 +82,9 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
     security = runtime.config.security
     accounts = Accounts(runtime.store.engine)
     app.add_middleware(
-        ChatLoginThrottleMiddleware, throttle=LoginThrottle(accounts, runtime.config.security)
+        ChatLoginThrottleMiddleware,
+        throttle=LoginThrottle(accounts, runtime.config.security),
+        max_bytes=runtime.config.limits.max_body_bytes,
     )
     app.add_middleware(SessionEndMiddleware, accounts=accounts)
     app.add_middleware(OriginMiddleware, allowed=security.allowed_origins)

@@ -129,10 +129,18 @@ class ChatLoginThrottleMiddleware:
     middleware so the client address is the real one.
     """
 
-    def __init__(self, app: ASGIApp, *, throttle: LoginThrottle, path: str = "/login") -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        throttle: LoginThrottle,
+        path: str = "/login",
+        max_bytes: int = 16_384,
+    ) -> None:
         self.app = app
         self.throttle = throttle
         self.path = path
+        self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
@@ -142,6 +150,9 @@ class ChatLoginThrottleMiddleware:
         while True:
             message = await receive()
             body += message.get("body", b"")
+            if len(body) > self.max_bytes:  # a login form is tiny: never buffer a flood
+                await _send_json(send, 413, {"detail": f"body over {self.max_bytes} bytes"}, [])
+                return
             if not message.get("more_body"):
                 break
         name = await _username(scope, body)
@@ -194,16 +205,14 @@ async def _username(scope: Scope, body: bytes) -> str | None:
 
 
 async def _refuse(send: Send, exc: Throttled) -> None:
-    body = json.dumps({"detail": str(exc)}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 429,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(exc.retry_after_s).encode()),
-            ],
-        }
-    )
+    retry = [(b"retry-after", str(exc.retry_after_s).encode())]
+    await _send_json(send, 429, {"detail": str(exc)}, retry)
+
+
+async def _send_json(
+    send: Send, status: int, data: dict[str, str], extra: list[tuple[bytes, bytes]]
+) -> None:
+    body = json.dumps(data).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + extra})
     await send({"type": "http.response.body", "body": body})

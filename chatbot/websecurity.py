@@ -65,7 +65,7 @@ def _in(networks: Iterable[Network], host: str) -> bool:
 
 
 class TrustedProxyMiddleware:
-    """Take the client address and scheme from ``X-Forwarded-*`` sent by trusted proxies only.
+    """Take client address, scheme and host from ``X-Forwarded-*`` of trusted proxies only.
 
     The client is the right-most ``X-Forwarded-For`` entry that is not itself
     a trusted proxy (left-most entries are whatever the client claimed). When
@@ -91,6 +91,12 @@ class TrustedProxyMiddleware:
                     if not _in(self.trusted, hop):
                         break
                 scope["client"] = (host, 0)
+            if forwarded_host := _header(scope, b"x-forwarded-host"):
+                # The public host name: same-origin checks compare the browser's Origin with it.
+                public = forwarded_host.split(",")[-1].strip().encode("latin-1")
+                scope["headers"] = [(k, v) for k, v in scope.get("headers", []) if k != b"host"] + [
+                    (b"host", public)
+                ]
             if proto := _header(scope, b"x-forwarded-proto"):
                 proto = proto.split(",")[-1].strip().lower()
                 if proto in ("http", "https"):

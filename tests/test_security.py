@@ -598,3 +598,27 @@ def test_origins_and_proxies_come_from_the_environment_and_are_checked(
     monkeypatch.setenv("FLYWHEEL_TRUSTED_PROXIES", "the-load-balancer")
     with pytest.raises(ConfigError, match="IP addresses or networks"):
         load_config(tmp_path / "none.toml")
+
+
+def test_the_public_host_behind_a_trusted_proxy_is_same_origin(
+    env: None, store: Store, accounts: Accounts
+) -> None:
+    app = create_app(runtime=_runtime(store, trusted_proxies=("10.0.0.0/8",)))
+    public = {
+        "Origin": "https://chat.example.com",
+        "X-Forwarded-Host": "chat.example.com",
+        "X-Forwarded-Proto": "https",
+    }
+    form = {"username": "alice", "password": PASSWORDS["alice"]}
+    with TestClient(app, client=("10.0.0.5", 1)) as behind_lb:
+        assert behind_lb.post("/login", data=form, headers=public).status_code == 200
+    with TestClient(app, client=("198.51.100.9", 1)) as spoofing:
+        assert spoofing.post("/login", data=form, headers=public).status_code == 403
+
+
+def test_a_flood_posted_to_login_is_not_buffered(server: TestClient) -> None:
+    response = server.post(
+        "/login", content=b"username=alice&password=" + b"x" * 100_000,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )  # fmt: skip
+    assert response.status_code == 413

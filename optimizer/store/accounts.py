@@ -87,25 +87,16 @@ class Accounts:
         t = schema.accounts
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(t).where(t.c.name == name)).first()
-        if row is None:
-            return None
-        return UserRow(
-            name=row.name,
-            role=row.role,
-            attributes=dict(row.attributes or {}),
-            password_hash=row.password_hash,
-            sessions_valid_after=as_utc(row.sessions_valid_after),
-            removed=row.removed_at is not None,
-        )
+        return _user(row) if row is not None else None
 
     def users(self) -> list[UserRow]:
+        """Current (not removed) accounts, by name."""
         t = schema.accounts
         with self.engine.connect() as conn:
-            names = conn.execute(
-                sa.select(t.c.name).where(t.c.removed_at.is_(None)).order_by(t.c.name)
-            ).scalars()
-            found = [self.user(n) for n in list(names)]
-        return [u for u in found if u is not None]
+            rows = conn.execute(
+                sa.select(t).where(t.c.removed_at.is_(None)).order_by(t.c.name)
+            ).all()
+        return [_user(row) for row in rows]
 
     def add_user(
         self, name: str, password_hash: str, *, role: str = "user", attributes: dict[str, Any]
@@ -275,3 +266,14 @@ class Accounts:
         t = schema.login_attempts
         with self.engine.begin() as conn:
             return int(conn.execute(t.delete().where(t.c.created_at < before)).rowcount)
+
+
+def _user(row: sa.Row[Any]) -> UserRow:
+    return UserRow(
+        name=row.name,
+        role=row.role,
+        attributes=dict(row.attributes or {}),
+        password_hash=row.password_hash,
+        sessions_valid_after=as_utc(row.sessions_valid_after),
+        removed=row.removed_at is not None,
+    )
