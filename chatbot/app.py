@@ -21,6 +21,7 @@ from chatbot.conversation import Conversation, TokenBatcher
 from chatbot.datalayer import FlywheelDataLayer
 from chatbot.llm import FRIENDLY_ERROR
 from chatbot.runtime import get_runtime
+from optimizer.store.accounts import Accounts
 
 log = logging.getLogger("chatbot.app")  # Chainlit loads this file under its path as __name__
 
@@ -35,9 +36,13 @@ def data_layer() -> FlywheelDataLayer:
 
 @cl.password_auth_callback
 async def login(username: str, password: str) -> cl.User | None:
-    checker = Authenticator(get_runtime().config.auth)
+    """Chainlit's ``POST /login`` (throttled in front of it: chatbot.throttle)."""
+    runtime = get_runtime()
+    checker = Authenticator(runtime.config.auth, Accounts(runtime.store.engine))
     who = await asyncio.to_thread(checker.check, username, password)  # bcrypt: off the loop
-    return cl.User(identifier=who.name, metadata={"role": who.role}) if who else None
+    if who is None:
+        return None
+    return cl.User(identifier=who.name, metadata={**who.attributes, "role": who.role})
 
 
 def _context(user: cl.User | None) -> dict[str, Any]:

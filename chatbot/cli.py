@@ -20,6 +20,10 @@ from chatbot import cli_langfuse  # noqa: E402
 
 cli_langfuse.register(app)  # `flywheel langfuse …`, `flywheel outcomes import`
 
+from chatbot import cli_accounts  # noqa: E402
+
+cli_accounts.register(app)  # `flywheel users …`, `flywheel keys …`
+
 __all__ = ["app", "main"]
 
 

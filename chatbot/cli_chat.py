@@ -61,12 +61,24 @@ def serve(
     port: int | None = typer.Option(
         None, "--port", min=1, max=65535, help=f"Port (default: $FLYWHEEL_PORT or {DEFAULT_PORT})."
     ),
+    allow_demo_logins: bool = typer.Option(
+        False,
+        "--allow-demo-logins",
+        help="Keep demo logins on a non-loopback interface (logs a warning at every start).",
+        envvar=settings.FLYWHEEL_ALLOW_DEMO_LOGINS,
+    ),
     config: str | None = ConfigOption,
     skip_model_check: bool = typer.Option(
         False, "--skip-model-check", help="Serve even if the model gives no tokens at start."
     ),
 ) -> None:
-    """Serve the chat UI, the outcomes API and the operator pages; migrates the database first."""
+    """Serve the chat UI, the outcomes API and the operator pages; migrates the database first.
+
+    Demo logins (``auth.demo``) work only on 127.0.0.1/localhost: with them on,
+    any other ``--host`` refuses to start unless ``--allow-demo-logins``.
+    """
+    from chatbot.auth import demo_exposure, is_loopback
+
     host = host or settings.env(settings.FLYWHEEL_HOST, DEFAULT_HOST) or DEFAULT_HOST
     if port is None:
         raw = settings.env(settings.FLYWHEEL_PORT, str(DEFAULT_PORT)) or str(DEFAULT_PORT)
@@ -74,6 +86,16 @@ def serve(
             fail(f"{settings.FLYWHEEL_PORT} must be a port number 1-65535, got {raw!r}", 2)
         port = int(raw)
     _log_to_console()
+    cfg = get_config(config)
+    if (reason := demo_exposure(host, cfg.auth, allow=allow_demo_logins)) is not None:
+        typer.echo(f"error: {reason}", err=True)  # one line, never wrapped
+        raise typer.Exit(2)
+    if cfg.auth.demo and not is_loopback(host):
+        logging.getLogger("chatbot.serve").warning(
+            "demo logins demo/demo and operator/operator are ON on %s (--allow-demo-logins): "
+            "anyone who can reach this address can use the chat and the operator controls",
+            host,
+        )
     runtime = _build_runtime(config)
     if not skip_model_check:
         _check_model(runtime)
@@ -95,7 +117,9 @@ def serve(
         f"({len(runtime.arms)} arms) · optimizer {f'every {interval:g} s' if interval else 'off'}"
     )
     # Chainlit expects the plain asyncio loop (it patches it with nest_asyncio).
-    uvicorn.run(app, host=host, port=port, log_level="warning", loop="asyncio")
+    # proxy_headers=False: uvicorn would believe X-Forwarded-* from 127.0.0.1; ours believe
+    # only security.trusted_proxies (chatbot.websecurity).
+    uvicorn.run(app, host=host, port=port, log_level="warning", loop="asyncio", proxy_headers=False)
 
 
 def _check_model(runtime: Runtime) -> None:

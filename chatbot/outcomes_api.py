@@ -6,9 +6,10 @@ Business systems (CRM, checkout, helpdesk) report what happened after a chat::
       -H "X-API-Key: $FLYWHEEL_API_KEY" -H "Content-Type: application/json" \\
       -d '{"idempotency_key": "order-1042", "session_id": "…", "name": "revenue", "value": 96}'
 
-- ``X-API-Key`` must equal ``FLYWHEEL_API_KEY`` (constant-time comparison);
-  with no key configured every request is refused (401), so the API is closed
-  by default.
+- ``X-API-Key`` must be an active named key (``flywheel keys create NAME``,
+  stored hashed, revocable without restart, ``last_used_at`` recorded) or equal
+  ``FLYWHEEL_API_KEY`` (constant-time comparison); with neither every request
+  is refused (401), so the API is closed by default.
 - The body is checked in this order: size (``limits.max_body_bytes`` → 413),
   JSON, then the fields (422 listing every problem). Nothing here answers 500
   for bad input.
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from chatbot.ratelimit import RateLimiter, RateLimitExceeded
 from chatbot.runtime import Runtime
 from optimizer.store import OutcomeRecord
+from optimizer.store.accounts import KEY_PREFIX, Accounts
 
 log = logging.getLogger(__name__)
 
@@ -206,16 +208,25 @@ def api_router(runtime: Runtime, *, api_key: str | None) -> APIRouter:
     limits = runtime.config.limits
     limiter = RateLimiter(limits.outcomes_per_minute_per_key)
     expected = api_key.encode() if api_key else None
+    accounts = Accounts(runtime.store.engine)
 
     def key_problem(request: Request) -> JSONResponse | None:
         given = request.headers.get(API_KEY_HEADER)
-        if expected is None:
-            return _problem(401, "the outcomes API is closed: the server has no FLYWHEEL_API_KEY")
+        if expected is None and not any(k.revoked_at is None for k in accounts.api_keys()):
+            return _problem(
+                401,
+                "the outcomes API is closed: the server has no FLYWHEEL_API_KEY and no key "
+                "from `flywheel keys create NAME`",
+            )
         if not given:
             return _problem(401, f"missing {API_KEY_HEADER} header")
-        if not hmac.compare_digest(given.encode(), expected):
-            return _problem(401, f"wrong {API_KEY_HEADER}")
-        return None
+        if given.startswith(KEY_PREFIX) and (name := accounts.verify_key(given)) is not None:
+            request.state.api_key_name = name
+            return None
+        if expected is not None and hmac.compare_digest(given.encode(), expected):
+            request.state.api_key_name = API_KEY_HEADER
+            return None
+        return _problem(401, f"wrong {API_KEY_HEADER}")
 
     @router.post(
         "/outcomes",
@@ -249,7 +260,7 @@ def api_router(runtime: Runtime, *, api_key: str | None) -> APIRouter:
         if (problem := key_problem(request)) is not None:
             return problem
         try:
-            limiter.hit(API_KEY_HEADER)  # one key per deployment: one bucket
+            limiter.hit(request.state.api_key_name)  # one bucket per key
         except RateLimitExceeded as exc:
             return _problem(429, str(exc), **{"Retry-After": f"{exc.retry_after_s:.0f}"})
         body = await _read_body(request, limits.max_body_bytes)

@@ -7,8 +7,11 @@ Routes, in matching order (first match wins)::
     /operator…                      the operator dashboard (chatbot.operator)
     /  (everything else)            Chainlit: UI, login, websocket
 
-Chainlit's app ends with a catch-all ``GET /{path}`` that would hide routes
-added after it, so we build our own app and mount Chainlit last, at ``/``.
+Every request first passes :mod:`chatbot.websecurity` (trusted proxies and
+Secure cookies, the origin allow-list instead of Chainlit's CORS wildcard,
+sessions ended by a password change). Chainlit's app ends with a catch-all
+``GET /{path}`` that would hide routes added after it, so we build our own app
+and mount Chainlit last, at ``/``.
 A background task runs the optimizer every ``policy.refit_interval_s``
 seconds (0 disables it) in a worker thread.
 """
@@ -23,7 +26,6 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import exc as sa_exc
 
 from chatbot.auth import ensure_auth_secret
 from chatbot.bodylimit import BodyLimitMiddleware
@@ -31,8 +33,16 @@ from chatbot.datalayer import feedback_router
 from chatbot.operator import create_router as operator_router
 from chatbot.outcomes_api import api_router, flywheel_version
 from chatbot.runtime import Runtime, best_effort, set_runtime
+from chatbot.throttle import ChatLoginThrottleMiddleware, LoginThrottle
+from chatbot.websecurity import (
+    DATABASE_DOWN,
+    OriginMiddleware,
+    SessionEndMiddleware,
+    TrustedProxyMiddleware,
+)
 from optimizer import settings
 from optimizer.config import Config, load_config
+from optimizer.store.accounts import Accounts
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +78,17 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
     for unavailable in DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, _database_unavailable)
     app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.config.limits.max_body_bytes)
+    # Added innermost first: proxies resolved, then origins, then ended sessions.
+    security = runtime.config.security
+    accounts = Accounts(runtime.store.engine)
+    app.add_middleware(
+        ChatLoginThrottleMiddleware,
+        throttle=LoginThrottle(accounts, runtime.config.security),
+        max_bytes=runtime.config.limits.max_body_bytes,
+    )
+    app.add_middleware(SessionEndMiddleware, accounts=accounts)
+    app.add_middleware(OriginMiddleware, allowed=security.allowed_origins)
+    app.add_middleware(TrustedProxyMiddleware, trusted=security.trusted_proxies)
     app.include_router(api_router(runtime, api_key=settings.env(settings.FLYWHEEL_API_KEY)))
     app.include_router(feedback_router)
     app.include_router(operator_router(runtime))
@@ -76,11 +97,7 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
 
 
 #: Database errors that mean "unreachable right now" (a restart, a failover, a full pool).
-DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
-    sa_exc.OperationalError,
-    sa_exc.InterfaceError,
-    sa_exc.TimeoutError,
-)
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = DATABASE_DOWN
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:

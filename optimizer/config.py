@@ -9,7 +9,9 @@ and the dotted field path, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -33,6 +35,7 @@ __all__ = [
     "LimitsConfig",
     "ModelConfig",
     "PolicyConfig",
+    "SecurityConfig",
     "UserConfig",
     "load_config",
 ]
@@ -56,7 +59,12 @@ class ModelConfig(_Section):
 
 
 class UserConfig(_Section):
-    """A login. ``password_hash`` is a bcrypt hash (``flywheel users hash`` makes one)."""
+    """A login fixed in the file. ``password_hash`` is a bcrypt hash.
+
+    ``flywheel users add`` keeps logins in the database instead (changeable
+    without a restart, sessions ended on a password change); use this table
+    for logins that must come with the deployment's files.
+    """
 
     name: str = Field(min_length=1)
     password_hash: str = Field(min_length=20)
@@ -68,6 +76,57 @@ class AuthConfig(_Section):
 
     demo: bool = True
     users: tuple[UserConfig, ...] = ()
+
+
+class SecurityConfig(_Section):
+    """What the server trusts once it leaves localhost.
+
+    ``allowed_origins``: other sites whose pages may call this server with the
+    user's cookies (CORS with credentials), e.g. ``["https://app.example.com"]``;
+    empty means same origin only, and ``"*"`` is refused. ``trusted_proxies``:
+    addresses (or CIDR networks) of load balancers whose ``X-Forwarded-For`` and
+    ``X-Forwarded-Proto`` are believed, so cookies are ``Secure`` behind a proxy
+    that ends TLS and throttling counts the real client. Login throttling: after
+    ``login_free_failures`` failed logins of an account within
+    ``login_window_s`` (``client_free_failures`` from one client address), the
+    next attempt must wait ``login_backoff_s`` seconds after the last failure,
+    doubling with each further failure up to ``login_max_backoff_s``.
+    """
+
+    allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    login_free_failures: int = Field(5, ge=1)
+    client_free_failures: int = Field(20, ge=1)
+    login_backoff_s: float = Field(2.0, gt=0)
+    login_max_backoff_s: float = Field(900.0, gt=0)
+    login_window_s: float = Field(3600.0, gt=0)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in v:
+            if origin.strip() == "*":
+                raise ValueError(
+                    "allowed_origins must list sites, not '*': a wildcard with credentials "
+                    "lets any site act as the logged-in user"
+                )
+            if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d{1,5})?", origin):
+                raise ValueError(
+                    f"allowed_origins entries must look like https://host[:port], got {origin!r}"
+                )
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for proxy in v:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies entries must be IP addresses or networks, got {proxy!r}"
+                ) from None
+        return v
 
 
 class ArmConfig(_Section):
@@ -291,6 +350,7 @@ class Config(_Section):
     fewshot: FewShotConfig = FewShotConfig()
     langfuse: LangfuseConfig = LangfuseConfig()
     limits: LimitsConfig = LimitsConfig()
+    security: SecurityConfig = SecurityConfig()
     source: str = "<defaults>"
 
 
@@ -354,6 +414,14 @@ def _apply_environment(data: dict[str, object]) -> None:
         data["prompts_dir"] = prompts
     if (demo := settings.env(settings.FLYWHEEL_DEMO)) is not None:
         section("auth")["demo"] = demo.strip().lower() in {"1", "true", "yes", "on"}
+    if (origins := settings.env(settings.FLYWHEEL_ALLOWED_ORIGINS)) is not None:
+        section("security")["allowed_origins"] = [
+            o.strip() for o in origins.split(",") if o.strip()
+        ]
+    if (proxies := settings.env(settings.FLYWHEEL_TRUSTED_PROXIES)) is not None:
+        section("security")["trusted_proxies"] = [
+            p.strip() for p in proxies.split(",") if p.strip()
+        ]
     if (interval := settings.env(settings.FLYWHEEL_OPTIMIZE_INTERVAL)) is not None:
         try:
             section("policy")["refit_interval_s"] = float(interval)

@@ -25,7 +25,12 @@ GOV_ID     ``python-stdnum`` validators (US SSN/ITIN, DE IdNr/St.-Nr., FR NIR,
 NAME       first/last name lists of the PyPI package ``faker`` (many locales)
            plus cues: titles (Mr, Dr …), "my name is", "I'm", greetings,
            sign-offs; first names that are common English words ("Will",
-           "May", "Grace") count only with a cue or a known surname
+           "May", "Grace") count only with a cue or a known surname; lower
+           case and non-Latin names by context (:mod:`optimizer.privacy_context`)
+SECRET     passwords after a cue, API keys, JWTs, tokens, connection strings
+           (:mod:`optimizer.privacy_context`)
+DOB        a date after a birth cue
+PROFILE    the user slug of a profile URL
 =========  ==================================================================
 
 No model is downloaded: the name lists ship inside ``faker``. Measured
@@ -52,6 +57,8 @@ import phonenumbers
 from stdnum import iban as stdnum_iban
 from stdnum import luhn
 
+from optimizer import privacy_context
+
 __all__ = [
     "ENTITY_TYPES",
     "PHONE_REGIONS",
@@ -66,10 +73,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Bumped whenever detection changes, and recorded in every export manifest.
-SCRUBBER_VERSION = "1.0"
+SCRUBBER_VERSION = "1.1"
 
 #: Entity types, in the order that breaks ties between overlapping equal-length candidates.
-ENTITY_TYPES = ("EMAIL", "IBAN", "CARD", "GOV_ID", "IP", "PHONE", "ADDRESS", "NAME")
+ENTITY_TYPES = (
+    "SECRET", "EMAIL", "IBAN", "CARD", "GOV_ID", "IP", "PHONE", "DOB", "ADDRESS", "PROFILE", "NAME",
+)  # fmt: skip
 
 #: Regions whose national formats phone numbers are looked for in (``+…`` works from any).
 PHONE_REGIONS = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "IN", "AU", "BR", "IE", "PL")
@@ -699,11 +708,26 @@ def _names(text: str) -> Iterator[Entity]:
             end = particle.end()
         yield Entity("NAME", run[0].start(), end, text[run[0].start() : end])
         i += n
+    for kind, s, e in privacy_context.names_in_context(text, first, last):
+        yield Entity(kind, s, e, text[s:e])
+
+
+def _context(
+    detector: Callable[[str], Iterable[tuple[str, int, int]]],
+) -> Callable[[str, tuple[str, ...]], Iterator[Entity]]:
+    def detect(text: str, _regions: tuple[str, ...]) -> Iterator[Entity]:
+        for kind, s, e in detector(text):
+            yield Entity(kind, s, e, text[s:e])
+
+    return detect
 
 
 # -- the scrubber -----------------------------------------------------------
 
 _DETECTORS: dict[str, Callable[[str, tuple[str, ...]], Iterable[Entity]]] = {
+    "SECRET": _context(privacy_context.secrets_in),
+    "DOB": _context(privacy_context.dates_of_birth),
+    "PROFILE": _context(privacy_context.profile_slugs),
     "EMAIL": lambda t, r: _emails(t),
     "IBAN": lambda t, r: _ibans(t),
     "CARD": lambda t, r: _cards(t),

@@ -28,6 +28,15 @@ FLYWHEEL_HOST = "FLYWHEEL_HOST"
 FLYWHEEL_PORT = "FLYWHEEL_PORT"
 #: ``1`` enables demo logins (``demo``/``demo``, ``operator``/``operator``). Default: config.
 FLYWHEEL_DEMO = "FLYWHEEL_DEMO"
+#: ``1`` lets ``flywheel serve`` keep demo logins on a non-loopback interface (with a warning
+#: at every start). Default: refuse to start.
+FLYWHEEL_ALLOW_DEMO_LOGINS = "FLYWHEEL_ALLOW_DEMO_LOGINS"
+#: Comma-separated sites allowed to call the server with cookies (CORS). Default: none
+#: (same origin only); overrides ``security.allowed_origins``.
+FLYWHEEL_ALLOWED_ORIGINS = "FLYWHEEL_ALLOWED_ORIGINS"
+#: Comma-separated addresses/networks of proxies whose X-Forwarded-For/-Proto are believed.
+#: Default: none; overrides ``security.trusted_proxies``.
+FLYWHEEL_TRUSTED_PROXIES = "FLYWHEEL_TRUSTED_PROXIES"
 #: Directory of prompt variants, examples and knowledge. Default: ``prompts``.
 FLYWHEEL_PROMPTS_DIR = "FLYWHEEL_PROMPTS_DIR"
 #: Seconds between background optimizer runs in the server; ``0`` disables. Default: config.

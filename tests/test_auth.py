@@ -96,3 +96,22 @@ def test_an_empty_secret_file_is_an_error(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "auth_secret").write_text("")
     with pytest.raises(RuntimeError, match="is empty"):
         ensure_auth_secret(tmp_path)
+
+
+def test_database_users_log_in_until_removed(tmp_path: Path) -> None:
+    from chatbot.auth import hash_password
+    from optimizer.store import Store
+    from optimizer.store.accounts import Accounts
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.create_all()
+    accounts = Accounts(store.engine)
+    accounts.add_user("demo", hash_password("their-own-pw", rounds=4), attributes={"plan": "pro"})
+    auth = Authenticator(AuthConfig(demo=True), accounts)
+    who = auth.check("demo", "their-own-pw")
+    assert who == Login("demo", "user") and who is not None and who.attributes == {"plan": "pro"}
+    assert auth.check("demo", "demo") is None  # the database user replaces the demo login
+    accounts.remove_user("demo")
+    assert auth.check("demo", "their-own-pw") is None
+    assert auth.check("demo", "demo") is None  # nor does a removal bring the demo login back
+    assert auth.check("operator", "operator") == Login("operator", "operator")

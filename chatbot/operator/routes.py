@@ -7,7 +7,9 @@ from the installed package at ``/operator/static/plotly.min.js``.
 
 Refusals: a page without an operator session redirects to the login form; a
 state-changing request without one is answered 401; a form without the
-session's CSRF token 403; a login by a chat user (role ``user``) 403.
+session's CSRF token 403; a login by a chat user (role ``user``) 403; a login while
+the account or address is in backoff (:mod:`chatbot.throttle`) 429 with ``Retry-After``.
+A session issued before its user's password change or removal counts as none.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import jinja2
@@ -27,11 +30,13 @@ from starlette.concurrency import run_in_threadpool
 from chatbot.auth import Authenticator, ensure_auth_secret
 from chatbot.operator import actions
 from chatbot.operator.security import COOKIE_NAME, MAX_AGE_S, OperatorSession, SessionSigner
+from chatbot.throttle import LoginThrottle, Throttled
 from chatbot.tracing import LANGFUSE_BASE_URL, LANGFUSE_HOST
 from optimizer import settings
 from optimizer.plots import FIGURE_TITLES, figure_divs, plotly_js
 from optimizer.report import experiment_report, promotion_estimates, recent_sessions
 from optimizer.report_html import environment
+from optimizer.store.accounts import Accounts
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +111,21 @@ def create_router(
 
     reports = ReportCache(experiment_view, ttl_s=report_ttl_s)
     signer = SessionSigner(secret if secret is not None else ensure_auth_secret().encode())
-    authenticator = Authenticator(services.config.auth)
+    accounts = Accounts(services.store.engine)
+    authenticator = Authenticator(services.config.auth, accounts)
+    throttle = LoginThrottle(accounts, services.config.security)
     templates = _templates()
     templates.globals["available_actions"] = actions.available_actions
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
     # -- sessions --------------------------------------------------------------------------
     def current(request: Request) -> OperatorSession | None:
-        return signer.loads(request.cookies.get(COOKIE_NAME))
+        session = signer.loads(request.cookies.get(COOKIE_NAME))
+        if session is not None and session.user is not None:
+            issued = datetime.fromtimestamp(session.iat, UTC)
+            if not accounts.session_valid(session.user, issued):  # password changed, user removed
+                return None
+        return session
 
     def with_cookie(response: Response, request: Request, session: OperatorSession) -> Response:
         response.set_cookie(
@@ -194,7 +206,20 @@ def create_router(
                 error="enter a name and a password",
                 name=name[:100],
             )
+        client = request.client.host if request.client else None
+        try:
+            await run_in_threadpool(throttle.check, name, client)
+        except Throttled as exc:
+            await run_in_threadpool(
+                services.store.audit, name, "operator.login_throttled", "operator", {}
+            )
+            response = page(
+                request, session, "login.html", status=429, error=str(exc), name=name[:100]
+            )
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+            return response
         who = await run_in_threadpool(authenticator.check, name, password)
+        await run_in_threadpool(throttle.record, name, client, ok=who is not None)
         if who is None:
             await run_in_threadpool(
                 services.store.audit,

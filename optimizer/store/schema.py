@@ -276,3 +276,43 @@ elements = sa.Table(
     sa.Column("data", _JSON, nullable=False),
     sa.Column("created_at", _TS, nullable=False),
 )
+
+# Logins managed with `flywheel users` (chatbot.auth reads them on every login). A removed
+# user keeps a row with ``removed_at`` so sessions issued before are recognised and refused.
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("password_hash", sa.String(100), nullable=True),
+    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("attributes", _JSON, nullable=False),
+    # Sessions issued before this instant are refused (a password change, a removal).
+    sa.Column("sessions_valid_after", _TS, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("updated_at", _TS, nullable=False),
+    sa.Column("removed_at", _TS, nullable=True),
+)
+
+# Named outcome-API keys (`flywheel keys`): only a SHA-256 of the key is kept.
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(100), nullable=False, unique=True),
+    sa.Column("key_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("revoked_at", _TS, nullable=True),
+    sa.Column("last_used_at", _TS, nullable=True),
+)
+
+# Failed (and successful) logins, per account and per client address, shared by replicas.
+login_attempts = sa.Table(
+    "login_attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("scope", sa.String(10), nullable=False),  # "account" or "client"
+    sa.Column("subject", sa.String(200), nullable=False),
+    sa.Column("succeeded", sa.Boolean, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Index("ix_login_attempts_subject", "scope", "subject", "created_at"),
+)
