@@ -188,6 +188,11 @@ outcomes = sa.Table(
     # chat | api | langfuse | import | simulator
     sa.Column("source", sa.String(100), nullable=False),
     sa.Column("extra", _JSON, nullable=False),
+    # The verdict when it was received (optimizer.attribution): "attributed" or why not
+    # (unknown_session, unused_name, ...); NULL: received before migration 0003. The KPI
+    # attributes at read time, so an outcome that could not count then counts once it can.
+    sa.Column("attribution", sa.String(40), nullable=True),
+    sa.Column("attributed_session_id", sa.String(100), nullable=True),
     sa.Index("ix_outcomes_session", "session_id"),
     sa.Index("ix_outcomes_user", "user_id"),
     sa.Index("ix_outcomes_name_time", "name", "occurred_at"),

@@ -107,6 +107,9 @@ class OutcomeRecord:
     occurred_at: datetime | None = None
     source: str = "api"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The verdict when received ("attributed" or why not, see optimizer.attribution).
+    attribution: str | None = None
+    attributed_session_id: str | None = None
 
 
 def fetch_tuples(conn: sa.Connection, query: sa.Select[Any]) -> list[tuple[Any, ...]]:
@@ -572,11 +575,45 @@ class Store:
                         received_at=now,
                         source=rec.source,
                         extra=dict(rec.extra),
+                        attribution=rec.attribution,
+                        attributed_session_id=rec.attributed_session_id,
                     )
                 )
         except IntegrityError:
             return False
         return True
+
+    def outcome_by_key(self, idempotency_key: str) -> sa.Row[Any] | None:
+        """The stored outcome with this idempotency key, or None."""
+        o = schema.outcomes
+        return self._first(sa.select(o).where(o.c.idempotency_key == idempotency_key))
+
+    def outcome_conflict(self, rec: OutcomeRecord) -> str | None:
+        """Why ``rec`` differs from the outcome stored under its key (None: the same event).
+
+        Compared: name, value, session_id, user_id, extra and — when ``rec`` gives
+        one — occurred_at (a retry without it means "when first received").
+        """
+        row = self.outcome_by_key(rec.idempotency_key)
+        if row is None:
+            return None
+        diffs = [
+            f"{name} {stored!r} != {given!r}"
+            for name, stored, given in (
+                ("name", row.name, rec.name),
+                ("value", float(row.value), float(rec.value)),
+                ("session_id", row.session_id, rec.session_id),
+                ("user_id", row.user_id, rec.user_id),
+                ("extra", dict(row.extra or {}), dict(rec.extra)),
+            )
+            if stored != given
+        ]
+        if rec.occurred_at is not None and as_utc(row.occurred_at) != as_utc(rec.occurred_at):
+            diffs.append(
+                f"occurred_at {as_utc(row.occurred_at).isoformat()} != "
+                f"{as_utc(rec.occurred_at).isoformat()}"
+            )
+        return "; ".join(diffs) or None
 
     # -- snapshots -------------------------------------------------------------------
     def save_snapshot(

@@ -11,6 +11,9 @@ unit's draw, which was logged exactly (optimizer.ope.logs).
 paused moves to the champion at its next message; the old assignment is closed
 with the reason and a new one continues the thread (optimizer.assignment).
 
+``outcomes.attribution`` / ``attributed_session_id``: the verdict given when the
+outcome was received (optimizer.attribution); NULL for older rows.
+
 Revision ID: 0003_integrity
 Revises: 0002
 Create Date: 2026-12-05 12:00:00
@@ -34,9 +37,17 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("closed_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(sa.Column("closed_reason", sa.String(length=200), nullable=True))
         batch_op.create_index("ix_assignments_thread", ["thread_id"], unique=False)
+    with op.batch_alter_table("outcomes", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("attribution", sa.String(length=40), nullable=True))
+        batch_op.add_column(
+            sa.Column("attributed_session_id", sa.String(length=100), nullable=True)
+        )
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("outcomes", schema=None) as batch_op:
+        batch_op.drop_column("attributed_session_id")
+        batch_op.drop_column("attribution")
     with op.batch_alter_table("assignments", schema=None) as batch_op:
         batch_op.drop_index("ix_assignments_thread")
         for name in ("closed_reason", "closed_at", "thread_id", "sticky"):
