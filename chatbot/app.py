@@ -62,7 +62,9 @@ async def _conversation() -> Conversation:
 
 @cl.on_chat_start
 async def on_chat_start() -> None:
-    await _open_conversation()
+    # No assignment yet: a session starts with its first message (on_message), so a page
+    # load without a question is no session, and the KPI's denominator holds only chats.
+    cl.user_session.set("conversation", None)
 
 
 @cl.on_chat_resume

@@ -2,7 +2,9 @@
 
 A :class:`Conversation` is bound to a session (the Chainlit thread id) and
 its user. It is assigned an arm once (sticky, with the propensity recorded),
-then each :meth:`Conversation.reply`:
+when the first message is sent — the app opens it in ``on_message``, not at
+page load, so a visit without a question is not a session and never enters the
+KPI — then each :meth:`Conversation.reply`:
 
 0. moves the conversation to the champion if its arm was paused or retired
    since (:meth:`optimizer.assignment.Assigner.ensure_serving`: the old
