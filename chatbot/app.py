@@ -21,6 +21,7 @@ from chatbot.conversation import Conversation, TokenBatcher
 from chatbot.datalayer import FlywheelDataLayer
 from chatbot.llm import FRIENDLY_ERROR
 from chatbot.runtime import get_runtime
+from chatbot.segments import user_attributes
 
 log = logging.getLogger("chatbot.app")  # Chainlit loads this file under its path as __name__
 
@@ -42,8 +43,8 @@ async def login(username: str, password: str) -> cl.User | None:
 
 def _context(user: cl.User | None) -> dict[str, Any]:
     context: dict[str, Any] = {"channel": "web"}
-    if user is not None and (plan := (user.metadata or {}).get("plan")):
-        context["plan"] = plan
+    if user is not None:
+        context.update(user_attributes(get_runtime().config, user.identifier))
     return context
 
 

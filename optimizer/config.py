@@ -60,6 +60,8 @@ class UserConfig(_Section):
     name: str = Field(min_length=1)
     password_hash: str = Field(min_length=20)
     role: Literal["user", "operator"] = "user"
+    #: What the experiment may segment on (``experiment.segment_by``), e.g. {plan = "pro"}.
+    attributes: dict[str, str] = Field(default_factory=dict)
 
 
 class AuthConfig(_Section):

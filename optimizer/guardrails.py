@@ -19,7 +19,7 @@ non-champion arm with the champion:
 **When is an arm breached?** The optimizer looks at every refit, so a per-look
 rule ("P(breach) ≥ ``pause_probability``") pauses healthy arms sooner or later:
 measured in ``bench/aa.py``. The default rule, ``"always_valid"``, pauses only when
-an always-valid lower confidence bound (:mod:`optimizer.sequential`) of the arm's
+an always-valid one-sided lower confidence bound (:mod:`optimizer.sequential`) of the arm's
 difference (``max_delta``) or ratio (``max_ratio``, on the log scale) to the
 champion exceeds the limit, with α = 1 − ``pause_probability``. Guarantee: for
 an arm whose true difference is within the limit, P(it is *ever* paused by this
@@ -39,7 +39,7 @@ The champion is never checked.
 >>> checks = check_guardrails(frame, rails, champion="champ", arms=["new"],
 ...                           pause_probability=0.95, random_state=0)
 >>> checks[0].breached, round(checks[0].arm_value, 2), round(checks[0].lower_bound, 3)
-(True, 0.3, 0.147)
+(True, 0.3, 0.149)
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ log = logging.getLogger(__name__)
 MIN_LATENCY_TURNS = 30
 #: Fewer rated turns (or turns, for the error rate) per arm: no always-valid pause.
 MIN_RATE_N = 30
-#: The always-valid bound is tightest at this many rated turns (or latencies) per arm.
-TUNING_N = 1000
+#: The always-valid bound is tightest at this many rated turns (or latencies) per arm:
+#: about where a 9-point thumbs-down breach of a 5-point limit becomes detectable.
+TUNING_N = 3000
 #: ``always_valid`` (default): sequentially valid; ``posterior``: the per-look rule.
 GUARDRAIL_RULES = ("always_valid", "posterior")
 Rule = Literal["always_valid", "posterior"]
@@ -215,9 +216,9 @@ def _rate_check(
         )
         info = _harmonic(n_a, n_c) / TUNING_N
         if kind == "max_delta":
-            lower = (h_a / n_a - h_c / n_c) - radius(v_a + v_c, info, alpha=alpha)
+            lower = (h_a / n_a - h_c / n_c) - radius(v_a + v_c, info, alpha=alpha, one_sided=True)
         else:  # the ratio on the log scale, delta method: var(log p) ≈ var(p) / p²
-            r = radius(v_a / p_a**2 + v_c / p_c**2, info, alpha=alpha)
+            r = radius(v_a / p_a**2 + v_c / p_c**2, info, alpha=alpha, one_sided=True)
             lower = math.exp(math.log(p_a / p_c) - r)
     return GuardrailCheck(
         metric=rail.metric,
@@ -274,10 +275,12 @@ def _latency_check(
         if kind == "max_ratio":
             # delta method on the log scale: se(log q) ≈ se(q) / q
             excess, se = math.log(q_a / q_c / limit), math.hypot(se_a / q_a, se_c / q_c)
-            lower = math.exp(math.log(q_a / q_c) - radius(se * se, info, alpha=alpha))
+            lower = math.exp(
+                math.log(q_a / q_c) - radius(se * se, info, alpha=alpha, one_sided=True)
+            )
         else:
             excess, se = q_a - q_c - limit, math.hypot(se_a, se_c)
-            lower = q_a - q_c - radius(se * se, info, alpha=alpha)
+            lower = q_a - q_c - radius(se * se, info, alpha=alpha, one_sided=True)
         prob = float(special.ndtr(excess / se)) if se > 0 else float(excess > 0)
     return GuardrailCheck(
         metric=rail.metric,

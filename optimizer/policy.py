@@ -28,7 +28,13 @@ sessions in *other* segments discounted by ``f = min(1, segment_prior_sessions /
 n_other)`` — a power prior: the pooled evidence is worth at most
 ``segment_prior_sessions`` sessions, so a small segment borrows strength from the
 whole and a large one is driven by its own data. ``"*"`` is the pooled posterior,
-used for sessions whose segment has no allocation of its own.
+used for sessions whose segment has no allocation of its own. With segments, the
+pooled figures (``summary_``: KPI mean, interval, P(best), expected loss; the
+``"*"`` allocation) are **traffic-weighted**: θ_arm = Σ_s share_s · θ_{s,arm},
+share_s = the segment's share of all sessions. Summing raw counts instead would
+show Simpson's paradox when segments get different allocations: an arm served
+mostly in a high-converting segment would look best overall while losing in
+every segment.
 
 Safe rollout (Thompson sampling)
 --------------------------------
@@ -326,8 +332,15 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
 
         self.allocation_: dict[str, dict[str, float]] = {}
         self.segment_summary_: dict[str, dict[str, dict[str, Any]]] = {}
+        all_draws = [p.draw(rng, self.samples) for p in posteriors]
+        means = [np.asarray(p.mean, dtype=float) for p in posteriors]
+        traffic = n_assigned.sum(axis=1)[1:]
+        if len(keys) > 1 and traffic.sum() > 0:  # pooled = traffic-weighted segments
+            share = traffic / traffic.sum()
+            all_draws[0] = np.tensordot(share, np.stack(all_draws[1:]), axes=1)
+            means[0] = share @ np.stack(means[1:])
         for i, key in enumerate(keys):
-            draws = posteriors[i].draw(rng, self.samples)
+            draws = all_draws[i]
             act = draws[:, is_active]
             best = np.argmax(act, axis=1)
             prob_best = np.zeros(len(all_arms))
@@ -354,7 +367,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
                     "sessions": int(n_seg[j]),
                     "complete_sessions": int(c_seg[j]),
                     "effective_sessions": float(e_seg[j]),
-                    "kpi_mean": float(posteriors[i].mean[j]),
+                    "kpi_mean": float(means[i][j]),
                     "kpi_ci": [float(lo[j]), float(hi[j])],
                     "prob_best": float(prob_best[j]) if is_active[j] else None,
                     "expected_loss": float(loss[j]) if is_active[j] else None,

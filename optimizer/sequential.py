@@ -20,8 +20,16 @@ tuning point the radius is ≈ 3.0 standard errors at α = 5 % instead of 1.96 �
 the price of looking as often as we like. The guarantee is asymptotic (normal
 approximation), so callers require a minimum sample before any decision.
 
+A **one-sided** bound (``one_sided=True``: only P(∃ t : D̂_t − D > r_t) ≤ α
+matters, as for a guardrail, which only asks whether an arm is *worse*) uses the
+one-sided normal-mixture boundary of Howard et al. (2021, eq. 14),
+``log(sqrt(1 + u) / (2α) + 1)`` in place of ``log(sqrt(1 + u) / α)``: about 8 %
+narrower at α = 5 %.
+
 >>> round(radius(1.0, 1.0, alpha=0.05), 2)  # in standard errors, at the tuning point
 3.04
+>>> round(radius(1.0, 1.0, alpha=0.05, one_sided=True), 2)
+2.78
 >>> radius(1.0, 0.0, alpha=0.05)
 inf
 """
@@ -41,7 +49,7 @@ def mixture_k(alpha: float) -> float:
     return two_log + math.log1p(two_log)
 
 
-def radius(variance: float, information: float, *, alpha: float) -> float:
+def radius(variance: float, information: float, *, alpha: float, one_sided: bool = False) -> float:
     """Always-valid half-width of a difference with ``variance`` at ``information`` = n/n_tuning.
 
     ``information`` is the sample size relative to the tuning sample size; 0
@@ -51,5 +59,6 @@ def radius(variance: float, information: float, *, alpha: float) -> float:
         raise ValueError(f"variance must be >= 0, got {variance!r}")
     if not information > 0:
         return math.inf
-    u = mixture_k(alpha) * information
-    return math.sqrt(variance * (1 + u) / u * 2 * math.log(math.sqrt(1 + u) / alpha))
+    u = mixture_k(2 * alpha if one_sided else alpha) * information
+    inner = math.sqrt(1 + u) / (2 * alpha) + 1 if one_sided else math.sqrt(1 + u) / alpha
+    return math.sqrt(variance * (1 + u) / u * 2 * math.log(inner))

@@ -335,3 +335,27 @@ def test_delay_model_composite_uses_ratio_estimators() -> None:
     assert policy.summary_["b"]["kpi_mean"] == pytest.approx(b)
     lo, hi = policy.summary_["a"]["kpi_ci"]
     assert lo < a < hi
+
+
+def test_pooled_figures_weight_segments_by_traffic_no_simpsons_paradox() -> None:
+    """b beats a in both segments, but a was served mostly where people convert anyway:
+    raw pooled counts would crown a; traffic-weighted pooling keeps b ahead."""
+    frame = pd.concat(
+        [
+            binary_frame({"a": (1000, 20), "b": (9000, 270)}, segment="plan=free"),  # 2% vs 3%
+            binary_frame({"a": (9000, 1800), "b": (1000, 250)}, segment="plan=pro"),  # 20% vs 25%
+        ],
+        ignore_index=True,
+    )
+    raw = frame.groupby("arm_id")["reward"].mean()
+    assert raw["a"] > raw["b"]  # the paradox, in the raw data
+    fitted = ts().fit(frame)
+    pooled = fitted.summary_
+    assert pooled["b"]["kpi_mean"] > pooled["a"]["kpi_mean"]
+    assert pooled["b"]["prob_best"] > 0.9
+    # half the traffic in each segment: the pooled mean is the average of the segments'
+    expected = 0.5 * (
+        fitted.segment_summary_["plan=free"]["b"]["kpi_mean"]
+        + fitted.segment_summary_["plan=pro"]["b"]["kpi_mean"]
+    )
+    assert pooled["b"]["kpi_mean"] == pytest.approx(expected)
