@@ -109,11 +109,11 @@ def scenario_for(seed: int, *, days: float, per_day: int) -> Any:
     )
 
 
-def _first_pause(series: list[tuple[int, float, float | None]], rule: str) -> int | None:
-    """Sessions at the first refit the rule pauses, from (sessions, P(breach), lower bound)."""
+def _first_pause(series: list[tuple[int, float, float | None, int]], rule: str) -> int | None:
+    """Sessions at the first refit the rule pauses, from (sessions, P(breach), bound, votes)."""
     need = {"posterior x2 consecutive": 2, "posterior x3 consecutive": 3}.get(rule, 1)
     streak = 0
-    for sessions, prob, lower in series:
+    for sessions, prob, lower, _ in series:
         if rule == "always_valid":
             hit = lower is not None and lower > LIMIT
         else:
@@ -140,13 +140,18 @@ def run_one(seed: int, days: float, per_day: int) -> dict[str, Any]:
                 for r in conn.execute(sa.select(snaps.c.summary).order_by(snaps.c.version))
             ]
         store.dispose()
-    per_arm: dict[str, list[tuple[int, float, float | None]]] = {}
+    per_arm: dict[str, list[tuple[int, float, float | None, int]]] = {}
     stops = {rule: False for rule in STOP_RULES}
     srm = False
     for summary in summaries:
         for check in summary.get("guardrails", []):
             per_arm.setdefault(check["arm"], []).append(
-                (int(summary["sessions"]), float(check["probability"]), check.get("lower_bound"))
+                (
+                    int(summary["sessions"]),
+                    float(check["probability"]),
+                    check.get("lower_bound"),
+                    int(check["n"]),
+                )
             )
         for rule, arm in (summary["stop"].get("candidates") or {}).items():
             stops[rule] = stops[rule] or arm is not None
@@ -164,6 +169,9 @@ def run_one(seed: int, days: float, per_day: int) -> dict[str, Any]:
         "stop": stops,
         "srm": srm,
         "pauses": pauses,
+        # Votes (rated turns) each arm had at the end: a bandit may starve an arm of traffic,
+        # and no valid test pauses an arm on evidence it never collected.
+        "final_votes": {arm: series[-1][3] for arm, series in per_arm.items() if series},
     }
 
 
@@ -199,6 +207,11 @@ def tabulate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "breach_paused": rate(len(caught), len(breach_runs)),
             "breach_sessions_median": int(np.median(caught)) if caught else None,
             "breach_sessions_max": int(max(caught)) if caught else None,
+            "missed_breach_final_votes": [
+                r["final_votes"].get("breach")
+                for r in breach_runs
+                if r["pauses"][rule]["breach"] is None
+            ],
         }
     return out
 
@@ -254,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"    +9 pt breach paused (>= 95%) {_fmt(g['breach_paused'])}, "
             f"sessions to pause: median {g['breach_sessions_median']}, "
-            f"max {g['breach_sessions_max']}"
+            f"max {g['breach_sessions_max']}; missed runs' breach-arm votes at the end: "
+            f"{g['missed_breach_final_votes']}"
         )
     base = table["guardrails"]["posterior"]
     new = table["guardrails"]["always_valid"]
