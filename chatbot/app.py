@@ -47,8 +47,8 @@ async def login(username: str, password: str) -> cl.User | None:
 
 def _context(user: cl.User | None) -> dict[str, Any]:
     context: dict[str, Any] = {"channel": "web"}
-    if user is not None and (plan := (user.metadata or {}).get("plan")):
-        context["plan"] = plan
+    if user is not None:  # the login's attributes (chatbot.auth.Login): its segment values
+        context.update({k: v for k, v in (user.metadata or {}).items() if k != "role"})
     return context
 
 
@@ -67,7 +67,9 @@ async def _conversation() -> Conversation:
 
 @cl.on_chat_start
 async def on_chat_start() -> None:
-    await _open_conversation()
+    # No assignment yet: a session starts with its first message (on_message), so a page
+    # load without a question is no session, and the KPI's denominator holds only chats.
+    cl.user_session.set("conversation", None)
 
 
 @cl.on_chat_resume

@@ -63,7 +63,7 @@ class Login:
 
     name: str
     role: str  # "user" or "operator"
-    #: Free-form attributes of a database user (e.g. ``{"plan": "pro"}``), for segments.
+    #: Free-form attributes of the login (e.g. ``{"plan": "pro"}``): its segment values.
     attributes: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -79,7 +79,7 @@ class Authenticator:
     def __init__(self, auth: AuthConfig, accounts: Accounts | None = None) -> None:
         self.auth = auth
         self.accounts = accounts
-        self._hashes = {u.name: (u.password_hash.encode(), u.role) for u in auth.users}
+        self._users = {u.name: u for u in auth.users}
 
     def check(self, name: str, password: str) -> Login | None:
         """The login for a correct name and password, else None. Takes ~0.2 s (bcrypt).
@@ -88,9 +88,9 @@ class Authenticator:
         stays refused, even if a demo login has its name), then demo logins.
         """
         candidate = password.encode("utf-8")
-        if name in self._hashes:
-            stored, role = self._hashes[name]
-            return Login(name, role) if _bcrypt_ok(candidate, stored) else None
+        if (user := self._users.get(name)) is not None:
+            ok = _bcrypt_ok(candidate, user.password_hash.encode())
+            return Login(name, user.role, dict(user.attributes)) if ok else None
         row = self.accounts.user(name) if self.accounts is not None else None
         if row is not None:
             if row.password_hash is None:  # removed

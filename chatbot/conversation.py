@@ -2,8 +2,13 @@
 
 A :class:`Conversation` is bound to a session (the Chainlit thread id) and
 its user. It is assigned an arm once (sticky, with the propensity recorded),
-then each :meth:`Conversation.reply`:
+when the first message is sent — the app opens it in ``on_message``, not at
+page load, so a visit without a question is not a session and never enters the
+KPI — then each :meth:`Conversation.reply`:
 
+0. moves the conversation to the champion if its arm was paused or retired
+   since (:meth:`optimizer.assignment.Assigner.ensure_serving`: the old
+   assignment is closed with the reason, a new one continues the thread);
 1. refuses a message over ``limits.max_message_chars`` with a clear message
    (nothing sent to the model, nothing recorded);
 2. selects the arm's few-shot examples and builds the prompt within budget;
@@ -162,6 +167,11 @@ class Conversation:
     def user_id(self) -> str:
         return self.assignment.user_id
 
+    @property
+    def thread_id(self) -> str:
+        """The Chainlit thread: the first assignment's session id, whatever came after."""
+        return self.assignment.thread
+
     @classmethod
     async def start(
         cls,
@@ -172,11 +182,17 @@ class Conversation:
     ) -> Conversation:
         """Assign the session (or find its assignment) and load its earlier turns.
 
-        Resuming a session therefore keeps its arm and its history.
+        Resuming a session therefore keeps its arm (its current one, after a move
+        away from a paused arm) and its history.
         """
-        assignment = await asyncio.to_thread(
-            runtime.assigner.assign, session_id, user_id, dict(context or {})
-        )
+
+        def current_or_new() -> AssignmentRecord:
+            current = runtime.store.current_assignment(session_id)
+            if current is not None:
+                return current
+            return runtime.assigner.assign(session_id, user_id, dict(context or {}))
+
+        assignment = await asyncio.to_thread(current_or_new)
         if assignment.user_id != user_id:
             # Session ids are unguessable UUIDs; a mismatch is a bug, not a user error.
             raise ValueError(f"session {session_id!r} belongs to another user, not {user_id!r}")
@@ -196,6 +212,7 @@ class Conversation:
             return Reply(f"Your {reason}. Please shorten it and send it again.", refused=reason)
 
         began = time.perf_counter()
+        self.assignment = await asyncio.to_thread(rt.assigner.ensure_serving, self.assignment)
         arm = rt.arm(self.assignment.arm_id)
         variant = rt.prompts.variant(arm.prompt)
         examples = await asyncio.to_thread(rt.selector.select, arm, text)
@@ -300,8 +317,8 @@ class Conversation:
         extra: Mapping[str, Any] | None = None,
     ) -> OutcomeRecord:
         return OutcomeRecord(
-            # Per session and outcome: a double click, a second tab or a retry count once.
-            idempotency_key=f"chat:{self.session_id}:{action}:{name}",
+            # Per conversation and outcome: a double click, a second tab or a retry count once.
+            idempotency_key=f"chat:{self.thread_id}:{action}:{name}",
             name=name,
             value=value,
             session_id=self.session_id,
@@ -312,12 +329,15 @@ class Conversation:
 
 
 def _history(runtime: Runtime, session_id: str) -> list[dict[str, str]]:
-    """The session's successful turns as chat messages, oldest first."""
-    t = schema.turns
+    """The thread's successful turns as chat messages, oldest first (across reassignments)."""
+    t, a = schema.turns, schema.assignments
+    sessions = sa.select(a.c.session_id).where(
+        sa.or_(a.c.session_id == session_id, a.c.thread_id == session_id)
+    )
     with runtime.store.engine.connect() as conn:
         rows = conn.execute(
             sa.select(t.c.user_message, t.c.reply)
-            .where(t.c.session_id == session_id, t.c.error.is_(None))
+            .where(t.c.session_id.in_(sessions), t.c.error.is_(None))
             .order_by(t.c.created_at, t.c.id)
         ).all()
     history: list[dict[str, str]] = []

@@ -15,7 +15,15 @@ Business systems (CRM, checkout, helpdesk) report what happened after a chat::
   for bad input.
 - Delivery is at-least-once friendly: the idempotency key is unique in the
   store, a repeat is acknowledged (200, ``"duplicate"``) and stored once; a new
-  outcome is acknowledged (201, ``"stored"``) only after it is committed.
+  outcome is acknowledged (201, ``"stored"``) only after it is committed. The
+  same key with a *different* payload is a client bug: 409, naming the fields
+  that differ, nothing stored.
+- Every acknowledgement says whether the outcome counts (:mod:`optimizer.attribution`):
+  ``attributed`` and the ``session_id`` it counts for, or the ``reason`` it does
+  not (``unknown_session``, ``unused_name``, ``no_session_before``,
+  ``before_session``, ``outside_window``). Unattributed outcomes are stored
+  too: they show on the dashboard, and count by themselves if they become
+  attributable (say, the session reaches this replica's database later).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import hmac
 import json
 import logging
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -36,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from chatbot.ratelimit import RateLimiter, RateLimitExceeded
 from chatbot.runtime import Runtime
+from optimizer.attribution import attribute
 from optimizer.store import OutcomeRecord
 from optimizer.store.accounts import KEY_PREFIX, Accounts
 
@@ -161,6 +171,15 @@ class OutcomeIn(BaseModel):
 class OutcomeAck(BaseModel):
     status: str = Field(description='"stored" (201) or "duplicate" (200).')
     idempotency_key: str
+    attributed: bool = Field(description="Whether the outcome counts for a session's KPI.")
+    session_id: str | None = Field(
+        description="The session it counts for (or was matched to, when it does not count)."
+    )
+    reason: str | None = Field(
+        description="Why it does not count: unknown_session, unused_name, no_session_before, "
+        "before_session or outside_window; null when attributed."
+    )
+    detail: str = Field(description="The verdict in words.")
 
 
 class Problem(BaseModel):
@@ -236,6 +255,10 @@ def api_router(runtime: Runtime, *, api_key: str | None) -> APIRouter:
         responses={
             200: {"model": OutcomeAck, "description": "Duplicate: already stored, counted once."},
             401: {"model": Problem, "description": "Missing or wrong API key."},
+            409: {
+                "model": Problem,
+                "description": "The idempotency key was used for a different outcome.",
+            },
             413: {"model": Problem, "description": "Body too large."},
             422: {"model": Problem, "description": "Invalid body; `detail` lists the problems."},
             429: {"model": Problem, "description": "Too many requests for this key."},
@@ -283,9 +306,30 @@ def api_router(runtime: Runtime, *, api_key: str | None) -> APIRouter:
             outcome = OutcomeIn.model_validate(data)
         except ValidationError as exc:
             return _problem(422, _validation_detail(exc))
-        stored = await runtime.record_outcome(outcome.record())
+        record = outcome.record()
+        verdict = await asyncio.to_thread(
+            attribute,
+            runtime.store,
+            runtime.config,
+            session_id=record.session_id,
+            user_id=record.user_id,
+            name=record.name,
+            occurred_at=record.occurred_at,
+        )
+        record = replace(record, attribution=verdict.code, attributed_session_id=verdict.session_id)
+        stored = await runtime.record_outcome(record)
+        if not stored:
+            conflict = await asyncio.to_thread(runtime.store.outcome_conflict, record)
+            if conflict is not None:
+                return _problem(
+                    409,
+                    f"idempotency_key {record.idempotency_key!r} was already used for a "
+                    f"different outcome ({conflict}); use a new key for a new event",
+                )
         ack = OutcomeAck(
-            status="stored" if stored else "duplicate", idempotency_key=outcome.idempotency_key
+            status="stored" if stored else "duplicate",
+            idempotency_key=outcome.idempotency_key,
+            **verdict.as_dict(),
         )
         return JSONResponse(ack.model_dump(), status_code=201 if stored else 200)
 

@@ -116,6 +116,7 @@ class Runtime:
                 config.experiment.id,
                 salt=config.experiment.salt,
                 segment_by=config.experiment.segment_by,
+                champion=config.experiment.champion,
             ),
             selector=ExampleSelector(prompts, store, refresh_s=config.fewshot.refresh_s),
             tracer=tracer if tracer is not None else get_tracer(config),

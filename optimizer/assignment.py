@@ -7,6 +7,18 @@ the experiment salt to a point in [0, 1) and takes the arm whose slice of the
 cumulative allocation holds that point, so the same user lands on the same arm
 while the allocation barely moves; a returning user keeps their previous arm
 outright while it is still served (allocation > 0).
+
+Propensities are exact: a drawn arm logs the probability it was drawn with; a
+kept arm logs ``sticky=True`` and propensity 1.0 (it was kept with certainty).
+Off-policy evaluation therefore works per *assignment unit* — a draw and the
+sticky sessions that followed it — with the draw's propensity
+(:func:`optimizer.ope.logs.logs_from_store`).
+
+A paused (or retired) arm serves nobody: :meth:`Assigner.ensure_serving`, called
+before every reply, moves a conversation whose arm stopped serving to the
+champion — the old assignment is closed with the reason, a new one (session id
+``"<thread>~<n>"``, propensity 1.0: a forced move, not a draw) continues the
+thread — so every assignment keeps one arm and one propensity.
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -71,6 +83,8 @@ class Allocation:
 
     segments: Mapping[str, Mapping[str, float]]
     version: int | None
+    #: Arm statuses when the allocation was read (empty: not known).
+    statuses: Mapping[str, str] = field(default_factory=dict)
 
     def for_segment(self, segment: str) -> Mapping[str, float]:
         return self.segments.get(segment) or self.segments[ALL_SEGMENTS]
@@ -95,8 +109,10 @@ class Assigner:
         salt: str,
         segment_by: Sequence[str] = (),
         snapshot_ttl_s: float = 5.0,
+        champion: str | None = None,
     ) -> None:
         self.store = store
+        self.champion = champion
         self.experiment_id = experiment_id
         self.salt = salt
         self.segment_by = tuple(segment_by)
@@ -132,11 +148,51 @@ class Assigner:
             }
             segments = {seg: _normalised(alloc) for seg, alloc in segments.items() if alloc}
             if ALL_SEGMENTS in segments:
-                return Allocation(segments, snapshot.version)
+                return Allocation(segments, snapshot.version, statuses)
         if not active:
             raise PolicyError(f"experiment {self.experiment_id!r} has no active arm to assign")
         # Before the first snapshot (or if it names no active arm): uniform, the A/B baseline.
-        return Allocation({ALL_SEGMENTS: {arm: 1 / len(active) for arm in active}}, None)
+        return Allocation({ALL_SEGMENTS: {arm: 1 / len(active) for arm in active}}, None, statuses)
+
+    def ensure_serving(
+        self, current: AssignmentRecord, *, at: datetime | None = None
+    ) -> AssignmentRecord:
+        """``current`` while its arm serves; else the conversation moved to the champion.
+
+        An arm serves while its status is active or champion (an arm unknown to the
+        store, e.g. before any sync, is left alone). Otherwise the conversation moves
+        to the champion (status ``champion``, else the configured one, if it serves),
+        or to a fresh draw from the allocation when no champion serves; the old
+        assignment is closed with the reason (:meth:`Store.reassign`).
+        """
+        allocation = self.allocation()
+        status = allocation.statuses.get(current.arm_id)
+        if status is None or status in ACTIVE_STATUSES:
+            return current
+        probs = allocation.for_segment(current.segment)
+        champion = next((a for a, s in allocation.statuses.items() if s == "champion"), None)
+        champion = champion or self.champion
+        if champion is not None and allocation.statuses.get(champion) in ACTIVE_STATUSES:
+            arm, propensity, how = champion, 1.0, "the champion"
+        else:
+            arm, propensity = choose_arm(probs, user_point(current.user_id, self.salt))
+            how = "a fresh draw"
+        reason = f"arm {current.arm_id!r} is {status}: moved to {how} {arm!r}"
+        _, _, n = current.session_id.partition("~")
+        new = replace(
+            current,
+            session_id=f"{current.thread}~{int(n) + 1 if n.isdigit() else 1}",
+            arm_id=arm,
+            propensity=propensity,
+            snapshot_version=allocation.version,
+            context={**current.context, "reassigned_from": current.arm_id, "reason": reason},
+            assigned_at=at or utcnow(),
+            sticky=False,
+            thread_id=current.thread,
+            closed_at=None,
+            closed_reason=None,
+        )
+        return self.store.reassign(current, new, reason)
 
     def assign(
         self,
@@ -156,8 +212,9 @@ class Assigner:
         allocation = self.allocation()
         probs = allocation.for_segment(segment)
         previous = self.store.last_assignment_for_user(user_id, self.experiment_id)
-        if previous is not None and probs.get(previous.arm_id, 0) > 0:
-            arm, propensity = previous.arm_id, probs[previous.arm_id]
+        sticky = previous is not None and probs.get(previous.arm_id, 0) > 0
+        if previous is not None and sticky:
+            arm, propensity = previous.arm_id, 1.0  # kept with certainty, not drawn
             context["returning"] = True
         else:
             arm, propensity = choose_arm(probs, user_point(user_id, self.salt))
@@ -172,6 +229,7 @@ class Assigner:
             context=context,
             assigned_at=at or utcnow(),
             simulated=simulated,
+            sticky=sticky,
         )
         return self.store.record_assignment(record)
 

@@ -69,6 +69,8 @@ class UserConfig(_Section):
     name: str = Field(min_length=1)
     password_hash: str = Field(min_length=20)
     role: Literal["user", "operator"] = "user"
+    #: What the experiment may segment on (``experiment.segment_by``), e.g. {plan = "pro"}.
+    attributes: dict[str, str] = Field(default_factory=dict)
 
 
 class AuthConfig(_Section):
@@ -273,6 +275,14 @@ class PolicyConfig(_Section):
     #: Partial pooling: a segment's prior is its arm's pooled posterior, worth this many
     #: sessions.
     segment_prior_sessions: float = Field(50.0, gt=0)
+    #: "always_valid": pause only when an always-valid bound clears the limit (valid however
+    #: often the optimizer looks, see ``optimizer.guardrails``); "posterior": the per-look rule.
+    guardrail_rule: Literal["always_valid", "posterior"] = "always_valid"
+    #: "pause" a breached arm, or only "observe" (record the checks, never pause).
+    guardrail_action: Literal["pause", "observe"] = "pause"
+    #: "always_valid": the stop rule also needs an always-valid bound of best − every other
+    #: arm above 0 (see ``optimizer.policy``); "posterior": P(best) and expected loss only.
+    stop_rule: Literal["always_valid", "posterior"] = "always_valid"
 
 
 class ActionConfig(_Section):

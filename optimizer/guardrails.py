@@ -16,8 +16,20 @@ non-champion arm with the champion:
   P(p95_arm / p95_champion > max_ratio) = Φ((log ratio − log max_ratio) / se).
   It needs at least :data:`MIN_LATENCY_TURNS` turns per arm.
 
-An arm is breached when that probability is ≥ ``policy.pause_probability``;
-:mod:`optimizer.job` records the pause. The champion is never checked.
+**When is an arm breached?** The optimizer looks at every refit, so a per-look
+rule ("P(breach) ≥ ``pause_probability``") pauses healthy arms sooner or later:
+measured in ``bench/aa.py``. The default rule, ``"always_valid"``, pauses only when
+an always-valid one-sided lower confidence bound (:mod:`optimizer.sequential`) of the arm's
+difference (``max_delta``) or ratio (``max_ratio``, on the log scale) to the
+champion exceeds the limit, with α = 1 − ``pause_probability``. Guarantee: for
+an arm whose true difference is within the limit, P(it is *ever* paused by this
+metric, over any number of refits) ≤ α, up to the normal approximation (hence
+at least :data:`MIN_RATE_N` rated turns or :data:`MIN_LATENCY_TURNS` latencies
+per arm before any pause). Rate variances are cluster-robust by session (turns
+of one session are not independent), never below the binomial variance.
+``"posterior"`` is the former per-look rule, kept for comparison. The posterior
+probability is reported either way; :mod:`optimizer.job` records the pause.
+The champion is never checked.
 
 >>> import pandas as pd
 >>> from optimizer.config import GuardrailConfig
@@ -26,8 +38,8 @@ An arm is breached when that probability is ≥ ``policy.pause_probability``;
 >>> rails = [GuardrailConfig(metric="thumbs_down_rate", max_delta=0.05)]
 >>> checks = check_guardrails(frame, rails, champion="champ", arms=["new"],
 ...                           pause_probability=0.95, random_state=0)
->>> checks[0].breached, round(checks[0].arm_value, 2)
-(True, 0.3)
+>>> checks[0].breached, round(checks[0].arm_value, 2), round(checks[0].lower_bound, 3)
+(True, 0.3, 0.149)
 """
 
 from __future__ import annotations
@@ -36,20 +48,37 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 from scipy import special
 
 from optimizer.config import GuardrailConfig
+from optimizer.sequential import radius
 
-__all__ = ["MIN_LATENCY_TURNS", "GuardrailCheck", "check_guardrails", "p95_with_se"]
+__all__ = [
+    "GUARDRAIL_RULES",
+    "MIN_LATENCY_TURNS",
+    "MIN_RATE_N",
+    "TUNING_N",
+    "GuardrailCheck",
+    "check_guardrails",
+    "p95_with_se",
+]
 
 log = logging.getLogger(__name__)
 
 #: Fewer latencies than this per arm: the p95 comparison is skipped (probability 0).
 MIN_LATENCY_TURNS = 30
+#: Fewer rated turns (or turns, for the error rate) per arm: no always-valid pause.
+MIN_RATE_N = 30
+#: The always-valid bound is tightest at this many rated turns (or latencies) per arm:
+#: about where a 9-point thumbs-down breach of a 5-point limit becomes detectable.
+TUNING_N = 3000
+#: ``always_valid`` (default): sequentially valid; ``posterior``: the per-look rule.
+GUARDRAIL_RULES = ("always_valid", "posterior")
+Rule = Literal["always_valid", "posterior"]
 _RATE_COLUMNS = {"thumbs_down_rate": ("thumbs_down", "rated"), "error_rate": ("errors", "turns")}
 
 
@@ -68,6 +97,9 @@ class GuardrailCheck:
     n: int
     champion_n: int
     breached: bool
+    #: Always-valid lower bound of the difference (or ratio), in the limit's units.
+    lower_bound: float | None = None
+    rule: str = "always_valid"
 
     def evidence(self) -> dict[str, Any]:
         """JSON-ready dict for arm events and snapshots."""
@@ -87,16 +119,21 @@ def check_guardrails(
     latencies: Mapping[str, np.ndarray] | None = None,
     samples: int = 4000,
     random_state: int | np.random.Generator | None = None,
+    rule: Rule = "always_valid",
 ) -> list[GuardrailCheck]:
     """Evaluate every guardrail for every arm of ``arms`` other than the champion.
 
     ``sessions`` needs ``arm_id`` and the count columns of the rates checked
     (``thumbs_down``/``rated``, ``errors``/``turns``); ``latencies`` maps arm →
     turn latencies in ms (:func:`optimizer.kpi.turn_latencies`). Without a
-    champion nothing can be compared and the result is empty.
+    champion nothing can be compared and the result is empty. ``rule`` decides
+    ``breached`` (see the module docstring); both figures are reported.
     """
     if not 0.5 < pause_probability < 1:
         raise ValueError(f"pause_probability must be in (0.5, 1), got {pause_probability!r}")
+    if rule not in GUARDRAIL_RULES:
+        raise ValueError(f"rule must be one of {list(GUARDRAIL_RULES)}, got {rule!r}")
+    alpha = 1 - pause_probability
     if champion is None:
         return []
     rng = np.random.default_rng(random_state)
@@ -106,18 +143,43 @@ def check_guardrails(
     for rail in guardrails:
         for arm in challengers:  # guardrails × arms: a handful
             if rail.metric in _RATE_COLUMNS:
-                check = _rate_check(rail, arm, champion, counts, samples, rng)
+                check = _rate_check(rail, arm, champion, counts, samples, rng, alpha)
             else:
-                check = _latency_check(rail, arm, champion, latencies or {})
-            checks.append(_with_verdict(check, pause_probability))
+                check = _latency_check(rail, arm, champion, latencies or {}, alpha)
+            checks.append(_with_verdict(check, pause_probability, rule))
     return checks
 
 
 def _counts(sessions: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: hits and totals, plus the sums of squares the cluster-robust variance needs."""
     cols = [c for c in ("thumbs_down", "rated", "errors", "turns") if c in sessions.columns]
     if sessions.empty or not cols:
         return pd.DataFrame(columns=cols)
-    return sessions.groupby("arm_id", observed=True)[cols].sum()
+    frame = sessions[["arm_id", *cols]].copy()
+    for hits, total in _RATE_COLUMNS.values():
+        if hits in frame.columns and total in frame.columns:
+            h, n = frame[hits].astype(float), frame[total].astype(float)
+            frame[f"{hits}__hh"], frame[f"{hits}__hn"], frame[f"{hits}__nn"] = h * h, h * n, n * n
+    return frame.groupby("arm_id", observed=True).sum()
+
+
+def _rate_variance(counts: pd.DataFrame, arm: str, hits: str, total: str) -> tuple[float, float]:
+    """Smoothed rate and its variance: cluster-robust by session, at least binomial."""
+    h, n = _count(counts, arm, hits), _count(counts, arm, total)
+    p = (h + 0.5) / (n + 1)  # keeps the variance positive at 0 or n hits
+    if n == 0:
+        return p, math.inf
+    binomial = p * (1 - p) / n
+    hh, hn, nn = (
+        float(counts.at[arm, f"{hits}__{k}"]) if f"{hits}__{k}" in counts.columns else 0.0
+        for k in ("hh", "hn", "nn")
+    )
+    cluster = max(hh - 2 * p * hn + p * p * nn, 0.0) / (n * n)
+    return p, max(binomial, cluster)
+
+
+def _harmonic(n_a: int, n_c: int) -> float:
+    return 2 / (1 / n_a + 1 / n_c) if n_a > 0 and n_c > 0 else 0.0
 
 
 def _count(counts: pd.DataFrame, arm: str, column: str) -> int:
@@ -133,6 +195,7 @@ def _rate_check(
     counts: pd.DataFrame,
     samples: int,
     rng: np.random.Generator,
+    alpha: float,
 ) -> GuardrailCheck:
     hits_col, total_col = _RATE_COLUMNS[rail.metric]
     h_a, n_a = _count(counts, arm, hits_col), _count(counts, arm, total_col)
@@ -146,6 +209,17 @@ def _rate_check(
         assert rail.max_ratio is not None
         limit, kind = rail.max_ratio, "max_ratio"
         prob = float(np.mean(draw_a > limit * draw_c))
+    lower: float | None = None
+    if min(n_a, n_c) >= MIN_RATE_N:
+        (p_a, v_a), (p_c, v_c) = (
+            _rate_variance(counts, a, hits_col, total_col) for a in (arm, champion)
+        )
+        info = _harmonic(n_a, n_c) / TUNING_N
+        if kind == "max_delta":
+            lower = (h_a / n_a - h_c / n_c) - radius(v_a + v_c, info, alpha=alpha, one_sided=True)
+        else:  # the ratio on the log scale, delta method: var(log p) ≈ var(p) / p²
+            r = radius(v_a / p_a**2 + v_c / p_c**2, info, alpha=alpha, one_sided=True)
+            lower = math.exp(math.log(p_a / p_c) - r)
     return GuardrailCheck(
         metric=rail.metric,
         arm=arm,
@@ -158,6 +232,7 @@ def _rate_check(
         n=n_a,
         champion_n=n_c,
         breached=False,
+        lower_bound=lower,
     )
 
 
@@ -178,7 +253,11 @@ def p95_with_se(values: np.ndarray, q: float = 0.95) -> tuple[float, float]:
 
 
 def _latency_check(
-    rail: GuardrailConfig, arm: str, champion: str, latencies: Mapping[str, np.ndarray]
+    rail: GuardrailConfig,
+    arm: str,
+    champion: str,
+    latencies: Mapping[str, np.ndarray],
+    alpha: float,
 ) -> GuardrailCheck:
     a = np.asarray(latencies.get(arm, ()), dtype=float)
     c = np.asarray(latencies.get(champion, ()), dtype=float)
@@ -190,12 +269,18 @@ def _latency_check(
         assert rail.max_delta is not None
         limit, kind = rail.max_delta, "max_delta"
     prob = 0.0
+    lower: float | None = None
     if min(len(a), len(c)) >= MIN_LATENCY_TURNS and q_a > 0 and q_c > 0:
+        info = _harmonic(len(a), len(c)) / TUNING_N
         if kind == "max_ratio":
             # delta method on the log scale: se(log q) ≈ se(q) / q
             excess, se = math.log(q_a / q_c / limit), math.hypot(se_a / q_a, se_c / q_c)
+            lower = math.exp(
+                math.log(q_a / q_c) - radius(se * se, info, alpha=alpha, one_sided=True)
+            )
         else:
             excess, se = q_a - q_c - limit, math.hypot(se_a, se_c)
+            lower = q_a - q_c - radius(se * se, info, alpha=alpha, one_sided=True)
         prob = float(special.ndtr(excess / se)) if se > 0 else float(excess > 0)
     return GuardrailCheck(
         metric=rail.metric,
@@ -209,8 +294,13 @@ def _latency_check(
         n=len(a),
         champion_n=len(c),
         breached=False,
+        lower_bound=lower,
     )
 
 
-def _with_verdict(check: GuardrailCheck, pause_probability: float) -> GuardrailCheck:
-    return GuardrailCheck(**{**asdict(check), "breached": check.probability >= pause_probability})
+def _with_verdict(check: GuardrailCheck, pause_probability: float, rule: Rule) -> GuardrailCheck:
+    if rule == "posterior":
+        breached = check.probability >= pause_probability
+    else:
+        breached = check.lower_bound is not None and check.lower_bound > check.limit
+    return GuardrailCheck(**{**asdict(check), "breached": breached, "rule": rule})

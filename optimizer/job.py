@@ -186,9 +186,11 @@ def _run(
         latencies=latencies,
         samples=pol.samples,
         random_state=rng,
+        rule=pol.guardrail_rule,
     )
     paused: list[str] = []
-    for arm in sorted({c.arm for c in checks if c.breached}):
+    breached = {c.arm for c in checks if c.breached} if pol.guardrail_action == "pause" else set()
+    for arm in sorted(breached):
         evidence = {"checks": [c.evidence() for c in checks if c.arm == arm and c.breached]}
         store.record_arm_event(
             exp.id, arm, "paused_guardrail", actor=actor, evidence=evidence, at=now
@@ -238,6 +240,10 @@ def _run(
             "details": recommendation,
             "stop_probability_best": pol.stop_probability_best,
             "stop_expected_loss": pol.stop_expected_loss,
+            "rule": pol.stop_rule,
+            "candidates": {
+                rule: (rec["arm"] if rec else None) for rule, rec in policy.stop_candidates_.items()
+            },
         },
         "guardrails": [c.evidence() for c in checks],
         "policy": policy.name,

@@ -8,7 +8,10 @@ terms (``config.kpi.terms``):
   reported with a ``session_id`` belongs to that session; one reported with only
   a ``user_id`` belongs to that user's most recent session of the experiment
   assigned at or before ``occurred_at``. Either way it counts only if it occurred
-  within the term's ``window_days`` after the assignment.
+  within the term's ``window_days`` after the assignment, and never if it
+  occurred before the session started — up to
+  :data:`optimizer.attribution.CLOCK_SKEW_S` of clock skew, counted as delay 0
+  (the outcomes API reports the same verdict, :mod:`optimizer.attribution`).
 - ``feedback:up_rate`` / ``feedback:down_rate`` — thumbs up (down) over rated
   turns of the session, from the current votes. **A session without any rated
   turn contributes 0** to these terms (not NaN): most sessions are never rated,
@@ -375,8 +378,11 @@ def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) ->
     """Outcome events with the row position (``pos``) of the session they belong to.
 
     Session-linked events join on ``session_id``; user-level events go to the
-    user's latest session assigned at or before the event (``merge_asof``).
+    user's latest session assigned at or before the event (``merge_asof``), both
+    with the clock-skew tolerance; an event before its session is dropped.
     """
+    from optimizer.attribution import CLOCK_SKEW_S
+
     columns = ["pos", "name", "value", "occurred_s", "delay_s"]
     if outcomes.empty:
         return pd.DataFrame({c: pd.Series(dtype=float if c != "name" else object) for c in columns})
@@ -395,9 +401,11 @@ def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) ->
             }
         ).sort_values("assigned_s", kind="stable")
         matched = pd.merge_asof(
-            by_user.sort_values("occurred_s", kind="stable"),
+            by_user.assign(match_s=by_user["occurred_s"] + CLOCK_SKEW_S).sort_values(
+                "match_s", kind="stable"
+            ),
             lookup,
-            left_on="occurred_s",
+            left_on="match_s",
             right_on="assigned_s",
             by="user_id",
             direction="backward",
@@ -405,8 +413,9 @@ def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) ->
         matched = matched[matched["pos"].notna()]
         linked = pd.concat([linked, matched[[*by_user.columns.tolist(), "pos"]]], ignore_index=True)
     linked = linked.astype({"pos": np.int64})
-    linked["delay_s"] = linked["occurred_s"].to_numpy() - assigned_s[linked["pos"].to_numpy()]
-    return linked[columns]
+    delay = linked["occurred_s"].to_numpy() - assigned_s[linked["pos"].to_numpy()]
+    linked["delay_s"] = np.maximum(delay, 0.0)
+    return linked.loc[delay >= -CLOCK_SKEW_S, columns]
 
 
 def _term_values(

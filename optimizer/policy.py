@@ -28,7 +28,13 @@ sessions in *other* segments discounted by ``f = min(1, segment_prior_sessions /
 n_other)`` — a power prior: the pooled evidence is worth at most
 ``segment_prior_sessions`` sessions, so a small segment borrows strength from the
 whole and a large one is driven by its own data. ``"*"`` is the pooled posterior,
-used for sessions whose segment has no allocation of its own.
+used for sessions whose segment has no allocation of its own. With segments, the
+pooled figures (``summary_``: KPI mean, interval, P(best), expected loss; the
+``"*"`` allocation) are **traffic-weighted**: θ_arm = Σ_s share_s · θ_{s,arm},
+share_s = the segment's share of all sessions. Summing raw counts instead would
+show Simpson's paradox when segments get different allocations: an arm served
+mostly in a high-converting segment would look best overall while losing in
+every segment.
 
 Safe rollout (Thompson sampling)
 --------------------------------
@@ -41,7 +47,17 @@ gets at most ``challenger_cap``. Shares are then renormalised within those bound
 **Stop rule**: the arm most likely best among the active arms, with probability
 ≥ ``stop_probability_best`` and expected loss (E[max θ − θ_arm], KPI units) below
 ``stop_expected_loss``, is recommended in ``recommendation_`` (never during
-burn-in). Guardrail pauses are not the policy's job: see :mod:`optimizer.guardrails`.
+burn-in). Those are per-look posterior figures: checked at every refit they
+name a winner of an A/A test far more often than 5 % (``bench/aa.py``). With
+``stop_rule="always_valid"`` (the default) the arm must also beat *every* other
+active arm by an always-valid bound (:mod:`optimizer.sequential`): the lower
+bound of θ_best − θ_other, from the posterior means and variances, must be > 0,
+at α = (1 − ``stop_probability_best``) / (K(K−1)/2) (Bonferroni over the pairs,
+since the leader is picked from the data). Guarantee: when all arms are equal,
+P(a winner is *ever* named) ≤ 1 − ``stop_probability_best``, however often the
+optimizer looks, up to the normal approximation. ``stop_candidates_`` holds the
+arm each rule would name. Guardrail pauses are not the policy's job: see
+:mod:`optimizer.guardrails`.
 """
 
 from __future__ import annotations
@@ -61,6 +77,7 @@ from optimizer.assignment import ALL_SEGMENTS
 from optimizer.config import PolicyConfig
 from optimizer.errors import PolicyError
 from optimizer.jsonable import finite
+from optimizer.sequential import radius
 
 __all__ = [
     "ThompsonSamplingPolicy",
@@ -74,7 +91,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Delay = Literal["wait", "model"]
+StopRule = Literal["always_valid", "posterior"]
 _EPS_VAR = 1e-9
+#: The stop rule's always-valid bound is tightest at this many effective sessions per arm.
+STOP_TUNING_SESSIONS = 5000
 
 
 # -- conjugate updates (public so tests can check them by hand) ---------------------------
@@ -209,6 +229,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         delay: Delay,
         segment_prior_sessions: float,
         random_state: int | np.random.Generator | None,
+        stop_rule: StopRule = "always_valid",
     ) -> None:
         self.samples = samples
         self.stop_probability_best = stop_probability_best
@@ -216,6 +237,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         self.delay = delay
         self.segment_prior_sessions = segment_prior_sessions
         self.random_state = random_state
+        self.stop_rule = stop_rule
 
     # -- validation ------------------------------------------------------------------
     def _validate(self) -> None:
@@ -227,6 +249,10 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
             )
         if not self.stop_expected_loss > 0:
             raise ValueError(f"stop_expected_loss must be > 0, got {self.stop_expected_loss!r}")
+        if self.stop_rule not in ("always_valid", "posterior"):
+            raise ValueError(
+                f"stop_rule must be 'always_valid' or 'posterior', got {self.stop_rule!r}"
+            )
         if self.delay not in ("wait", "model"):
             raise ValueError(f"delay must be 'wait' or 'model', got {self.delay!r}")
         if not (math.isfinite(self.segment_prior_sessions) and self.segment_prior_sessions > 0):
@@ -306,8 +332,15 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
 
         self.allocation_: dict[str, dict[str, float]] = {}
         self.segment_summary_: dict[str, dict[str, dict[str, Any]]] = {}
+        all_draws = [p.draw(rng, self.samples) for p in posteriors]
+        means = [np.asarray(p.mean, dtype=float) for p in posteriors]
+        traffic = n_assigned.sum(axis=1)[1:]
+        if len(keys) > 1 and traffic.sum() > 0:  # pooled = traffic-weighted segments
+            share = traffic / traffic.sum()
+            all_draws[0] = np.tensordot(share, np.stack(all_draws[1:]), axes=1)
+            means[0] = share @ np.stack(means[1:])
         for i, key in enumerate(keys):
-            draws = posteriors[i].draw(rng, self.samples)
+            draws = all_draws[i]
             act = draws[:, is_active]
             best = np.argmax(act, axis=1)
             prob_best = np.zeros(len(all_arms))
@@ -315,6 +348,8 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
             loss = np.full(len(all_arms), np.nan)
             loss[is_active] = (act.max(axis=1, keepdims=True) - act).mean(axis=0)
             lo, hi = np.quantile(draws, [0.025, 0.975], axis=0)
+            if i == 0:
+                self.kpi_var_ = dict(zip(all_arms, draws.var(axis=0).tolist(), strict=True))
             n_seg = n_assigned.sum(axis=0) if i == 0 else n_assigned[i]
             c_seg = n_complete.sum(axis=0) if i == 0 else n_complete[i]
             e_seg = effective.sum(axis=0) if i == 0 else effective[i]
@@ -332,7 +367,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
                     "sessions": int(n_seg[j]),
                     "complete_sessions": int(c_seg[j]),
                     "effective_sessions": float(e_seg[j]),
-                    "kpi_mean": float(posteriors[i].mean[j]),
+                    "kpi_mean": float(means[i][j]),
                     "kpi_ci": [float(lo[j]), float(hi[j])],
                     "prob_best": float(prob_best[j]) if is_active[j] else None,
                     "expected_loss": float(loss[j]) if is_active[j] else None,
@@ -340,7 +375,11 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
                 for j, arm in enumerate(all_arms)
             }
         self.summary_ = self._with_metrics(sessions, self.segment_summary_[ALL_SEGMENTS])
-        self.recommendation_ = self._stop(self.segment_summary_[ALL_SEGMENTS])
+        self.stop_candidates_ = {
+            rule: self._stop(self.segment_summary_[ALL_SEGMENTS], rule)
+            for rule in ("posterior", "always_valid")
+        }
+        self.recommendation_ = self.stop_candidates_[self.stop_rule]
         return self
 
     def _terms(
@@ -500,22 +539,51 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
     ) -> np.ndarray:
         return target / target.sum()
 
-    def _stop(self, summary: Mapping[str, Mapping[str, Any]]) -> dict[str, Any] | None:
+    def _stop(
+        self, summary: Mapping[str, Mapping[str, Any]], rule: StopRule
+    ) -> dict[str, Any] | None:
         if not self.burn_in_complete_:
             return None
         active = [(a, s) for a, s in summary.items() if s["prob_best"] is not None]
         arm, s = max(active, key=lambda item: (item[1]["prob_best"], item[0]))
-        if (
+        if not (
             s["prob_best"] >= self.stop_probability_best
             and s["expected_loss"] < self.stop_expected_loss
         ):
-            return {
-                "arm": arm,
-                "prob_best": s["prob_best"],
-                "expected_loss": s["expected_loss"],
-                "kpi_mean": s["kpi_mean"],
-            }
-        return None
+            return None
+        lower = self._always_valid_lower(arm, summary, [a for a, _ in active])
+        if rule == "always_valid" and not lower > 0:
+            return None
+        return {
+            "arm": arm,
+            "prob_best": s["prob_best"],
+            "expected_loss": s["expected_loss"],
+            "kpi_mean": s["kpi_mean"],
+            "always_valid_lower": lower if math.isfinite(lower) else None,
+            "rule": rule,
+        }
+
+    def _always_valid_lower(
+        self, arm: str, summary: Mapping[str, Mapping[str, Any]], active: Sequence[str]
+    ) -> float:
+        """Smallest always-valid lower bound of θ_arm − θ_other over the other active arms."""
+        if len(active) < 2:
+            return math.inf
+        alpha = (1 - self.stop_probability_best) / (len(active) * (len(active) - 1) / 2)
+        n_arm = summary[arm]["effective_sessions"]
+        bounds = []
+        for other in active:
+            if other == arm:
+                continue
+            n_other = summary[other]["effective_sessions"]
+            info = 2 / (1 / n_arm + 1 / n_other) if n_arm > 0 and n_other > 0 else 0.0
+            r = radius(
+                self.kpi_var_[arm] + self.kpi_var_[other],
+                info / STOP_TUNING_SESSIONS,
+                alpha=alpha,
+            )
+            bounds.append(summary[arm]["kpi_mean"] - summary[other]["kpi_mean"] - r)
+        return min(bounds)
 
     def _with_metrics(
         self, sessions: pd.DataFrame, summary: Mapping[str, dict[str, Any]]
@@ -581,6 +649,7 @@ class UniformPolicy(_PosteriorPolicy):
         delay: Delay = "wait",
         segment_prior_sessions: float = 50.0,
         random_state: int | np.random.Generator | None = None,
+        stop_rule: StopRule = "always_valid",
     ) -> None:
         super().__init__(
             samples=samples,
@@ -589,6 +658,7 @@ class UniformPolicy(_PosteriorPolicy):
             delay=delay,
             segment_prior_sessions=segment_prior_sessions,
             random_state=random_state,
+            stop_rule=stop_rule,
         )
 
     def _target(self, prob_best: np.ndarray) -> np.ndarray:
@@ -625,6 +695,7 @@ class ThompsonSamplingPolicy(_PosteriorPolicy):
         delay: Delay = "wait",
         segment_prior_sessions: float = 50.0,
         random_state: int | np.random.Generator | None = None,
+        stop_rule: StopRule = "always_valid",
     ) -> None:
         super().__init__(
             samples=samples,
@@ -633,6 +704,7 @@ class ThompsonSamplingPolicy(_PosteriorPolicy):
             delay=delay,
             segment_prior_sessions=segment_prior_sessions,
             random_state=random_state,
+            stop_rule=stop_rule,
         )
         self.burn_in = burn_in
         self.floor = floor
@@ -702,6 +774,7 @@ def make_policy(
             delay=config.delay,
             segment_prior_sessions=config.segment_prior_sessions,
             random_state=random_state,
+            stop_rule=config.stop_rule,
         )
     return ThompsonSamplingPolicy(
         burn_in=config.burn_in,
@@ -715,4 +788,5 @@ def make_policy(
         delay=config.delay,
         segment_prior_sessions=config.segment_prior_sessions,
         random_state=random_state,
+        stop_rule=config.stop_rule,
     )

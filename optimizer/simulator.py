@@ -247,6 +247,7 @@ class _BatchingStore(Store):
                 "context": dict(rec.context),
                 "simulated": rec.simulated,
                 "assigned_at": rec.assigned_at,
+                "sticky": rec.sticky,
             }
         )
         return rec

@@ -66,8 +66,14 @@ def write_config(
     refit_interval_s: float = 0,
     model_options: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
+    attributes: dict[str, dict[str, str]] | None = None,
+    segment_by: list[str] | None = None,
 ) -> Path:
-    """The project's configuration with the fake model, ``users`` logins and given limits."""
+    """The project's configuration with the fake model, ``users`` logins and given limits.
+
+    ``attributes`` maps a login name to its segment attributes; ``segment_by`` sets
+    ``experiment.segment_by``.
+    """
     data = tomllib.loads((ROOT / "flywheel.toml").read_text(encoding="utf-8"))
     data["prompts_dir"] = str(ROOT / "prompts")
     data["model"] = {
@@ -80,8 +86,17 @@ def write_config(
     password_hash = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
     data["auth"] = {
         "demo": False,
-        "users": [{"name": user_name(i), "password_hash": password_hash} for i in range(users)],
+        "users": [
+            {
+                "name": user_name(i),
+                "password_hash": password_hash,
+                "attributes": (attributes or {}).get(user_name(i), {}),
+            }
+            for i in range(users)
+        ],
     }
+    if segment_by is not None:
+        data["experiment"]["segment_by"] = segment_by
     data.setdefault("policy", {})["refit_interval_s"] = refit_interval_s
     if limits:
         data["limits"] = {**data.get("limits", {}), **limits}

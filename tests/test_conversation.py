@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
-from chat_helpers import CONCISE_FIXED, RecordingTracer, make_runtime
+from chat_helpers import CONCISE, CONCISE_FIXED, RecordingTracer, make_runtime
 
 from chatbot.conversation import Conversation, TokenBatcher
 from chatbot.fake_model import call_count
@@ -76,6 +76,42 @@ async def test_a_resumed_session_keeps_its_arm_and_history(store: Store) -> None
     assert again.assignment == first.assignment
     assert again.history == first.history and len(again.history) == 2
     assert len(_rows(store, schema.assignments)) == 1
+
+
+async def test_a_paused_arm_stops_serving_its_open_and_resumed_conversations(
+    store: Store,
+) -> None:
+    runtime = make_runtime(store, arms=[CONCISE, CONCISE_FIXED], champion="concise")
+    runtime.assigner.snapshot_ttl_s = 0  # see the pause at once
+    conversations = [await _start(runtime, f"user-{i}") for i in range(12)]
+    on_challenger = [c for c in conversations if c.assignment.arm_id == "concise+fixed"]
+    assert on_challenger, "the uniform split gives the challenger some of twelve sessions"
+    conversation = on_challenger[0]
+    thread = conversation.session_id
+    await conversation.reply("turn-1", "Hello?")
+    store.record_arm_event("exp", "concise+fixed", "paused_guardrail", actor="test")
+
+    await conversation.reply("turn-2", "Still there?")  # the open conversation moves ...
+    moved = conversation.assignment
+    assert (moved.arm_id, moved.propensity, moved.thread_id) == ("concise", 1.0, thread)
+    assert moved.session_id == f"{thread}~1" and "paused_guardrail" in moved.context["reason"]
+    old = store.get_assignment(thread)
+    assert old is not None and old.arm_id == "concise+fixed"
+    assert old.closed_at is not None and "moved to the champion 'concise'" in old.closed_reason
+    turns = {r.id: r for r in _rows(store, schema.turns)}
+    assert (turns["turn-1"].arm_id, turns["turn-1"].session_id) == ("concise+fixed", thread)
+    assert (turns["turn-2"].arm_id, turns["turn-2"].session_id) == ("concise", moved.session_id)
+
+    resumed = await Conversation.start(runtime, thread, conversation.user_id)  # ... and stays
+    assert resumed.assignment == moved and len(resumed.history) == 4
+    await resumed.reply("turn-3", "And now?")
+    assert resumed.assignment == moved  # no second move: one arm, one propensity each
+
+    other = on_challenger[1] if len(on_challenger) > 1 else None
+    if other is not None:  # a resumed conversation that was idle during the pause moves too
+        back = await Conversation.start(runtime, other.session_id, other.user_id)
+        await back.reply("turn-4", "Hi again")
+        assert back.assignment.arm_id == "concise"
 
 
 async def test_a_session_cannot_be_opened_by_another_user(store: Store) -> None:

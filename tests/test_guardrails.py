@@ -91,3 +91,62 @@ def test_without_a_champion_nothing_is_compared() -> None:
 def test_pause_probability_is_validated() -> None:
     with pytest.raises(ValueError, match=r"pause_probability must be in \(0.5, 1\), got 1.5"):
         check(counts(champ=(1, 0, 1, 0)), [DOWN], pause_probability=1.5)
+
+
+def test_a_near_miss_is_not_paused_however_often_the_optimizer_looks() -> None:
+    """4 points worse against a 5-point limit, checked after every 100 votes per arm:
+    the per-look posterior rule pauses it in a share of runs, the always-valid rule in
+    (almost) none, and both still pause a 9-point breach."""
+    rng = np.random.default_rng(11)
+    runs = 30
+    paused = {("posterior", 0.24): 0, ("always_valid", 0.24): 0, ("always_valid", 0.29): 0}
+    for _ in range(runs):
+        for rule, down in list(paused):
+            champ = bad = 0
+            for look in range(1, 61):
+                champ += int(rng.binomial(100, 0.20))
+                bad += int(rng.binomial(100, down))
+                n = 100 * look
+                frame = counts(champ=(n, champ, 0, 0), new=(n, bad, 0, 0))
+                if check(frame, [DOWN], rule=rule, samples=1000)[
+                    "thumbs_down_rate", "new"
+                ].breached:
+                    paused[rule, down] += 1
+                    break
+    assert paused["always_valid", 0.24] <= 2  # alpha = 5%: at most ~1.5 of 30
+    assert paused["posterior", 0.24] > paused["always_valid", 0.24]
+    assert paused["always_valid", 0.29] >= 27  # and the true breach is caught within 6000 votes
+
+
+def test_the_rule_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"rule must be one of \['always_valid', 'posterior'\]"):
+        check(counts(champ=(1, 0, 1, 0)), [DOWN], rule="sometimes")
+
+
+def test_turns_of_one_session_are_not_independent_evidence() -> None:
+    """The same totals, once spread over many sessions and once in a few big sessions whose
+    rates vary: the clustered data give a wider bound."""
+    spread = pd.DataFrame(
+        [
+            {"arm_id": "champ", "rated": 1, "thumbs_down": int(i < 200), "turns": 1, "errors": 0}
+            for i in range(1000)
+        ]
+        + [
+            {"arm_id": "new", "rated": 1, "thumbs_down": int(i < 300), "turns": 1, "errors": 0}
+            for i in range(1000)
+        ]
+    )
+    lumpy = pd.DataFrame(
+        [
+            {"arm_id": "champ", "rated": 100, "thumbs_down": d, "turns": 100, "errors": 0}
+            for d in (0, 40, 0, 40, 0, 40, 0, 40, 0, 40)
+        ]
+        + [
+            {"arm_id": "new", "rated": 100, "thumbs_down": d, "turns": 100, "errors": 0}
+            for d in (0, 60, 0, 60, 0, 60, 0, 60, 0, 60)
+        ]
+    )
+    a = check(spread, [DOWN])["thumbs_down_rate", "new"]
+    b = check(lumpy, [DOWN])["thumbs_down_rate", "new"]
+    assert a.arm_value == b.arm_value == 0.3
+    assert b.lower_bound < a.lower_bound

@@ -13,7 +13,7 @@ from chat_helpers import RecordingTracer, make_runtime
 from fastapi import FastAPI
 
 from chatbot.outcomes_api import api_router
-from optimizer.store import Store, schema
+from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store, schema
 
 KEY = "s3cret-key"
 GOOD = {"idempotency_key": "order-1", "session_id": "s1", "name": "revenue", "value": 96.5}
@@ -49,10 +49,17 @@ async def test_a_new_outcome_is_stored_and_a_repeat_acknowledged_once(
 ) -> None:
     async with client() as c:
         first = await _post(c, GOOD)
-        again = await _post(c, {**GOOD, "value": 1000})  # a redelivery, even changed, counts once
+        again = await _post(c, GOOD)  # a redelivery counts once
     assert (first.status_code, first.json()) == (
         201,
-        {"status": "stored", "idempotency_key": "order-1"},
+        {
+            "status": "stored",
+            "idempotency_key": "order-1",
+            "attributed": False,  # no session "s1" in this store
+            "session_id": None,
+            "reason": "unknown_session",
+            "detail": "no session of the experiment has this session_id",
+        },
     )
     assert (again.status_code, again.json()["status"]) == (200, "duplicate")
     (row,) = _outcomes(store)
@@ -63,6 +70,103 @@ async def test_a_new_outcome_is_stored_and_a_repeat_acknowledged_once(
         None,
         "api",
     )
+    assert row.attribution == "unknown_session"  # kept, with its reason, for the dashboard
+
+
+async def test_a_reused_key_with_another_payload_is_a_conflict(
+    client: Client, store: Store
+) -> None:
+    async with client() as c:
+        assert (await _post(c, GOOD)).status_code == 201
+        changed = await _post(c, {**GOOD, "value": 1000})
+    assert changed.status_code == 409
+    assert "value 96.5 != 1000.0" in changed.json()["detail"]
+    (row,) = _outcomes(store)
+    assert row.value == 96.5
+
+
+def _session(store: Store, session_id: str, user: str, at: datetime) -> None:
+    store.sync_experiment("exp", "salt", [ArmSpec("concise", "concise", "h")])
+    store.record_assignment(
+        AssignmentRecord(
+            session_id=session_id,
+            user_id=user,
+            experiment_id="exp",
+            arm_id="concise",
+            propensity=1.0,
+            snapshot_version=None,
+            segment="*",
+            context={},
+            assigned_at=at,
+        )
+    )
+
+
+async def test_each_answer_says_whether_the_outcome_counts(client: Client, store: Store) -> None:
+    start = datetime.now(UTC) - timedelta(days=10)
+    _session(store, "s1", "alice", start)
+    iso = lambda dt: dt.isoformat()  # noqa: E731
+    cases = [
+        ({"session_id": "s1", "occurred_at": iso(start + timedelta(hours=1))}, True, None),
+        ({"session_id": "s1", "occurred_at": iso(start - timedelta(minutes=2))}, True, None),
+        (
+            {"session_id": "s1", "occurred_at": iso(start - timedelta(hours=1))},
+            False,
+            "before_session",
+        ),
+        (
+            {"session_id": "s1", "occurred_at": iso(start + timedelta(days=9))},
+            False,
+            "outside_window",
+        ),
+        ({"session_id": "s1", "name": "bogus"}, False, "unused_name"),
+        ({"session_id": "nope"}, False, "unknown_session"),
+        ({"user_id": "alice", "occurred_at": iso(start + timedelta(days=1))}, True, None),
+        (
+            {"user_id": "alice", "occurred_at": iso(start - timedelta(days=1))},
+            False,
+            "no_session_before",
+        ),
+        ({"user_id": "bob"}, False, "no_session_before"),
+    ]
+    async with client() as c:
+        for i, (fields, attributed, reason) in enumerate(cases):
+            body = {"idempotency_key": f"k{i}", "name": "conversion", **fields}
+            response = await _post(c, body)
+            assert response.status_code == 201, response.text
+            got = response.json()
+            assert (got["attributed"], got["reason"]) == (attributed, reason), fields
+            if attributed:
+                assert got["session_id"] == "s1"
+    assert len(_outcomes(store)) == len(cases)  # unattributed ones are kept too
+
+
+def test_the_kpi_never_credits_an_outcome_before_its_session(store: Store) -> None:
+    from optimizer.config import KPIConfig, KPITermConfig
+    from optimizer.kpi import session_frame
+
+    start = datetime(2026, 1, 10, tzinfo=UTC)
+    _session(store, "s1", "alice", start)
+    _session(store, "s2", "bob", start)
+    for key, sid, when in (
+        ("early", "s1", start - timedelta(hours=1)),  # before the session: never counts
+        ("skew", "s2", start - timedelta(minutes=2)),  # clock skew: counts, delay 0
+    ):
+        store.record_outcome(
+            OutcomeRecord(
+                idempotency_key=key, name="conversion", value=1, session_id=sid, occurred_at=when
+            )
+        )
+    config = make_runtime(store).config.model_copy(
+        update={
+            "kpi": KPIConfig(
+                terms=(KPITermConfig(name="conversion", source="outcome:conversion", weight=1.0),)
+            )
+        }
+    )
+    frame = session_frame(store, config, now=start + timedelta(days=30)).set_index("session_id")
+    assert frame.loc["s1", "reward"] == 0.0
+    assert frame.loc["s2", "reward"] == 1.0
 
 
 async def test_a_user_outcome_with_time_and_extra(client: Client, store: Store) -> None:

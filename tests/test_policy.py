@@ -189,7 +189,39 @@ def test_stop_rule_recommends_a_clear_winner_only() -> None:
     likely = binary_frame({"a": (1000, 200), "b": (1000, 165)})
     strict = ts(stop_expected_loss=0.0001).fit(likely)
     assert strict.summary_["a"]["prob_best"] >= 0.95 and strict.recommendation_ is None
-    assert ts(stop_expected_loss=0.001).fit(likely).recommendation_["arm"] == "a"
+    per_look = ts(stop_expected_loss=0.001, stop_rule="posterior").fit(likely)
+    assert per_look.recommendation_ is not None and per_look.recommendation_["arm"] == "a"
+    # 20% vs 16.5% on 1000 sessions each is z ≈ 2: enough for one look, not for the
+    # always-valid bound that holds over every refit (the default rule) ...
+    default = ts(stop_expected_loss=0.001).fit(likely)
+    assert default.recommendation_ is None
+    assert default.stop_candidates_["posterior"]["arm"] == "a"
+    # ... which names the same gap once it has five times the evidence.
+    more = ts(stop_expected_loss=0.001).fit(binary_frame({"a": (5000, 1000), "b": (5000, 825)}))
+    assert more.recommendation_ is not None and more.recommendation_["arm"] == "a"
+    assert more.recommendation_["always_valid_lower"] > 0
+    assert more.recommendation_["rule"] == "always_valid"
+
+
+def test_the_always_valid_stop_rule_names_no_winner_of_an_aa_test_however_often_it_looks() -> None:
+    """Equal arms, refit after every 200 sessions: the per-look rule ends up naming a winner
+    in some runs, the always-valid rule in (almost) none."""
+    rng = np.random.default_rng(7)
+    runs, named = 40, {"posterior": 0, "always_valid": 0}
+    for _ in range(runs):
+        hits = {"a": 0, "b": 0}
+        seen = dict.fromkeys(named, False)
+        for look in range(1, 31):
+            for arm in hits:
+                hits[arm] += int(rng.binomial(100, 0.2))
+            frame = binary_frame({arm: (100 * look, h) for arm, h in hits.items()})
+            fitted = ts(stop_expected_loss=0.01, samples=1000).fit(frame)
+            for rule in named:
+                seen[rule] = seen[rule] or fitted.stop_candidates_[rule] is not None
+        for rule in named:
+            named[rule] += seen[rule]
+    assert named["always_valid"] <= 2  # alpha = 5%: at most ~2 of 40
+    assert named["posterior"] > named["always_valid"]
 
 
 def test_inactive_arms_are_summarised_but_get_no_traffic() -> None:
@@ -303,3 +335,27 @@ def test_delay_model_composite_uses_ratio_estimators() -> None:
     assert policy.summary_["b"]["kpi_mean"] == pytest.approx(b)
     lo, hi = policy.summary_["a"]["kpi_ci"]
     assert lo < a < hi
+
+
+def test_pooled_figures_weight_segments_by_traffic_no_simpsons_paradox() -> None:
+    """b beats a in both segments, but a was served mostly where people convert anyway:
+    raw pooled counts would crown a; traffic-weighted pooling keeps b ahead."""
+    frame = pd.concat(
+        [
+            binary_frame({"a": (1000, 20), "b": (9000, 270)}, segment="plan=free"),  # 2% vs 3%
+            binary_frame({"a": (9000, 1800), "b": (1000, 250)}, segment="plan=pro"),  # 20% vs 25%
+        ],
+        ignore_index=True,
+    )
+    raw = frame.groupby("arm_id")["reward"].mean()
+    assert raw["a"] > raw["b"]  # the paradox, in the raw data
+    fitted = ts().fit(frame)
+    pooled = fitted.summary_
+    assert pooled["b"]["kpi_mean"] > pooled["a"]["kpi_mean"]
+    assert pooled["b"]["prob_best"] > 0.9
+    # half the traffic in each segment: the pooled mean is the average of the segments'
+    expected = 0.5 * (
+        fitted.segment_summary_["plan=free"]["b"]["kpi_mean"]
+        + fitted.segment_summary_["plan=pro"]["b"]["kpi_mean"]
+    )
+    assert pooled["b"]["kpi_mean"] == pytest.approx(expected)

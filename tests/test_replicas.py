@@ -203,6 +203,8 @@ async def test_replicas_serve_the_newest_snapshot_and_one_optimizer_fits_at_a_ti
                 for server in (deployment.a, deployment.b, deployment.a, deployment.b):
                     user = next(users)
                     chat = await _open(server, http, user)
+                    assert not deployment.assignments(user)  # a page load is no session
+                    await chat.ask("Hello?")  # the first message starts it
                     await _wait_for(lambda user=user: deployment.assignments(user))
                     await chat.close()
                     (row,) = deployment.assignments(user)

@@ -257,7 +257,9 @@ def test_guardrail_breach_ends_with_the_harmful_arm_paused() -> None:
         result = simulate(sc, policy=policy, seed=5)
         assert result.paused_arms == ["c"], policy
         assert "c" not in result.final_allocation["*"]
-        assert result.sessions_per_arm["c"] < 0.2 * sc.sessions
+        # The always-valid rule waits for evidence that holds over every refit: ~20% of
+        # the traffic before the pause (the per-look rule paused sooner, and healthy arms too).
+        assert result.sessions_per_arm["c"] < 0.25 * sc.sessions
 
 
 def test_segments_get_their_own_allocation() -> None:

@@ -136,5 +136,6 @@ def _check(check: dict[str, Any]) -> str:
     limit = f"+{check['limit']}" if check.get("limit_kind") == "max_delta" else f"×{check['limit']}"
     return (
         f"{num(check['arm_value'], 4)} vs champion {num(check.get('champion_value'), 4)}"
-        f" (limit {limit}), P(breach) = {num(check.get('probability'), 3)}"
+        f" (limit {limit}), P(breach) = {num(check.get('probability'), 3)},"
+        f" always-valid bound = {num(check.get('lower_bound'), 4)}"
     )

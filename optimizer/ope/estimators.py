@@ -12,9 +12,13 @@ logged propensity) and ``q̂(x, a)`` a reward model:
 
 Each reports a percentile bootstrap interval (rows resampled with numpy; for DM and
 DR the resampled terms include the reward model's linearised refit, see
-:mod:`optimizer.ope.reward_model`), the Kish effective sample size ``(Σw)² / Σw²``
-of the weights, a warning when that is too small to trust, and the number of
-weights clipped when ``clip`` is set. :func:`evaluate_target` runs several
+:mod:`optimizer.ope.reward_model`). When the logs have a ``unit`` column (sticky
+assignment: sessions sharing one draw, see :mod:`optimizer.ope.logs`) the
+bootstrap resamples units and each replicate is Σ terms / Σ sessions over the
+drawn units; the summary says which (``"unit": "user"`` or ``"session"``).
+Each also reports the Kish effective sample size ``(Σw)² / Σw²`` of the weights, a
+warning when that is too small to trust, and the number of weights clipped when
+``clip`` is set. :func:`evaluate_target` runs several
 estimators on one target and returns a JSON-ready dict (CLI and dashboard use it).
 """
 
@@ -32,7 +36,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 
 from optimizer.errors import EstimationError
-from optimizer.ope.logs import context_columns, validate_logs
+from optimizer.ope.logs import UNIT_COLUMN, context_columns, validate_logs
 from optimizer.ope.reward_model import RewardModel
 from optimizer.ope.targets import TargetPolicy, as_target
 
@@ -76,6 +80,7 @@ class _Logged:
     raw_weights: np.ndarray
     weights: np.ndarray  # clipped when asked
     n_clipped: int
+    units: np.ndarray | None = None  # unit code per session, or None: every session a unit
 
     @property
     def n(self) -> int:
@@ -94,8 +99,11 @@ def _prepare(logs: pd.DataFrame, target: TargetPolicy, clip: float | None) -> _L
     if clip is not None:
         n_clipped = int(np.sum(raw > clip))
         weights = np.minimum(raw, clip)
+    units = None
+    if UNIT_COLUMN in frame:
+        units = pd.factorize(frame[UNIT_COLUMN])[0].astype(np.int64)
     return _Logged(
-        frame, arms, arm_codes, frame["reward"].to_numpy(), probs, raw, weights, n_clipped
+        frame, arms, arm_codes, frame["reward"].to_numpy(), probs, raw, weights, n_clipped, units
     )
 
 
@@ -123,8 +131,25 @@ def _check_support(
         )
 
 
-def _bootstrap_means(columns: np.ndarray, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
-    """Means of each column over ``n_bootstrap`` resamples of the rows: shape (n_bootstrap, m)."""
+def _bootstrap_means(
+    columns: np.ndarray,
+    n_bootstrap: int,
+    rng: np.random.Generator,
+    units: np.ndarray | None = None,
+) -> np.ndarray:
+    """Means of each column over ``n_bootstrap`` resamples: shape (n_bootstrap, m).
+
+    With ``units`` (a code per row) whole units are resampled and each replicate
+    is Σ rows' values / Σ rows over the drawn units (a cluster bootstrap).
+    """
+    if units is not None:
+        n_units = int(units.max()) + 1
+        sums = np.column_stack(
+            [np.bincount(units, weights=c, minlength=n_units) for c in columns.T]
+        )
+        sizes = np.bincount(units, minlength=n_units).astype(float)
+        both = _bootstrap_means(np.column_stack([sums, sizes]), n_bootstrap, rng)
+        return both[:, :-1] / both[:, -1:]
     n = len(columns)
     out = np.empty((n_bootstrap, columns.shape[1]))
     by_column = np.ascontiguousarray(columns.T)  # 1-D gathers are ~5x faster than 2-D ones
@@ -176,6 +201,8 @@ class _Estimator(BaseEstimator, abc.ABC):
         self.ess_ = kish_ess(data.weights)
         self.n_clipped_ = data.n_clipped
         self.max_weight_ = float(data.raw_weights.max())
+        self.unit_ = "user" if data.units is not None else "session"
+        self.n_units_ = int(data.units.max()) + 1 if data.units is not None else data.n
         self.warnings_ = self._warnings(data, len(replicates) - len(finite))
         for message in self.warnings_:  # callers show them; the log keeps a trace
             log.info("%s: %s", self.name, message)
@@ -235,6 +262,8 @@ class _Estimator(BaseEstimator, abc.ABC):
             "confidence": 1 - self.alpha,
             "std_error": self.std_error_,
             "n": self.n_,
+            "unit": self.unit_,
+            "units": self.n_units_,
             "ess": self.ess_,
             "ess_fraction": self.ess_ / self.n_,
             "max_weight": self.max_weight_,
@@ -276,7 +305,8 @@ class IPS(_Estimator):
 
     def _estimate(self, data: _Logged, rng: np.random.Generator) -> tuple[float, np.ndarray]:
         terms = (data.weights * data.reward)[:, None]
-        return float(terms.mean()), _bootstrap_means(terms, self.n_bootstrap, rng)[:, 0]
+        replicates = _bootstrap_means(terms, self.n_bootstrap, rng, data.units)[:, 0]
+        return float(terms.mean()), replicates
 
 
 class SNIPS(IPS):
@@ -293,7 +323,7 @@ class SNIPS(IPS):
 
     def _estimate(self, data: _Logged, rng: np.random.Generator) -> tuple[float, np.ndarray]:
         columns = np.column_stack([data.weights * data.reward, data.weights])
-        boot = _bootstrap_means(columns, self.n_bootstrap, rng)
+        boot = _bootstrap_means(columns, self.n_bootstrap, rng, data.units)
         with np.errstate(invalid="ignore", divide="ignore"):
             replicates = boot[:, 0] / boot[:, 1]
         total = data.weights.sum()
@@ -358,7 +388,7 @@ class DirectMethod(_Estimator):
         # scores do not sum to zero); the mean of `influence` is the estimate.
         influence = terms + correction - correction.mean()
         self.reward_model_ = model
-        replicates = _bootstrap_means(influence[:, None], self.n_bootstrap, rng)[:, 0]
+        replicates = _bootstrap_means(influence[:, None], self.n_bootstrap, rng, data.units)[:, 0]
         return float(terms.mean()), replicates
 
 

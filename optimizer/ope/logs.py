@@ -1,8 +1,16 @@
 """Logged bandit feedback: one row per session with the arm served, its propensity and the reward.
 
 Every estimator reads the same frame: columns ``arm``, ``reward``, ``propensity``,
-an optional ``segment`` (the allocation key; ``"*"`` when absent) and any number
-of context columns (categorical or numeric) the direct method may use. Logs come
+an optional ``segment`` (the allocation key; ``"*"`` when absent), an optional
+``unit`` and any number of context columns (categorical or numeric) the direct
+method may use.
+
+**The unit.** Assignment is sticky per user: a user's arm is drawn once (with
+the logged propensity) and their later sessions keep it with probability 1. Those
+sessions are not independent draws, so the estimators work on *units* when a
+``unit`` column is given: every session of a unit carries the propensity of the
+unit's draw, and intervals resample units, not sessions. :func:`logs_from_store`
+sets ``unit`` to the session of the draw (a user's spell on one arm). Logs come
 from the store (:func:`logs_from_store`) or from another system as a CSV file
 (:func:`read_logged_csv`); :func:`validate_logs` checks either and says which
 column and row are wrong.
@@ -27,18 +35,28 @@ if TYPE_CHECKING:
     from optimizer.config import Config
     from optimizer.store import Store
 
-__all__ = ["LOG_COLUMNS", "context_columns", "logs_from_store", "read_logged_csv", "validate_logs"]
+__all__ = [
+    "LOG_COLUMNS",
+    "UNIT_COLUMN",
+    "assignment_units",
+    "context_columns",
+    "logs_from_store",
+    "read_logged_csv",
+    "validate_logs",
+]
 
 log = logging.getLogger(__name__)
 
 #: Required columns of a log frame.
 LOG_COLUMNS = ("arm", "reward", "propensity")
-_RESERVED = (*LOG_COLUMNS, "segment")
+#: Optional column naming each session's assignment unit (sessions sharing one draw).
+UNIT_COLUMN = "unit"
+_RESERVED = (*LOG_COLUMNS, "segment", UNIT_COLUMN)
 
 
 def context_columns(logs: pd.DataFrame) -> list[str]:
-    """Columns the reward model may use: everything but arm, reward and propensity."""
-    return [c for c in logs.columns if c not in LOG_COLUMNS]
+    """Columns the reward model may use: everything but arm, reward, propensity and unit."""
+    return [c for c in logs.columns if c not in (*LOG_COLUMNS, UNIT_COLUMN)]
 
 
 def validate_logs(logs: pd.DataFrame) -> pd.DataFrame:
@@ -83,6 +101,10 @@ def validate_logs(logs: pd.DataFrame) -> pd.DataFrame:
         out["segment"] = out["segment"].fillna(ALL_SEGMENTS).astype(str)
     else:
         out["segment"] = ALL_SEGMENTS
+    if UNIT_COLUMN in out:  # a session without a unit is a unit of its own
+        own = pd.Series(out.index.astype(str), index=out.index)
+        out[UNIT_COLUMN] = out[UNIT_COLUMN].astype(object).where(out[UNIT_COLUMN].notna(), own)
+        out[UNIT_COLUMN] = out[UNIT_COLUMN].astype(str)
     return out
 
 
@@ -124,6 +146,8 @@ def logs_from_store(store: Store, config: Config, *, now: datetime | None = None
     whose attribution window is still open are left out, because an open window is
     not a zero. Context keys recorded with the assignment become columns (a key that
     clashes with a log column is prefixed ``context.``); the index is the session id.
+    ``unit`` is the session of the draw each session's arm comes from, and
+    ``propensity`` that draw's propensity (:func:`assignment_units`).
     """
     from optimizer import kpi  # the KPI module is heavy and optional for CSV logs
     from optimizer.store import schema
@@ -139,11 +163,58 @@ def logs_from_store(store: Store, config: Config, *, now: datetime | None = None
     log.info("ope: %d complete sessions of experiment %r", len(sessions), config.experiment.id)
     frame = sessions.rename(columns={"arm_id": "arm"})[columns].set_index("session_id")
     a = schema.assignments
-    query = sa.select(a.c.session_id, a.c.context).where(a.c.experiment_id == config.experiment.id)
+    query = (
+        sa.select(
+            a.c.session_id, a.c.user_id, a.c.propensity, a.c.sticky, a.c.context, a.c.assigned_at
+        )
+        .where(a.c.experiment_id == config.experiment.id)
+        .order_by(a.c.assigned_at, a.c.id)
+    )
     with store.engine.connect() as conn:
-        contexts = {row.session_id: row.context for row in conn.execute(query)}
+        rows = pd.DataFrame(conn.execute(query).all(), columns=list(query.selected_columns.keys()))
+    contexts = dict(zip(rows["session_id"], rows["context"], strict=True))
+    units = assignment_units(rows).reindex(frame.index)
+    frame["propensity"] = units["propensity"].fillna(frame["propensity"])
+    frame[UNIT_COLUMN] = units[UNIT_COLUMN]
     context = _flatten_context(pd.Series([contexts.get(s) for s in frame.index], index=frame.index))
     return frame.join(context, how="left")
+
+
+def assignment_units(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per session: its unit (the session of the draw its arm comes from) and that propensity.
+
+    ``rows`` are assignments in time order with ``session_id``, ``user_id``,
+    ``propensity``, ``sticky`` and ``context``. A sticky session joins the user's
+    latest draw. Rows logged before the ``sticky`` column existed (NULL) take the
+    flag from ``context.returning``; their own propensity (the arm's share at the
+    time, not the 1.0 of a kept arm) is never used — the draw's is, and draws were
+    always logged exactly.
+
+    >>> rows = pd.DataFrame({"session_id": ["s1", "s2", "s3"], "user_id": ["u", "u", "u"],
+    ...     "propensity": [0.5, 1.0, 0.2], "sticky": [False, True, None],
+    ...     "context": [{}, {"returning": True}, {"returning": True}]})
+    >>> assignment_units(rows)[["unit", "propensity"]].values.tolist()
+    [['s1', 0.5], ['s1', 0.5], ['s1', 0.5]]
+    """
+    if rows.empty:
+        return pd.DataFrame(columns=[UNIT_COLUMN, "propensity"])
+    legacy = [
+        bool((c if isinstance(c, dict) else json.loads(c or "{}")).get("returning", False))
+        for c in rows["context"]
+    ]
+    sticky = rows["sticky"].astype(object).where(rows["sticky"].notna(), pd.Series(legacy))
+    sticky = sticky.astype(bool).to_numpy()
+    draw = pd.Series(np.where(sticky, None, rows["session_id"]), index=rows.index, dtype=object)
+    unit = draw.groupby(rows["user_id"]).ffill()  # the user's latest draw
+    unit = unit.where(unit.notna(), rows["session_id"])  # a spell whose draw is not in view
+    propensity = rows.set_index("session_id")["propensity"]
+    return pd.DataFrame(
+        {
+            UNIT_COLUMN: unit.to_numpy(),
+            "propensity": propensity.reindex(unit.to_numpy()).to_numpy(),
+        },
+        index=pd.Index(rows["session_id"].to_numpy(), name="session_id"),
+    )
 
 
 def _flatten_context(contexts: pd.Series) -> pd.DataFrame:

@@ -25,7 +25,7 @@ import pandas as pd
 from optimizer.assignment import ALL_SEGMENTS
 from optimizer.ope.targets import AllocationTarget, TargetPolicy, as_target
 
-__all__ = ["Scenario", "demo_scenario", "make_logs"]
+__all__ = ["Scenario", "StickyLogs", "demo_scenario", "make_logs", "make_sticky_logs"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,86 @@ def make_logs(
     frame["propensity"] = logging_probs[rows, chosen]
     frame["reward"] = (rng.random(n) < rates[rows, chosen]).astype(float)
     return frame
+
+
+@dataclass(frozen=True)
+class StickyLogs:
+    """Logs of returning users with sticky arms, and the true per-session value of each arm."""
+
+    logs: pd.DataFrame
+    truth: Mapping[str, float]
+
+
+def make_sticky_logs(
+    rates: Mapping[str, float],
+    epochs: Sequence[Mapping[str, float]],
+    *,
+    users: int,
+    sessions_per_user: float = 3.0,
+    user_sd: float = 1.0,
+    random_state: int | np.random.Generator | None = None,
+) -> StickyLogs:
+    """Sessions of ``users`` returning users under an allocation that changes over time.
+
+    Time runs over ``len(epochs)`` equal epochs, each with its allocation ``{arm: p}``
+    (as a bandit shifts traffic). A user's sessions (1 + Poisson(``sessions_per_user``
+    − 1)) fall at uniform times; the first draws an arm from the allocation then in
+    force, later ones keep it (sticky), as :class:`optimizer.assignment.Assigner`
+    does. Rewards are 0/1 with ``logit P = logit(rates[arm]) + u``, ``u ~ N(0,
+    user_sd)`` per user: a user's sessions are correlated. Columns: ``arm``,
+    ``reward``, ``propensity`` (exact: the draw's probability for a drawn session,
+    1.0 for a kept one), ``sticky``, ``unit`` (the user), ``draw_propensity`` (the
+    propensity of the unit's draw) and ``share_propensity`` (the arm's share at the
+    session's time: what was logged before propensities were exact).
+
+    >>> out = make_sticky_logs({"a": 0.1, "b": 0.2}, [{"a": 0.5, "b": 0.5}], users=5,
+    ...                        random_state=0)
+    >>> sorted(out.truth), out.logs["sticky"].dtype
+    (['a', 'b'], dtype('bool'))
+    """
+    if not (isinstance(users, int) and users > 0):
+        raise ValueError(f"users must be a positive integer, got {users!r}")
+    if not epochs:
+        raise ValueError("epochs must name at least one allocation")
+    rng = np.random.default_rng(random_state)
+    arms = sorted(rates)
+    alloc = np.array([[e.get(a, 0.0) for a in arms] for e in epochs], dtype=float)
+    alloc /= alloc.sum(axis=1, keepdims=True)
+    counts = 1 + rng.poisson(max(sessions_per_user - 1, 0.0), size=users)
+    user = np.repeat(np.arange(users), counts)
+    t = rng.random(len(user))
+    order = np.lexsort((t, user))
+    user, t = user[order], t[order]
+    first = np.r_[True, user[1:] != user[:-1]]
+    epoch = np.minimum((t * len(epochs)).astype(int), len(epochs) - 1)
+    draw_epoch = epoch[first][np.cumsum(first) - 1]  # the epoch of the user's first session
+    cum = np.cumsum(alloc[draw_epoch[first]], axis=1)
+    drawn = (rng.random(int(first.sum()))[:, None] < cum).argmax(axis=1)
+    arm = drawn[np.cumsum(first) - 1]
+    effect = rng.normal(0.0, user_sd, size=users)[user]
+    logit = np.log(np.array([rates[a] for a in arms]) / (1 - np.array([rates[a] for a in arms])))
+    p = 1 / (1 + np.exp(-(logit[arm] + effect)))
+    rows = np.arange(len(user))
+    draw_p = alloc[draw_epoch, arm]
+    logs = pd.DataFrame(
+        {
+            "arm": np.array(arms, dtype=object)[arm],
+            "reward": (rng.random(len(user)) < p).astype(float),
+            "propensity": np.where(first, draw_p, 1.0),
+            "sticky": ~first,
+            "unit": np.char.add("u", user.astype(str)),
+            "draw_propensity": draw_p,
+            "share_propensity": alloc[epoch, arm][rows],
+        }
+    )
+    # E over users of the per-session success probability (Gauss–Hermite, exact enough).
+    nodes, weights = np.polynomial.hermite_e.hermegauss(60)
+    weights = weights / weights.sum()
+    truth = {
+        a: float(np.sum(weights / (1 + np.exp(-(logit[i] + user_sd * nodes)))))
+        for i, a in enumerate(arms)
+    }
+    return StickyLogs(logs, truth)
 
 
 def _rates(scenario: Scenario, frame: pd.DataFrame) -> np.ndarray:

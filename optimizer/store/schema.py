@@ -97,12 +97,25 @@ assignments = sa.Table(
     sa.Column("context", _JSON, nullable=False),
     sa.Column("simulated", sa.Boolean, nullable=False, default=False),
     sa.Column("assigned_at", _TS, nullable=False),
+    # True: a returning user kept their previous arm with probability 1 (propensity 1.0);
+    # False: the arm was drawn with probability `propensity`; NULL: logged before
+    # migration 0003 (propensity was the arm's share even for a kept arm; readers derive
+    # the flag from context.returning, see optimizer.ope.logs).
+    sa.Column("sticky", sa.Boolean, nullable=True),
+    # A conversation whose arm stopped serving (paused, retired) moves to the champion at
+    # its next message: this assignment is closed (closed_at, closed_reason) and a new one,
+    # with session id "<thread>~<n>", continues the same thread_id (NULL: the thread is
+    # the session itself).
+    sa.Column("thread_id", sa.String(100), nullable=True),
+    sa.Column("closed_at", _TS, nullable=True),
+    sa.Column("closed_reason", sa.String(200), nullable=True),
     # The session's turn and vote counts, kept by the store in the transaction that
     # writes the turn or vote (Store.refresh_session_counts): a refit reads one row
     # per session instead of counting millions of turns (optimizer.kpi).
     *(sa.Column(name, sa.Integer, nullable=False, server_default="0") for name in SESSION_COUNTS),
     sa.Index("ix_assignments_user", "user_id", "experiment_id", "id"),
     sa.Index("ix_assignments_exp_time", "experiment_id", "assigned_at"),
+    sa.Index("ix_assignments_thread", "thread_id"),
 )
 
 turns = sa.Table(
@@ -175,6 +188,11 @@ outcomes = sa.Table(
     # chat | api | langfuse | import | simulator
     sa.Column("source", sa.String(100), nullable=False),
     sa.Column("extra", _JSON, nullable=False),
+    # The verdict when it was received (optimizer.attribution): "attributed" or why not
+    # (unknown_session, unused_name, ...); NULL: received before migration 0003. The KPI
+    # attributes at read time, so an outcome that could not count then counts once it can.
+    sa.Column("attribution", sa.String(40), nullable=True),
+    sa.Column("attributed_session_id", sa.String(100), nullable=True),
     sa.Index("ix_outcomes_session", "session_id"),
     sa.Index("ix_outcomes_user", "user_id"),
     sa.Index("ix_outcomes_name_time", "name", "occurred_at"),

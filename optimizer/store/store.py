@@ -60,6 +60,18 @@ class AssignmentRecord:
     context: Mapping[str, Any]
     assigned_at: datetime
     simulated: bool = False
+    #: The user kept their previous arm (``propensity`` is then 1.0: no draw happened);
+    #: None for assignments logged before that was recorded (see the ``sticky`` column).
+    sticky: bool | None = False
+    #: The conversation this assignment serves (None: the session itself is the thread).
+    thread_id: str | None = None
+    closed_at: datetime | None = None
+    closed_reason: str | None = None
+
+    @property
+    def thread(self) -> str:
+        """The conversation (Chainlit thread) id."""
+        return self.thread_id or self.session_id
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,9 @@ class OutcomeRecord:
     occurred_at: datetime | None = None
     source: str = "api"
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: The verdict when received ("attributed" or why not, see optimizer.attribution).
+    attribution: str | None = None
+    attributed_session_id: str | None = None
 
 
 def fetch_tuples(conn: sa.Connection, query: sa.Select[Any]) -> list[tuple[Any, ...]]:
@@ -341,6 +356,8 @@ class Store:
                         context=dict(rec.context),
                         simulated=rec.simulated,
                         assigned_at=rec.assigned_at,
+                        sticky=rec.sticky,
+                        thread_id=rec.thread_id,
                     )
                 )
             return rec
@@ -351,6 +368,58 @@ class Store:
                     f"assignment for session {rec.session_id!r} conflicted but is not readable"
                 ) from None
             return existing
+
+    def reassign(
+        self, old: AssignmentRecord, new: AssignmentRecord, reason: str
+    ) -> AssignmentRecord:
+        """Close ``old`` with ``reason`` and open ``new`` in one transaction.
+
+        Idempotent: when ``new.session_id`` exists already (another replica or a retry
+        did it), that assignment is returned and nothing changes.
+        """
+        a = schema.assignments
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    a.update()
+                    .where(a.c.session_id == old.session_id, a.c.closed_at.is_(None))
+                    .values(closed_at=new.assigned_at, closed_reason=reason)
+                )
+                conn.execute(
+                    a.insert().values(
+                        session_id=new.session_id,
+                        user_id=new.user_id,
+                        experiment_id=new.experiment_id,
+                        arm_id=new.arm_id,
+                        propensity=new.propensity,
+                        snapshot_version=new.snapshot_version,
+                        segment=new.segment,
+                        context=dict(new.context),
+                        simulated=new.simulated,
+                        assigned_at=new.assigned_at,
+                        sticky=new.sticky,
+                        thread_id=new.thread_id,
+                    )
+                )
+            return new
+        except IntegrityError:
+            existing = self.get_assignment(new.session_id)
+            if existing is None:
+                raise StoreError(
+                    f"reassignment of session {old.session_id!r} conflicted but is not readable"
+                ) from None
+            return existing
+
+    def current_assignment(self, thread_id: str) -> AssignmentRecord | None:
+        """The open assignment of a conversation: the newest of its thread, or the session's."""
+        a = schema.assignments
+        row = self._first(
+            sa.select(a)
+            .where(sa.or_(a.c.thread_id == thread_id, a.c.session_id == thread_id))
+            .order_by(a.c.id.desc())
+            .limit(1)
+        )
+        return _assignment(row) if row is not None else None
 
     def get_assignment(self, session_id: str) -> AssignmentRecord | None:
         row = self._first(
@@ -506,11 +575,45 @@ class Store:
                         received_at=now,
                         source=rec.source,
                         extra=dict(rec.extra),
+                        attribution=rec.attribution,
+                        attributed_session_id=rec.attributed_session_id,
                     )
                 )
         except IntegrityError:
             return False
         return True
+
+    def outcome_by_key(self, idempotency_key: str) -> sa.Row[Any] | None:
+        """The stored outcome with this idempotency key, or None."""
+        o = schema.outcomes
+        return self._first(sa.select(o).where(o.c.idempotency_key == idempotency_key))
+
+    def outcome_conflict(self, rec: OutcomeRecord) -> str | None:
+        """Why ``rec`` differs from the outcome stored under its key (None: the same event).
+
+        Compared: name, value, session_id, user_id, extra and — when ``rec`` gives
+        one — occurred_at (a retry without it means "when first received").
+        """
+        row = self.outcome_by_key(rec.idempotency_key)
+        if row is None:
+            return None
+        diffs = [
+            f"{name} {stored!r} != {given!r}"
+            for name, stored, given in (
+                ("name", row.name, rec.name),
+                ("value", float(row.value), float(rec.value)),
+                ("session_id", row.session_id, rec.session_id),
+                ("user_id", row.user_id, rec.user_id),
+                ("extra", dict(row.extra or {}), dict(rec.extra)),
+            )
+            if stored != given
+        ]
+        if rec.occurred_at is not None and as_utc(row.occurred_at) != as_utc(rec.occurred_at):
+            diffs.append(
+                f"occurred_at {as_utc(row.occurred_at).isoformat()} != "
+                f"{as_utc(rec.occurred_at).isoformat()}"
+            )
+        return "; ".join(diffs) or None
 
     # -- snapshots -------------------------------------------------------------------
     def save_snapshot(
@@ -621,4 +724,8 @@ def _assignment(row: sa.Row[Any]) -> AssignmentRecord:
         context=row.context or {},
         assigned_at=as_utc(row.assigned_at),
         simulated=bool(row.simulated),
+        sticky=None if row.sticky is None else bool(row.sticky),
+        thread_id=row.thread_id,
+        closed_at=as_utc(row.closed_at) if row.closed_at is not None else None,
+        closed_reason=row.closed_reason,
     )
