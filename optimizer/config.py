@@ -207,9 +207,11 @@ class PolicyConfig(_Section):
     #: An arm's floor shrinks as floor / (1 + complete_sessions / floor_decay_sessions);
     #: 0 keeps it constant.
     floor_decay_sessions: float = Field(1000.0, ge=0)
-    #: "wait": a session counts once all KPI windows closed; "model": open sessions count with
-    #: the estimated share of their outcome already observed (see ``optimizer.kpi``).
-    delay: Literal["wait", "model"] = "wait"
+    #: "model" (default): open sessions count, term by term, with the estimated share of
+    #: their outcome already observed — learning starts on day one; "wait": a session counts
+    #: once all KPI windows closed (exact, but a 30-day revenue term means a month of
+    #: uniform traffic). See ``optimizer.kpi``.
+    delay: Literal["wait", "model"] = "model"
     #: Partial pooling: a segment's prior is its arm's pooled posterior, worth this many
     #: sessions.
     segment_prior_sessions: float = Field(50.0, gt=0)

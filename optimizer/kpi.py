@@ -20,11 +20,12 @@ A conversion may arrive days after the chat. Counting a session whose window is
 still open as "no conversion" would bias every arm downward, and the newest arm
 (or the arm the bandit currently favours, whose sessions are youngest) the most.
 So a term's column is **NaN until its window has closed** (``age >= window_days``),
-and ``reward`` is NaN and ``complete`` False until *all* windows have closed. This
-is what the policy uses by default (``policy.delay = "wait"``): exact, at the
-price of learning only from sessions older than the longest window.
+and ``reward`` is NaN and ``complete`` False until *all* windows have closed.
+``policy.delay = "wait"`` learns from those only: exact, at the price of learning
+only from sessions older than the longest window (a month with a 30-day revenue
+term).
 
-For faster learning (``policy.delay = "model"``) the frame also carries, per
+To learn from day one (``policy.delay = "model"``, the default) the frame also carries, per
 term, ``<term>_observed`` (the value so far) and ``<term>_exposure``: the share
 of the term's final value expected to have arrived by the session's age,
 ``F(age)``. ``F`` is the delay distribution of the term's events (value-weighted

@@ -196,7 +196,7 @@ def test_delay_model_learns_from_open_sessions(store: Store) -> None:
     add_sessions(store, "a", 100, at=young, conversions=20, conversion_delay=timedelta(hours=2))
     add_sessions(store, "b", 100, at=young, conversions=2, conversion_delay=timedelta(hours=2))
     add_sessions(store, "c", 100, at=young, conversions=2, conversion_delay=timedelta(hours=2))
-    waiting = run_optimizer(store, config(burn_in=20), now=NOW, random_state=0)
+    waiting = run_optimizer(store, config(delay="wait", burn_in=20), now=NOW, random_state=0)
     modelled = run_optimizer(store, cfg, now=NOW, random_state=0)
     assert waiting is not None and modelled is not None
     assert waiting.complete_sessions == 0 and not waiting.summary["burn_in_complete"]
