@@ -164,8 +164,7 @@ def _run(
         champion = exp.champion
     active = sorted(a for a, s in statuses.items() if s in ACTIVE_STATUSES)
     if exp.arms:  # an arm dropped from the configuration gets no more traffic
-        configured = {a.id for a in exp.arms}
-        active = [a for a in active if a in configured]
+        active = _configured(store, exp.id, {a.id for a in exp.arms}, active)
     frame = kpi.session_frame(store, config, now=now)
 
     # An arm an operator resumed is judged on what happened since, not re-paused on old data.
@@ -299,6 +298,20 @@ def _record_stop(
         )
         log.info("optimizer: stop rule recommends %r", arm)
     return None
+
+
+def _configured(store: Store, experiment_id: str, configured: set[str], active: list[str]) -> list[str]:
+    """Active arms still wanted: the configured ones (any version) and those created at run
+    time (by an operator, the CLI or the optimizer), which the file does not list."""
+    rows = {r.id: r for r in store.arms(experiment_id)}
+
+    def wanted(arm: str) -> bool:
+        row = rows.get(arm)
+        if row is None:
+            return arm in configured
+        return row.origin != "config" or (row.base_id or row.id) in configured
+
+    return [a for a in active if wanted(a)]
 
 
 def _operator_caps(store: Store, experiment_id: str) -> dict[str, float]:
