@@ -38,7 +38,7 @@ from chatbot.llm import Completion, stream_reply
 from chatbot.prompting import build_messages, prompt_budget
 from chatbot.runtime import Runtime, best_effort, storable_text
 from optimizer.clock import utcnow
-from optimizer.config import ActionConfig, ArmConfig
+from optimizer.config import ActionConfig
 from optimizer.prompts import Example, Variant
 from optimizer.store import AssignmentRecord, OutcomeRecord, TurnRecord, schema
 
@@ -197,7 +197,7 @@ class Conversation:
             return Reply(f"Your {reason}. Please shorten it and send it again.", refused=reason)
 
         began = time.perf_counter()
-        arm, variant, examples = await asyncio.to_thread(_prepare, rt, self.assignment.arm_id, text)
+        variant, examples = await asyncio.to_thread(_prepare, rt, self.assignment.arm_id, text)
         selected = time.perf_counter()
         messages, kept = build_messages(
             variant,
@@ -328,7 +328,7 @@ def _history(runtime: Runtime, session_id: str) -> list[dict[str, str]]:
     return history
 
 
-def _prepare(rt: Runtime, arm_id: str, text: str) -> tuple[ArmConfig, Variant, list[Example]]:
-    """The served arm, its prompt and the few-shot examples for ``text`` (one thread hop)."""
+def _prepare(rt: Runtime, arm_id: str, text: str) -> tuple[Variant, list[Example]]:
+    """The served arm's prompt and its few-shot examples for ``text`` (one thread hop)."""
     arm, variant = rt.serve(arm_id)
-    return arm, variant, rt.selector.select(arm, text)
+    return variant, rt.selector.select(arm, text)

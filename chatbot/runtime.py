@@ -146,6 +146,8 @@ class Runtime:
                 config.experiment.id,
                 salt=config.experiment.salt,
                 segment_by=config.experiment.segment_by,
+                holdback=config.experiment.holdback,
+                baseline=config.experiment.baseline_arm or next(iter(arms)),
             ),
             selector=ExampleSelector(prompts, store, refresh_s=config.fewshot.refresh_s),
             tracer=tracer if tracer is not None else get_tracer(config),

@@ -7,6 +7,15 @@ the experiment salt to a point in [0, 1) and takes the arm whose slice of the
 cumulative allocation holds that point, so the same user lands on the same arm
 while the allocation barely moves; a returning user keeps their previous arm
 outright while it is still served (allocation > 0).
+
+**Holdback.** With ``holdback`` > 0, that share of users (by a hash of their id
+with the salt and ``":holdback"``, so it is sticky and independent of the arm
+split) is served the experiment's ``baseline`` arm for the experiment's life,
+whatever the snapshot says and whatever is promoted: the flywheel's own lift is
+the KPI of everyone else against theirs. Their assignments carry
+``holdback=True`` and propensity 1; the optimizer leaves them out of the
+bandit, the guardrails, the SRM check and off-policy estimates (see
+:mod:`optimizer.holdback`).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from optimizer.clock import utcnow
 from optimizer.errors import PolicyError
 from optimizer.store import ACTIVE_STATUSES, AssignmentRecord, Store
 
-__all__ = ["Allocation", "Assigner", "choose_arm", "segment_key", "user_point"]
+__all__ = ["Allocation", "Assigner", "choose_arm", "in_holdback", "segment_key", "user_point"]
 
 #: The allocation key that applies to every session without a segment of its own.
 ALL_SEGMENTS = "*"
@@ -33,6 +42,15 @@ def user_point(user_id: str, salt: str) -> float:
     """Deterministic point in [0, 1) for a user in an experiment."""
     digest = hashlib.blake2b(f"{salt}:{user_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
+
+
+def in_holdback(user_id: str, salt: str, share: float) -> bool:
+    """Whether a user is in the experiment's holdback of ``share`` (sticky, by hash).
+
+    >>> in_holdback("u1", "salt", 0.0), in_holdback("u1", "salt", 0.999999)
+    (False, True)
+    """
+    return share > 0 and user_point(user_id, f"{salt}:holdback") < share
 
 
 def segment_key(context: Mapping[str, Any], segment_by: Sequence[str]) -> str:
@@ -95,7 +113,15 @@ class Assigner:
         salt: str,
         segment_by: Sequence[str] = (),
         snapshot_ttl_s: float = 5.0,
+        holdback: float = 0.0,
+        baseline: str | None = None,
     ) -> None:
+        if not 0 <= holdback < 1:
+            raise ValueError(f"holdback must be in [0, 1), got {holdback!r}")
+        if holdback > 0 and not baseline:
+            raise ValueError("a holdback needs a baseline arm, got none")
+        self.holdback = holdback
+        self.baseline = baseline
         self.store = store
         self.experiment_id = experiment_id
         self.salt = salt
@@ -153,6 +179,23 @@ class Assigner:
             return existing
         context = dict(context or {})
         segment = segment_key(context, self.segment_by)
+        if self.holdback > 0 and in_holdback(user_id, self.salt, self.holdback):
+            assert self.baseline is not None
+            return self.store.record_assignment(
+                AssignmentRecord(
+                    session_id=session_id,
+                    user_id=user_id,
+                    experiment_id=self.experiment_id,
+                    arm_id=self.baseline,
+                    propensity=1.0,
+                    snapshot_version=None,
+                    segment=segment,
+                    context=context,
+                    assigned_at=at or utcnow(),
+                    simulated=simulated,
+                    holdback=True,
+                )
+            )
         allocation = self.allocation()
         probs = allocation.for_segment(segment)
         previous = self.store.last_assignment_for_user(user_id, self.experiment_id)

@@ -98,6 +98,16 @@ class ExperimentConfig(_Section):
     #: Context keys that define segments for per-segment allocation (e.g. ``["plan"]``).
     segment_by: tuple[str, ...] = ()
     arms: tuple[ArmConfig, ...] = ()
+    #: Share of users (sticky) kept on ``baseline`` for the experiment's life, outside the
+    #: bandit: the flywheel's own lift is measured against them. 0 disables it.
+    holdback: float = Field(0.05, ge=0, lt=0.5)
+    #: The holdback's arm; default: ``champion``, else the first arm. Never follows promotions.
+    baseline: str | None = None
+
+    @property
+    def baseline_arm(self) -> str | None:
+        """The holdback's arm: ``baseline``, else the configured champion, else the first arm."""
+        return self.baseline or self.champion or (self.arms[0].id if self.arms else None)
 
     @model_validator(mode="after")
     def _arms_consistent(self) -> ExperimentConfig:
@@ -107,6 +117,8 @@ class ExperimentConfig(_Section):
             raise ValueError(f"arm ids must be unique, got duplicates {dupes}")
         if self.champion is not None and self.arms and self.champion not in ids:
             raise ValueError(f"champion must be one of the arm ids {ids}, got {self.champion!r}")
+        if self.baseline is not None and self.arms and self.baseline not in ids:
+            raise ValueError(f"baseline must be one of the arm ids {ids}, got {self.baseline!r}")
         return self
 
 

@@ -44,6 +44,7 @@ from optimizer import guardrails, kpi, srm
 from optimizer.assignment import ALL_SEGMENTS
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
+from optimizer.holdback import bandit_frame, holdback_lift
 from optimizer.jsonable import jsonable
 from optimizer.locks import job_lock
 from optimizer.policy import make_policy
@@ -165,7 +166,9 @@ def _run(
     active = sorted(a for a, s in statuses.items() if s in ACTIVE_STATUSES)
     if exp.arms:  # an arm dropped from the configuration gets no more traffic
         active = _configured(store, exp.id, {a.id for a in exp.arms}, active)
-    frame = kpi.session_frame(store, config, now=now)
+    full_frame = kpi.session_frame(store, config, now=now)
+    # The holdback is outside the bandit: no policy, guardrail or SRM sees it (optimizer.holdback).
+    frame = bandit_frame(full_frame)
 
     # An arm an operator resumed is judged on what happened since, not re-paused on old data.
     resumed = {a: t for a, t in _resumed_at(store, exp.id).items() if a != champion}
@@ -246,6 +249,13 @@ def _run(
         "burn_in_complete": policy.burn_in_complete_,
         "sessions": len(frame),
         "complete_sessions": complete,
+        "holdback": holdback_lift(
+            full_frame,
+            share=exp.holdback,
+            delay=pol.delay,
+            samples=pol.samples,
+            random_state=rng,
+        ),
         "now": now.isoformat(),
     }
     summary = jsonable(summary)
@@ -300,7 +310,9 @@ def _record_stop(
     return None
 
 
-def _configured(store: Store, experiment_id: str, configured: set[str], active: list[str]) -> list[str]:
+def _configured(
+    store: Store, experiment_id: str, configured: set[str], active: list[str]
+) -> list[str]:
     """Active arms still wanted: the configured ones (any version) and those created at run
     time (by an operator, the CLI or the optimizer), which the file does not list."""
     rows = {r.id: r for r in store.arms(experiment_id)}

@@ -94,6 +94,7 @@ BASE_COLUMNS = (
     "segment",
     "propensity",
     "snapshot_version",
+    "holdback",
     "assigned_at",
     "age_days",
     "turns",
@@ -298,7 +299,12 @@ def _sessions(
     rows = fetch_tuples(
         conn,
         sa.select(
-            *base, a.c.propensity, a.c.snapshot_version, epoch(a.c.assigned_at), *counts
+            *base,
+            a.c.propensity,
+            a.c.snapshot_version,
+            epoch(a.c.assigned_at),
+            a.c.holdback,
+            *counts,
         ).where(experiment == experiment_id, a.c.assigned_at <= now),
     )
     if not rows:
@@ -310,7 +316,8 @@ def _sessions(
     frame["propensity"] = cells[:, 4].astype(float)
     frame["snapshot_version"] = pd.array(cells[:, 5].astype(float), dtype="Int64")
     frame["assigned_s"] = cells[:, 6].astype(float)
-    for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=7):
+    frame["holdback"] = cells[:, 7].astype(bool)
+    for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=8):
         frame[name] = cells[:, i].astype(np.int64)
     del cells
     sessions = pd.Index(frame["session_id"])
@@ -519,6 +526,7 @@ def _empty_frame(terms: Sequence[KPITermConfig]) -> pd.DataFrame:
         "age_days": float,
         "reward": float,
         "complete": bool,
+        "holdback": bool,
         **{c: np.int64 for c in ("turns", "errors", "rated", "thumbs_up", "thumbs_down")},
     }
     columns = {c: pd.Series(dtype=dtypes.get(c, object)) for c in BASE_COLUMNS}

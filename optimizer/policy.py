@@ -47,7 +47,8 @@ gets at most ``challenger_cap``. Shares are then renormalised within those bound
 **Stop rule**: the arm most likely best among the active arms, with probability
 ≥ ``stop_probability_best`` and expected loss (E[max θ − θ_arm], KPI units) below
 ``stop_expected_loss``, is recommended in ``recommendation_`` (never while an
-active arm is still in burn-in). Guardrail pauses are not the policy's job: see :mod:`optimizer.guardrails`.
+active arm is still in burn-in). Guardrail pauses are not the policy's job: see
+:mod:`optimizer.guardrails`.
 """
 
 from __future__ import annotations

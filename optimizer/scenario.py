@@ -25,9 +25,10 @@ true probabilities and means of every outcome the simulator draws::
     arms.a = { conversion = 0.05 }   # overrides of the arm's truth in this segment
 
 The ``[kpi]`` and ``[policy]`` tables take the same fields as ``flywheel.toml``.
-``config = "../../flywheel.toml"`` (relative to the scenario file) takes the KPI
-and the policy from that configuration file instead — the shipped defaults —
-with the scenario's own ``[policy]`` fields applied on top.
+``config = "../../flywheel.toml"`` (relative to the scenario file) takes the KPI,
+the policy and the holdback share from that configuration file instead — the
+shipped defaults — with the scenario's own ``[policy]`` fields (and ``holdback``)
+applied on top.
 
 Arms may arrive and leave mid-run: ``arrives_day`` (the arm is created then and
 gets traffic from then on) and ``retires_day`` (an operator retires it then; its
@@ -212,6 +213,8 @@ class Scenario(_Strict):
     #: Mean turns per session (1 + Poisson(turns_mean - 1)).
     turns_mean: float = Field(2.0, ge=1, le=50)
     champion: str | None = None
+    #: Share of users kept on the champion outside the bandit (``experiment.holdback``).
+    holdback: float = Field(0.0, ge=0, lt=0.5)
     segment_by: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$")
     delay: DelaySpec = Field(default_factory=lambda: DelaySpec.model_validate({"mean_days": 1.0}))
     kpi: KPIConfig = Field(default_factory=_default_kpi)
@@ -481,7 +484,10 @@ def _from_config(config: Any, payload: Mapping[str, Any], source: str) -> dict[s
     if not isinstance(own, Mapping):
         raise ConfigError(f"{source}: [policy] must be a table")
     policy.update(own)
-    return {"kpi": loaded.kpi.model_dump(), "policy": policy}
+    out: dict[str, Any] = {"kpi": loaded.kpi.model_dump(), "policy": policy}
+    if "holdback" not in payload:
+        out["holdback"] = loaded.experiment.holdback
+    return out
 
 
 def load_scenario(path: str | Path) -> Scenario:

@@ -118,6 +118,7 @@ def scenario_config(scenario: Scenario, policy: Policy, *, experiment_id: str) -
         salt=experiment_id,
         champion=scenario.champion_id,
         segment_by=(scenario.segment_by,) if scenario.segment_by else (),
+        holdback=scenario.holdback,
         arms=tuple(ArmConfig.model_validate({"id": a.id, "prompt": a.id}) for a in scenario.arms),
     )
     return Config(
@@ -248,6 +249,7 @@ class _BatchingStore(Store):
                 "segment": rec.segment,
                 "context": dict(rec.context),
                 "simulated": rec.simulated,
+                "holdback": rec.holdback,
                 "assigned_at": rec.assigned_at,
             }
         )
@@ -435,6 +437,8 @@ def simulate(
             salt=experiment_id,
             segment_by=config.experiment.segment_by,
             snapshot_ttl_s=math.inf,  # refreshed by invalidate() after each refit
+            holdback=scenario.holdback,
+            baseline=scenario.champion_id,
         )
         if policy == "oracle":
             base_store.save_snapshot(

@@ -70,11 +70,15 @@ def test_an_arm_added_from_the_cli_is_served_by_a_running_replica(
     base = ["--config", str(_cli_config(tmp_path)), "--database-url", store.url]
     runner = CliRunner()
 
-    added = runner.invoke(app, ["arms", "add", "fresh", "--prompt-file", str(prompt), *base, "--json"])
+    added = runner.invoke(
+        app, ["arms", "add", "fresh", "--prompt-file", str(prompt), *base, "--json"]
+    )
     assert added.exit_code == 0, added.output
     out = json.loads(added.stdout)
     assert (out["arm_id"], out["result"], out["snapshot_version"]) == ("fresh", "created", 1)
-    again = runner.invoke(app, ["arms", "add", "fresh", "--prompt-file", str(prompt), *base, "--json"])
+    again = runner.invoke(
+        app, ["arms", "add", "fresh", "--prompt-file", str(prompt), *base, "--json"]
+    )
     assert json.loads(again.stdout)["result"] == "known"
 
     replica.assigner.invalidate()  # its snapshot cache would expire within seconds anyway

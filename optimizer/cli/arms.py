@@ -23,7 +23,9 @@ from optimizer.cli.common import (
     print_json,
 )
 
-app = typer.Typer(help="Arms as data: list, add (new arm or version), retire.", no_args_is_help=True)
+app = typer.Typer(
+    help="Arms as data: list, add (new arm or version), retire.", no_args_is_help=True
+)
 
 ActorOption = typer.Option("operator", "--actor", help="Who is acting (audited).")
 
@@ -144,7 +146,9 @@ def add(
         print_json({"arm_id": new_id, "result": what, "snapshot_version": snapshot})
         return
     verb = {"created": "created", "version": "new version", "known": "already known"}[what]
-    console.print(f"[bold]{new_id}[/bold]: {verb}" + (f" (snapshot {snapshot})" if snapshot else ""))
+    console.print(
+        f"[bold]{new_id}[/bold]: {verb}" + (f" (snapshot {snapshot})" if snapshot else "")
+    )
 
 
 @app.command()

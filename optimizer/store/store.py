@@ -70,6 +70,8 @@ class AssignmentRecord:
     context: Mapping[str, Any]
     assigned_at: datetime
     simulated: bool = False
+    #: In the holdback: the experiment's baseline arm, outside the bandit.
+    holdback: bool = False
 
 
 @dataclass(frozen=True)
@@ -225,7 +227,9 @@ class Store:
                 )
 
     @staticmethod
-    def _ensure_experiment(conn: sa.Connection, experiment_id: str, salt: str, now: datetime) -> None:
+    def _ensure_experiment(
+        conn: sa.Connection, experiment_id: str, salt: str, now: datetime
+    ) -> None:
         exists = conn.execute(
             sa.select(schema.experiments.c.id).where(schema.experiments.c.id == experiment_id)
         ).first()
@@ -365,6 +369,7 @@ class Store:
                         segment=rec.segment,
                         context=dict(rec.context),
                         simulated=rec.simulated,
+                        holdback=rec.holdback,
                         assigned_at=rec.assigned_at,
                     )
                 )
@@ -646,4 +651,5 @@ def _assignment(row: sa.Row[Any]) -> AssignmentRecord:
         context=row.context or {},
         assigned_at=as_utc(row.assigned_at),
         simulated=bool(row.simulated),
+        holdback=bool(row.holdback),
     )

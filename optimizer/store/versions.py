@@ -120,7 +120,7 @@ def register_arm(
     """
     if not _BASE_ID.match(spec.id):
         raise ValueError(
-            "arm id may hold 1-180 letters, digits and _.:+/- (no '@'), " f"got {spec.id!r}"
+            f"arm id may hold 1-180 letters, digits and _.:+/- (no '@'), got {spec.id!r}"
         )
     arms = schema.arms
     digest = arm_content_hash(spec.prompt_hash, spec.fewshot, spec.fewshot_config, spec.model)
