@@ -227,6 +227,11 @@ class PolicyConfig(_Section):
     #: Partial pooling: a segment's prior is its arm's pooled posterior, worth this many
     #: sessions.
     segment_prior_sessions: float = Field(50.0, gt=0)
+    #: With ``auto_promote``, when the stop rule fires: retire every other active arm whose
+    #: probability of being best is below this after ``retire_min_sessions`` effective
+    #: sessions (0 disables).
+    retire_probability_best: float = Field(0.01, ge=0, lt=0.5)
+    retire_min_sessions: int = Field(1000, ge=0)
 
 
 class ActionConfig(_Section):
@@ -266,6 +271,8 @@ class FewShotConfig(_Section):
     # Challenger proposal after this many newly approved examples, with the best k.
     propose_after: int = Field(10, ge=1)
     propose_k: int = Field(3, ge=1, le=20)
+    #: Create the proposed arm in the store at once (false: only record the proposal).
+    propose_adds_arm: bool = True
     #: Seconds between the chat path's checks for bank changes (0 = every call).
     refresh_s: float = Field(30.0, ge=0)
     #: Preference pairs for exports: minimum TF-IDF cosine between the two prompts.

@@ -8,7 +8,10 @@ One run, under a lock so two processes never fit at once (:mod:`optimizer.locks`
    gets a ``paused_guardrail`` arm event with the evidence and leaves the allocation;
 4. the policy (``config.policy.kind``) fits and allocates per segment;
 5. stop rule: a ``stop_recommended`` event, or ``promoted`` with
-   ``policy.auto_promote`` (an event already current is not repeated);
+   ``policy.auto_promote`` (an event already current is not repeated) — the
+   champion in the store, for every replica and for what builds on it (guardrails,
+   few-shot proposals); with ``auto_promote`` the losers below
+   ``policy.retire_probability_best`` after ``retire_min_sessions`` are retired;
 6. sample-ratio-mismatch check (:mod:`optimizer.srm`);
 7. a versioned snapshot (``Store.save_snapshot``) that serving reads.
 
@@ -205,12 +208,16 @@ def _run(
     )
     recommendation = policy.recommendation_
     promoted = None
+    retired: list[str] = []
     if recommendation is not None:
         promoted = _record_stop(store, config, recommendation, champion, actor, now)
         if promoted:
             statuses = {a: ("active" if s == "champion" else s) for a, s in statuses.items()}
             statuses[promoted] = "champion"
             champion = promoted
+        if pol.auto_promote:
+            retired = _retire_losers(store, config, policy.summary_, recommendation, actor, now)
+            statuses.update(dict.fromkeys(retired, "retired"))
 
     versions = frame["snapshot_version"].dropna().unique().tolist()
     srm_result = srm.srm_check(
@@ -237,6 +244,7 @@ def _run(
         "stop": {
             "recommended": recommendation["arm"] if recommendation else None,
             "promoted": promoted,
+            "retired": retired,
             "details": recommendation,
             "stop_probability_best": pol.stop_probability_best,
             "stop_expected_loss": pol.stop_expected_loss,
@@ -308,6 +316,40 @@ def _record_stop(
         )
         log.info("optimizer: stop rule recommends %r", arm)
     return None
+
+
+def _retire_losers(
+    store: Store,
+    config: Config,
+    summary: Mapping[str, Mapping[str, Any]],
+    recommendation: Mapping[str, Any],
+    actor: str,
+    now: datetime,
+) -> list[str]:
+    """Retire the active arms the stop rule left behind: P(best) below
+    ``policy.retire_probability_best`` after ``policy.retire_min_sessions`` effective sessions.
+    The winner is never retired; a retired arm's history stays."""
+    pol, exp = config.policy, config.experiment
+    if pol.retire_probability_best <= 0:
+        return []
+    out = []
+    for arm, s in sorted(summary.items()):
+        p_best = s.get("prob_best")
+        if arm == recommendation["arm"] or p_best is None:
+            continue
+        if p_best < pol.retire_probability_best and (
+            s.get("effective_sessions", 0) >= pol.retire_min_sessions
+        ):
+            evidence = {
+                "prob_best": p_best,
+                "effective_sessions": s.get("effective_sessions"),
+                "winner": recommendation["arm"],
+                "retire_probability_best": pol.retire_probability_best,
+            }
+            store.record_arm_event(exp.id, arm, "retired", actor=actor, evidence=evidence, at=now)
+            log.info("optimizer: retired %r (P(best) %.4f after the stop rule)", arm, p_best)
+            out.append(arm)
+    return out
 
 
 def _configured(
