@@ -132,7 +132,7 @@ def _champion(store: Store, config: Config) -> Any:
     rows = {r.id: r for r in store.arms(exp.id)}
     statuses = store.arm_statuses(exp.id)
     stored = next((a for a, s in statuses.items() if s == "champion" and a in rows), None)
-    if stored is None and exp.champion in rows:
+    if stored is None and exp.champion is not None and exp.champion in rows:
         stored = store.current_arm(exp.id, exp.champion)
     if stored is not None:
         return rows[stored]
