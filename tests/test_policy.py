@@ -74,7 +74,7 @@ def test_composite_kpi_uses_nig_with_pooled_prior() -> None:
     frame = pd.DataFrame(
         {"arm_id": ["a", "a", "b", "b"], "reward": [1.0, 3.0, 0.5, 1.5], "complete": True}
     )
-    policy = ts(samples=200_000).fit(frame)
+    policy = ts(samples=200_000, delay="wait").fit(frame)
     assert policy.model_ == "nig"
     # pooled prior: mu0 = 1.5, var0 = mean(y²) - 1.5² = 0.875; kappa0 = alpha0 = 1
     mu, kappa, alpha, beta = nig_posterior(
@@ -98,7 +98,7 @@ def test_delay_model_counts_open_sessions_by_exposure() -> None:
         }
     )
     frame.attrs["kpi_terms"] = [{"name": "conversion", "column": "conversion", "weight": 1.0}]
-    wait = ts().fit(frame)
+    wait = ts(delay="wait").fit(frame)
     model = ts(delay="model").fit(frame)
     assert wait.summary_["a"]["kpi_mean"] == pytest.approx(2 / 4)  # Beta(1 + 1, 1 + 1)
     # α = 1 + Σ observed = 3; β = 1 + Σ exposure·(1 − observed) = 1 + 1 + 0.25
