@@ -11,7 +11,9 @@ them, two references that do not use the product's code:
   Bernoulli KPIs (per segment), among the arms that respect the guardrails.
 
 The baseline of the ratio is the uniform split measured in the same run:
-``thompson / uniform`` regret. Target: ≤ 25% on ``five_arms_one_winner``.
+``thompson / uniform`` regret. Targets: ≤ 25% on ``five_arms_one_winner``; ≤ 50% on
+``shipped_defaults`` (the project's flywheel.toml KPI and policy, four weeks);
+≤ 18% on ``two_day_delay`` (issue #13).
 
 ``--floor-study`` prices the safe-rollout choices on the target scenario:
 Thompson with no floor, a constant 2% floor, the default decaying floor
@@ -56,6 +58,8 @@ NAMES = (
     "guardrail_breach",
     "segments",
     "slow_conversions",
+    "shipped_defaults",
+    "two_day_delay",
 )
 TARGET_SCENARIO = "five_arms_one_winner"
 TARGET_RATIO = 0.25

@@ -44,6 +44,7 @@ from chatbot.prompting import build_messages, prompt_budget
 from chatbot.runtime import Runtime, best_effort, storable_text
 from optimizer.clock import utcnow
 from optimizer.config import ActionConfig
+from optimizer.prompts import Example, Variant
 from optimizer.store import AssignmentRecord, OutcomeRecord, TurnRecord, schema
 
 log = logging.getLogger(__name__)
@@ -213,9 +214,7 @@ class Conversation:
 
         began = time.perf_counter()
         self.assignment = await asyncio.to_thread(rt.assigner.ensure_serving, self.assignment)
-        arm = rt.arm(self.assignment.arm_id)
-        variant = rt.prompts.variant(arm.prompt)
-        examples = await asyncio.to_thread(rt.selector.select, arm, text)
+        variant, examples = await asyncio.to_thread(_prepare, rt, self.assignment.arm_id, text)
         selected = time.perf_counter()
         messages, kept = build_messages(
             variant,
@@ -347,3 +346,9 @@ def _history(runtime: Runtime, session_id: str) -> list[dict[str, str]]:
             {"role": "assistant", "content": row.reply},
         ]
     return history
+
+
+def _prepare(rt: Runtime, arm_id: str, text: str) -> tuple[Variant, list[Example]]:
+    """The served arm's prompt and its few-shot examples for ``text`` (one thread hop)."""
+    arm, variant = rt.serve(arm_id)
+    return variant, rt.selector.select(arm, text)

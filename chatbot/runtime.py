@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,8 +28,9 @@ from optimizer.assignment import Assigner
 from optimizer.config import ArmConfig, Config
 from optimizer.errors import ConfigError
 from optimizer.fewshot import ExampleSelector
-from optimizer.prompts import PromptLibrary, load_prompts
+from optimizer.prompts import PromptLibrary, Variant, load_prompts
 from optimizer.store import ArmSpec, OutcomeRecord, Store, schema
+from optimizer.store.versions import successor
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,29 @@ def _arm_spec(arm: ArmConfig, prompts: PromptLibrary) -> ArmSpec:
         fewshot = {"examples": list(arm.examples)}
     elif arm.fewshot == "retrieved":
         fewshot = {"k": arm.k, "reward_weighted": arm.reward_weighted}
-    return ArmSpec(arm.id, arm.prompt, prompts.variant(arm.prompt).hash, arm.fewshot, fewshot)
+    variant = prompts.variant(arm.prompt)
+    return ArmSpec(
+        arm.id, arm.prompt, variant.hash, arm.fewshot, fewshot, prompt_text=variant.template
+    )
+
+
+def _served(row: Any, prompts: PromptLibrary) -> tuple[ArmConfig, Variant]:
+    """What a stored arm version serves: its few-shot settings and its stored prompt text."""
+    cfg = dict(row.fewshot_config or {})
+    arm = ArmConfig.model_validate(
+        {
+            "id": row.base_id or row.id,
+            "prompt": row.prompt_id,
+            "fewshot": row.fewshot,
+            **({"examples": cfg["examples"]} if "examples" in cfg else {}),
+            **{k: cfg[k] for k in ("k", "reward_weighted") if k in cfg},
+        }
+    )
+    if row.prompt_text:
+        variant = Variant(row.prompt_id, "", row.prompt_text, row.prompt_hash, f"store:{row.id}")
+    else:  # a row from before arm versions: the prompt file
+        variant = prompts.variant(row.prompt_id)
+    return arm, variant
 
 
 @dataclass
@@ -84,6 +109,11 @@ class Runtime:
     assigner: Assigner
     selector: ExampleSelector
     tracer: Tracer
+    #: Seconds between re-reads of the store's arm versions on the chat path.
+    arms_refresh_s: float = 5.0
+    _stored: dict[str, Any] = field(default_factory=dict, repr=False)
+    _stored_at: float = field(default=-1e18, repr=False)
+    _stored_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def build(
@@ -117,6 +147,8 @@ class Runtime:
                 salt=config.experiment.salt,
                 segment_by=config.experiment.segment_by,
                 champion=config.experiment.champion,
+                holdback=config.experiment.holdback,
+                baseline=config.experiment.baseline_arm or next(iter(arms)),
             ),
             selector=ExampleSelector(prompts, store, refresh_s=config.fewshot.refresh_s),
             tracer=tracer if tracer is not None else get_tracer(config),
@@ -155,6 +187,34 @@ class Runtime:
                 actor="config",
                 evidence={"source": self.config.source},
             )
+
+    def serve(self, arm_id: str) -> tuple[ArmConfig, Variant]:
+        """The arm settings and prompt an assigned arm serves, from the store's arm versions.
+
+        Arms are data: one created at run time (dashboard, CLI, optimizer) is
+        served from its stored text without a restart, and every replica
+        serves a version's stored text whatever its own ``prompts/`` holds. A
+        retired version (superseded by an edit) serves its newest version, so
+        its open sessions move to it. Unknown arms fall back to :meth:`arm`.
+        Blocking (reads the store every ``arms_refresh_s``): call it off the loop.
+        """
+        rows = self._stored_arms(arm_id)
+        if arm_id in rows:
+            newest = successor(list(rows.values()), arm_id)
+            return _served(rows[newest], self.prompts)
+        arm = self.arm(arm_id)
+        return arm, self.prompts.variant(arm.prompt)
+
+    def _stored_arms(self, arm_id: str) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._stored_lock:
+            fresh = now - self._stored_at < self.arms_refresh_s and arm_id in self._stored
+            if fresh:
+                return self._stored
+        rows = {r.id: r for r in self.store.arms(self.config.experiment.id)}
+        with self._stored_lock:
+            self._stored, self._stored_at = rows, now
+        return rows
 
     def arm(self, arm_id: str) -> ArmConfig:
         """The configuration of an assigned arm.

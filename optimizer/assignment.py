@@ -19,6 +19,15 @@ before every reply, moves a conversation whose arm stopped serving to the
 champion — the old assignment is closed with the reason, a new one (session id
 ``"<thread>~<n>"``, propensity 1.0: a forced move, not a draw) continues the
 thread — so every assignment keeps one arm and one propensity.
+
+**Holdback.** With ``holdback`` > 0, that share of users (by a hash of their id
+with the salt and ``":holdback"``, so it is sticky and independent of the arm
+split) is served the experiment's ``baseline`` arm for the experiment's life,
+whatever the snapshot says and whatever is promoted: the flywheel's own lift is
+the KPI of everyone else against theirs. Their assignments carry
+``holdback=True`` and propensity 1; the optimizer leaves them out of the
+bandit, the guardrails, the SRM check and off-policy estimates (see
+:mod:`optimizer.holdback`).
 """
 
 from __future__ import annotations
@@ -34,8 +43,9 @@ from typing import Any
 from optimizer.clock import utcnow
 from optimizer.errors import PolicyError
 from optimizer.store import ACTIVE_STATUSES, AssignmentRecord, Store
+from optimizer.store.versions import successor
 
-__all__ = ["Allocation", "Assigner", "choose_arm", "segment_key", "user_point"]
+__all__ = ["Allocation", "Assigner", "choose_arm", "in_holdback", "segment_key", "user_point"]
 
 #: The allocation key that applies to every session without a segment of its own.
 ALL_SEGMENTS = "*"
@@ -45,6 +55,15 @@ def user_point(user_id: str, salt: str) -> float:
     """Deterministic point in [0, 1) for a user in an experiment."""
     digest = hashlib.blake2b(f"{salt}:{user_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
+
+
+def in_holdback(user_id: str, salt: str, share: float) -> bool:
+    """Whether a user is in the experiment's holdback of ``share`` (sticky, by hash).
+
+    >>> in_holdback("u1", "salt", 0.0), in_holdback("u1", "salt", 0.999999)
+    (False, True)
+    """
+    return share > 0 and user_point(user_id, f"{salt}:holdback") < share
 
 
 def segment_key(context: Mapping[str, Any], segment_by: Sequence[str]) -> str:
@@ -110,7 +129,15 @@ class Assigner:
         segment_by: Sequence[str] = (),
         snapshot_ttl_s: float = 5.0,
         champion: str | None = None,
+        holdback: float = 0.0,
+        baseline: str | None = None,
     ) -> None:
+        if not 0 <= holdback < 1:
+            raise ValueError(f"holdback must be in [0, 1), got {holdback!r}")
+        if holdback > 0 and not baseline:
+            raise ValueError("a holdback needs a baseline arm, got none")
+        self.holdback = holdback
+        self.baseline = baseline
         self.store = store
         self.champion = champion
         self.experiment_id = experiment_id
@@ -157,14 +184,18 @@ class Assigner:
     def ensure_serving(
         self, current: AssignmentRecord, *, at: datetime | None = None
     ) -> AssignmentRecord:
-        """``current`` while its arm serves; else the conversation moved to the champion.
+        """``current`` while its arm serves; else the conversation moved to one that does.
 
         An arm serves while its status is active or champion (an arm unknown to the
-        store, e.g. before any sync, is left alone). Otherwise the conversation moves
-        to the champion (status ``champion``, else the configured one, if it serves),
-        or to a fresh draw from the allocation when no champion serves; the old
-        assignment is closed with the reason (:meth:`Store.reassign`).
+        store, e.g. before any sync, is left alone; a holdback assignment always
+        stays). Otherwise the conversation moves to the arm's newest version when an
+        edit retired it, else to the champion (status ``champion``, else the
+        configured one, if it serves), or to a fresh draw from the allocation when no
+        champion serves; the old assignment is closed with the reason
+        (:meth:`Store.reassign`).
         """
+        if current.holdback:  # the holdback stays on its baseline for the experiment's life
+            return current
         allocation = self.allocation()
         status = allocation.statuses.get(current.arm_id)
         if status is None or status in ACTIVE_STATUSES:
@@ -172,7 +203,11 @@ class Assigner:
         probs = allocation.for_segment(current.segment)
         champion = next((a for a, s in allocation.statuses.items() if s == "champion"), None)
         champion = champion or self.champion
-        if champion is not None and allocation.statuses.get(champion) in ACTIVE_STATUSES:
+        # An edited prompt retired this version: the conversation goes on with the new one.
+        newest = successor(list(self.store.arms(self.experiment_id)), current.arm_id)
+        if newest != current.arm_id and allocation.statuses.get(newest) in ACTIVE_STATUSES:
+            arm, propensity, how = newest, 1.0, "its newest version"
+        elif champion is not None and allocation.statuses.get(champion) in ACTIVE_STATUSES:
             arm, propensity, how = champion, 1.0, "the champion"
         else:
             arm, propensity = choose_arm(probs, user_point(current.user_id, self.salt))
@@ -209,6 +244,23 @@ class Assigner:
             return existing
         context = dict(context or {})
         segment = segment_key(context, self.segment_by)
+        if self.holdback > 0 and in_holdback(user_id, self.salt, self.holdback):
+            assert self.baseline is not None
+            return self.store.record_assignment(
+                AssignmentRecord(
+                    session_id=session_id,
+                    user_id=user_id,
+                    experiment_id=self.experiment_id,
+                    arm_id=self.baseline,
+                    propensity=1.0,
+                    snapshot_version=None,
+                    segment=segment,
+                    context=context,
+                    assigned_at=at or utcnow(),
+                    simulated=simulated,
+                    holdback=True,
+                )
+            )
         allocation = self.allocation()
         probs = allocation.for_segment(segment)
         previous = self.store.last_assignment_for_user(user_id, self.experiment_id)

@@ -160,6 +160,16 @@ class ExperimentConfig(_Section):
     #: Context keys that define segments for per-segment allocation (e.g. ``["plan"]``).
     segment_by: tuple[str, ...] = ()
     arms: tuple[ArmConfig, ...] = ()
+    #: Share of users (sticky) kept on ``baseline`` for the experiment's life, outside the
+    #: bandit: the flywheel's own lift is measured against them. 0 disables it.
+    holdback: float = Field(0.05, ge=0, lt=0.5)
+    #: The holdback's arm; default: ``champion``, else the first arm. Never follows promotions.
+    baseline: str | None = None
+
+    @property
+    def baseline_arm(self) -> str | None:
+        """The holdback's arm: ``baseline``, else the configured champion, else the first arm."""
+        return self.baseline or self.champion or (self.arms[0].id if self.arms else None)
 
     @model_validator(mode="after")
     def _arms_consistent(self) -> ExperimentConfig:
@@ -169,6 +179,8 @@ class ExperimentConfig(_Section):
             raise ValueError(f"arm ids must be unique, got duplicates {dupes}")
         if self.champion is not None and self.arms and self.champion not in ids:
             raise ValueError(f"champion must be one of the arm ids {ids}, got {self.champion!r}")
+        if self.baseline is not None and self.arms and self.baseline not in ids:
+            raise ValueError(f"baseline must be one of the arm ids {ids}, got {self.baseline!r}")
         return self
 
 
@@ -269,9 +281,11 @@ class PolicyConfig(_Section):
     #: An arm's floor shrinks as floor / (1 + complete_sessions / floor_decay_sessions);
     #: 0 keeps it constant.
     floor_decay_sessions: float = Field(1000.0, ge=0)
-    #: "wait": a session counts once all KPI windows closed; "model": open sessions count with
-    #: the estimated share of their outcome already observed (see ``optimizer.kpi``).
-    delay: Literal["wait", "model"] = "wait"
+    #: "model" (default): open sessions count, term by term, with the estimated share of
+    #: their outcome already observed — learning starts on day one; "wait": a session counts
+    #: once all KPI windows closed (exact, but a 30-day revenue term means a month of
+    #: uniform traffic). See ``optimizer.kpi``.
+    delay: Literal["wait", "model"] = "model"
     #: Partial pooling: a segment's prior is its arm's pooled posterior, worth this many
     #: sessions.
     segment_prior_sessions: float = Field(50.0, gt=0)
@@ -283,6 +297,11 @@ class PolicyConfig(_Section):
     #: "always_valid": the stop rule also needs an always-valid bound of best − every other
     #: arm above 0 (see ``optimizer.policy``); "posterior": P(best) and expected loss only.
     stop_rule: Literal["always_valid", "posterior"] = "always_valid"
+    #: With ``auto_promote``, when the stop rule fires: retire every other active arm whose
+    #: probability of being best is below this after ``retire_min_sessions`` effective
+    #: sessions (0 disables).
+    retire_probability_best: float = Field(0.01, ge=0, lt=0.5)
+    retire_min_sessions: int = Field(1000, ge=0)
 
 
 class ActionConfig(_Section):
@@ -322,6 +341,8 @@ class FewShotConfig(_Section):
     # Challenger proposal after this many newly approved examples, with the best k.
     propose_after: int = Field(10, ge=1)
     propose_k: int = Field(3, ge=1, le=20)
+    #: Create the proposed arm in the store at once (false: only record the proposal).
+    propose_adds_arm: bool = True
     #: Seconds between the chat path's checks for bank changes (0 = every call).
     refresh_s: float = Field(30.0, ge=0)
     #: Preference pairs for exports: minimum TF-IDF cosine between the two prompts.

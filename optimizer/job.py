@@ -8,7 +8,10 @@ One run, under a lock so two processes never fit at once (:mod:`optimizer.locks`
    gets a ``paused_guardrail`` arm event with the evidence and leaves the allocation;
 4. the policy (``config.policy.kind``) fits and allocates per segment;
 5. stop rule: a ``stop_recommended`` event, or ``promoted`` with
-   ``policy.auto_promote`` (an event already current is not repeated);
+   ``policy.auto_promote`` (an event already current is not repeated) — the
+   champion in the store, for every replica and for what builds on it (guardrails,
+   few-shot proposals); with ``auto_promote`` the losers below
+   ``policy.retire_probability_best`` after ``retire_min_sessions`` are retired;
 6. sample-ratio-mismatch check (:mod:`optimizer.srm`);
 7. a versioned snapshot (``Store.save_snapshot``) that serving reads.
 
@@ -44,6 +47,7 @@ from optimizer import guardrails, kpi, srm
 from optimizer.assignment import ALL_SEGMENTS
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
+from optimizer.holdback import bandit_frame, holdback_lift
 from optimizer.jsonable import jsonable
 from optimizer.locks import job_lock
 from optimizer.policy import make_policy
@@ -164,9 +168,10 @@ def _run(
         champion = exp.champion
     active = sorted(a for a, s in statuses.items() if s in ACTIVE_STATUSES)
     if exp.arms:  # an arm dropped from the configuration gets no more traffic
-        configured = {a.id for a in exp.arms}
-        active = [a for a in active if a in configured]
-    frame = kpi.session_frame(store, config, now=now)
+        active = _configured(store, exp.id, {a.id for a in exp.arms}, active)
+    full_frame = kpi.session_frame(store, config, now=now)
+    # The holdback is outside the bandit: no policy, guardrail or SRM sees it (optimizer.holdback).
+    frame = bandit_frame(full_frame)
 
     # An arm an operator resumed is judged on what happened since, not re-paused on old data.
     resumed = {a: t for a, t in _resumed_at(store, exp.id).items() if a != champion}
@@ -205,12 +210,16 @@ def _run(
     )
     recommendation = policy.recommendation_
     promoted = None
+    retired: list[str] = []
     if recommendation is not None:
         promoted = _record_stop(store, config, recommendation, champion, actor, now)
         if promoted:
             statuses = {a: ("active" if s == "champion" else s) for a, s in statuses.items()}
             statuses[promoted] = "champion"
             champion = promoted
+        if pol.auto_promote:
+            retired = _retire_losers(store, config, policy.summary_, recommendation, actor, now)
+            statuses.update(dict.fromkeys(retired, "retired"))
 
     versions = frame["snapshot_version"].dropna().unique().tolist()
     srm_result = srm.srm_check(
@@ -237,6 +246,7 @@ def _run(
         "stop": {
             "recommended": recommendation["arm"] if recommendation else None,
             "promoted": promoted,
+            "retired": retired,
             "details": recommendation,
             "stop_probability_best": pol.stop_probability_best,
             "stop_expected_loss": pol.stop_expected_loss,
@@ -253,6 +263,13 @@ def _run(
         "burn_in_complete": policy.burn_in_complete_,
         "sessions": len(frame),
         "complete_sessions": complete,
+        "holdback": holdback_lift(
+            full_frame,
+            share=exp.holdback,
+            delay=pol.delay,
+            samples=pol.samples,
+            random_state=rng,
+        ),
         "now": now.isoformat(),
     }
     summary = jsonable(summary)
@@ -305,6 +322,56 @@ def _record_stop(
         )
         log.info("optimizer: stop rule recommends %r", arm)
     return None
+
+
+def _retire_losers(
+    store: Store,
+    config: Config,
+    summary: Mapping[str, Mapping[str, Any]],
+    recommendation: Mapping[str, Any],
+    actor: str,
+    now: datetime,
+) -> list[str]:
+    """Retire the active arms the stop rule left behind: P(best) below
+    ``policy.retire_probability_best`` after ``policy.retire_min_sessions`` effective sessions.
+    The winner is never retired; a retired arm's history stays."""
+    pol, exp = config.policy, config.experiment
+    if pol.retire_probability_best <= 0:
+        return []
+    out = []
+    for arm, s in sorted(summary.items()):
+        p_best = s.get("prob_best")
+        if arm == recommendation["arm"] or p_best is None:
+            continue
+        if p_best < pol.retire_probability_best and (
+            s.get("effective_sessions", 0) >= pol.retire_min_sessions
+        ):
+            evidence = {
+                "prob_best": p_best,
+                "effective_sessions": s.get("effective_sessions"),
+                "winner": recommendation["arm"],
+                "retire_probability_best": pol.retire_probability_best,
+            }
+            store.record_arm_event(exp.id, arm, "retired", actor=actor, evidence=evidence, at=now)
+            log.info("optimizer: retired %r (P(best) %.4f after the stop rule)", arm, p_best)
+            out.append(arm)
+    return out
+
+
+def _configured(
+    store: Store, experiment_id: str, configured: set[str], active: list[str]
+) -> list[str]:
+    """Active arms still wanted: the configured ones (any version) and those created at run
+    time (by an operator, the CLI or the optimizer), which the file does not list."""
+    rows = {r.id: r for r in store.arms(experiment_id)}
+
+    def wanted(arm: str) -> bool:
+        row = rows.get(arm)
+        if row is None:
+            return arm in configured
+        return row.origin != "config" or (row.base_id or row.id) in configured
+
+    return [a for a in active if wanted(a)]
 
 
 def _operator_caps(store: Store, experiment_id: str) -> dict[str, float]:

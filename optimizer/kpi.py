@@ -23,11 +23,12 @@ A conversion may arrive days after the chat. Counting a session whose window is
 still open as "no conversion" would bias every arm downward, and the newest arm
 (or the arm the bandit currently favours, whose sessions are youngest) the most.
 So a term's column is **NaN until its window has closed** (``age >= window_days``),
-and ``reward`` is NaN and ``complete`` False until *all* windows have closed. This
-is what the policy uses by default (``policy.delay = "wait"``): exact, at the
-price of learning only from sessions older than the longest window.
+and ``reward`` is NaN and ``complete`` False until *all* windows have closed.
+``policy.delay = "wait"`` learns from those only: exact, at the price of learning
+only from sessions older than the longest window (a month with a 30-day revenue
+term).
 
-For faster learning (``policy.delay = "model"``) the frame also carries, per
+To learn from day one (``policy.delay = "model"``, the default) the frame also carries, per
 term, ``<term>_observed`` (the value so far) and ``<term>_exposure``: the share
 of the term's final value expected to have arrived by the session's age,
 ``F(age)``. ``F`` is the delay distribution of the term's events (value-weighted
@@ -96,6 +97,7 @@ BASE_COLUMNS = (
     "segment",
     "propensity",
     "snapshot_version",
+    "holdback",
     "assigned_at",
     "age_days",
     "turns",
@@ -300,7 +302,12 @@ def _sessions(
     rows = fetch_tuples(
         conn,
         sa.select(
-            *base, a.c.propensity, a.c.snapshot_version, epoch(a.c.assigned_at), *counts
+            *base,
+            a.c.propensity,
+            a.c.snapshot_version,
+            epoch(a.c.assigned_at),
+            a.c.holdback,
+            *counts,
         ).where(experiment == experiment_id, a.c.assigned_at <= now),
     )
     if not rows:
@@ -312,7 +319,8 @@ def _sessions(
     frame["propensity"] = cells[:, 4].astype(float)
     frame["snapshot_version"] = pd.array(cells[:, 5].astype(float), dtype="Int64")
     frame["assigned_s"] = cells[:, 6].astype(float)
-    for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=7):
+    frame["holdback"] = cells[:, 7].astype(bool)
+    for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=8):
         frame[name] = cells[:, i].astype(np.int64)
     del cells
     sessions = pd.Index(frame["session_id"])
@@ -527,6 +535,7 @@ def _empty_frame(terms: Sequence[KPITermConfig]) -> pd.DataFrame:
         "age_days": float,
         "reward": float,
         "complete": bool,
+        "holdback": bool,
         **{c: np.int64 for c in ("turns", "errors", "rated", "thumbs_up", "thumbs_down")},
     }
     columns = {c: pd.Series(dtype=dtypes.get(c, object)) for c in BASE_COLUMNS}

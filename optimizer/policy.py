@@ -38,17 +38,24 @@ every segment.
 
 Safe rollout (Thompson sampling)
 --------------------------------
-Probability each arm is best (Monte Carlo, ``samples`` draws) → **burn-in**:
-uniform until every active arm has ``burn_in`` complete sessions → **floor**: each
+Probability each arm is best (Monte Carlo, ``samples`` draws) → **burn-in, per
+arm**: an arm with fewer than ``burn_in`` effective sessions (complete ones with
+``delay="wait"``, exposure-weighted ones with ``"model"``) gets an exploration
+share of ``1/k`` (k active arms), at most ``challenger_cap`` unless it is the
+champion, while the arms past burn-in share the rest in proportion to their
+probability of being best *among themselves* — a newcomer (or a pause, or a
+retirement) scales the others' Thompson shares instead of resetting them to
+uniform; with no arm past burn-in traffic is uniform → **floor**: each
 active arm gets at least ``floor / (1 + n / floor_decay_sessions)`` (n = its
 complete sessions; ``floor_decay_sessions=0`` keeps the floor constant) → **cap**:
 a non-champion arm with fewer than ``challenger_min_sessions`` complete sessions
 gets at most ``challenger_cap``. Shares are then renormalised within those bounds.
 **Stop rule**: the arm most likely best among the active arms, with probability
 ≥ ``stop_probability_best`` and expected loss (E[max θ − θ_arm], KPI units) below
-``stop_expected_loss``, is recommended in ``recommendation_`` (never during
-burn-in). Those are per-look posterior figures: checked at every refit they
-name a winner of an A/A test far more often than 5 % (``bench/aa.py``). With
+``stop_expected_loss``, is recommended in ``recommendation_`` (never while an
+active arm is still in burn-in). Those are per-look posterior figures: checked at
+every refit they name a winner of an A/A test far more often than 5 %
+(``bench/aa.py``). With
 ``stop_rule="always_valid"`` (the default) the arm must also beat *every* other
 active arm by an always-valid bound (:mod:`optimizer.sequential`): the lower
 bound of θ_best − θ_other, from the posterior means and variances, must be > 0,
@@ -329,6 +336,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         is_active = np.isin(all_arms, active)
         eff_total = effective.sum(axis=0)
         self.burn_in_complete_ = self._burn_in_done(eff_total[is_active])
+        champion_mask = np.array(all_arms)[is_active] == champion
 
         self.allocation_: dict[str, dict[str, float]] = {}
         self.segment_summary_: dict[str, dict[str, dict[str, Any]]] = {}
@@ -353,7 +361,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
             n_seg = n_assigned.sum(axis=0) if i == 0 else n_assigned[i]
             c_seg = n_complete.sum(axis=0) if i == 0 else n_complete[i]
             e_seg = effective.sum(axis=0) if i == 0 else effective[i]
-            target = self._target(prob_best[is_active])
+            target = self._target(prob_best[is_active], act, eff_total[is_active], champion_mask)
             shares = self._constrain(
                 target, eff_total[is_active], np.array(all_arms)[is_active], champion
             )
@@ -531,8 +539,18 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         return True
 
     @abc.abstractmethod
-    def _target(self, prob_best: np.ndarray) -> np.ndarray:
-        """The share each arm should get, from its probability of being best."""
+    def _target(
+        self,
+        prob_best: np.ndarray,
+        draws: np.ndarray,
+        effective: np.ndarray,
+        champion: np.ndarray,
+    ) -> np.ndarray:
+        """The share each active arm should get, from its probability of being best.
+
+        ``draws`` are the posterior draws of the active arms (samples × arms),
+        ``effective`` their effective sessions, ``champion`` marks the champion.
+        """
 
     def _constrain(
         self, target: np.ndarray, effective: np.ndarray, arms: np.ndarray, champion: str | None
@@ -646,7 +664,7 @@ class UniformPolicy(_PosteriorPolicy):
         samples: int = 4000,
         stop_probability_best: float = 0.95,
         stop_expected_loss: float = 0.001,
-        delay: Delay = "wait",
+        delay: Delay = "model",
         segment_prior_sessions: float = 50.0,
         random_state: int | np.random.Generator | None = None,
         stop_rule: StopRule = "always_valid",
@@ -661,7 +679,13 @@ class UniformPolicy(_PosteriorPolicy):
             stop_rule=stop_rule,
         )
 
-    def _target(self, prob_best: np.ndarray) -> np.ndarray:
+    def _target(
+        self,
+        prob_best: np.ndarray,
+        draws: np.ndarray,
+        effective: np.ndarray,
+        champion: np.ndarray,
+    ) -> np.ndarray:
         return np.full(len(prob_best), 1 / len(prob_best))
 
 
@@ -692,7 +716,7 @@ class ThompsonSamplingPolicy(_PosteriorPolicy):
         stop_probability_best: float = 0.95,
         stop_expected_loss: float = 0.001,
         samples: int = 4000,
-        delay: Delay = "wait",
+        delay: Delay = "model",
         segment_prior_sessions: float = 50.0,
         random_state: int | np.random.Generator | None = None,
         stop_rule: StopRule = "always_valid",
@@ -732,10 +756,26 @@ class ThompsonSamplingPolicy(_PosteriorPolicy):
     def _burn_in_done(self, effective: np.ndarray) -> bool:
         return bool(len(effective) and (effective >= self.burn_in).all())
 
-    def _target(self, prob_best: np.ndarray) -> np.ndarray:
-        if not self.burn_in_complete_:
-            return np.full(len(prob_best), 1 / len(prob_best))
-        return prob_best
+    def _target(
+        self,
+        prob_best: np.ndarray,
+        draws: np.ndarray,
+        effective: np.ndarray,
+        champion: np.ndarray,
+    ) -> np.ndarray:
+        k = len(prob_best)
+        learning = effective < self.burn_in
+        if not learning.any():
+            return prob_best
+        if learning.all():
+            return np.full(k, 1 / k)
+        explore = np.where(champion, 1 / k, min(1 / k, self.challenger_cap))
+        target = np.where(learning, explore, 0.0)
+        # The others keep their Thompson shares among themselves, scaled to what is left.
+        known = draws[:, ~learning]
+        best = np.bincount(np.argmax(known, axis=1), minlength=known.shape[1]) / len(known)
+        target[~learning] = (1 - target.sum()) * best
+        return target
 
     def _constrain(
         self, target: np.ndarray, effective: np.ndarray, arms: np.ndarray, champion: str | None

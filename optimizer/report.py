@@ -32,6 +32,7 @@ from optimizer.assignment import ALL_SEGMENTS, Assigner
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
 from optimizer.errors import PolicyError
+from optimizer.holdback import holdback_lift
 from optimizer.jsonable import finite, jsonable
 from optimizer.store import Store, schema
 from optimizer.store.store import ARM_STATUS_BY_EVENT
@@ -110,6 +111,13 @@ def experiment_report(
         "leader": leader,
         "stop": summary.get("stop"),
         "srm": summary.get("srm"),
+        "holdback": holdback_lift(
+            frame,
+            share=exp.holdback,
+            delay=config.policy.delay,
+            samples=config.policy.samples,
+            random_state=0,
+        ),
         "guardrail_firings": _guardrail_firings(events),
         "segments": _segment_rows(config, frame, allocation, summary),
         "series": _series(store, config, frame, [a["id"] for a in arms]),

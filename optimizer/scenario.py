@@ -25,6 +25,15 @@ true probabilities and means of every outcome the simulator draws::
     arms.a = { conversion = 0.05 }   # overrides of the arm's truth in this segment
 
 The ``[kpi]`` and ``[policy]`` tables take the same fields as ``flywheel.toml``.
+``config = "../../flywheel.toml"`` (relative to the scenario file) takes the KPI,
+the policy and the holdback share from that configuration file instead — the
+shipped defaults — with the scenario's own ``[policy]`` fields (and ``holdback``)
+applied on top.
+
+Arms may arrive and leave mid-run: ``arrives_day`` (the arm is created then and
+gets traffic from then on) and ``retires_day`` (an operator retires it then; its
+returning users move on). Regret at a time counts only the arms present then.
+
 Errors raise :class:`~optimizer.errors.ConfigError` naming the file and field.
 
 The expected KPI of an arm (:meth:`Scenario.expected_rewards`) is computed in
@@ -102,6 +111,19 @@ class ArmTruth(_Truth):
     """
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:+/-]+$")
+    #: Day of the run the arm is created (0: from the start).
+    arrives_day: float = Field(0.0, ge=0)
+    #: Day of the run an operator retires it (None: never).
+    retires_day: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _lifetime(self) -> ArmTruth:
+        if self.retires_day is not None and self.retires_day <= self.arrives_day:
+            raise ValueError(
+                f"arm {self.id!r}: retires_day must be after arrives_day "
+                f"({self.arrives_day:g}), got {self.retires_day:g}"
+            )
+        return self
 
     @property
     def thumbs_down(self) -> float:
@@ -191,6 +213,8 @@ class Scenario(_Strict):
     #: Mean turns per session (1 + Poisson(turns_mean - 1)).
     turns_mean: float = Field(2.0, ge=1, le=50)
     champion: str | None = None
+    #: Share of users kept on the champion outside the bandit (``experiment.holdback``).
+    holdback: float = Field(0.0, ge=0, lt=0.5)
     segment_by: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$")
     delay: DelaySpec = Field(default_factory=lambda: DelaySpec.model_validate({"mean_days": 1.0}))
     kpi: KPIConfig = Field(default_factory=_default_kpi)
@@ -206,6 +230,12 @@ class Scenario(_Strict):
             raise ValueError(f"arm ids must be unique, got {ids}")
         if self.champion is not None and self.champion not in ids:
             raise ValueError(f"champion must be one of the arm ids {ids}, got {self.champion!r}")
+        champion = next(a for a in self.arms if a.id == self.champion_id)
+        if champion.arrives_day > 0 or champion.retires_day is not None:
+            raise ValueError(
+                f"the champion {champion.id!r} must be there from day 0 to the end "
+                "(no arrives_day or retires_day)"
+            )
         for i, term in enumerate(self.kpi.terms):
             if term.source not in SUPPORTED_SOURCES:
                 raise ValueError(
@@ -237,6 +267,20 @@ class Scenario(_Strict):
     @property
     def champion_id(self) -> str:
         return self.champion or self.arms[0].id
+
+    @property
+    def has_arrivals(self) -> bool:
+        """Whether any arm arrives or retires mid-run."""
+        return any(a.arrives_day > 0 or a.retires_day is not None for a in self.arms)
+
+    def present(self, days: np.ndarray) -> np.ndarray:
+        """``(len(days), arms)`` mask: which arms exist at each time (in days since the start)."""
+        days = np.asarray(days, dtype=float)[:, None]
+        arrives = np.array([a.arrives_day for a in self.arms])[None, :]
+        retires = np.array(
+            [a.retires_day if a.retires_day is not None else np.inf for a in self.arms]
+        )[None, :]
+        return (days >= arrives) & (days < retires)
 
     @property
     def segment_keys(self) -> list[str]:
@@ -405,8 +449,14 @@ def _format_error(source: str, exc: ValidationError) -> str:
 
 
 def parse_scenario(data: Mapping[str, Any], *, source: str = "<scenario>") -> Scenario:
-    """Validate a scenario given as a mapping; errors name ``source`` and the field."""
+    """Validate a scenario given as a mapping; errors name ``source`` and the field.
+
+    ``config`` (a path, relative to ``source``'s folder) takes the KPI and policy
+    from a ``flywheel.toml``; the scenario's ``[policy]`` fields override the file's.
+    """
     payload = dict(data)
+    if "config" in payload:
+        payload.update(_from_config(payload.pop("config"), payload, source))
     payload["source"] = source
     if "name" not in payload and source != "<scenario>":
         payload["name"] = Path(source).stem
@@ -414,6 +464,30 @@ def parse_scenario(data: Mapping[str, Any], *, source: str = "<scenario>") -> Sc
         return Scenario.model_validate(payload)
     except ValidationError as exc:
         raise ConfigError(_format_error(source, exc)) from None
+
+
+def _from_config(config: Any, payload: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``kpi`` and ``policy`` of the scenario from the configuration file it names."""
+    from optimizer.config import load_config
+
+    if not isinstance(config, str) or not config:
+        raise ConfigError(f"{source}: config: must be a path to a flywheel.toml, got {config!r}")
+    if "kpi" in payload:
+        raise ConfigError(f"{source}: set either config (the file's KPI) or [kpi], not both")
+    base = Path(source).parent if source != "<scenario>" else Path.cwd()
+    path = base / config
+    if not path.exists():
+        raise ConfigError(f"{source}: config: no such file {str(path)!r}")
+    loaded = load_config(path, environ=False)
+    policy = loaded.policy.model_dump()
+    own = payload.get("policy", {})
+    if not isinstance(own, Mapping):
+        raise ConfigError(f"{source}: [policy] must be a table")
+    policy.update(own)
+    out: dict[str, Any] = {"kpi": loaded.kpi.model_dump(), "policy": policy}
+    if "holdback" not in payload:
+        out["holdback"] = loaded.experiment.holdback
+    return out
 
 
 def load_scenario(path: str | Path) -> Scenario:

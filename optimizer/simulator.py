@@ -94,6 +94,8 @@ class SimulationResult:
     sessions_per_s: float
     timings_s: dict[str, float] = field(default_factory=dict)
     database_url: str | None = None
+    #: Per arm that arrives mid-run: what happened around its arrival (see :func:`_arrivals`).
+    arrivals: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def regret_per_session(self) -> float:
@@ -116,6 +118,7 @@ def scenario_config(scenario: Scenario, policy: Policy, *, experiment_id: str) -
         salt=experiment_id,
         champion=scenario.champion_id,
         segment_by=(scenario.segment_by,) if scenario.segment_by else (),
+        holdback=scenario.holdback,
         arms=tuple(ArmConfig.model_validate({"id": a.id, "prompt": a.id}) for a in scenario.arms),
     )
     return Config(
@@ -246,6 +249,7 @@ class _BatchingStore(Store):
                 "segment": rec.segment,
                 "context": dict(rec.context),
                 "simulated": rec.simulated,
+                "holdback": rec.holdback,
                 "assigned_at": rec.assigned_at,
                 "sticky": rec.sticky,
             }
@@ -406,7 +410,6 @@ def simulate(
     seg_keys = scenario.segment_keys
     exp_rewards = scenario.expected_rewards()
     oracle_arms = scenario.oracle_arms()
-    oracle_idx = np.array([arms.index(a) for a in oracle_arms])
     experiment_id = f"sim-{scenario.name}-{policy}-{seed}"
     config = scenario_config(scenario, policy, experiment_id=experiment_id)
     start = scenario.start
@@ -424,9 +427,10 @@ def simulate(
         base_store.sync_experiment(
             experiment_id,
             experiment_id,
-            [ArmSpec(a, a, SIM_PROMPT_HASH) for a in arms],
+            [ArmSpec(a.id, a.id, SIM_PROMPT_HASH) for a in scenario.arms if a.arrives_day == 0],
             at=start,
         )
+        events = _lifecycle(scenario)
         store: Store = _BatchingStore(base_store) if bulk else base_store
         assigner = Assigner(
             store,
@@ -434,15 +438,43 @@ def simulate(
             salt=experiment_id,
             segment_by=config.experiment.segment_by,
             snapshot_ttl_s=math.inf,  # refreshed by invalidate() after each refit
+            holdback=scenario.holdback,
+            baseline=scenario.champion_id,
         )
         if policy == "oracle":
             base_store.save_snapshot(
                 experiment_id,
                 "oracle",
-                _oracle_allocation(scenario),
+                _oracle_allocation(scenario, scenario.present(np.zeros(1))[0]),
                 {"policy": "oracle"},
                 at=start,
             )
+
+        def apply_events(until_s: float) -> None:
+            """Arms arrive (created) and retire (an operator's event) at their times."""
+            while events and events[0][0] <= until_s:
+                t_s, kind, arm = events.pop(0)
+                if kind == "arrives":
+                    base_store.sync_experiment(
+                        experiment_id,
+                        experiment_id,
+                        [ArmSpec(arm, arm, SIM_PROMPT_HASH)],
+                        at=at(t_s),
+                    )
+                else:
+                    base_store.record_arm_event(
+                        experiment_id, arm, "retired", actor="operator", at=at(t_s)
+                    )
+                if policy == "oracle":
+                    base_store.save_snapshot(
+                        experiment_id,
+                        "oracle",
+                        _oracle_allocation(scenario, scenario.present(np.array([t_s / _DAY_S]))[0]),
+                        {"policy": "oracle"},
+                        at=at(t_s),
+                    )
+                assigner.invalidate()
+
         run_optimizer = _optimizer_entry() if policy != "oracle" else None
         writer = _Writer(base_store, bulk=bulk)
         pending = _Pending()
@@ -465,6 +497,8 @@ def simulate(
             now_s = (k + 1) * refit_s
             tic = time.perf_counter()
             for i in range(lo, hi):
+                if events and events[0][0] <= draws.t[i]:
+                    apply_events(float(draws.t[i]))
                 rec = assigner.assign(
                     session_ids[i],
                     user_ids[i],
@@ -515,7 +549,9 @@ def simulate(
         # -- what the run did -----------------------------------------------------------------
         seg = draws.segment
         chosen = exp_rewards[seg, assigned_arm]
-        best = exp_rewards[seg, oracle_idx[seg]]
+        present = scenario.present(draws.t / _DAY_S)
+        allowed = np.array([a in scenario.allowed_arms() for a in arms])
+        best = np.where(present & allowed[None, :], exp_rewards[seg], -np.inf).max(axis=1)
         expected_total = float(chosen.sum())
         oracle_total = float(best.sum())
         per_arm = Counter(arms[i] for i in assigned_arm)
@@ -567,6 +603,7 @@ def simulate(
             sessions_per_s=round(scenario.sessions / elapsed, 1) if elapsed > 0 else 0.0,
             timings_s={k: round(v, 3) for k, v in sorted(timings.items())},
             database_url=kept_url,
+            arrivals=_arrivals(scenario, draws.t / _DAY_S, assigned_arm, chosen, best),
         )
 
 
@@ -692,17 +729,80 @@ def _generate(
             )
 
 
-def _oracle_allocation(scenario: Scenario) -> dict[str, Any]:
-    """All traffic to the best allowed arm of each segment ("*": best over the traffic mix)."""
+def _lifecycle(scenario: Scenario) -> list[tuple[float, str, str]]:
+    """(time s, "arrives" | "retires", arm) of the arms' mid-run changes, in time order."""
+    events = [(a.arrives_day * _DAY_S, "arrives", a.id) for a in scenario.arms if a.arrives_day > 0]
+    events += [
+        (a.retires_day * _DAY_S, "retires", a.id)
+        for a in scenario.arms
+        if a.retires_day is not None
+    ]
+    return sorted(events)
+
+
+def _arrivals(
+    scenario: Scenario,
+    days: np.ndarray,
+    assigned: np.ndarray,
+    chosen: np.ndarray,
+    best: np.ndarray,
+    *,
+    window_days: float = 2.0,
+) -> list[dict[str, Any]]:
+    """What each newcomer did to the others, in the ``window_days`` before and after it came.
+
+    ``incumbent`` is the best arm present just before the arrival (by true KPI,
+    among guardrail-respecting arms); its share of traffic and the regret per
+    session before and after say whether the newcomer reset what was learnt.
+    """
+    arms = scenario.arm_ids
     rewards = scenario.expected_rewards()
-    allowed = np.array([a in scenario.allowed_arms() for a in scenario.arm_ids])
+    allowed = np.array([a in scenario.allowed_arms() for a in arms])
+    pooled = scenario.segment_shares @ rewards
+    out = []
+    for arm in scenario.arms:
+        if arm.arrives_day <= 0:
+            continue
+        day = arm.arrives_day
+        before_present = scenario.present(np.array([day - 1e-9]))[0] & allowed
+        incumbent = int(np.where(before_present, pooled, -np.inf).argmax())
+        before = (days >= day - window_days) & (days < day)
+        after = (days >= day) & (days < day + window_days)
+        newcomer = arms.index(arm.id)
+
+        def share(mask: np.ndarray, j: int) -> float | None:
+            return round(float((assigned[mask] == j).mean()), 4) if mask.any() else None
+
+        def regret(mask: np.ndarray) -> float | None:
+            return round(float((best[mask] - chosen[mask]).mean()), 6) if mask.any() else None
+
+        out.append(
+            {
+                "arm": arm.id,
+                "day": day,
+                "incumbent": arms[incumbent],
+                "incumbent_share_before": share(before, incumbent),
+                "incumbent_share_after": share(after, incumbent),
+                "newcomer_share_after": share(after, newcomer),
+                "regret_per_session_before": regret(before),
+                "regret_per_session_after": regret(after),
+            }
+        )
+    return out
+
+
+def _oracle_allocation(scenario: Scenario, present: np.ndarray) -> dict[str, Any]:
+    """All traffic to the best allowed present arm of each segment ("*": over the mix)."""
+    rewards = scenario.expected_rewards()
+    allowed = np.array([a in scenario.allowed_arms() for a in scenario.arm_ids]) & present
     pooled = np.where(allowed, scenario.segment_shares @ rewards, -np.inf)
     segments: dict[str, dict[str, float]] = {
         ALL_SEGMENTS: {scenario.arm_ids[int(pooled.argmax())]: 1.0}
     }
     if scenario.segments:
-        for key, arm in zip(scenario.segment_keys, scenario.oracle_arms(), strict=True):
-            segments[key] = {arm: 1.0}
+        masked = np.where(allowed[None, :], rewards, -np.inf)
+        for key, j in zip(scenario.segment_keys, masked.argmax(axis=1), strict=True):
+            segments[key] = {scenario.arm_ids[int(j)]: 1.0}
     return {"segments": segments}
 
 

@@ -69,7 +69,10 @@ def chat_config(
         database_url=database_url,
         prompts_dir=str(ROOT / "prompts"),
         model=ModelConfig(name=model, retries=0, timeout_s=10),
-        experiment=ExperimentConfig(id="exp", salt="salt", champion=champion, arms=tuple(arms)),
+        # no holdback: these tests pin which arm the next users get (tests/test_holdback.py)
+        experiment=ExperimentConfig(
+            id="exp", salt="salt", champion=champion, arms=tuple(arms), holdback=0.0
+        ),
         policy=PolicyConfig(refit_interval_s=0),
         limits=LimitsConfig(**limits),
         source="test",

@@ -98,6 +98,8 @@ def write_config(
     if segment_by is not None:
         data["experiment"]["segment_by"] = segment_by
     data.setdefault("policy", {})["refit_interval_s"] = refit_interval_s
+    # no holdback: these tests pin which arm the next users get (tests/test_holdback.py)
+    data.setdefault("experiment", {})["holdback"] = 0.0
     if limits:
         data["limits"] = {**data.get("limits", {}), **limits}
     path.write_text(tomli_w.dumps(data), encoding="utf-8")

@@ -196,7 +196,7 @@ def test_delay_model_learns_from_open_sessions(store: Store) -> None:
     add_sessions(store, "a", 100, at=young, conversions=20, conversion_delay=timedelta(hours=2))
     add_sessions(store, "b", 100, at=young, conversions=2, conversion_delay=timedelta(hours=2))
     add_sessions(store, "c", 100, at=young, conversions=2, conversion_delay=timedelta(hours=2))
-    waiting = run_optimizer(store, config(burn_in=20), now=NOW, random_state=0)
+    waiting = run_optimizer(store, config(delay="wait", burn_in=20), now=NOW, random_state=0)
     modelled = run_optimizer(store, cfg, now=NOW, random_state=0)
     assert waiting is not None and modelled is not None
     assert waiting.complete_sessions == 0 and not waiting.summary["burn_in_complete"]
@@ -345,3 +345,25 @@ def test_a_run_turns_the_few_shot_flywheel(store: Store) -> None:
     # A second run mines nothing new: the turn is already in the bank.
     again = run_optimizer(store, config, now=LATER, random_state=0)
     assert again is not None and again.fewshot["mined"] == []
+
+
+def test_promotion_closes_the_loop_on_every_replica(store: Store) -> None:
+    from optimizer.fewshot.proposal import _champion
+
+    cfg = config(stop_expected_loss=0.01, auto_promote=True, champion="b", retire_min_sessions=250)
+    seed_clear_winner(store, cfg)  # a converts 30%, b 5%, c 4%, 300 sessions each
+    assert _champion(store, cfg).id == "b"  # the file's champion, promoted by nobody yet
+    run = run_optimizer(store, cfg, now=NOW, random_state=0)
+    assert run is not None and run.promoted == "a"
+    assert run.summary["stop"]["retired"] == ["b", "c"]  # P(best) ~0 after 250+ sessions
+    (_, evidence), *_ = arm_events(store, "retired")
+    assert evidence["winner"] == "a" and evidence["prob_best"] < 0.01
+    replica = Store(store.url)  # another replica: its own connections, same database
+    try:
+        assert replica.arm_statuses(EXPERIMENT) == {"a": "champion", "b": "retired", "c": "retired"}
+        served = Assigner(replica, EXPERIMENT, salt=EXPERIMENT, snapshot_ttl_s=0)
+        assert {served.assign(f"s-{i}", f"u-{i}").arm_id for i in range(20)} == {"a"}
+        # what builds on "the champion" uses the promoted one at once
+        assert _champion(replica, cfg).id == "a"
+    finally:
+        replica.dispose()

@@ -51,6 +51,8 @@ def runtime(store: Store) -> Iterator[Runtime]:
         update={
             "prompts_dir": str(ROOT / "prompts"),
             "auth": config.auth.model_copy(update={"users": users}),
+            # the controls are about the bandit's traffic: no holdback user among "next users"
+            "experiment": config.experiment.model_copy(update={"holdback": 0.0}),
             "policy": config.policy.model_copy(update={"burn_in": 0, "challenger_min_sessions": 0}),
         }
     )
@@ -221,6 +223,42 @@ def test_retire_and_promote_change_the_next_assignment(
         "arm.promote",
         "proactive-upsell",
     ) in targets
+
+
+def test_a_new_variant_from_the_dashboard_is_served_at_once_and_undone_by_retiring(
+    client: TestClient, runtime: Runtime
+) -> None:
+    exp = runtime.config.experiment.id
+    token = login(client)
+    text = "You are Lumen Tasks' support bot. Answer in two sentences at most."
+    response = client.post(
+        f"{PREFIX}/variants",
+        data={"csrf": token, "arm_id": "brief", "prompt": text, "fewshot": "retrieved", "k": "2"},
+    )
+    assert response.status_code == 200 and "brief created" in response.text
+    assert runtime.store.arm_statuses(exp)["brief"] == "active"
+    assert "brief" in assigned_arms(runtime, n=120, prefix="variant")  # no restart
+    arm, variant = runtime.serve("brief")
+    assert variant.template == text and (arm.fewshot, arm.k) == ("retrieved", 2)
+    assert ("operator", "arm_added", f"{exp}/brief") in audit_actions(runtime.store)
+    token = csrf_of(response.text)
+    again = client.post(
+        f"{PREFIX}/variants",
+        data={"csrf": token, "arm_id": "brief", "prompt": text, "fewshot": "retrieved", "k": "2"},
+    )
+    assert again.status_code == 409 and "already serves exactly this prompt" in again.text
+    for bad, reason in (
+        ({"arm_id": "x", "prompt": "  "}, "prompt must not be empty"),
+        ({"arm_id": "bad id!", "prompt": "Hi"}, "invalid variant: id"),
+        ({"arm_id": "x", "prompt": "Hi", "fewshot": "fixed"}, "fewshot must be"),
+        ({"arm_id": "x", "prompt": "Hi", "k": "many"}, "k must be a whole number"),
+    ):
+        refused = client.post(f"{PREFIX}/variants", data={"csrf": token, **bad})
+        assert refused.status_code == 400 and reason in refused.text, (bad, refused.text)
+    undo = client.post(f"{PREFIX}/arms/brief/retire", data={"csrf": token})
+    assert undo.status_code == 200 and runtime.store.arm_statuses(exp)["brief"] == "retired"
+    assert "brief" not in assigned_arms(runtime, prefix="undone")
+    assert 'id="holdback-lift"' in client.get(PREFIX).text
 
 
 def test_run_optimizer_now_serves_the_new_snapshot(client: TestClient, runtime: Runtime) -> None:

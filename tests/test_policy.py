@@ -74,7 +74,7 @@ def test_composite_kpi_uses_nig_with_pooled_prior() -> None:
     frame = pd.DataFrame(
         {"arm_id": ["a", "a", "b", "b"], "reward": [1.0, 3.0, 0.5, 1.5], "complete": True}
     )
-    policy = ts(samples=200_000).fit(frame)
+    policy = ts(samples=200_000, delay="wait").fit(frame)
     assert policy.model_ == "nig"
     # pooled prior: mu0 = 1.5, var0 = mean(y²) - 1.5² = 0.875; kappa0 = alpha0 = 1
     mu, kappa, alpha, beta = nig_posterior(
@@ -98,7 +98,7 @@ def test_delay_model_counts_open_sessions_by_exposure() -> None:
         }
     )
     frame.attrs["kpi_terms"] = [{"name": "conversion", "column": "conversion", "weight": 1.0}]
-    wait = ts().fit(frame)
+    wait = ts(delay="wait").fit(frame)
     model = ts(delay="model").fit(frame)
     assert wait.summary_["a"]["kpi_mean"] == pytest.approx(2 / 4)  # Beta(1 + 1, 1 + 1)
     # α = 1 + Σ observed = 3; β = 1 + Σ exposure·(1 − observed) = 1 + 1 + 0.25
@@ -134,14 +134,33 @@ def test_allocations_sum_to_one_in_every_segment() -> None:
             assert set(alloc) == {"a", "b", "c"}
 
 
-def test_burn_in_keeps_traffic_uniform_until_every_arm_has_enough() -> None:
-    frame = binary_frame({"a": (1000, 200), "b": (1000, 50), "c": (99, 0)})
+def test_burn_in_is_uniform_while_no_arm_has_enough() -> None:
+    frame = binary_frame({"a": (99, 20), "b": (99, 5), "c": (50, 0)})
     held = ts(burn_in=100).fit(frame)
     assert not held.burn_in_complete_
     assert held.allocation_["*"] == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
     assert held.recommendation_ is None  # no stop during burn-in
-    released = ts(burn_in=99).fit(frame)
-    assert released.burn_in_complete_ and released.allocation_["*"]["a"] > 0.9
+
+
+def test_burn_in_is_per_arm_a_newcomer_leaves_the_others_shares_in_place() -> None:
+    close = {"a": (1000, 60), "b": (1000, 50)}
+    before = ts(burn_in=100, challenger_cap=0.2, samples=20_000).fit(binary_frame(close))
+    frame = binary_frame({**close, "c": (10, 0)})
+    after = ts(burn_in=100, challenger_cap=0.2, samples=20_000).fit(frame)
+    assert not after.burn_in_complete_ and after.recommendation_ is None
+    alloc = after.allocation_["*"]
+    assert alloc["c"] == pytest.approx(0.2)  # its exploration share: 1/3, capped at 0.2
+    # a and b keep their Thompson shares, scaled to the 80% left
+    assert alloc["a"] == pytest.approx(0.8 * before.allocation_["*"]["a"], abs=0.01)
+    assert alloc["b"] == pytest.approx(0.8 * before.allocation_["*"]["b"], abs=0.01)
+    assert ts(burn_in=10).fit(frame).burn_in_complete_
+
+
+def test_burn_in_share_of_a_newcomer_without_cap_is_one_over_k() -> None:
+    frame = binary_frame({"a": (1000, 200), "b": (1000, 50), "c": (10, 0), "d": (5, 1)})
+    alloc = ts(burn_in=100, challenger_cap=1.0).fit(frame).allocation_["*"]
+    assert alloc["c"] == pytest.approx(0.25) and alloc["d"] == pytest.approx(0.25)
+    assert alloc["a"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_floor_keeps_a_losing_arm_alive() -> None:

@@ -21,6 +21,9 @@ NAMES = (
     "guardrail_breach",
     "segments",
     "slow_conversions",
+    "shipped_defaults",
+    "two_day_delay",
+    "newcomer",
 )
 SCENARIOS = [ROOT / "bench" / "scenarios" / f"{name}.toml" for name in NAMES]
 
@@ -49,6 +52,50 @@ def test_shipped_scenarios_are_valid_and_realistic() -> None:
         assert sc.delay.distribution != "none", path  # multi-day delays
         composite += not sc.is_binary_kpi()
     assert composite >= 1
+
+
+def test_shipped_defaults_scenario_runs_the_project_configuration() -> None:
+    from optimizer.config import load_config
+
+    sc = load_scenario(ROOT / "bench" / "scenarios" / "shipped_defaults.toml")
+    shipped = load_config(ROOT / "flywheel.toml", environ=False)
+    assert sc.kpi == shipped.kpi and sc.policy == shipped.policy
+    assert sc.holdback == shipped.experiment.holdback
+    assert sc.policy.delay == "model"  # learning from day one is the default
+    assert len(sc.arms) == 5 and sc.days == 28 and sc.sessions_per_day == 2000
+
+
+def test_config_and_kpi_are_exclusive_and_paths_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="either config"):
+        parse_scenario(_base(config="flywheel.toml", kpi={}), source=str(tmp_path / "s.toml"))
+    with pytest.raises(ConfigError, match="no such file"):
+        parse_scenario(_base(config="nope.toml"), source=str(tmp_path / "s.toml"))
+    (tmp_path / "f.toml").write_text("[policy]\nfloor = 0.05\n")
+    sc = parse_scenario(
+        _base(config="f.toml", policy={"burn_in": 7}), source=str(tmp_path / "s.toml")
+    )
+    assert (sc.policy.floor, sc.policy.burn_in) == (0.05, 7)
+
+
+def test_arms_arrive_and_retire_mid_run() -> None:
+    arms = [
+        {"id": "a", "conversion": 0.03},
+        {"id": "b", "conversion": 0.05, "arrives_day": 2, "retires_day": 3},
+    ]
+    sc = parse_scenario(_base(arms=arms))
+    assert sc.has_arrivals
+    assert sc.present(np.array([0.0, 2.0, 2.5, 3.0])).tolist() == [
+        [True, False],
+        [True, True],
+        [True, True],
+        [True, False],
+    ]
+    bad = [{"id": "a"}, {"id": "b", "arrives_day": 2, "retires_day": 1}]
+    with pytest.raises(ConfigError, match="retires_day must be after arrives_day"):
+        parse_scenario(_base(arms=bad))
+    late_champion = [{"id": "a", "arrives_day": 1}, {"id": "b"}]
+    with pytest.raises(ConfigError, match="from day 0"):
+        parse_scenario(_base(arms=late_champion))
 
 
 def test_name_defaults_to_file_stem(tmp_path: Path) -> None:

@@ -393,3 +393,33 @@ def test_bad_arguments() -> None:
         simulate(sc, policy="greedy")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1"):
         simulate(sc, seed=-1)
+
+
+def test_a_newcomer_arrives_and_a_loser_retires_mid_run() -> None:
+    sc = parse_scenario(
+        {
+            "name": "arrivals",
+            "sessions": 6000,
+            "sessions_per_day": 1000,
+            "refit_every_hours": 12,
+            "champion": "a",
+            "delay": {"distribution": "none"},
+            "policy": {"burn_in": 50, "challenger_min_sessions": 100},
+            "arms": [
+                {"id": "a", "conversion": 0.02},
+                {"id": "b", "conversion": 0.08},
+                {"id": "c", "conversion": 0.01, "retires_day": 4},
+                {"id": "d", "conversion": 0.03, "arrives_day": 3},
+            ],
+        }
+    )
+    for policy in ("thompson", "oracle"):
+        result = simulate(sc, policy=policy, seed=0)  # type: ignore[arg-type]
+        assert result.arm_statuses["c"] == "retired" and result.arm_statuses["d"] == "active"
+        (arrival,) = result.arrivals
+        assert arrival["arm"] == "d" and arrival["incumbent"] == "b"
+    assert result.regret == 0  # the oracle: b throughout, whatever comes and goes
+    ts = simulate(sc, policy="thompson", seed=0)
+    (arrival,) = ts.arrivals
+    # the known winner keeps most of its traffic when d arrives, d gets its exploration share
+    assert arrival["incumbent_share_after"] > 0.6 and 0 < arrival["newcomer_share_after"] <= 0.25

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from optimizer.errors import OwnershipError
+from optimizer.errors import OwnershipError, StoreError
 from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store, TurnRecord, schema
 from optimizer.store.migrate import current_revision, upgrade
 
@@ -42,9 +42,9 @@ def turn(turn_id: str = "t1", *, session: str = "s1", user: str = "u1", **kw: ob
 
 
 def test_migrated_to_head(store: Store) -> None:
-    assert current_revision(store.engine) == "0004_integrity"
+    assert current_revision(store.engine) == "0005_arm_versions"
     store.upgrade()  # idempotent
-    assert current_revision(store.engine) == "0004_integrity"
+    assert current_revision(store.engine) == "0005_arm_versions"
 
 
 def test_migrations_build_the_schema_the_code_declares(store: Store) -> None:
@@ -162,12 +162,60 @@ def test_sync_experiment_registers_arms_once(store: Store) -> None:
     assert list(events.kind) == ["created", "created"]
 
 
-def test_changed_prompt_hash_is_recorded(store: Store) -> None:
+def test_changed_prompt_is_a_new_version_that_retires_the_old(store: Store) -> None:
+    store.sync_experiment("exp", "salt", [ArmSpec("a", "concise", "h1", prompt_text="v1")], at=T0)
+    store.record_arm_event("exp", "a", "promoted", actor="config", at=T0)
+    edited = ArmSpec("a", "concise", "h2", prompt_text="v2")
+    store.sync_experiment("exp", "salt", [edited], at=T0 + timedelta(hours=1))
+    rows = {r.id: r for r in store.arms("exp")}
+    assert set(rows) == {"a", "a@v2"}  # history kept
+    assert (rows["a"].version, rows["a@v2"].version) == (1, 2)
+    assert rows["a@v2"].base_id == "a" and rows["a@v2"].prompt_text == "v2"
+    assert rows["a"].prompt_hash == "h1"  # the old version is not edited in place
+    # the old version is retired, the champion role follows the edit
+    assert store.arm_statuses("exp") == {"a": "retired", "a@v2": "champion"}
+    assert store.current_arm("exp", "a") == "a@v2"
+    events = store.frame("arm_events").sort_values("id")
+    retired = events.query("kind == 'retired'").evidence.iloc[0]
+    assert retired == {"superseded_by": "a@v2"}
+
+
+def test_known_content_never_flip_flops_between_versions(store: Store) -> None:
+    old, new = ArmSpec("a", "concise", "h1"), ArmSpec("a", "concise", "h2")
+    store.sync_experiment("exp", "salt", [old])
+    store.sync_experiment("exp", "salt", [new])  # replica with the edited prompts/
+    for _ in range(3):  # rolling deploy: replicas with old and new files restart in turn
+        store.sync_experiment("exp", "salt", [old])
+        store.sync_experiment("exp", "salt", [new])
+    assert [r.id for r in store.arms("exp")] == ["a", "a@v2"]
+    assert store.arm_statuses("exp") == {"a": "retired", "a@v2": "active"}
+    assert len(store.frame("arm_events")) == 3  # created, created (v2), retired
+
+
+def test_model_dimension_does_not_split_todays_arms(store: Store) -> None:
     store.sync_experiment("exp", "salt", [ArmSpec("a", "concise", "h1")])
-    store.sync_experiment("exp", "salt", [ArmSpec("a", "concise", "h2")])
-    assert store.arms("exp")[0].prompt_hash == "h2"
-    updated = store.frame("arm_events").query("kind == 'updated'")
-    assert updated.evidence.iloc[0] == {"old_hash": "h1", "new_hash": "h2"}
+    store.sync_experiment("exp", "salt", [ArmSpec("a", "concise", "h1", model=None)])
+    assert [r.id for r in store.arms("exp")] == ["a"]
+    arm_id, what = store.add_arm(
+        "exp", ArmSpec("a", "concise", "h1", model="openai/gpt-4o-mini"), actor="op"
+    )
+    assert (arm_id, what) == ("a@v2", "version")
+
+
+def test_add_arm_at_run_time_is_audited_and_checked(store: Store) -> None:
+    with pytest.raises(StoreError, match="not registered"):
+        store.add_arm("exp", ArmSpec("new", "p", "h"), actor="op")
+    store.sync_experiment("exp", "salt", [ArmSpec("a", "concise", "h1")])
+    spec = ArmSpec("fresh", "fresh", "h9", prompt_text="Be brief.", origin="operator")
+    assert store.add_arm("exp", spec, actor="alice") == ("fresh", "created")
+    assert store.add_arm("exp", spec, actor="alice") == ("fresh", "known")
+    assert store.arm_statuses("exp")["fresh"] == "active"
+    row = next(r for r in store.arms("exp") if r.id == "fresh")
+    assert (row.origin, row.prompt_text) == ("operator", "Be brief.")
+    audit = store.frame("audit_events")
+    assert list(audit.action) == ["arm_added"] and audit.actor.iloc[0] == "alice"
+    with pytest.raises(ValueError, match="no '@'"):
+        store.add_arm("exp", ArmSpec("x@v3", "p", "h"), actor="op")
 
 
 def test_arm_status_follows_latest_event(store: Store) -> None:

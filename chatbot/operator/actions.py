@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from optimizer.assignment import Assigner
 from optimizer.config import Config
 from optimizer.store import ACTIVE_STATUSES, Store
@@ -26,6 +28,7 @@ __all__ = [
     "ActionError",
     "ActionResult",
     "Services",
+    "add_variant",
     "arm_action",
     "available_actions",
     "refresh_policy",
@@ -133,6 +136,69 @@ def arm_action(
         "cap": f"capped at {cap:.0%}" if cap is not None else "capped",
     }[action]
     return ActionResult(f"{arm_id} {done}{_snapshot_note(version)}", version)
+
+
+#: Longest prompt text the dashboard accepts for a new variant (the form body is capped at
+#: ``routes.MAX_FORM_BYTES``; longer prompts go through ``flywheel arms add``).
+MAX_PROMPT_CHARS = 3000
+
+
+def add_variant(
+    services: Services,
+    actor: str,
+    arm_id: str,
+    prompt: str,
+    *,
+    fewshot: str = "none",
+    k: int = 3,
+) -> ActionResult:
+    """Create an arm (or a new version of ``arm_id``) from a prompt text, audited, and refit.
+
+    Every replica serves it from the snapshot written now (within its snapshot
+    cache time). Raises :class:`ActionError` (400 bad input, 409 content already
+    known under that id). Undo by retiring it.
+    """
+    from optimizer.config import ArmConfig
+    from optimizer.prompts import content_hash
+    from optimizer.store import ArmSpec
+
+    text = prompt.replace("\r\n", "\n").strip()
+    if not text:
+        raise ActionError("prompt must not be empty", 400)
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ActionError(
+            f"prompt must be at most {MAX_PROMPT_CHARS} characters, got {len(text)}", 400
+        )
+    if fewshot not in ("none", "retrieved"):
+        raise ActionError(f"fewshot must be 'none' or 'retrieved', got {fewshot!r}", 400)
+    try:
+        arm = ArmConfig.model_validate({"id": arm_id, "prompt": arm_id, "fewshot": fewshot, "k": k})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ActionError(f"invalid variant: {where}: {first['msg']}", 400) from None
+    settings: dict[str, Any] = (
+        {"k": arm.k, "reward_weighted": False} if fewshot == "retrieved" else {}
+    )
+    spec = ArmSpec(
+        arm.id,
+        arm.id,
+        content_hash(text),
+        arm.fewshot,
+        settings,
+        prompt_text=text,
+        origin="operator",
+    )
+    exp = services.config.experiment
+    try:
+        new_id, what = services.store.add_arm(exp.id, spec, actor=actor)
+    except ValueError as exc:
+        raise ActionError(str(exc), 400) from None
+    if what == "known":
+        raise ActionError(f"{arm_id!r} already serves exactly this prompt and few-shot setting")
+    version = refresh_policy(services, actor)
+    verb = "created" if what == "created" else "added as a new version"
+    return ActionResult(f"{new_id} {verb}{_snapshot_note(version)}", version)
 
 
 #: Few-shot review decision → bank status.

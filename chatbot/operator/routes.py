@@ -344,6 +344,31 @@ def create_router(
         reports.clear()
         return back(request, session, PREFIX, result.message)
 
+    @router.post("/variants")
+    async def new_variant(request: Request) -> Response:
+        checked = await checked_form(request)
+        if isinstance(checked, Response):
+            return checked
+        session, form = checked
+        try:
+            k = int(form.get("k") or 3)
+        except ValueError:
+            return refuse(request, 400, f"k must be a whole number, got {form.get('k')!r}")
+        try:
+            result = await run_in_threadpool(
+                actions.add_variant,
+                services,
+                session.user or "",
+                form.get("arm_id", ""),
+                form.get("prompt", ""),
+                fewshot=form.get("fewshot", "none"),
+                k=k,
+            )
+        except actions.ActionError as exc:
+            return refuse(request, exc.status, str(exc))
+        reports.clear()
+        return back(request, session, PREFIX, result.message)
+
     @router.post("/optimize")
     async def optimize(request: Request) -> Response:
         checked = await checked_form(request)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from optimizer.cli import db, demo, fewshot, optimize, report, scrub, simulate
+from optimizer.cli import arms, db, demo, fewshot, optimize, report, scrub, simulate
 from optimizer.cli import export as export_cmd
 from optimizer.cli import ope as ope_cmd
 
@@ -23,6 +23,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(db.app, name="db")
+app.add_typer(arms.app, name="arms")
 app.command()(simulate.simulate)
 app.command()(report.report)
 app.command()(demo.demo)

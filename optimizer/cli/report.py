@@ -120,6 +120,20 @@ def _print(rep: dict[str, Any]) -> None:
     if srm := rep["srm"]:
         state = "[red]MISMATCH[/red]" if srm.get("warning") else "[green]ok[/green]"
         console.print(f"SRM: {state} (p = {num(srm.get('p_value'), 4)})")
+    hold = rep.get("holdback") or {}
+    if hold.get("lift") is not None:
+        lo, hi = hold["lift_ci"]
+        console.print(
+            f"Lift over the holdback: [bold]{hold['lift']:+.4f}[/bold] KPI per session "
+            f"(95% CI {lo:+.4f} to {hi:+.4f}); optimised {num(hold['optimised_kpi'], 4)} vs "
+            f"holdback {num(hold['holdback_kpi'], 4)} ({hold['holdback_sessions']} sessions, "
+            f"{pct(hold['observed_share'])} of traffic, configured {pct(hold['share'])})"
+        )
+    elif hold.get("share"):
+        console.print(
+            f"Lift over the holdback: not yet ({hold.get('holdback_sessions', 0)} holdback "
+            f"sessions, configured {pct(hold['share'])})"
+        )
     for fired in rep["guardrail_firings"]:
         console.print(
             f"[red]Guardrail[/red] {fired['metric'] or ''} paused [bold]{fired['arm']}[/bold]"

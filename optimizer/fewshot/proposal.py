@@ -1,18 +1,22 @@
 """Propose a challenger arm when the example bank has grown.
 
 When at least ``fewshot.propose_after`` mined examples were approved (or
-pinned) since the last proposal, propose the champion's prompt variant × a
-``fixed`` set of the ``propose_k`` best examples (pinned first, then by the
-reward of the session they came from). The proposal is data, not a change:
-it is stored as an audit event (``fewshot_challenger_proposed``, with the TOML
-snippet) for an operator to paste into ``flywheel.toml``; once there, the arm
-enters like any new arm, under the challenger cap and the guardrails.
+pinned) since the last proposal, propose the champion's prompt × a ``fixed``
+set of the ``propose_k`` best examples (pinned first, then by the reward of the
+session they came from). The champion is the one in the store — promoted by
+the stop rule, an operator or the file, whichever came last — and its stored
+prompt text is the parent's. With ``fewshot.propose_adds_arm`` (the default) the
+proposal is created as an arm in the store at once (origin ``optimizer``) and
+every replica serves it from the next snapshot, under its burn-in share, the
+challenger cap and the guardrails; either way it is recorded as an audit event
+(``fewshot_challenger_proposed``, with a TOML snippet). Undo by retiring it.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,7 +24,7 @@ import tomli_w
 
 from optimizer.config import Config
 from optimizer.fewshot.bank import ExampleBank
-from optimizer.store import Store, schema
+from optimizer.store import ArmSpec, Store, schema
 
 __all__ = ["AUDIT_ACTION", "Proposal", "propose_challenger"]
 
@@ -72,16 +76,13 @@ def propose_challenger(
         return None
     if not servable:
         return None
-    champion_id = config.experiment.champion
-    arms = {a.id: a for a in config.experiment.arms}
-    prompt = (
-        arms[champion_id].prompt
-        if champion_id in arms
-        else (config.experiment.arms[0].prompt if arms else None)
-    )
-    if prompt is None:
-        log.warning("no arms configured: cannot propose a challenger")
+    exp = config.experiment
+    champion = _champion(store, config)
+    if champion is None:
+        log.warning("no arms configured or stored: cannot propose a challenger")
         return None
+    prompt = str(champion.prompt_id)
+    arms = {r.id for r in store.arms(exp.id)} | {a.id for a in exp.arms}  # ids taken
     ranked = sorted(
         servable,
         key=lambda e: (
@@ -96,7 +97,49 @@ def propose_challenger(
         arm_id += "b"
     arm = {"id": arm_id, "prompt": prompt, "fewshot": "fixed", "examples": list(chosen)}
     snippet = tomli_w.dumps({"experiment": {"arms": [arm]}})
-    details = {"arm": arm, "toml": snippet, "approved_mined": approved_mined, "previous": previous}
+    details: dict[str, Any] = {
+        "arm": arm,
+        "toml": snippet,
+        "approved_mined": approved_mined,
+        "previous": previous,
+        "parent": champion.id,
+    }
+    stored = {r.id for r in store.arms(exp.id)}
+    if config.fewshot.propose_adds_arm and champion.id in stored:  # a registered experiment
+        spec = ArmSpec(
+            arm_id,
+            prompt,
+            champion.prompt_hash,
+            "fixed",
+            {"examples": list(chosen)},
+            prompt_text=champion.prompt_text,
+            model=champion.model,
+            origin="optimizer",
+        )
+        details["added"], _ = store.add_arm(exp.id, spec, actor=actor)
     store.audit(actor, AUDIT_ACTION, arm_id, details)
-    log.info("proposed challenger %s with examples %s", arm_id, list(chosen))
+    log.info("proposed challenger %s (parent %s) with examples %s", arm_id, champion.id, chosen)
     return Proposal(arm, snippet, approved_mined, previous, chosen)
+
+
+def _champion(store: Store, config: Config) -> Any:
+    """The champion's stored arm row: promoted in the store (by anyone) beats the file's.
+
+    Without a stored row (an experiment never synced) a row-like view of the
+    configured champion (or first arm) is returned, or None without arms.
+    """
+    exp = config.experiment
+    rows = {r.id: r for r in store.arms(exp.id)}
+    statuses = store.arm_statuses(exp.id)
+    stored = next((a for a, s in statuses.items() if s == "champion" and a in rows), None)
+    if stored is None and exp.champion is not None and exp.champion in rows:
+        stored = store.current_arm(exp.id, exp.champion)
+    if stored is not None:
+        return rows[stored]
+    configured = {a.id: a for a in exp.arms}
+    arm = configured.get(exp.champion or "") or (exp.arms[0] if exp.arms else None)
+    if arm is None:
+        return None
+    return SimpleNamespace(
+        id=arm.id, prompt_id=arm.prompt, prompt_hash="", prompt_text=None, model=None
+    )

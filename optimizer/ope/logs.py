@@ -150,9 +150,11 @@ def logs_from_store(store: Store, config: Config, *, now: datetime | None = None
     ``propensity`` that draw's propensity (:func:`assignment_units`).
     """
     from optimizer import kpi  # the KPI module is heavy and optional for CSV logs
+    from optimizer.holdback import bandit_frame
     from optimizer.store import schema
 
-    sessions = kpi.session_frame(store, config, now=now)
+    # The holdback is another policy's traffic (propensity 1 on the baseline): not these logs.
+    sessions = bandit_frame(kpi.session_frame(store, config, now=now))
     columns = ["session_id", "arm", "reward", "propensity", "segment"]
     if sessions.empty:
         return pd.DataFrame(columns=columns).set_index("session_id")

@@ -51,6 +51,16 @@ arms = sa.Table(
     sa.Column("fewshot", sa.String(20), nullable=False),  # none | fixed | retrieved
     sa.Column("fewshot_config", _JSON, nullable=False),
     sa.Column("created_at", _TS, nullable=False),
+    # Versions (migration 0003): an arm row is one version of a logical arm (`base_id`).
+    # Version 1 keeps the base id as its id, so arms and their data never split; a
+    # changed content (`content_hash` of prompt text, few-shot strategy and, when set,
+    # model) is a new row `<base>@v<n>`. `prompt_text` is what every replica serves.
+    sa.Column("base_id", sa.String(200), nullable=True),  # None: the id (rows from before 0003)
+    sa.Column("version", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("content_hash", sa.String(64), nullable=True),
+    sa.Column("prompt_text", sa.Text, nullable=True),
+    sa.Column("model", sa.String(200), nullable=True),  # None: the configured model
+    sa.Column("origin", sa.String(20), nullable=False, server_default="config"),
 )
 
 # Status changes of arms: paused_guardrail, paused_operator, resumed, promoted,
@@ -113,6 +123,8 @@ assignments = sa.Table(
     # writes the turn or vote (Store.refresh_session_counts): a refit reads one row
     # per session instead of counting millions of turns (optimizer.kpi).
     *(sa.Column(name, sa.Integer, nullable=False, server_default="0") for name in SESSION_COUNTS),
+    # In the holdback (migration 0003): the experiment's baseline arm, outside the bandit.
+    sa.Column("holdback", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("ix_assignments_user", "user_id", "experiment_id", "id"),
     sa.Index("ix_assignments_exp_time", "experiment_id", "assigned_at"),
     sa.Index("ix_assignments_thread", "thread_id"),

@@ -22,6 +22,7 @@ from optimizer.clock import as_utc, utcnow
 from optimizer.errors import OwnershipError, StoreError
 from optimizer.store import schema
 from optimizer.store.engine import make_engine
+from optimizer.store.versions import register_arm, successor
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,22 @@ ACTIVE_STATUSES = frozenset({"active", "champion"})
 
 @dataclass(frozen=True)
 class ArmSpec:
-    """An arm as configured: prompt variant (id and content hash) × few-shot strategy."""
+    """An arm: prompt variant (id, content hash, text) × few-shot strategy (× model).
+
+    ``id`` is the logical arm (the base of its versions, see
+    :mod:`optimizer.store.versions`); ``prompt_text`` is what replicas serve
+    (None: the prompt file of ``prompt_id``); ``model`` None means the
+    configured model; ``origin`` says who made it (config, operator, optimizer).
+    """
 
     id: str
     prompt_id: str
     prompt_hash: str
     fewshot: str = "none"
     fewshot_config: Mapping[str, Any] = field(default_factory=dict)
+    prompt_text: str | None = None
+    model: str | None = None
+    origin: str = "config"
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,9 @@ class AssignmentRecord:
     def thread(self) -> str:
         """The conversation (Chainlit thread) id."""
         return self.thread_id or self.session_id
+
+    #: In the holdback: the experiment's baseline arm, outside the bandit.
+    holdback: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,8 +215,9 @@ class Store:
     ) -> None:
         """Register the experiment and any arm not seen before (with a ``created`` event).
 
-        Existing arms keep their status; a changed prompt hash is updated in
-        place and recorded as an ``updated`` arm event with old and new hash.
+        Existing arms keep their status. A changed content (prompt hash, few-shot
+        settings) is a new arm version that retires the old one; a content the
+        store already knows changes nothing (see :mod:`optimizer.store.versions`).
         Replicas starting together on an empty database race to register: the
         loser's transaction hits a unique key, rolls back, and retries to find
         the rows there.
@@ -222,56 +236,72 @@ class Store:
     ) -> None:
         now = at or utcnow()
         with self.engine.begin() as conn:
-            exists = conn.execute(
-                sa.select(schema.experiments.c.id).where(schema.experiments.c.id == experiment_id)
-            ).first()
-            if not exists:
-                conn.execute(
-                    schema.experiments.insert().values(id=experiment_id, salt=salt, created_at=now)
-                )
-            known = {
-                row.id: row
-                for row in conn.execute(
-                    sa.select(schema.arms).where(schema.arms.c.experiment_id == experiment_id)
-                )
-            }
+            self._ensure_experiment(conn, experiment_id, salt, now)
             for arm in arms:
-                if arm.id not in known:
-                    conn.execute(
-                        schema.arms.insert().values(
-                            experiment_id=experiment_id,
-                            id=arm.id,
-                            prompt_id=arm.prompt_id,
-                            prompt_hash=arm.prompt_hash,
-                            fewshot=arm.fewshot,
-                            fewshot_config=dict(arm.fewshot_config),
-                            created_at=now,
+                register_arm(
+                    conn, experiment_id, arm, actor=arm.origin, now=now, event=self._arm_event
+                )
+
+    @staticmethod
+    def _ensure_experiment(
+        conn: sa.Connection, experiment_id: str, salt: str, now: datetime
+    ) -> None:
+        exists = conn.execute(
+            sa.select(schema.experiments.c.id).where(schema.experiments.c.id == experiment_id)
+        ).first()
+        if not exists:
+            conn.execute(
+                schema.experiments.insert().values(id=experiment_id, salt=salt, created_at=now)
+            )
+
+    def add_arm(
+        self,
+        experiment_id: str,
+        spec: ArmSpec,
+        *,
+        actor: str,
+        at: datetime | None = None,
+    ) -> tuple[str, str]:
+        """Create an arm (or a new version of ``spec.id``) at run time, audited.
+
+        Returns ``(arm id, "created" | "version" | "known")``; every replica
+        serves it from the next policy snapshot on (no restart). Raises
+        :class:`StoreError` if the experiment is not registered yet, ``ValueError``
+        for a bad id. Undo by retiring it.
+        """
+        now = at or utcnow()
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as conn:
+                    known = conn.execute(
+                        sa.select(schema.experiments.c.id).where(
+                            schema.experiments.c.id == experiment_id
                         )
-                    )
-                    self._arm_event(conn, experiment_id, arm.id, "created", "config", {}, now)
-                elif known[arm.id].prompt_hash != arm.prompt_hash or known[
-                    arm.id
-                ].fewshot_config != dict(arm.fewshot_config):
-                    conn.execute(
-                        schema.arms.update()
-                        .where(
-                            schema.arms.c.experiment_id == experiment_id, schema.arms.c.id == arm.id
+                    ).first()
+                    if known is None:
+                        raise StoreError(
+                            f"experiment {experiment_id!r} is not registered; start the server "
+                            "(or run `flywheel optimize`) once first"
                         )
-                        .values(
-                            prompt_hash=arm.prompt_hash,
-                            fewshot=arm.fewshot,
-                            fewshot_config=dict(arm.fewshot_config),
-                        )
+                    arm_id, what = register_arm(
+                        conn, experiment_id, spec, actor=actor, now=now, event=self._arm_event
                     )
-                    self._arm_event(
-                        conn,
-                        experiment_id,
-                        arm.id,
-                        "updated",
-                        "config",
-                        {"old_hash": known[arm.id].prompt_hash, "new_hash": arm.prompt_hash},
-                        now,
-                    )
+                break
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        if what != "known":
+            self.audit(
+                actor,
+                "arm_added",
+                f"{experiment_id}/{arm_id}",
+                {"what": what, "origin": spec.origin, "prompt_id": spec.prompt_id},
+            )
+        return arm_id, what
+
+    def current_arm(self, experiment_id: str, arm_id: str) -> str:
+        """The newest version of ``arm_id``'s logical arm (``arm_id`` itself if unknown)."""
+        return successor(self.arms(experiment_id), arm_id)
 
     def record_arm_event(
         self,
@@ -355,6 +385,7 @@ class Store:
                         segment=rec.segment,
                         context=dict(rec.context),
                         simulated=rec.simulated,
+                        holdback=rec.holdback,
                         assigned_at=rec.assigned_at,
                         sticky=rec.sticky,
                         thread_id=rec.thread_id,
@@ -399,6 +430,7 @@ class Store:
                         assigned_at=new.assigned_at,
                         sticky=new.sticky,
                         thread_id=new.thread_id,
+                        holdback=new.holdback,
                     )
                 )
             return new
@@ -728,4 +760,5 @@ def _assignment(row: sa.Row[Any]) -> AssignmentRecord:
         thread_id=row.thread_id,
         closed_at=as_utc(row.closed_at) if row.closed_at is not None else None,
         closed_reason=row.closed_reason,
+        holdback=bool(row.holdback),
     )
