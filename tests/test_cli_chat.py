@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,31 @@ def test_serve_documents_host_port_and_config() -> None:
     result = CliRunner().invoke(app, ["serve", "--help"])
     assert result.exit_code == 0
     assert all(option in result.output for option in ("--host", "--port", "--config"))
+
+
+@pytest.mark.parametrize("command", ["serve", "chat"])
+def test_a_model_that_gives_no_tokens_stops_serve_and_chat_with_one_clear_line(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str
+) -> None:
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+    monkeypatch.setenv("FLYWHEEL_MODEL", "fake/error-401")
+    result = CliRunner().invoke(app, [command, "--config", str(config_file)], input="/quit\n")
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.output.split())  # Rich wraps long lines at the terminal width
+    assert "model check failed for fake/error-401: fake/error-401: AuthenticationError 401" in line
+    assert "Set the provider's API key (e.g. OPENAI_API_KEY)" in line
+
+
+@pytest.mark.slow
+def test_doctor_reports_the_build_the_load_options_and_the_speed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+    config = tmp_path / "flywheel.toml"
+    config.write_text(tomli_w.dumps({"prompts_dir": str(ROOT / "prompts")}))
+    result = CliRunner().invoke(app, ["doctor", "--json", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert report["model"] == "local/gemma3-270m" and report["error"] is None
+    assert report["local"]["use_extra_bufts"] is False and "AVX2 = 1" in report["local"]["build"]
+    assert report["tokens_per_s"] > 0 and report["ttft_ms"] > 0 and report["cpu"]

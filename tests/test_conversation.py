@@ -132,7 +132,7 @@ async def test_a_provider_error_ends_the_turn_politely_and_is_recorded(store: St
     assert conversation.history == []  # the apology is not context for the next turn
 
 
-async def test_a_reply_cut_mid_stream_keeps_what_the_user_saw(store: Store) -> None:
+async def test_a_reply_cut_mid_stream_keeps_what_the_user_saw_and_says_sorry(store: Store) -> None:
     runtime = make_runtime(store, model="fake/echo?fail_after=2&status=500")
     conversation = await _start(runtime)
     seen: list[str] = []
@@ -141,9 +141,10 @@ async def test_a_reply_cut_mid_stream_keeps_what_the_user_saw(store: Store) -> N
         seen.append(token)
 
     reply = await conversation.reply("turn-1", "Tell me about exports", on_token=on_token)
-    assert reply.failed and reply.text == "".join(seen) == "You asked:"
+    shown = f"You asked:\n\n{FRIENDLY_ERROR}"  # the streamed part, then the apology
+    assert reply.failed and "".join(seen) == "You asked:" and reply.text == shown
     (row,) = _rows(store, schema.turns)
-    assert row.reply == "You asked:" and row.error
+    assert row.reply == shown and row.error
 
 
 async def test_an_over_long_message_is_refused_and_never_sent(store: Store) -> None:
