@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import bcrypt
 
 from optimizer import settings
+from optimizer.clock import as_utc, utcnow
 from optimizer.config import AuthConfig
 from optimizer.store.accounts import Accounts
 
@@ -96,8 +98,14 @@ class Authenticator:
             if row.password_hash is None:  # removed
                 _bcrypt_ok(candidate, _DUMMY_HASH)
                 return None
-            ok = _bcrypt_ok(candidate, row.password_hash.encode())
-            return Login(name, row.role, dict(row.attributes)) if ok else None
+            if not _bcrypt_ok(candidate, row.password_hash.encode()):
+                return None
+            # Sessions carry whole seconds: one issued in the second of a password change
+            # would read as older than it. Wait out that second (at most 1 s, off the loop).
+            wait = (as_utc(row.sessions_valid_after) - utcnow()).total_seconds()
+            if 0 < wait <= 1.0:
+                time.sleep(wait)
+            return Login(name, row.role, dict(row.attributes))
         _bcrypt_ok(candidate, _DUMMY_HASH)  # same cost as a known name
         if self.auth.demo and name in DEMO_USERS:
             demo_password, demo_role = DEMO_USERS[name]

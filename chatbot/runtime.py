@@ -28,8 +28,8 @@ from optimizer.assignment import Assigner
 from optimizer.config import ArmConfig, Config
 from optimizer.errors import ConfigError
 from optimizer.fewshot import ExampleSelector
-from optimizer.prompts import PromptLibrary, Variant, load_prompts
-from optimizer.store import ArmSpec, OutcomeRecord, Store, schema
+from optimizer.prompts import PromptLibrary, Variant, arm_spec, load_prompts
+from optimizer.store import OutcomeRecord, Store, schema
 from optimizer.store.versions import successor
 
 log = logging.getLogger(__name__)
@@ -65,18 +65,6 @@ def experiment_arms(config: Config, prompts: PromptLibrary) -> dict[str, ArmConf
                 f"variant in {config.prompts_dir}/variants (known: {sorted(prompts.variants)})"
             )
     return {arm.id: arm for arm in arms}
-
-
-def _arm_spec(arm: ArmConfig, prompts: PromptLibrary) -> ArmSpec:
-    fewshot: dict[str, Any] = {}
-    if arm.fewshot == "fixed":
-        fewshot = {"examples": list(arm.examples)}
-    elif arm.fewshot == "retrieved":
-        fewshot = {"k": arm.k, "reward_weighted": arm.reward_weighted}
-    variant = prompts.variant(arm.prompt)
-    return ArmSpec(
-        arm.id, arm.prompt, variant.hash, arm.fewshot, fewshot, prompt_text=variant.template
-    )
 
 
 def _served(row: Any, prompts: PromptLibrary) -> tuple[ArmConfig, Variant]:
@@ -170,7 +158,7 @@ class Runtime:
         """
         exp = self.config.experiment
         self.store.sync_experiment(
-            exp.id, exp.salt, [_arm_spec(a, self.prompts) for a in self.arms.values()]
+            exp.id, exp.salt, [arm_spec(a, self.prompts) for a in self.arms.values()]
         )
         if exp.champion is None:
             return

@@ -151,7 +151,9 @@ class ChatLoginThrottleMiddleware:
             message = await receive()
             body += message.get("body", b"")
             if len(body) > self.max_bytes:  # a login form is tiny: never buffer a flood
-                await _send_json(send, 413, {"detail": f"body over {self.max_bytes} bytes"}, [])
+                await _send_json(
+                    send, 413, {"detail": f"body must be at most {self.max_bytes} bytes"}, []
+                )
                 return
             if not message.get("more_body"):
                 break

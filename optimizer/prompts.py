@@ -17,13 +17,17 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from optimizer.errors import ConfigError
 
-__all__ = ["Example", "PromptLibrary", "Variant", "load_prompts"]
+if TYPE_CHECKING:
+    from optimizer.config import ArmConfig
+    from optimizer.store import ArmSpec
+
+__all__ = ["Example", "PromptLibrary", "Variant", "arm_spec", "load_prompts"]
 
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n?(.*)\Z", re.DOTALL)
 _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -147,3 +151,18 @@ def load_prompts(directory: str | Path = "prompts") -> PromptLibrary:
         else ""
     )
     return PromptLibrary(variants, examples, knowledge)
+
+
+def arm_spec(arm: ArmConfig, prompts: PromptLibrary) -> ArmSpec:
+    """What a configured arm serves, as the store versions it: prompt text and few-shot settings."""
+    from optimizer.store import ArmSpec
+
+    fewshot: dict[str, Any] = {}
+    if arm.fewshot == "fixed":
+        fewshot = {"examples": list(arm.examples)}
+    elif arm.fewshot == "retrieved":
+        fewshot = {"k": arm.k, "reward_weighted": arm.reward_weighted}
+    variant = prompts.variant(arm.prompt)
+    return ArmSpec(
+        arm.id, arm.prompt, variant.hash, arm.fewshot, fewshot, prompt_text=variant.template
+    )

@@ -36,7 +36,7 @@ import math
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -388,11 +388,15 @@ def simulate(
     database_url: str | None = None,
     bulk: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    specs: Mapping[str, ArmSpec] | None = None,
 ) -> SimulationResult:
     """Run ``scenario`` under ``policy`` and measure its regret against the oracle.
 
     ``database_url`` keeps the events (the experiment ``sim-<scenario>-<policy>-<seed>``
     must not exist there yet); by default a temporary SQLite file is used.
+    ``specs`` says what an arm serves (``flywheel demo``: the shipped prompt files,
+    so that a server on the demo data serves the same arm versions); by default
+    each arm is a simulated prompt of its own.
     ``progress(done, total)`` is called after every refit. Raises
     :class:`ConfigError` if the experiment already has data in the store.
     """
@@ -422,12 +426,15 @@ def simulate(
     def at(seconds: float) -> datetime:
         return start + timedelta(seconds=float(seconds))
 
+    def served(arm: str) -> ArmSpec:
+        return (specs or {}).get(arm) or ArmSpec(arm, arm, SIM_PROMPT_HASH)
+
     with _run_store(database_url) as (base_store, kept_url):
         _require_fresh(base_store, experiment_id)
         base_store.sync_experiment(
             experiment_id,
             experiment_id,
-            [ArmSpec(a.id, a.id, SIM_PROMPT_HASH) for a in scenario.arms if a.arrives_day == 0],
+            [served(a.id) for a in scenario.arms if a.arrives_day == 0],
             at=start,
         )
         events = _lifecycle(scenario)
@@ -458,7 +465,7 @@ def simulate(
                     base_store.sync_experiment(
                         experiment_id,
                         experiment_id,
-                        [ArmSpec(arm, arm, SIM_PROMPT_HASH)],
+                        [served(arm)],
                         at=at(t_s),
                     )
                 else:

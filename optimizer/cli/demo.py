@@ -145,6 +145,7 @@ def build_demo(
 
     from optimizer.config import ArmConfig
     from optimizer.errors import ConfigError
+    from optimizer.prompts import arm_spec, load_prompts
     from optimizer.scenario import parse_scenario
     from optimizer.simulator import scenario_config, simulate
 
@@ -154,6 +155,15 @@ def build_demo(
     )
     experiment_id = f"sim-{scenario.name}-thompson-{seed}"
     _check_target(url, experiment_id, force=force)
+    config = scenario_config(scenario, "thompson", experiment_id=experiment_id)
+    arms = tuple(
+        ArmConfig.model_validate({**a.model_dump(), **DEMO_ARMS.get(a.id, {})})
+        for a in config.experiment.arms
+    )
+    # The simulated arms serve the shipped prompt files, so a server started on the demo
+    # finds the same arm versions (not edited prompts to version anew).
+    prompts = load_prompts(config.prompts_dir)
+    specs = {arm.id: arm_spec(arm, prompts) for arm in arms}
     if progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -172,15 +182,10 @@ def build_demo(
                 seed=seed,
                 database_url=url,
                 progress=lambda done, _total: bar.update(task, completed=done),
+                specs=specs,
             )
     else:
-        result = simulate(scenario, policy="thompson", seed=seed, database_url=url)
-
-    config = scenario_config(scenario, "thompson", experiment_id=experiment_id)
-    arms = tuple(
-        ArmConfig.model_validate({**a.model_dump(), **DEMO_ARMS.get(a.id, {})})
-        for a in config.experiment.arms
-    )
+        result = simulate(scenario, policy="thompson", seed=seed, database_url=url, specs=specs)
     config = config.model_copy(
         update={
             "database_url": url,
