@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import sqlalchemy as sa
 from scipy import stats
 
@@ -63,6 +64,10 @@ ARM_COUNTS = (2, 3, 4, 5)
 LIMIT = 0.05
 CHAMPION_DOWN, NEAR_MISS_DOWN, BREACH_DOWN = 0.20, 0.24, 0.29
 PAUSE_PROBABILITY = 0.95
+#: The harm a breach may do: with ~0.6 votes per session (30 % of ~2 turns rated), 5,000
+#: sessions are ~3,000 votes, where the always-valid test pauses a +9-point breach with
+#: ≥ 95 % probability (bench/README.md). A bandit that starves the arm first keeps it under.
+BREACH_EXPOSURE_SESSIONS = 5000
 #: Guardrail rules compared: the per-look posterior rule, the same on k consecutive refits,
 #: and the always-valid bound (the default).
 GUARDRAIL_RULES = (
@@ -141,10 +146,22 @@ def run_one(seed: int, days: float, per_day: int) -> dict[str, Any]:
             ]
         store.dispose()
     per_arm: dict[str, list[tuple[int, float, float | None, int]]] = {}
+    evidence: dict[str, list[list[Any]]] = {}
     stops = {rule: False for rule in STOP_RULES}
     srm = False
     for summary in summaries:
         for check in summary.get("guardrails", []):
+            evidence.setdefault(check["arm"], []).append(
+                [
+                    int(summary["sessions"]),
+                    check.get("arm_value"),
+                    check.get("champion_value"),
+                    int(check["n"]),
+                    int(check["champion_n"]),
+                    check.get("lower_bound"),
+                    int(summary["arms"].get(check["arm"], {}).get("sessions", 0)),
+                ]
+            )
             per_arm.setdefault(check["arm"], []).append(
                 (
                     int(summary["sessions"]),
@@ -172,7 +189,72 @@ def run_one(seed: int, days: float, per_day: int) -> dict[str, Any]:
         # Votes (rated turns) each arm had at the end: a bandit may starve an arm of traffic,
         # and no valid test pauses an arm on evidence it never collected.
         "final_votes": {arm: series[-1][3] for arm, series in per_arm.items() if series},
+        # Per refit: sessions, arm rate, champion rate, votes, champion votes, lower bound,
+        # sessions the arm has served.
+        "evidence": evidence,
     }
+
+
+def _served_before_pause(run: dict[str, Any], rule: str) -> int:
+    """Sessions the breaching arm had served when ``rule`` paused it, or by the end."""
+    rows = run["evidence"]["breach"]
+    paused_at = run["pauses"][rule]["breach"]
+    row = next((r for r in rows if r[0] == paused_at), rows[-1]) if rows else None
+    return int(row[6]) if row is not None and len(row) > 6 else 0
+
+
+def power_curve(
+    reps: int, *, seed: int = 0, look_votes: int = 100, max_votes: int = 6000, champion_x: int = 8
+) -> dict[str, Any]:
+    """P(paused by v votes of the arm) through the real ``check_guardrails`` (``always_valid``).
+
+    Votes arrive in batches of ``look_votes`` for the arm and ``champion_x`` times as many
+    for the champion (a bandit favours the champion in these runs), with a check after every
+    batch: the breach (+9 points), an arm exactly at the limit (+5, the worst case of the
+    guarantee) and the near-miss (+4). This says how many votes a breach needs; the
+    simulator runs say how many a bandit gives it.
+    """
+    from optimizer.config import GuardrailConfig
+    from optimizer.guardrails import check_guardrails
+
+    rail = [GuardrailConfig(metric="thumbs_down_rate", max_delta=LIMIT)]
+    rng = np.random.default_rng(seed)
+    looks = np.arange(look_votes, max_votes + 1, look_votes)
+    out: dict[str, Any] = {"votes": looks.tolist(), "champion_x": champion_x, "reps": reps}
+    for label, down in (
+        ("breach", BREACH_DOWN),
+        ("at_limit", CHAMPION_DOWN + LIMIT),
+        ("near_miss", NEAR_MISS_DOWN),
+    ):
+        first: list[int | None] = []
+        for _ in range(reps):
+            champ = bad = 0
+            paused = None
+            for n in looks:
+                champ += int(rng.binomial(look_votes * champion_x, CHAMPION_DOWN))
+                bad += int(rng.binomial(look_votes, down))
+                frame = pd.DataFrame(
+                    {
+                        "arm_id": ["champion", label],
+                        "rated": [n * champion_x, n],
+                        "thumbs_down": [champ, bad],
+                    }
+                )
+                check = check_guardrails(
+                    frame,
+                    rail,
+                    champion="champion",
+                    arms=[label],
+                    pause_probability=PAUSE_PROBABILITY,
+                    samples=16,
+                    random_state=0,
+                )[0]
+                if check.breached:
+                    paused = int(n)
+                    break
+            first.append(paused)
+        out[label] = [rate(sum(t is not None and t <= v for t in first), reps) for v in looks]
+    return out
 
 
 def rate(hits: int, n: int) -> dict[str, Any]:
@@ -207,6 +289,12 @@ def tabulate(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "breach_paused": rate(len(caught), len(breach_runs)),
             "breach_sessions_median": int(np.median(caught)) if caught else None,
             "breach_sessions_max": int(max(caught)) if caught else None,
+            # Harm: sessions the breaching arm served before its pause (or by the end).
+            "breach_served": [_served_before_pause(r, rule) for r in breach_runs],
+            "breach_contained": rate(
+                sum(_served_before_pause(r, rule) <= BREACH_EXPOSURE_SESSIONS for r in breach_runs),
+                len(breach_runs),
+            ),
             "missed_breach_final_votes": [
                 r["final_votes"].get("breach")
                 for r in breach_runs
@@ -231,8 +319,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-day", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
+    parser.add_argument("--save", type=Path, help="also write the table and every run as JSON")
+    parser.add_argument(
+        "--power",
+        type=int,
+        metavar="REPS",
+        help="instead: P(paused) by votes of the arm, REPS synthetic vote streams per case",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.power:
+        curve = power_curve(args.power, seed=args.first_seed)
+        print(
+            f"always-valid guardrail, {curve['reps']} vote streams per case, a check every "
+            f"100 votes, champion {curve['champion_x']}x the arm's votes: P(paused by v votes)"
+        )
+        print(f"  {'votes':>6s}  {'breach +9':28s}  {'at the limit +5':28s}  near-miss +4")
+        for i, v in enumerate(curve["votes"]):
+            if v % 500 == 0:
+                row = [_fmt(curve[k][i]) for k in ("breach", "at_limit", "near_miss")]
+                print(f"  {v:6d}  {row[0]:28s}  {row[1]:28s}  {row[2]}")
+        return 0
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     tic = time.perf_counter()
     if args.jobs > 1:
@@ -245,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     table = tabulate(runs)
     table["elapsed_s"] = round(time.perf_counter() - tic, 1)
     table["per_run"] = runs
+    if args.save:
+        args.save.write_text(json.dumps(table))
     if args.json:
         print(json.dumps(table, indent=2))
         return 0
@@ -269,6 +378,13 @@ def main(argv: list[str] | None = None) -> int:
             f"sessions to pause: median {g['breach_sessions_median']}, "
             f"max {g['breach_sessions_max']}; missed runs' breach-arm votes at the end: "
             f"{g['missed_breach_final_votes']}"
+        )
+        served = g["breach_served"]
+        print(
+            f"    breach served <= {BREACH_EXPOSURE_SESSIONS} sessions before its pause "
+            f"(>= 95%) {_fmt(g['breach_contained'])}, "
+            f"sessions served: median {int(np.median(served)) if served else None}, "
+            f"max {max(served) if served else None}"
         )
     base = table["guardrails"]["posterior"]
     new = table["guardrails"]["always_valid"]
