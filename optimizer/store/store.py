@@ -374,23 +374,7 @@ class Store:
         """Insert the session's assignment; if the session already has one, return that one."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(
-                    schema.assignments.insert().values(
-                        session_id=rec.session_id,
-                        user_id=rec.user_id,
-                        experiment_id=rec.experiment_id,
-                        arm_id=rec.arm_id,
-                        propensity=rec.propensity,
-                        snapshot_version=rec.snapshot_version,
-                        segment=rec.segment,
-                        context=dict(rec.context),
-                        simulated=rec.simulated,
-                        holdback=rec.holdback,
-                        assigned_at=rec.assigned_at,
-                        sticky=rec.sticky,
-                        thread_id=rec.thread_id,
-                    )
-                )
+                conn.execute(schema.assignments.insert().values(**_assignment_row(rec)))
             return rec
         except IntegrityError:
             existing = self.get_assignment(rec.session_id)
@@ -416,23 +400,7 @@ class Store:
                     .where(a.c.session_id == old.session_id, a.c.closed_at.is_(None))
                     .values(closed_at=new.assigned_at, closed_reason=reason)
                 )
-                conn.execute(
-                    a.insert().values(
-                        session_id=new.session_id,
-                        user_id=new.user_id,
-                        experiment_id=new.experiment_id,
-                        arm_id=new.arm_id,
-                        propensity=new.propensity,
-                        snapshot_version=new.snapshot_version,
-                        segment=new.segment,
-                        context=dict(new.context),
-                        simulated=new.simulated,
-                        assigned_at=new.assigned_at,
-                        sticky=new.sticky,
-                        thread_id=new.thread_id,
-                        holdback=new.holdback,
-                    )
-                )
+                conn.execute(a.insert().values(**_assignment_row(new)))
             return new
         except IntegrityError:
             existing = self.get_assignment(new.session_id)
@@ -742,6 +710,25 @@ class Store:
     def _all(self, query: sa.Select[Any]) -> list[sa.Row[Any]]:
         with self.engine.connect() as conn:
             return list(conn.execute(query).all())
+
+
+def _assignment_row(rec: AssignmentRecord) -> dict[str, Any]:
+    """The columns an assignment is inserted with (closing fields start empty)."""
+    return {
+        "session_id": rec.session_id,
+        "user_id": rec.user_id,
+        "experiment_id": rec.experiment_id,
+        "arm_id": rec.arm_id,
+        "propensity": rec.propensity,
+        "snapshot_version": rec.snapshot_version,
+        "segment": rec.segment,
+        "context": dict(rec.context),
+        "simulated": rec.simulated,
+        "holdback": rec.holdback,
+        "assigned_at": rec.assigned_at,
+        "sticky": rec.sticky,
+        "thread_id": rec.thread_id,
+    }
 
 
 def _assignment(row: sa.Row[Any]) -> AssignmentRecord:
