@@ -51,7 +51,7 @@ from optimizer.config import ArmConfig, Config, ExperimentConfig
 from optimizer.errors import ConfigError
 from optimizer.scenario import CONVERSION_OFFSET_S, SUPPORT_OFFSET_S, Scenario
 from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store, TurnRecord, schema
-from optimizer.store.store import refresh_session_counts
+from optimizer.store.store import assignment_row, refresh_session_counts
 
 __all__ = ["POLICIES", "SimulationResult", "scenario_config", "simulate"]
 
@@ -238,22 +238,7 @@ class _BatchingStore(Store):
             return existing
         self._by_session[rec.session_id] = rec
         self._last_by_user[(rec.user_id, rec.experiment_id)] = rec
-        self._pending.append(
-            {
-                "session_id": rec.session_id,
-                "user_id": rec.user_id,
-                "experiment_id": rec.experiment_id,
-                "arm_id": rec.arm_id,
-                "propensity": rec.propensity,
-                "snapshot_version": rec.snapshot_version,
-                "segment": rec.segment,
-                "context": dict(rec.context),
-                "simulated": rec.simulated,
-                "holdback": rec.holdback,
-                "assigned_at": rec.assigned_at,
-                "sticky": rec.sticky,
-            }
-        )
+        self._pending.append(assignment_row(rec))
         return rec
 
     def get_assignment(self, session_id: str) -> AssignmentRecord | None:

@@ -374,7 +374,7 @@ class Store:
         """Insert the session's assignment; if the session already has one, return that one."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(schema.assignments.insert().values(**_assignment_row(rec)))
+                conn.execute(schema.assignments.insert().values(**assignment_row(rec)))
             return rec
         except IntegrityError:
             existing = self.get_assignment(rec.session_id)
@@ -400,7 +400,7 @@ class Store:
                     .where(a.c.session_id == old.session_id, a.c.closed_at.is_(None))
                     .values(closed_at=new.assigned_at, closed_reason=reason)
                 )
-                conn.execute(a.insert().values(**_assignment_row(new)))
+                conn.execute(a.insert().values(**assignment_row(new)))
             return new
         except IntegrityError:
             existing = self.get_assignment(new.session_id)
@@ -712,8 +712,11 @@ class Store:
             return list(conn.execute(query).all())
 
 
-def _assignment_row(rec: AssignmentRecord) -> dict[str, Any]:
-    """The columns an assignment is inserted with (closing fields start empty)."""
+def assignment_row(rec: AssignmentRecord) -> dict[str, Any]:
+    """The columns an assignment is inserted with (closing fields start empty).
+
+    Also the simulator's batched inserts: one list of columns for every writer.
+    """
     return {
         "session_id": rec.session_id,
         "user_id": rec.user_id,
