@@ -261,7 +261,7 @@ job_locks = sa.Table(
     sa.Column("expires_at", _TS, nullable=False),
 )
 
-# Chat history for Chainlit's data layer (chatbot.datalayer). Key columns for
+# Chat history for Chainlit's data layer (chatbot.web.datalayer). Key columns for
 # queries and ownership checks; the rest of Chainlit's dicts kept as JSON so a
 # Chainlit upgrade that adds fields needs no migration.
 chat_users = sa.Table(
@@ -307,7 +307,7 @@ elements = sa.Table(
     sa.Column("created_at", _TS, nullable=False),
 )
 
-# Logins managed with `flywheel users` (chatbot.auth reads them on every login). A removed
+# Logins managed with `flywheel users` (chatbot.web.auth reads them on every login). A removed
 # user keeps a row with ``removed_at`` so sessions issued before are recognised and refused.
 accounts = sa.Table(
     "accounts",
