@@ -49,7 +49,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from chatbot.langfuse.tracer import LangfuseCredentials, LangfuseTracer, NoopTracer, Tracer  # noqa: E402
+from chatbot.langfuse.credentials import LangfuseCredentials  # noqa: E402
+from chatbot.langfuse.tracer import LangfuseTracer, NoopTracer, Tracer  # noqa: E402
 from optimizer.config import LangfuseConfig  # noqa: E402
 from optimizer.prompt_library import load_prompts  # noqa: E402
 from optimizer.store import AssignmentRecord, OutcomeRecord, Store, TurnRecord  # noqa: E402

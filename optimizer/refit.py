@@ -52,7 +52,7 @@ from optimizer.jsonable import jsonable
 from optimizer.locks import job_lock
 from optimizer.policy import make_policy
 from optimizer.store import ACTIVE_STATUSES, Store, schema
-from optimizer.store.store import ARM_STATUS_BY_EVENT
+from optimizer.store.schema import ARM_STATUS_BY_EVENT
 
 __all__ = ["OptimizerRun", "run_optimizer"]
 

@@ -25,7 +25,7 @@ from optimizer.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from chatbot.langfuse.tracer import LangfuseCredentials
+    from chatbot.langfuse.credentials import LangfuseCredentials
 
 __all__ = ["langfuse_app", "outcomes_app", "parse_since", "register"]
 
@@ -68,7 +68,7 @@ def parse_since(text: str, *, now: datetime | None = None) -> datetime:
 
 
 def _credentials() -> LangfuseCredentials:
-    from chatbot.langfuse.tracer import (
+    from chatbot.langfuse.credentials import (
         LANGFUSE_PUBLIC_KEY,
         LANGFUSE_SECRET_KEY,
         LangfuseCredentials,
@@ -87,8 +87,8 @@ def sync_prompts_cmd(
     json_out: bool = JsonOption,
 ) -> None:
     """Push every prompt variant to Langfuse; a new version only when its content changed."""
+    from chatbot.langfuse.credentials import rest_client
     from chatbot.langfuse.prompt_sync import prompt_cache_path, sync_prompts
-    from chatbot.langfuse.tracer import rest_client
     from optimizer.errors import FlywheelError
     from optimizer.prompt_library import load_prompts
 
@@ -140,7 +140,8 @@ def score_rewards_cmd(
     json_out: bool = JsonOption,
 ) -> None:
     """Send `kpi_reward` for sessions whose attribution window closed since the last run."""
-    from chatbot.langfuse.tracer import make_tracer, score_session_rewards
+    from chatbot.langfuse.scores import score_session_rewards
+    from chatbot.langfuse.tracer import make_tracer
 
     cfg = get_config(config)
     _credentials()
@@ -186,7 +187,7 @@ def import_cmd(
         fail("--since applies to --from-langfuse only", 2)
     cfg = get_config(config)
     if from_langfuse:
-        from chatbot.langfuse.tracer import rest_client
+        from chatbot.langfuse.credentials import rest_client
 
         try:
             start = parse_since(since) if since else None

@@ -83,7 +83,7 @@ def import_langfuse_scores(
     """
     if not 1 <= page_size <= 100:
         raise ValueError(f"page_size must be between 1 and 100, got {page_size}")
-    from chatbot.langfuse.tracer import SCORE_ID_PREFIX
+    from chatbot.langfuse.ids import SCORE_ID_PREFIX
 
     report = ImportReport()
     sessions = _SessionResolver(store, api)

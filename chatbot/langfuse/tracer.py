@@ -24,7 +24,7 @@ What goes to Langfuse:
   the outcome's idempotency key: a redelivery, even days later from another
   process, replaces the score instead of doubling it;
 * ``kpi_reward`` on the session once its attribution window has closed
-  (:func:`score_session_rewards`).
+  (:func:`chatbot.langfuse.scores.score_session_rewards`).
 
 Scores are posted by our worker through the SDK's REST client (the same
 ``POST /api/public/scores`` JSON batches the SDK's own score thread sends) so
@@ -45,175 +45,37 @@ import atexit
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import math
 import queue
-import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-import sqlalchemy as sa
-
+from chatbot.langfuse.credentials import LANGFUSE_TRACING_ENVIRONMENT, LangfuseCredentials
+from chatbot.langfuse.ids import (
+    FEEDBACK_SCORE,
+    REWARD_SCORE,
+    feedback_score_id,
+    outcome_score_id,
+    reward_score_id,
+    trace_id_for_turn,
+)
+from chatbot.langfuse.masking import default_mask, mask_messages
 from optimizer import settings
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config, LangfuseConfig
-from optimizer.store import AssignmentRecord, OutcomeRecord, Store, TurnRecord, schema
+from optimizer.store import AssignmentRecord, OutcomeRecord, TurnRecord
 
 if TYPE_CHECKING:
     from langfuse import Langfuse
-    from langfuse.api import LangfuseAPI
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "FEEDBACK_SCORE",
-    "LANGFUSE_BASE_URL",
-    "LANGFUSE_HOST",
-    "LANGFUSE_PUBLIC_KEY",
-    "LANGFUSE_SECRET_KEY",
-    "LANGFUSE_TRACING_ENVIRONMENT",
-    "REWARD_SCORE",
-    "LangfuseCredentials",
-    "LangfuseTracer",
-    "NoopTracer",
-    "Tracer",
-    "feedback_score_id",
-    "get_tracer",
-    "make_tracer",
-    "outcome_score_id",
-    "regex_scrub",
-    "rest_client",
-    "reward_score_id",
-    "score_session_rewards",
-    "trace_id_for_turn",
-]
-
-# -- settings (the SDK's own variable names, read in one place) ---------------
-#: Public key of the Langfuse project. Default: none (tracing off).
-LANGFUSE_PUBLIC_KEY = "LANGFUSE_PUBLIC_KEY"
-#: Secret key of the Langfuse project. Default: none (tracing off).
-LANGFUSE_SECRET_KEY = "LANGFUSE_SECRET_KEY"
-#: Langfuse server URL. Default: ``https://cloud.langfuse.com``.
-LANGFUSE_BASE_URL = "LANGFUSE_BASE_URL"
-#: Older name of ``LANGFUSE_BASE_URL``, read when that one is unset.
-LANGFUSE_HOST = "LANGFUSE_HOST"
-#: Langfuse environment of traces and scores (the SDK reads it too). Default: ``default``.
-LANGFUSE_TRACING_ENVIRONMENT = "LANGFUSE_TRACING_ENVIRONMENT"
-DEFAULT_BASE_URL = "https://cloud.langfuse.com"
-
-#: Name of the thumbs score on a turn's trace.
-FEEDBACK_SCORE = "user_feedback"
-#: Name of the session's final KPI reward score.
-REWARD_SCORE = "kpi_reward"
-#: Prefix of every score id we derive, so imports can tell our scores from people's.
-SCORE_ID_PREFIX = "fw-"
-#: Audit action remembering up to when session rewards were sent.
-REWARDS_AUDIT_ACTION = "langfuse_rewards_scored"
-
-
-@dataclass(frozen=True)
-class LangfuseCredentials:
-    public_key: str
-    secret_key: str
-    base_url: str = DEFAULT_BASE_URL
-
-    @classmethod
-    def from_env(cls) -> LangfuseCredentials | None:
-        """Credentials from the environment, or None (with one log line saying why)."""
-        public, secret = settings.env(LANGFUSE_PUBLIC_KEY), settings.env(LANGFUSE_SECRET_KEY)
-        if not public or not secret:
-            if public or secret:
-                log.warning(
-                    "Langfuse tracing off: set both %s and %s (only one is set)",
-                    LANGFUSE_PUBLIC_KEY,
-                    LANGFUSE_SECRET_KEY,
-                )
-            else:
-                log.info(
-                    "Langfuse tracing off: set %s and %s to mirror traces and scores",
-                    LANGFUSE_PUBLIC_KEY,
-                    LANGFUSE_SECRET_KEY,
-                )
-            return None
-        base = settings.env(LANGFUSE_BASE_URL) or settings.env(LANGFUSE_HOST) or DEFAULT_BASE_URL
-        return cls(public, secret, base.rstrip("/"))
-
-    def __repr__(self) -> str:  # never print the secret
-        return f"LangfuseCredentials(public_key={self.public_key!r}, base_url={self.base_url!r})"
-
-
-# -- deterministic ids --------------------------------------------------------
-def trace_id_for_turn(turn_id: str) -> str:
-    """Langfuse trace id of a turn: ``Langfuse.create_trace_id(seed=turn_id)``.
-
-    >>> trace_id_for_turn("run-1") == trace_id_for_turn("run-1") and len(trace_id_for_turn("x"))
-    32
-    """
-    # Same derivation as the SDK's create_trace_id(seed=...), without importing it on the chat path.
-    return hashlib.sha256(turn_id.encode("utf-8")).digest()[:16].hex()
-
-
-def _derived_id(kind: str, *parts: str) -> str:
-    digest = hashlib.sha256("\x1f".join((kind, *parts)).encode("utf-8")).hexdigest()[:32]
-    return f"{SCORE_ID_PREFIX}{kind}-{digest}"
-
-
-def feedback_score_id(turn_id: str, user_id: str) -> str:
-    """Id of a user's ``user_feedback`` score on a turn: a changed vote replaces it."""
-    return _derived_id("fb", turn_id, user_id)
-
-
-def outcome_score_id(idempotency_key: str) -> str:
-    """Id of an outcome's score: the same delivery, re-sent, replaces rather than doubles."""
-    return _derived_id("oc", idempotency_key)
-
-
-def reward_score_id(experiment_id: str, session_id: str) -> str:
-    """Id of a session's ``kpi_reward`` score."""
-    return _derived_id("kpi", experiment_id, session_id)
-
-
-# -- masking ------------------------------------------------------------------
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
-_PHONE = re.compile(r"(?<![\w+])\+?\d[\d ()./-]{7,}\d(?!\w)")
-
-
-def regex_scrub(text: str) -> str:
-    """Fallback masking of e-mail addresses and phone numbers.
-
-    >>> regex_scrub("mail ana@example.com or call +1 415 555 0100")
-    'mail <EMAIL> or call <PHONE>'
-    """
-    return _PHONE.sub("<PHONE>", _EMAIL.sub("<EMAIL>", text))
-
-
-def default_mask() -> Callable[[str], str]:
-    """The few-shot scrubber ``optimizer.privacy.scrub`` when present, else :func:`regex_scrub`."""
-    try:
-        from optimizer.privacy import scrub
-    except ImportError:
-        return regex_scrub
-    return cast(Callable[[str], str], scrub)
-
-
-def _mask_messages(messages: list[dict[str, Any]], mask: Callable[[str], str]) -> list[Any]:
-    """Mask what people wrote; the system message is our prompt and knowledge base."""
-    return [m if m.get("role") == "system" else _mask_value(m, mask) for m in messages]
-
-
-def _mask_value(value: Any, mask: Callable[[str], str]) -> Any:
-    if isinstance(value, str):
-        return mask(value)
-    if isinstance(value, Mapping):
-        return {k: _mask_value(v, mask) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_mask_value(v, mask) for v in value]
-    return value
+__all__ = ["LangfuseTracer", "NoopTracer", "Tracer", "get_tracer", "make_tracer"]
 
 
 # -- the interface ------------------------------------------------------------
@@ -649,7 +511,7 @@ class LangfuseTracer(Tracer):
             generation = LangfuseGeneration(
                 otel_span=gen_span,
                 langfuse_client=self.client,
-                input=_mask_messages(messages, mask),
+                input=mask_messages(messages, mask),
                 output=mask(turn.reply),
                 model=turn.model,
                 usage_details=usage or None,
@@ -716,32 +578,6 @@ def _bounded(fn: Callable[[], Any], timeout_s: float) -> bool:
 
 
 # -- construction -------------------------------------------------------------
-@contextlib.contextmanager
-def rest_client(
-    credentials: LangfuseCredentials, *, timeout_s: float = 10.0
-) -> Iterator[LangfuseAPI]:
-    """The SDK's REST client alone (no tracing threads), for CLI work; closed on exit.
-
-    Kept apart from :class:`LangfuseTracer` because the SDK shares one client per
-    public key in a process: a tracing-less client made first would disable tracing.
-    """
-    import httpx
-    from langfuse import __version__
-    from langfuse.api import LangfuseAPI
-
-    with httpx.Client(timeout=timeout_s) as http:
-        yield LangfuseAPI(
-            base_url=credentials.base_url,
-            username=credentials.public_key,
-            password=credentials.secret_key,
-            x_langfuse_sdk_name="python",
-            x_langfuse_sdk_version=__version__,
-            x_langfuse_public_key=credentials.public_key,
-            timeout=timeout_s,
-            httpx_client=http,
-        )
-
-
 def make_tracer(config: Config | None = None) -> Tracer:
     """A :class:`LangfuseTracer` when credentials are set, else a :class:`NoopTracer`."""
     credentials = LangfuseCredentials.from_env()
@@ -765,78 +601,3 @@ def get_tracer(config: Config | None = None) -> Tracer:
         if _tracer is None or getattr(_tracer, "closed", False):
             _tracer = make_tracer(config)
         return _tracer
-
-
-# -- session rewards ----------------------------------------------------------
-def score_session_rewards(
-    store: Store,
-    config: Config,
-    tracer: Tracer,
-    *,
-    now: datetime | None = None,
-    max_sessions: int = 2000,
-) -> int:
-    """Send ``kpi_reward`` for every session whose attribution window closed since the last call.
-
-    Sessions are read with :func:`optimizer.kpi.session_frame` and sent in the
-    order their windows closed, at most ``max_sessions`` per call (a first run
-    over a long history catches up over several calls instead of flooding the
-    queue). How far it got is kept as an audit event, so each session is sent
-    once; a re-send would replace the score anyway (id and timestamp are
-    derived from the session). Returns the number of rewards queued.
-    """
-    if max_sessions < 1:
-        raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
-    if not tracer.enabled:
-        return 0
-    from optimizer import kpi
-
-    now = as_utc(now) if now is not None else utcnow()
-    experiment_id = config.experiment.id
-    frame = kpi.session_frame(store, config, now=now)
-    if frame.empty:
-        return 0
-    window = timedelta(days=max(t.window_days for t in config.kpi.terms))
-    done = frame[frame["complete"].astype(bool) & frame["reward"].notna()].copy()
-    done["closes_at"] = (done["assigned_at"] + window).dt.floor("us")
-    since = _rewards_watermark(store, experiment_id)
-    if since is not None:
-        done = done[done["closes_at"] > since]
-    done = done.sort_values("closes_at", kind="stable")
-    sent, through = 0, now
-    for row in done.itertuples(index=False):
-        closed = row.closes_at.to_pydatetime()
-        queued = sent < max_sessions and tracer.score_session_reward(
-            experiment_id,
-            str(row.session_id),
-            float(row.reward),
-            at=closed,
-            metadata={"arm": row.arm_id, "user_id": row.user_id, "segment": row.segment},
-        )
-        if not queued:
-            # Resume just before this session next time (its peers closing at the same
-            # instant may be re-sent: harmless, they replace themselves).
-            through = closed - timedelta(microseconds=1)
-            log.info("queued %d of %d session rewards; the rest follow next time", sent, len(done))
-            break
-        sent += 1
-    if sent:
-        details = {"through": through.isoformat(), "sessions": sent}
-        store.audit("langfuse", REWARDS_AUDIT_ACTION, experiment_id, details)
-    return sent
-
-
-def _rewards_watermark(store: Store, experiment_id: str) -> datetime | None:
-    ev = schema.audit_events
-    query = (
-        sa.select(ev.c.details)
-        .where(ev.c.action == REWARDS_AUDIT_ACTION, ev.c.target == experiment_id)
-        .order_by(ev.c.id.desc())
-        .limit(1)
-    )
-    with store.engine.connect() as conn:
-        row = conn.execute(query).first()
-    if row is None:
-        return None
-    details = row.details if isinstance(row.details, Mapping) else json.loads(row.details)
-    return as_utc(datetime.fromisoformat(details["through"]))

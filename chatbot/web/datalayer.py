@@ -6,11 +6,9 @@ steps and elements in our tables (``chat_users``, ``threads``, ``steps``,
 ``elements``; each step's full dict as JSON) and turns votes into feedback
 events through :meth:`chatbot.runtime.Runtime.record_vote`.
 
-Votes are checked against the caller. Chainlit's ``PUT /feedback`` does not
-check that ``forId`` is a step of the caller's own thread, and turns any
-exception into a 500; :data:`feedback_router` replaces both feedback routes
-(it is included before Chainlit is mounted, so it wins), names the caller,
-and answers a vote on someone else's turn with 403 and a reason.
+Votes are checked against the caller named by :func:`acting_as` (the routes
+in :mod:`chatbot.web.feedback` set it): a vote on someone else's turn raises
+:class:`~optimizer.errors.OwnershipError`.
 
 Feedback ids are ``"<turn id>:<user id>"``: Chainlit passes only the id to
 :meth:`FlywheelDataLayer.delete_feedback`, and this id says which vote to
@@ -30,7 +28,7 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -38,12 +36,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import sqlalchemy as sa
-from chainlit.auth import get_current_user
-from chainlit.data import get_data_layer
 from chainlit.data.base import BaseDataLayer
 from chainlit.data.utils import queue_until_user_message
 from chainlit.types import (
-    DeleteFeedbackRequest,
     Feedback,
     FeedbackDict,
     PageInfo,
@@ -51,15 +46,12 @@ from chainlit.types import (
     Pagination,
     ThreadDict,
     ThreadFilter,
-    UpdateFeedbackRequest,
 )
 from chainlit.user import PersistedUser, User
-from fastapi import APIRouter, Depends, HTTPException
-from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 
 from chatbot.runtime import Runtime
-from chatbot.web.ratelimit import RateLimiter, RateLimitExceeded
+from chatbot.web.ratelimit import RateLimiter
 from optimizer.clock import as_utc, utcnow
 from optimizer.errors import OwnershipError
 from optimizer.store import schema
@@ -70,7 +62,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FlywheelDataLayer", "acting_as", "feedback_id", "feedback_router", "parse_feedback_id"]
+__all__ = ["FlywheelDataLayer", "acting_as", "feedback_id", "parse_feedback_id"]
 
 T = TypeVar("T")
 
@@ -548,52 +540,3 @@ class FlywheelDataLayer(BaseDataLayer):
     async def close(self) -> None:
         """Let the queued step writes finish; the runtime owns the store."""
         await asyncio.to_thread(self._writer.shutdown)
-
-
-# Chainlit's own feedback routes turn every error into a 500 and trust forId; these
-# replace them (create_app includes this router before mounting Chainlit).
-feedback_router = APIRouter(include_in_schema=False)
-
-
-def _data_layer() -> FlywheelDataLayer:
-    layer = get_data_layer()
-    if not isinstance(layer, FlywheelDataLayer):
-        raise HTTPException(503, "chat history is not enabled on this server")
-    return layer
-
-
-async def _as_caller(user: User | PersistedUser | None, call: Callable[[], Awaitable[T]]) -> T:
-    """Run a feedback method as ``user``, mapping refusals to 4xx with a reason."""
-    if user is None:
-        raise HTTPException(401, "sign in to rate replies")
-    try:
-        with acting_as(user.identifier):
-            return await call()
-    except OwnershipError as exc:
-        raise HTTPException(
-            403, f"you can rate only replies in your own conversations ({exc})"
-        ) from None
-    except RateLimitExceeded as exc:
-        raise HTTPException(
-            429, f"too many votes: {exc}", headers={"Retry-After": f"{exc.retry_after_s:.0f}"}
-        ) from None
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
-
-
-@feedback_router.put("/feedback")
-async def put_feedback(
-    update: UpdateFeedbackRequest, user: User | PersistedUser | None = Depends(get_current_user)
-) -> JSONResponse:
-    layer = _data_layer()
-    feedback_id = await _as_caller(user, lambda: layer.upsert_feedback(update.feedback))
-    return JSONResponse({"success": True, "feedbackId": feedback_id})
-
-
-@feedback_router.delete("/feedback")
-async def remove_feedback(
-    payload: DeleteFeedbackRequest, user: User | PersistedUser | None = Depends(get_current_user)
-) -> JSONResponse:
-    layer = _data_layer()
-    await _as_caller(user, lambda: layer.delete_feedback(payload.feedbackId))
-    return JSONResponse({"success": True})

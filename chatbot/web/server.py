@@ -3,7 +3,7 @@
 Routes, in matching order (first match wins)::
 
     /api/outcomes, /api/health      chatbot.web.outcomes_api (/api/openapi.json, /api/docs)
-    PUT/DELETE /feedback            chatbot.web.datalayer.feedback_router (ownership-checked thumbs)
+    PUT/DELETE /feedback            chatbot.web.feedback.feedback_router (ownership-checked thumbs)
     /operator…                      the operator dashboard (chatbot.web.operator)
     /  (everything else)            Chainlit: UI, login, websocket
 
@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse
 from chatbot.runtime import Runtime, best_effort, set_runtime
 from chatbot.web.auth import ensure_auth_secret
 from chatbot.web.bodylimit import BodyLimitMiddleware
-from chatbot.web.datalayer import feedback_router
+from chatbot.web.feedback import feedback_router
 from chatbot.web.operator import create_router as operator_router
 from chatbot.web.outcomes_api import api_router, flywheel_version
 from chatbot.web.security import (
@@ -194,7 +194,7 @@ async def run_optimizer_periodically(runtime: Runtime, interval_s: float) -> Non
 
 
 def _optimize_once(runtime: Runtime) -> object:
-    from chatbot.langfuse.tracer import score_session_rewards
+    from chatbot.langfuse.scores import score_session_rewards
     from optimizer.refit import run_optimizer  # heavy (pandas, scipy): imported when it runs
 
     result = run_optimizer(runtime.store, runtime.config)

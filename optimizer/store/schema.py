@@ -17,6 +17,17 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+#: Statuses an arm can be in; the latest arm event decides.
+ARM_STATUS_BY_EVENT = {
+    "created": "active",
+    "resumed": "active",
+    "paused_guardrail": "paused_guardrail",
+    "paused_operator": "paused_operator",
+    "promoted": "champion",
+    "retired": "retired",
+}
+ACTIVE_STATUSES = frozenset({"active", "champion"})
+
 metadata = sa.MetaData(
     naming_convention={
         "ix": "ix_%(column_0_label)s",

@@ -14,8 +14,9 @@ from langfuse.api import LangfuseAPI
 from typer.testing import CliRunner
 
 from chatbot.cli.langfuse import register
+from chatbot.langfuse.credentials import LangfuseCredentials, rest_client
 from chatbot.langfuse.prompt_sync import PromptVersionCache, sync_prompts
-from chatbot.langfuse.tracer import LangfuseCredentials, LangfuseTracer, rest_client
+from chatbot.langfuse.tracer import LangfuseTracer
 from optimizer.config import ArmConfig, LangfuseConfig
 from optimizer.prompt_library import load_prompts
 from optimizer.store import AssignmentRecord, TurnRecord

@@ -15,14 +15,10 @@ from langfuse.api import LangfuseAPI
 from typer.testing import CliRunner
 
 from chatbot.cli.langfuse import parse_since, register
+from chatbot.langfuse.credentials import LangfuseCredentials, rest_client
+from chatbot.langfuse.ids import outcome_score_id, trace_id_for_turn
 from chatbot.langfuse.score_import import import_langfuse_scores, import_outcome_file
-from chatbot.langfuse.tracer import (
-    LangfuseCredentials,
-    LangfuseTracer,
-    outcome_score_id,
-    rest_client,
-    trace_id_for_turn,
-)
+from chatbot.langfuse.tracer import LangfuseTracer
 from optimizer.config import LangfuseConfig
 from optimizer.store import AssignmentRecord, Store, TurnRecord
 from tests.support.langfuse_recorder import LangfuseRecorder

@@ -21,21 +21,18 @@ from pathlib import Path
 import pytest
 from langfuse import Langfuse
 
-from chatbot.langfuse.prompt_sync import PromptVersionCache
-from chatbot.langfuse.tracer import (
+from chatbot.langfuse.credentials import LangfuseCredentials
+from chatbot.langfuse.ids import (
     FEEDBACK_SCORE,
     REWARD_SCORE,
-    LangfuseCredentials,
-    LangfuseTracer,
-    NoopTracer,
-    Tracer,
     feedback_score_id,
-    make_tracer,
     outcome_score_id,
     reward_score_id,
-    score_session_rewards,
     trace_id_for_turn,
 )
+from chatbot.langfuse.prompt_sync import PromptVersionCache
+from chatbot.langfuse.scores import score_session_rewards
+from chatbot.langfuse.tracer import LangfuseTracer, NoopTracer, Tracer, make_tracer
 from optimizer.config import Config, ExperimentConfig, KPIConfig, KPITermConfig, LangfuseConfig
 from optimizer.store import AssignmentRecord, OutcomeRecord, Store, TurnRecord
 from tests.support.langfuse_recorder import LangfuseRecorder, Mode, RecordedSpan
@@ -116,13 +113,16 @@ def by_name(spans: list[RecordedSpan], name: str) -> RecordedSpan:
 
 # -- configuration ------------------------------------------------------------
 def test_public_names() -> None:
-    import chatbot.langfuse.tracer as mod
+    import chatbot.langfuse.scores
+    import chatbot.langfuse.tracer
 
-    assert {"Tracer", "NoopTracer", "LangfuseTracer", "get_tracer", "score_session_rewards"} <= set(
-        mod.__all__
+    assert {"Tracer", "NoopTracer", "LangfuseTracer", "get_tracer"} <= set(
+        chatbot.langfuse.tracer.__all__
     )
-    for name in mod.__all__:
-        assert hasattr(mod, name), name
+    assert "score_session_rewards" in chatbot.langfuse.scores.__all__
+    for mod in (chatbot.langfuse.tracer, chatbot.langfuse.scores):
+        for name in mod.__all__:
+            assert hasattr(mod, name), name
 
 
 def test_off_without_keys_with_one_log_line(

@@ -33,9 +33,9 @@ from optimizer.ope import (
     ArmTarget,
     DirectMethod,
     DoublyRobust,
-    Scenario,
+    SyntheticEnvironment,
     UniformTarget,
-    demo_scenario,
+    demo_environment,
     evaluate_target,
     kish_ess,
     logs_from_store,
@@ -49,7 +49,7 @@ from optimizer.ope.reward_model import RewardModel
 from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIO = Scenario.from_toml(ROOT / "bench" / "scenarios" / "ope_logged.toml")
+SCENARIO = SyntheticEnvironment.from_toml(ROOT / "bench" / "scenarios" / "ope_logged.toml")
 # A target far from the demo's logging policy (free: a 60%, pro: a/b 40%).
 CHALLENGER = AllocationTarget(
     {"plan=free": {"a": 0.2, "b": 0.2, "c": 0.6}, "plan=pro": {"a": 0.1, "b": 0.8, "c": 0.1}}
@@ -68,11 +68,11 @@ def test_public_names() -> None:
         "ArmTarget",
         "DirectMethod",
         "DoublyRobust",
-        "Scenario",
+        "SyntheticEnvironment",
         "TargetPolicy",
         "UniformTarget",
         "as_target",
-        "demo_scenario",
+        "demo_environment",
         "evaluate_target",
         "kish_ess",
         "logs_from_store",
@@ -102,7 +102,7 @@ def test_scenario_truth_matches_simulation() -> None:
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
 def test_estimators_recover_a_target_far_from_logging(name: str) -> None:
-    scenario = demo_scenario()
+    scenario = demo_environment()
     truth = scenario.true_value(CHALLENGER)
     logged_value = scenario.true_value(scenario.logging)
     assert truth - logged_value > 0.05  # the naive logged mean would be far off
@@ -117,7 +117,7 @@ def test_estimators_recover_a_target_far_from_logging(name: str) -> None:
 def test_intervals_cover_the_truth_at_the_stated_rate() -> None:
     """100 seeded replications: 95% intervals hold the truth 88-99% of the time
     (binomial sd ≈ 2.2 points), and are not wide enough to pass trivially."""
-    scenario = demo_scenario()
+    scenario = demo_environment()
     truth = scenario.true_value(CHALLENGER)
     hits = {name: 0 for name in ESTIMATORS}
     widths: dict[str, list[float]] = {name: [] for name in ESTIMATORS}
@@ -134,7 +134,7 @@ def test_intervals_cover_the_truth_at_the_stated_rate() -> None:
 
 
 def test_error_shrinks_with_more_sessions() -> None:
-    scenario = demo_scenario()
+    scenario = demo_environment()
     truth = scenario.true_value(CHALLENGER)
     errors: dict[int, dict[str, float]] = {}
     for n in (400, 6400):
@@ -152,13 +152,13 @@ def test_error_shrinks_with_more_sessions() -> None:
 def test_linearised_bootstrap_matches_refitting_the_model() -> None:
     """DM/DR intervals include the reward model's own error: their bootstrap spread equals
     that of refitting the model on each resample."""
-    scenario = Scenario(
+    scenario = SyntheticEnvironment(
         arms=("a", "b", "c"),
         contexts={"plan": {"free": 0.6, "pro": 0.4}, "channel": {"web": 0.7, "mobile": 0.3}},
         segment_by=("plan",),
-        logging=demo_scenario().logging,
+        logging=demo_environment().logging,
         rate_by="plan",
-        rates=demo_scenario().rates,
+        rates=demo_environment().rates,
         effects={"channel": {"mobile": 0.5}},
     )
     logs = make_logs(scenario, 1500, random_state=5)
@@ -177,7 +177,7 @@ def test_linearised_bootstrap_matches_refitting_the_model() -> None:
 
 def test_direct_method_is_biased_when_the_model_cannot_see_the_cause() -> None:
     """DR's correction removes the bias a misspecified model leaves in DM."""
-    scenario = Scenario(
+    scenario = SyntheticEnvironment(
         arms=("a", "b"),
         contexts={"plan": {"free": 0.5, "pro": 0.5}, "device": {"x": 0.5, "y": 0.5}},
         segment_by=("plan", "device"),
@@ -211,7 +211,7 @@ def test_kish_ess() -> None:
 
 
 def test_tiny_propensities_warn_about_effective_sample_size() -> None:
-    scenario = Scenario(
+    scenario = SyntheticEnvironment(
         arms=("a", "b"),
         contexts={"plan": {"free": 1.0}},
         logging={"*": {"a": 0.995, "b": 0.005}},
@@ -231,7 +231,7 @@ def test_tiny_propensities_warn_about_effective_sample_size() -> None:
 
 
 def test_ess_fraction_threshold() -> None:
-    logs = make_logs(demo_scenario(), 50_000, random_state=1)
+    logs = make_logs(demo_environment(), 50_000, random_state=1)
     ess = IPS("arm:c", n_bootstrap=20).fit(logs).ess_
     assert ess > 100
     strict = IPS("arm:c", n_bootstrap=20, min_ess_fraction=0.5).fit(logs)
@@ -240,7 +240,7 @@ def test_ess_fraction_threshold() -> None:
 
 @pytest.mark.parametrize("cls", [IPS, SNIPS, DoublyRobust])
 def test_clipping_is_applied_and_reported(cls: type) -> None:
-    logs = make_logs(demo_scenario(), 3000, random_state=4)
+    logs = make_logs(demo_environment(), 3000, random_state=4)
     raw = cls("arm:c", n_bootstrap=50).fit(logs)
     clipped = cls("arm:c", n_bootstrap=50, clip=6.0).fit(logs)
     weights = 1.0 / logs.loc[logs["arm"] == "c", "propensity"]
@@ -273,7 +273,7 @@ def test_single_arm() -> None:
 
 
 def test_all_rewards_zero() -> None:
-    logs = make_logs(demo_scenario(), 2000, random_state=0).assign(reward=0.0)
+    logs = make_logs(demo_environment(), 2000, random_state=0).assign(reward=0.0)
     for cls in ESTIMATORS.values():
         est = cls(CHALLENGER, n_bootstrap=50).fit(logs)
         assert est.estimate_ == 0.0
@@ -300,7 +300,7 @@ def test_continuous_rewards_use_ridge_and_numeric_context() -> None:
 
 def test_json_like_context_values() -> None:
     """Context from the store may hold bools, None, lists: compared as text, not crashing."""
-    logs = make_logs(demo_scenario(), 1000, random_state=0)
+    logs = make_logs(demo_environment(), 1000, random_state=0)
     logs["returning"] = [True if i % 3 == 0 else None for i in range(1000)]
     logs["tags"] = [["x"] if i % 2 else [] for i in range(1000)]
     est = DoublyRobust("arm:b", n_bootstrap=50).fit(logs)
@@ -308,7 +308,7 @@ def test_json_like_context_values() -> None:
 
 
 def test_reward_model_choices() -> None:
-    logs = make_logs(demo_scenario(), 1000, random_state=0)
+    logs = make_logs(demo_environment(), 1000, random_state=0)
     fitted = DirectMethod("arm:b", model=LogisticRegression(C=0.5), n_bootstrap=20).fit(logs)
     assert fitted.reward_model_.estimator.C == 0.5
     assert DirectMethod("arm:b", model="ridge", n_bootstrap=20).fit(logs).estimate_ > 0
@@ -392,7 +392,7 @@ def test_bad_hyper_parameters(params: dict[str, float], message: str) -> None:
 
 
 def test_target_on_unlogged_arm_is_an_error() -> None:
-    logs = make_logs(demo_scenario(), 500, random_state=0)
+    logs = make_logs(demo_environment(), 500, random_state=0)
     logs = logs[logs["arm"] != "c"]
     for cls in ESTIMATORS.values():
         with pytest.raises(EstimationError, match=r"target arm 'c' was never logged"):
@@ -402,7 +402,7 @@ def test_target_on_unlogged_arm_is_an_error() -> None:
 
 
 def test_target_on_arm_unlogged_in_a_segment_is_an_error() -> None:
-    logs = make_logs(demo_scenario(), 2000, random_state=0)
+    logs = make_logs(demo_environment(), 2000, random_state=0)
     logs = logs[~((logs["arm"] == "c") & (logs["segment"] == "plan=pro"))]
     with pytest.raises(EstimationError, match=r"arm 'c' in segment 'plan=pro', where it was never"):
         DoublyRobust("arm:c").fit(logs)
@@ -426,14 +426,14 @@ def test_estimator_conventions() -> None:
         "min_ess_fraction": 0.01,
         "random_state": 3,
     }
-    logs = make_logs(demo_scenario(), 800, random_state=0)
+    logs = make_logs(demo_environment(), 800, random_state=0)
     assert est.fit(logs) is est
     assert clone(est).get_params() == est.get_params()
     assert not hasattr(clone(est), "estimate_")
 
 
 def test_seeded_and_deterministic() -> None:
-    logs = make_logs(demo_scenario(), 800, random_state=0)
+    logs = make_logs(demo_environment(), 800, random_state=0)
     a = SNIPS("arm:b", random_state=7).fit(logs)
     b = SNIPS("arm:b", random_state=7).fit(logs)
     c = SNIPS("arm:b", random_state=8).fit(logs)
@@ -613,7 +613,7 @@ def test_read_logged_csv(tmp_path: Path) -> None:
 
 
 def test_evaluate_target() -> None:
-    logs = make_logs(demo_scenario(), 3000, random_state=0)
+    logs = make_logs(demo_environment(), 3000, random_state=0)
     out = evaluate_target(logs, CHALLENGER, n_bootstrap=100, clip=50.0)
     assert out["n"] == 3000
     assert out["target"]["kind"] == "allocation"

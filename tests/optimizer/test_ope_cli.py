@@ -10,11 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from chatbot.cli import app
-from optimizer.ope import Scenario, make_logs
+from optimizer.ope import SyntheticEnvironment, make_logs
 from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIO = Scenario.from_toml(ROOT / "bench" / "scenarios" / "ope_logged.toml")
+SCENARIO = SyntheticEnvironment.from_toml(ROOT / "bench" / "scenarios" / "ope_logged.toml")
 
 
 @pytest.fixture

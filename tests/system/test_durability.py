@@ -33,7 +33,8 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from chatbot.conversation import Conversation
-from chatbot.langfuse.tracer import LangfuseCredentials, LangfuseTracer
+from chatbot.langfuse.credentials import LangfuseCredentials
+from chatbot.langfuse.tracer import LangfuseTracer
 from chatbot.llm.streaming import FRIENDLY_ERROR
 from optimizer.config import LangfuseConfig
 from optimizer.store import Store, schema

@@ -20,14 +20,14 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, cast
 
 import jinja2
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from chatbot.langfuse.tracer import LANGFUSE_BASE_URL, LANGFUSE_HOST
+from chatbot.langfuse.credentials import LANGFUSE_BASE_URL, LANGFUSE_HOST
 from chatbot.web.auth import Authenticator, ensure_auth_secret
 from chatbot.web.operator import actions
 from chatbot.web.operator.security import COOKIE_NAME, MAX_AGE_S, OperatorSession, SessionSigner
@@ -40,7 +40,7 @@ from optimizer.store.accounts import Accounts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PREFIX", "REPORT_TTL_S", "ReportCache", "create_router"]
+__all__ = ["PREFIX", "REPORT_TTL_S", "ROUTES", "OperatorContext", "ReportCache", "create_router"]
 
 PREFIX = "/operator"
 #: Forms on these pages are tiny; anything bigger is not ours.
@@ -95,42 +95,45 @@ class ReportCache:
             self._value = None
 
 
-def create_router(
-    services: actions.Services, *, secret: bytes | None = None, report_ttl_s: float = REPORT_TTL_S
-) -> APIRouter:
-    """The ``/operator`` routes over a process's services (a ``chatbot.runtime.Runtime``).
+class OperatorContext:
+    """What the ``/operator`` handlers share: the services, the session signer, the
+    login checks, the templates and the report cache (one per router)."""
 
-    ``secret`` signs the session cookie; by default the shared auth secret
-    (``CHAINLIT_AUTH_SECRET`` or the generated one in ``FLYWHEEL_HOME``).
-    ``report_ttl_s``: how long a computed experiment report is reused.
-    """
+    def __init__(
+        self, services: actions.Services, *, secret: bytes | None, report_ttl_s: float
+    ) -> None:
+        self.services = services
+        self.report_ttl_s = report_ttl_s
+        self.reports = ReportCache(self._experiment_view, ttl_s=report_ttl_s)
+        self.signer = SessionSigner(secret if secret is not None else ensure_auth_secret().encode())
+        self.accounts = Accounts(services.store.engine)
+        self.authenticator = Authenticator(services.config.auth, self.accounts)
+        self.throttle = LoginThrottle(self.accounts, services.config.security)
+        self.templates = _templates()
+        self.templates.globals["available_actions"] = actions.available_actions
 
-    def experiment_view() -> dict[str, Any]:
-        report = experiment_report(services.store, services.config)
+    def _experiment_view(self) -> dict[str, Any]:
+        report = experiment_report(self.services.store, self.services.config)
         return {"report": report, "divs": figure_divs(report)}  # the figures cost as much again
 
-    reports = ReportCache(experiment_view, ttl_s=report_ttl_s)
-    signer = SessionSigner(secret if secret is not None else ensure_auth_secret().encode())
-    accounts = Accounts(services.store.engine)
-    authenticator = Authenticator(services.config.auth, accounts)
-    throttle = LoginThrottle(accounts, services.config.security)
-    templates = _templates()
-    templates.globals["available_actions"] = actions.available_actions
-    router = APIRouter(prefix=PREFIX, include_in_schema=False)
+    def audit(self, actor: str, action: str, details: dict[str, Any] | None = None) -> None:
+        self.services.store.audit(actor, action, "operator", details or {})
 
-    # -- sessions --------------------------------------------------------------------------
-    def current(request: Request) -> OperatorSession | None:
-        session = signer.loads(request.cookies.get(COOKIE_NAME))
+    # -- sessions ------------------------------------------------------------------------------
+    def current(self, request: Request) -> OperatorSession | None:
+        session = self.signer.loads(request.cookies.get(COOKIE_NAME))
         if session is not None and session.user is not None:
             issued = datetime.fromtimestamp(session.iat, UTC)
-            if not accounts.session_valid(session.user, issued):  # password changed, user removed
+            if not self.accounts.session_valid(session.user, issued):  # password changed, removed
                 return None
         return session
 
-    def with_cookie(response: Response, request: Request, session: OperatorSession) -> Response:
+    def with_cookie(
+        self, response: Response, request: Request, session: OperatorSession
+    ) -> Response:
         response.set_cookie(
             COOKIE_NAME,
-            signer.dumps(session),
+            self.signer.dumps(session),
             max_age=MAX_AGE_S,
             path=PREFIX,
             httponly=True,
@@ -140,283 +143,317 @@ def create_router(
         return response
 
     def page(
-        request: Request, session: OperatorSession, template: str, status: int = 200, **context: Any
+        self,
+        request: Request,
+        session: OperatorSession,
+        template: str,
+        status: int = 200,
+        **context: Any,
     ) -> Response:
-        html = templates.get_template(f"operator/{template}").render(
+        html = self.templates.get_template(f"operator/{template}").render(
             session=session, prefix=PREFIX, **context
         )
         response = HTMLResponse(html, status_code=status, headers=PAGE_HEADERS)
         # Shown once: the cookie is re-issued without the flash message.
-        return with_cookie(response, request, session.without_flash())
+        return self.with_cookie(response, request, session.without_flash())
 
-    def refuse(request: Request, status: int, reason: str) -> Response:
-        session = current(request) or OperatorSession.anonymous()
-        return page(
+    def refuse(self, request: Request, status: int, reason: str) -> Response:
+        session = self.current(request) or OperatorSession.anonymous()
+        return self.page(
             request, session, "error.html", status=status, status_code=status, reason=reason
         )
 
-    def operator_or_login(request: Request) -> OperatorSession | Response:
-        session = current(request)
+    def operator_or_login(self, request: Request) -> OperatorSession | Response:
+        session = self.current(request)
         if session is None or not session.is_operator:
             return RedirectResponse(f"{PREFIX}/login", status_code=303)
         return session
 
-    async def checked_form(request: Request) -> tuple[OperatorSession, dict[str, str]] | Response:
+    async def checked_form(
+        self, request: Request
+    ) -> tuple[OperatorSession, dict[str, str]] | Response:
         """The operator session and form fields of a POST, or the refusal to send."""
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_FORM_BYTES):
-            return refuse(request, 413, f"form body must be at most {MAX_FORM_BYTES} bytes")
-        session = current(request)
+            return self.refuse(request, 413, f"form body must be at most {MAX_FORM_BYTES} bytes")
+        session = self.current(request)
         if session is None or not session.is_operator:
-            return refuse(request, 401, "operator login required")
+            return self.refuse(request, 401, "operator login required")
         form = await _form(request) or {}
         if not session.csrf_ok(form.get("csrf")):
-            return refuse(
+            return self.refuse(
                 request, 403, "missing or invalid CSRF token: reload the page and try again"
             )
         return session, form
 
     def back(
-        request: Request, session: OperatorSession, to: str, message: str, *, error: bool = False
+        self,
+        request: Request,
+        session: OperatorSession,
+        to: str,
+        message: str,
+        *,
+        error: bool = False,
     ) -> Response:
         response = RedirectResponse(to, status_code=303)
-        return with_cookie(response, request, session.with_flash(message, error=error))
+        return self.with_cookie(response, request, session.with_flash(message, error=error))
 
-    # -- login -------------------------------------------------------------------------------
-    @router.get("/login")
-    def login_form(request: Request) -> Response:
-        session = current(request)
-        if session is not None and session.is_operator:
-            return RedirectResponse(PREFIX, status_code=303)
-        return page(request, session or OperatorSession.anonymous(), "login.html")
 
-    @router.post("/login")
-    async def login(request: Request) -> Response:
-        session = current(request)
-        form = await _form(request)
-        if session is None or form is None or not session.csrf_ok(form.get("csrf")):
-            return refuse(request, 403, "missing or invalid CSRF token: reload the login page")
-        name, password = form.get("username", "").strip(), form.get("password", "")
-        if not name or not password or len(name) > 100 or len(password) > 200:
-            return page(
-                request,
-                session,
-                "login.html",
-                status=400,
-                error="enter a name and a password",
-                name=name[:100],
-            )
-        client = request.client.host if request.client else None
-        try:
-            await run_in_threadpool(throttle.check, name, client)
-        except Throttled as exc:
-            await run_in_threadpool(
-                services.store.audit, name, "operator.login_throttled", "operator", {}
-            )
-            response = page(
-                request, session, "login.html", status=429, error=str(exc), name=name[:100]
-            )
-            response.headers["Retry-After"] = str(exc.retry_after_s)
-            return response
-        who = await run_in_threadpool(authenticator.check, name, password)
-        await run_in_threadpool(throttle.record, name, client, ok=who is not None)
-        if who is None:
-            await run_in_threadpool(
-                services.store.audit,
-                name,
-                "operator.login_failed",
-                "operator",
-                {"reason": "bad credentials"},
-            )
-            return page(
-                request,
-                session,
-                "login.html",
-                status=401,
-                error="wrong name or password",
-                name=name,
-            )
-        if who.role != "operator":
-            await run_in_threadpool(
-                services.store.audit, name, "operator.login_refused", "operator", {"role": who.role}
-            )
-            return page(
-                request,
-                session,
-                "login.html",
-                status=403,
-                error="this login is a chat user; the dashboard needs the operator role",
-                name=name,
-            )
-        await run_in_threadpool(services.store.audit, who.name, "operator.login", "operator", {})
-        return with_cookie(
-            RedirectResponse(PREFIX, status_code=303),
-            request,
-            session.logged_in(who.name, who.role),
-        )
+def _context(request: Request) -> OperatorContext:
+    """The router's :class:`OperatorContext` (bound to the request by :func:`create_router`)."""
+    return cast(OperatorContext, request.state.operator)
 
-    @router.post("/logout")
-    async def logout(request: Request) -> Response:
-        checked = await checked_form(request)
-        if isinstance(checked, Response):
-            return checked
-        session, _ = checked
-        await run_in_threadpool(
-            services.store.audit, session.user or "", "operator.logout", "operator", {}
-        )
-        return with_cookie(
-            RedirectResponse(f"{PREFIX}/login", status_code=303),
-            request,
-            OperatorSession.anonymous(),
-        )
 
-    # -- pages ---------------------------------------------------------------------------------
-    @router.get("")
-    @router.get("/")
-    def experiment(request: Request) -> Response:
-        session = operator_or_login(request)
-        if isinstance(session, Response):
-            return session
-        view = reports.get()
-        return page(
+Ctx = Annotated[OperatorContext, Depends(_context)]
+
+
+def create_router(
+    services: actions.Services, *, secret: bytes | None = None, report_ttl_s: float = REPORT_TTL_S
+) -> APIRouter:
+    """The ``/operator`` routes over a process's services (a ``chatbot.runtime.Runtime``).
+
+    ``secret`` signs the session cookie; by default the shared auth secret
+    (``CHAINLIT_AUTH_SECRET`` or the generated one in ``FLYWHEEL_HOME``).
+    ``report_ttl_s``: how long a computed experiment report is reused.
+    """
+    context = OperatorContext(services, secret=secret, report_ttl_s=report_ttl_s)
+
+    def bind(request: Request) -> None:  # router dependencies run before the handlers' own
+        request.state.operator = context
+
+    router = APIRouter(prefix=PREFIX, include_in_schema=False, dependencies=[Depends(bind)])
+    for path, methods, handler in ROUTES:
+        router.add_api_route(path, handler, methods=list(methods))
+    return router
+
+
+# -- login -----------------------------------------------------------------------------------
+def login_form(request: Request, ctx: Ctx) -> Response:
+    session = ctx.current(request)
+    if session is not None and session.is_operator:
+        return RedirectResponse(PREFIX, status_code=303)
+    return ctx.page(request, session or OperatorSession.anonymous(), "login.html")
+
+
+async def login(request: Request, ctx: Ctx) -> Response:
+    session = ctx.current(request)
+    form = await _form(request)
+    if session is None or form is None or not session.csrf_ok(form.get("csrf")):
+        return ctx.refuse(request, 403, "missing or invalid CSRF token: reload the login page")
+    name, password = form.get("username", "").strip(), form.get("password", "")
+    if not name or not password or len(name) > 100 or len(password) > 200:
+        return ctx.page(
             request,
             session,
-            "experiment.html",
-            r=view["report"],
-            divs=view["divs"],
-            titles=FIGURE_TITLES,
-            report_ttl_s=report_ttl_s,
+            "login.html",
+            status=400,
+            error="enter a name and a password",
+            name=name[:100],
         )
-
-    @router.get("/arms/{arm_id:path}")
-    def arm(request: Request, arm_id: str) -> Response:
-        session = operator_or_login(request)
-        if isinstance(session, Response):
-            return session
-        known = {row.id for row in services.store.arms(services.config.experiment.id)}
-        if arm_id not in known:
-            return refuse(
-                request, 404, f"no arm {arm_id!r} in experiment {services.config.experiment.id!r}"
-            )
-        sessions = recent_sessions(services.store, services.config, arm_id, limit=20)
-        return page(
-            request, session, "arm.html", arm_id=arm_id, sessions=sessions, trace_url=_trace_url()
+    client = request.client.host if request.client else None
+    try:
+        await run_in_threadpool(ctx.throttle.check, name, client)
+    except Throttled as exc:
+        await run_in_threadpool(ctx.audit, name, "operator.login_throttled")
+        response = ctx.page(
+            request, session, "login.html", status=429, error=str(exc), name=name[:100]
         )
-
-    @router.get("/report.json")
-    def report_json(request: Request) -> Response:
-        session = current(request)
-        if session is None or not session.is_operator:
-            return JSONResponse({"detail": "operator login required"}, status_code=401)
-        return JSONResponse(reports.get()["report"])
-
-    @router.get("/static/plotly.min.js")
-    def plotly() -> Response:
-        return Response(
-            plotly_js(),
-            media_type="application/javascript",
-            headers={"Cache-Control": "public, max-age=86400"},
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
+    who = await run_in_threadpool(ctx.authenticator.check, name, password)
+    await run_in_threadpool(ctx.throttle.record, name, client, ok=who is not None)
+    if who is None:
+        await run_in_threadpool(
+            ctx.audit, name, "operator.login_failed", {"reason": "bad credentials"}
         )
+        return ctx.page(
+            request, session, "login.html", status=401, error="wrong name or password", name=name
+        )
+    if who.role != "operator":
+        await run_in_threadpool(ctx.audit, name, "operator.login_refused", {"role": who.role})
+        return ctx.page(
+            request,
+            session,
+            "login.html",
+            status=403,
+            error="this login is a chat user; the dashboard needs the operator role",
+            name=name,
+        )
+    await run_in_threadpool(ctx.audit, who.name, "operator.login")
+    return ctx.with_cookie(
+        RedirectResponse(PREFIX, status_code=303), request, session.logged_in(who.name, who.role)
+    )
 
-    # -- controls ------------------------------------------------------------------------------
-    @router.post("/arms/{arm_id:path}/{action}")
-    async def arm_control(request: Request, arm_id: str, action: str) -> Response:
-        checked = await checked_form(request)
-        if isinstance(checked, Response):
-            return checked
-        session, form = checked
-        cap: float | None = None
-        if action == "cap":
-            try:
-                cap = float(form.get("cap", "")) / 100  # the form asks for a percentage
-            except ValueError:
-                return refuse(
-                    request,
-                    400,
-                    f"cap must be a percentage between 0 and 100, got {form.get('cap')!r}",
-                )
+
+async def logout(request: Request, ctx: Ctx) -> Response:
+    checked = await ctx.checked_form(request)
+    if isinstance(checked, Response):
+        return checked
+    session, _ = checked
+    await run_in_threadpool(ctx.audit, session.user or "", "operator.logout")
+    return ctx.with_cookie(
+        RedirectResponse(f"{PREFIX}/login", status_code=303), request, OperatorSession.anonymous()
+    )
+
+
+# -- pages -----------------------------------------------------------------------------------
+def experiment(request: Request, ctx: Ctx) -> Response:
+    session = ctx.operator_or_login(request)
+    if isinstance(session, Response):
+        return session
+    view = ctx.reports.get()
+    return ctx.page(
+        request,
+        session,
+        "experiment.html",
+        r=view["report"],
+        divs=view["divs"],
+        titles=FIGURE_TITLES,
+        report_ttl_s=ctx.report_ttl_s,
+    )
+
+
+def arm(request: Request, arm_id: str, ctx: Ctx) -> Response:
+    session = ctx.operator_or_login(request)
+    if isinstance(session, Response):
+        return session
+    store, experiment_id = ctx.services.store, ctx.services.config.experiment.id
+    if arm_id not in {row.id for row in store.arms(experiment_id)}:
+        return ctx.refuse(request, 404, f"no arm {arm_id!r} in experiment {experiment_id!r}")
+    sessions = recent_sessions(store, ctx.services.config, arm_id, limit=20)
+    return ctx.page(
+        request, session, "arm.html", arm_id=arm_id, sessions=sessions, trace_url=_trace_url()
+    )
+
+
+def report_json(request: Request, ctx: Ctx) -> Response:
+    session = ctx.current(request)
+    if session is None or not session.is_operator:
+        return JSONResponse({"detail": "operator login required"}, status_code=401)
+    return JSONResponse(ctx.reports.get()["report"])
+
+
+def plotly() -> Response:
+    return Response(
+        plotly_js(),
+        media_type="application/javascript",
+        headers={"Cache-Control": "public, max-age=86400"},
+    )
+
+
+# -- controls --------------------------------------------------------------------------------
+async def arm_control(request: Request, arm_id: str, action: str, ctx: Ctx) -> Response:
+    checked = await ctx.checked_form(request)
+    if isinstance(checked, Response):
+        return checked
+    session, form = checked
+    cap: float | None = None
+    if action == "cap":
         try:
-            result = await run_in_threadpool(
-                actions.arm_action, services, session.user or "", arm_id, action, cap=cap
-            )
-        except actions.ActionError as exc:
-            return refuse(request, exc.status, str(exc))
-        reports.clear()
-        return back(request, session, PREFIX, result.message)
-
-    @router.post("/variants")
-    async def new_variant(request: Request) -> Response:
-        checked = await checked_form(request)
-        if isinstance(checked, Response):
-            return checked
-        session, form = checked
-        try:
-            k = int(form.get("k") or 3)
+            cap = float(form.get("cap", "")) / 100  # the form asks for a percentage
         except ValueError:
-            return refuse(request, 400, f"k must be a whole number, got {form.get('k')!r}")
-        try:
-            result = await run_in_threadpool(
-                actions.add_variant,
-                services,
-                session.user or "",
-                form.get("arm_id", ""),
-                form.get("prompt", ""),
-                fewshot=form.get("fewshot", "none"),
-                k=k,
+            return ctx.refuse(
+                request, 400, f"cap must be a percentage between 0 and 100, got {form.get('cap')!r}"
             )
-        except actions.ActionError as exc:
-            return refuse(request, exc.status, str(exc))
-        reports.clear()
-        return back(request, session, PREFIX, result.message)
+    try:
+        result = await run_in_threadpool(
+            actions.arm_action, ctx.services, session.user or "", arm_id, action, cap=cap
+        )
+    except actions.ActionError as exc:
+        return ctx.refuse(request, exc.status, str(exc))
+    ctx.reports.clear()
+    return ctx.back(request, session, PREFIX, result.message)
 
-    @router.post("/optimize")
-    async def optimize(request: Request) -> Response:
-        checked = await checked_form(request)
-        if isinstance(checked, Response):
-            return checked
-        session, _ = checked
-        result = await run_in_threadpool(actions.run_optimizer_now, services, session.user or "")
-        reports.clear()
-        return back(request, session, PREFIX, result.message)
 
-    # -- few-shot review and off-policy estimates ------------------------------------------------
-    @router.get("/examples")
-    def examples(request: Request) -> Response:
-        session = operator_or_login(request)
-        if isinstance(session, Response):
-            return session
-        return page(request, session, "examples.html", **_bank_view(services))
+async def new_variant(request: Request, ctx: Ctx) -> Response:
+    checked = await ctx.checked_form(request)
+    if isinstance(checked, Response):
+        return checked
+    session, form = checked
+    try:
+        k = int(form.get("k") or 3)
+    except ValueError:
+        return ctx.refuse(request, 400, f"k must be a whole number, got {form.get('k')!r}")
+    try:
+        result = await run_in_threadpool(
+            actions.add_variant,
+            ctx.services,
+            session.user or "",
+            form.get("arm_id", ""),
+            form.get("prompt", ""),
+            fewshot=form.get("fewshot", "none"),
+            k=k,
+        )
+    except actions.ActionError as exc:
+        return ctx.refuse(request, exc.status, str(exc))
+    ctx.reports.clear()
+    return ctx.back(request, session, PREFIX, result.message)
 
-    @router.post("/examples/{example_id}/{decision}")
-    async def example_review(request: Request, example_id: str, decision: str) -> Response:
-        checked = await checked_form(request)
-        if isinstance(checked, Response):
-            return checked
-        session, form = checked
-        reason = form.get("reason", "").strip()[:500]
-        try:
-            result = await run_in_threadpool(
-                actions.review_example,
-                services,
-                session.user or "",
-                example_id,
-                decision,
-                reason=reason,
-            )
-        except actions.ActionError as exc:
-            return refuse(request, exc.status, str(exc))
-        reports.clear()
-        return back(request, session, f"{PREFIX}/examples", result.message)
 
-    @router.get("/ope")
-    def ope(request: Request) -> Response:
-        session = operator_or_login(request)
-        if isinstance(session, Response):
-            return session
-        estimates = promotion_estimates(services.store, services.config)
-        return page(request, session, "ope.html", ope=estimates)
+async def optimize(request: Request, ctx: Ctx) -> Response:
+    checked = await ctx.checked_form(request)
+    if isinstance(checked, Response):
+        return checked
+    session, _ = checked
+    result = await run_in_threadpool(actions.run_optimizer_now, ctx.services, session.user or "")
+    ctx.reports.clear()
+    return ctx.back(request, session, PREFIX, result.message)
 
-    return router
+
+# -- few-shot review and off-policy estimates --------------------------------------------------
+def examples(request: Request, ctx: Ctx) -> Response:
+    session = ctx.operator_or_login(request)
+    if isinstance(session, Response):
+        return session
+    return ctx.page(request, session, "examples.html", **_bank_view(ctx.services))
+
+
+async def example_review(request: Request, example_id: str, decision: str, ctx: Ctx) -> Response:
+    checked = await ctx.checked_form(request)
+    if isinstance(checked, Response):
+        return checked
+    session, form = checked
+    reason = form.get("reason", "").strip()[:500]
+    try:
+        result = await run_in_threadpool(
+            actions.review_example,
+            ctx.services,
+            session.user or "",
+            example_id,
+            decision,
+            reason=reason,
+        )
+    except actions.ActionError as exc:
+        return ctx.refuse(request, exc.status, str(exc))
+    ctx.reports.clear()
+    return ctx.back(request, session, f"{PREFIX}/examples", result.message)
+
+
+def ope(request: Request, ctx: Ctx) -> Response:
+    session = ctx.operator_or_login(request)
+    if isinstance(session, Response):
+        return session
+    estimates = promotion_estimates(ctx.services.store, ctx.services.config)
+    return ctx.page(request, session, "ope.html", ope=estimates)
+
+
+#: Every route of the dashboard: (path under ``/operator``, methods, handler), matched in order.
+ROUTES: tuple[tuple[str, tuple[str, ...], Callable[..., Any]], ...] = (
+    ("/login", ("GET",), login_form),
+    ("/login", ("POST",), login),
+    ("/logout", ("POST",), logout),
+    ("", ("GET",), experiment),
+    ("/", ("GET",), experiment),
+    ("/arms/{arm_id:path}", ("GET",), arm),
+    ("/report.json", ("GET",), report_json),
+    ("/static/plotly.min.js", ("GET",), plotly),
+    ("/arms/{arm_id:path}/{action}", ("POST",), arm_control),
+    ("/variants", ("POST",), new_variant),
+    ("/optimize", ("POST",), optimize),
+    ("/examples", ("GET",), examples),
+    ("/examples/{example_id}/{decision}", ("POST",), example_review),
+    ("/ope", ("GET",), ope),
+)
 
 
 async def _form(request: Request) -> dict[str, str] | None:
