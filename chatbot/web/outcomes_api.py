@@ -36,10 +36,10 @@ import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Annotated, Any, cast
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -51,7 +51,7 @@ from optimizer.store.accounts import KEY_PREFIX, Accounts
 
 log = logging.getLogger(__name__)
 
-__all__ = ["API_KEY_HEADER", "OutcomeIn", "api_router", "flywheel_version"]
+__all__ = ["API_KEY_HEADER", "ApiContext", "OutcomeIn", "api_router", "flywheel_version"]
 
 API_KEY_HEADER = "X-API-Key"
 #: The text ``occurred_at`` accepts: RFC 3339 date-time, offset optional.
@@ -221,17 +221,21 @@ def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
     ]
 
 
-def api_router(runtime: Runtime, *, api_key: str | None) -> APIRouter:
-    """The ``/api`` routes, bound to ``runtime``; ``api_key`` None closes the outcomes API."""
-    router = APIRouter(prefix="/api", tags=["api"])
-    limits = runtime.config.limits
-    limiter = RateLimiter(limits.outcomes_per_minute_per_key)
-    expected = api_key.encode() if api_key else None
-    accounts = Accounts(runtime.store.engine)
+class ApiContext:
+    """What the ``/api`` handlers share: the runtime, the per-key rate limiter and the keys."""
 
-    def key_problem(request: Request) -> JSONResponse | None:
+    def __init__(self, runtime: Runtime, *, api_key: str | None) -> None:
+        self.runtime = runtime
+        self.limiter = RateLimiter(runtime.config.limits.outcomes_per_minute_per_key)
+        self.expected = api_key.encode() if api_key else None
+        self.accounts = Accounts(runtime.store.engine)
+
+    def key_problem(self, request: Request) -> JSONResponse | None:
+        """None when the request carries a valid key (named on ``request.state``), else the 401."""
         given = request.headers.get(API_KEY_HEADER)
-        if expected is None and not any(k.revoked_at is None for k in accounts.api_keys()):
+        if self.expected is None and not any(
+            k.revoked_at is None for k in self.accounts.api_keys()
+        ):
             return _problem(
                 401,
                 "the outcomes API is closed: the server has no FLYWHEEL_API_KEY and no key "
@@ -239,16 +243,35 @@ def api_router(runtime: Runtime, *, api_key: str | None) -> APIRouter:
             )
         if not given:
             return _problem(401, f"missing {API_KEY_HEADER} header")
-        if given.startswith(KEY_PREFIX) and (name := accounts.verify_key(given)) is not None:
+        if given.startswith(KEY_PREFIX) and (name := self.accounts.verify_key(given)) is not None:
             request.state.api_key_name = name
             return None
-        if expected is not None and hmac.compare_digest(given.encode(), expected):
+        if self.expected is not None and hmac.compare_digest(given.encode(), self.expected):
             request.state.api_key_name = API_KEY_HEADER
             return None
         return _problem(401, f"wrong {API_KEY_HEADER}")
 
-    @router.post(
+
+def _context(request: Request) -> ApiContext:
+    """The router's :class:`ApiContext` (bound to the request by :func:`api_router`)."""
+    return cast(ApiContext, request.state.api)
+
+
+Ctx = Annotated[ApiContext, Depends(_context)]
+
+
+def api_router(runtime: Runtime, *, api_key: str | None) -> APIRouter:
+    """The ``/api`` routes, bound to ``runtime``; ``api_key`` None closes the outcomes API."""
+    context = ApiContext(runtime, api_key=api_key)
+
+    def bind(request: Request) -> None:  # router dependencies run before the handlers' own
+        request.state.api = context
+
+    router = APIRouter(prefix="/api", tags=["api"], dependencies=[Depends(bind)])
+    router.add_api_route(
         "/outcomes",
+        post_outcome,
+        methods=["POST"],
         status_code=201,
         response_model=OutcomeAck,
         summary="Report a business outcome",
@@ -278,98 +301,105 @@ def api_router(runtime: Runtime, *, api_key: str | None) -> APIRouter:
             ],
         },
     )
-    async def post_outcome(request: Request) -> JSONResponse:
-        # Order matters: authenticate before reading or parsing anything.
-        if (problem := key_problem(request)) is not None:
-            return problem
-        try:
-            limiter.hit(request.state.api_key_name)  # one bucket per key
-        except RateLimitExceeded as exc:
-            return _problem(429, str(exc), **{"Retry-After": f"{exc.retry_after_s:.0f}"})
-        body = await _read_body(request, limits.max_body_bytes)
-        if isinstance(body, JSONResponse):
-            return body
-        try:
-            data = json.loads(body, parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _problem(
-                422,
-                [
-                    {
-                        "loc": ["body"],
-                        "msg": f"body is not valid JSON: {exc}",
-                        "type": "json_invalid",
-                    }
-                ],
-            )
-        try:
-            outcome = OutcomeIn.model_validate(data)
-        except ValidationError as exc:
-            return _problem(422, _validation_detail(exc))
-        record = outcome.record()
-        verdict = await asyncio.to_thread(
-            attribute,
-            runtime.store,
-            runtime.config,
-            session_id=record.session_id,
-            user_id=record.user_id,
-            name=record.name,
-            occurred_at=record.occurred_at,
-        )
-        record = replace(record, attribution=verdict.code, attributed_session_id=verdict.session_id)
-        stored = await runtime.record_outcome(record)
-        if not stored:
-            conflict = await asyncio.to_thread(runtime.store.outcome_conflict, record)
-            if conflict is not None:
-                return _problem(
-                    409,
-                    f"idempotency_key {record.idempotency_key!r} was already used for a "
-                    f"different outcome ({conflict}); use a new key for a new event",
-                )
-        ack = OutcomeAck(
-            status="stored" if stored else "duplicate",
-            idempotency_key=outcome.idempotency_key,
-            **verdict.as_dict(),
-        )
-        return JSONResponse(ack.model_dump(), status_code=201 if stored else 200)
-
-    @router.get("/health", summary="Liveness and database reachability")
-    async def health() -> JSONResponse:
-        def ping() -> None:
-            with runtime.store.engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-
-        try:
-            await asyncio.wait_for(asyncio.to_thread(ping), timeout=5)
-            database = "ok"
-        except Exception as exc:  # report, do not crash: this is what health checks are for
-            log.warning("health check: database unreachable: %s", exc)
-            database = f"unreachable: {type(exc).__name__}"
-        ok = database == "ok"
-        body: dict[str, Any] = {}
-        model = runtime.config.model.name
-        if model.startswith("local/"):
-            from chatbot.llm.local import model_process
-
-            # Down or restarting: chats say sorry meanwhile, votes and outcomes still work,
-            # so the replica stays in the load balancer (200) but says so.
-            body["model_process"] = process = model_process().status()
-            ok_model = process["state"] in ("ready", "not started")
-        else:
-            ok_model = True
-        return JSONResponse(
-            {
-                "status": "ok" if ok and ok_model else "degraded",
-                "database": database,
-                **body,
-                "model": model,
-                "experiment": runtime.config.experiment.id,
-                "version": flywheel_version(),
-            },
-            status_code=200 if ok else 503,
-        )
-
+    router.add_api_route(
+        "/health", health, methods=["GET"], summary="Liveness and database reachability"
+    )
     return router
+
+
+async def post_outcome(request: Request, ctx: Ctx) -> JSONResponse:
+    """Authenticate, rate-limit, parse, attribute, then commit before acknowledging."""
+    # Order matters: authenticate before reading or parsing anything.
+    if (problem := ctx.key_problem(request)) is not None:
+        return problem
+    try:
+        ctx.limiter.hit(request.state.api_key_name)  # one bucket per key
+    except RateLimitExceeded as exc:
+        return _problem(429, str(exc), **{"Retry-After": f"{exc.retry_after_s:.0f}"})
+    outcome = await _parse(request, ctx.runtime.config.limits.max_body_bytes)
+    if isinstance(outcome, JSONResponse):
+        return outcome
+    runtime = ctx.runtime
+    record = outcome.record()
+    verdict = await asyncio.to_thread(
+        attribute,
+        runtime.store,
+        runtime.config,
+        session_id=record.session_id,
+        user_id=record.user_id,
+        name=record.name,
+        occurred_at=record.occurred_at,
+    )
+    record = replace(record, attribution=verdict.code, attributed_session_id=verdict.session_id)
+    stored = await runtime.record_outcome(record)
+    if not stored:
+        conflict = await asyncio.to_thread(runtime.store.outcome_conflict, record)
+        if conflict is not None:
+            return _problem(
+                409,
+                f"idempotency_key {record.idempotency_key!r} was already used for a "
+                f"different outcome ({conflict}); use a new key for a new event",
+            )
+    ack = OutcomeAck(
+        status="stored" if stored else "duplicate",
+        idempotency_key=outcome.idempotency_key,
+        **verdict.as_dict(),
+    )
+    return JSONResponse(ack.model_dump(), status_code=201 if stored else 200)
+
+
+async def _parse(request: Request, limit: int) -> OutcomeIn | JSONResponse:
+    """The outcome in the body, or the 413/422 that says what is wrong with it."""
+    body = await _read_body(request, limit)
+    if isinstance(body, JSONResponse):
+        return body
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        problem = {"loc": ["body"], "msg": f"body is not valid JSON: {exc}", "type": "json_invalid"}
+        return _problem(422, [problem])
+    try:
+        return OutcomeIn.model_validate(data)
+    except ValidationError as exc:
+        return _problem(422, _validation_detail(exc))
+
+
+async def health(ctx: Ctx) -> JSONResponse:
+    runtime = ctx.runtime
+
+    def ping() -> None:
+        with runtime.store.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    try:
+        await asyncio.wait_for(asyncio.to_thread(ping), timeout=5)
+        database = "ok"
+    except Exception as exc:  # report, do not crash: this is what health checks are for
+        log.warning("health check: database unreachable: %s", exc)
+        database = f"unreachable: {type(exc).__name__}"
+    ok = database == "ok"
+    body: dict[str, Any] = {}
+    model = runtime.config.model.name
+    if model.startswith("local/"):
+        from chatbot.llm.local import model_process
+
+        # Down or restarting: chats say sorry meanwhile, votes and outcomes still work,
+        # so the replica stays in the load balancer (200) but says so.
+        body["model_process"] = process = model_process().status()
+        ok_model = process["state"] in ("ready", "not started")
+    else:
+        ok_model = True
+    return JSONResponse(
+        {
+            "status": "ok" if ok and ok_model else "degraded",
+            "database": database,
+            **body,
+            "model": model,
+            "experiment": runtime.config.experiment.id,
+            "version": flywheel_version(),
+        },
+        status_code=200 if ok else 503,
+    )
 
 
 def _unstorable(value: Any) -> str | None:
