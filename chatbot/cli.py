@@ -24,6 +24,10 @@ from chatbot import cli_accounts  # noqa: E402
 
 cli_accounts.register(app)  # `flywheel users …`, `flywheel keys …`
 
+from chatbot import cli_finetune  # noqa: E402
+
+cli_finetune.register(app)  # `flywheel finetune start|status|tick`
+
 __all__ = ["app", "main"]
 
 
