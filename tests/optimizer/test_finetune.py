@@ -500,3 +500,25 @@ def test_cli_start_and_status(sqlite_store: Store, server: Recorder, tmp_path: P
     assert final["status"] == "succeeded" and final["arm_id"] == job["id"]
     bad = runner.invoke(app, ["finetune", "start", "--format", "csv", *common])
     assert bad.exit_code == 2 and "--format" in bad.output
+
+
+def test_public_names_of_the_finetune_package() -> None:
+    import optimizer.finetune as ft
+
+    assert ft.__all__ == sorted(ft.__all__)
+    assert ft.__all__ == [
+        "FINAL_STATES",
+        "FineTuneProvider",
+        "JobRecord",
+        "JobState",
+        "TrainingSet",
+        "build_training_set",
+        "estimated_cost",
+        "jobs",
+        "poll_job",
+        "qualify_terms",
+        "qualifying_sessions",
+        "retrain_due",
+        "spent",
+        "start_job",
+    ]

@@ -369,3 +369,22 @@ def test_migration_0006_on_both_backends(store: Store) -> None:
     assert store.excluded_sessions("exp") == {"s2", "s9"}
     store.set_opt_out("u1", False, actor="u1")  # opting back in
     assert store.excluded_sessions("exp") == {"s2"}
+
+
+def test_privacy_cli_opts_out_and_deletes(tmp_path: Path) -> None:
+    from optimizer.cli import app
+
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+    store = Store(db)
+    store.upgrade()
+    store.record_assignment(AssignmentRecord("s1", "ann", "exp", "a", 0.5, None, "*", {}, START))
+    store.record_assignment(AssignmentRecord("s2", "bob", "exp", "a", 0.5, None, "*", {}, START))
+    runner = CliRunner()
+    common = ["--config", "/nonexistent.toml", "--database-url", db]
+    assert runner.invoke(app, ["privacy", "opt-out", "ann", *common]).exit_code == 0
+    done = runner.invoke(app, ["privacy", "delete-conversation", "s2", "--user", "bob", *common])
+    assert done.exit_code == 0, done.output
+    assert store.excluded_sessions("exp") == {"s1", "s2"}
+    assert runner.invoke(app, ["privacy", "opt-out", "ann", "--undo", *common]).exit_code == 0
+    assert store.excluded_sessions("exp") == {"s2"}
+    store.dispose()
