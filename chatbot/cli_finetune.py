@@ -101,13 +101,18 @@ def start(
 def status(
     job_id: str | None = typer.Argument(None, help="One job (default: all of the experiment)."),
     provider: str | None = typer.Option(None, "--provider", help="Override finetune.provider."),
+    watch: bool = typer.Option(
+        False, "--watch", help="Poll every finetune.poll_interval_s until no job runs."
+    ),
     config: str | None = ConfigOption,
     database_url: str | None = DatabaseOption,
     as_json: bool = JsonOption,
 ) -> None:
     """Ask the provider about running jobs; a finished one becomes a challenger arm."""
+    import time
+
     from optimizer.errors import FineTuneError
-    from optimizer.finetune import jobs, poll_job
+    from optimizer.finetune import FINAL_STATES, jobs, poll_job
 
     cfg = get_config(config)
     client = _provider(cfg, provider)
@@ -119,6 +124,9 @@ def status(
             if not listed:
                 fail(f"no fine-tuning job {job_id!r} in experiment {cfg.experiment.id!r}", 2)
         current = [poll_job(store, cfg, client, j.id) for j in listed]
+        while watch and any(j.status not in FINAL_STATES for j in current):
+            time.sleep(cfg.finetune.poll_interval_s)
+            current = [poll_job(store, cfg, client, j.id) for j in current]
     except FineTuneError as exc:
         fail(str(exc), 1)
     finally:

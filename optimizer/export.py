@@ -168,7 +168,10 @@ def _clean_turns(turns: pd.DataFrame) -> pd.DataFrame:
     if turns.empty:
         return turns
     failed = turns["error"].fillna("").astype(str).str.len() > 0
-    return turns[~failed & (turns["thumbs"].fillna(1) != 0)]
+    empty = (turns["user_message"].fillna("").astype(str).str.strip() == "") | (
+        turns["reply"].fillna("").astype(str).str.strip() == ""
+    )  # nothing to learn from (a simulated turn, a reply cut to nothing)
+    return turns[~failed & ~empty & (turns["thumbs"].fillna(1) != 0)]
 
 
 def _good_turns(turns: pd.DataFrame, min_reward: float | None) -> pd.DataFrame:

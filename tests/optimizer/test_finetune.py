@@ -470,7 +470,8 @@ def test_cli_start_and_status(sqlite_store: Store, server: Recorder, tmp_path: P
         '[[experiment.arms]]\nid = "concise"\nprompt = "concise"\n'
         '[[experiment.arms]]\nid = "empathetic"\nprompt = "empathetic"\n'
         '[[kpi.terms]]\nname = "conversion"\nsource = "outcome:conversion"\nweight = 1.0\n'
-        f'[finetune]\napi_base = "{server.base}"\nmin_sessions = 2\nqualify = ["conversion"]\n',
+        f'[finetune]\napi_base = "{server.base}"\nmin_sessions = 2\nqualify = ["conversion"]\n'
+        "poll_interval_s = 0.05\n",
         encoding="utf-8",
     )
     common = ["--config", str(toml), "--database-url", sqlite_store.url]
@@ -493,9 +494,8 @@ def test_cli_start_and_status(sqlite_store: Store, server: Recorder, tmp_path: P
     assert started.exit_code == 0, started.output
     job = json.loads(started.output)
     assert job["status"] == "running" and job["sessions"] >= 2
-    for _ in range(2):
-        status = runner.invoke(app, ["finetune", "status", "--json", *common])
-        assert status.exit_code == 0, status.output
+    status = runner.invoke(app, ["finetune", "status", "--watch", "--json", *common])
+    assert status.exit_code == 0, status.output
     final = json.loads(status.output)["jobs"][0]
     assert final["status"] == "succeeded" and final["arm_id"] == job["id"]
     bad = runner.invoke(app, ["finetune", "start", "--format", "csv", *common])
