@@ -164,14 +164,19 @@ def _turns(
     return turns.sort_values("created_at").reset_index(drop=True)
 
 
-def _clean_turns(turns: pd.DataFrame) -> pd.DataFrame:
-    if turns.empty:
-        return turns
+def _failed_or_empty(turns: pd.DataFrame) -> pd.Series:
+    """Turns with nothing to learn from: an error, or no text (a simulated turn)."""
     failed = turns["error"].fillna("").astype(str).str.len() > 0
     empty = (turns["user_message"].fillna("").astype(str).str.strip() == "") | (
         turns["reply"].fillna("").astype(str).str.strip() == ""
-    )  # nothing to learn from (a simulated turn, a reply cut to nothing)
-    return turns[~failed & ~empty & (turns["thumbs"].fillna(1) != 0)]
+    )
+    return failed | empty
+
+
+def _clean_turns(turns: pd.DataFrame) -> pd.DataFrame:
+    if turns.empty:
+        return turns
+    return turns[~_failed_or_empty(turns) & (turns["thumbs"].fillna(1) != 0)]
 
 
 def _good_turns(turns: pd.DataFrame, min_reward: float | None) -> pd.DataFrame:
@@ -196,9 +201,7 @@ def _sft_record(row: dict[str, Any], library: PromptLibrary, scrubber: Scrubber)
 def _pairs(
     turns: pd.DataFrame, scrubber: Scrubber, threshold: float
 ) -> tuple[list[dict[str, str]], pd.DataFrame, dict[str, Any]]:
-    clean = (
-        turns[turns["error"].fillna("").astype(str).str.len() == 0] if not turns.empty else turns
-    )
+    clean = turns[~_failed_or_empty(turns)] if len(turns) else turns
     ups = clean[clean["thumbs"] == 1]
     downs = clean[clean["thumbs"] == 0]
     extra = {"thumbs_up": len(ups), "thumbs_down": len(downs), "pair_similarity": threshold}
