@@ -319,11 +319,10 @@ def test_qualifying_sessions_wait_for_windows_and_respect_consent(store: Store) 
 
 
 def test_job_uploads_exactly_the_scrubbed_export_and_the_model_becomes_an_arm(
-    sqlite_store: Store, server: Recorder, tmp_path: Path
+    store: Store, server: Recorder, tmp_path: Path
 ) -> None:
     import litellm
 
-    store = sqlite_store
     cfg = _config(server.base)
     _seed(store, cfg)
     provider = LiteLLMFineTuneProvider("openai", api_base=server.base)
@@ -500,6 +499,18 @@ def test_cli_start_and_status(sqlite_store: Store, server: Recorder, tmp_path: P
     assert final["status"] == "succeeded" and final["arm_id"] == job["id"]
     bad = runner.invoke(app, ["finetune", "start", "--format", "csv", *common])
     assert bad.exit_code == 2 and "--format" in bad.output
+
+
+def test_dpo_set_skips_text_less_turns(sqlite_store: Store, tmp_path: Path) -> None:
+    from optimizer.export import export_dataset
+
+    cfg = _config("http://127.0.0.1:9/v1")
+    _session(sqlite_store, "e1", "", "", converted=True)  # a simulated turn: no words
+    _session(sqlite_store, "e2", "How do I export?", "")
+    sqlite_store.record_feedback("e1-t0", "user-e1", 1)
+    sqlite_store.record_feedback("e2-t0", "user-e2", 0)
+    result = export_dataset(sqlite_store, cfg, "dpo", tmp_path, now=NOW)
+    assert result.manifest["rows"] == 0 and result.manifest["counts"]["thumbs_up"] == 0
 
 
 def test_public_names_of_the_finetune_package() -> None:
