@@ -122,7 +122,7 @@ def add(
     from optimizer.config import ArmConfig
     from optimizer.errors import FlywheelError
     from optimizer.models import check_model_params
-    from optimizer.prompts import content_hash
+    from optimizer.prompt_library import content_hash
     from optimizer.store import ArmSpec
 
     cfg = get_config(config)
@@ -163,7 +163,7 @@ def add(
         new_id, what = store.add_arm(cfg.experiment.id, spec, actor=actor)
         snapshot = None
         if refit and what != "known":
-            from optimizer.job import run_optimizer
+            from optimizer.refit import run_optimizer
 
             run = run_optimizer(store, cfg, actor=actor, fewshot=False)
             snapshot = run.snapshot_version if run is not None else None

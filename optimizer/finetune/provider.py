@@ -2,8 +2,8 @@
 
 The optimizer does not know providers (it never imports litellm's model code):
 the process that runs ``flywheel finetune`` hands it a :class:`FineTuneProvider`
-(``chatbot.finetune_provider.LiteLLMFineTuneProvider``, ``chatbot.llm.finetune`` after
-the house move, talks to any provider litellm's files and fine-tuning API supports).
+(``chatbot.llm.finetune.LiteLLMFineTuneProvider`` talks to any provider litellm's
+files and fine-tuning API supports).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from chatbot.finetune_provider import LiteLLMFineTuneProvider
+from chatbot.llm.finetune import LiteLLMFineTuneProvider
 from optimizer.config import (
     ArmConfig,
     Config,
@@ -36,7 +36,7 @@ from optimizer.config import (
 )
 from optimizer.errors import FineTuneError
 from optimizer.finetune import jobs, poll_job, qualifying_sessions, retrain_due, start_job
-from optimizer.prompts import arm_spec, load_prompts
+from optimizer.prompt_library import arm_spec, load_prompts
 from optimizer.store import AssignmentRecord, OutcomeRecord, Store, TurnRecord, schema
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -24,7 +24,7 @@ from optimizer.config import (
 from optimizer.errors import ConfigError
 from optimizer.guardrails import check_guardrails
 from optimizer.models import check_model_params, resolve
-from optimizer.prompts import arm_spec, load_prompts
+from optimizer.prompt_library import arm_spec, load_prompts
 from optimizer.report import experiment_report
 from optimizer.store import ArmSpec, AssignmentRecord, Store, TurnRecord
 from optimizer.store.versions import arm_content_hash
@@ -156,7 +156,7 @@ def test_api_base_must_be_on_the_allow_list(tmp_path: Path) -> None:
 
 
 def test_arms_add_cli_takes_a_model_and_refuses_a_foreign_api_base(tmp_path: Path) -> None:
-    from optimizer.cli import app
+    from chatbot.cli.app import app
 
     db = f"sqlite:///{tmp_path / 'f.db'}"
     toml = tmp_path / "flywheel.toml"
@@ -372,7 +372,7 @@ def test_migration_0006_on_both_backends(store: Store) -> None:
 
 
 def test_privacy_cli_opts_out_and_deletes(tmp_path: Path) -> None:
-    from optimizer.cli import app
+    from chatbot.cli.app import app
 
     db = f"sqlite:///{tmp_path / 'f.db'}"
     store = Store(db)
