@@ -15,9 +15,6 @@ import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from email.parser import BytesParser
-from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,151 +35,12 @@ from optimizer.errors import FineTuneError
 from optimizer.finetune import jobs, poll_job, qualifying_sessions, retrain_due, start_job
 from optimizer.prompt_library import arm_spec, load_prompts
 from optimizer.store import AssignmentRecord, OutcomeRecord, Store, TurnRecord, schema
+from tests.support.openai_recorder import FT_MODEL, Recorder
 
 ROOT = Path(__file__).resolve().parents[2]
 START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 NOW = START + timedelta(days=20)
 PII = ("Maria Lopez", "maria.lopez@example.com", "+44 7911 123456")
-FT_MODEL = "ft:gpt-4o-mini-2024-07-18:flywheel::abc123"
-
-
-class Recorder(ThreadingHTTPServer):
-    """An OpenAI-compatible endpoint that records requests and scripts job states."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.requests: list[dict[str, Any]] = []
-        self.files: dict[str, bytes] = {}
-        self.jobs: dict[str, dict[str, Any]] = {}
-        #: statuses a new job goes through, one per poll; the last one stays
-        self.script: list[str] = ["running", "succeeded"]
-        self.fail_create = False
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def paths(self) -> list[str]:
-        return [f"{r['method']} {r['path']}" for r in self.requests]
-
-
-def _job_body(job: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": job["id"],
-        "object": "fine_tuning.job",
-        "model": job["model"],
-        "created_at": 1_767_600_000,
-        "finished_at": None,
-        "fine_tuned_model": FT_MODEL if job["status"] == "succeeded" else None,
-        "organization_id": "org-test",
-        "result_files": [],
-        "status": job["status"],
-        "validation_file": None,
-        "training_file": job["training_file"],
-        "hyperparameters": job["hyperparameters"],
-        "trained_tokens": 1234 if job["status"] == "succeeded" else None,
-        "error": (
-            {"code": "invalid_training_file", "message": "too few examples", "param": None}
-            if job["status"] == "failed"
-            else None
-        ),
-        "seed": 1,
-    }
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Recorder
-
-    def log_message(self, *args: Any) -> None:  # quiet
-        pass
-
-    def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length)
-        srv = self.server
-        srv.requests.append({"method": "POST", "path": self.path, "body": body})
-        if self.path.endswith("/files"):
-            head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
-            message = BytesParser(policy=HTTP).parsebytes(head + body)
-            content, purpose, name = b"", None, None
-            for part in message.iter_parts():
-                field = part.get_param("name", header="content-disposition")
-                if field == "file":
-                    content = bytes(part.get_payload(decode=True) or b"")
-                    name = part.get_filename()
-                elif field == "purpose":
-                    purpose = bytes(part.get_payload(decode=True) or b"").decode()
-            file_id = f"file-{len(srv.files) + 1}"
-            srv.files[file_id] = content
-            self._send(
-                200,
-                {
-                    "id": file_id,
-                    "object": "file",
-                    "bytes": len(content),
-                    "created_at": 1_767_600_000,
-                    "filename": name or "upload.jsonl",
-                    "purpose": purpose or "fine-tune",
-                    "status": "processed",
-                },
-            )
-        elif self.path.endswith("/fine_tuning/jobs"):
-            data = json.loads(body)
-            if srv.fail_create or data.get("training_file") not in srv.files:
-                self._send(400, {"error": {"message": "invalid training file", "type": "x"}})
-                return
-            job = {
-                "id": f"ftjob-{len(srv.jobs) + 1}",
-                "model": data["model"],
-                "training_file": data["training_file"],
-                "hyperparameters": data.get("hyperparameters") or {},
-                "suffix": data.get("suffix"),
-                "status": "validating_files",
-                "script": list(srv.script),
-            }
-            srv.jobs[job["id"]] = job
-            self._send(200, _job_body(job))
-        elif self.path.endswith("/chat/completions"):
-            data = json.loads(body)
-            self._send(
-                200,
-                {
-                    "id": "chatcmpl-1",
-                    "object": "chat.completion",
-                    "created": 1_767_600_000,
-                    "model": data["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "finish_reason": "stop",
-                            "message": {"role": "assistant", "content": "Tuned hello."},
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
-                },
-            )
-        else:
-            self._send(404, {"error": {"message": f"no route {self.path}"}})
-
-    def do_GET(self) -> None:
-        srv = self.server
-        srv.requests.append({"method": "GET", "path": self.path, "body": b""})
-        job_id = self.path.rstrip("/").rsplit("/", 1)[-1]
-        job = srv.jobs.get(job_id)
-        if job is None:
-            self._send(404, {"error": {"message": "no such job"}})
-            return
-        if job["script"]:
-            job["status"] = job["script"].pop(0) if len(job["script"]) > 1 else job["script"][0]
-        self._send(200, _job_body(job))
 
 
 @pytest.fixture
