@@ -11,6 +11,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -142,3 +143,37 @@ async def test_a_fallback_turn_stays_the_arms_and_says_so(store: Store, server: 
     )
     assert conversation.assignment.arm_id == "failing"
     assert runtime.store.arm_statuses("exp") == {"failing": "champion"}
+
+
+@pytest.mark.slow
+async def test_two_arms_on_two_local_gguf_models_share_one_model_process(
+    store: Store, tmp_path: Path
+) -> None:
+    """Several local models: the packaged GGUF and another file, served by the same process."""
+    from chatbot.llm.local import model_path, model_process
+
+    other = tmp_path / "other-model.gguf"
+    other.symlink_to(model_path("gemma3-270m"))
+    arms = (
+        ArmConfig(id="packaged", prompt="concise", model="local/gemma3-270m", max_tokens=8),
+        ArmConfig(id="other", prompt="concise", model=f"local/{other}", max_tokens=8),
+    )
+    data = chat_config(store.url).model_dump()
+    data["model"].update(timeout_s=120)
+    data["experiment"].update(arms=[a.model_dump() for a in arms], champion="packaged")
+    runtime = _runtime(store, Config.model_validate(data))
+    served = set()
+    for i in range(40):  # users hash onto both arms
+        conversation = await Conversation.start(runtime, f"s{i}", f"user-{i}", {})
+        if conversation.assignment.arm_id in served:
+            continue
+        await conversation.reply(f"t{i}", "Hi")
+        served.add(conversation.assignment.arm_id)
+        if len(served) == 2:
+            break
+    turns = {t.arm_id: t for t in _turns(store)}
+    assert set(turns) == {"packaged", "other"}
+    assert turns["packaged"].model == "local/gemma3-270m"
+    assert turns["other"].model == f"local/{other}"
+    assert all(t.error is None and t.reply.strip() for t in turns.values())
+    assert model_process().status()["state"] == "ready" and model_process().restarts == 0
