@@ -25,9 +25,10 @@ import sqlalchemy as sa
 
 from chatbot.langfuse.tracer import Tracer, get_tracer
 from optimizer.assignment import Assigner
-from optimizer.config import ArmConfig, Config
+from optimizer.config import ArmConfig, Config, ModelConfig
 from optimizer.errors import ConfigError
 from optimizer.fewshot import ExampleSelector
+from optimizer.models import resolve as resolve_model
 from optimizer.prompt_library import PromptLibrary, Variant, arm_spec, load_prompts
 from optimizer.store import OutcomeRecord, Store, schema
 from optimizer.store.versions import successor
@@ -192,6 +193,39 @@ class Runtime:
             return _served(rows[newest], self.prompts)
         arm = self.arm(arm_id)
         return arm, self.prompts.variant(arm.prompt)
+
+    def serve_model(self, arm_id: str) -> tuple[ModelConfig, str | None]:
+        """The model an assigned arm's turns use, and where it lives (``api_base``).
+
+        An arm without a model of its own serves ``[model]``; one with a model
+        gets ``[model]`` with the arm's name, temperature and max_tokens (timeouts,
+        retries and the fallback stay the deployment's). An ``api_base`` that is
+        not (or no longer) in ``model.allowed_api_bases`` is refused: the turn
+        goes to the configured model instead, with an error logged, never to an
+        address the operator did not allow. Blocking, like :meth:`serve`.
+        """
+        rows = self._stored_arms(arm_id)
+        if arm_id in rows:
+            row = rows[successor(list(rows.values()), arm_id)]
+            name, params = row.model, dict(row.model_params or {})
+        else:
+            arm = self.arm(arm_id)
+            name, params = arm.model, arm.model_params
+        try:
+            chosen = resolve_model(name, params, self.config.model)
+        except ConfigError as exc:
+            log.error("arm %r: %s; serving the configured model", arm_id, exc)
+            return self.config.model, None
+        if chosen.default:
+            return self.config.model, None
+        model = self.config.model.model_copy(
+            update={
+                "name": chosen.name,
+                "temperature": chosen.temperature,
+                "max_tokens": chosen.max_tokens,
+            }
+        )
+        return model, chosen.api_base
 
     def _stored_arms(self, arm_id: str) -> dict[str, Any]:
         now = time.monotonic()

@@ -28,12 +28,14 @@ __all__ = [
     "Config",
     "ExperimentConfig",
     "FewShotConfig",
+    "FineTuneConfig",
     "GuardrailConfig",
     "KPIConfig",
     "KPITermConfig",
     "LangfuseConfig",
     "LimitsConfig",
     "ModelConfig",
+    "ModelPriceConfig",
     "PolicyConfig",
     "SecurityConfig",
     "UserConfig",
@@ -45,8 +47,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ModelPriceConfig(_Section):
+    """What one model costs, in USD per million tokens (litellm does not know local/custom ones)."""
+
+    input_usd_per_mtok: float = Field(0.0, ge=0, allow_inf_nan=False)
+    output_usd_per_mtok: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+
+def _check_api_base(api_base: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", api_base):
+        raise ValueError(f"api_base must be an http(s) URL, got {api_base!r}")
+    return api_base.rstrip("/")
+
+
 class ModelConfig(_Section):
-    """The LLM. ``name`` is any litellm model string; ``local/…`` runs the packaged GGUF."""
+    """The LLM. ``name`` is any litellm model string; ``local/…`` runs the packaged GGUF.
+
+    ``prices`` maps a model string to its price per token (local and custom
+    models; 0 when absent — litellm's own cost is used for models it knows).
+    ``allowed_api_bases`` lists the only ``api_base`` URLs an arm may send
+    conversations to (an arm's ``api_base`` is where user text goes: an
+    operator's typo or a malicious arm must not exfiltrate it).
+    """
 
     name: str = settings.DEFAULT_MODEL
     fallback: str | None = None
@@ -56,6 +78,13 @@ class ModelConfig(_Section):
     max_tokens: int = Field(160, gt=0, le=4096)
     temperature: float = Field(0.7, ge=0, le=2)
     context_tokens: int = Field(2048, ge=256)
+    prices: dict[str, ModelPriceConfig] = Field(default_factory=dict)
+    allowed_api_bases: tuple[str, ...] = ()
+
+    @field_validator("allowed_api_bases")
+    @classmethod
+    def _bases(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_api_base(b) for b in v)
 
 
 class UserConfig(_Section):
@@ -132,10 +161,13 @@ class SecurityConfig(_Section):
 
 
 class ArmConfig(_Section):
-    """One arm: a prompt variant × a few-shot strategy.
+    """One arm: a prompt variant × a few-shot strategy × a model.
 
     ``fewshot`` is ``none``, ``fixed`` (the ``examples`` ids, in order) or
     ``retrieved`` (``k`` approved bank examples nearest to the user's message).
+    ``model`` is any litellm model string with its own ``temperature``,
+    ``max_tokens`` and ``api_base`` (None: ``[model]``'s); an arm without a
+    model serves the configured one and keeps its identity.
     """
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:+/-]+$")
@@ -144,12 +176,35 @@ class ArmConfig(_Section):
     examples: tuple[str, ...] = ()
     k: int = Field(3, ge=1, le=20)
     reward_weighted: bool = False
+    model: str | None = Field(None, min_length=1, max_length=200)
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, gt=0, le=4096)
+    api_base: str | None = None
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, v: str | None) -> str | None:
+        return None if v is None else _check_api_base(v)
 
     @model_validator(mode="after")
     def _fixed_needs_examples(self) -> ArmConfig:
         if self.fewshot == "fixed" and not self.examples:
             raise ValueError("fewshot = 'fixed' needs a non-empty 'examples' list")
+        if self.model is None and (
+            self.temperature is not None or self.max_tokens is not None or self.api_base
+        ):
+            raise ValueError("temperature, max_tokens and api_base of an arm need its 'model'")
         return self
+
+    @property
+    def model_params(self) -> dict[str, object]:
+        """The model's own parameters that are set (part of the arm's identity)."""
+        params: dict[str, object] = {
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "api_base": self.api_base,
+        }
+        return {k: v for k, v in params.items() if v is not None}
 
 
 class ExperimentConfig(_Section):
@@ -187,14 +242,18 @@ class ExperimentConfig(_Section):
 class KPITermConfig(_Section):
     """One term of the per-session reward: ``weight × min(value, cap)``.
 
-    ``source`` is ``outcome:<name>`` (an outcome event) or one of the feedback
-    metrics ``feedback:up_rate``, ``feedback:down_rate``. ``aggregate`` says how
+    ``source`` is ``outcome:<name>`` (an outcome event), one of the feedback
+    metrics ``feedback:up_rate``, ``feedback:down_rate``, or ``cost:usd`` (what
+    the session's turns cost, summed; give it a negative weight to optimise,
+    say, conversions minus spend). ``aggregate`` says how
     several events of the session combine. A term counts only once its
     ``window_days`` after the session start have passed (see ``optimizer.kpi``).
     """
 
     name: str = Field(min_length=1)
-    source: str = Field(pattern=r"^(outcome:[A-Za-z0-9_.-]+|feedback:(up_rate|down_rate))$")
+    source: str = Field(
+        pattern=r"^(outcome:[A-Za-z0-9_.-]+|feedback:(up_rate|down_rate)|cost:usd)$"
+    )
     weight: float
     cap: float | None = None
     window_days: float = Field(7.0, ge=0)
@@ -218,11 +277,13 @@ class KPITermConfig(_Section):
 class GuardrailConfig(_Section):
     """A metric an arm may not worsen beyond a limit relative to the champion.
 
-    ``metric``: ``thumbs_down_rate``, ``error_rate`` (absolute ``max_delta``) or
-    ``latency_p95_ms`` (``max_ratio`` to the champion's).
+    ``metric``: ``thumbs_down_rate``, ``error_rate`` (absolute ``max_delta``),
+    ``latency_p95_ms`` (``max_ratio`` to the champion's) or ``cost_per_session``
+    (mean USD per session; ``max_ratio`` to the champion's forbids, say, a
+    variant that doubles the bill, ``max_delta`` is in USD).
     """
 
-    metric: Literal["thumbs_down_rate", "error_rate", "latency_p95_ms"]
+    metric: Literal["thumbs_down_rate", "error_rate", "latency_p95_ms", "cost_per_session"]
     max_delta: float | None = Field(None, gt=0)
     max_ratio: float | None = Field(None, gt=1)
 
@@ -366,6 +427,42 @@ class LimitsConfig(_Section):
     votes_per_minute_per_user: int = Field(60, gt=0)
 
 
+class FineTuneConfig(_Section):
+    """Fine-tuning from the flywheel's own data (``flywheel finetune``, :mod:`optimizer.finetune`).
+
+    A session qualifies for the training set when any KPI term named in
+    ``qualify`` is > 0 *and* the windows of those terms have closed (a session
+    still inside a window might yet convert, or be thumbed down). Opted-out
+    users and deleted conversations never qualify. ``spend_cap_usd`` bounds the
+    estimated cost of the jobs started within ``spend_window_days`` (estimate:
+    trained tokens × ``epochs`` × ``usd_per_mtok_trained``). Retraining starts
+    the next job after ``retrain_interval_days`` or ``retrain_after_sessions``
+    new qualifying sessions (0 disables either); the previous fine-tune keeps
+    serving until the new one beats it on the KPI.
+    """
+
+    provider: str = Field("openai", pattern=r"^[a-z0-9_-]+$")
+    base_model: str = Field("gpt-4o-mini-2024-07-18", min_length=1)
+    #: Where the provider's API lives (must be in ``model.allowed_api_bases``); None: default.
+    api_base: str | None = None
+    format: Literal["openai-sft", "dpo"] = "openai-sft"
+    #: KPI term names (default: those of the two that the KPI has).
+    qualify: tuple[str, ...] = ("conversion", "thumbs_up")
+    min_sessions: int = Field(10, ge=1)
+    epochs: int = Field(3, ge=1, le=50)
+    usd_per_mtok_trained: float = Field(3.0, ge=0, allow_inf_nan=False)
+    spend_cap_usd: float = Field(50.0, ge=0, allow_inf_nan=False)
+    spend_window_days: float = Field(30.0, gt=0)
+    retrain_interval_days: float = Field(0.0, ge=0)
+    retrain_after_sessions: int = Field(0, ge=0)
+    poll_interval_s: float = Field(30.0, gt=0)
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, v: str | None) -> str | None:
+        return None if v is None else _check_api_base(v)
+
+
 class Config(_Section):
     """The whole configuration. ``source`` is the file it came from (for messages)."""
 
@@ -382,7 +479,31 @@ class Config(_Section):
     langfuse: LangfuseConfig = LangfuseConfig()
     limits: LimitsConfig = LimitsConfig()
     security: SecurityConfig = SecurityConfig()
+    finetune: FineTuneConfig = FineTuneConfig()
     source: str = "<defaults>"
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        allowed = set(self.model.allowed_api_bases)
+        for i, arm in enumerate(self.experiment.arms):
+            if arm.api_base is not None and arm.api_base not in allowed:
+                raise ValueError(
+                    f"experiment.arms.{i}.api_base {arm.api_base!r} is not in "
+                    f"model.allowed_api_bases {sorted(allowed)}"
+                )
+        base = self.finetune.api_base
+        if base is not None and base not in allowed:
+            raise ValueError(
+                f"finetune.api_base {base!r} is not in model.allowed_api_bases {sorted(allowed)}"
+            )
+        names = {t.name for t in self.kpi.terms}
+        unknown = [q for q in self.finetune.qualify if q not in names]
+        # the default names terms a custom KPI may not have: only an explicit list must match
+        if unknown and "qualify" in self.finetune.model_fields_set:
+            raise ValueError(
+                f"finetune.qualify names KPI terms {sorted(names)}, got unknown {unknown}"
+            )
+        return self
 
 
 def _format_error(source: str, exc: ValidationError) -> str:

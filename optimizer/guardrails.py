@@ -15,6 +15,12 @@ non-champion arm with the champion:
   ratio of two p95s is then approximately normal and
   P(p95_arm / p95_champion > max_ratio) = Φ((log ratio − log max_ratio) / se).
   It needs at least :data:`MIN_LATENCY_TURNS` turns per arm.
+- ``cost_per_session``: the mean cost of a session in USD (``cost_usd`` of
+  :func:`optimizer.kpi.session_frame`), normal approximation of each mean;
+  ``max_ratio`` compares on the log scale (delta method) and is skipped while
+  the champion costs nothing (a ratio to 0 is undefined: use ``max_delta``, in
+  USD, to cap a paid challenger against a free local champion). It needs at
+  least :data:`MIN_RATE_N` sessions per arm.
 
 **When is an arm breached?** The optimizer looks at every refit, so a per-look
 rule ("P(breach) ≥ ``pause_probability``") pauses healthy arms sooner or later:
@@ -147,6 +153,8 @@ def check_guardrails(
         for arm in challengers:  # guardrails × arms: a handful
             if rail.metric in _RATE_COLUMNS:
                 check = _rate_check(rail, arm, champion, counts, samples, rng, alpha)
+            elif rail.metric == "cost_per_session":
+                check = _cost_check(rail, arm, champion, sessions, alpha)
             else:
                 check = _latency_check(rail, arm, champion, latencies or {}, alpha)
             checks.append(_with_verdict(check, pause_probability, rule))
@@ -296,6 +304,56 @@ def _latency_check(
         probability=prob,
         n=len(a),
         champion_n=len(c),
+        breached=False,
+        lower_bound=lower,
+    )
+
+
+def _cost_check(
+    rail: GuardrailConfig, arm: str, champion: str, sessions: pd.DataFrame, alpha: float
+) -> GuardrailCheck:
+    def stats(name: str) -> tuple[float, float, int]:
+        if "cost_usd" not in sessions.columns or sessions.empty:
+            return math.nan, math.inf, 0
+        x = sessions.loc[sessions["arm_id"] == name, "cost_usd"].to_numpy(dtype=float)
+        n = len(x)
+        if n == 0:
+            return math.nan, math.inf, 0
+        return float(x.mean()), (float(x.var(ddof=1)) / n if n > 1 else math.inf), n
+
+    (m_a, v_a, n_a), (m_c, v_c, n_c) = stats(arm), stats(champion)
+    if rail.max_ratio is not None:
+        limit, kind = rail.max_ratio, "max_ratio"
+    else:
+        assert rail.max_delta is not None
+        limit, kind = rail.max_delta, "max_delta"
+    prob, lower = 0.0, None
+    if min(n_a, n_c) >= MIN_RATE_N and math.isfinite(v_a + v_c):
+        info = _harmonic(n_a, n_c) / TUNING_N
+        if kind == "max_delta":
+            diff, var = m_a - m_c, v_a + v_c
+            lower = diff - radius(var, info, alpha=alpha, one_sided=True)
+            prob = (
+                float(special.ndtr((diff - limit) / math.sqrt(var)))
+                if var > 0
+                else float(diff > limit)
+            )
+        elif m_a > 0 and m_c > 0:
+            log_ratio, var = math.log(m_a / m_c), v_a / m_a**2 + v_c / m_c**2
+            lower = math.exp(log_ratio - radius(var, info, alpha=alpha, one_sided=True))
+            excess = log_ratio - math.log(limit)
+            prob = float(special.ndtr(excess / math.sqrt(var))) if var > 0 else float(excess > 0)
+    return GuardrailCheck(
+        metric=rail.metric,
+        arm=arm,
+        champion=champion,
+        arm_value=m_a if n_a else None,
+        champion_value=m_c if n_c else None,
+        limit=limit,
+        limit_kind=kind,
+        probability=prob,
+        n=n_a,
+        champion_n=n_c,
         breached=False,
         lower_bound=lower,
     )

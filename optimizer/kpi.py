@@ -12,6 +12,9 @@ terms (``config.kpi.terms``):
   occurred before the session started — up to
   :data:`optimizer.attribution.CLOCK_SKEW_S` of clock skew, counted as delay 0
   (the outcomes API reports the same verdict, :mod:`optimizer.attribution`).
+- ``cost:usd`` — what the session's turns cost (:mod:`optimizer.cost`: litellm's
+  cost, or the configured per-token price of the model), summed; known as the
+  turns happen, so its exposure is 1 like feedback's.
 - ``feedback:up_rate`` / ``feedback:down_rate`` — thumbs up (down) over rated
   turns of the session, from the current votes. **A session without any rated
   turn contributes 0** to these terms (not NaN): most sessions are never rated,
@@ -75,6 +78,7 @@ from sqlalchemy.sql.operators import custom_op
 
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config, KPITermConfig
+from optimizer.cost import COST_COLUMN, session_costs
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_tuples
 
@@ -85,6 +89,7 @@ __all__ = [
     "session_frame",
     "term_column",
     "turn_latencies",
+    "uses_cost",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,7 +113,7 @@ BASE_COLUMNS = (
     "reward",
     "complete",
 )
-_RESERVED = frozenset(BASE_COLUMNS) | {"assigned_s"}
+_RESERVED = frozenset(BASE_COLUMNS) | {"assigned_s", "cost_usd"}
 #: The latency guardrail looks at this many of each arm's most recent turns.
 LATENCY_TURNS = 50_000
 #: Below this many events, ``F(age)`` is assumed linear in age.
@@ -118,7 +123,16 @@ DELAY_BINS = 28
 _DAY_S = 86_400.0
 
 
-def session_frame(store: Store, config: Config, *, now: datetime | None = None) -> pd.DataFrame:
+def uses_cost(config: Config) -> bool:
+    """Whether the KPI or a guardrail needs each session's cost."""
+    return any(t.source == "cost:usd" for t in config.kpi.terms) or any(
+        g.metric == "cost_per_session" for g in config.kpi.guardrails
+    )
+
+
+def session_frame(
+    store: Store, config: Config, *, now: datetime | None = None, with_cost: bool | None = None
+) -> pd.DataFrame:
     """One row per assignment of ``config.experiment.id`` made at or before ``now``.
 
     Columns: :data:`BASE_COLUMNS`, then for each KPI term a column named
@@ -127,7 +141,9 @@ def session_frame(store: Store, config: Config, *, now: datetime | None = None) 
     capped value, NaN while its window is open, plus ``<column>_observed`` (value
     so far) and ``<column>_exposure`` (see the module docstring).
     ``frame.attrs["kpi_terms"]`` lists the terms (name, column, source, weight,
-    window_days, aggregate, cap).
+    window_days, aggregate, cap). With ``with_cost`` (default: when
+    :func:`uses_cost`) a ``cost_usd`` column follows the base columns: the
+    session's cost so far (an extra ``GROUP BY`` over the turns).
     Reads only the columns it needs; the heavy lifting is SQL ``GROUP BY`` and
     pandas, never a Python loop over sessions.
     """
@@ -135,15 +151,19 @@ def session_frame(store: Store, config: Config, *, now: datetime | None = None) 
     terms = config.kpi.terms
     now_s = now.timestamp()
     experiment_id = config.experiment.id
+    cost = uses_cost(config) if with_cost is None else with_cost
     with store.engine.connect() as conn:
         epoch = _epoch_function(conn)
         frame, sessions = _sessions(conn, epoch, experiment_id, now)
         if frame.empty:
-            return _empty_frame(terms)
+            return _empty_frame(terms, cost=cost)
         outcome_names = sorted(
             {t.source.split(":", 1)[1] for t in terms if t.source.startswith("outcome:")}
         )
         outcomes = _outcomes(conn, epoch, outcome_names, now)
+        if cost:
+            costs = session_costs(conn, experiment_id, config.model.prices, now)
+            frame[COST_COLUMN] = frame["session_id"].map(costs).fillna(0.0).astype(float)
 
     age_s = now_s - frame["assigned_s"].to_numpy()
     frame["assigned_at"] = pd.to_datetime(frame["assigned_s"], unit="s", utc=True)
@@ -167,7 +187,7 @@ def session_frame(store: Store, config: Config, *, now: datetime | None = None) 
         complete &= closed
     frame["reward"] = np.where(complete, reward, np.nan)
     frame["complete"] = complete
-    frame = frame[list(BASE_COLUMNS)]
+    frame = frame[list(BASE_COLUMNS) + ([COST_COLUMN] if cost else [])]
     frame = pd.concat([frame, pd.DataFrame(extra, index=frame.index)], axis=1)
     frame.attrs["kpi_terms"] = _term_attrs(terms)
     return frame
@@ -437,6 +457,8 @@ def _term_values(
     """(value so far, exposure) of one term for every session."""
     n = len(frame)
     kind, _, name = term.source.partition(":")
+    if kind == "cost":  # known as the turns happen
+        return frame[COST_COLUMN].to_numpy(dtype=float).copy(), np.ones(n)
     if kind == "feedback":
         rated = frame["rated"].to_numpy()
         hits = frame["thumbs_up" if name == "up_rate" else "thumbs_down"].to_numpy()
@@ -527,7 +549,7 @@ def _term_attrs(terms: Sequence[KPITermConfig]) -> list[dict[str, Any]]:
     ]
 
 
-def _empty_frame(terms: Sequence[KPITermConfig]) -> pd.DataFrame:
+def _empty_frame(terms: Sequence[KPITermConfig], *, cost: bool = False) -> pd.DataFrame:
     dtypes: Mapping[str, Any] = {
         "propensity": float,
         "snapshot_version": "Int64",
@@ -539,6 +561,8 @@ def _empty_frame(terms: Sequence[KPITermConfig]) -> pd.DataFrame:
         **{c: np.int64 for c in ("turns", "errors", "rated", "thumbs_up", "thumbs_down")},
     }
     columns = {c: pd.Series(dtype=dtypes.get(c, object)) for c in BASE_COLUMNS}
+    if cost:
+        columns[COST_COLUMN] = pd.Series(dtype=float)
     for t in terms:
         col = term_column(t.name)
         for c in (col, f"{col}_observed", f"{col}_exposure"):

@@ -74,6 +74,7 @@ SUPPORTED_SOURCES = (
     "outcome:support_minutes",
     "feedback:up_rate",
     "feedback:down_rate",
+    "cost:usd",
 )
 #: Seconds between a session's start and its earliest conversion.
 CONVERSION_OFFSET_S = 60.0
@@ -96,6 +97,7 @@ class _Truth(_Strict):
     error_rate: float = Field(0.0, ge=0, le=1)
     latency_ms: float = Field(800.0, gt=0)
     latency_sigma: float = Field(0.3, ge=0, le=3)
+    cost_per_turn: float = Field(0.0, ge=0)
 
 
 class ArmTruth(_Truth):
@@ -107,7 +109,9 @@ class ArmTruth(_Truth):
     of an exponential per session (0: none reported); ``revenue`` the mean of an
     exponential amount per conversion; ``error_rate`` the share of failed
     replies; latency is lognormal with median ``latency_ms`` and log-spread
-    ``latency_sigma``.
+    ``latency_sigma``; ``cost_per_turn`` is what one reply costs in USD (the
+    model's price; a ``cost:usd`` KPI term and the ``cost_per_session``
+    guardrail see it as ``turns.cost``).
     """
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:+/-]+$")
@@ -350,6 +354,8 @@ class Scenario(_Strict):
                 * _expected_capped_exponential(truth.revenue, cap)
                 * self._p_conversion_within(window_s)
             )
+        if term.source == "cost:usd":  # every turn, known at once; exact without a cap
+            return min(truth.cost_per_turn * self.turns_mean, cap)
         if term.source == "outcome:support_minutes":
             if window_s < SUPPORT_OFFSET_S:
                 return 0.0

@@ -96,6 +96,8 @@ class SimulationResult:
     database_url: str | None = None
     #: Per arm that arrives mid-run: what happened around its arrival (see :func:`_arrivals`).
     arrivals: list[dict[str, Any]] = field(default_factory=list)
+    #: Per arm: simulated spend in USD (``cost_per_turn`` × turns) and USD per session.
+    cost_per_arm: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def regret_per_session(self) -> float:
@@ -195,6 +197,7 @@ class _TruthArrays:
     error_rate: np.ndarray
     log_latency: np.ndarray
     latency_sigma: np.ndarray
+    cost_per_turn: np.ndarray
 
     @classmethod
     def of(cls, scenario: Scenario) -> _TruthArrays:
@@ -213,6 +216,7 @@ class _TruthArrays:
             error_rate=grid("error_rate"),
             log_latency=np.log(grid("latency_ms")),
             latency_sigma=grid("latency_sigma"),
+            cost_per_turn=grid("cost_per_turn"),
         )
 
 
@@ -596,7 +600,30 @@ def simulate(
             timings_s={k: round(v, 3) for k, v in sorted(timings.items())},
             database_url=kept_url,
             arrivals=_arrivals(scenario, draws.t / _DAY_S, assigned_arm, chosen, best),
+            cost_per_arm=_costs(base_store, experiment_id, per_arm),
         )
+
+
+def _costs(
+    store: Store, experiment_id: str, per_arm: Mapping[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Spend per arm from the turns written (only arms that cost something)."""
+    t = schema.turns
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(t.c.arm_id, sa.func.sum(t.c.cost))
+            .where(t.c.experiment_id == experiment_id)
+            .group_by(t.c.arm_id)
+        ).all()
+    out = {}
+    for arm, total in rows:
+        if total:
+            n = int(per_arm.get(arm, 0))
+            out[str(arm)] = {
+                "usd": round(float(total), 6),
+                "usd_per_session": round(float(total) / n, 8) if n else 0.0,
+            }
+    return dict(sorted(out.items()))
 
 
 def _generate(
@@ -635,6 +662,7 @@ def _generate(
     latency = np.exp(
         truth.log_latency[tseg, tarm] + truth.latency_sigma[tseg, tarm] * draws.z_latency[tix]
     )
+    cost = truth.cost_per_turn[tseg, tarm]
     rated = draws.u_rate[tix] < truth.rate[tseg, tarm]
     up = draws.u_vote[tix] < truth.thumbs_up[tseg, tarm]
     for j in range(len(owner)):
@@ -661,7 +689,7 @@ def _generate(
                     "ttft_ms": None,
                     "prompt_tokens": None,
                     "completion_tokens": None,
-                    "cost": None,
+                    "cost": float(cost[j]),
                     "error": "simulated error" if error[j] else None,
                     "trace_id": None,
                     "created_at": created,

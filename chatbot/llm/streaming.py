@@ -84,7 +84,8 @@ class Completion:
     final message the user sees. ``ttft_ms`` (time to first token) and ``latency_ms`` count
     from the call, across retries and fallback; ``model`` is the model that
     answered (or was tried last). ``cost`` is in USD, ``0.0`` for models run
-    here, ``None`` when litellm does not know the price.
+    here, ``None`` when litellm does not know the price. ``fallback``: the
+    main model failed and ``model.fallback`` answered (or was tried last).
     """
 
     text: str
@@ -95,6 +96,7 @@ class Completion:
     ttft_ms: float | None
     latency_ms: float
     error: str | None
+    fallback: bool = False
 
     @property
     def partial(self) -> bool:
@@ -196,9 +198,15 @@ def _summary(errors: list[str]) -> str:
 
 
 async def _attempt(
-    name: str, messages: list[dict[str, Any]], model: ModelConfig, stream: _Stream
+    name: str,
+    messages: list[dict[str, Any]],
+    model: ModelConfig,
+    stream: _Stream,
+    api_base: str | None = None,
 ) -> None:
+    extra = {"api_base": api_base} if api_base else {}
     response = await litellm.acompletion(
+        **extra,
         model=name,
         messages=messages,
         stream=True,
@@ -246,8 +254,13 @@ async def stream_reply(
     *,
     model: ModelConfig,
     on_token: OnToken | None = None,
+    api_base: str | None = None,
 ) -> Completion:
     """Stream one reply, calling ``on_token`` with each piece of text as it arrives.
+
+    ``api_base`` is where ``model.name`` lives (an arm's own model, checked
+    against ``model.allowed_api_bases`` by :func:`optimizer.models.resolve`);
+    the fallback is called at its provider's default.
 
     Never raises for provider errors or timeouts (see the module docstring);
     exceptions raised by ``on_token`` itself propagate. After the call, show
@@ -270,11 +283,12 @@ async def stream_reply(
         [model.fallback] if model.fallback and model.fallback != model.name else []
     )
     for name in candidates:
-        if await _try_model(name, messages, model, stream, errors):
-            return _finish(stream, name, None)
+        base = api_base if name == model.name else None
+        if await _try_model(name, messages, model, stream, errors, base):
+            return _finish(stream, name, None, fallback=name != model.name)
         if stream.first_token_at is not None:
             break  # the user saw part of this reply: a fallback would start another one
-    return _finish(stream, name, _summary(errors))
+    return _finish(stream, name, _summary(errors), fallback=name != model.name)
 
 
 async def _try_model(
@@ -283,13 +297,16 @@ async def _try_model(
     model: ModelConfig,
     stream: _Stream,
     errors: list[str],
+    api_base: str | None = None,
 ) -> bool:
     """Stream from ``name`` with retries; True on success, else errors appended."""
     if _provider(name) == "local":
         local.configure(context_tokens=model.context_tokens, stall_s=model.stall_s)
     for attempt in range(model.retries + 1):
         try:
-            await asyncio.wait_for(_attempt(name, messages, model, stream), model.timeout_s)
+            await asyncio.wait_for(
+                _attempt(name, messages, model, stream, api_base), model.timeout_s
+            )
             return True
         except _CallbackError as exc:
             raise exc.original from None
@@ -307,7 +324,7 @@ async def _try_model(
     return False
 
 
-def _finish(stream: _Stream, name: str, error: str | None) -> Completion:
+def _finish(stream: _Stream, name: str, error: str | None, *, fallback: bool = False) -> Completion:
     now = time.perf_counter()
     usage = stream.usage
     prompt_tokens = getattr(usage, "prompt_tokens", None)
@@ -327,4 +344,5 @@ def _finish(stream: _Stream, name: str, error: str | None) -> Completion:
         else (stream.first_token_at - stream.started) * 1000,
         latency_ms=(now - stream.started) * 1000,
         error=error,
+        fallback=fallback,
     )

@@ -35,7 +35,10 @@ class ArmSpec:
     ``id`` is the logical arm (the base of its versions, see
     :mod:`optimizer.store.versions`); ``prompt_text`` is what replicas serve
     (None: the prompt file of ``prompt_id``); ``model`` None means the
-    configured model; ``origin`` says who made it (config, operator, optimizer).
+    configured model, ``model_params`` its own temperature, max_tokens and
+    api_base; ``origin`` says who made it (config, operator, optimizer,
+    finetune); ``manifest`` what made it (a fine-tune's dataset manifest; not
+    part of the identity).
     """
 
     id: str
@@ -46,6 +49,8 @@ class ArmSpec:
     prompt_text: str | None = None
     model: str | None = None
     origin: str = "config"
+    model_params: Mapping[str, Any] = field(default_factory=dict)
+    manifest: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,8 @@ class TurnRecord:
     error: str | None = None
     trace_id: str | None = None
     created_at: datetime | None = None
+    #: The arm's model failed and the fallback model (``model``) answered.
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -358,6 +365,45 @@ class Store:
             .where(schema.arms.c.experiment_id == experiment_id)
             .order_by(schema.arms.c.id)
         )
+
+    # -- consent ------------------------------------------------------------
+    def set_opt_out(
+        self, user_id: str, opted_out: bool = True, *, actor: str, at: datetime | None = None
+    ) -> None:
+        """Record that ``user_id``'s conversations may (not) become data; audited.
+
+        Opted-out users never enter a training set or the few-shot bank
+        (:mod:`optimizer.store.consent`); their sessions still count for the KPI.
+        """
+        if not user_id:
+            raise ValueError("user_id must be a non-empty string")
+        from optimizer.store.consent import record_opt_out
+
+        with self.engine.begin() as conn:
+            record_opt_out(conn, user_id, opted_out, actor, at or utcnow())
+        self.audit(actor, "opt_out" if opted_out else "opt_in", user_id, {})
+
+    def delete_conversation(
+        self, thread_id: str, *, user_id: str, actor: str, at: datetime | None = None
+    ) -> None:
+        """Mark a conversation deleted: it never becomes data (training sets, few-shot bank)."""
+        from optimizer.store.consent import mark_thread_deleted
+
+        with self.engine.begin() as conn:
+            mark_thread_deleted(conn, thread_id, user_id, at or utcnow())
+        self.audit(actor, "conversation_deleted", thread_id, {})
+
+    def excluded_sessions(self, experiment_id: str) -> set[str]:
+        """Sessions that must never become data: opted-out users', deleted conversations'."""
+        from optimizer.store import consent
+
+        with self.engine.connect() as conn:
+            return consent.excluded_sessions(
+                conn,
+                experiment_id,
+                users=consent.opted_out_users(conn),
+                threads=consent.deleted_threads(conn),
+            )
 
     # -- assignments --------------------------------------------------------
     def record_assignment(self, rec: AssignmentRecord) -> AssignmentRecord:

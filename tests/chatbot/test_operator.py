@@ -247,17 +247,39 @@ def test_a_new_variant_from_the_dashboard_is_served_at_once_and_undone_by_retiri
         data={"csrf": token, "arm_id": "brief", "prompt": text, "fewshot": "retrieved", "k": "2"},
     )
     assert again.status_code == 409 and "already serves exactly this prompt" in again.text
+    # the same prompt with a model of its own is another arm version, and shows its model
+    token = csrf_of(again.text)
+    hosted = client.post(
+        f"{PREFIX}/variants",
+        data={
+            "csrf": token,
+            "arm_id": "brief",
+            "prompt": text,
+            "fewshot": "retrieved",
+            "k": "2",
+            "model": "openai/gpt-4o-mini",
+        },
+    )
+    assert hosted.status_code == 200 and "brief@v2 added as a new version" in hosted.text
+    assert runtime.serve_model("brief@v2")[0].name == "openai/gpt-4o-mini"
+    assert "model openai/gpt-4o-mini" in client.get(PREFIX).text
+    token = csrf_of(hosted.text)
     for bad, reason in (
         ({"arm_id": "x", "prompt": "  "}, "prompt must not be empty"),
         ({"arm_id": "bad id!", "prompt": "Hi"}, "invalid variant: id"),
         ({"arm_id": "x", "prompt": "Hi", "fewshot": "fixed"}, "fewshot must be"),
         ({"arm_id": "x", "prompt": "Hi", "k": "many"}, "k must be a whole number"),
+        (
+            {"arm_id": "x", "prompt": "Hi", "model": "openai/x", "api_base": "http://x.io/v1"},
+            "not in model.allowed_api_bases",
+        ),
+        ({"arm_id": "x", "prompt": "Hi", "api_base": "http://x.io/v1"}, "need its &#39;model"),
     ):
         refused = client.post(f"{PREFIX}/variants", data={"csrf": token, **bad})
         assert refused.status_code == 400 and reason in refused.text, (bad, refused.text)
-    undo = client.post(f"{PREFIX}/arms/brief/retire", data={"csrf": token})
-    assert undo.status_code == 200 and runtime.store.arm_statuses(exp)["brief"] == "retired"
-    assert "brief" not in assigned_arms(runtime, prefix="undone")
+    undo = client.post(f"{PREFIX}/arms/brief@v2/retire", data={"csrf": token})
+    assert undo.status_code == 200 and runtime.store.arm_statuses(exp)["brief@v2"] == "retired"
+    assert not {"brief", "brief@v2"} & assigned_arms(runtime, prefix="undone")
     assert 'id="holdback-lift"' in client.get(PREFIX).text
 
 

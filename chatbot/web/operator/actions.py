@@ -151,14 +151,20 @@ def add_variant(
     *,
     fewshot: str = "none",
     k: int = 3,
+    model: str | None = None,
+    api_base: str | None = None,
 ) -> ActionResult:
     """Create an arm (or a new version of ``arm_id``) from a prompt text, audited, and refit.
+
+    ``model`` (a litellm model string; None: the configured model) and its
+    ``api_base``, which must be in ``model.allowed_api_bases``.
 
     Every replica serves it from the snapshot written now (within its snapshot
     cache time). Raises :class:`ActionError` (400 bad input, 409 content already
     known under that id). Undo by retiring it.
     """
     from optimizer.config import ArmConfig
+    from optimizer.models import check_model_params
     from optimizer.prompt_library import content_hash
     from optimizer.store import ArmSpec
 
@@ -177,6 +183,17 @@ def add_variant(
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ActionError(f"invalid variant: {where}: {first['msg']}", 400) from None
+    try:
+        model_params = check_model_params(
+            model,
+            {"api_base": api_base} if api_base else {},
+            services.config.model.allowed_api_bases,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ActionError(f"invalid model: {first['msg']}", 400) from None
+    except ValueError as exc:
+        raise ActionError(f"invalid model: {exc}", 400) from None
     settings: dict[str, Any] = (
         {"k": arm.k, "reward_weighted": False} if fewshot == "retrieved" else {}
     )
@@ -188,6 +205,8 @@ def add_variant(
         settings,
         prompt_text=text,
         origin="operator",
+        model=model,
+        model_params=model_params,
     )
     exp = services.config.experiment
     try:
@@ -195,7 +214,9 @@ def add_variant(
     except ValueError as exc:
         raise ActionError(str(exc), 400) from None
     if what == "known":
-        raise ActionError(f"{arm_id!r} already serves exactly this prompt and few-shot setting")
+        raise ActionError(
+            f"{arm_id!r} already serves exactly this prompt, few-shot setting and model"
+        )
     version = refresh_policy(services, actor)
     verb = "created" if what == "created" else "added as a new version"
     return ActionResult(f"{new_id} {verb}{_snapshot_note(version)}", version)

@@ -383,6 +383,8 @@ async def new_variant(request: Request, ctx: Ctx) -> Response:
             form.get("prompt", ""),
             fewshot=form.get("fewshot", "none"),
             k=k,
+            model=(form.get("model") or "").strip() or None,
+            api_base=(form.get("api_base") or "").strip() or None,
         )
     except actions.ActionError as exc:
         return ctx.refuse(request, exc.status, str(exc))
