@@ -654,7 +654,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
                     with profiling(target.pid, prof):
                         phase = asyncio.run(run_phase(target, name, users, messages))
                     log.info(
-                        "round %d %s %s: %d turns, p99 %.0f ms, %.1f replies/s, cpu %s",
+                        "round %d %s %s: %d turns, p99 %.0f ms, %.1f replies/s, cpu %s ms/turn",
                         round_ + 1,
                         name,
                         target.name,
