@@ -126,8 +126,11 @@ def _mount_chat(app: FastAPI) -> None:
     from chainlit.config import load_module
     from chainlit.server import app as chainlit_app
 
+    from chatbot.web import chainlit_fixes
+
     global _chainlit_loaded
     if not _chainlit_loaded:
+        chainlit_fixes.install()  # no 1 ms event-loop stall per Chainlit message or step
         chainlit_config.run.module_name = str(CHAINLIT_APP)
         load_module(str(CHAINLIT_APP))
         _chainlit_loaded = True
