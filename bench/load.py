@@ -1,8 +1,36 @@
-"""Load: N simulated chat users over Chainlit's socket.io protocol against a real server.
+"""Load: simulated chat users over Chainlit's socket.io protocol against a real server.
 
-    .venv/bin/python bench/load.py [--users 50] [--turns 5] [--think-ms 1000]
+    .venv/bin/python bench/load.py [--rounds 2] [--servers bare,flywheel]
+        [--scenarios 1x20,50x5,10x25] [--no-votes] [--profile DIR] [--json]
+    .venv/bin/python bench/load.py --mode mixed [--users 50] [--turns 5] [--think-ms 1000]
         [--database sqlite|postgres|URL] [--url http://… --database-url URL] [--json]
 
+**compare** (the default; issue 18's table). Two servers run side by side:
+a bare Chainlit app (``bench/bare_chainlit_app.py``: ``@cl.on_message``
+streams a fixed 26-token reply with ``stream_token``, 20 ms apart, no login,
+no data layer, run with ``chainlit run`` and the project's Chainlit settings)
+and ``flywheel serve`` with ``fake/echo?delay_ms=20&first_ms=20`` (SQLite,
+optimizer off, Langfuse off), whose reply to :data:`MESSAGE` is the same 26
+tokens. The same black-box client (:mod:`tests.support.chainlit_client`)
+drives both; for each round and scenario each server takes its turn, the
+order alternating between rounds. A scenario ``UxM``: U users connect (and,
+for Flywheel, log in), then all send M messages back to back, at once, no
+votes. Per server and round: reply complete and first token p50/p99 (from
+the emit of the message), replies per second, and the server's CPU per turn
+(``/proc/<pid>/stat``, from the first message until the server is idle again,
+so deferred work counts; logins and connections are measured apart).
+Reported separately: logins (p50/p99, CPU per login — bcrypt's, by design),
+and, after each Flywheel 50x5, votes on every turn and one outcome per
+conversation (p50/p99, CPU per event). Lost events: a reply whose streamed
+tokens or final text differ from what was sent, a turn the client saw that
+is not in the store, an acknowledged vote or outcome not stored as
+acknowledged, any error. Targets (Flywheel / bare, same run): server CPU per
+steady-state turn (10x25) ≤ 2×; at 50 users reply-complete p99 ≤ 1.25× and
+replies per second ≥ 0.8×; zero lost events. ``--profile DIR`` samples the
+Flywheel server with py-spy (if installed in the venv; ``LOAD_PYSPY_ARGS``
+adds options) into collapsed stacks per phase.
+
+**mixed** (``--mode mixed``): users who think between messages, vote and convert.
 Each simulated user logs in (``POST /login``), opens a chat over socket.io like
 the browser (:mod:`tests.support.chainlit_client`), starts at a random moment within
 ``--think-ms``, sends ``--turns`` messages one after another (waiting
