@@ -22,6 +22,7 @@ itself is in the store; the thread view would miss those messages.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -93,6 +94,8 @@ class StepWriter:
         self._known_threads: set[str] = set()
         self._thread = threading.Thread(target=self._run, name="flywheel-steps", daemon=True)
         self._thread.start()
+        # A server stopping (SIGTERM) writes what is queued before the process ends.
+        atexit.register(self.close)
 
     # -- the event loop's side: cheap, never blocks on the database -------------------------
     def upsert(self, step: dict[str, Any]) -> None:
@@ -130,6 +133,7 @@ class StepWriter:
 
     def close(self, timeout: float = 30) -> None:
         """Write what is queued and stop the thread."""
+        atexit.unregister(self.close)
         with self._cond:
             self._closed = True
             self._cond.notify_all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -164,3 +166,17 @@ def test_close_writes_what_is_queued_and_refuses_more(store: Store) -> None:
 def test_bad_settings_are_named(store: Store, option: str, value: float) -> None:
     with pytest.raises(ValueError, match=option):
         StepWriter(store.engine, **{option: value})  # type: ignore[arg-type]
+
+
+def test_a_process_that_exits_writes_what_is_queued(tmp_path: Any) -> None:
+    """A server stopped normally (SIGTERM ends uvicorn, then the interpreter) loses no step."""
+    url = f"sqlite:///{tmp_path / 'exit.db'}"
+    Store(url).upgrade()
+    program = (
+        "from chatbot.web.step_writer import StepWriter\n"
+        "from optimizer.store import Store\n"
+        f"writer = StepWriter(Store({url!r}).engine, linger_s=0.5)\n"
+        "writer.upsert({'id': 's1', 'threadId': 't1', 'output': 'kept'})\n"
+    )
+    subprocess.run([sys.executable, "-c", program], check=True, timeout=120)
+    assert _steps(Store(url), "t1")["s1"]["output"] == "kept"
