@@ -245,7 +245,7 @@ class Conversation:
             error=completion.error,
         )
         streamed = time.perf_counter()
-        if not await asyncio.to_thread(rt.store.record_turn, turn):
+        if not await rt.record_turn(turn):  # committed before the reply is acknowledged
             log.warning("turn %s was already recorded; keeping the first", turn_id)
         recorded = time.perf_counter()
         if completion.error is None:
