@@ -248,7 +248,7 @@ class Conversation:
             fallback=completion.fallback,  # still the arm's turn: ``model`` says who answered
         )
         streamed = time.perf_counter()
-        if not await asyncio.to_thread(rt.store.record_turn, turn):
+        if not await rt.record_turn(turn):  # committed before the reply is acknowledged
             log.warning("turn %s was already recorded; keeping the first", turn_id)
         recorded = time.perf_counter()
         if completion.error is None:

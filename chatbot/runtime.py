@@ -30,13 +30,14 @@ from optimizer.errors import ConfigError
 from optimizer.fewshot import ExampleSelector
 from optimizer.models import resolve as resolve_model
 from optimizer.prompt_library import PromptLibrary, Variant, arm_spec, load_prompts
-from optimizer.store import OutcomeRecord, Store, schema
+from optimizer.store import OutcomeRecord, Store, TurnRecord, schema
 from optimizer.store.versions import successor
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "Runtime",
+    "TurnCommitter",
     "best_effort",
     "experiment_arms",
     "get_runtime",
@@ -103,6 +104,7 @@ class Runtime:
     _stored: dict[str, Any] = field(default_factory=dict, repr=False)
     _stored_at: float = field(default=-1e18, repr=False)
     _stored_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _turns: TurnCommitter | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -250,6 +252,15 @@ class Runtime:
         log.warning("arm %r is no longer configured; serving %r", arm_id, fallback)
         return self.arms[fallback]
 
+    async def record_turn(self, turn: TurnRecord) -> bool:
+        """Commit a turn (False: its id was stored before); returns once it is committed.
+
+        Turns finishing together share one transaction (:class:`TurnCommitter`).
+        """
+        if self._turns is None:
+            self._turns = TurnCommitter(self.store)
+        return await self._turns.record(turn)
+
     async def record_outcome(self, outcome: OutcomeRecord) -> bool:
         """Store an outcome once per idempotency key, then mirror it; False for a duplicate."""
         stored = await asyncio.to_thread(self.store.record_outcome, outcome)
@@ -280,6 +291,51 @@ class Runtime:
         """Flush the tracer (bounded) and release database connections."""
         best_effort(self.tracer.shutdown)
         self.store.dispose()
+
+
+class TurnCommitter:
+    """Group commit of chat turns: those finishing together share one transaction.
+
+    Each turn must be committed before its reply is acknowledged, and a commit
+    waits for the disk: one transaction per turn made fifty replies finishing
+    at once queue for fifty disk flushes (~6 ms each on SQLite with
+    ``synchronous=FULL``), the last one ~350 ms late. Here a caller queues its
+    turn and waits; one task at a time commits everything queued in one
+    transaction (:meth:`optimizer.store.Store.record_turns`) and then answers
+    every caller. Alone, a turn is committed at once, as before.
+    """
+
+    def __init__(self, store: Store, *, max_batch: int = 200) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
+        self.store = store
+        self.max_batch = max_batch
+        self._pending: list[tuple[TurnRecord, asyncio.Future[bool]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def record(self, turn: TurnRecord) -> bool:
+        """True once ``turn`` is committed, False if its id was stored before; raises the
+        store's error if its transaction failed (nothing was committed then)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((turn, future))
+        if self._task is None or self._task.done() or self._task.get_loop().is_closed():
+            self._task = asyncio.create_task(self._commit_pending())
+        return await future
+
+    async def _commit_pending(self) -> None:
+        while self._pending:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            try:
+                stored = await asyncio.to_thread(self.store.record_turns, [t for t, _ in batch])
+            except Exception as exc:  # e.g. the database is down: every caller hears of it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), ok in zip(batch, stored, strict=True):
+                if not future.done():
+                    future.set_result(ok)
 
 
 def storable_text(text: str) -> str:

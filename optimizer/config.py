@@ -425,6 +425,9 @@ class LimitsConfig(_Section):
     max_comment_chars: int = Field(1000, gt=0)
     outcomes_per_minute_per_key: int = Field(600, gt=0)
     votes_per_minute_per_user: int = Field(60, gt=0)
+    #: Past these, a process refuses new work at once (busy message, 503) instead of slowing all.
+    max_concurrent_turns: int = Field(100, gt=0)
+    max_concurrent_requests: int = Field(200, gt=0)
 
 
 class FineTuneConfig(_Section):

@@ -9,7 +9,7 @@ turn id for turns, idempotency key for outcomes) and reported, not raised.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -476,26 +476,28 @@ class Store:
     # -- turns ---------------------------------------------------------------
     def record_turn(self, rec: TurnRecord) -> bool:
         """Append a turn; returns False if a turn with this id was already stored."""
-        values = {k: getattr(rec, k) for k in rec.__dataclass_fields__}
-        values["fewshot_ids"] = list(rec.fewshot_ids)
-        values["created_at"] = rec.created_at or utcnow()
-        a = schema.assignments
         try:
             with self.engine.begin() as conn:
-                conn.execute(schema.turns.insert().values(**values))
-                # An increment, not a recount: one statement on the chat's path, and
-                # PostgreSQL applies concurrent increments of one row one after another.
-                conn.execute(
-                    a.update()
-                    .where(a.c.session_id == rec.session_id)
-                    .values(
-                        turns=a.c.turns + 1,
-                        errors=a.c.errors + (0 if rec.error is None else 1),
-                    )
-                )
+                _insert_turns(conn, [rec])
         except IntegrityError:
             return False
         return True
+
+    def record_turns(self, recs: Sequence[TurnRecord]) -> list[bool]:
+        """Append several turns in one transaction — one commit, one disk flush (group commit).
+
+        Per turn, as :meth:`record_turn`: True if stored, False if a turn with
+        its id was already stored (or came earlier in ``recs``). A batch with a
+        duplicate falls back to one transaction per turn.
+        """
+        if not recs:
+            return []
+        try:
+            with self.engine.begin() as conn:
+                _insert_turns(conn, recs)
+        except IntegrityError:
+            return [self.record_turn(rec) for rec in recs]
+        return [True] * len(recs)
 
     def get_turn(self, turn_id: str) -> sa.Row[Any] | None:
         return self._first(sa.select(schema.turns).where(schema.turns.c.id == turn_id))
@@ -788,3 +790,28 @@ def _assignment(row: sa.Row[Any]) -> AssignmentRecord:
         closed_reason=row.closed_reason,
         holdback=bool(row.holdback),
     )
+
+
+def _insert_turns(conn: sa.Connection, recs: Sequence[TurnRecord]) -> None:
+    """Insert turns and bump their sessions' counters, in the caller's transaction."""
+    rows = []
+    for rec in recs:
+        values = {k: getattr(rec, k) for k in rec.__dataclass_fields__}
+        values["fewshot_ids"] = list(rec.fewshot_ids)
+        values["created_at"] = rec.created_at or utcnow()
+        rows.append(values)
+    conn.execute(schema.turns.insert(), rows)
+    counts: dict[str, list[int]] = {}
+    for rec in recs:
+        count = counts.setdefault(rec.session_id, [0, 0])
+        count[0] += 1
+        count[1] += 0 if rec.error is None else 1
+    a = schema.assignments
+    for session_id, (turns, errors) in sorted(counts.items()):  # one lock order: no deadlock
+        # An increment, not a recount: PostgreSQL applies concurrent increments of one row
+        # one after another.
+        conn.execute(
+            a.update()
+            .where(a.c.session_id == session_id)
+            .values(turns=a.c.turns + turns, errors=a.c.errors + errors)
+        )
