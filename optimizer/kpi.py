@@ -226,12 +226,17 @@ def turn_latencies(
 
     For the p95 guardrail: recent behaviour is what a guardrail should react to,
     and the bound keeps a refit on millions of turns fast. ``since`` maps an arm
-    to a time before which its turns are ignored.
+    to a time before which its turns are ignored. Turns of holdback sessions are
+    left out: the holdback is outside the bandit, and the guardrails judge the
+    arms the bandit serves (:mod:`optimizer.holdback`), like the rate guardrails
+    that read :func:`optimizer.holdback.bandit_frame`.
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     now = as_utc(now) if now is not None else utcnow()
-    t = schema.turns
+    t, a = schema.turns, schema.assignments
+    # Few sessions are holdback ones: an anti-join on the unique session id stays an index probe.
+    in_holdback = sa.exists().where(a.c.session_id == t.c.session_id, a.c.holdback == sa.true())
     out: dict[str, np.ndarray] = {}
     with store.engine.connect() as conn:
         # SQLite walks the (experiment, arm) index backwards by rowid: no sort needed.
@@ -246,6 +251,7 @@ def turn_latencies(
                     t.c.arm_id == arm,
                     t.c.created_at <= now,
                     t.c.latency_ms.is_not(None),
+                    ~in_holdback,
                 )
                 .order_by(newest.desc())
                 .limit(limit)
