@@ -8,8 +8,11 @@ module answers the integrator *now*, with the same rules:
 - an outcome whose ``name`` no KPI term uses (``outcome:<name>``) never counts:
   ``unused_name``;
 - with a ``session_id``: the session must be an assignment of the experiment
-  (``unknown_session``); with only a ``user_id``: the user's latest session
-  assigned at or before ``occurred_at`` (``no_session_before``);
+  (``unknown_session``); when its conversation was moved to another arm (a paused
+  or retired arm, :meth:`~optimizer.store.Store.reassign`), the outcome counts for
+  the conversation's assignment open at ``occurred_at`` — what happened after the
+  move happened under the new arm; with only a ``user_id``: the user's latest
+  session assigned at or before ``occurred_at`` (``no_session_before``);
 - it must not have happened before its session started, up to
   :data:`CLOCK_SKEW_S` of clock skew between the business system and ours
   (``before_session``), and not after the longest window of the terms that use
@@ -122,6 +125,8 @@ def attribute(
         raise ValueError("an outcome needs a session_id or a user_id, got neither")
     with store.engine.connect() as conn:
         row = conn.execute(query).first()
+        if session_id is not None and row is not None:
+            row = _open_at(conn, exp, session_id, when) or row
     if window is None:
         return _no("unused_name", row.session_id if row is not None else session_id)
     if row is None:
@@ -132,6 +137,25 @@ def attribute(
     if delay_s > window * 86400:
         return _no("outside_window", row.session_id, f" ({window:g} days)")
     return Attribution(True, row.session_id, None, "counts for the session's KPI")
+
+
+def _open_at(conn: sa.Connection, experiment_id: str, session_id: str, when: datetime) -> Any:
+    """The assignment of ``session_id``'s conversation open at ``when`` (None: not moved)."""
+    a = schema.assignments
+    thread = sa.func.coalesce(
+        sa.select(a.c.thread_id).where(a.c.session_id == session_id).scalar_subquery(),
+        session_id,
+    )
+    return conn.execute(
+        sa.select(a.c.session_id, a.c.assigned_at)
+        .where(
+            a.c.experiment_id == experiment_id,
+            sa.or_(a.c.thread_id == thread, a.c.session_id == thread),
+            a.c.assigned_at <= when,  # no skew here: the move's time is our own clock's
+        )
+        .order_by(a.c.assigned_at.desc(), a.c.id.desc())
+        .limit(1)
+    ).first()
 
 
 def reattribute(store: Store, config: Config) -> dict[str, int]:
