@@ -10,12 +10,12 @@ from __future__ import annotations
 from datetime import timedelta
 
 import sqlalchemy as sa
-from optimizer_events import EXPERIMENT, T0, add_sessions, make_config, register
 
 from optimizer import kpi
 from optimizer.config import GuardrailConfig
-from optimizer.job import run_optimizer
+from optimizer.refit import run_optimizer
 from optimizer.store import Store, schema
+from tests.support.optimizer_events import EXPERIMENT, T0, add_sessions, make_config, register
 
 DAY = timedelta(days=1)
 

@@ -13,11 +13,11 @@ from dataclasses import replace
 from datetime import timedelta
 
 import sqlalchemy as sa
-from optimizer_events import EXPERIMENT, T0, make_config, register
 
 from optimizer import kpi
 from optimizer.attribution import attribute, reattribute
 from optimizer.store import AssignmentRecord, OutcomeRecord, Store, schema
+from tests.support.optimizer_events import EXPERIMENT, T0, make_config, register
 
 HOUR = timedelta(hours=1)
 
