@@ -19,7 +19,11 @@ module answers the integrator *now*, with the same rules:
   it (``outside_window``).
 
 Unattributed outcomes are stored like the others, with their reason
-(``outcomes.attribution``), for the dashboard and for :func:`reattribute`.
+(``outcomes.attribution``): :func:`unattributed` lists them (the dashboard's
+``/operator/outcomes``, ``flywheel outcomes unattributed``) and :func:`reattribute`
+re-judges them (``flywheel outcomes reattribute``, or the dashboard's button) once
+what they were missing exists — a session another replica wrote late, a KPI term
+added for their name.
 
 >>> from optimizer.config import load_config
 >>> from optimizer.store import Store
@@ -43,7 +47,14 @@ from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
 from optimizer.store import Store, schema
 
-__all__ = ["CLOCK_SKEW_S", "REASONS", "Attribution", "attribute", "reattribute"]
+__all__ = [
+    "CLOCK_SKEW_S",
+    "REASONS",
+    "Attribution",
+    "attribute",
+    "reattribute",
+    "unattributed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -195,3 +206,53 @@ def reattribute(store: Store, config: Config) -> dict[str, int]:
             counts[verdict.code] = counts.get(verdict.code, 0) + 1
     log.info("reattributed outcomes: %s", counts)
     return counts
+
+
+def unattributed(store: Store, *, limit: int = 100) -> dict[str, Any]:
+    """Outcomes whose stored verdict is not "attributed": counts by reason and the newest ones.
+
+    Outcomes never judged (received before the verdict was stored) count under
+    ``"unjudged"``; :func:`reattribute` judges them. ``limit`` bounds the listed rows
+    (the counts cover all).
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    o = schema.outcomes
+    verdict = sa.func.coalesce(o.c.attribution, "unjudged")
+    pending = sa.or_(o.c.attribution.is_(None), o.c.attribution != "attributed")
+    with store.engine.connect() as conn:
+        counts = {
+            str(reason): int(n)
+            for reason, n in conn.execute(
+                sa.select(verdict, sa.func.count()).where(pending).group_by(verdict)
+            )
+        }
+        rows = conn.execute(
+            sa.select(
+                o.c.idempotency_key,
+                o.c.name,
+                o.c.value,
+                o.c.session_id,
+                o.c.user_id,
+                o.c.occurred_at,
+                o.c.received_at,
+                o.c.source,
+                verdict.label("reason"),
+            )
+            .where(pending)
+            .order_by(o.c.received_at.desc(), o.c.id.desc())
+            .limit(limit)
+        ).all()
+    return {
+        "total": sum(counts.values()),
+        "counts": dict(sorted(counts.items())),
+        "outcomes": [
+            {
+                **row._asdict(),
+                "occurred_at": as_utc(row.occurred_at),
+                "received_at": as_utc(row.received_at),
+                "detail": REASONS.get(row.reason, "not judged yet"),
+            }
+            for row in rows
+        ],
+    }
