@@ -82,7 +82,7 @@ MIN_RATE_N = 30
 TUNING_N = 1500
 #: An undecided check whose posterior P(breach) is at least this makes its arm a suspect: it
 #: keeps ``policy.guardrail_floor`` of the traffic (and so does the champion) until decided.
-SUSPECT_PROBABILITY = 0.2
+SUSPECT_PROBABILITY = 0.5
 #: ``always_valid`` (default): sequentially valid; ``posterior``: the per-look rule.
 GUARDRAIL_RULES = ("always_valid", "posterior")
 Rule = Literal["always_valid", "posterior"]
@@ -119,13 +119,22 @@ class GuardrailCheck:
 
     @property
     def suspect(self) -> bool:
-        """Undecided, and a breach is plausible (posterior P(breach) ≥ :data:`SUSPECT_PROBABILITY`).
+        """Undecided, and more likely than not in breach (P(breach) ≥ :data:`SUSPECT_PROBABILITY`).
 
-        The policy keeps a non-decaying floor for a suspect arm and for the champion it
-        is compared with (``policy.guardrail_floor``), so the check gets the votes it needs
-        to decide even when Thompson sampling would starve either arm.
+        Needs the always-valid bounds (the minimum sample) to be computed. The policy
+        keeps a non-decaying floor for a suspect arm and for the champion it is
+        compared with (``policy.guardrail_floor``), so the check gets the votes it
+        needs to decide even when Thompson sampling would starve either arm. "More
+        likely than not" keeps healthy arms out but for noise (an arm as good as the
+        champion on 20% thumbs-down, limit +5 points, looks in breach at ~20% of refits
+        at 100 votes of each, ~4% at 400, < 1% at 1,000), so the floor costs the KPI
+        little where nothing is wrong.
         """
-        return self.undecided and self.probability >= SUSPECT_PROBABILITY
+        return (
+            self.undecided
+            and self.upper_bound is not None
+            and self.probability >= SUSPECT_PROBABILITY
+        )
 
     def evidence(self) -> dict[str, Any]:
         """JSON-ready dict for arm events and snapshots."""
