@@ -47,7 +47,11 @@ probability of being best *among themselves* — a newcomer (or a pause, or a
 retirement) scales the others' Thompson shares instead of resetting them to
 uniform; with no arm past burn-in traffic is uniform → **floor**: each
 active arm gets at least ``floor / (1 + n / floor_decay_sessions)`` (n = its
-complete sessions; ``floor_decay_sessions=0`` keeps the floor constant) → **cap**:
+complete sessions; ``floor_decay_sessions=0`` keeps the floor constant), except that a
+**guardrail suspect** (``guardrail_suspects`` of :meth:`fit`: undecided and more likely
+than not in breach, :attr:`optimizer.guardrails.GuardrailCheck.suspect`) and the champion
+keep ``guardrail_floor`` without decay until the check decides — a valid test pauses on
+votes, and a bandit that starves either arm would leave the breach undecided → **cap**:
 a non-champion arm with fewer than ``challenger_min_sessions`` complete sessions
 gets at most ``challenger_cap``. Shares are then renormalised within those bounds.
 **Stop rule**: the arm most likely best among the active arms, with probability
@@ -303,7 +307,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         all_arms = sorted(set(active) | set(data_arms))
         rng = np.random.default_rng(self.random_state)
         held = {a for a in guardrail_suspects if a in active}
-        if held and champion in active:
+        if held and champion is not None and champion in active:
             held.add(champion)  # every guardrail compares with the champion's votes
         self.guardrail_held_ = sorted(held)
 
@@ -721,7 +725,7 @@ class ThompsonSamplingPolicy(_PosteriorPolicy):
         floor_decay_sessions: float = 1000.0,
         challenger_cap: float = 0.2,
         challenger_min_sessions: int = 200,
-        guardrail_floor: float = 0.0,
+        guardrail_floor: float = 0.1,
         stop_probability_best: float = 0.95,
         stop_expected_loss: float = 0.001,
         samples: int = 4000,
