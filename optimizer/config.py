@@ -333,6 +333,11 @@ class PolicyConfig(_Section):
     floor: float = Field(0.02, ge=0, lt=1)
     challenger_cap: float = Field(0.2, gt=0, le=1)
     challenger_min_sessions: int = Field(200, ge=0)
+    #: Share an arm keeps, without decay, while one of its guardrails is undecided with a
+    #: plausible breach (a *suspect*, ``optimizer.guardrails``), and the champion with it:
+    #: the evidence a pause needs arrives in bounded time even when Thompson sampling would
+    #: starve either arm. 0 disables (the floor then decays as usual).
+    guardrail_floor: float = Field(0.1, ge=0, lt=0.5)
     pause_probability: float = Field(0.95, gt=0.5, lt=1)
     stop_probability_best: float = Field(0.95, gt=0.5, lt=1)
     stop_expected_loss: float = Field(0.001, gt=0)

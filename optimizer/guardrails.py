@@ -67,6 +67,7 @@ __all__ = [
     "GUARDRAIL_RULES",
     "MIN_LATENCY_TURNS",
     "MIN_RATE_N",
+    "SUSPECT_PROBABILITY",
     "TUNING_N",
     "GuardrailCheck",
     "check_guardrails",
@@ -85,6 +86,9 @@ MIN_RATE_N = 30
 #: --power``). Any value keeps the guarantee; replayed on the A/A runs, 500–2,000 pause the
 #: breach after a median of 13,000 sessions instead of 18,000 at 3,000, with no false pause.
 TUNING_N = 1500
+#: An undecided check whose posterior P(breach) is at least this makes its arm a suspect: it
+#: keeps ``policy.guardrail_floor`` of the traffic (and so does the champion) until decided.
+SUSPECT_PROBABILITY = 0.5
 #: ``always_valid`` (default): sequentially valid; ``posterior``: the per-look rule.
 GUARDRAIL_RULES = ("always_valid", "posterior")
 Rule = Literal["always_valid", "posterior"]
@@ -109,12 +113,43 @@ class GuardrailCheck:
     #: Always-valid lower bound of the difference (or ratio), in the limit's units.
     lower_bound: float | None = None
     rule: str = "always_valid"
+    #: Always-valid upper bound, same units: at or under the limit the arm is shown within it.
+    upper_bound: float | None = None
+
+    @property
+    def undecided(self) -> bool:
+        """Neither breached nor shown within the limit: the check still needs evidence."""
+        if self.breached:
+            return False
+        return self.upper_bound is None or self.upper_bound > self.limit
+
+    @property
+    def suspect(self) -> bool:
+        """Undecided, and more likely than not in breach (P(breach) ≥ :data:`SUSPECT_PROBABILITY`).
+
+        Needs the always-valid bounds (the minimum sample) to be computed. The policy
+        keeps a non-decaying floor for a suspect arm and for the champion it is
+        compared with (``policy.guardrail_floor``), so the check gets the votes it
+        needs to decide even when Thompson sampling would starve either arm. "More
+        likely than not" keeps healthy arms out but for noise (an arm as good as the
+        champion on 20% thumbs-down, limit +5 points, looks in breach at ~20% of refits
+        at 100 votes of each, ~4% at 400, < 1% at 1,000), so the floor costs the KPI
+        little where nothing is wrong.
+        """
+        return (
+            self.undecided
+            and self.upper_bound is not None
+            and self.probability >= SUSPECT_PROBABILITY
+        )
 
     def evidence(self) -> dict[str, Any]:
         """JSON-ready dict for arm events and snapshots."""
         return {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in asdict(self).items()
+            **{
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in asdict(self).items()
+            },
+            "suspect": self.suspect,
         }
 
 
@@ -221,16 +256,19 @@ def _rate_check(
         limit, kind = rail.max_ratio, "max_ratio"
         prob = float(np.mean(draw_a > limit * draw_c))
     lower: float | None = None
+    upper: float | None = None
     if min(n_a, n_c) >= MIN_RATE_N:
         (p_a, v_a), (p_c, v_c) = (
             _rate_variance(counts, a, hits_col, total_col) for a in (arm, champion)
         )
         info = _harmonic(n_a, n_c) / TUNING_N
         if kind == "max_delta":
-            lower = (h_a / n_a - h_c / n_c) - radius(v_a + v_c, info, alpha=alpha, one_sided=True)
+            r = radius(v_a + v_c, info, alpha=alpha, one_sided=True)
+            diff = h_a / n_a - h_c / n_c
+            lower, upper = diff - r, diff + r
         else:  # the ratio on the log scale, delta method: var(log p) ≈ var(p) / p²
             r = radius(v_a / p_a**2 + v_c / p_c**2, info, alpha=alpha, one_sided=True)
-            lower = math.exp(math.log(p_a / p_c) - r)
+            lower, upper = math.exp(math.log(p_a / p_c) - r), math.exp(math.log(p_a / p_c) + r)
     return GuardrailCheck(
         metric=rail.metric,
         arm=arm,
@@ -244,6 +282,7 @@ def _rate_check(
         champion_n=n_c,
         breached=False,
         lower_bound=lower,
+        upper_bound=upper,
     )
 
 
@@ -281,17 +320,18 @@ def _latency_check(
         limit, kind = rail.max_delta, "max_delta"
     prob = 0.0
     lower: float | None = None
+    upper: float | None = None
     if min(len(a), len(c)) >= MIN_LATENCY_TURNS and q_a > 0 and q_c > 0:
         info = _harmonic(len(a), len(c)) / TUNING_N
         if kind == "max_ratio":
             # delta method on the log scale: se(log q) ≈ se(q) / q
             excess, se = math.log(q_a / q_c / limit), math.hypot(se_a / q_a, se_c / q_c)
-            lower = math.exp(
-                math.log(q_a / q_c) - radius(se * se, info, alpha=alpha, one_sided=True)
-            )
+            r = radius(se * se, info, alpha=alpha, one_sided=True)
+            lower, upper = math.exp(math.log(q_a / q_c) - r), math.exp(math.log(q_a / q_c) + r)
         else:
             excess, se = q_a - q_c - limit, math.hypot(se_a, se_c)
-            lower = q_a - q_c - radius(se * se, info, alpha=alpha, one_sided=True)
+            r = radius(se * se, info, alpha=alpha, one_sided=True)
+            lower, upper = q_a - q_c - r, q_a - q_c + r
         prob = float(special.ndtr(excess / se)) if se > 0 else float(excess > 0)
     return GuardrailCheck(
         metric=rail.metric,
@@ -306,6 +346,7 @@ def _latency_check(
         champion_n=len(c),
         breached=False,
         lower_bound=lower,
+        upper_bound=upper,
     )
 
 

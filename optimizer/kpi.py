@@ -246,12 +246,17 @@ def turn_latencies(
 
     For the p95 guardrail: recent behaviour is what a guardrail should react to,
     and the bound keeps a refit on millions of turns fast. ``since`` maps an arm
-    to a time before which its turns are ignored.
+    to a time before which its turns are ignored. Turns of holdback sessions are
+    left out: the holdback is outside the bandit, and the guardrails judge the
+    arms the bandit serves (:mod:`optimizer.holdback`), like the rate guardrails
+    that read :func:`optimizer.holdback.bandit_frame`.
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     now = as_utc(now) if now is not None else utcnow()
-    t = schema.turns
+    t, a = schema.turns, schema.assignments
+    # Few sessions are holdback ones: an anti-join on the unique session id stays an index probe.
+    in_holdback = sa.exists().where(a.c.session_id == t.c.session_id, a.c.holdback == sa.true())
     out: dict[str, np.ndarray] = {}
     with store.engine.connect() as conn:
         # SQLite walks the (experiment, arm) index backwards by rowid: no sort needed.
@@ -266,6 +271,7 @@ def turn_latencies(
                     t.c.arm_id == arm,
                     t.c.created_at <= now,
                     t.c.latency_ms.is_not(None),
+                    ~in_holdback,
                 )
                 .order_by(newest.desc())
                 .limit(limit)
@@ -327,6 +333,7 @@ def _sessions(
             a.c.snapshot_version,
             epoch(a.c.assigned_at),
             a.c.holdback,
+            a.c.thread_id,
             *counts,
         ).where(experiment == experiment_id, a.c.assigned_at <= now),
     )
@@ -340,7 +347,9 @@ def _sessions(
     frame["snapshot_version"] = pd.array(cells[:, 5].astype(float), dtype="Int64")
     frame["assigned_s"] = cells[:, 6].astype(float)
     frame["holdback"] = cells[:, 7].astype(bool)
-    for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=8):
+    # The conversation: a moved one has several assignments (``<thread>~n``, Store.reassign).
+    frame["thread"] = pd.Series(cells[:, 8], dtype=object).fillna(frame["session_id"])
+    for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=9):
         frame[name] = cells[:, i].astype(np.int64)
     del cells
     sessions = pd.Index(frame["session_id"])
@@ -405,9 +414,12 @@ def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: dateti
 def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) -> pd.DataFrame:
     """Outcome events with the row position (``pos``) of the session they belong to.
 
-    Session-linked events join on ``session_id``; user-level events go to the
-    user's latest session assigned at or before the event (``merge_asof``), both
-    with the clock-skew tolerance; an event before its session is dropped.
+    Session-linked events join on ``session_id`` — and when that conversation was
+    moved to another arm (:meth:`optimizer.store.Store.reassign`), on its assignment
+    open at the event: the newest one of the thread assigned at or before it.
+    User-level events go to the user's latest session assigned at or before the
+    event (``merge_asof``). Both with the clock-skew tolerance; an event before its
+    session is dropped.
     """
     from optimizer.attribution import CLOCK_SKEW_S
 
@@ -417,7 +429,7 @@ def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) ->
     assigned_s = sessions["assigned_s"].to_numpy()
     by_session = outcomes[outcomes["session_id"].notna()]
     pos = ids.get_indexer(by_session["session_id"])
-    linked = by_session.assign(pos=pos)[pos >= 0]
+    linked = _open_at_event(by_session.assign(pos=pos)[pos >= 0], sessions)
 
     by_user = outcomes[outcomes["session_id"].isna() & outcomes["user_id"].notna()]
     if not by_user.empty:
@@ -444,6 +456,48 @@ def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) ->
     delay = linked["occurred_s"].to_numpy() - assigned_s[linked["pos"].to_numpy()]
     linked["delay_s"] = np.maximum(delay, 0.0)
     return linked.loc[delay >= -CLOCK_SKEW_S, columns]
+
+
+def _open_at_event(linked: pd.DataFrame, sessions: pd.DataFrame) -> pd.DataFrame:
+    """Move events of a moved conversation to its assignment open when they happened.
+
+    A conversation whose arm was paused or retired goes on under a new assignment
+    (``<thread>~n``); the integrator still knows only the chat's id. What the user
+    did after the move happened under the new arm, so it is credited there — the
+    same "latest session at or before the event" rule as for user-level outcomes,
+    within one conversation, without the clock-skew tolerance (the move is stamped by
+    our own clock). Only threads with more than one assignment are looked up.
+    """
+    if linked.empty or "thread" not in sessions:
+        return linked
+    thread = sessions["thread"].to_numpy(dtype=object)
+    moved = sessions["thread"].duplicated(keep=False).to_numpy()
+    on_moved = moved[linked["pos"].to_numpy()]
+    if not on_moved.any():
+        return linked
+    rows = np.flatnonzero(moved)
+    lookup = pd.DataFrame(
+        {
+            "thread": thread[rows],
+            "assigned_s": sessions["assigned_s"].to_numpy()[rows],
+            "open": rows,
+        }
+    ).sort_values("assigned_s", kind="stable")
+    events = linked[on_moved]
+    matched = pd.merge_asof(
+        events.assign(
+            thread=thread[events["pos"].to_numpy()], match_s=events["occurred_s"]
+        ).sort_values("match_s", kind="stable"),
+        lookup,
+        left_on="match_s",
+        right_on="assigned_s",
+        by="thread",
+        direction="backward",
+    )
+    # Before the conversation's first assignment: keep the named session (dropped as early).
+    matched["pos"] = np.where(matched["open"].notna(), matched["open"], matched["pos"])
+    moved_events = matched[linked.columns.tolist()].astype({"pos": np.int64})
+    return pd.concat([linked[~on_moved], moved_events], ignore_index=True)
 
 
 def _term_values(

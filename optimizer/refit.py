@@ -205,8 +205,13 @@ def _run(
         log.warning("optimizer: paused arm %r (guardrail breach): %s", arm, evidence["checks"])
     active = [a for a in active if a not in paused]
 
+    suspects = sorted({c.arm for c in checks if c.suspect and c.arm in active})
     policy = make_policy(pol, random_state=rng).fit(
-        frame, active, champion=champion, caps=_operator_caps(store, exp.id)
+        frame,
+        active,
+        champion=champion,
+        caps=_operator_caps(store, exp.id),
+        guardrail_suspects=suspects,
     )
     recommendation = policy.recommendation_
     promoted = None
@@ -256,6 +261,8 @@ def _run(
             },
         },
         "guardrails": [c.evidence() for c in checks],
+        # Arms keeping policy.guardrail_floor: guardrail suspects and the champion.
+        "guardrail_held": list(policy.guardrail_held_),
         "policy": policy.name,
         "model": policy.model_,
         "delay": pol.delay,

@@ -462,6 +462,60 @@ def test_off_policy_estimates_page(client: TestClient, runtime: Runtime) -> None
     assert 'data-target="snapshot"' in page.text
 
 
+def test_unattributed_outcomes_are_listed_and_rejudged(
+    client: TestClient, runtime: Runtime
+) -> None:
+    """The dashboard lists what does not count, with the reason; re-judging is audited and
+    credits an outcome whose session arrived late (written by another replica, say)."""
+    now = datetime.now(UTC)
+    store = runtime.store
+    store.record_outcome(
+        OutcomeRecord(
+            "late-session",
+            "conversion",
+            1.0,
+            session_id="later-s1",
+            occurred_at=now,
+            attribution="unknown_session",
+        )
+    )
+    store.record_outcome(
+        OutcomeRecord(
+            "odd-name",
+            "newsletter",
+            1.0,
+            session_id="later-s1",
+            occurred_at=now,
+            attribution="unused_name",
+        )
+    )
+    store.record_outcome(
+        OutcomeRecord("counted", "conversion", 1.0, user_id="u-x", attribution="attributed")
+    )
+    token = login(client)
+    page = client.get(f"{PREFIX}/outcomes")
+    assert page.status_code == 200
+    text = html.unescape(page.text)
+    assert "2 not attributed" in text and "unknown_session 1" in text.replace("</b>", "")
+    assert 'data-key="late-session" data-reason="unknown_session"' in page.text
+    assert 'data-key="odd-name" data-reason="unused_name"' in page.text
+    assert 'data-key="counted"' not in page.text
+    assert f'href="{PREFIX}/outcomes"' in client.get(PREFIX).text
+
+    # The session arrives; an operator re-judges.
+    runtime.assigner.assign("later-s1", "u-late", at=now - timedelta(minutes=1))
+    response = client.post(f"{PREFIX}/outcomes/reattribute", data={"csrf": token})
+    assert response.status_code == 200
+    assert "re-judged outcomes: attributed 1, unused_name 1" in html.unescape(response.text)
+    assert ("operator", "outcomes.reattribute", runtime.config.experiment.id) in audit_actions(
+        store
+    )
+    page = client.get(f"{PREFIX}/outcomes")
+    assert 'data-key="late-session"' not in page.text and 'data-key="odd-name"' in page.text
+    # Without the CSRF token nothing is re-judged.
+    assert client.post(f"{PREFIX}/outcomes/reattribute", data={}).status_code == 403
+
+
 def test_report_cache_reuses_then_recomputes() -> None:
     calls: list[int] = []
     now = [0.0]

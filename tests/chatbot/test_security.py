@@ -506,6 +506,7 @@ def test_every_operator_action_needs_the_csrf_token(server: TestClient, store: S
         f"{PREFIX}/logout": f"{PREFIX}/logout",
         f"{PREFIX}/optimize": f"{PREFIX}/optimize",
         f"{PREFIX}/variants": f"{PREFIX}/variants",
+        f"{PREFIX}/outcomes/reattribute": f"{PREFIX}/outcomes/reattribute",
         f"{PREFIX}/arms/{{arm_id:path}}/{{action}}": [
             f"{PREFIX}/arms/concise/{action}" for action in ARM_ACTIONS
         ],

@@ -282,3 +282,20 @@ def refresh_policy(services: Services, actor: str) -> int | None:
 
 def _snapshot_note(version: int | None) -> str:
     return f"; policy snapshot v{version} written" if version is not None else ""
+
+
+def reattribute_outcomes(services: Services, actor: str) -> ActionResult:
+    """Re-judge the unattributed outcomes (:func:`optimizer.attribution.reattribute`), audited."""
+    from optimizer.attribution import reattribute
+
+    counts = reattribute(services.store, services.config)
+    services.store.audit(
+        actor,
+        "outcomes.reattribute",
+        services.config.experiment.id,
+        {"via": "operator dashboard", "verdicts": counts},
+    )
+    if not counts:
+        return ActionResult("nothing to re-judge: every stored outcome is attributed")
+    verdicts = ", ".join(f"{code} {n}" for code, n in sorted(counts.items()))
+    return ActionResult(f"re-judged outcomes: {verdicts}")

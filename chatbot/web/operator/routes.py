@@ -439,6 +439,29 @@ def ope(request: Request, ctx: Ctx) -> Response:
     return ctx.page(request, session, "ope.html", ope=estimates)
 
 
+def outcomes(request: Request, ctx: Ctx) -> Response:
+    session = ctx.operator_or_login(request)
+    if isinstance(session, Response):
+        return session
+    from optimizer.attribution import unattributed
+
+    found = unattributed(ctx.services.store, limit=OUTCOMES_LISTED)
+    return ctx.page(request, session, "outcomes.html", found=found)
+
+
+async def reattribute(request: Request, ctx: Ctx) -> Response:
+    checked = await ctx.checked_form(request)
+    if isinstance(checked, Response):
+        return checked
+    session, _ = checked
+    result = await run_in_threadpool(actions.reattribute_outcomes, ctx.services, session.user or "")
+    ctx.reports.clear()
+    return ctx.back(request, session, f"{PREFIX}/outcomes", result.message)
+
+
+#: Unattributed outcomes listed on ``/operator/outcomes`` (the counts cover all).
+OUTCOMES_LISTED = 100
+
 #: Every route of the dashboard: (path under ``/operator``, methods, handler), matched in order.
 ROUTES: tuple[tuple[str, tuple[str, ...], Callable[..., Any]], ...] = (
     ("/login", ("GET",), login_form),
@@ -455,6 +478,8 @@ ROUTES: tuple[tuple[str, tuple[str, ...], Callable[..., Any]], ...] = (
     ("/examples", ("GET",), examples),
     ("/examples/{example_id}/{decision}", ("POST",), example_review),
     ("/ope", ("GET",), ope),
+    ("/outcomes", ("GET",), outcomes),
+    ("/outcomes/reattribute", ("POST",), reattribute),
 )
 
 
