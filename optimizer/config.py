@@ -439,6 +439,12 @@ class ProposerConfig(_Section):
     context_tokens: int | None = Field(None, ge=256)
     #: Held-out past user questions each candidate must answer before any traffic.
     replay_questions: int = Field(6, ge=1, le=100)
+    #: A started proposal's trial (optimizer.proposer.trials): at most ``trial_cap`` of the
+    #: traffic until ``trial_sessions`` effective sessions; then the cap is lifted if
+    #: P(KPI above the champion's) >= ``keep_probability``, else it is retired. 1 = no trial.
+    trial_cap: float = Field(0.1, gt=0, le=1)
+    trial_sessions: int = Field(2000, ge=1)
+    keep_probability: float = Field(0.8, gt=0, lt=1)
     #: Spending cap of a paid proposer and its judges, per UTC day (litellm's cost).
     max_cost_usd_per_day: float = Field(1.0, ge=0)
     judges: tuple[ProposerJudgeConfig, ...] = ()

@@ -150,14 +150,30 @@ def run_optimizer(
         if alerts is not None:
             for alert in alerts_from_run(run, new_stop=new_stop, srm_new=srm_new):
                 alerts.emit(alert)
+        if config.proposer.enabled:
+            run = replace(run, proposals={"trials": trial_step(store, config, run, now=now)})
         if fewshot:
             run = replace(run, fewshot=fewshot_step(store, config, now=now, actor=actor))
         if proposer is not None:
             run = replace(
                 run,
-                proposals=proposal_step(store, config, proposer, now=now, alerts=alerts),
+                proposals={
+                    **run.proposals,
+                    **proposal_step(store, config, proposer, now=now, alerts=alerts),
+                },
             )
         return run
+
+
+def trial_step(store: Store, config: Config, run: OptimizerRun, *, now: datetime) -> dict[str, Any]:
+    """End the proposed arms' trials that are due (:mod:`optimizer.proposer.trials`)."""
+    from optimizer.proposer.trials import manage_trials
+
+    try:
+        return manage_trials(store, config, run.summary, now=now)
+    except Exception:  # logged with its traceback; the next run tries again
+        log.exception("optimizer: proposal trials failed")
+        return {"error": "proposal trials failed; see the log"}
 
 
 def proposal_step(

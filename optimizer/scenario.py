@@ -216,6 +216,10 @@ class ProposerSpec(_Strict):
     min_new_negative: int = Field(20, ge=1)
     auto_start: bool = True
     replay_questions: int = Field(6, ge=1, le=100)
+    #: The trial of a started proposal (``proposer.trial_*`` in flywheel.toml).
+    trial_cap: float = Field(0.1, gt=0, le=1)
+    trial_sessions: int = Field(2000, ge=1)
+    keep_probability: float = Field(0.8, gt=0, lt=1)
     lift_mean: float = Field(0.0, gt=-1, lt=5)
     lift_sd: float = Field(0.12, ge=0, lt=5)
     harmful_share: float = Field(0.25, ge=0, le=1)

@@ -126,6 +126,9 @@ def scenario_config(scenario: Scenario, policy: Policy, *, experiment_id: str) -
             min_interval_hours=spec.every_days * 24,
             candidates=spec.candidates,
             replay_questions=spec.replay_questions,
+            trial_cap=spec.trial_cap,
+            trial_sessions=spec.trial_sessions,
+            keep_probability=spec.keep_probability,
         )
     experiment = ExperimentConfig(
         id=experiment_id,

@@ -244,8 +244,12 @@ def start_candidate(
     model: str | None,
     actor: str,
     at: datetime | None = None,
+    trial_cap: float = 1.0,
 ) -> str:
     """Create the candidate's arm and mark it started; returns the arm id.
+
+    ``trial_cap`` < 1 caps its traffic share from the start (``cap_set``, see
+    :mod:`optimizer.proposer.trials`).
 
     The arm id is ``<parent base>+p<first 8 of the candidate id>``, so that a
     candidate never becomes a new *version* of its parent (which would retire it).
@@ -268,6 +272,15 @@ def start_candidate(
     )
     _set(store, candidate.id, "started", actor, at, arm_id=arm_id, expect=("waiting",))
     arm_id, _ = store.add_arm(candidate.experiment_id, spec, actor=actor, at=at)
+    if trial_cap < 1:
+        store.record_arm_event(
+            candidate.experiment_id,
+            arm_id,
+            "cap_set",
+            actor=actor,
+            evidence={"cap": float(trial_cap), "trial": "started"},
+            at=at,
+        )
     return arm_id
 
 

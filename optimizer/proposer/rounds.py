@@ -3,9 +3,10 @@
 :func:`run_round` is what the optimizer job calls (with the serving process's
 :class:`~optimizer.proposer.hooks.ProposerHooks`). A round runs only when it is
 due (:func:`round_due`): the proposer is enabled, fewer than ``max_live``
-proposed arms are live and fewer than ``max_live`` candidates wait for approval, ``min_interval_hours`` passed since the last round, the
-champion has ``min_new_negative`` new thumbs-down turns since then, today's
-spending is under ``max_cost_usd_per_day``, and the model is idle. It then:
+proposed arms are live and fewer than ``max_live`` candidates wait for approval,
+``min_interval_hours`` passed since the last round, the champion has
+``min_new_negative`` new thumbs-down turns since then, today's spending is under
+``max_cost_usd_per_day``, and the model is idle. It then:
 
 1. reads the champion's prompt and a scrubbed sample of its failures
    (:mod:`optimizer.proposer.sample`);
@@ -600,6 +601,7 @@ def gate_candidate(
             model=parent.model,
             actor="optimizer" if source != "operator" else "operator",
             at=now,
+            trial_cap=pc.trial_cap if source != "operator" else 1.0,
         )
     elif alerts is not None:
         alerts.emit(

@@ -141,6 +141,7 @@ def simulated_round(
                     model=None,
                     actor="optimizer",
                     at=now,
+                    trial_cap=config.proposer.trial_cap,
                 )
                 started = True
         truth = base.model_copy(
