@@ -435,6 +435,8 @@ class ProposerConfig(_Section):
     max_prompt_chars: int = Field(4000, gt=0)
     max_tokens: int = Field(400, gt=0, le=8192)
     temperature: float = Field(0.9, ge=0, le=2)
+    #: A whole rewrite may take this long (a local model writes a few tokens a second).
+    timeout_s: float = Field(300.0, gt=0)
     #: Prompt budget of the proposer model (None: ``model.context_tokens``).
     context_tokens: int | None = Field(None, ge=256)
     #: Held-out past user questions each candidate must answer before any traffic.

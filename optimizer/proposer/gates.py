@@ -36,6 +36,7 @@ __all__ = [
     "pii_gate",
     "replay_gate",
     "similarity",
+    "usable_rationale",
 ]
 
 _INJECTION = re.compile(
@@ -91,8 +92,17 @@ def pii_gate(text: str, scrubber: Scrubber) -> tuple[str, GateResult]:
     )
 
 
-def format_gate(text: str, parent: str, *, min_chars: int, max_chars: int) -> GateResult:
-    """Length and format limits.
+def format_gate(
+    text: str,
+    parent: str,
+    *,
+    min_chars: int,
+    max_chars: int,
+    request: str = "",
+    rationale: str | None = None,
+) -> GateResult:
+    """Length and format limits; ``request`` (the rewrite request's template) must not be
+    echoed, and ``rationale`` (when given) must be a sentence or more of words.
 
     >>> format_gate("You answer briefly.", "x", min_chars=5, max_chars=100).passed
     True
@@ -115,7 +125,40 @@ def format_gate(text: str, parent: str, *, min_chars: int, max_chars: int) -> Ga
     letters = sum(c.isalpha() for c in text)
     if letters < 0.6 * n:
         return GateResult("format", False, f"mostly not words ({letters} letters of {n})")
+    if request:
+        copied = _shared_run(text, request, exclude=parent)
+        if copied:
+            return GateResult("format", False, f"echoes the rewrite request ({copied!r})")
+    if rationale is not None and not usable_rationale(rationale):
+        return GateResult("format", False, "no usable rationale")
     return GateResult("format", True)
+
+
+def usable_rationale(text: str) -> bool:
+    """At least five words, mostly letters.
+
+    >>> usable_rationale("1. 2. 3. 4. 5. 6."), usable_rationale("Users found the replies vague.")
+    (False, True)
+    """
+    words = _WORD.findall(text.lower())
+    letters = sum(c.isalpha() for c in text)
+    return len([w for w in words if any(c.isalpha() for c in w)]) >= 5 and letters >= 0.6 * len(
+        text.strip()
+    )
+
+
+def _shared_run(text: str, source: str, *, exclude: str = "", n: int = _COPIED_WORDS) -> str:
+    """The first ``n``-word run of ``source`` found in ``text`` and not in ``exclude``."""
+    words = _WORD.findall(text.lower())
+    grams = {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+    ex = _WORD.findall(exclude.lower())
+    excluded = {tuple(ex[i : i + n]) for i in range(len(ex) - n + 1)}
+    src = _WORD.findall(source.lower())
+    for i in range(len(src) - n + 1):
+        gram = tuple(src[i : i + n])
+        if gram in grams and gram not in excluded:
+            return " ".join(gram)
+    return ""
 
 
 def injection_gate(
@@ -149,23 +192,10 @@ def injection_gate(
             return GateResult(
                 "injection", False, f"contact details in the prompt ({entity.type.lower()})"
             )
-    words = _WORD.findall(text.lower())
-    grams = {tuple(words[i : i + _COPIED_WORDS]) for i in range(len(words) - _COPIED_WORDS + 1)}
-    parent_words = _WORD.findall(parent.lower())
-    parent_grams = {
-        tuple(parent_words[i : i + _COPIED_WORDS])
-        for i in range(len(parent_words) - _COPIED_WORDS + 1)
-    }
     for source in untrusted:
-        src = _WORD.findall(source.lower())
-        for i in range(len(src) - _COPIED_WORDS + 1):
-            gram = tuple(src[i : i + _COPIED_WORDS])
-            if gram in grams and gram not in parent_grams:
-                return GateResult(
-                    "injection",
-                    False,
-                    f"copies a user's words verbatim ({' '.join(gram)!r})",
-                )
+        copied = _shared_run(text, source, exclude=parent)
+        if copied:
+            return GateResult("injection", False, f"copies a user's words verbatim ({copied!r})")
     return GateResult("injection", True)
 
 

@@ -23,7 +23,10 @@ _RATIONALE = re.compile(r"^\s*\**\s*RATIONALE\s*\**\s*:\s*", re.IGNORECASE | re.
 _LEADING_LABEL = re.compile(
     r"^\s*\**\s*(NEW\s+|IMPROVED\s+)?INSTRUCTIONS\s*\**\s*:\s*", re.IGNORECASE
 )
-_TRAILING = re.compile(r"\n\s*(FAILURES|CURRENT INSTRUCTIONS|INSTRUCTIONS)\s*:.*", re.S | re.I)
+_TRAILING = re.compile(
+    r"\n\s*((FAILURES|CURRENT INSTRUCTIONS|INSTRUCTIONS)\s*:|Worked example|Now the real task).*",
+    re.S | re.I,
+)
 
 
 def fill_to_budget(

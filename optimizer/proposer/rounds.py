@@ -310,7 +310,7 @@ def run_round(
                 break
             continue
         text, rationale = parse_rewrite(reply.text)
-        if text and not rationale:
+        if text and not gates.usable_rationale(rationale):
             rationale = _ask_rationale(budget, config, folder, parent, text, failures, model)
         produced.append((text, rationale, {"failures_used": used, "raw": reply.text[:4000]}))
     round_id = records.record_round(
@@ -368,6 +368,7 @@ def run_round(
             now=now,
             alerts=alerts,
             start=None,
+            request=template,
         )
         out.append(
             {
@@ -505,6 +506,7 @@ def gate_candidate(
     now: datetime,
     alerts: Any | None,
     start: bool | None,
+    request: str = "",
 ) -> records.Candidate:
     """Run the gates in order, record the candidate, start it or leave it waiting.
 
@@ -527,6 +529,8 @@ def gate_candidate(
             else "",
             min_chars=pc.min_prompt_chars,
             max_chars=pc.max_prompt_chars,
+            request=request,
+            rationale=rationale if source == "proposer" else None,
         )
         results.append(fmt)
     if all(r.passed for r in results):

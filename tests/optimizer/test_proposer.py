@@ -486,3 +486,27 @@ def test_the_job_runs_a_round_with_hooks(store: Store) -> None:
     assert run is not None and run.proposals["round_id"]
     assert len(run.proposals["candidates"]) == 3
     assert re.fullmatch(r"[0-9a-f]{32}", run.proposals["candidates"][0]["id"])
+
+
+def test_format_gate_rejects_an_echo_of_the_request_and_a_junk_rationale() -> None:
+    from optimizer.proposer.rounds import _proposer_dir
+    from optimizer.proposer.sample import read_prompt_file
+
+    config = load_config("/nonexistent.toml", environ=False)
+    request = read_prompt_file(_proposer_dir(config) / "rewrite.md")
+    echo = (
+        "You are a shop assistant. Answer briefly, and always name the exact page or menu "
+        "where the customer finds what they ask about."
+    )
+    result = format_gate(echo, CHAMPION_TEXT, min_chars=40, max_chars=4000, request=request)
+    assert not result.passed and "echoes the rewrite request" in result.detail
+    junk = format_gate(GOOD, CHAMPION_TEXT, min_chars=40, max_chars=4000, rationale="1. 2. 3. 4.")
+    assert not junk.passed and junk.detail == "no usable rationale"
+    assert format_gate(
+        GOOD,
+        CHAMPION_TEXT,
+        min_chars=40,
+        max_chars=4000,
+        request=request,
+        rationale="Users could not find the settings they asked about.",
+    ).passed
