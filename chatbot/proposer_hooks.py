@@ -51,6 +51,8 @@ def completion_fn(base: ModelConfig, *, timeout_s: float | None = None) -> Compl
                 "max_tokens": max_tokens,
                 "temperature": temperature,
                 "timeout_s": timeout_s or base.timeout_s,
+                # a long rewrite request takes a small local model a while to read
+                "stall_s": max(base.stall_s, min(timeout_s or base.timeout_s, 120.0)),
             }
         )
         result = _run(stream_reply(list(messages), model=settings))

@@ -153,7 +153,9 @@ def run_optimizer(
         if config.proposer.enabled:
             run = replace(run, proposals={"trials": trial_step(store, config, run, now=now)})
         if fewshot:
-            run = replace(run, fewshot=fewshot_step(store, config, now=now, actor=actor))
+            run = replace(
+                run, fewshot=fewshot_step(store, config, now=now, actor=actor, hooks=proposer)
+            )
         if proposer is not None:
             run = replace(
                 run,
@@ -196,7 +198,12 @@ def proposal_step(
 
 
 def fewshot_step(
-    store: Store, config: Config, *, now: datetime, actor: str = "optimizer"
+    store: Store,
+    config: Config,
+    *,
+    now: datetime,
+    actor: str = "optimizer",
+    hooks: ProposerHooks | None = None,
 ) -> dict[str, Any]:
     """Mine, credit and propose few-shot examples; a failure here never loses the snapshot."""
     from optimizer.fewshot import credit_examples, mine_examples, propose_challenger
@@ -204,7 +211,7 @@ def fewshot_step(
     try:
         mined = mine_examples(store, config, now=now, actor=actor)
         credit = credit_examples(store, config, now=now, actor=actor)
-        proposal = propose_challenger(store, config, actor=actor)
+        proposal = propose_challenger(store, config, actor=actor, hooks=hooks)
     except Exception:  # logged with its traceback; the next run tries again
         log.exception("optimizer: few-shot step failed")
         return {"error": "few-shot step failed; see the log"}

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--replay", type=int, default=2)
+    parser.add_argument("--sample", type=int, default=6, help="failures shown to the proposer")
     parser.add_argument("--database", default=None, help="SQLite file (default: a temp one)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -53,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         update={
             "prompts_dir": str(ROOT / "prompts"),
             "proposer": config.proposer.model_copy(
-                update={"candidates": args.candidates, "replay_questions": args.replay}
+                update={
+                    "candidates": args.candidates,
+                    "replay_questions": args.replay,
+                    "sample_turns": args.sample,
+                }
             ),
         }
     )

@@ -510,3 +510,33 @@ def test_format_gate_rejects_an_echo_of_the_request_and_a_junk_rationale() -> No
         request=request,
         rationale="Users could not find the settings they asked about.",
     ).passed
+
+
+def test_fewshot_proposals_go_through_the_same_gates(store: Store) -> None:
+    from optimizer.fewshot import ExampleBank, propose_challenger
+
+    seed_store(store)
+    bank = ExampleBank(store)
+    for i in range(3):
+        bank.add(
+            f"Question number {i} about exports?",
+            f"Answer {i}: Settings > Data > Export.",
+            source="mined",
+            status="approved",
+            reward=float(i),
+        )
+    cfg = make_config()
+    cfg = cfg.model_copy(
+        update={"fewshot": cfg.fewshot.model_copy(update={"propose_after": 3, "propose_k": 2})}
+    )
+    without_model = propose_challenger(store, cfg)
+    assert without_model is not None and without_model.candidate is not None
+    assert without_model.candidate["status"] == "waiting"
+    assert without_model.candidate["reason"] == "replay: not run: no model handed in"
+    with_model = propose_challenger(store, cfg, force=True, hooks=ProposerHooks(FakeModel([])))
+    assert with_model is not None and with_model.candidate is not None
+    assert with_model.candidate["status"] == "started"
+    [c] = [c for c in candidates(store, EXP, status="started")]
+    assert c.source == "fewshot" and c.fewshot == "fixed" and len(c.fewshot_config["examples"]) == 2
+    row = next(r for r in store.arms(EXP) if r.id == c.arm_id)
+    assert row.fewshot == "fixed" and row.prompt_text == CHAMPION_TEXT
