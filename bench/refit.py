@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 ARMS = ("concise", "empathetic", "proactive-upsell", "concise+fixed", "concise+retrieved")
@@ -187,8 +186,8 @@ def _rss_mb() -> float:
 def measure_optimizer(url: str, fewshot: bool = True) -> dict[str, Any]:
     """In this (fresh) process: run_optimizer once, plus its two heavy parts timed alone."""
     from optimizer import kpi
-    from optimizer.job import fewshot_step, run_optimizer
     from optimizer.policy import make_policy
+    from optimizer.refit import fewshot_step, run_optimizer
     from optimizer.store import Store
 
     config = _config()

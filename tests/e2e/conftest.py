@@ -3,7 +3,7 @@
 The server runs the project's own configuration (actions, arms, prompts) with
 a temporary home, SQLite database and API key, the real local model with
 ``max_tokens = 32`` and ``temperature = 0`` (short, reproducible replies),
-and the background optimizer off (started by :class:`flywheel_process.ServerProcess`;
+and the background optimizer off (started by :class:`tests.support.flywheel_process.ServerProcess`;
 output in ``test-artifacts/e2e-server.log``). Chromium is the system one (never
 ``playwright install``); if it is missing the tests fail, they do not skip.
 """
@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 import tomli_w
-from flywheel_process import API_KEY, ServerProcess
+
+from tests.support.flywheel_process import API_KEY, ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"

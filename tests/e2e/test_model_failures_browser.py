@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def model_pid(server_pid: int) -> int:
-    """The server's model process: its child running ``chatbot.local_worker``."""
+    """The server's model process: its child running ``chatbot.llm.local_worker``."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -42,7 +42,7 @@ def model_pid(server_pid: int) -> int:
         except OSError:
             continue
         parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == server_pid and b"chatbot.local_worker" in cmdline:
+        if parent == server_pid and b"chatbot.llm.local_worker" in cmdline:
             return int(entry.name)
     raise AssertionError(f"no model process under server {server_pid}")
 
