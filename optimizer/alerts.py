@@ -293,7 +293,7 @@ class AlertDeliverer:
 
 
 def alerts_from_run(run: Any, *, new_stop: bool, srm_new: bool) -> list[Alert]:
-    """The alerts an optimizer run raises (:class:`~optimizer.job.OptimizerRun`).
+    """The alerts an optimizer run raises (:class:`~optimizer.refit.OptimizerRun`).
 
     ``new_stop``: the stop recommendation was recorded in this run (not repeated);
     ``srm_new``: the SRM warning switched on in this run (an alert per episode, not per run).

@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from chatbot.proposer_hooks import make_hooks  # noqa: E402
+from chatbot.llm.proposer import make_hooks  # noqa: E402
 from optimizer.clock import utcnow  # noqa: E402
 from optimizer.config import load_config  # noqa: E402
-from optimizer.prompts import arm_spec, load_prompts  # noqa: E402
+from optimizer.prompt_library import arm_spec, load_prompts  # noqa: E402
 from optimizer.proposer import candidates, run_round  # noqa: E402
 from optimizer.store import AssignmentRecord, Store, TurnRecord  # noqa: E402
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizer.alerts import Alert
+from optimizer.champion import champion_row
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
 from optimizer.privacy import Scrubber, public_allowlist
@@ -100,14 +101,12 @@ class RoundResult:
 
 def parent_of(store: Store, config: Config) -> Parent | None:
     """The champion as a :class:`Parent` (stored text, else its prompt file's)."""
-    from optimizer.fewshot.proposal import _champion
-
-    row = _champion(store, config)
+    row = champion_row(store, config)
     if row is None:
         return None
     text = getattr(row, "prompt_text", None)
     if not text:
-        from optimizer.prompts import load_prompts
+        from optimizer.prompt_library import load_prompts
 
         text = load_prompts(config.prompts_dir).variant(row.prompt_id).template
     return Parent(
@@ -229,7 +228,7 @@ def _wait_idle(hooks: ProposerHooks, timeout_s: float = IDLE_WAIT_S) -> bool:
 def _scrubber(config: Config, parent: Parent) -> Scrubber:
     knowledge = ""
     try:
-        from optimizer.prompts import load_prompts
+        from optimizer.prompt_library import load_prompts
 
         knowledge = load_prompts(config.prompts_dir).knowledge
     except Exception:  # no prompts folder (simulations, tests): nothing public to allow
@@ -595,7 +594,7 @@ def gate_candidate(
         source == "operator" or len(live_proposals(store, exp)) < pc.max_live
     )
     if wants_start and can_start:
-        from optimizer.prompts import content_hash
+        from optimizer.prompt_library import content_hash
 
         records.start_candidate(
             store,
@@ -711,7 +710,7 @@ def _existing_texts(
     texts = [str(r.prompt_text) for r in store.arms(exp) if r.prompt_text]
     if not texts:
         try:
-            from optimizer.prompts import load_prompts
+            from optimizer.prompt_library import load_prompts
 
             texts = [v.template for v in load_prompts(config.prompts_dir).variants.values()]
         except Exception:  # no prompts folder: nothing to compare with

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from optimizer.champion import champion_row
 from optimizer.config import Config
 from optimizer.proposer import records
 from optimizer.proposer.rounds import Parent, round_due
@@ -42,9 +43,7 @@ class SimulatedProposal:
 
 
 def _parent(store: Store, config: Config) -> Parent | None:
-    from optimizer.fewshot.proposal import _champion
-
-    row = _champion(store, config)
+    row = champion_row(store, config)
     if row is None:
         return None
     return Parent(

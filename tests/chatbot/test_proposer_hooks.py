@@ -6,7 +6,7 @@ from __future__ import annotations
 def test_model_process_counts_jobs_in_flight() -> None:
     import threading
 
-    from chatbot.local_model import ModelProcess
+    from chatbot.llm.local import ModelProcess
 
     proc = ModelProcess()
     gate = threading.Event()

@@ -12,13 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from optimizer_events import EXPERIMENT, add_sessions, make_config, register
 
 from optimizer.alerts import ALERT_EVENTS, Alert, AlertDeliverer, sign
 from optimizer.config import AlertConfig, load_config
 from optimizer.errors import ConfigError
-from optimizer.job import run_optimizer
+from optimizer.refit import run_optimizer
 from optimizer.store import Store
+from tests.support.optimizer_events import EXPERIMENT, add_sessions, make_config, register
 
 
 class Recorder:
@@ -192,7 +192,7 @@ def test_config_reads_alert_tables(tmp_path: Any) -> None:
 def test_the_optimizer_job_alerts_a_promotion_once(store: Store, recorder: Recorder) -> None:
     from datetime import timedelta
 
-    from optimizer_events import T0
+    from tests.support.optimizer_events import T0
 
     cfg = make_config(("a", "b"), champion="b", stop_expected_loss=0.01, auto_promote=True)
     register(store, cfg)
@@ -225,7 +225,7 @@ def test_the_stop_rule_alerts_once_without_auto_promote(
 ) -> None:
     from datetime import timedelta
 
-    from optimizer_events import T0
+    from tests.support.optimizer_events import T0
 
     cfg = make_config(("a", "b"), champion="b", stop_expected_loss=0.01)
     register(sqlite_store, cfg)

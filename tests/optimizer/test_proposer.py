@@ -25,7 +25,6 @@ from optimizer.config import (
     load_config,
 )
 from optimizer.errors import StoreError
-from optimizer.job import run_optimizer
 from optimizer.privacy import Scrubber
 from optimizer.proposer import (
     Completion,
@@ -39,6 +38,7 @@ from optimizer.proposer import (
 from optimizer.proposer.gates import format_gate, injection_gate, pii_gate, replay_gate
 from optimizer.proposer.rewrite import fill_to_budget, parse_rewrite
 from optimizer.proposer.sample import FailureTurn
+from optimizer.refit import run_optimizer
 from optimizer.store import ArmSpec, AssignmentRecord, Store, TurnRecord
 
 T0 = datetime(2025, 5, 5, 9, 0, tzinfo=UTC)

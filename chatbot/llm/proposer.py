@@ -17,10 +17,10 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
-from chatbot.llm import stream_reply
-from chatbot.prompting import build_messages, prompt_budget
+from chatbot.llm.messages import build_messages, prompt_budget
+from chatbot.llm.streaming import stream_reply
 from optimizer.config import Config, ModelConfig
-from optimizer.prompts import Variant
+from optimizer.prompt_library import Variant
 from optimizer.proposer import Completion, CompletionFn, ProposerHooks
 
 __all__ = ["completion_fn", "local_idle", "make_hooks"]
@@ -75,7 +75,7 @@ def completion_fn(base: ModelConfig, *, timeout_s: float | None = None) -> Compl
 
 def local_idle() -> bool:
     """True when the local model process has no reply running or waiting."""
-    from chatbot import local_model
+    from chatbot.llm import local as local_model
 
     return local_model.model_process().in_flight == 0
 
