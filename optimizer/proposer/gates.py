@@ -204,8 +204,13 @@ def replay_gate(
     parent_latency_p95_ms: float | None,
     *,
     max_latency_ratio: float | None,
+    min_latency_ms: float = 500.0,
 ) -> GateResult:
     """Judge replay replies (:class:`~optimizer.proposer.hooks.Completion`).
+
+    The latency limit is ``max_latency_ratio`` × the parent's p95 on the same
+    questions, the parent's counted as at least ``min_latency_ms`` (below that
+    the ratio of two fast replies is noise, not a user-visible slowdown).
 
     >>> from optimizer.proposer.hooks import Completion
     >>> ok = [Completion("Hi.", 100.0), Completion("Yes.", 120.0)]
@@ -234,7 +239,7 @@ def replay_gate(
     if empty:
         return GateResult("replay", False, f"empty reply to {empty} of {n} questions", data)
     if max_latency_ratio is not None and parent_latency_p95_ms:
-        ratio = p95 / parent_latency_p95_ms
+        ratio = p95 / max(parent_latency_p95_ms, min_latency_ms)
         data["latency_ratio"] = round(ratio, 3)
         if ratio > max_latency_ratio:
             return GateResult(

@@ -245,6 +245,7 @@ def start_candidate(
     actor: str,
     at: datetime | None = None,
     trial_cap: float = 1.0,
+    arm_id: str | None = None,
 ) -> str:
     """Create the candidate's arm and mark it started; returns the arm id.
 
@@ -254,11 +255,11 @@ def start_candidate(
     The arm id is ``<parent base>+p<first 8 of the candidate id>``, so that a
     candidate never becomes a new *version* of its parent (which would retire it).
     The candidate is marked first (only one caller wins a double click), then the
-    arm is created.
+    arm is created. ``arm_id`` (an operator's own variant) replaces the generated id.
     """
     at = at or utcnow()
     parent_base = candidate.parent_arm_id.split("@v", 1)[0]
-    arm_id = f"{parent_base[:170]}+p{candidate.id[:8]}"
+    arm_id = arm_id or f"{parent_base[:170]}+p{candidate.id[:8]}"
     origin = "operator" if candidate.source == "operator" else "optimizer"
     spec = ArmSpec(
         arm_id,

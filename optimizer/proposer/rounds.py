@@ -506,6 +506,7 @@ def gate_candidate(
     alerts: Any | None,
     start: bool | None,
     request: str = "",
+    arm_id: str | None = None,
 ) -> records.Candidate:
     """Run the gates in order, record the candidate, start it or leave it waiting.
 
@@ -605,6 +606,7 @@ def gate_candidate(
             actor="optimizer" if source != "operator" else "operator",
             at=now,
             trial_cap=pc.trial_cap if source != "operator" else 1.0,
+            arm_id=arm_id,
         )
     elif alerts is not None:
         alerts.emit(
@@ -638,6 +640,7 @@ def submit_candidate(
     now: datetime | None = None,
     alerts: Any | None = None,
     untrusted: Sequence[str] = (),
+    arm_id: str | None = None,
 ) -> records.Candidate:
     """Gate a candidate written elsewhere: a few-shot proposal or an operator's variant.
 
@@ -689,6 +692,7 @@ def submit_candidate(
         now=now,
         alerts=alerts,
         start=start,
+        arm_id=arm_id,
     )
     if budget is not None and budget.spent:
         records.add_round_cost(store, round_id, budget.spent)
@@ -705,9 +709,14 @@ def _latency_ratio(config: Config) -> float | None:
 def _existing_texts(
     store: Store, config: Config, fewshot: str, fewshot_config: dict[str, Any]
 ) -> list[str]:
-    """Prompt texts of the experiment's arms and of candidates waiting or started."""
+    """Prompt texts of the experiment's arms and of candidates waiting or started, with the
+    same few-shot setting (a known prompt with another few-shot strategy is a new arm)."""
     exp = config.experiment.id
-    texts = [str(r.prompt_text) for r in store.arms(exp) if r.prompt_text]
+    texts = [
+        str(r.prompt_text)
+        for r in store.arms(exp)
+        if r.prompt_text and r.fewshot == fewshot and dict(r.fewshot_config or {}) == fewshot_config
+    ]
     if not texts:
         try:
             from optimizer.prompt_library import load_prompts
@@ -718,6 +727,6 @@ def _existing_texts(
     texts += [
         c.prompt_text
         for c in records.candidates(store, exp, status=("waiting", "started"))
-        if c.prompt_text
+        if c.prompt_text and c.fewshot == fewshot and c.fewshot_config == fewshot_config
     ]
     return texts

@@ -239,8 +239,9 @@ def test_replay_gate_errors_empty_and_latency() -> None:
         "model error"
         in replay_gate([Completion("", 1.0, 0.0, "boom")], None, max_latency_ratio=None).detail
     )
-    slow = replay_gate([Completion("Yes.", 400.0)], 100.0, max_latency_ratio=1.5)
+    slow = replay_gate([Completion("Yes.", 2000.0)], 500.0, max_latency_ratio=1.5)
     assert not slow.passed and "4.00x" in slow.detail
+    assert replay_gate([Completion("Yes.", 40.0)], 10.0, max_latency_ratio=1.5).passed
 
 
 def test_parse_rewrite_and_budget() -> None:
