@@ -249,3 +249,29 @@ def test_the_stop_rule_alerts_once_without_auto_promote(
     events = [json.loads(r["body"]) for r in recorder.requests]
     assert [(e["event"], e["arm"]) for e in events] == [("stop_rule", "a")]
     assert "recommends arm 'a'" in events[0]["text"]
+
+
+def test_alerts_from_a_run_cover_pauses_and_srm_episodes() -> None:
+    from datetime import UTC, datetime
+
+    from optimizer.alerts import alerts_from_run
+    from optimizer.refit import OptimizerRun
+
+    run = OptimizerRun(
+        experiment_id="exp",
+        snapshot_version=3,
+        policy="thompson",
+        allocation={},
+        summary={"champion": "a", "arms": {"b": {"guardrails": {"error_rate": {"delta": 0.2}}}}},
+        now=datetime(2025, 1, 1, tzinfo=UTC),
+        duration_s=0.1,
+        sessions=10,
+        complete_sessions=10,
+        paused=("b",),
+        srm={"p_value": 1e-9, "warning": True},
+    )
+    first = alerts_from_run(run, new_stop=False, srm_new=True)
+    assert [(a.event, a.arm) for a in first] == [("guardrail_pause", "b"), ("srm", None)]
+    assert first[0].details == {"guardrails": {"error_rate": {"delta": 0.2}}}
+    ongoing = alerts_from_run(run, new_stop=False, srm_new=False)
+    assert [a.event for a in ongoing] == ["guardrail_pause"]  # the SRM episode was announced
