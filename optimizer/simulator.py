@@ -828,6 +828,7 @@ def _closed_loop(
     arms = scenario.arm_ids
     pooled = scenario.segment_shares @ scenario.expected_rewards()
     reward = dict(zip(arms, pooled, strict=True))
+    drawn = [p for p in proposals if not p.delayed]  # one entry per candidate
     worse = {
         arms.index(p.truth.id)
         for p in proposals
@@ -867,14 +868,14 @@ def _closed_loop(
     lift = float(optimised.mean() - held.mean()) if len(held) and len(optimised) else None
     measured = (last_run.summary.get("holdback") if last_run is not None else None) or {}
     return {
-        "proposals_made": len(proposals),
+        "proposals_made": len(drawn),
         "gated_out": statuses.get("rejected", 0) + statuses.get("duplicate", 0),
         "waiting": statuses.get("waiting", 0),
         "started": len(started),
         "promoted": len(promoted),
         "retired": len(retired),
         "paused_guardrail": len(paused),
-        "harmful_drawn": sum(1 for p in proposals if p.harmful),
+        "harmful_drawn": sum(1 for p in drawn if p.harmful),
         "worse_than_parent_started": len(worse),
         "worse_than_parent_share": round(served_worse, 5),
         "holdback_sessions": int(in_holdback.sum()),

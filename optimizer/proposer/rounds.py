@@ -55,6 +55,7 @@ __all__ = [
     "parent_of",
     "round_due",
     "run_round",
+    "start_waiting",
     "submit_candidate",
 ]
 
@@ -130,6 +131,46 @@ def live_proposals(store: Store, experiment_id: str) -> list[str]:
         and statuses.get(c.arm_id) in ACTIVE_STATUSES
         and statuses.get(c.arm_id) != "champion"
     )
+
+
+def start_waiting(store: Store, config: Config, *, now: datetime) -> list[records.Candidate]:
+    """With ``auto_start``: start waiting proposals (oldest first) into free ``max_live`` slots.
+
+    A round can leave passing candidates waiting when the slots were full; they go
+    first when a trial ends, before any new round. Returns the candidates started.
+    """
+    pc = config.proposer
+    if not pc.auto_start:
+        return []
+    exp = config.experiment.id
+    free = pc.max_live - len(live_proposals(store, exp))
+    if free <= 0:
+        return []
+    waiting = [
+        c
+        for c in reversed(records.candidates(store, exp, status="waiting"))
+        if c.source == "proposer" and not any(not g.get("passed") for g in c.gates)
+    ]
+    out = []
+    rows = {r.id: r for r in store.arms(exp)}
+    from optimizer.prompt_library import content_hash
+
+    for candidate in waiting[:free]:
+        parent = rows.get(candidate.parent_arm_id)
+        records.start_candidate(
+            store,
+            candidate,
+            prompt_id=str(parent.prompt_id) if parent is not None else candidate.parent_arm_id,
+            prompt_hash=content_hash(candidate.prompt_text or ""),
+            model=parent.model if parent is not None else None,
+            actor="optimizer",
+            at=now,
+            trial_cap=pc.trial_cap,
+        )
+        started = records.get_candidate(store, candidate.id)
+        assert started is not None
+        out.append(started)
+    return out
 
 
 def round_due(
@@ -259,6 +300,14 @@ def run_round(
     parent = parent_of(store, config)
     if parent is None:
         return RoundResult(None, None, skipped="no champion")
+    started = start_waiting(store, config, now=now)
+    if started:
+        return RoundResult(
+            None,
+            parent.arm_id,
+            [{"id": c.id, "status": c.status, "arm_id": c.arm_id} for c in started],
+            skipped="started waiting candidates into free slots",
+        )
     reason = None if force else round_due(store, config, parent, now=now, hooks=hooks)
     if reason is not None:
         log.info("proposer: no round for %r: %s", exp, reason)

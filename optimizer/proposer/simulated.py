@@ -23,7 +23,7 @@ import numpy as np
 from optimizer.champion import champion_row
 from optimizer.config import Config
 from optimizer.proposer import records
-from optimizer.proposer.rounds import Parent, round_due
+from optimizer.proposer.rounds import Parent, round_due, start_waiting
 from optimizer.scenario import ArmTruth, ProposerSpec
 from optimizer.store import Store
 
@@ -40,6 +40,8 @@ class SimulatedProposal:
     started: bool
     harmful: bool
     lift: float
+    #: Started in a later round, when a slot freed (the same candidate as an earlier entry).
+    delayed: bool = False
 
 
 def _parent(store: Store, config: Config) -> Parent | None:
@@ -68,6 +70,21 @@ def simulated_round(
     parent = _parent(store, config)
     if parent is None or parent.arm_id not in truths:
         return []
+    delayed = [
+        SimulatedProposal(
+            truths[c.id].model_copy(update={"id": c.arm_id, "arrives_day": float(day)}),
+            c.parent_arm_id,
+            c.id,
+            True,
+            False,
+            0.0,
+            delayed=True,
+        )
+        for c in start_waiting(store, config, now=now)
+        if c.id in truths and c.arm_id
+    ]
+    if delayed:
+        return delayed
     if round_due(store, config, parent, now=now, hooks=None) is not None:
         return []
     base = truths[parent.arm_id]

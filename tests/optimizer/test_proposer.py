@@ -541,3 +541,21 @@ def test_fewshot_proposals_go_through_the_same_gates(store: Store) -> None:
     assert c.source == "fewshot" and c.fewshot == "fixed" and len(c.fewshot_config["examples"]) == 2
     row = next(r for r in store.arms(EXP) if r.id == c.arm_id)
     assert row.fewshot == "fixed" and row.prompt_text == CHAMPION_TEXT
+
+
+def test_auto_start_fills_a_freed_slot_with_a_waiting_candidate_first(store: Store) -> None:
+    seed_store(store)
+    cfg = make_config(auto_start=True, max_live=1, candidates=2)
+    run_round(
+        store,
+        cfg,
+        ProposerHooks(FakeModel([GOOD + "\nRATIONALE: menu paths.", GOOD_2 + "\nRATIONALE: b."])),
+        now=NOW,
+    )
+    [live] = live_proposals(store, EXP)
+    store.record_arm_event(EXP, live, "retired", actor="optimizer", at=NOW)
+    model = FakeModel([GOOD])
+    result = run_round(store, cfg, ProposerHooks(model), now=NOW + timedelta(hours=1))
+    assert result.skipped == "started waiting candidates into free slots"
+    assert model.requests == []  # no new round while a passing candidate waited
+    assert sorted(c.status for c in candidates(store, EXP)) == ["started", "started"]
