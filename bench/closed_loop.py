@@ -31,7 +31,7 @@ import logging
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [(str(args.scenario), s, args.weeks, args.per_day) for s in range(args.seeds)]
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            rows = list(pool.map(_one, tasks))
+            futures = [pool.submit(_one, t) for t in tasks]
+            rows = []
+            for future in as_completed(futures):  # each seed's figures as soon as it is done
+                rows.append(future.result())
+                print(f"seed done: {json.dumps(rows[-1], default=str)}", flush=True)
+        rows.sort(key=lambda r: r["seed"])
     else:
         rows = [_one(t) for t in tasks]
 
