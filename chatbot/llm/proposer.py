@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from chatbot.llm.messages import build_messages, prompt_budget
 from chatbot.llm.streaming import stream_reply
@@ -26,11 +27,12 @@ from optimizer.proposer import Completion, CompletionFn, ProposerHooks
 __all__ = ["completion_fn", "local_idle", "make_hooks"]
 
 log = logging.getLogger("chatbot.proposer")
+T = TypeVar("T")
 
 
-def _run(coro: object) -> object:
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine from the optimizer's worker thread (it has no event loop)."""
-    return asyncio.run(coro)  # type: ignore[arg-type]
+    return asyncio.run(coro)
 
 
 def completion_fn(base: ModelConfig, *, timeout_s: float | None = None) -> CompletionFn:
@@ -59,15 +61,15 @@ def completion_fn(base: ModelConfig, *, timeout_s: float | None = None) -> Compl
         log.info(
             "proposer call to %s: %.0f ms, cost %s, error %s",
             model,
-            result.latency_ms,  # type: ignore[attr-defined]
-            result.cost,  # type: ignore[attr-defined]
-            result.error,  # type: ignore[attr-defined]
+            result.latency_ms,
+            result.cost,
+            result.error,
         )
         return Completion(
-            text="" if result.error else result.text,  # type: ignore[attr-defined]
-            latency_ms=float(result.latency_ms),  # type: ignore[attr-defined]
-            cost_usd=float(result.cost or 0.0),  # type: ignore[attr-defined]
-            error=result.error,  # type: ignore[attr-defined]
+            text="" if result.error else result.text,
+            latency_ms=float(result.latency_ms),
+            cost_usd=float(result.cost or 0.0),
+            error=result.error,
         )
 
     return complete
