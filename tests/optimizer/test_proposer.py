@@ -559,3 +559,40 @@ def test_auto_start_fills_a_freed_slot_with_a_waiting_candidate_first(store: Sto
     assert result.skipped == "started waiting candidates into free slots"
     assert model.requests == []  # no new round while a passing candidate waited
     assert sorted(c.status for c in candidates(store, EXP)) == ["started", "started"]
+
+
+class SlowModel(FakeModel):
+    """Replays of ``slow_for`` take 3 s for the first ``slow_calls`` replies, else 600 ms."""
+
+    def __init__(self, rewrites: Sequence[str], *, slow_for: str, slow_calls: int) -> None:
+        super().__init__(rewrites)
+        self.slow_for, self.slow_calls = slow_for, slow_calls
+
+    def __call__(self, messages: Sequence[dict[str, str]], **kw: Any) -> Completion:
+        reply = super().__call__(messages, **kw)
+        if messages[0]["role"] != "system":
+            return reply
+        if self.slow_for in messages[0]["content"] and self.slow_calls > 0:
+            self.slow_calls -= 1
+            return Completion(reply.text, 3000.0)
+        return Completion(reply.text, 600.0)
+
+
+def test_a_latency_failure_is_measured_again_interleaved(store: Store) -> None:
+    seed_store(store)
+    cfg = make_config(candidates=1)
+    transient = SlowModel([GOOD + "\nRATIONALE: menu paths."], slow_for="menu path", slow_calls=3)
+    run_round(store, cfg, ProposerHooks(transient), now=NOW)
+    [c] = candidates(store, EXP)
+    replay = next(g for g in c.gates if g["name"] == "replay")
+    assert c.status == "waiting" and replay["rechecked"] and replay["passed"]
+
+
+def test_a_slow_candidate_fails_the_recheck_too(store: Store) -> None:
+    seed_store(store)
+    cfg = make_config(candidates=1)
+    slow = SlowModel([GOOD + "\nRATIONALE: menu paths."], slow_for="menu path", slow_calls=99)
+    run_round(store, cfg, ProposerHooks(slow), now=NOW)
+    [c] = candidates(store, EXP)
+    assert c.status == "rejected" and c.reason is not None and "5.00x" in c.reason
+    assert next(g for g in c.gates if g["name"] == "replay")["rechecked"]
