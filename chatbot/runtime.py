@@ -24,12 +24,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from chatbot.langfuse.tracer import Tracer, get_tracer
+from optimizer.alerts import Alert, AlertDeliverer
 from optimizer.assignment import Assigner
 from optimizer.config import ArmConfig, Config, ModelConfig
 from optimizer.errors import ConfigError
 from optimizer.fewshot import ExampleSelector
 from optimizer.models import resolve as resolve_model
 from optimizer.prompt_library import PromptLibrary, Variant, arm_spec, load_prompts
+from optimizer.proposer import ProposerHooks
 from optimizer.store import OutcomeRecord, Store, TurnRecord, schema
 from optimizer.store.versions import successor
 
@@ -99,6 +101,10 @@ class Runtime:
     assigner: Assigner
     selector: ExampleSelector
     tracer: Tracer
+    #: Webhook alerts (``[[alerts]]``), delivered in the background; None without targets.
+    alerts: AlertDeliverer | None = None
+    #: The proposer's link to the model (``optimizer.proposer``); None with the proposer off.
+    proposer_hooks: ProposerHooks | None = None
     #: Seconds between re-reads of the store's arm versions on the chat path.
     arms_refresh_s: float = 5.0
     _stored: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -151,7 +157,41 @@ class Runtime:
                 )  # unknown example ids: ConfigError now, not mid-chat
         runtime.sync_experiment()
         register_providers()
+        runtime.connect_proposer_and_alerts()
         return runtime
+
+    def connect_proposer_and_alerts(self) -> None:
+        """Build the alert deliverer and the proposer hooks; alert on model restarts.
+
+        The hooks hand the optimizer job a completion function on this process's
+        model (:mod:`chatbot.llm.proposer`): with the local model, proposals and
+        replays wait until no chat reply is running or queued.
+        """
+        from chatbot.llm.proposer import make_hooks
+
+        config = self.config
+        if config.alerts:
+            self.alerts = AlertDeliverer(config.alerts, store=self.store)
+        if config.proposer.enabled:
+            self.proposer_hooks = make_hooks(config, knowledge=self.prompts.knowledge)
+        if self.alerts is not None and config.model.name.startswith("local/"):
+            from chatbot.llm import local
+
+            alerts, exp = self.alerts, config.experiment.id
+
+            def restarted(pid: int) -> None:
+                alerts.emit(
+                    Alert(
+                        "model_restart",
+                        f"Flywheel {exp}: the local model process was restarted (pid {pid}) "
+                        "after a crash or hang; the reply in progress failed",
+                        exp,
+                        None,
+                        {"pid": pid, "model": config.model.name},
+                    )
+                )
+
+            local.model_process().on_restart = restarted
 
     def sync_experiment(self) -> None:
         """Register the experiment and its arms (with prompt hashes) in the store.

@@ -23,6 +23,7 @@ from optimizer.errors import ConfigError
 
 __all__ = [
     "ActionConfig",
+    "AlertConfig",
     "ArmConfig",
     "AuthConfig",
     "Config",
@@ -37,6 +38,8 @@ __all__ = [
     "ModelConfig",
     "ModelPriceConfig",
     "PolicyConfig",
+    "ProposerConfig",
+    "ProposerJudgeConfig",
     "SecurityConfig",
     "UserConfig",
     "load_config",
@@ -471,6 +474,89 @@ class FineTuneConfig(_Section):
         return None if v is None else _check_api_base(v)
 
 
+AlertEvent = Literal[
+    "candidate_waiting",
+    "guardrail_pause",
+    "model_restart",
+    "promotion",
+    "srm",
+    "stop_rule",
+]
+_ALERT_EVENTS: tuple[AlertEvent, ...] = (
+    "candidate_waiting",
+    "guardrail_pause",
+    "model_restart",
+    "promotion",
+    "srm",
+    "stop_rule",
+)
+
+
+class AlertConfig(_Section):
+    """A webhook (``[[alerts]]``) and the events it receives (see ``optimizer.alerts``).
+
+    ``secret_env`` names the environment variable holding the HMAC key (the key
+    itself never sits in the file); unset: bodies are not signed.
+    """
+
+    url: str = Field(pattern=r"^https?://\S+$")
+    events: tuple[AlertEvent, ...] = _ALERT_EVENTS
+    secret_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    retries: int = Field(3, ge=0, le=10)
+    backoff_s: float = Field(1.0, ge=0, le=300)
+
+
+class ProposerJudgeConfig(_Section):
+    """An optional LLM-judge gate: the judge model answers ``question`` about the candidate
+    prompt with YES or NO; ``pass_on`` is the answer that lets it through."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    question: str = Field(min_length=5)
+    pass_on: Literal["yes", "no"] = "yes"
+
+
+class ProposerConfig(_Section):
+    """Challengers written from the feedback (``optimizer.proposer``).
+
+    A round runs in the optimizer job when the champion has at least
+    ``min_new_negative`` thumbs-down turns since the last round, fewer than
+    ``max_live`` proposed arms are live, and ``min_interval_hours`` passed.
+    ``model`` None: the chat model (``model.name``; the local model by default).
+    """
+
+    enabled: bool = True
+    model: str | None = None
+    auto_start: bool = False
+    max_live: int = Field(2, ge=0, le=20)
+    min_new_negative: int = Field(20, ge=1)
+    min_interval_hours: float = Field(24.0, ge=0)
+    candidates: int = Field(3, ge=1, le=10)
+    #: Thumbs-down and low-KPI turns shown to the proposer (cut to fit the context budget).
+    sample_turns: int = Field(12, ge=1, le=200)
+    #: Candidates closer than this (TF-IDF cosine) to an existing arm's prompt are dropped.
+    dedup_threshold: float = Field(0.92, gt=0, le=1)
+    min_prompt_chars: int = Field(40, ge=1)
+    max_prompt_chars: int = Field(4000, gt=0)
+    max_tokens: int = Field(400, gt=0, le=8192)
+    temperature: float = Field(0.9, ge=0, le=2)
+    #: A whole rewrite may take this long (a local model writes a few tokens a second).
+    timeout_s: float = Field(300.0, gt=0)
+    #: Prompt budget of the proposer model (None: ``model.context_tokens``).
+    context_tokens: int | None = Field(None, ge=256)
+    #: Held-out past user questions each candidate must answer before any traffic.
+    replay_questions: int = Field(6, ge=1, le=100)
+    #: A started proposal's trial (optimizer.proposer.trials): at most ``trial_cap`` of the
+    #: traffic until ``trial_sessions`` effective sessions; then the cap is lifted if
+    #: P(KPI above the champion's) >= ``keep_probability``, else it is retired. 1 = no trial.
+    trial_cap: float = Field(0.1, gt=0, le=1)
+    trial_sessions: int = Field(2000, ge=1)
+    keep_probability: float = Field(0.8, gt=0, lt=1)
+    #: Spending cap of a paid proposer and its judges, per UTC day (litellm's cost).
+    max_cost_usd_per_day: float = Field(1.0, ge=0)
+    judges: tuple[ProposerJudgeConfig, ...] = ()
+
+
 class Config(_Section):
     """The whole configuration. ``source`` is the file it came from (for messages)."""
 
@@ -488,6 +574,8 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     security: SecurityConfig = SecurityConfig()
     finetune: FineTuneConfig = FineTuneConfig()
+    proposer: ProposerConfig = ProposerConfig()
+    alerts: tuple[AlertConfig, ...] = ()
     source: str = "<defaults>"
 
     @model_validator(mode="after")

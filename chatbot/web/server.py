@@ -168,6 +168,8 @@ def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManag
                 with suppress(asyncio.CancelledError):
                     await task
             best_effort(runtime.tracer.shutdown)
+            if runtime.alerts is not None:
+                best_effort(runtime.alerts.close)
 
     return lifespan
 
@@ -210,6 +212,8 @@ def _optimize_once(runtime: Runtime) -> object:
     from chatbot.langfuse.scores import score_session_rewards
     from optimizer.refit import run_optimizer  # heavy (pandas, scipy): imported when it runs
 
-    result = run_optimizer(runtime.store, runtime.config)
+    result = run_optimizer(
+        runtime.store, runtime.config, alerts=runtime.alerts, proposer=runtime.proposer_hooks
+    )
     score_session_rewards(runtime.store, runtime.config, runtime.tracer)
     return result

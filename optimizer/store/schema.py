@@ -402,3 +402,43 @@ login_attempts = sa.Table(
     sa.Column("created_at", _TS, nullable=False),
     sa.Index("ix_login_attempts_subject", "scope", "subject", "created_at"),
 )
+
+# Challengers written from the feedback (optimizer.proposer): one row per proposal round
+# and one per candidate, kept whatever became of it (failed gates with their reason,
+# waiting for approval, started as an arm, declined by an operator).
+proposal_rounds = sa.Table(
+    "proposal_rounds",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("experiment_id", sa.String(100), nullable=False),
+    sa.Column("parent_arm_id", sa.String(200), nullable=False),
+    sa.Column("source", sa.String(20), nullable=False),  # proposer, fewshot, operator
+    sa.Column("model", sa.String(200), nullable=True),
+    sa.Column("cost_usd", sa.Float, nullable=False),
+    sa.Column("details", _JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Index("ix_proposal_rounds_exp", "experiment_id", "created_at"),
+)
+
+proposal_candidates = sa.Table(
+    "proposal_candidates",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("round_id", sa.String(40), nullable=False),
+    sa.Column("experiment_id", sa.String(100), nullable=False),
+    sa.Column("parent_arm_id", sa.String(200), nullable=False),
+    sa.Column("source", sa.String(20), nullable=False),
+    sa.Column("prompt_text", sa.Text, nullable=True),
+    sa.Column("fewshot", sa.String(20), nullable=False),
+    sa.Column("fewshot_config", _JSON, nullable=False),
+    sa.Column("rationale", sa.Text, nullable=False),
+    # rejected (a gate failed), duplicate, waiting (for approval), started, declined
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("gates", _JSON, nullable=False),
+    sa.Column("arm_id", sa.String(200), nullable=True),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("decided_at", _TS, nullable=True),
+    sa.Column("decided_by", sa.String(100), nullable=True),
+    sa.Index("ix_proposal_candidates_exp", "experiment_id", "status"),
+)

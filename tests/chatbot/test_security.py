@@ -514,6 +514,10 @@ def test_every_operator_action_needs_the_csrf_token(server: TestClient, store: S
             f"{PREFIX}/examples/ex-1/approve",
             f"{PREFIX}/examples/ex-1/reject",
         ],
+        f"{PREFIX}/candidates/{{candidate_id}}/{{decision}}": [
+            f"{PREFIX}/candidates/c-1/approve",
+            f"{PREFIX}/candidates/c-1/decline",
+        ],
     }
     assert _operator_posts(store) == set(targets), "a new operator action needs a CSRF test"
     operator_login(server)

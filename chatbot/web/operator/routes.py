@@ -431,6 +431,30 @@ async def example_review(request: Request, example_id: str, decision: str, ctx: 
     return ctx.back(request, session, f"{PREFIX}/examples", result.message)
 
 
+def candidates_page(request: Request, ctx: Ctx) -> Response:
+    session = ctx.operator_or_login(request)
+    if isinstance(session, Response):
+        return session
+    return ctx.page(request, session, "candidates.html", **actions.candidates_view(ctx.services))
+
+
+async def candidate_decision(
+    request: Request, candidate_id: str, decision: str, ctx: Ctx
+) -> Response:
+    checked = await ctx.checked_form(request)
+    if isinstance(checked, Response):
+        return checked
+    session, _ = checked
+    try:
+        result = await run_in_threadpool(
+            actions.decide_candidate, ctx.services, session.user or "", candidate_id, decision
+        )
+    except actions.ActionError as exc:
+        return ctx.refuse(request, exc.status, str(exc))
+    ctx.reports.clear()
+    return ctx.back(request, session, f"{PREFIX}/candidates", result.message)
+
+
 def ope(request: Request, ctx: Ctx) -> Response:
     session = ctx.operator_or_login(request)
     if isinstance(session, Response):
@@ -480,6 +504,8 @@ ROUTES: tuple[tuple[str, tuple[str, ...], Callable[..., Any]], ...] = (
     ("/ope", ("GET",), ope),
     ("/outcomes", ("GET",), outcomes),
     ("/outcomes/reattribute", ("POST",), reattribute),
+    ("/candidates", ("GET",), candidates_page),
+    ("/candidates/{candidate_id}/{decision}", ("POST",), candidate_decision),
 )
 
 
