@@ -201,7 +201,9 @@ def add_variant(
         {"k": arm.k, "reward_weighted": False} if fewshot == "retrieved" else {}
     )
     exp = services.config.experiment
-    if services.config.proposer.enabled:
+    if services.config.proposer.enabled and model is None and not model_params:
+        # A new prompt text goes through the proposer's gates; a known prompt on another
+        # model is a model change (allow-list checked above), added directly.
         return _gated_variant(services, actor, arm.id, text, arm.fewshot, settings)
     spec = ArmSpec(
         arm.id,
