@@ -255,10 +255,13 @@ def start_candidate(
     The arm id is ``<parent base>+p<first 8 of the candidate id>``, so that a
     candidate never becomes a new *version* of its parent (which would retire it).
     The candidate is marked first (only one caller wins a double click), then the
-    arm is created. ``arm_id`` (an operator's own variant) replaces the generated id.
+    arm is created. ``arm_id`` (an operator's own variant) replaces the generated id and
+    names its prompt too (as an arm added without the gates is named).
     """
     at = at or utcnow()
     parent_base = candidate.parent_arm_id.split("@v", 1)[0]
+    if arm_id is not None:  # an operator's own variant is its own prompt, named like its arm
+        prompt_id = arm_id
     arm_id = arm_id or f"{parent_base[:170]}+p{candidate.id[:8]}"
     origin = "operator" if candidate.source == "operator" else "optimizer"
     spec = ArmSpec(
