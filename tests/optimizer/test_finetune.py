@@ -369,25 +369,3 @@ def test_dpo_set_skips_text_less_turns(sqlite_store: Store, tmp_path: Path) -> N
     sqlite_store.record_feedback("e2-t0", "user-e2", 0)
     result = export_dataset(sqlite_store, cfg, "dpo", tmp_path, now=NOW)
     assert result.manifest["rows"] == 0 and result.manifest["counts"]["thumbs_up"] == 0
-
-
-def test_public_names_of_the_finetune_package() -> None:
-    import optimizer.finetune as ft
-
-    assert ft.__all__ == sorted(ft.__all__)
-    assert ft.__all__ == [
-        "FINAL_STATES",
-        "FineTuneProvider",
-        "JobRecord",
-        "JobState",
-        "TrainingSet",
-        "build_training_set",
-        "estimated_cost",
-        "jobs",
-        "poll_job",
-        "qualify_terms",
-        "qualifying_sessions",
-        "retrain_due",
-        "spent",
-        "start_job",
-    ]
