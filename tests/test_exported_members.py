@@ -37,6 +37,7 @@ import pytest
                 "OutcomeRecord",
                 "Store",
                 "TurnRecord",
+                "VoteRecord",
                 "is_postgres",
                 "make_engine",
                 "normalise_url",

@@ -1,4 +1,5 @@
-"""Group commit of chat turns: Store.record_turns and chatbot.runtime.TurnCommitter."""
+"""Group commit of chat turns and votes: Store.record_turns, Store.record_votes and
+chatbot.runtime.GroupCommitter."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from chatbot.runtime import TurnCommitter
+from chatbot.runtime import GroupCommitter
 from optimizer.clock import utcnow
-from optimizer.store import AssignmentRecord, Store, schema
+from optimizer.errors import OwnershipError
+from optimizer.store import AssignmentRecord, Store, VoteRecord, schema
 from tests.optimizer.test_store import turn
 
 
@@ -67,7 +69,7 @@ def test_a_batch_with_a_duplicate_stores_each_turn_once(store: Store) -> None:
 
 async def test_turns_finishing_together_share_few_commits(store: Store) -> None:
     _assign(store, "s1")
-    committer = TurnCommitter(store)
+    committer = GroupCommitter(store.record_turns)
     commits = _commits(store.engine)
     ids = [f"t{i:02d}" for i in range(50)]
     results = await asyncio.gather(*(committer.record(turn(i)) for i in ids))
@@ -82,7 +84,7 @@ async def test_a_failed_commit_is_raised_to_every_caller_and_the_next_one_works(
     store: Store,
 ) -> None:
     _assign(store, "s1")
-    committer = TurnCommitter(store)
+    committer = GroupCommitter(store.record_turns)
     with store.engine.begin() as conn:  # the table is gone: the transaction fails
         conn.execute(sa.text("ALTER TABLE turns RENAME TO turns_away"))
     results = await asyncio.gather(
@@ -97,4 +99,71 @@ async def test_a_failed_commit_is_raised_to_every_caller_and_the_next_one_works(
 
 def test_bad_batch_size_is_named(store: Store) -> None:
     with pytest.raises(ValueError, match="max_batch"):
-        TurnCommitter(store, max_batch=0)
+        GroupCommitter(store.record_turns, max_batch=0)
+
+
+def _votes(store: Store) -> dict[str, tuple[int | None, str | None]]:
+    f = schema.feedback
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(f.c.turn_id, f.c.value, f.c.comment)).all()
+    return {r.turn_id: (r.value, r.comment) for r in rows}
+
+
+def _vote_counts(store: Store) -> dict[str, tuple[int, int, int]]:
+    a = schema.assignments
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(a.c.session_id, a.c.rated, a.c.thumbs_up, a.c.thumbs_down)
+        ).all()
+    return {r.session_id: (r.rated, r.thumbs_up, r.thumbs_down) for r in rows}
+
+
+def test_record_votes_refuses_one_vote_without_holding_back_the_others(store: Store) -> None:
+    _assign(store, "s1")
+    _assign(store, "s2")
+    store.record_turns([turn("t1"), turn("t2"), turn("t3", session="s2")])
+    results = store.record_votes(
+        [
+            VoteRecord("t1", "u1", 1, "clear"),
+            VoteRecord("t2", "mallory", 0),  # not her turn
+            VoteRecord("t2", "u1", 0, "vague"),
+            VoteRecord("t3", "u1", 7),  # not a vote value
+            VoteRecord("missing", "u1", 1),
+            VoteRecord("t1", "u1", 0, "changed my mind"),  # later in the batch wins
+            VoteRecord("t3", "u1", 1),
+        ]
+    )
+    assert [type(r).__name__ if r else None for r in results] == [
+        None,
+        "OwnershipError",
+        None,
+        "ValueError",
+        "OwnershipError",
+        None,
+        None,
+    ]
+    assert _votes(store) == {"t1": (0, "changed my mind"), "t2": (0, "vague"), "t3": (1, None)}
+    assert _vote_counts(store) == {"s1": (2, 0, 2), "s2": (1, 1, 0)}
+    fe = schema.feedback_events
+    with store.engine.connect() as conn:
+        events = conn.execute(sa.select(sa.func.count()).select_from(fe)).scalar_one()
+    assert events == 4  # one event per accepted vote, none for the refused ones
+    assert store.record_votes([]) == []
+
+
+async def test_votes_arriving_together_share_few_commits_and_each_hears_its_own_answer(
+    store: Store,
+) -> None:
+    _assign(store, "s1")
+    ids = [f"t{i:02d}" for i in range(40)]
+    store.record_turns([turn(i) for i in ids])
+    committer: GroupCommitter[VoteRecord, Exception | None] = GroupCommitter(store.record_votes)
+    commits = _commits(store.engine)
+    votes = [VoteRecord(i, "u1", n % 2) for n, i in enumerate(ids)]
+    votes.append(VoteRecord("t00", "mallory", 1))
+    results = await asyncio.gather(*(committer.record(v) for v in votes), return_exceptions=True)
+    assert results[:40] == [None] * 40
+    assert isinstance(results[40], OwnershipError)
+    assert commits[0] < 40  # one transaction per batch, not per vote
+    assert _vote_counts(store) == {"s1": (40, 20, 20)}
+    assert _votes(store)["t00"] == (0, None)  # mallory's vote changed nothing
