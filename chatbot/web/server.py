@@ -213,7 +213,11 @@ def _optimize_once(runtime: Runtime) -> object:
     from optimizer.refit import run_optimizer  # heavy (pandas, scipy): imported when it runs
 
     result = run_optimizer(
-        runtime.store, runtime.config, alerts=runtime.alerts, proposer=runtime.proposer_hooks
+        runtime.store,
+        runtime.config,
+        alerts=runtime.alerts,
+        proposer=runtime.proposer_hooks,
+        finetune=runtime.finetune_hooks,
     )
     score_session_rewards(runtime.store, runtime.config, runtime.tracer)
     return result

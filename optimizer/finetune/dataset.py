@@ -10,6 +10,8 @@ their turns again, so even a session id passed by mistake cannot leak them.
 The rows are written by :func:`optimizer.export.export_dataset` (the same
 scrubber, the same formats as ``flywheel export``): the file uploaded is
 exactly that export, byte for byte, and the manifest records its SHA-256.
+``dpo`` sets are written as ``openai-dpo`` (OpenAI's preference fine-tuning
+rows, what a provider's DPO job accepts), from every thumbed pair.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ __all__ = ["TrainingSet", "build_training_set", "qualify_terms", "qualifying_ses
 
 #: Rough characters per token, for the cost estimate before a provider counts.
 CHARS_PER_TOKEN = 4.0
+
+#: The export format each training-set format is written in.
+EXPORT_FORMAT = {"openai-sft": "openai-sft", "dpo": "openai-dpo"}
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,12 @@ def build_training_set(
     qualifying = qualifying_sessions(store, config, now=now)
     ids = qualifying["session_id"].tolist()
     export = export_dataset(
-        store, config, fmt, out_dir, now=now, sessions=ids if fmt == "openai-sft" else None
+        store,
+        config,
+        EXPORT_FORMAT[fmt],
+        out_dir,
+        now=now,
+        sessions=ids if fmt == "openai-sft" else None,
     )
     data = export.path.read_bytes()
     sessions = len(ids) if fmt == "openai-sft" else export.manifest["counts"]["source_turns"]
