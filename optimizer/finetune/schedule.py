@@ -2,8 +2,10 @@
 
 The server's optimizer loop (:func:`optimizer.refit.run_optimizer`) is handed
 :class:`FineTuneHooks` (the provider, where datasets are kept) and calls
-:func:`finetune_step` once per run, under the run's lock, so two replicas never
-start two jobs. Each step:
+:func:`finetune_step` once per run. A step holds the job lock
+``finetune:<experiment>`` (:mod:`optimizer.locks`), so two replicas, or a
+replica and ``flywheel finetune tick``, never follow or start jobs at once. Each
+step:
 
 1. polls every job that is not final (a succeeded one becomes a challenger arm,
    its bill is recorded: :func:`optimizer.finetune.poll_job`);
@@ -29,6 +31,7 @@ from optimizer.config import Config
 from optimizer.errors import FineTuneError
 from optimizer.finetune.jobs import jobs, poll_job, retrain_due, start_job
 from optimizer.finetune.provider import FINAL_STATES, FineTuneProvider
+from optimizer.locks import job_lock
 from optimizer.store import Store
 
 __all__ = ["FineTuneHooks", "finetune_step"]
@@ -50,11 +53,22 @@ def finetune_step(
     """Poll the running jobs, start the next one when retraining is due; never raises.
 
     Returns what happened: ``polled`` (job id → status), ``due`` (the reason, or
-    None), ``started`` (the new job's id, or None) and ``error`` when a provider
-    or the cap refused (logged; the next run tries again).
+    None), ``started`` (the new job's id, or None), ``error`` when a provider
+    or the cap refused (logged; the next run tries again), ``skipped`` when
+    another process holds the lock.
     """
     now = as_utc(now) if now is not None else utcnow()
     out: dict[str, Any] = {"polled": {}, "due": None, "started": None}
+    with job_lock(store, f"finetune:{config.experiment.id}") as held:
+        if not held:
+            log.info("fine-tuning step skipped: another process holds its lock")
+            return {**out, "skipped": "another process is following the fine-tuning jobs"}
+        return _step(store, config, hooks, now, out)
+
+
+def _step(
+    store: Store, config: Config, hooks: FineTuneHooks, now: datetime, out: dict[str, Any]
+) -> dict[str, Any]:
     try:
         for job in jobs(store, config.experiment.id):
             if job.status not in FINAL_STATES and job.provider_job_id is not None:

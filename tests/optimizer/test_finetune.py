@@ -41,6 +41,7 @@ from optimizer.finetune import (
     spent,
     start_job,
 )
+from optimizer.locks import job_lock
 from optimizer.prompt_library import arm_spec, load_prompts
 from optimizer.refit import run_optimizer
 from optimizer.store import AssignmentRecord, OutcomeRecord, Store, TurnRecord, schema
@@ -535,6 +536,12 @@ def test_the_optimizer_job_follows_jobs_and_retrains_on_schedule(
     assert len(creations) == 2
     new_rows = server.files[jobs(store, "exp")[0].provider_file_id or ""].decode()
     assert "walrus" not in new_rows and len(new_rows.splitlines()) == 5  # s1, s2, s6, n0, n1
+    # another process (a replica, `flywheel finetune tick`) following the jobs: hands off
+    asked = len(server.requests)
+    with job_lock(store, "finetune:exp"):
+        skipped = optimize(NOW + timedelta(days=9, minutes=30))
+    assert "another process" in skipped["skipped"] and skipped["polled"] == {}
+    assert len(server.requests) == asked
     # at most one job at a time: while it runs the loop follows it and starts nothing
     step = optimize(NOW + timedelta(days=9, hours=1))
     assert step == {"polled": {second: "running"}, "due": None, "started": None}
