@@ -99,7 +99,8 @@ async def on_settings_update(settings: dict[str, Any]) -> None:
         return
     allowed = bool(settings[TRAINING_SETTING])
     message = await asyncio.to_thread(set_training, get_runtime(), user.identifier, allowed)
-    await cl.Message(content=message, author="Flywheel").send()
+    if message is not None:
+        await cl.Message(content=message, author="Flywheel").send()
 
 
 @cl.on_message

@@ -56,8 +56,14 @@ def training_allowed(runtime: Runtime, user_id: str) -> bool:
     return not consent.is_opted_out(runtime.store, user_id)
 
 
-def set_training(runtime: Runtime, user_id: str, allowed: bool) -> str:
-    """Record the user's choice (they are the actor); returns what to tell them."""
+def set_training(runtime: Runtime, user_id: str, allowed: bool) -> str | None:
+    """Record the user's choice (they are the actor); what to tell them, None if unchanged.
+
+    The chat's settings form sends every value on each confirm: an unchanged
+    choice writes nothing (no audit row, no message).
+    """
+    if training_allowed(runtime, user_id) == allowed:
+        return None
     withdrawn = consent.set_training_consent(runtime.store, user_id, allowed, actor=user_id)
     log.info("user %s %s training", user_id, "allowed" if allowed else "opted out of")
     if allowed:
@@ -102,7 +108,7 @@ async def put_privacy(
 ) -> dict[str, Any]:
     who = _signed_in(user, "change your privacy settings")
     message = await asyncio.to_thread(set_training, _layer().runtime, who, choice.training)
-    return {"user": who, "training": choice.training, "message": message}
+    return {"user": who, "training": choice.training, "message": message or "unchanged"}
 
 
 @privacy_router.delete("/project/thread")

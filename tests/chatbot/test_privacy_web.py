@@ -158,8 +158,70 @@ async def test_a_user_opts_out_of_training_and_back_in(
     assert _exported_questions(store, runtime, tmp_path) == {"alpaca question"}
 
     # the chat's settings switch takes the same path
-    assert "may now help" in set_training(runtime, "demo", True)
+    assert client.put("/privacy", json={"training": False}).json()["message"] == "unchanged"
+    assert "may now help" in (set_training(runtime, "demo", True) or "")
+    assert set_training(runtime, "demo", True) is None  # unchanged: nothing written
     assert training_allowed(runtime, "demo") is True
     assert client.get("/privacy").json()["training"] is True
     assert _exported_questions(store, runtime, tmp_path) == {"alpaca question", "bison question"}
     assert _status(store, mine) == "rejected"  # a withdrawn example does not come back
+
+
+async def test_the_chat_settings_switch_opts_out_over_chainlits_websocket(
+    tmp_path: Path,
+) -> None:
+    """A real ``flywheel serve``: the switch arrives at chat start, a change is recorded."""
+    import asyncio
+
+    import httpx
+
+    from tests.support.chainlit_client import ChatSession, login
+    from tests.support.flywheel_process import PASSWORD, ServerProcess, user_name, write_config
+
+    config = write_config(tmp_path / "flywheel.toml", users=1)
+    url = f"sqlite:///{tmp_path / 'flywheel.db'}"
+    server = ServerProcess("privacy", tmp_path / "home", config, url).start()
+    store = Store(url)
+    user = user_name(0)
+
+    def switch(chat: ChatSession) -> dict[str, object]:
+        sent = [d for n, d in chat.events if n == "chat_settings"]
+        return next(w for w in sent[-1] if w["id"] == "flywheel:training")
+
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            token = await login(http, user, PASSWORD)
+            chat = await ChatSession.open(server.url, token)
+            try:
+                await chat.wait_for_event("chat_settings")
+                assert switch(chat)["type"] == "switch" and switch(chat)["initial"] is True
+                await chat._sio.emit("chat_settings_change", {"flywheel:training": False})
+
+                def told() -> list[str]:
+                    return [
+                        str(d.get("output"))
+                        for n, d in chat.events
+                        if n == "new_message" and "will not be used to train" in d.get("output", "")
+                    ]
+
+                await chat._wait(lambda: bool(told()), 30, "the confirmation")
+                assert is_opted_out(store, user)
+                # confirming the form again with the same value writes nothing
+                await chat._sio.emit("chat_settings_change", {"flywheel:training": False})
+                await asyncio.sleep(1.0)
+                assert len(told()) == 1
+            finally:
+                await chat.close()
+            again = await ChatSession.open(server.url, token)
+            try:
+                await again.wait_for_event("chat_settings")
+                assert switch(again)["initial"] is False  # the stored choice comes back
+            finally:
+                await again.close()
+    finally:
+        server.stop()
+        store.dispose()
+    with store.engine.connect() as conn:
+        a = schema.audit_events
+        actions = conn.execute(sa.select(a.c.actor, a.c.action).where(a.c.target == user)).all()
+    assert [tuple(r) for r in actions] == [(user, "opt_out")]
