@@ -105,13 +105,23 @@ def build_training_set(
         "dataset_sha256": hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
         "sessions": int(sessions),
-        "qualify": {
-            "terms": qualify_terms(config),
-            "rule": "any term > 0, all their windows closed",
-        },
+        "qualify": (
+            {"terms": qualify_terms(config), "rule": "any term > 0, all their windows closed"}
+            if fmt == "openai-sft"
+            else {
+                "rule": "every thumbed-down turn with the thumbed-up turn whose message is "
+                "most similar (TF-IDF cosine >= fewshot.pair_similarity)",
+                "pair_similarity": config.fewshot.pair_similarity,
+            }
+        ),
+        # the qualifying sessions as of this set: where retraining counts new ones from
         "sessions_from": first.isoformat() if first is not None else None,
         "sessions_to": last.isoformat() if last is not None else None,
-        "session_ids_sha256": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
+        "session_ids_sha256": (
+            hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+            if fmt == "openai-sft"
+            else None
+        ),
         "excluded_sessions": len(store.excluded_sessions(config.experiment.id)),
     }
     tokens = int(len(data.decode("utf-8")) / CHARS_PER_TOKEN)

@@ -427,6 +427,9 @@ def test_dpo_job_uploads_openai_preference_rows_and_sends_the_dpo_method(
     uploaded = server.files[job.provider_file_id or ""]
     assert uploaded == (tmp_path / job.id / "dpo_openai.jsonl").read_bytes()
     assert hashlib.sha256(uploaded).hexdigest() == job.manifest["dataset_sha256"]
+    assert job.manifest["rows"] == job.manifest["sessions"] == 2
+    assert "thumbed-down" in job.manifest["qualify"]["rule"]
+    assert job.manifest["session_ids_sha256"] is None
     rows = [json.loads(line) for line in uploaded.decode().splitlines()]
     system = rows[0]["input"]["messages"][0]
     assert system["role"] == "system" and system["content"].startswith(
