@@ -41,9 +41,11 @@ from optimizer.finetune.provider import FINAL_STATES, FineTuneProvider
 from optimizer.store import ArmSpec, Store, schema
 
 __all__ = [
+    "STALE_START_S",
     "JobRecord",
     "actual_cost",
     "estimated_cost",
+    "fail_interrupted",
     "jobs",
     "poll_job",
     "retrain_due",
@@ -54,6 +56,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ACTOR = "finetune"
+
+#: A job still ``created`` (no provider job id) after this long was interrupted mid-start.
+STALE_START_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -275,6 +280,39 @@ def poll_job(
     else:
         _update(store, job_id, now, status="running")
     return _get(store, job_id)
+
+
+def fail_interrupted(
+    store: Store,
+    config: Config,
+    *,
+    now: datetime | None = None,
+    older_than_s: float = STALE_START_S,
+) -> list[str]:
+    """Mark failed the jobs whose start was interrupted; returns their ids.
+
+    A job stays ``created`` only between its row and the provider's answer; one
+    older than ``older_than_s`` lost its process (a crash, a restart) and would
+    otherwise block retraining for ever (:func:`retrain_due` waits while a job
+    runs). Its error says what to check at the provider.
+    """
+    now = as_utc(now) if now is not None else utcnow()
+    stale = [
+        j
+        for j in jobs(store, config.experiment.id)
+        if j.status == "created"
+        and j.provider_job_id is None
+        and (now - j.updated_at).total_seconds() >= older_than_s
+    ]
+    for j in stale:
+        error = "interrupted before the provider accepted the job" + (
+            f"; if the provider lists a job on file {j.provider_file_id}, cancel it there"
+            if j.provider_file_id
+            else ""
+        )
+        _update(store, j.id, now, status="failed", error=error)
+        log.warning("fine-tuning job %s: %s", j.id, error)
+    return [j.id for j in stale]
 
 
 def retrain_due(store: Store, config: Config, *, now: datetime | None = None) -> str | None:

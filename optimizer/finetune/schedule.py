@@ -7,9 +7,12 @@ The server's optimizer loop (:func:`optimizer.refit.run_optimizer`) is handed
 replica and ``flywheel finetune tick``, never follow or start jobs at once. Each
 step:
 
-1. polls every job that is not final (a succeeded one becomes a challenger arm,
+1. marks failed a job whose start was interrupted (still ``created`` after
+   ``STALE_START_S``: :func:`optimizer.finetune.jobs.fail_interrupted`), which
+   would otherwise block retraining for ever;
+2. polls every job that is not final (a succeeded one becomes a challenger arm,
    its bill is recorded: :func:`optimizer.finetune.poll_job`);
-2. starts the next job when :func:`optimizer.finetune.retrain_due` says so
+3. starts the next job when :func:`optimizer.finetune.retrain_due` says so
    (``retrain_interval_days`` or ``retrain_after_sessions``) — never while one
    runs, so at most one job at a time, and within the spending cap.
 
@@ -29,7 +32,7 @@ from typing import Any
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
 from optimizer.errors import FineTuneError
-from optimizer.finetune.jobs import jobs, poll_job, retrain_due, start_job
+from optimizer.finetune.jobs import fail_interrupted, jobs, poll_job, retrain_due, start_job
 from optimizer.finetune.provider import FINAL_STATES, FineTuneProvider
 from optimizer.locks import job_lock
 from optimizer.store import Store
@@ -54,7 +57,8 @@ def finetune_step(
 
     Returns what happened: ``polled`` (job id → status), ``due`` (the reason, or
     None), ``started`` (the new job's id, or None), ``error`` when a provider
-    or the cap refused (logged; the next run tries again), ``skipped`` when
+    or the cap refused (logged; the next run tries again), ``interrupted`` (the
+    ids of jobs whose start was interrupted, now failed), ``skipped`` when
     another process holds the lock.
     """
     now = as_utc(now) if now is not None else utcnow()
@@ -70,6 +74,8 @@ def _step(
     store: Store, config: Config, hooks: FineTuneHooks, now: datetime, out: dict[str, Any]
 ) -> dict[str, Any]:
     try:
+        if interrupted := fail_interrupted(store, config, now=now):
+            out["interrupted"] = interrupted
         for job in jobs(store, config.experiment.id):
             if job.status not in FINAL_STATES and job.provider_job_id is not None:
                 out["polled"][job.id] = poll_job(

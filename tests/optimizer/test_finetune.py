@@ -34,6 +34,8 @@ from optimizer.config import (
 from optimizer.errors import FineTuneError
 from optimizer.finetune import (
     FineTuneHooks,
+    JobState,
+    finetune_step,
     jobs,
     poll_job,
     qualifying_sessions,
@@ -629,3 +631,39 @@ async def test_the_servers_optimizer_loop_follows_the_job_to_its_arm(
     assert done.id == job.id and done.status == "succeeded"
     assert sqlite_store.arm_statuses("exp")[job.id] == "active"
     runtime.close()
+
+
+class _CrashingProvider:
+    """A process that dies mid-upload (the provider never answers)."""
+
+    name = "openai"
+    formats = frozenset({"openai-sft"})
+
+    def upload(self, path: Path) -> str:
+        raise KeyboardInterrupt
+
+    def create_job(self, **kwargs: Any) -> str:
+        raise AssertionError("never reached")
+
+    def retrieve(self, job_id: str) -> JobState:
+        raise AssertionError("never reached")
+
+
+def test_a_start_interrupted_by_a_crash_does_not_block_retraining_for_ever(
+    sqlite_store: Store, server: Recorder, tmp_path: Path
+) -> None:
+    store = sqlite_store
+    cfg = _config(server.base, retrain_interval_days=1)
+    _seed(store, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        start_job(store, cfg, _CrashingProvider(), tmp_path, now=NOW)
+    stuck = jobs(store, "exp")[0]
+    assert stuck.status == "created"
+    hooks = FineTuneHooks(LiteLLMFineTuneProvider("openai", api_base=server.base), tmp_path)
+    later = NOW + timedelta(days=2)  # retraining would be due, but a job "runs"
+    assert retrain_due(store, cfg, now=later) is None
+    assert "interrupted" not in finetune_step(store, cfg, hooks, now=NOW + timedelta(minutes=30))
+    step = finetune_step(store, cfg, hooks, now=later)
+    assert step["interrupted"] == [stuck.id] and step["started"] is not None
+    failed = {j.id: j for j in jobs(store, "exp")}[stuck.id]
+    assert failed.status == "failed" and "interrupted" in (failed.error or "")
