@@ -31,6 +31,7 @@ from optimizer.clock import utcnow
 from optimizer.config import ArmConfig, Config, ModelConfig
 from optimizer.errors import ConfigError
 from optimizer.fewshot import ExampleSelector
+from optimizer.finetune import FineTuneHooks
 from optimizer.models import resolve as resolve_model
 from optimizer.prompt_library import PromptLibrary, Variant, arm_spec, load_prompts
 from optimizer.proposer import ProposerHooks
@@ -110,6 +111,8 @@ class Runtime:
     alerts: AlertDeliverer | None = None
     #: The proposer's link to the model (``optimizer.proposer``); None with the proposer off.
     proposer_hooks: ProposerHooks | None = None
+    #: Fine-tuning for the optimizer job: follow jobs, retrain on schedule (``[finetune]``).
+    finetune_hooks: FineTuneHooks | None = None
     #: Seconds between re-reads of the store's arm versions on the chat path.
     arms_refresh_s: float = 5.0
     _stored: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -173,9 +176,11 @@ class Runtime:
         model (:mod:`chatbot.llm.proposer`): with the local model, proposals and
         replays wait until no chat reply is running or queued.
         """
+        from chatbot.llm import finetune
         from chatbot.llm.proposer import make_hooks
 
         config = self.config
+        self.finetune_hooks = finetune.make_hooks(config)
         if config.alerts:
             self.alerts = AlertDeliverer(config.alerts, store=self.store)
         if config.proposer.enabled:

@@ -38,7 +38,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -55,6 +55,9 @@ from optimizer.policy import make_policy
 from optimizer.proposer.hooks import ProposerHooks
 from optimizer.store import ACTIVE_STATUSES, Store, schema
 from optimizer.store.schema import ARM_STATUS_BY_EVENT
+
+if TYPE_CHECKING:
+    from optimizer.finetune import FineTuneHooks
 
 __all__ = ["OptimizerRun", "run_optimizer"]
 
@@ -82,6 +85,8 @@ class OptimizerRun:
     fewshot: dict[str, Any] = field(default_factory=dict)
     #: The proposal round (optimizer.proposer), empty when none ran.
     proposals: dict[str, Any] = field(default_factory=dict)
+    #: The fine-tuning step (optimizer.finetune.finetune_step), empty without hooks.
+    finetune: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (for ``flywheel optimize --json``)."""
@@ -101,6 +106,7 @@ class OptimizerRun:
             "srm": self.srm,
             "fewshot": self.fewshot,
             "proposals": self.proposals,
+            "finetune": self.finetune,
         }
 
 
@@ -114,6 +120,7 @@ def run_optimizer(
     fewshot: bool = True,
     alerts: AlertDeliverer | None = None,
     proposer: ProposerHooks | None = None,
+    finetune: FineTuneHooks | None = None,
 ) -> OptimizerRun | None:
     """Fit the policy on the events up to ``now`` and write a snapshot.
 
@@ -121,7 +128,9 @@ def run_optimizer(
     one starts), stop recommendations (when new) and promotions, delivered in the
     background (:mod:`optimizer.alerts`). ``proposer`` (optional) carries the
     completion function that lets the run write challengers from the feedback
-    (:mod:`optimizer.proposer`); without it no proposal round runs.
+    (:mod:`optimizer.proposer`); without it no proposal round runs. ``finetune``
+    (optional) lets the run follow fine-tuning jobs and retrain on schedule
+    (:func:`optimizer.finetune.finetune_step`).
 
     With ``fewshot`` the run then turns the flywheel (:func:`fewshot_step`):
     mines good turns into the example bank, demotes examples that drag the KPI
@@ -164,6 +173,10 @@ def run_optimizer(
                     **proposal_step(store, config, proposer, now=now, alerts=alerts),
                 },
             )
+        if finetune is not None:
+            from optimizer.finetune import finetune_step  # export's sklearn: only when hooked
+
+            run = replace(run, finetune=finetune_step(store, config, finetune, now=now))
         return run
 
 
