@@ -4,7 +4,6 @@ chatbot.runtime.GroupCommitter."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -14,6 +13,7 @@ from optimizer.clock import utcnow
 from optimizer.errors import OwnershipError
 from optimizer.store import AssignmentRecord, Store, VoteRecord, schema
 from tests.optimizer.test_store import turn
+from tests.support.chat_helpers import commit_counter
 
 
 def _assign(store: Store, session: str) -> None:
@@ -32,16 +32,6 @@ def _session_counts(store: Store) -> dict[str, tuple[int, int]]:
 def _stored_turns(store: Store) -> list[str]:
     with store.engine.connect() as conn:
         return sorted(conn.execute(sa.select(schema.turns.c.id)).scalars())
-
-
-def _commits(engine: sa.Engine) -> list[int]:
-    count = [0]
-
-    @sa.event.listens_for(engine, "commit")
-    def on_commit(_conn: Any) -> None:
-        count[0] += 1
-
-    return count
 
 
 def test_record_turns_stores_a_batch_and_keeps_the_session_counts(store: Store) -> None:
@@ -70,7 +60,7 @@ def test_a_batch_with_a_duplicate_stores_each_turn_once(store: Store) -> None:
 async def test_turns_finishing_together_share_few_commits(store: Store) -> None:
     _assign(store, "s1")
     committer = GroupCommitter(store.record_turns)
-    commits = _commits(store.engine)
+    commits = commit_counter(store.engine)
     ids = [f"t{i:02d}" for i in range(50)]
     results = await asyncio.gather(*(committer.record(turn(i)) for i in ids))
     assert results == [True] * 50
@@ -158,7 +148,7 @@ async def test_votes_arriving_together_share_few_commits_and_each_hears_its_own_
     ids = [f"t{i:02d}" for i in range(40)]
     store.record_turns([turn(i) for i in ids])
     committer: GroupCommitter[VoteRecord, Exception | None] = GroupCommitter(store.record_votes)
-    commits = _commits(store.engine)
+    commits = commit_counter(store.engine)
     votes = [VoteRecord(i, "u1", n % 2) for n, i in enumerate(ids)]
     votes.append(VoteRecord("t00", "mallory", 1))
     results = await asyncio.gather(*(committer.record(v) for v in votes), return_exceptions=True)

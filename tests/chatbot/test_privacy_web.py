@@ -9,12 +9,10 @@ user's conversation.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import sqlalchemy as sa
 from chainlit import data as chainlit_data
 from chainlit.user import User
@@ -23,31 +21,12 @@ from fastapi.testclient import TestClient
 from chatbot.runtime import Runtime
 from chatbot.web.datalayer import FlywheelDataLayer
 from chatbot.web.privacy import set_training, training_allowed
-from chatbot.web.server import create_app
 from optimizer.consent import is_opted_out
 from optimizer.export import export_dataset
 from optimizer.fewshot.bank import ExampleBank
 from optimizer.store import AssignmentRecord, Store, TurnRecord, schema
-from tests.support.chat_helpers import make_runtime
 
 START = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def runtime(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
-    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
-    monkeypatch.setenv("CHAINLIT_AUTH_SECRET", "test-secret-" + "x" * 32)
-    monkeypatch.setenv("FLYWHEEL_API_KEY", "k")
-    # Chainlit caches its data layer per process; each test app has its own store.
-    monkeypatch.setattr(chainlit_data, "_data_layer", None)
-    monkeypatch.setattr(chainlit_data, "_data_layer_initialized", False)
-    yield make_runtime(store)
-
-
-@pytest.fixture
-def client(runtime: Runtime) -> Iterator[TestClient]:
-    with TestClient(create_app(runtime=runtime)) as c:
-        yield c
 
 
 def _login(client: TestClient) -> None:
