@@ -22,7 +22,7 @@ from chatbot.llm.messages import build_messages, prompt_budget
 from chatbot.llm.streaming import stream_reply
 from optimizer.config import Config, ModelConfig
 from optimizer.prompt_library import Variant
-from optimizer.proposer import Completion, CompletionFn, ProposerHooks
+from optimizer.proposer import Completion, CompletionFn, ProposerHooks, ProposerTrace
 
 __all__ = ["completion_fn", "local_idle", "make_hooks"]
 
@@ -87,8 +87,12 @@ def make_hooks(
     *,
     knowledge: str = "",
     idle: Callable[[], bool] | None = None,
+    trace: ProposerTrace | None = None,
 ) -> ProposerHooks:
-    """Hooks for ``config``: the proposer model (``proposer.model`` or the chat model)."""
+    """Hooks for ``config``: the proposer model (``proposer.model`` or the chat model).
+
+    ``trace``: where rounds are traced (the runtime passes its Langfuse tracer's).
+    """
     complete = completion_fn(config.model, timeout_s=config.proposer.timeout_s)
     chat = completion_fn(config.model)
     uses_local = (config.proposer.model or config.model.name).startswith("local/") or (
@@ -109,4 +113,4 @@ def make_hooks(
             temperature=config.model.temperature,
         )
 
-    return ProposerHooks(complete=complete, idle=idle, reply=reply)
+    return ProposerHooks(complete=complete, idle=idle, reply=reply, trace=trace)

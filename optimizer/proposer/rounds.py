@@ -45,6 +45,7 @@ from optimizer.proposer.sample import (
     read_prompt_file,
     replay_set,
 )
+from optimizer.proposer.tracing import RoundTrace
 from optimizer.store import ACTIVE_STATUSES, Store
 
 __all__ = [
@@ -211,14 +212,23 @@ def round_due(
 
 
 class _Budget:
-    """Spending of one round against the day's cap; every call goes through :meth:`call`."""
+    """Spending of one round against the day's cap; every call goes through :meth:`call`
+    (or :meth:`reply`), and each is traced on the round's :class:`RoundTrace`."""
 
-    def __init__(self, store: Store, config: Config, hooks: ProposerHooks, now: datetime) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        hooks: ProposerHooks,
+        now: datetime,
+        trace: RoundTrace | None = None,
+    ) -> None:
         self.cap = config.proposer.max_cost_usd_per_day
         self.before = records.spent_today(store, now)
         self.spent = 0.0
         self.hooks = hooks
         self.calls = 0
+        self.trace = trace
 
     def exhausted(self) -> bool:
         return bool(self.cap) and self.before + self.spent >= self.cap
@@ -236,24 +246,44 @@ class _Budget:
             return Completion("", 0.0, 0.0, "spending cap reached (proposer.max_cost_usd_per_day)")
         if not _wait_idle(self.hooks):
             return Completion("", 0.0, 0.0, "the model stayed busy with chat turns")
+        started = utcnow()
         result = self.hooks.complete(
             messages, model=model, max_tokens=max_tokens, temperature=temperature
         )
         self.calls += 1
         self.spent += float(result.cost_usd or 0.0)
-        if self.hooks.trace is not None:
-            try:
-                self.hooks.trace(
-                    f"proposer.{label}",
-                    {
-                        "model": model,
-                        "latency_ms": result.latency_ms,
-                        "cost_usd": result.cost_usd,
-                        "error": result.error,
-                    },
-                )
-            except Exception:  # tracing never breaks a round
-                log.warning("proposer: tracing %s failed", label, exc_info=True)
+        if self.trace is not None:
+            self.trace.generation(
+                label,
+                messages,
+                result,
+                model=model,
+                started_at=started,
+                metadata={"max_tokens": max_tokens, "temperature": temperature},
+            )
+        return result
+
+    def reply(self, system_prompt: str, question: str, *, model: str) -> Completion:
+        """One replay through the chat's own path (``hooks.reply``), counted and traced."""
+        assert self.hooks.reply is not None
+        if not _wait_idle(self.hooks):
+            return Completion("", 0.0, 0.0, "the model stayed busy with chat turns")
+        started = utcnow()
+        result = self.hooks.reply(system_prompt, question)
+        self.calls += 1
+        self.spent += float(result.cost_usd or 0.0)
+        if self.trace is not None:
+            self.trace.generation(
+                "replay",
+                [
+                    {"role": "system", "content": system_prompt},
+                    {"role": "user", "content": question},
+                ],
+                result,
+                model=model,
+                started_at=started,
+                metadata={"served_as_chat": True},
+            )
         return result
 
 
@@ -319,9 +349,51 @@ def run_round(
     )
     folder = _proposer_dir(config)
     template = read_prompt_file(folder / _REWRITE_FILE)
+    trace = RoundTrace(
+        hooks.trace,
+        scrubber,
+        experiment_id=exp,
+        parent_arm_id=parent.arm_id,
+        source="proposer",
+        model=model,
+    )
+    budget = _Budget(store, config, hooks, now, trace)
+    result: RoundResult | None = None
+    try:
+        result = _propose_and_gate(
+            store, config, hooks, budget, parent, failures, folder, template, now, alerts
+        )
+        return result
+    finally:  # the trace ends even when the round fails (its calls are already sent)
+        trace.close(
+            output=result.as_dict() if result is not None else {"error": "the round failed"},
+            passed=(
+                sum(c.get("status") in ("waiting", "started") for c in result.candidates)
+                if result is not None
+                else None
+            ),
+        )
+
+
+def _propose_and_gate(
+    store: Store,
+    config: Config,
+    hooks: ProposerHooks,
+    budget: _Budget,
+    parent: Parent,
+    failures: Sequence[Any],
+    folder: Path,
+    template: str,
+    now: datetime,
+    alerts: Any | None,
+) -> RoundResult:
+    """Steps 2 to 4 of a round (see the module docstring), traced on ``budget.trace``."""
+    pc = config.proposer
+    exp = config.experiment.id
+    model = pc.model or config.model.name
+    scrubber = budget.trace.scrubber if budget.trace is not None else _scrubber(config, parent)
     context = pc.context_tokens or config.model.context_tokens
     budget_tokens = context - pc.max_tokens - 16
-    budget = _Budget(store, config, hooks, now)
     untrusted = [t for f in failures for t in (f.user_message, f.comment or "") if t]
     replay_qs = replay_set(
         store,
@@ -375,6 +447,7 @@ def run_round(
             "replay_questions": len(replay_qs),
             "calls": budget.calls,
             "requested": pc.candidates,
+            "trace_id": budget.trace.trace_id if budget.trace is not None else None,
         },
         at=now,
     )
@@ -397,6 +470,15 @@ def run_round(
                 at=now,
             )
             out.append({"id": cid, "status": "rejected", "reason": info["error"]})
+            if budget.trace is not None:
+                budget.trace.candidate(
+                    cid,
+                    status="rejected",
+                    reason=f"the proposer model failed: {info['error']}",
+                    gates=[],
+                    rationale="",
+                    arm_id=None,
+                )
             continue
         candidate = gate_candidate(
             store,
@@ -455,10 +537,7 @@ def _replay(
     for q in questions:
         messages = [{"role": "system", "content": text}, {"role": "user", "content": q}]
         if budget.hooks.reply is not None:
-            if not _wait_idle(budget.hooks):
-                out.append(Completion("", 0.0, 0.0, "the model stayed busy with chat turns"))
-                continue
-            out.append(budget.hooks.reply(text, q))
+            out.append(budget.reply(text, q, model=model or config.model.name))
             continue
         out.append(
             budget.call(
@@ -668,6 +747,7 @@ def gate_candidate(
     assert candidate is not None
     if status != "waiting":
         log.info("proposer: candidate %s %s (%s)", cid, status, reason)
+        _trace_candidate(budget, candidate)
         return candidate
     wants_start = pc.auto_start if start is None else start
     can_start = failed is None and (
@@ -701,7 +781,20 @@ def gate_candidate(
         )
     updated = records.get_candidate(store, cid)
     assert updated is not None
+    _trace_candidate(budget, updated)
     return updated
+
+
+def _trace_candidate(budget: _Budget | None, candidate: records.Candidate) -> None:
+    if budget is not None and budget.trace is not None:
+        budget.trace.candidate(
+            candidate.id,
+            status=candidate.status,
+            reason=candidate.reason,
+            gates=candidate.gates,
+            rationale=candidate.rationale,
+            arm_id=candidate.arm_id,
+        )
 
 
 def submit_candidate(
@@ -732,7 +825,15 @@ def submit_candidate(
     if parent is None:
         raise ValueError("no champion to propose against: the experiment has no arms")
     scrubber = _scrubber(config, parent)
-    budget = _Budget(store, config, hooks, now) if hooks is not None else None
+    trace = RoundTrace(
+        hooks.trace if hooks is not None else None,
+        scrubber,
+        experiment_id=config.experiment.id,
+        parent_arm_id=parent.arm_id,
+        source=source,
+        model=parent.model or config.model.name,
+    )
+    budget = _Budget(store, config, hooks, now, trace) if hooks is not None else None
     folder = _proposer_dir(config)
     replay_qs = replay_set(
         store,
@@ -750,31 +851,43 @@ def submit_candidate(
         source=source,
         model=None,
         cost_usd=0.0,
-        details={"replay_questions": len(replay_qs)},
+        details={"replay_questions": len(replay_qs), "trace_id": trace.trace_id},
         at=now,
     )
-    candidate = gate_candidate(
-        store,
-        config,
-        budget,
-        parent=parent,
-        round_id=round_id,
-        source=source,
-        prompt_text=prompt_text,
-        rationale=rationale,
-        fewshot=fewshot if fewshot is not None else parent.fewshot,
-        fewshot_config=fewshot_config if fewshot_config is not None else parent.fewshot_config,
-        untrusted=untrusted,
-        replay_qs=replay_qs,
-        parent_latency=parent_latency,
-        scrubber=scrubber,
-        now=now,
-        alerts=alerts,
-        start=start,
-        arm_id=arm_id,
-    )
-    if budget is not None and budget.spent:
-        records.add_round_cost(store, round_id, budget.spent)
+    candidate: records.Candidate | None = None
+    try:
+        candidate = gate_candidate(
+            store,
+            config,
+            budget,
+            parent=parent,
+            round_id=round_id,
+            source=source,
+            prompt_text=prompt_text,
+            rationale=rationale,
+            fewshot=fewshot if fewshot is not None else parent.fewshot,
+            fewshot_config=fewshot_config if fewshot_config is not None else parent.fewshot_config,
+            untrusted=untrusted,
+            replay_qs=replay_qs,
+            parent_latency=parent_latency,
+            scrubber=scrubber,
+            now=now,
+            alerts=alerts,
+            start=start,
+            arm_id=arm_id,
+        )
+    finally:
+        if budget is not None and budget.spent:
+            records.add_round_cost(store, round_id, budget.spent)
+        trace.close(
+            output={
+                "round_id": round_id,
+                "source": source,
+                "candidate": candidate.id if candidate is not None else None,
+                "status": candidate.status if candidate is not None else "failed",
+            },
+            passed=None if candidate is None else int(candidate.status in ("waiting", "started")),
+        )
     return candidate
 
 
