@@ -547,14 +547,28 @@ class ProposerConfig(_Section):
     #: Held-out past user questions each candidate must answer before any traffic.
     replay_questions: int = Field(6, ge=1, le=100)
     #: A started proposal's trial (optimizer.proposer.trials): at most ``trial_cap`` of the
-    #: traffic until ``trial_sessions`` effective sessions; then the cap is lifted if
-    #: P(KPI above the champion's) >= ``keep_probability``, else it is retired. 1 = no trial.
+    #: traffic until ``trial_sessions`` effective sessions or ``trial_days`` days (0: no
+    #: deadline); then the cap is lifted if P(KPI above the champion's) >=
+    #: ``keep_probability``, else it is retired. Earlier, from ``trial_min_sessions`` on, a
+    #: proposal with P(above) < ``stop_probability`` is retired at once. 1 = no trial.
     trial_cap: float = Field(0.1, gt=0, le=1)
     trial_sessions: int = Field(2000, ge=1)
     keep_probability: float = Field(0.8, gt=0, lt=1)
+    trial_days: float = Field(14.0, ge=0)
+    trial_min_sessions: int = Field(300, ge=1)
+    stop_probability: float = Field(0.1, ge=0, lt=1)
     #: Spending cap of a paid proposer and its judges, per UTC day (litellm's cost).
     max_cost_usd_per_day: float = Field(1.0, ge=0)
     judges: tuple[ProposerJudgeConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _trial_thresholds(self) -> ProposerConfig:
+        if self.stop_probability >= self.keep_probability:
+            raise ValueError(
+                f"proposer.stop_probability ({self.stop_probability:g}) must be below "
+                f"proposer.keep_probability ({self.keep_probability:g})"
+            )
+        return self
 
 
 class Config(_Section):

@@ -1,13 +1,26 @@
 """A proposed arm's trial: a capped share until it shows it beats its champion.
 
 A started proposal gets at most ``proposer.trial_cap`` of the traffic (an
-optimizer ``cap_set`` event, the mechanism an operator's cap uses). Once it has
-``proposer.trial_sessions`` effective sessions, the trial ends: with
-P(KPI above the champion's) >= ``proposer.keep_probability`` the cap is lifted
-and Thompson sampling and the stop rule take it from there; otherwise it is
-retired, freeing its ``max_live`` slot. So the traffic a worse proposal can take
-is bounded: about ``max_live × trial_cap`` of all sessions, times the share of
-proposals that are worse (``bench/closed_loop.py`` measures it).
+optimizer ``cap_set`` event, the mechanism an operator's cap uses). The trial
+ends at the first of:
+
+* **futility** — once it has ``proposer.trial_min_sessions`` effective sessions,
+  P(KPI above the champion's) < ``proposer.stop_probability``: retired at once;
+* **enough data** — ``proposer.trial_sessions`` effective sessions;
+* **the deadline** — ``proposer.trial_days`` since it started.
+
+At the last two, P(above) >= ``proposer.keep_probability`` lifts the cap
+(Thompson sampling and the stop rule take it from there); anything less retires
+it, freeing its ``max_live`` slot.
+
+Why the futility stop and the deadline: Thompson sampling gives a proposal that
+looks worse *less* traffic than its cap, so a trial that ends on sessions alone
+lasts longest for the worst proposals — a −15% proposal in the closed-loop bench
+was still in its trial after three weeks, holding 2.5% of all traffic. With
+them, what a worse proposal can take is bounded by ``trial_cap × trial_days``
+of the traffic, and a clearly worse one stops after ``trial_min_sessions``
+(``bench/closed_loop.py`` measures the share of sessions served by proposals
+worse than their parent).
 
 P(above) is a normal approximation from the policy summary's KPI means and 95%
 intervals, the same numbers the dashboard shows.
@@ -18,12 +31,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from scipy.special import ndtr
 
+from optimizer.clock import as_utc
 from optimizer.config import Config
 from optimizer.proposer.rounds import live_proposals
 from optimizer.store import Store, schema
@@ -54,15 +68,20 @@ def probability_above(arm: Mapping[str, Any], champion: Mapping[str, Any]) -> fl
     return float(ndtr((m_a - m_c) / scale))
 
 
-def _caps(store: Store, experiment_id: str) -> dict[str, float]:
+def _caps(store: Store, experiment_id: str) -> dict[str, tuple[float, datetime]]:
+    """Each capped arm's current cap and when its first cap was set (its trial's start)."""
     ev = schema.arm_events
     with store.engine.connect() as conn:
         rows = conn.execute(
-            sa.select(ev.c.arm_id, ev.c.evidence)
+            sa.select(ev.c.arm_id, ev.c.evidence, ev.c.created_at)
             .where(ev.c.experiment_id == experiment_id, ev.c.kind == "cap_set")
             .order_by(ev.c.id)
         ).all()
-    return {r.arm_id: float((r.evidence or {}).get("cap", 1.0)) for r in rows}
+    out: dict[str, tuple[float, datetime]] = {}
+    for r in rows:
+        started = out[r.arm_id][1] if r.arm_id in out else as_utc(r.created_at)
+        out[r.arm_id] = (float((r.evidence or {}).get("cap", 1.0)), started)
+    return out
 
 
 def manage_trials(
@@ -84,21 +103,30 @@ def manage_trials(
     if champion not in arms:
         return out
     caps = _caps(store, exp)
+    now = as_utc(now)
     for arm in live_proposals(store, exp):
         s = arms.get(arm)
-        if s is None or caps.get(arm, 1.0) >= 1.0:
+        cap, started = caps.get(arm, (1.0, now))
+        if s is None or cap >= 1.0:
             continue  # no data yet, or graduated already
-        if float(s.get("effective_sessions") or 0) < pc.trial_sessions:
-            continue
+        n = float(s.get("effective_sessions") or 0)
         p = probability_above(s, arms[champion])
+        futile = n >= pc.trial_min_sessions and p is not None and p < pc.stop_probability
+        due = n >= pc.trial_sessions or (
+            pc.trial_days > 0 and now - started >= timedelta(days=pc.trial_days)
+        )
+        if not (futile or due):
+            continue
         evidence = {
             "probability_above_champion": p,
             "champion": champion,
             "effective_sessions": s.get("effective_sessions"),
             "trial_sessions": pc.trial_sessions,
             "keep_probability": pc.keep_probability,
+            "ended": "futility" if futile else "sessions" if n >= pc.trial_sessions else "deadline",
+            "trial_days": round((now - started).total_seconds() / 86400, 2),
         }
-        if p is not None and p >= pc.keep_probability:
+        if not futile and p is not None and p >= pc.keep_probability:
             store.record_arm_event(
                 exp, arm, "cap_set", actor=actor, evidence={"cap": 1.0, **evidence}, at=now
             )
