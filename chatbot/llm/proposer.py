@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from chatbot.llm.messages import build_messages, prompt_budget
 from chatbot.llm.streaming import stream_reply
 from optimizer.config import Config, ModelConfig
-from optimizer.prompt_library import Variant
+from optimizer.prompt_library import Example, Variant
 from optimizer.proposer import Completion, CompletionFn, ProposerHooks, ProposerTrace
 
 __all__ = [
@@ -196,10 +196,10 @@ def make_hooks(
         config.model, preempt=local_chat_waiting if chat_local else None, idle=idle
     )
 
-    def reply(system_prompt: str, question: str) -> Completion:
+    def reply(system_prompt: str, question: str, examples: Sequence[Example] = ()) -> Completion:
         variant = Variant("candidate", "", system_prompt, "", "")
         messages, _ = build_messages(
-            variant, knowledge, [], [], question, budget_tokens=prompt_budget(config.model)
+            variant, knowledge, examples, [], question, budget_tokens=prompt_budget(config.model)
         )
         return chat(
             messages,

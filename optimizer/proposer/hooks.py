@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
+from optimizer.prompt_library import Example
+
 __all__ = ["Completion", "CompletionFn", "ProposerHooks", "ProposerTrace", "always_idle"]
 
 
@@ -125,10 +127,11 @@ class ProposerHooks:
     #: Receives each round's own LLM calls, candidates and verdicts (e.g. Langfuse);
     #: a failure there is logged and ignored.
     trace: ProposerTrace | None = field(default=None)
-    #: ``reply(system_prompt, question)``: one reply as the chat serves it (knowledge
-    #: appended, the chat model and its settings), for the replay gate. None: ``complete``
-    #: with the prompt as the system message on ``model.name``.
-    reply: Callable[[str, str], Completion] | None = None
+    #: ``reply(system_prompt, question, examples)``: one reply as the chat serves it
+    #: (knowledge appended, the arm's few-shot examples as user/assistant turns, the chat
+    #: model and its settings), for the replay gate. None: ``complete`` with the prompt as
+    #: the system message, then the examples, on ``model.name``.
+    reply: Callable[[str, str, Sequence[Example]], Completion] | None = None
 
     def tokens(self, text: str) -> int:
         """Tokens of ``text`` for the context budget."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -36,6 +36,7 @@ from optimizer.champion import champion_row
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
 from optimizer.privacy import Scrubber, public_allowlist
+from optimizer.prompt_library import Example
 from optimizer.proposer import gates, records
 from optimizer.proposer.hooks import Completion, ProposerHooks
 from optimizer.proposer.rewrite import fill_to_budget, parse_rewrite
@@ -229,6 +230,7 @@ class _Budget:
         self.hooks = hooks
         self.calls = 0
         self.trace = trace
+        self.store = store
 
     def exhausted(self) -> bool:
         return bool(self.cap) and self.before + self.spent >= self.cap
@@ -263,26 +265,25 @@ class _Budget:
             )
         return result
 
-    def reply(self, system_prompt: str, question: str, *, model: str) -> Completion:
+    def reply(
+        self, system_prompt: str, question: str, examples: Sequence[Example], *, model: str
+    ) -> Completion:
         """One replay through the chat's own path (``hooks.reply``), counted and traced."""
         assert self.hooks.reply is not None
         if not _wait_idle(self.hooks):
             return Completion("", 0.0, 0.0, "the model stayed busy with chat turns")
         started = utcnow()
-        result = self.hooks.reply(system_prompt, question)
+        result = self.hooks.reply(system_prompt, question, examples)
         self.calls += 1
         self.spent += float(result.cost_usd or 0.0)
         if self.trace is not None:
             self.trace.generation(
                 "replay",
-                [
-                    {"role": "system", "content": system_prompt},
-                    {"role": "user", "content": question},
-                ],
+                _replay_messages(system_prompt, question, examples),
                 result,
                 model=model,
                 started_at=started,
-                metadata={"served_as_chat": True},
+                metadata={"served_as_chat": True, "fewshot_ids": [e.id for e in examples]},
             )
         return result
 
@@ -521,7 +522,8 @@ def _propose_and_gate(
 def _parent_latency(
     budget: _Budget, config: Config, parent: Parent, questions: Sequence[str]
 ) -> float | None:
-    replies = _replay(budget, config, parent.prompt_text, questions, parent.model)
+    shots = _shots(budget, config, parent.fewshot, parent.fewshot_config)
+    replies = _replay(budget, config, parent.prompt_text, questions, parent.model, shots)
     ok = [r.latency_ms for r in replies if not r.error]
     if not ok:
         return None
@@ -530,14 +532,69 @@ def _parent_latency(
     return float(np.percentile(ok, 95))
 
 
+#: Few-shot examples an arm serves for a question (its strategy, as the chat selects them).
+_Shots = Callable[[str], Sequence[Example]]
+
+
+def _no_shots(question: str) -> Sequence[Example]:
+    return ()
+
+
+def _shots(budget: _Budget, config: Config, fewshot: str, fewshot_config: dict[str, Any]) -> _Shots:
+    """The examples a replay sends with the prompt: the arm's few-shot strategy, selected
+    per question as the chat does (:class:`~optimizer.fewshot.selection.ExampleSelector`
+    on the prompt library and the store's bank), so a few-shot candidate is replayed as
+    it would be served."""
+    if fewshot == "none":
+        return _no_shots
+    from optimizer.config import ArmConfig
+    from optimizer.fewshot.selection import ExampleSelector
+    from optimizer.prompt_library import load_prompts
+
+    cfg = dict(fewshot_config)
+    arm = ArmConfig.model_validate(
+        {
+            "id": "candidate",
+            "prompt": "candidate",
+            "fewshot": fewshot,
+            **({"examples": cfg["examples"]} if "examples" in cfg else {}),
+            **{k: cfg[k] for k in ("k", "reward_weighted") if k in cfg},
+        }
+    )
+    selector = ExampleSelector(load_prompts(config.prompts_dir), budget.store)
+    return lambda question: selector.select(arm, question)
+
+
+def _replay_messages(text: str, question: str, examples: Sequence[Example]) -> list[dict[str, str]]:
+    pairs = [
+        m
+        for e in examples
+        for m in (
+            {"role": "user", "content": e.user},
+            {"role": "assistant", "content": e.assistant},
+        )
+    ]
+    return [{"role": "system", "content": text}, *pairs, {"role": "user", "content": question}]
+
+
 def _replay(
-    budget: _Budget, config: Config, text: str, questions: Sequence[str], model: str | None
+    budget: _Budget,
+    config: Config,
+    text: str,
+    questions: Sequence[str],
+    model: str | None,
+    shots: _Shots = _no_shots,
 ) -> list[Completion]:
     out = []
     for q in questions:
-        messages = [{"role": "system", "content": text}, {"role": "user", "content": q}]
+        try:
+            examples = list(shots(q))
+        except Exception as exc:  # unknown example ids, no prompts folder: say so, not serve less
+            out.append(Completion("", 0.0, 0.0, f"its few-shot examples cannot be built: {exc}"))
+            continue
+        messages = _replay_messages(text, q, examples)
         if budget.hooks.reply is not None:
-            out.append(budget.reply(text, q, model=model or config.model.name))
+            out.append(budget.reply(text, q, examples, model=model or config.model.name))
             continue
         out.append(
             budget.call(
@@ -552,7 +609,12 @@ def _replay(
 
 
 def _latency_recheck(
-    budget: _Budget, config: Config, parent: Parent, text: str, questions: Sequence[str]
+    budget: _Budget,
+    config: Config,
+    parent: Parent,
+    text: str,
+    questions: Sequence[str],
+    shots: _Shots = _no_shots,
 ) -> gates.GateResult:
     """Measure parent and candidate again, interleaved question by question, and judge that.
 
@@ -564,13 +626,14 @@ def _latency_recheck(
 
     mine: list[Completion] = []
     theirs: list[float] = []
+    parent_shots = _shots(budget, config, parent.fewshot, parent.fewshot_config)
     for q in questions:
         theirs += [
             r.latency_ms
-            for r in _replay(budget, config, parent.prompt_text, [q], parent.model)
+            for r in _replay(budget, config, parent.prompt_text, [q], parent.model, parent_shots)
             if not r.error
         ]
-        mine += _replay(budget, config, text, [q], parent.model)
+        mine += _replay(budget, config, text, [q], parent.model, shots)
     parent_p95 = float(np.percentile(theirs, 95)) if theirs else None
     result = gates.replay_gate(mine, parent_p95, max_latency_ratio=_latency_ratio(config))
     return gates.GateResult(
@@ -713,12 +776,13 @@ def gate_candidate(
                 gates.GateResult("replay", False, "not run: no model handed in", {"skipped": True})
             )
         else:
-            replies = _replay(budget, config, text, replay_qs, parent.model)
+            shots = _shots(budget, config, fewshot, fewshot_config)
+            replies = _replay(budget, config, text, replay_qs, parent.model, shots)
             replay = gates.replay_gate(
                 replies, parent_latency, max_latency_ratio=_latency_ratio(config)
             )
             if not replay.passed and "latency" in replay.detail:
-                replay = _latency_recheck(budget, config, parent, text, replay_qs)
+                replay = _latency_recheck(budget, config, parent, text, replay_qs, shots)
             results.append(replay)
             if results[-1].passed:
                 results.extend(_judge(budget, config, text))

@@ -543,6 +543,78 @@ def test_fewshot_proposals_go_through_the_same_gates(store: Store) -> None:
     assert row.fewshot == "fixed" and row.prompt_text == CHAMPION_TEXT
 
 
+def test_a_fewshot_candidate_is_replayed_with_its_examples(store: Store) -> None:
+    """The replay sends what the arm would serve: the prompt, then its examples, then the
+    question — through ``complete`` and through the chat's own ``reply`` hook alike."""
+    from optimizer.fewshot import ExampleBank
+
+    seed_store(store)
+    bank = ExampleBank(store)
+    banked = bank.add(
+        "Can I export my boards?",
+        "Yes: Settings > Data > Export, as CSV.",
+        source="mined",
+        status="approved",
+    )
+    model = FakeModel([])
+    candidate = submit_candidate(
+        store,
+        make_config(),
+        ProposerHooks(model),
+        prompt_text=CHAMPION_TEXT,
+        rationale="fixed examples",
+        source="fewshot",
+        fewshot="fixed",
+        fewshot_config={"examples": ["trial", banked]},
+    )
+    assert candidate.status == "waiting", candidate.reason
+    replays = [r for r in model.requests if r[0]["role"] == "system"]
+    parents = [r for r in replays if len(r) == 2]  # the champion serves no examples
+    shots = [r for r in replays if len(r) > 2]
+    assert len(parents) == len(shots) == 3
+    for request in shots:
+        assert [m["role"] for m in request] == ["system", *["user", "assistant"] * 2, "user"]
+        assert request[1]["content"] == "Can I try the Team plan before paying?"  # the seed
+        assert request[3:5] == [
+            {"role": "user", "content": "Can I export my boards?"},
+            {"role": "assistant", "content": "Yes: Settings > Data > Export, as CSV."},
+        ]
+
+    served: list[tuple[str, str, list[str]]] = []
+
+    def reply(system_prompt: str, question: str, examples: Sequence[Any]) -> Completion:
+        served.append((system_prompt, question, [e.id for e in examples]))
+        return Completion("Sure.", 40.0)
+
+    submit_candidate(
+        store,
+        make_config(),
+        ProposerHooks(FakeModel([]), reply=reply),
+        prompt_text=GOOD,
+        rationale="fixed examples on a new text",
+        source="fewshot",
+        fewshot="fixed",
+        fewshot_config={"examples": ["refund"]},
+    )
+    assert {tuple(ids) for _, _, ids in served} == {(), ("refund",)}
+
+
+def test_a_fewshot_candidate_with_unknown_examples_fails_its_replay(store: Store) -> None:
+    seed_store(store)
+    candidate = submit_candidate(
+        store,
+        make_config(),
+        ProposerHooks(FakeModel([])),
+        prompt_text=CHAMPION_TEXT,
+        rationale="fixed examples",
+        source="fewshot",
+        fewshot="fixed",
+        fewshot_config={"examples": ["no-such-example"]},
+    )
+    assert candidate.status == "rejected"
+    assert candidate.reason is not None and "few-shot examples cannot be built" in candidate.reason
+
+
 def test_auto_start_fills_a_freed_slot_with_a_waiting_candidate_first(store: Store) -> None:
     seed_store(store)
     cfg = make_config(auto_start=True, max_live=1, candidates=2)
