@@ -13,7 +13,7 @@ import pytest
 
 from optimizer.config import ProposerConfig
 from optimizer.proposer import records
-from optimizer.proposer.trials import manage_trials
+from optimizer.proposer.trials import TRIAL_CAP_FLOOR, manage_trials, trial_cap_for
 from optimizer.store import ArmSpec, Store, schema
 from tests.optimizer.test_proposer import EXP, GOOD, make_config
 
@@ -87,7 +87,10 @@ def test_a_clearly_worse_proposal_stops_early(store: Store) -> None:
     assert manage_trials(store, CFG, worse, now=T0 + timedelta(days=3)) == {
         "graduated": [],
         "retired": [],
-    }  # under trial_min_sessions: too early to call
+        "capped": [arm],
+    }  # under trial_min_sessions: too early to call, but its cap drops to the floor
+    kind, evidence = last_event(store, arm)
+    assert kind == "cap_set" and evidence["cap"] == pytest.approx(0.05 * TRIAL_CAP_FLOOR)
     worse["arms"][arm]["effective_sessions"] = 320
     out = manage_trials(store, CFG, worse, now=T0 + timedelta(days=4))
     assert out["retired"] == [arm]
@@ -125,7 +128,29 @@ def test_a_good_proposal_graduates_at_the_deadline_or_on_sessions(store: Store) 
     assert manage_trials(store, CFG, bad, now=T0 + timedelta(days=30)) == {
         "graduated": [],
         "retired": [],
+        "capped": [],
     }
+
+
+def test_a_running_trials_cap_follows_the_evidence(store: Store) -> None:
+    arm = started_proposal(store)
+    even = summary(arm, n=200, mean=0.04, half_width=0.012)  # P(above) 0.5: full cap kept
+    assert manage_trials(store, CFG, even, now=T0 + timedelta(days=1))["capped"] == []
+    leaning = summary(arm, n=500, mean=0.036, half_width=0.01)  # P(above) ~ 0.22
+    assert manage_trials(store, CFG, leaning, now=T0 + timedelta(days=2))["capped"] == [arm]
+    kind, evidence = last_event(store, arm)
+    assert kind == "cap_set" and evidence["trial"] == "running"
+    p = evidence["probability_above_champion"]
+    assert evidence["cap"] == pytest.approx(trial_cap_for(p, 0.05)) and evidence["cap"] < 0.03
+    # a small move is not recorded (no event per run) ...
+    assert manage_trials(store, CFG, leaning, now=T0 + timedelta(days=2, hours=6))["capped"] == []
+    # ... and recovering evidence gives the cap back; the deadline still counts from the start
+    better = summary(arm, n=900, mean=0.043, half_width=0.008)
+    assert manage_trials(store, CFG, better, now=T0 + timedelta(days=5))["capped"] == [arm]
+    assert last_event(store, arm)[1]["cap"] == 0.05
+    assert manage_trials(store, CFG, better, now=T0 + timedelta(days=14, hours=1))["retired"] == [
+        arm
+    ]  # P(above) ~ 0.73 < keep_probability 0.8 at the deadline
 
 
 def test_stop_probability_must_be_below_keep_probability() -> None:
