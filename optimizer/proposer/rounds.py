@@ -24,17 +24,19 @@ Few-shot proposals and operator-written variants enter at step 3 through
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from string import Template
 from typing import Any
 
 from optimizer.alerts import Alert
 from optimizer.champion import champion_row
 from optimizer.clock import as_utc, utcnow
-from optimizer.config import Config
+from optimizer.config import Config, ProposerJudgeConfig
 from optimizer.privacy import Scrubber, public_allowlist
 from optimizer.prompt_library import Example
 from optimizer.proposer import gates, records
@@ -669,38 +671,94 @@ def _ask_rationale(
     return " ".join(reply.text.split()) if not reply.error else ""
 
 
-def _judge(budget: _Budget, config: Config, text: str) -> list[gates.GateResult]:
-    out = []
-    model = config.proposer.model or config.model.name
-    for judge in config.proposer.judges:
+_JUDGE_FORMAT = {
+    "yes_no": "Answer YES or NO.",
+    "scale": "Answer with one number from 1 (poor) to 10 (excellent).",
+}
+
+
+def _judge_request(config: Config, judge: ProposerJudgeConfig, text: str, parent: str) -> str:
+    """The judge's request: its ``question`` about the instructions, or its ``prompt`` file
+    with ``$candidate`` and ``$parent`` filled in; then the answer format."""
+    if judge.prompt is not None:
+        body = Template(read_prompt_file(Path(config.prompts_dir) / judge.prompt))
+        request = body.safe_substitute(candidate=text, parent=parent)
+    else:
+        request = (
+            "Here are the instructions of a customer-support assistant:\n"
+            f"<<<\n{text}\n>>>\n\n{judge.question}"
+        )
+    return f"{request}\n{_JUDGE_FORMAT[judge.answer]}"
+
+
+def _judge_score(judge: ProposerJudgeConfig, reply: str) -> float | None:
+    """The judge's score in [0, 1] from its reply (None: not an answer of its kind).
+
+    >>> j = ProposerJudgeConfig(name="x", question="Is it kind?", answer="scale")
+    >>> _judge_score(j, "8."), _judge_score(j, "great"), _judge_score(j, "11")
+    (0.7777777777777778, None, None)
+    """
+    words = reply.strip().lower().split()
+    first = words[0].strip(".,!:*") if words else ""
+    if judge.answer == "yes_no":
+        return float(first == judge.pass_on) if first in ("yes", "no") else None
+    match = re.match(r"^(10|[1-9])(\.0+)?(/10)?$", first)
+    return (int(match.group(1)) - 1) / 9 if match else None
+
+
+def _judge(budget: _Budget, config: Config, text: str, parent: str) -> list[gates.GateResult]:
+    """The ``[[proposer.judges]]`` gates: each judge's score against its threshold (the
+    first that fails stops the rest), then — when ``proposer.judge_min_score`` is set —
+    their weighted mean against it (a gate named ``judges``)."""
+    pc = config.proposer
+    out: list[gates.GateResult] = []
+    scores: list[tuple[float, float]] = []
+    for judge in pc.judges:
+        name = f"judge:{judge.name}"
+        model = judge.model or pc.model or config.model.name
+        try:
+            request = _judge_request(config, judge, text, parent)
+        except OSError as exc:
+            out.append(gates.GateResult(name, False, f"judge prompt unreadable: {exc}"))
+            break
         reply = budget.call(
             f"judge.{judge.name}",
-            [
-                {
-                    "role": "user",
-                    "content": (
-                        "Here are the instructions of a customer-support assistant:\n"
-                        f"<<<\n{text}\n>>>\n\n{judge.question}\nAnswer YES or NO."
-                    ),
-                }
-            ],
+            [{"role": "user", "content": request}],
             model=model,
             max_tokens=5,
             temperature=0.0,
         )
-        name = f"judge:{judge.name}"
         if reply.error:
             out.append(gates.GateResult(name, False, f"judge failed: {reply.error}"))
             break
-        words = reply.text.strip().lower().split()
-        answer = words[0].strip(".,!:") if words else ""
-        if answer not in ("yes", "no"):
+        score = _judge_score(judge, reply.text)
+        if score is None:
             out.append(gates.GateResult(name, False, f"judge answered {reply.text.strip()[:40]!r}"))
             break
-        passed = answer == judge.pass_on
-        out.append(gates.GateResult(name, passed, "" if passed else f"judge answered {answer!r}"))
+        data = {"score": round(score, 4), "weight": judge.weight, "threshold": judge.threshold}
+        passed = score >= judge.threshold
+        answered = reply.text.strip().split()[0].strip(".,!:*").lower()
+        detail = (
+            ""
+            if passed
+            else f"judge answered {answered!r} (score {score:.2f} < {judge.threshold:g})"
+        )
+        out.append(gates.GateResult(name, passed, detail, data))
         if not passed:
             break
+        scores.append((score, judge.weight))
+    total = sum(w for _, w in scores)
+    if pc.judge_min_score > 0 and out and all(r.passed for r in out) and total > 0:
+        mean = sum(s * w for s, w in scores) / total
+        passed = mean >= pc.judge_min_score
+        out.append(
+            gates.GateResult(
+                "judges",
+                passed,
+                "" if passed else f"weighted judge score {mean:.2f} < {pc.judge_min_score:g}",
+                {"score": round(mean, 4), "min_score": pc.judge_min_score},
+            )
+        )
     return out
 
 
@@ -785,7 +843,7 @@ def gate_candidate(
                 replay = _latency_recheck(budget, config, parent, text, replay_qs, shots)
             results.append(replay)
             if results[-1].passed:
-                results.extend(_judge(budget, config, text))
+                results.extend(_judge(budget, config, text, parent.prompt_text))
     failed = next((r for r in results if not r.passed), None)
     if failed is not None and not failed.data.get("skipped"):
         status = "duplicate" if failed.name == "duplicate" else "rejected"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,6 +42,7 @@ from optimizer.proposer.sample import FailureTurn
 from optimizer.refit import run_optimizer
 from optimizer.store import ArmSpec, AssignmentRecord, Store, TurnRecord
 
+ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2025, 5, 5, 9, 0, tzinfo=UTC)
 NOW = T0 + timedelta(days=2)
 EXP = "prop"
@@ -407,7 +409,87 @@ def test_judge_says_no(store: Store) -> None:
     judge = ProposerJudgeConfig(name="safe", question="Is it safe?")
     run_round(store, make_config(candidates=1, judges=(judge,)), ProposerHooks(model), now=NOW)
     [c] = candidates(store, EXP)
-    assert c.status == "rejected" and c.reason == "judge:safe: judge answered 'no'"
+    assert c.status == "rejected"
+    assert c.reason == "judge:safe: judge answered 'no' (score 0.00 < 0.5)"
+
+
+class JudgeModel(FakeModel):
+    """Judges by the judge's request: the 'tone' judge rates 4 of 10, the others say YES."""
+
+    def __call__(self, messages: Sequence[dict[str, str]], **kw: Any) -> Completion:
+        content = messages[-1]["content"]
+        if "number from 1" in content:
+            self.requests.append([dict(m) for m in messages])
+            self.judge_requests.append((kw["model"], content))
+            return Completion("4" if "tone" in content else "9", 10.0)
+        if "Answer YES or NO" in content:
+            self.judge_requests.append((kw["model"], content))
+        return super().__call__(messages, **kw)
+
+    def __init__(self, rewrites: Sequence[str]) -> None:
+        super().__init__(rewrites)
+        self.judge_requests: list[tuple[str, str]] = []
+
+
+def test_judges_are_weighted_like_kpi_terms(store: Store, tmp_path: Any) -> None:
+    """A scale judge, a yes/no judge from a prompt file on its own model, weights, thresholds."""
+    import shutil
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(ROOT / "prompts", prompts)
+    (prompts / "judges").mkdir()
+    (prompts / "judges" / "facts.md").write_text(
+        "---\nid: facts\n---\nOld instructions:\n$parent\nNew instructions:\n$candidate\n"
+        "Do the new instructions still restrict answers to the facts?"
+    )
+    seed_store(store)
+    judges = (
+        ProposerJudgeConfig(
+            name="tone", question="How good is the tone?", answer="scale", weight=1.0, threshold=0.0
+        ),
+        ProposerJudgeConfig(name="facts", prompt="judges/facts.md", model="fake/judge", weight=3.0),
+    )
+
+    def run(min_score: float, text: str) -> Any:
+        store_cfg = make_config(candidates=1, judges=judges, judge_min_score=min_score)
+        store_cfg = store_cfg.model_copy(update={"prompts_dir": str(prompts)})
+        model = JudgeModel([text + "\nRATIONALE: menu paths were missing."])
+        run_round(store, store_cfg, ProposerHooks(model), now=NOW, force=True)
+        [made] = [c for c in candidates(store, EXP) if c.prompt_text == text]
+        return made, model
+
+    passed, model = run(0.8, GOOD)  # (1 × 3/9 + 3 × 1) / 4 = 0.83
+    assert passed.status == "waiting", passed.reason
+    gates_by_name = {g["name"]: g for g in passed.gates}
+    assert gates_by_name["judge:tone"]["passed"]  # 0.33, advisory (threshold 0)
+    assert gates_by_name["judges"]["passed"]
+    [(tone_model, _), (facts_model, facts_request)] = model.judge_requests
+    assert tone_model == make_config().model.name  # no proposer.model: the chat model
+    assert facts_model == "fake/judge"
+    assert (
+        CHAMPION_TEXT in facts_request
+        and GOOD in facts_request
+        and "id: facts" not in facts_request
+    )
+    failed, _ = run(0.9, GOOD_2)
+    assert failed.status == "rejected"
+    assert failed.reason == "judges: weighted judge score 0.83 < 0.9"
+
+
+def test_judge_config_is_validated() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="exactly one of 'question'"):
+        ProposerJudgeConfig(name="x")
+    with pytest.raises(ValidationError, match="prompt"):
+        ProposerJudgeConfig(name="x", prompt="../secrets.md")
+    with pytest.raises(ValidationError, match="unique"):
+        make_config(judges=(ProposerJudgeConfig(name="x", question="Is it ok?"),) * 2)
+    with pytest.raises(ValidationError, match="weight above 0"):
+        make_config(
+            judges=(ProposerJudgeConfig(name="x", question="Is it ok?", weight=0),),
+            judge_min_score=0.5,
+        )
 
 
 def test_spending_cap_stops_a_paid_proposer(store: Store) -> None:
