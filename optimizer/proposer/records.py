@@ -111,9 +111,10 @@ def record_round(
     cost_usd: float,
     details: Mapping[str, Any],
     at: datetime,
+    round_id: str | None = None,
 ) -> str:
-    """Write a round; returns its id."""
-    round_id = uuid.uuid4().hex
+    """Write a round; returns its id (``round_id``, or a new one)."""
+    round_id = round_id or uuid.uuid4().hex
     with store.engine.begin() as conn:
         conn.execute(
             schema.proposal_rounds.insert().values(

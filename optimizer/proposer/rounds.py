@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -359,6 +360,7 @@ def run_round(
         parent_arm_id=parent.arm_id,
         source="proposer",
         model=model,
+        key=uuid.uuid4().hex,  # the round's id too: later trial outcomes find its trace
     )
     budget = _Budget(store, config, hooks, now, trace)
     result: RoundResult | None = None
@@ -440,6 +442,7 @@ def _propose_and_gate(
         store,
         exp,
         parent.arm_id,
+        round_id=budget.trace.key if budget.trace is not None else None,
         source="proposer",
         model=model,
         cost_usd=budget.spent,
@@ -954,6 +957,7 @@ def submit_candidate(
         parent_arm_id=parent.arm_id,
         source=source,
         model=parent.model or config.model.name,
+        key=uuid.uuid4().hex,
     )
     budget = _Budget(store, config, hooks, now, trace) if hooks is not None else None
     folder = _proposer_dir(config)
@@ -970,6 +974,7 @@ def submit_candidate(
         store,
         config.experiment.id,
         parent.arm_id,
+        round_id=trace.key,
         source=source,
         model=None,
         cost_usd=0.0,

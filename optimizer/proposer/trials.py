@@ -48,6 +48,8 @@ from scipy.special import ndtr
 
 from optimizer.clock import as_utc
 from optimizer.config import Config
+from optimizer.proposer import records
+from optimizer.proposer.hooks import ProposerTrace
 from optimizer.proposer.rounds import live_proposals
 from optimizer.store import Store, schema
 
@@ -119,9 +121,14 @@ def manage_trials(
     *,
     now: datetime,
     actor: str = "optimizer",
+    trace: ProposerTrace | None = None,
 ) -> dict[str, list[str]]:
     """End the trials that are due, move the caps of the others; returns the arms
-    ``graduated``, ``retired`` and ``capped`` (a new cap)."""
+    ``graduated``, ``retired`` and ``capped`` (a new cap).
+
+    ``trace``: each ended trial is scored on its round's trace (``proposer_trial_kept``,
+    BOOLEAN, with why it ended), next to the candidate's own verdict.
+    """
     pc = config.proposer
     exp = config.experiment.id
     out: dict[str, list[str]] = {"graduated": [], "retired": [], "capped": []}
@@ -176,11 +183,43 @@ def manage_trials(
                 exp, arm, "cap_set", actor=actor, evidence={"cap": 1.0, **evidence}, at=now
             )
             out["graduated"].append(arm)
+            _score_trial(store, exp, arm, True, evidence, trace)
             log.info("proposer: %r passed its trial (P(above champion) %.2f)", arm, p)
         else:
             store.record_arm_event(
                 exp, arm, "retired", actor=actor, evidence={"trial": "ended", **evidence}, at=now
             )
             out["retired"].append(arm)
+            _score_trial(store, exp, arm, False, evidence, trace)
             log.info("proposer: retired %r at the end of its trial (P(above) %s)", arm, p)
     return out
+
+
+def _score_trial(
+    store: Store,
+    experiment_id: str,
+    arm: str,
+    kept: bool,
+    evidence: Mapping[str, Any],
+    trace: ProposerTrace | None,
+) -> None:
+    """The trial's outcome as a score on the trace of the round that proposed the arm."""
+    if trace is None:
+        return
+    try:
+        started = records.candidates(store, experiment_id, status="started")
+        candidate = next((c for c in started if c.arm_id == arm), None)
+        if candidate is None:
+            return
+        p = evidence.get("probability_above_champion")
+        trace.score(
+            candidate.round_id,
+            "proposer_trial_kept",
+            1.0 if kept else 0.0,
+            data_type="BOOLEAN",
+            comment=f"{arm}: trial ended on {evidence.get('ended')}, P(above champion) "
+            + (f"{p:.2f}" if isinstance(p, float) else "unknown"),
+            score_key=f"trial:{arm}",
+        )
+    except Exception:  # tracing never breaks the optimizer
+        log.warning("proposer: tracing the trial of %r failed", arm, exc_info=True)

@@ -169,3 +169,38 @@ def test_a_dead_langfuse_never_breaks_a_round(store: Store) -> None:
     tracer.shutdown()
     assert [c["status"] for c in result.candidates] == ["waiting"]
     assert trace_id_for_round("x") != trace_id_for_round("y")
+
+
+def test_a_trials_outcome_is_scored_on_its_rounds_trace(
+    store: Store, recorder: LangfuseRecorder
+) -> None:
+    from datetime import timedelta
+
+    from optimizer.proposer.trials import manage_trials
+
+    seed_store(store)
+    tracer = tracer_for(recorder)
+    cfg = make_config(candidates=1, auto_start=True, trial_cap=0.05)
+    result = run_round(
+        store, cfg, ProposerHooks(FakeModel([GOOD]), trace=tracer.proposer_trace()), now=NOW
+    )
+    [started] = candidates(store, EXP, status="started")
+    assert started.round_id == result.round_id
+    summary = {
+        "champion": "concise",
+        "arms": {
+            "concise": {"kpi_mean": 0.04, "kpi_ci": [0.039, 0.041], "effective_sessions": 9000},
+            started.arm_id: {"kpi_mean": 0.02, "kpi_ci": [0.01, 0.03], "effective_sessions": 400},
+        },
+    }
+    out = manage_trials(
+        store, cfg, summary, now=NOW + timedelta(days=2), trace=tracer.proposer_trace()
+    )
+    assert out["retired"] == [started.arm_id]
+    assert tracer.flush(10)
+    tracer.shutdown()
+    [kept] = [s for s in recorder.scores().values() if s["name"] == "proposer_trial_kept"]
+    assert kept["traceId"] == trace_id_for_round(result.round_id or "")
+    assert kept["value"] == 0.0 and "futility" in kept["comment"]
+    [stored_round] = [r for r in rounds(store, EXP) if r["id"] == result.round_id]
+    assert stored_round["details"]["trace_id"] == kept["traceId"]
