@@ -184,7 +184,9 @@ class Runtime:
         if config.alerts:
             self.alerts = AlertDeliverer(config.alerts, store=self.store)
         if config.proposer.enabled:
-            self.proposer_hooks = make_hooks(config, knowledge=self.prompts.knowledge)
+            self.proposer_hooks = make_hooks(
+                config, knowledge=self.prompts.knowledge, trace=self.tracer.proposer_trace()
+            )
         if self.alerts is not None and config.model.name.startswith("local/"):
             from chatbot.llm import local
 

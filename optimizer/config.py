@@ -512,12 +512,53 @@ class AlertConfig(_Section):
 
 
 class ProposerJudgeConfig(_Section):
-    """An optional LLM-judge gate: the judge model answers ``question`` about the candidate
-    prompt with YES or NO; ``pass_on`` is the answer that lets it through."""
+    """An LLM-judge gate (``[[proposer.judges]]``), configured like a KPI term.
+
+    The judge model (``model``; default ``proposer.model``, else the chat model) reads
+    the candidate's instructions and answers ``question`` — or the request in
+    ``prompt``, a file under ``prompts_dir`` with ``$candidate`` and ``$parent`` filled
+    in. ``answer = "yes_no"``: the score is 1 when it answers ``pass_on``, else 0;
+    ``answer = "scale"``: it rates 1 to 10, scored (rating − 1) / 9. A judge fails the
+    candidate on its own when its score is under ``threshold`` (0: advisory only); the
+    judges' ``weight``-ed mean must reach ``proposer.judge_min_score``.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
-    question: str = Field(min_length=5)
+    question: str | None = Field(None, min_length=5)
+    prompt: str | None = Field(None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_./-]*\.md$")
+    model: str | None = Field(None, min_length=1)
+    answer: Literal["yes_no", "scale"] = "yes_no"
     pass_on: Literal["yes", "no"] = "yes"
+    weight: float = Field(1.0, ge=0)
+    threshold: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("weight")
+    @classmethod
+    def _finite_weight(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"weight must be finite, got {v}")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _inside_prompts(cls, v: str | None) -> str | None:
+        if v is not None and ".." in v.split("/"):
+            raise ValueError(f"prompt must be a file under prompts_dir, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_request(self) -> ProposerJudgeConfig:
+        if (self.question is None) == (self.prompt is None):
+            raise ValueError(
+                f"judge {self.name!r}: give exactly one of 'question' (asked about the "
+                "candidate's instructions) or 'prompt' (a request file under prompts_dir)"
+            )
+        if self.answer == "scale" and "pass_on" in self.model_fields_set:
+            raise ValueError(
+                f"judge {self.name!r}: 'pass_on' is for answer = 'yes_no'; a 'scale' judge "
+                "passes on its 'threshold'"
+            )
+        return self
 
 
 class ProposerConfig(_Section):
@@ -551,14 +592,43 @@ class ProposerConfig(_Section):
     #: Held-out past user questions each candidate must answer before any traffic.
     replay_questions: int = Field(6, ge=1, le=100)
     #: A started proposal's trial (optimizer.proposer.trials): at most ``trial_cap`` of the
-    #: traffic until ``trial_sessions`` effective sessions; then the cap is lifted if
-    #: P(KPI above the champion's) >= ``keep_probability``, else it is retired. 1 = no trial.
+    #: traffic until ``trial_sessions`` effective sessions or ``trial_days`` days (0: no
+    #: deadline); then the cap is lifted if P(KPI above the champion's) >=
+    #: ``keep_probability``, else it is retired. Earlier, from ``trial_min_sessions`` on, a
+    #: proposal with P(above) < ``stop_probability`` is retired at once. 1 = no trial.
     trial_cap: float = Field(0.1, gt=0, le=1)
     trial_sessions: int = Field(2000, ge=1)
     keep_probability: float = Field(0.8, gt=0, lt=1)
+    trial_days: float = Field(14.0, ge=0)
+    trial_min_sessions: int = Field(300, ge=1)
+    stop_probability: float = Field(0.1, ge=0, lt=1)
     #: Spending cap of a paid proposer and its judges, per UTC day (litellm's cost).
     max_cost_usd_per_day: float = Field(1.0, ge=0)
     judges: tuple[ProposerJudgeConfig, ...] = ()
+    #: The judges' weighted mean score a candidate needs (0: only each judge's threshold).
+    judge_min_score: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _judges(self) -> ProposerConfig:
+        names = [j.name for j in self.judges]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"proposer.judges: names must be unique, got {twice} twice")
+        if self.judges and self.judge_min_score > 0 and not sum(j.weight for j in self.judges):
+            raise ValueError(
+                "proposer.judge_min_score needs a judge with a weight above 0 "
+                "(every proposer.judges weight is 0)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _trial_thresholds(self) -> ProposerConfig:
+        if self.stop_probability >= self.keep_probability:
+            raise ValueError(
+                f"proposer.stop_probability ({self.stop_probability:g}) must be below "
+                f"proposer.keep_probability ({self.keep_probability:g})"
+            )
+        return self
 
 
 class Config(_Section):

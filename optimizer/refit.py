@@ -160,7 +160,10 @@ def run_optimizer(
             for alert in alerts_from_run(run, new_stop=new_stop, srm_new=srm_new):
                 alerts.emit(alert)
         if config.proposer.enabled:
-            run = replace(run, proposals={"trials": trial_step(store, config, run, now=now)})
+            trace = proposer.trace if proposer is not None else None
+            run = replace(
+                run, proposals={"trials": trial_step(store, config, run, now=now, trace=trace)}
+            )
         if fewshot:
             run = replace(
                 run, fewshot=fewshot_step(store, config, now=now, actor=actor, hooks=proposer)
@@ -180,12 +183,14 @@ def run_optimizer(
         return run
 
 
-def trial_step(store: Store, config: Config, run: OptimizerRun, *, now: datetime) -> dict[str, Any]:
+def trial_step(
+    store: Store, config: Config, run: OptimizerRun, *, now: datetime, trace: Any | None = None
+) -> dict[str, Any]:
     """End the proposed arms' trials that are due (:mod:`optimizer.proposer.trials`)."""
     from optimizer.proposer.trials import manage_trials
 
     try:
-        return manage_trials(store, config, run.summary, now=now)
+        return manage_trials(store, config, run.summary, now=now, trace=trace)
     except Exception:  # logged with its traceback; the next run tries again
         log.exception("optimizer: proposal trials failed")
         return {"error": "proposal trials failed; see the log"}

@@ -131,6 +131,9 @@ def scenario_config(scenario: Scenario, policy: Policy, *, experiment_id: str) -
             trial_cap=spec.trial_cap,
             trial_sessions=spec.trial_sessions,
             keep_probability=spec.keep_probability,
+            trial_days=spec.trial_days,
+            trial_min_sessions=spec.trial_min_sessions,
+            stop_probability=spec.stop_probability,
         )
     experiment = ExperimentConfig(
         id=experiment_id,

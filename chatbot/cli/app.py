@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 optimizer_cli.register(
     app
-)  # db, arms, privacy, simulate, report, demo, optimize, scrub, fewshot, export, ope
+)  # db, arms, privacy, simulate, report, demo, optimize, scrub, fewshot, candidates, export, ope
 chat.register(app)  # serve, chat, doctor
 langfuse.register(app)  # `flywheel langfuse …`, `flywheel outcomes import`
 accounts.register(app)  # `flywheel users …`, `flywheel keys …`

@@ -14,7 +14,9 @@ __all__ = [
     "SCORE_ID_PREFIX",
     "feedback_score_id",
     "outcome_score_id",
+    "proposer_score_id",
     "reward_score_id",
+    "trace_id_for_round",
     "trace_id_for_turn",
 ]
 
@@ -36,6 +38,15 @@ def trace_id_for_turn(turn_id: str) -> str:
     return hashlib.sha256(turn_id.encode("utf-8")).digest()[:16].hex()
 
 
+def trace_id_for_round(key: str) -> str:
+    """Langfuse trace id of a proposer round (``key``: the round's trace key).
+
+    >>> trace_id_for_round("r1") != trace_id_for_turn("r1")
+    True
+    """
+    return trace_id_for_turn(f"proposer-round:{key}")
+
+
 def _derived_id(kind: str, *parts: str) -> str:
     digest = hashlib.sha256("\x1f".join((kind, *parts)).encode("utf-8")).hexdigest()[:32]
     return f"{SCORE_ID_PREFIX}{kind}-{digest}"
@@ -54,3 +65,8 @@ def outcome_score_id(idempotency_key: str) -> str:
 def reward_score_id(experiment_id: str, session_id: str) -> str:
     """Id of a session's ``kpi_reward`` score."""
     return _derived_id("kpi", experiment_id, session_id)
+
+
+def proposer_score_id(round_key: str, name: str, score_key: str) -> str:
+    """Id of a score on a proposer round's trace: a re-send replaces it."""
+    return _derived_id("pr", round_key, name, score_key)

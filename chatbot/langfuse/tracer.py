@@ -73,6 +73,8 @@ from optimizer.store import AssignmentRecord, OutcomeRecord, TurnRecord
 if TYPE_CHECKING:
     from langfuse import Langfuse
 
+    from optimizer.proposer import ProposerTrace
+
 log = logging.getLogger(__name__)
 
 __all__ = ["LangfuseTracer", "NoopTracer", "Tracer", "get_tracer", "make_tracer"]
@@ -116,6 +118,10 @@ class Tracer:
     def flush(self, timeout_s: float | None = None) -> bool:
         """Send what is queued, waiting at most ``timeout_s``; True if all was handed over."""
         return True
+
+    def proposer_trace(self) -> ProposerTrace | None:
+        """Where the proposer's rounds are traced (None: not traced)."""
+        return None
 
     def shutdown(self) -> None:
         """Flush with a bound and stop background threads."""
@@ -199,6 +205,7 @@ class LangfuseTracer(Tracer):
         }
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self.dropped = 0
+        self._proposer: ProposerTrace | None = None
         self._failing = False
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="flywheel-langfuse", daemon=True)
@@ -293,6 +300,22 @@ class LangfuseTracer(Tracer):
         except Exception:
             log.warning("could not queue the reward of session %s", session_id, exc_info=True)
             return False
+
+    def proposer_trace(self) -> ProposerTrace | None:
+        """The proposer's rounds on this tracer's queue (:mod:`chatbot.langfuse.proposer`)."""
+        from chatbot.langfuse.proposer import LangfuseProposerTrace
+
+        if self._proposer is None:
+            self._proposer = LangfuseProposerTrace(self)
+        return self._proposer
+
+    def submit(self, task: Callable[[], None]) -> bool:
+        """Run ``task`` on the worker thread, in order with everything queued; False if full."""
+        return self._submit(task)
+
+    def post_scores(self, batch: list[dict[str, Any]]) -> None:
+        """Post score bodies now (call it on the worker thread, e.g. from a submitted task)."""
+        self._post_scores(batch)
 
     @property
     def closed(self) -> bool:

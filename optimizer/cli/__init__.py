@@ -9,7 +9,18 @@ from __future__ import annotations
 
 import typer
 
-from optimizer.cli import arms, db, demo, fewshot, optimize, privacy, report, scrub, simulate
+from optimizer.cli import (
+    arms,
+    candidates,
+    db,
+    demo,
+    fewshot,
+    optimize,
+    privacy,
+    report,
+    scrub,
+    simulate,
+)
 from optimizer.cli import export as export_cmd
 from optimizer.cli import ope as ope_cmd
 
@@ -27,5 +38,6 @@ def register(app: typer.Typer) -> None:
     app.command()(optimize.optimize)
     app.command()(scrub.scrub)
     app.add_typer(fewshot.app, name="fewshot")
+    app.add_typer(candidates.app, name="candidates")
     app.command()(export_cmd.export)
     app.command()(ope_cmd.ope)

@@ -7,7 +7,13 @@ process hands in (the optimizer never imports the chat code).
 
 from __future__ import annotations
 
-from optimizer.proposer.hooks import Completion, CompletionFn, ProposerHooks, always_idle
+from optimizer.proposer.hooks import (
+    Completion,
+    CompletionFn,
+    ProposerHooks,
+    ProposerTrace,
+    always_idle,
+)
 from optimizer.proposer.records import Candidate, candidates, decide, get_candidate
 from optimizer.proposer.rounds import (
     Parent,
@@ -25,6 +31,7 @@ __all__ = [
     "CompletionFn",
     "Parent",
     "ProposerHooks",
+    "ProposerTrace",
     "RoundResult",
     "always_idle",
     "candidates",

@@ -33,6 +33,7 @@ __all__ = [
     "last_round_at",
     "record_candidate",
     "record_round",
+    "rounds",
     "spent_today",
     "start_candidate",
 ]
@@ -110,9 +111,10 @@ def record_round(
     cost_usd: float,
     details: Mapping[str, Any],
     at: datetime,
+    round_id: str | None = None,
 ) -> str:
-    """Write a round; returns its id."""
-    round_id = uuid.uuid4().hex
+    """Write a round; returns its id (``round_id``, or a new one)."""
+    round_id = round_id or uuid.uuid4().hex
     with store.engine.begin() as conn:
         conn.execute(
             schema.proposal_rounds.insert().values(
@@ -191,6 +193,29 @@ def candidates(
     with store.engine.connect() as conn:
         rows = conn.execute(query.order_by(pc.c.created_at.desc(), pc.c.id)).all()
     return [_candidate(r) for r in rows]
+
+
+def rounds(store: Store, experiment_id: str) -> list[dict[str, Any]]:
+    """The experiment's rounds, newest first, as dicts (the history and its trace ids)."""
+    pr = schema.proposal_rounds
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(pr)
+            .where(pr.c.experiment_id == experiment_id)
+            .order_by(pr.c.created_at.desc(), pr.c.id)
+        ).all()
+    return [
+        {
+            "id": r.id,
+            "parent_arm_id": r.parent_arm_id,
+            "source": r.source,
+            "model": r.model,
+            "cost_usd": float(r.cost_usd or 0.0),
+            "details": dict(r.details or {}),
+            "created_at": as_utc(r.created_at),
+        }
+        for r in rows
+    ]
 
 
 def get_candidate(store: Store, candidate_id: str) -> Candidate | None:

@@ -24,18 +24,22 @@ Few-shot proposals and operator-written variants enter at step 3 through
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from string import Template
 from typing import Any
 
 from optimizer.alerts import Alert
 from optimizer.champion import champion_row
 from optimizer.clock import as_utc, utcnow
-from optimizer.config import Config
+from optimizer.config import Config, ProposerJudgeConfig
 from optimizer.privacy import Scrubber, public_allowlist
+from optimizer.prompt_library import Example
 from optimizer.proposer import gates, records
 from optimizer.proposer.hooks import Completion, ProposerHooks
 from optimizer.proposer.rewrite import fill_to_budget, parse_rewrite
@@ -45,6 +49,7 @@ from optimizer.proposer.sample import (
     read_prompt_file,
     replay_set,
 )
+from optimizer.proposer.tracing import RoundTrace
 from optimizer.store import ACTIVE_STATUSES, Store
 
 __all__ = [
@@ -211,14 +216,24 @@ def round_due(
 
 
 class _Budget:
-    """Spending of one round against the day's cap; every call goes through :meth:`call`."""
+    """Spending of one round against the day's cap; every call goes through :meth:`call`
+    (or :meth:`reply`), and each is traced on the round's :class:`RoundTrace`."""
 
-    def __init__(self, store: Store, config: Config, hooks: ProposerHooks, now: datetime) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        hooks: ProposerHooks,
+        now: datetime,
+        trace: RoundTrace | None = None,
+    ) -> None:
         self.cap = config.proposer.max_cost_usd_per_day
         self.before = records.spent_today(store, now)
         self.spent = 0.0
         self.hooks = hooks
         self.calls = 0
+        self.trace = trace
+        self.store = store
 
     def exhausted(self) -> bool:
         return bool(self.cap) and self.before + self.spent >= self.cap
@@ -236,24 +251,43 @@ class _Budget:
             return Completion("", 0.0, 0.0, "spending cap reached (proposer.max_cost_usd_per_day)")
         if not _wait_idle(self.hooks):
             return Completion("", 0.0, 0.0, "the model stayed busy with chat turns")
+        started = utcnow()
         result = self.hooks.complete(
             messages, model=model, max_tokens=max_tokens, temperature=temperature
         )
         self.calls += 1
         self.spent += float(result.cost_usd or 0.0)
-        if self.hooks.trace is not None:
-            try:
-                self.hooks.trace(
-                    f"proposer.{label}",
-                    {
-                        "model": model,
-                        "latency_ms": result.latency_ms,
-                        "cost_usd": result.cost_usd,
-                        "error": result.error,
-                    },
-                )
-            except Exception:  # tracing never breaks a round
-                log.warning("proposer: tracing %s failed", label, exc_info=True)
+        if self.trace is not None:
+            self.trace.generation(
+                label,
+                messages,
+                result,
+                model=model,
+                started_at=started,
+                metadata={"max_tokens": max_tokens, "temperature": temperature},
+            )
+        return result
+
+    def reply(
+        self, system_prompt: str, question: str, examples: Sequence[Example], *, model: str
+    ) -> Completion:
+        """One replay through the chat's own path (``hooks.reply``), counted and traced."""
+        assert self.hooks.reply is not None
+        if not _wait_idle(self.hooks):
+            return Completion("", 0.0, 0.0, "the model stayed busy with chat turns")
+        started = utcnow()
+        result = self.hooks.reply(system_prompt, question, examples)
+        self.calls += 1
+        self.spent += float(result.cost_usd or 0.0)
+        if self.trace is not None:
+            self.trace.generation(
+                "replay",
+                _replay_messages(system_prompt, question, examples),
+                result,
+                model=model,
+                started_at=started,
+                metadata={"served_as_chat": True, "fewshot_ids": [e.id for e in examples]},
+            )
         return result
 
 
@@ -319,9 +353,52 @@ def run_round(
     )
     folder = _proposer_dir(config)
     template = read_prompt_file(folder / _REWRITE_FILE)
+    trace = RoundTrace(
+        hooks.trace,
+        scrubber,
+        experiment_id=exp,
+        parent_arm_id=parent.arm_id,
+        source="proposer",
+        model=model,
+        key=uuid.uuid4().hex,  # the round's id too: later trial outcomes find its trace
+    )
+    budget = _Budget(store, config, hooks, now, trace)
+    result: RoundResult | None = None
+    try:
+        result = _propose_and_gate(
+            store, config, hooks, budget, parent, failures, folder, template, now, alerts
+        )
+        return result
+    finally:  # the trace ends even when the round fails (its calls are already sent)
+        trace.close(
+            output=result.as_dict() if result is not None else {"error": "the round failed"},
+            passed=(
+                sum(c.get("status") in ("waiting", "started") for c in result.candidates)
+                if result is not None
+                else None
+            ),
+        )
+
+
+def _propose_and_gate(
+    store: Store,
+    config: Config,
+    hooks: ProposerHooks,
+    budget: _Budget,
+    parent: Parent,
+    failures: Sequence[Any],
+    folder: Path,
+    template: str,
+    now: datetime,
+    alerts: Any | None,
+) -> RoundResult:
+    """Steps 2 to 4 of a round (see the module docstring), traced on ``budget.trace``."""
+    pc = config.proposer
+    exp = config.experiment.id
+    model = pc.model or config.model.name
+    scrubber = budget.trace.scrubber if budget.trace is not None else _scrubber(config, parent)
     context = pc.context_tokens or config.model.context_tokens
     budget_tokens = context - pc.max_tokens - 16
-    budget = _Budget(store, config, hooks, now)
     untrusted = [t for f in failures for t in (f.user_message, f.comment or "") if t]
     replay_qs = replay_set(
         store,
@@ -365,6 +442,7 @@ def run_round(
         store,
         exp,
         parent.arm_id,
+        round_id=budget.trace.key if budget.trace is not None else None,
         source="proposer",
         model=model,
         cost_usd=budget.spent,
@@ -375,6 +453,7 @@ def run_round(
             "replay_questions": len(replay_qs),
             "calls": budget.calls,
             "requested": pc.candidates,
+            "trace_id": budget.trace.trace_id if budget.trace is not None else None,
         },
         at=now,
     )
@@ -397,6 +476,15 @@ def run_round(
                 at=now,
             )
             out.append({"id": cid, "status": "rejected", "reason": info["error"]})
+            if budget.trace is not None:
+                budget.trace.candidate(
+                    cid,
+                    status="rejected",
+                    reason=f"the proposer model failed: {info['error']}",
+                    gates=[],
+                    rationale="",
+                    arm_id=None,
+                )
             continue
         candidate = gate_candidate(
             store,
@@ -439,7 +527,8 @@ def run_round(
 def _parent_latency(
     budget: _Budget, config: Config, parent: Parent, questions: Sequence[str]
 ) -> float | None:
-    replies = _replay(budget, config, parent.prompt_text, questions, parent.model)
+    shots = _shots(budget, config, parent.fewshot, parent.fewshot_config)
+    replies = _replay(budget, config, parent.prompt_text, questions, parent.model, shots)
     ok = [r.latency_ms for r in replies if not r.error]
     if not ok:
         return None
@@ -448,17 +537,69 @@ def _parent_latency(
     return float(np.percentile(ok, 95))
 
 
+#: Few-shot examples an arm serves for a question (its strategy, as the chat selects them).
+_Shots = Callable[[str], Sequence[Example]]
+
+
+def _no_shots(question: str) -> Sequence[Example]:
+    return ()
+
+
+def _shots(budget: _Budget, config: Config, fewshot: str, fewshot_config: dict[str, Any]) -> _Shots:
+    """The examples a replay sends with the prompt: the arm's few-shot strategy, selected
+    per question as the chat does (:class:`~optimizer.fewshot.selection.ExampleSelector`
+    on the prompt library and the store's bank), so a few-shot candidate is replayed as
+    it would be served."""
+    if fewshot == "none":
+        return _no_shots
+    from optimizer.config import ArmConfig
+    from optimizer.fewshot.selection import ExampleSelector
+    from optimizer.prompt_library import load_prompts
+
+    cfg = dict(fewshot_config)
+    arm = ArmConfig.model_validate(
+        {
+            "id": "candidate",
+            "prompt": "candidate",
+            "fewshot": fewshot,
+            **({"examples": cfg["examples"]} if "examples" in cfg else {}),
+            **{k: cfg[k] for k in ("k", "reward_weighted") if k in cfg},
+        }
+    )
+    selector = ExampleSelector(load_prompts(config.prompts_dir), budget.store)
+    return lambda question: selector.select(arm, question)
+
+
+def _replay_messages(text: str, question: str, examples: Sequence[Example]) -> list[dict[str, str]]:
+    pairs = [
+        m
+        for e in examples
+        for m in (
+            {"role": "user", "content": e.user},
+            {"role": "assistant", "content": e.assistant},
+        )
+    ]
+    return [{"role": "system", "content": text}, *pairs, {"role": "user", "content": question}]
+
+
 def _replay(
-    budget: _Budget, config: Config, text: str, questions: Sequence[str], model: str | None
+    budget: _Budget,
+    config: Config,
+    text: str,
+    questions: Sequence[str],
+    model: str | None,
+    shots: _Shots = _no_shots,
 ) -> list[Completion]:
     out = []
     for q in questions:
-        messages = [{"role": "system", "content": text}, {"role": "user", "content": q}]
+        try:
+            examples = list(shots(q))
+        except Exception as exc:  # unknown example ids, no prompts folder: say so, not serve less
+            out.append(Completion("", 0.0, 0.0, f"its few-shot examples cannot be built: {exc}"))
+            continue
+        messages = _replay_messages(text, q, examples)
         if budget.hooks.reply is not None:
-            if not _wait_idle(budget.hooks):
-                out.append(Completion("", 0.0, 0.0, "the model stayed busy with chat turns"))
-                continue
-            out.append(budget.hooks.reply(text, q))
+            out.append(budget.reply(text, q, examples, model=model or config.model.name))
             continue
         out.append(
             budget.call(
@@ -473,7 +614,12 @@ def _replay(
 
 
 def _latency_recheck(
-    budget: _Budget, config: Config, parent: Parent, text: str, questions: Sequence[str]
+    budget: _Budget,
+    config: Config,
+    parent: Parent,
+    text: str,
+    questions: Sequence[str],
+    shots: _Shots = _no_shots,
 ) -> gates.GateResult:
     """Measure parent and candidate again, interleaved question by question, and judge that.
 
@@ -485,13 +631,14 @@ def _latency_recheck(
 
     mine: list[Completion] = []
     theirs: list[float] = []
+    parent_shots = _shots(budget, config, parent.fewshot, parent.fewshot_config)
     for q in questions:
         theirs += [
             r.latency_ms
-            for r in _replay(budget, config, parent.prompt_text, [q], parent.model)
+            for r in _replay(budget, config, parent.prompt_text, [q], parent.model, parent_shots)
             if not r.error
         ]
-        mine += _replay(budget, config, text, [q], parent.model)
+        mine += _replay(budget, config, text, [q], parent.model, shots)
     parent_p95 = float(np.percentile(theirs, 95)) if theirs else None
     result = gates.replay_gate(mine, parent_p95, max_latency_ratio=_latency_ratio(config))
     return gates.GateResult(
@@ -527,38 +674,94 @@ def _ask_rationale(
     return " ".join(reply.text.split()) if not reply.error else ""
 
 
-def _judge(budget: _Budget, config: Config, text: str) -> list[gates.GateResult]:
-    out = []
-    model = config.proposer.model or config.model.name
-    for judge in config.proposer.judges:
+_JUDGE_FORMAT = {
+    "yes_no": "Answer YES or NO.",
+    "scale": "Answer with one number from 1 (poor) to 10 (excellent).",
+}
+
+
+def _judge_request(config: Config, judge: ProposerJudgeConfig, text: str, parent: str) -> str:
+    """The judge's request: its ``question`` about the instructions, or its ``prompt`` file
+    with ``$candidate`` and ``$parent`` filled in; then the answer format."""
+    if judge.prompt is not None:
+        body = Template(read_prompt_file(Path(config.prompts_dir) / judge.prompt))
+        request = body.safe_substitute(candidate=text, parent=parent)
+    else:
+        request = (
+            "Here are the instructions of a customer-support assistant:\n"
+            f"<<<\n{text}\n>>>\n\n{judge.question}"
+        )
+    return f"{request}\n{_JUDGE_FORMAT[judge.answer]}"
+
+
+def _judge_score(judge: ProposerJudgeConfig, reply: str) -> float | None:
+    """The judge's score in [0, 1] from its reply (None: not an answer of its kind).
+
+    >>> j = ProposerJudgeConfig(name="x", question="Is it kind?", answer="scale")
+    >>> _judge_score(j, "8."), _judge_score(j, "great"), _judge_score(j, "11")
+    (0.7777777777777778, None, None)
+    """
+    words = reply.strip().lower().split()
+    first = words[0].strip(".,!:*") if words else ""
+    if judge.answer == "yes_no":
+        return float(first == judge.pass_on) if first in ("yes", "no") else None
+    match = re.match(r"^(10|[1-9])(\.0+)?(/10)?$", first)
+    return (int(match.group(1)) - 1) / 9 if match else None
+
+
+def _judge(budget: _Budget, config: Config, text: str, parent: str) -> list[gates.GateResult]:
+    """The ``[[proposer.judges]]`` gates: each judge's score against its threshold (the
+    first that fails stops the rest), then — when ``proposer.judge_min_score`` is set —
+    their weighted mean against it (a gate named ``judges``)."""
+    pc = config.proposer
+    out: list[gates.GateResult] = []
+    scores: list[tuple[float, float]] = []
+    for judge in pc.judges:
+        name = f"judge:{judge.name}"
+        model = judge.model or pc.model or config.model.name
+        try:
+            request = _judge_request(config, judge, text, parent)
+        except OSError as exc:
+            out.append(gates.GateResult(name, False, f"judge prompt unreadable: {exc}"))
+            break
         reply = budget.call(
             f"judge.{judge.name}",
-            [
-                {
-                    "role": "user",
-                    "content": (
-                        "Here are the instructions of a customer-support assistant:\n"
-                        f"<<<\n{text}\n>>>\n\n{judge.question}\nAnswer YES or NO."
-                    ),
-                }
-            ],
+            [{"role": "user", "content": request}],
             model=model,
             max_tokens=5,
             temperature=0.0,
         )
-        name = f"judge:{judge.name}"
         if reply.error:
             out.append(gates.GateResult(name, False, f"judge failed: {reply.error}"))
             break
-        words = reply.text.strip().lower().split()
-        answer = words[0].strip(".,!:") if words else ""
-        if answer not in ("yes", "no"):
+        score = _judge_score(judge, reply.text)
+        if score is None:
             out.append(gates.GateResult(name, False, f"judge answered {reply.text.strip()[:40]!r}"))
             break
-        passed = answer == judge.pass_on
-        out.append(gates.GateResult(name, passed, "" if passed else f"judge answered {answer!r}"))
+        data = {"score": round(score, 4), "weight": judge.weight, "threshold": judge.threshold}
+        passed = score >= judge.threshold
+        answered = reply.text.strip().split()[0].strip(".,!:*").lower()
+        detail = (
+            ""
+            if passed
+            else f"judge answered {answered!r} (score {score:.2f} < {judge.threshold:g})"
+        )
+        out.append(gates.GateResult(name, passed, detail, data))
         if not passed:
             break
+        scores.append((score, judge.weight))
+    total = sum(w for _, w in scores)
+    if pc.judge_min_score > 0 and out and all(r.passed for r in out) and total > 0:
+        mean = sum(s * w for s, w in scores) / total
+        passed = mean >= pc.judge_min_score
+        out.append(
+            gates.GateResult(
+                "judges",
+                passed,
+                "" if passed else f"weighted judge score {mean:.2f} < {pc.judge_min_score:g}",
+                {"score": round(mean, 4), "min_score": pc.judge_min_score},
+            )
+        )
     return out
 
 
@@ -634,15 +837,16 @@ def gate_candidate(
                 gates.GateResult("replay", False, "not run: no model handed in", {"skipped": True})
             )
         else:
-            replies = _replay(budget, config, text, replay_qs, parent.model)
+            shots = _shots(budget, config, fewshot, fewshot_config)
+            replies = _replay(budget, config, text, replay_qs, parent.model, shots)
             replay = gates.replay_gate(
                 replies, parent_latency, max_latency_ratio=_latency_ratio(config)
             )
             if not replay.passed and "latency" in replay.detail:
-                replay = _latency_recheck(budget, config, parent, text, replay_qs)
+                replay = _latency_recheck(budget, config, parent, text, replay_qs, shots)
             results.append(replay)
             if results[-1].passed:
-                results.extend(_judge(budget, config, text))
+                results.extend(_judge(budget, config, text, parent.prompt_text))
     failed = next((r for r in results if not r.passed), None)
     if failed is not None and not failed.data.get("skipped"):
         status = "duplicate" if failed.name == "duplicate" else "rejected"
@@ -668,6 +872,7 @@ def gate_candidate(
     assert candidate is not None
     if status != "waiting":
         log.info("proposer: candidate %s %s (%s)", cid, status, reason)
+        _trace_candidate(budget, candidate)
         return candidate
     wants_start = pc.auto_start if start is None else start
     can_start = failed is None and (
@@ -701,7 +906,20 @@ def gate_candidate(
         )
     updated = records.get_candidate(store, cid)
     assert updated is not None
+    _trace_candidate(budget, updated)
     return updated
+
+
+def _trace_candidate(budget: _Budget | None, candidate: records.Candidate) -> None:
+    if budget is not None and budget.trace is not None:
+        budget.trace.candidate(
+            candidate.id,
+            status=candidate.status,
+            reason=candidate.reason,
+            gates=candidate.gates,
+            rationale=candidate.rationale,
+            arm_id=candidate.arm_id,
+        )
 
 
 def submit_candidate(
@@ -732,7 +950,16 @@ def submit_candidate(
     if parent is None:
         raise ValueError("no champion to propose against: the experiment has no arms")
     scrubber = _scrubber(config, parent)
-    budget = _Budget(store, config, hooks, now) if hooks is not None else None
+    trace = RoundTrace(
+        hooks.trace if hooks is not None else None,
+        scrubber,
+        experiment_id=config.experiment.id,
+        parent_arm_id=parent.arm_id,
+        source=source,
+        model=parent.model or config.model.name,
+        key=uuid.uuid4().hex,
+    )
+    budget = _Budget(store, config, hooks, now, trace) if hooks is not None else None
     folder = _proposer_dir(config)
     replay_qs = replay_set(
         store,
@@ -747,34 +974,47 @@ def submit_candidate(
         store,
         config.experiment.id,
         parent.arm_id,
+        round_id=trace.key,
         source=source,
         model=None,
         cost_usd=0.0,
-        details={"replay_questions": len(replay_qs)},
+        details={"replay_questions": len(replay_qs), "trace_id": trace.trace_id},
         at=now,
     )
-    candidate = gate_candidate(
-        store,
-        config,
-        budget,
-        parent=parent,
-        round_id=round_id,
-        source=source,
-        prompt_text=prompt_text,
-        rationale=rationale,
-        fewshot=fewshot if fewshot is not None else parent.fewshot,
-        fewshot_config=fewshot_config if fewshot_config is not None else parent.fewshot_config,
-        untrusted=untrusted,
-        replay_qs=replay_qs,
-        parent_latency=parent_latency,
-        scrubber=scrubber,
-        now=now,
-        alerts=alerts,
-        start=start,
-        arm_id=arm_id,
-    )
-    if budget is not None and budget.spent:
-        records.add_round_cost(store, round_id, budget.spent)
+    candidate: records.Candidate | None = None
+    try:
+        candidate = gate_candidate(
+            store,
+            config,
+            budget,
+            parent=parent,
+            round_id=round_id,
+            source=source,
+            prompt_text=prompt_text,
+            rationale=rationale,
+            fewshot=fewshot if fewshot is not None else parent.fewshot,
+            fewshot_config=fewshot_config if fewshot_config is not None else parent.fewshot_config,
+            untrusted=untrusted,
+            replay_qs=replay_qs,
+            parent_latency=parent_latency,
+            scrubber=scrubber,
+            now=now,
+            alerts=alerts,
+            start=start,
+            arm_id=arm_id,
+        )
+    finally:
+        if budget is not None and budget.spent:
+            records.add_round_cost(store, round_id, budget.spent)
+        trace.close(
+            output={
+                "round_id": round_id,
+                "source": source,
+                "candidate": candidate.id if candidate is not None else None,
+                "status": candidate.status if candidate is not None else "failed",
+            },
+            passed=None if candidate is None else int(candidate.status in ("waiting", "started")),
+        )
     return candidate
 
 

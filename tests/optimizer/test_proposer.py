@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,6 +42,7 @@ from optimizer.proposer.sample import FailureTurn
 from optimizer.refit import run_optimizer
 from optimizer.store import ArmSpec, AssignmentRecord, Store, TurnRecord
 
+ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime(2025, 5, 5, 9, 0, tzinfo=UTC)
 NOW = T0 + timedelta(days=2)
 EXP = "prop"
@@ -407,7 +409,87 @@ def test_judge_says_no(store: Store) -> None:
     judge = ProposerJudgeConfig(name="safe", question="Is it safe?")
     run_round(store, make_config(candidates=1, judges=(judge,)), ProposerHooks(model), now=NOW)
     [c] = candidates(store, EXP)
-    assert c.status == "rejected" and c.reason == "judge:safe: judge answered 'no'"
+    assert c.status == "rejected"
+    assert c.reason == "judge:safe: judge answered 'no' (score 0.00 < 0.5)"
+
+
+class JudgeModel(FakeModel):
+    """Judges by the judge's request: the 'tone' judge rates 4 of 10, the others say YES."""
+
+    def __call__(self, messages: Sequence[dict[str, str]], **kw: Any) -> Completion:
+        content = messages[-1]["content"]
+        if "number from 1" in content:
+            self.requests.append([dict(m) for m in messages])
+            self.judge_requests.append((kw["model"], content))
+            return Completion("4" if "tone" in content else "9", 10.0)
+        if "Answer YES or NO" in content:
+            self.judge_requests.append((kw["model"], content))
+        return super().__call__(messages, **kw)
+
+    def __init__(self, rewrites: Sequence[str]) -> None:
+        super().__init__(rewrites)
+        self.judge_requests: list[tuple[str, str]] = []
+
+
+def test_judges_are_weighted_like_kpi_terms(store: Store, tmp_path: Any) -> None:
+    """A scale judge, a yes/no judge from a prompt file on its own model, weights, thresholds."""
+    import shutil
+
+    prompts = tmp_path / "prompts"
+    shutil.copytree(ROOT / "prompts", prompts)
+    (prompts / "judges").mkdir()
+    (prompts / "judges" / "facts.md").write_text(
+        "---\nid: facts\n---\nOld instructions:\n$parent\nNew instructions:\n$candidate\n"
+        "Do the new instructions still restrict answers to the facts?"
+    )
+    seed_store(store)
+    judges = (
+        ProposerJudgeConfig(
+            name="tone", question="How good is the tone?", answer="scale", weight=1.0, threshold=0.0
+        ),
+        ProposerJudgeConfig(name="facts", prompt="judges/facts.md", model="fake/judge", weight=3.0),
+    )
+
+    def run(min_score: float, text: str) -> Any:
+        store_cfg = make_config(candidates=1, judges=judges, judge_min_score=min_score)
+        store_cfg = store_cfg.model_copy(update={"prompts_dir": str(prompts)})
+        model = JudgeModel([text + "\nRATIONALE: menu paths were missing."])
+        run_round(store, store_cfg, ProposerHooks(model), now=NOW, force=True)
+        [made] = [c for c in candidates(store, EXP) if c.prompt_text == text]
+        return made, model
+
+    passed, model = run(0.8, GOOD)  # (1 × 3/9 + 3 × 1) / 4 = 0.83
+    assert passed.status == "waiting", passed.reason
+    gates_by_name = {g["name"]: g for g in passed.gates}
+    assert gates_by_name["judge:tone"]["passed"]  # 0.33, advisory (threshold 0)
+    assert gates_by_name["judges"]["passed"]
+    [(tone_model, _), (facts_model, facts_request)] = model.judge_requests
+    assert tone_model == make_config().model.name  # no proposer.model: the chat model
+    assert facts_model == "fake/judge"
+    assert (
+        CHAMPION_TEXT in facts_request
+        and GOOD in facts_request
+        and "id: facts" not in facts_request
+    )
+    failed, _ = run(0.9, GOOD_2)
+    assert failed.status == "rejected"
+    assert failed.reason == "judges: weighted judge score 0.83 < 0.9"
+
+
+def test_judge_config_is_validated() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="exactly one of 'question'"):
+        ProposerJudgeConfig(name="x")
+    with pytest.raises(ValidationError, match="prompt"):
+        ProposerJudgeConfig(name="x", prompt="../secrets.md")
+    with pytest.raises(ValidationError, match="unique"):
+        make_config(judges=(ProposerJudgeConfig(name="x", question="Is it ok?"),) * 2)
+    with pytest.raises(ValidationError, match="weight above 0"):
+        make_config(
+            judges=(ProposerJudgeConfig(name="x", question="Is it ok?", weight=0),),
+            judge_min_score=0.5,
+        )
 
 
 def test_spending_cap_stops_a_paid_proposer(store: Store) -> None:
@@ -541,6 +623,78 @@ def test_fewshot_proposals_go_through_the_same_gates(store: Store) -> None:
     assert c.source == "fewshot" and c.fewshot == "fixed" and len(c.fewshot_config["examples"]) == 2
     row = next(r for r in store.arms(EXP) if r.id == c.arm_id)
     assert row.fewshot == "fixed" and row.prompt_text == CHAMPION_TEXT
+
+
+def test_a_fewshot_candidate_is_replayed_with_its_examples(store: Store) -> None:
+    """The replay sends what the arm would serve: the prompt, then its examples, then the
+    question — through ``complete`` and through the chat's own ``reply`` hook alike."""
+    from optimizer.fewshot import ExampleBank
+
+    seed_store(store)
+    bank = ExampleBank(store)
+    banked = bank.add(
+        "Can I export my boards?",
+        "Yes: Settings > Data > Export, as CSV.",
+        source="mined",
+        status="approved",
+    )
+    model = FakeModel([])
+    candidate = submit_candidate(
+        store,
+        make_config(),
+        ProposerHooks(model),
+        prompt_text=CHAMPION_TEXT,
+        rationale="fixed examples",
+        source="fewshot",
+        fewshot="fixed",
+        fewshot_config={"examples": ["trial", banked]},
+    )
+    assert candidate.status == "waiting", candidate.reason
+    replays = [r for r in model.requests if r[0]["role"] == "system"]
+    parents = [r for r in replays if len(r) == 2]  # the champion serves no examples
+    shots = [r for r in replays if len(r) > 2]
+    assert len(parents) == len(shots) == 3
+    for request in shots:
+        assert [m["role"] for m in request] == ["system", *["user", "assistant"] * 2, "user"]
+        assert request[1]["content"] == "Can I try the Team plan before paying?"  # the seed
+        assert request[3:5] == [
+            {"role": "user", "content": "Can I export my boards?"},
+            {"role": "assistant", "content": "Yes: Settings > Data > Export, as CSV."},
+        ]
+
+    served: list[tuple[str, str, list[str]]] = []
+
+    def reply(system_prompt: str, question: str, examples: Sequence[Any]) -> Completion:
+        served.append((system_prompt, question, [e.id for e in examples]))
+        return Completion("Sure.", 40.0)
+
+    submit_candidate(
+        store,
+        make_config(),
+        ProposerHooks(FakeModel([]), reply=reply),
+        prompt_text=GOOD,
+        rationale="fixed examples on a new text",
+        source="fewshot",
+        fewshot="fixed",
+        fewshot_config={"examples": ["refund"]},
+    )
+    assert {tuple(ids) for _, _, ids in served} == {(), ("refund",)}
+
+
+def test_a_fewshot_candidate_with_unknown_examples_fails_its_replay(store: Store) -> None:
+    seed_store(store)
+    candidate = submit_candidate(
+        store,
+        make_config(),
+        ProposerHooks(FakeModel([])),
+        prompt_text=CHAMPION_TEXT,
+        rationale="fixed examples",
+        source="fewshot",
+        fewshot="fixed",
+        fewshot_config={"examples": ["no-such-example"]},
+    )
+    assert candidate.status == "rejected"
+    assert candidate.reason is not None and "few-shot examples cannot be built" in candidate.reason
 
 
 def test_auto_start_fills_a_freed_slot_with_a_waiting_candidate_first(store: Store) -> None:

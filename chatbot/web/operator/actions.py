@@ -275,51 +275,24 @@ def _gated_variant(
 
 
 #: A candidate's decision on the candidates page → approve (start its arm) or decline.
-CANDIDATE_DECISIONS = ("approve", "decline")
+CANDIDATE_DECISIONS = ("approve", "decline")  # = optimizer.proposer.review.DECISIONS
 
 
 def decide_candidate(
     services: Services, actor: str, candidate_id: str, decision: str
 ) -> ActionResult:
-    """One click on the candidates page. Raises :class:`ActionError` (400, 404, 409)."""
+    """One click on the candidates page (:func:`optimizer.proposer.review.decide_candidate`,
+    shared with ``flywheel candidates``). Raises :class:`ActionError` (400, 404, 409)."""
     from optimizer.errors import StoreError
-    from optimizer.prompt_library import content_hash
-    from optimizer.proposer import decide, get_candidate
+    from optimizer.proposer.review import CandidateNotFound
+    from optimizer.proposer.review import decide_candidate as decide
 
-    if decision not in CANDIDATE_DECISIONS:
-        raise ActionError(
-            f"decision must be one of {list(CANDIDATE_DECISIONS)}, got {decision!r}", 400
-        )
-    candidate = get_candidate(services.store, candidate_id)
-    if candidate is None or candidate.experiment_id != services.config.experiment.id:
-        raise ActionError(f"no candidate {candidate_id!r}", 404)
-    parent = next(
-        (
-            r
-            for r in services.store.arms(candidate.experiment_id)
-            if r.id == candidate.parent_arm_id
-        ),
-        None,
-    )
     try:
-        decided = decide(
-            services.store,
-            candidate_id,
-            approve=decision == "approve",
-            actor=actor,
-            **(
-                {
-                    "prompt_id": parent.prompt_id
-                    if parent is not None
-                    else candidate.parent_arm_id,
-                    "prompt_hash": content_hash(candidate.prompt_text or ""),
-                    "model": parent.model if parent is not None else None,
-                    "trial_cap": services.config.proposer.trial_cap,
-                }
-                if decision == "approve"
-                else {}
-            ),
-        )
+        decided = decide(services.store, services.config, candidate_id, decision, actor=actor)
+    except ValueError as exc:
+        raise ActionError(str(exc), 400) from None
+    except CandidateNotFound:
+        raise ActionError(f"no candidate {candidate_id!r}", 404) from None
     except StoreError as exc:
         raise ActionError(str(exc), 409) from None
     if decision == "approve":
@@ -330,25 +303,9 @@ def decide_candidate(
 
 def candidates_view(services: Services) -> dict[str, Any]:
     """The candidates page: each candidate with its parent's text and a line diff to it."""
-    import difflib
+    from optimizer.proposer.review import review_items
 
-    from optimizer.proposer import candidates
-
-    exp = services.config.experiment.id
-    texts = {r.id: r.prompt_text or "" for r in services.store.arms(exp)}
-    items: list[dict[str, Any]] = []
-    for c in candidates(services.store, exp)[:100]:
-        parent = texts.get(c.parent_arm_id, "")
-        diff = list(
-            difflib.unified_diff(
-                parent.splitlines(),
-                (c.prompt_text or "").splitlines(),
-                fromfile=c.parent_arm_id,
-                tofile="candidate",
-                lineterm="",
-            )
-        )
-        items.append({"c": c, "parent": parent, "diff": diff})
+    items = review_items(services.store, services.config.experiment.id)
     return {
         "waiting": [i for i in items if i["c"].status == "waiting"],
         "others": [i for i in items if i["c"].status != "waiting"],
