@@ -130,7 +130,7 @@ def test_off_without_keys_with_one_log_line(
 ) -> None:
     monkeypatch.delenv("LANGFUSE_PUBLIC_KEY", raising=False)
     monkeypatch.delenv("LANGFUSE_SECRET_KEY", raising=False)
-    with caplog.at_level(logging.INFO, logger="chatbot.langfuse.tracer"):
+    with caplog.at_level(logging.INFO, logger="chatbot.langfuse"):
         tracer = make_tracer()
     assert isinstance(tracer, NoopTracer) and not tracer.enabled
     assert len(caplog.records) == 1 and "LANGFUSE_PUBLIC_KEY" in caplog.text
@@ -142,7 +142,7 @@ def test_half_configured_warns(
 ) -> None:
     monkeypatch.setenv("LANGFUSE_PUBLIC_KEY", "pk-only")
     monkeypatch.delenv("LANGFUSE_SECRET_KEY", raising=False)
-    with caplog.at_level(logging.INFO, logger="chatbot.langfuse.tracer"):
+    with caplog.at_level(logging.INFO, logger="chatbot.langfuse"):
         assert isinstance(make_tracer(), NoopTracer)
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
