@@ -126,7 +126,8 @@ def check_guardrails(
 ) -> list[GuardrailCheck]:
     """Evaluate every guardrail for every arm of ``arms`` other than the champion.
 
-    ``sessions`` needs ``arm_id`` and the count columns of the rates checked
+    ``sessions`` (a session frame, or its sums from :mod:`optimizer.moments`) needs
+    ``arm_id`` and the count columns of the rates checked
     (``thumbs_down``/``rated``, ``errors``/``turns``); ``latencies`` maps arm →
     turn latencies in ms (:func:`optimizer.kpi.turn_latencies`). Without a
     champion nothing can be compared and the result is empty. ``rule`` decides
@@ -158,6 +159,9 @@ def _counts(sessions: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in ("thumbs_down", "rated", "errors", "turns") if c in sessions.columns]
     if sessions.empty or not cols:
         return pd.DataFrame(columns=cols)
+    if sessions.attrs.get("is_moments"):  # already summed per group (optimizer.moments)
+        summed = [c for c in sessions.columns if c.split("__")[0] in cols]
+        return sessions.groupby("arm_id", observed=True)[summed].sum()
     frame = sessions[["arm_id", *cols]].copy()
     for hits, total in _RATE_COLUMNS.values():
         if hits in frame.columns and total in frame.columns:

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -116,9 +116,24 @@ MIN_DELAY_EVENTS = 20
 #: Grid of the delay distribution estimate: the window in this many steps.
 DELAY_BINS = 28
 _DAY_S = 86_400.0
+_NO_SHARE = pd.DataFrame(
+    {
+        "pos": pd.Series(dtype=np.int64),
+        "bin": pd.Series(dtype=np.int64),
+        "weight": pd.Series(dtype=float),
+    }
+)
 
 
-def session_frame(store: Store, config: Config, *, now: datetime | None = None) -> pd.DataFrame:
+def session_frame(
+    store: Store,
+    config: Config,
+    *,
+    now: datetime | None = None,
+    assigned_after: datetime | None = None,
+    assigned_until: datetime | None = None,
+    delay_prior: Mapping[str, tuple[np.ndarray, int]] | None = None,
+) -> pd.DataFrame:
     """One row per assignment of ``config.experiment.id`` made at or before ``now``.
 
     Columns: :data:`BASE_COLUMNS`, then for each KPI term a column named
@@ -130,25 +145,48 @@ def session_frame(store: Store, config: Config, *, now: datetime | None = None) 
     window_days, aggregate, cap).
     Reads only the columns it needs; the heavy lifting is SQL ``GROUP BY`` and
     pandas, never a Python loop over sessions.
+
+    ``assigned_after`` / ``assigned_until`` restrict the frame to the sessions
+    assigned in that interval (the incremental refit, :mod:`optimizer.refit_state`,
+    reads one day or the open window at a time); their rows are the ones the whole
+    frame would have, except the delay estimate, which then needs the other
+    sessions' share as ``delay_prior`` (per term column: the weights by delay bin
+    of sessions older than the window, and their number of events). Such a frame
+    carries ``attrs["delay_sealed"]``, per term column the events of its own
+    sessions older than the window (``pos``, delay ``bin``, ``weight``), and
+    ``attrs["returning_users"]``, the users of the frame who had a session outside
+    the holdback at or before ``assigned_after`` (their sessions here are not their
+    first for :mod:`optimizer.srm`).
     """
     now = as_utc(now) if now is not None else utcnow()
     terms = config.kpi.terms
     now_s = now.timestamp()
     experiment_id = config.experiment.id
+    after = as_utc(assigned_after) if assigned_after is not None else None
+    until = min(as_utc(assigned_until), now) if assigned_until is not None else now
     with store.engine.connect() as conn:
         epoch = _epoch_function(conn)
-        frame, sessions = _sessions(conn, epoch, experiment_id, now)
+        frame, sessions = _sessions(conn, epoch, experiment_id, now, after=after, until=until)
         if frame.empty:
-            return _empty_frame(terms)
+            out = _empty_frame(terms)
+            out.attrs["delay_sealed"], out.attrs["returning_users"] = {}, []
+            return out
         outcome_names = sorted(
             {t.source.split(":", 1)[1] for t in terms if t.source.startswith("outcome:")}
         )
-        outcomes = _outcomes(conn, epoch, outcome_names, now)
+        outcomes = _outcomes(conn, epoch, outcome_names, now, after=after)
+        returning = _returning_users(conn, experiment_id, frame, after) if after else []
+        later = (
+            _later_sessions(conn, epoch, experiment_id, outcomes, until, now)
+            if until < now
+            else None
+        )
 
     age_s = now_s - frame["assigned_s"].to_numpy()
     frame["assigned_at"] = pd.to_datetime(frame["assigned_s"], unit="s", utc=True)
     frame["age_days"] = age_s / _DAY_S
-    events = _attribute(outcomes, frame, sessions)
+    events = _attribute(outcomes, frame, sessions, later=later)
+    sealed: dict[str, pd.DataFrame] = {}
 
     reward = np.zeros(len(frame))
     complete = np.ones(len(frame), dtype=bool)
@@ -156,10 +194,12 @@ def session_frame(store: Store, config: Config, *, now: datetime | None = None) 
     for term in terms:
         window_s = term.window_days * _DAY_S
         closed = age_s >= window_s
-        observed, exposure = _term_values(term, frame, events, age_s, closed, window_s)
+        col = term_column(term.name)
+        observed, exposure, sealed[col] = _term_values(
+            term, frame, events, age_s, closed, window_s, (delay_prior or {}).get(col)
+        )
         if term.cap is not None:
             observed = np.minimum(observed, term.cap)
-        col = term_column(term.name)
         extra[col] = np.where(closed, observed, np.nan)
         extra[f"{col}_observed"] = observed
         extra[f"{col}_exposure"] = exposure
@@ -170,6 +210,8 @@ def session_frame(store: Store, config: Config, *, now: datetime | None = None) 
     frame = frame[list(BASE_COLUMNS)]
     frame = pd.concat([frame, pd.DataFrame(extra, index=frame.index)], axis=1)
     frame.attrs["kpi_terms"] = _term_attrs(terms)
+    frame.attrs["delay_sealed"] = sealed
+    frame.attrs["returning_users"] = returning
     return frame
 
 
@@ -273,7 +315,13 @@ def _read(conn: sa.Connection, query: sa.Select[Any], columns: Sequence[str]) ->
 
 
 def _sessions(
-    conn: sa.Connection, epoch: Any, experiment_id: str, now: datetime
+    conn: sa.Connection,
+    epoch: Any,
+    experiment_id: str,
+    now: datetime,
+    *,
+    after: datetime | None = None,
+    until: datetime | None = None,
 ) -> tuple[pd.DataFrame, pd.Index]:
     """Assignments with their turn, error and vote counts, one row per session.
 
@@ -286,7 +334,7 @@ def _sessions(
     """
     a, t, f = schema.assignments, schema.turns, schema.feedback
     experiment: sa.ColumnElement[str] = a.c.experiment_id
-    if conn.dialect.name == "sqlite":
+    if conn.dialect.name == "sqlite" and after is None:
         # Reading a whole experiment, a table scan is ~4x faster than SQLite's row-by-row
         # index lookups; SQLite's unary + keeps the column off the index at no cost.
         experiment = UnaryExpression(experiment, operator=custom_op("+"), type_=sa.String())
@@ -299,17 +347,17 @@ def _sessions(
             .scalar_subquery()
         ]
     base = (a.c.session_id, a.c.user_id, a.c.arm_id, a.c.segment)
-    rows = fetch_tuples(
-        conn,
-        sa.select(
-            *base,
-            a.c.propensity,
-            a.c.snapshot_version,
-            epoch(a.c.assigned_at),
-            a.c.holdback,
-            *counts,
-        ).where(experiment == experiment_id, a.c.assigned_at <= now),
-    )
+    query = sa.select(
+        *base,
+        a.c.propensity,
+        a.c.snapshot_version,
+        epoch(a.c.assigned_at),
+        a.c.holdback,
+        *counts,
+    ).where(experiment == experiment_id, a.c.assigned_at <= (until or now))
+    if after is not None:
+        query = query.where(a.c.assigned_at > after)
+    rows = fetch_tuples(conn, query)
     if not rows:
         return pd.DataFrame(), pd.Index([])
     # One object array, then typed columns: ids stay Python strings (cheap to hash).
@@ -353,6 +401,59 @@ def _sessions(
     return frame, pd.Index(frame["session_id"])
 
 
+def _returning_users(
+    conn: sa.Connection, experiment_id: str, frame: pd.DataFrame, after: datetime
+) -> list[str]:
+    """Users of ``frame`` with a non-holdback session assigned at or before ``after``."""
+    a = schema.assignments
+    users = sorted(set(frame["user_id"].tolist()))
+    out: list[str] = []
+    for i in range(0, len(users), 500):
+        chunk = users[i : i + 500]
+        rows = conn.execute(
+            sa.select(a.c.user_id)
+            .where(
+                a.c.user_id.in_(chunk),
+                a.c.experiment_id == experiment_id,
+                a.c.assigned_at <= after,
+                a.c.holdback == sa.false(),
+            )
+            .distinct()
+        ).all()
+        out.extend(r[0] for r in rows)
+    return sorted(out)
+
+
+def _later_sessions(
+    conn: sa.Connection,
+    epoch: Any,
+    experiment_id: str,
+    outcomes: pd.DataFrame,
+    until: datetime,
+    now: datetime,
+) -> pd.DataFrame:
+    """First session after ``until`` (up to ``now``) of each user with a user-level outcome:
+    such an outcome that occurred after it belongs to it, not to the frame's sessions."""
+    a = schema.assignments
+    users = sorted(set(outcomes.loc[outcomes["session_id"].isna(), "user_id"].dropna()))
+    rows: list[tuple[Any, ...]] = []
+    for i in range(0, len(users), 500):
+        rows.extend(
+            fetch_tuples(
+                conn,
+                sa.select(a.c.user_id, sa.func.min(epoch(a.c.assigned_at)))
+                .where(
+                    a.c.user_id.in_(users[i : i + 500]),
+                    a.c.experiment_id == experiment_id,
+                    a.c.assigned_at > until,
+                    a.c.assigned_at <= now,
+                )
+                .group_by(a.c.user_id),
+            )
+        )
+    return pd.DataFrame(rows, columns=["user_id", "first_s"]).astype({"first_s": float})
+
+
 def _stamped_after(conn: sa.Connection, now: datetime) -> bool:
     """Whether any turn or vote is stamped after ``now`` (two index probes)."""
     t, f = schema.turns, schema.feedback
@@ -362,7 +463,14 @@ def _stamped_after(conn: sa.Connection, now: datetime) -> bool:
     )
 
 
-def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: datetime) -> pd.DataFrame:
+def _outcomes(
+    conn: sa.Connection,
+    epoch: Any,
+    names: Sequence[str],
+    now: datetime,
+    *,
+    after: datetime | None = None,
+) -> pd.DataFrame:
     o = schema.outcomes
     columns = ("session_id", "user_id", "name", "value", "occurred_s")
     if not names:
@@ -373,6 +481,10 @@ def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: dateti
     query = sa.select(
         o.c.session_id, o.c.user_id, o.c.name, o.c.value, epoch(o.c.occurred_at)
     ).where(o.c.name.in_(list(names)), o.c.occurred_at <= now)
+    if after is not None:  # an event before its session (beyond the clock skew) never counts
+        from optimizer.attribution import CLOCK_SKEW_S
+
+        query = query.where(o.c.occurred_at >= after - timedelta(seconds=CLOCK_SKEW_S))
     frame = _read(conn, query, columns)
     frame["value"] = frame["value"].astype(float)
     frame["occurred_s"] = frame["occurred_s"].astype(float)
@@ -382,7 +494,13 @@ def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: dateti
 # -- attribution and terms ------------------------------------------------------------------
 
 
-def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) -> pd.DataFrame:
+def _attribute(
+    outcomes: pd.DataFrame,
+    sessions: pd.DataFrame,
+    ids: pd.Index,
+    *,
+    later: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """Outcome events with the row position (``pos``) of the session they belong to.
 
     Session-linked events join on ``session_id``; user-level events go to the
@@ -419,6 +537,9 @@ def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) ->
             direction="backward",
         )
         matched = matched[matched["pos"].notna()]
+        if later is not None and len(later):  # a session outside the frame is the user's latest
+            nxt = matched["user_id"].map(later.set_index("user_id")["first_s"])
+            matched = matched[~(nxt <= matched["match_s"])]
         linked = pd.concat([linked, matched[[*by_user.columns.tolist(), "pos"]]], ignore_index=True)
     linked = linked.astype({"pos": np.int64})
     delay = linked["occurred_s"].to_numpy() - assigned_s[linked["pos"].to_numpy()]
@@ -433,15 +554,17 @@ def _term_values(
     age_s: np.ndarray,
     closed: np.ndarray,
     window_s: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(value so far, exposure) of one term for every session."""
+    prior: tuple[np.ndarray, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(value so far, exposure, delay share of the frame's sessions past the window) of one
+    term for every session."""
     n = len(frame)
     kind, _, name = term.source.partition(":")
     if kind == "feedback":
         rated = frame["rated"].to_numpy()
         hits = frame["thumbs_up" if name == "up_rate" else "thumbs_down"].to_numpy()
         value = np.divide(hits, rated, out=np.zeros(n), where=rated > 0)
-        return value, np.ones(n)
+        return value, np.ones(n), _NO_SHARE
 
     ev = events[(events["name"] == name) & (events["delay_s"] <= window_s)]
     value = np.zeros(n)
@@ -458,11 +581,18 @@ def _term_values(
                 .last()
             )
         value[agg.index.to_numpy()] = agg.to_numpy()
-    exposure = np.where(closed, 1.0, _delay_cdf(term, ev, age_s, window_s)(age_s))
-    return value, exposure
+    cdf, sealed = _delay_cdf(term, ev, age_s, window_s, prior)
+    exposure = np.where(closed, 1.0, cdf(age_s))
+    return value, exposure, sealed
 
 
-def _delay_cdf(term: KPITermConfig, ev: pd.DataFrame, age_s: np.ndarray, window_s: float) -> Any:
+def _delay_cdf(
+    term: KPITermConfig,
+    ev: pd.DataFrame,
+    age_s: np.ndarray,
+    window_s: float,
+    prior: tuple[np.ndarray, int] | None = None,
+) -> tuple[Any, pd.DataFrame]:
     """Estimated share ``F(t)`` of a term's final value that has arrived ``t`` seconds in.
 
     Delays are right-truncated: a session of age ``a`` shows only delays ≤ ``a``.
@@ -471,22 +601,35 @@ def _delay_cdf(term: KPITermConfig, ev: pd.DataFrame, age_s: np.ndarray, window_
     least ``b_k`` old, ``F(b_{k-1}) / F(b_k)`` = (value that arrived by ``b_{k-1}``)
     / (value that arrived by ``b_k``); ``F(window) = 1`` and the ratios chain down.
     Between grid points ``F`` is interpolated linearly.
+
+    Sessions past the window all sit in the last age bin, so their share is a
+    vector that adds up: ``prior`` is that of sessions outside ``ev`` (weights by
+    delay bin, number of events); the second value returned lists ``ev``'s own
+    such events (``pos``, ``bin``, ``weight``).
     """
+    no_share = _NO_SHARE
     if window_s <= 0:
-        return lambda age: np.ones_like(age, dtype=float)
+        return (lambda age: np.ones_like(age, dtype=float)), no_share
     if term.aggregate == "sum":
         delays, weights = ev["delay_s"].to_numpy(), np.abs(ev["value"].to_numpy())
         pos = ev["pos"].to_numpy()
     else:  # the value is known from the session's first event on
         first = ev.groupby("pos", sort=False)["delay_s"].min()
         delays, weights, pos = first.to_numpy(), np.ones(len(first)), first.index.to_numpy()
-    if len(delays) < MIN_DELAY_EVENTS or weights.sum() <= 0:
-        return lambda age: np.clip(age / window_s, 0.0, 1.0)
+    pos = np.asarray(pos, dtype=np.int64)
     edges = np.linspace(0.0, window_s, DELAY_BINS + 1)
     d_bin = np.searchsorted(edges, np.clip(delays, 0.0, window_s), side="left")
     a_bin = np.searchsorted(edges, np.minimum(age_s[pos], window_s), side="right") - 1
     counts = np.zeros((DELAY_BINS + 1, DELAY_BINS + 1))
     np.add.at(counts, (d_bin, a_bin), weights)
+    past = a_bin == DELAY_BINS
+    sealed = pd.DataFrame({"pos": pos[past], "bin": d_bin[past], "weight": weights[past]})
+    n_events, total = len(delays), weights.sum()
+    if prior is not None:
+        counts[:, DELAY_BINS] += np.asarray(prior[0], dtype=float)
+        n_events, total = n_events + int(prior[1]), total + float(np.sum(prior[0]))
+    if n_events < MIN_DELAY_EVENTS or total <= 0:
+        return (lambda age: np.clip(age / window_s, 0.0, 1.0)), sealed
     # arrived[i, j] = value with delay bin <= i from sessions whose age bin >= j
     arrived = np.cumsum(counts, axis=0)[:, ::-1].cumsum(axis=1)[:, ::-1]
     k = np.arange(1, DELAY_BINS + 1)
@@ -497,7 +640,7 @@ def _delay_cdf(term: KPITermConfig, ev: pd.DataFrame, age_s: np.ndarray, window_
     def cdf(age: np.ndarray) -> np.ndarray:
         return np.interp(np.clip(age, 0.0, window_s), edges, at_edges)
 
-    return cdf
+    return cdf, sealed
 
 
 # -- helpers --------------------------------------------------------------------------------
