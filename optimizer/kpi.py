@@ -539,7 +539,8 @@ def _attribute(
         matched = matched[matched["pos"].notna()]
         if later is not None and len(later):  # a session outside the frame is the user's latest
             nxt = matched["user_id"].map(later.set_index("user_id")["first_s"])
-            matched = matched[~(nxt <= matched["match_s"])]
+            nxt = nxt.to_numpy(dtype=float, na_value=np.nan)
+            matched = matched[~(nxt <= matched["match_s"].to_numpy(dtype=float))]
         linked = pd.concat([linked, matched[[*by_user.columns.tolist(), "pos"]]], ignore_index=True)
     linked = linked.astype({"pos": np.int64})
     delay = linked["occurred_s"].to_numpy() - assigned_s[linked["pos"].to_numpy()]

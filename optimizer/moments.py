@@ -38,6 +38,7 @@ import pandas as pd
 __all__ = [
     "METRIC_COLUMNS",
     "SKETCH_ALPHA",
+    "SketchRef",
     "arm_readouts",
     "combine",
     "moment_terms",
@@ -186,7 +187,8 @@ def combine(parts: Sequence[pd.DataFrame], keys: Sequence[str]) -> pd.DataFrame:
     frames = [p for p in parts if len(p)]
     attrs = next((dict(p.attrs) for p in parts if p.attrs), {})
     if not frames:
-        out = parts[0].iloc[:0].copy() if parts else pd.DataFrame(columns=list(keys))
+        columns = list(dict.fromkeys([*keys, *(c for p in parts for c in p.columns)]))
+        out = pd.DataFrame({c: pd.Series(dtype=object if c in keys else float) for c in columns})
         out.attrs = attrs
         return out
     whole = pd.concat(frames, ignore_index=True).fillna(0.0)
@@ -210,6 +212,19 @@ def _column_of(sessions: pd.DataFrame, source: str) -> str | None:
 
 
 # -- the support-minutes histogram ------------------------------------------------------
+
+
+class SketchRef:
+    """A :func:`support_sketch` carried in a moments frame's ``attrs["sketch"]``.
+
+    A holder compared by identity: pandas compares ``attrs`` when it combines
+    frames, and a DataFrame there has no truth value.
+    """
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
 
 
 def _bucket(values: np.ndarray) -> np.ndarray:
@@ -284,7 +299,8 @@ def arm_readouts(moments: pd.DataFrame) -> dict[str, dict[str, Any]]:
         return {}
     cols = [c for c in METRIC_COLUMNS if c in moments]
     by_arm = moments.groupby("arm_id", sort=True)[[*cols, "n"]].sum()
-    sketch = moments.attrs.get("sketch")
+    ref = moments.attrs.get("sketch")
+    sketch = ref.frame if isinstance(ref, SketchRef) else None
     out: dict[str, dict[str, Any]] = {}
     for arm, row in by_arm.iterrows():
         sums = {c: float(row[c]) for c in row.index}

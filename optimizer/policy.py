@@ -293,7 +293,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         ``cap_set`` arm events); they bind every segment, champion included. Needs
         columns ``arm_id``, ``reward``, ``complete`` and optionally ``segment``.
         """
-        from optimizer.moments import session_moments, support_sketch
+        from optimizer.moments import SketchRef, session_moments, support_sketch
 
         for arm, cap in (caps or {}).items():
             if not (math.isfinite(cap) and 0 < cap <= 1):
@@ -306,7 +306,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
             if missing:
                 raise PolicyError(f"session frame lacks columns {sorted(missing)}")
             moments = session_moments(sessions, ("segment", "arm_id"))
-            moments.attrs["sketch"] = support_sketch(sessions, ("arm_id",))
+            moments.attrs["sketch"] = SketchRef(support_sketch(sessions, ("arm_id",)))
         moments = moments[moments["n"] > 0] if len(moments) else moments
         data_arms = sorted(pd.unique(moments["arm_id"]).tolist()) if len(moments) else []
         active = sorted(dict.fromkeys(arms)) if arms is not None else data_arms

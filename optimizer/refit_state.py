@@ -52,7 +52,7 @@ from optimizer import kpi, srm
 from optimizer.clock import as_utc
 from optimizer.config import Config
 from optimizer.holdback import bandit_frame
-from optimizer.moments import combine, session_moments, support_sketch
+from optimizer.moments import SketchRef, combine, session_moments, support_sketch
 from optimizer.store import Store, schema
 
 __all__ = ["SEAL_CHUNK_DAYS", "RefitInputs", "evidence_moments", "refit_inputs"]
@@ -96,7 +96,7 @@ def refit_inputs(
     if not incremental:
         frame = kpi.session_frame(store, config, now=now)
         moments, sketch, groups, _ = _summarise(frame, activity, returning=(), by_day=False)
-        moments.attrs["sketch"] = sketch
+        moments.attrs["sketch"] = SketchRef(sketch)
         return RefitInputs(moments, groups, frame, None, {"path": "full"})
     return _Updater(store, config, now, activity).run()
 
@@ -150,7 +150,7 @@ def _summarise(
     keys: tuple[str, ...] = ("day", *_MOMENT_KEYS) if by_day else _MOMENT_KEYS
     f = frame
     if by_day:
-        f = frame.assign(day=(frame["assigned_at"].astype("int64") // 10**9) // _DAY_S)
+        f = frame.assign(day=_days(frame))
         f.attrs = dict(frame.attrs)
     moments = session_moments(f, keys)
     sketch = support_sketch(f, keys)
@@ -257,7 +257,11 @@ class _Updater:
         )
         prior = _delay_prior(parts["delay"])
         frame = kpi.session_frame(
-            self.store, self.config, now=self.now, assigned_after=until, delay_prior=prior
+            self.store,
+            self.config,
+            now=self.now,
+            assigned_after=until - timedelta(microseconds=1) if until is not None else None,
+            delay_prior=prior,
         )
         o_moments, o_sketch, o_groups, _ = _summarise(
             frame, self.activity, returning=frame.attrs.get("returning_users", []), by_day=False
@@ -267,8 +271,8 @@ class _Updater:
         moments.attrs["metrics"] = bool(
             o_moments.attrs.get("metrics") or parts["moments"].attrs.get("metrics")
         )
-        moments.attrs["sketch"] = combine(
-            [parts["sketch"].drop(columns="day"), o_sketch], (*_MOMENT_KEYS, "bucket")
+        moments.attrs["sketch"] = SketchRef(
+            combine([parts["sketch"].drop(columns="day"), o_sketch], (*_MOMENT_KEYS, "bucket"))
         )
         srm_keys = ("version", "segment", "inactive", "arm_id")
         groups = combine([parts["srm"].drop(columns="day"), o_groups], srm_keys)
@@ -456,6 +460,12 @@ class _Updater:
                     for part in _PARTS
                 ],
             )
+
+
+def _days(frame: pd.DataFrame) -> np.ndarray:
+    """Day number (since 1970, UTC) of each session's assignment."""
+    seconds = frame["assigned_at"].to_numpy(dtype="datetime64[s]").astype(np.int64)
+    return seconds // _DAY_S
 
 
 def _empty_parts() -> dict[str, pd.DataFrame]:
