@@ -175,7 +175,7 @@ def session_frame(
             {t.source.split(":", 1)[1] for t in terms if t.source.startswith("outcome:")}
         )
         outcomes = _outcomes(conn, epoch, outcome_names, now, after=after)
-        returning = _returning_users(conn, experiment_id, frame, after) if after else []
+        returning = frame.attrs.pop("returning_users", [])
         later = (
             _later_sessions(conn, epoch, experiment_id, outcomes, until, now)
             if until < now
@@ -357,6 +357,18 @@ def _sessions(
     ).where(experiment == experiment_id, a.c.assigned_at <= (until or now))
     if after is not None:
         query = query.where(a.c.assigned_at > after)
+        # Users with an earlier session (outside the holdback): one index probe per row.
+        b = a.alias("earlier")
+        query = query.add_columns(
+            sa.exists()
+            .where(
+                b.c.user_id == a.c.user_id,
+                b.c.experiment_id == a.c.experiment_id,
+                b.c.assigned_at <= after,
+                b.c.holdback == sa.false(),
+            )
+            .label("has_earlier")
+        )
     rows = fetch_tuples(conn, query)
     if not rows:
         return pd.DataFrame(), pd.Index([])
@@ -370,6 +382,11 @@ def _sessions(
     frame["holdback"] = cells[:, 7].astype(bool)
     for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=8):
         frame[name] = cells[:, i].astype(np.int64)
+    returning = (
+        sorted(set(frame["user_id"][cells[:, 8 + len(counts)].astype(bool)].tolist()))
+        if after is not None
+        else []
+    )
     del cells
     sessions = pd.Index(frame["session_id"])
     if as_of_now:
@@ -395,33 +412,12 @@ def _sessions(
                 frame[name] = column
     # in time order (SRM takes each user's first session); stable keeps the scan order on ties
     assigned = frame["assigned_s"].to_numpy()
+    frame.attrs["returning_users"] = returning
     if (np.diff(assigned) >= 0).all():  # the usual case: rows come in insertion order
         return frame, sessions
     frame = frame.iloc[np.argsort(assigned, kind="stable")].reset_index(drop=True)
+    frame.attrs["returning_users"] = returning
     return frame, pd.Index(frame["session_id"])
-
-
-def _returning_users(
-    conn: sa.Connection, experiment_id: str, frame: pd.DataFrame, after: datetime
-) -> list[str]:
-    """Users of ``frame`` with a non-holdback session assigned at or before ``after``."""
-    a = schema.assignments
-    users = sorted(set(frame["user_id"].tolist()))
-    out: list[str] = []
-    for i in range(0, len(users), 500):
-        chunk = users[i : i + 500]
-        rows = conn.execute(
-            sa.select(a.c.user_id)
-            .where(
-                a.c.user_id.in_(chunk),
-                a.c.experiment_id == experiment_id,
-                a.c.assigned_at <= after,
-                a.c.holdback == sa.false(),
-            )
-            .distinct()
-        ).all()
-        out.extend(r[0] for r in rows)
-    return sorted(out)
 
 
 def _later_sessions(

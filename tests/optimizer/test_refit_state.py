@@ -43,7 +43,12 @@ def _config() -> Config:
             },
             "kpi": {
                 "terms": [
-                    {"name": "conversion", "source": "outcome:conversion", "weight": 1.0, "window_days": 2},
+                    {
+                        "name": "conversion",
+                        "source": "outcome:conversion",
+                        "weight": 1.0,
+                        "window_days": 2,
+                    },
                     {
                         "name": "revenue",
                         "source": "outcome:revenue",
@@ -73,8 +78,21 @@ def _config() -> Config:
 
 _EVENT = st.tuples(
     st.sampled_from(
-        ["assign", "assign", "assign", "turn", "turn", "vote", "outcome", "outcome", "user_outcome",
-         "duplicate", "late_assign", "reassign", "refit"]
+        [
+            "assign",
+            "assign",
+            "assign",
+            "turn",
+            "turn",
+            "vote",
+            "outcome",
+            "outcome",
+            "user_outcome",
+            "duplicate",
+            "late_assign",
+            "reassign",
+            "refit",
+        ]
     ),
     st.floats(0, 1, allow_nan=False),  # how far back (share of a few days) the event happened
     st.integers(0, 40),  # which session / user / turn
@@ -176,7 +194,9 @@ def _apply(store: Store, events: list[tuple[str, float, int, float, int]], check
     return checks + 1
 
 
-def _aligned(a: pd.DataFrame, b: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _aligned(
+    a: pd.DataFrame, b: pd.DataFrame, keys: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     cols = sorted((set(a.columns) | set(b.columns)) - set(keys))
     a = a.reindex(columns=[*keys, *cols]).fillna(0.0)
     b = b.reindex(columns=[*keys, *cols]).fillna(0.0)
@@ -194,10 +214,14 @@ def _compare(store: Store, config: Config, now: datetime) -> None:
     a, b = _aligned(inc.moments, full.moments, keys)
     assert a[keys].astype(str).equals(b[keys].astype(str)), (a[keys], b[keys])
     np.testing.assert_allclose(
-        a.drop(columns=keys).to_numpy(float), b.drop(columns=keys).to_numpy(float),
-        rtol=1e-9, atol=1e-9,
+        a.drop(columns=keys).to_numpy(float),
+        b.drop(columns=keys).to_numpy(float),
+        rtol=1e-9,
+        atol=1e-9,
     )
-    a, b = _aligned(inc.moments.attrs["sketch"].frame, full.moments.attrs["sketch"].frame, [*keys, "bucket"])
+    a, b = _aligned(
+        inc.moments.attrs["sketch"].frame, full.moments.attrs["sketch"].frame, [*keys, "bucket"]
+    )
     np.testing.assert_allclose(a["count"].to_numpy(float), b["count"].to_numpy(float))
     srm_keys = ["version", "segment", "inactive", "arm_id"]
     a, b = _aligned(inc.srm_groups, full.srm_groups, srm_keys)
@@ -237,8 +261,17 @@ def test_closed_days_are_kept_and_only_touched_days_recomputed(store: Store) -> 
     store.sync_experiment(EXPERIMENT, EXPERIMENT, [ArmSpec(a, a, "h") for a in ARMS], at=START)
     for i in range(60):  # 15 days, 4 sessions a day
         store.record_assignment(
-            AssignmentRecord(f"s{i}", f"u{i}", EXPERIMENT, ARMS[i % 3], 1 / 3, None, "*", {},
-                             START + timedelta(hours=6 * i))
+            AssignmentRecord(
+                f"s{i}",
+                f"u{i}",
+                EXPERIMENT,
+                ARMS[i % 3],
+                1 / 3,
+                None,
+                "*",
+                {},
+                START + timedelta(hours=6 * i),
+            )
         )
     now = START + timedelta(days=16)
     first = refit_inputs(store, config, now=now)
@@ -246,8 +279,9 @@ def test_closed_days_are_kept_and_only_touched_days_recomputed(store: Store) -> 
     again = refit_inputs(store, config, now=now + timedelta(hours=1))
     assert again.stats["sealed_days"] == 0 and again.stats["recomputed_days"] == 0
     store.record_outcome(
-        OutcomeRecord("late", "conversion", 1.0, session_id="s1",
-                      occurred_at=START + timedelta(hours=8)),
+        OutcomeRecord(
+            "late", "conversion", 1.0, session_id="s1", occurred_at=START + timedelta(hours=8)
+        ),
         received_at=now,
     )
     late = refit_inputs(store, config, now=now + timedelta(hours=2))
@@ -268,23 +302,55 @@ def test_run_optimizer_is_the_same_either_way(tmp_path: Path) -> None:
         for i, arm, converted, revenue in plan:
             at = START + timedelta(hours=i)
             store.record_assignment(
-                AssignmentRecord(f"s{i}", f"u{i % 40}", EXPERIMENT, ARMS[arm], 1 / 3, None,
-                                 ("free", "pro")[i % 2], {}, at)
+                AssignmentRecord(
+                    f"s{i}",
+                    f"u{i % 40}",
+                    EXPERIMENT,
+                    ARMS[arm],
+                    1 / 3,
+                    None,
+                    ("free", "pro")[i % 2],
+                    {},
+                    at,
+                )
             )
             if converted:
                 store.record_outcome(
-                    OutcomeRecord(f"c{i}", "conversion", 1.0, session_id=f"s{i}",
-                                  occurred_at=at + timedelta(hours=5)), received_at=at)
+                    OutcomeRecord(
+                        f"c{i}",
+                        "conversion",
+                        1.0,
+                        session_id=f"s{i}",
+                        occurred_at=at + timedelta(hours=5),
+                    ),
+                    received_at=at,
+                )
                 store.record_outcome(
-                    OutcomeRecord(f"r{i}", "revenue", revenue, user_id=f"u{i % 40}",
-                                  occurred_at=at + timedelta(hours=9)), received_at=at)
+                    OutcomeRecord(
+                        f"r{i}",
+                        "revenue",
+                        revenue,
+                        user_id=f"u{i % 40}",
+                        occurred_at=at + timedelta(hours=9),
+                    ),
+                    received_at=at,
+                )
     now = START + timedelta(days=14)
     runs = []
     for store, incremental in zip(stores, (True, False), strict=True):
-        run_optimizer(store, config, now=now - timedelta(days=2), random_state=1,
-                      fewshot=False, incremental=incremental)
-        runs.append(run_optimizer(store, config, now=now, random_state=1, fewshot=False,
-                                  incremental=incremental))
+        run_optimizer(
+            store,
+            config,
+            now=now - timedelta(days=2),
+            random_state=1,
+            fewshot=False,
+            incremental=incremental,
+        )
+        runs.append(
+            run_optimizer(
+                store, config, now=now, random_state=1, fewshot=False, incremental=incremental
+            )
+        )
     inc, full = runs
     assert inc is not None and full is not None
     assert inc.sessions == full.sessions == 300
