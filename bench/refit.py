@@ -14,8 +14,8 @@ Then, each in a fresh process so the peak RSS is the measured work's own:
 
 - **cold**: ``run_optimizer(fewshot=False)`` on the incremental path with no
   kept state — it seals every closed day once (O(history), once);
-- **warm**: one hour later, after a new hour of traffic plus 50 late outcomes
-  and 50 changed votes on sealed sessions — the steady state, what every refit
+- **warm**: one hour later, after a new hour of traffic plus 5 late outcomes
+  and 5 changed votes on sessions of closed days — the steady state, what every refit
   costs (touched days recomputed, the open window read);
 - **baseline, full**: ``run_optimizer(incremental=False)`` at the same time — the
   full recomputation (``--full-max`` sizes only: at 10M it needs more memory than
@@ -291,7 +291,7 @@ def build(url: str, n: int) -> dict[str, int]:
 
 
 def add_hour(url: str, n: int, now: datetime) -> None:
-    """An hour of new traffic, plus 50 late outcomes and 50 changed votes on old sessions."""
+    """An hour of new traffic, plus 5 late outcomes and 5 changed votes on closed sessions."""
     from optimizer.store import AssignmentRecord, OutcomeRecord, Store
 
     store = Store(url)
@@ -316,7 +316,7 @@ def add_hour(url: str, n: int, now: datetime) -> None:
 
     with store.engine.begin() as conn:
         conn.execute(schema.assignments.insert(), [assignment_row(r) for r in a])
-    old = rng.integers(0, n // 2, 50)
+    old = rng.integers(0, n // 2, 5)
     for i in old:  # late conversions of sealed sessions
         store.record_outcome(
             OutcomeRecord(
@@ -334,9 +334,28 @@ def add_hour(url: str, n: int, now: datetime) -> None:
             .with_only_columns(schema.turns.c.id, schema.turns.c.user_id)
             .where(schema.turns.c.session_id.in_([f"s{i}" for i in old]))
         ).all()
-    for turn_id, user_id in turns[:50]:  # votes changed long after the chat
+    for turn_id, user_id in turns[:5]:  # votes changed long after the chat
         store.record_feedback(turn_id, user_id, int(rng.integers(2)), at=now)
     store.dispose()
+
+
+def reset(url: str) -> None:
+    """A kept store back to its built state: no refit state, no added hour, no snapshots."""
+    import sqlalchemy as sa
+
+    from optimizer.store import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for statement in (
+            "DELETE FROM refit_state",
+            "DELETE FROM policy_snapshots",
+            "DELETE FROM arm_events WHERE actor = 'optimizer'",
+            "DELETE FROM assignments WHERE session_id LIKE 'new%'",
+            "DELETE FROM outcomes WHERE idempotency_key LIKE 'late-%'",
+        ):
+            conn.execute(sa.text(statement))
+    engine.dispose()
 
 
 def _rss_mb() -> float:
@@ -466,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run the full-recomputation baseline up to this size (default 1M)",
     )
     parser.add_argument(
+        "--turn-days",
+        type=float,
+        help="turns and votes only for the last N days of sessions (see chunks())",
+    )
+    parser.add_argument(
         "--_measure", nargs=3, metavar=("URL", "NOW", "MODE"), help=argparse.SUPPRESS
     )
     parser.add_argument("--_groupby", metavar="URL", help=argparse.SUPPRESS)
@@ -489,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.engine == "postgresql":
                     _ensure_schema(url)
                 tic = time.perf_counter()
-                counts = build(url, n)
+                counts = build(url, n, turn_days=args.turn_days)
                 build_s = time.perf_counter() - tic
                 print(
                     f"built {n:,} sessions ({counts['turns']:,} turns, {counts['feedback']:,} "
@@ -497,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
+            reset(url)
             now = START + timedelta(days=days_for(n) + 0.5)
             cold = _subprocess("--_measure", url, now.isoformat(), "incremental")
             later = now + timedelta(hours=1)

@@ -174,7 +174,15 @@ def session_frame(
         outcome_names = sorted(
             {t.source.split(":", 1)[1] for t in terms if t.source.startswith("outcome:")}
         )
-        outcomes = _outcomes(conn, epoch, outcome_names, now, after=after)
+        horizon = max((t.window_days for t in terms), default=0.0) * _DAY_S
+        outcomes = _outcomes(
+            conn,
+            epoch,
+            outcome_names,
+            now,
+            after=after,
+            past=(experiment_id, until, horizon) if until < now else None,
+        )
         returning = frame.attrs.pop("returning_users", [])
         later = (
             _later_sessions(conn, epoch, experiment_id, outcomes, until, now)
@@ -466,7 +474,13 @@ def _outcomes(
     now: datetime,
     *,
     after: datetime | None = None,
+    past: tuple[str, datetime, float] | None = None,
 ) -> pd.DataFrame:
+    """Outcome events of ``names`` up to ``now``; with ``after``, only those that can belong
+    to a session assigned after it. ``past`` = (experiment, until, longest window in s): the
+    frame is a closed stretch of history, so its session-linked events are found through its
+    sessions (index probes, not a scan of everything that happened since) and user-level
+    ones within the longest window after it."""
     o = schema.outcomes
     columns = ("session_id", "user_id", "name", "value", "occurred_s")
     if not names:
@@ -477,11 +491,25 @@ def _outcomes(
     query = sa.select(
         o.c.session_id, o.c.user_id, o.c.name, o.c.value, epoch(o.c.occurred_at)
     ).where(o.c.name.in_(list(names)), o.c.occurred_at <= now)
-    if after is not None:  # an event before its session (beyond the clock skew) never counts
-        from optimizer.attribution import CLOCK_SKEW_S
+    from optimizer.attribution import CLOCK_SKEW_S
 
-        query = query.where(o.c.occurred_at >= after - timedelta(seconds=CLOCK_SKEW_S))
-    frame = _read(conn, query, columns)
+    skew = timedelta(seconds=CLOCK_SKEW_S)
+    if after is not None:  # an event before its session (beyond the clock skew) never counts
+        query = query.where(o.c.occurred_at >= after - skew)
+    if after is not None and past is not None:
+        experiment_id, until, horizon = past
+        a = schema.assignments
+        linked = query.join_from(o, a, a.c.session_id == o.c.session_id).where(
+            a.c.experiment_id == experiment_id, a.c.assigned_at > after, a.c.assigned_at <= until
+        )
+        by_user = query.where(
+            o.c.session_id.is_(None), o.c.occurred_at <= until + timedelta(seconds=horizon) + skew
+        )
+        frame = pd.concat(
+            [_read(conn, linked, columns), _read(conn, by_user, columns)], ignore_index=True
+        )
+    else:
+        frame = _read(conn, query, columns)
     frame["value"] = frame["value"].astype(float)
     frame["occurred_s"] = frame["occurred_s"].astype(float)
     return frame
@@ -517,15 +545,16 @@ def _attribute(
     if not by_user.empty:
         lookup = pd.DataFrame(
             {
-                "user_id": sessions["user_id"].to_numpy(),
+                "user_id": sessions["user_id"].astype(str).to_numpy(),
                 "assigned_s": assigned_s,
                 "pos": np.arange(len(sessions)),
             }
         ).sort_values("assigned_s", kind="stable")
         matched = pd.merge_asof(
-            by_user.assign(match_s=by_user["occurred_s"] + CLOCK_SKEW_S).sort_values(
-                "match_s", kind="stable"
-            ),
+            by_user.assign(
+                match_s=by_user["occurred_s"] + CLOCK_SKEW_S,
+                user_id=by_user["user_id"].astype(str),
+            ).sort_values("match_s", kind="stable"),
             lookup,
             left_on="match_s",
             right_on="assigned_s",

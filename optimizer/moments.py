@@ -124,57 +124,79 @@ def session_moments(
     """
     n = len(sessions)
     terms = term_arrays(sessions) if n else []
-    cols: dict[str, np.ndarray] = {}
+    key_cols: dict[str, np.ndarray] = {}
     for key in keys:
         if key in sessions:
-            cols[key] = sessions[key].to_numpy()
+            key_cols[key] = sessions[key].to_numpy()
         elif key == "segment":
-            cols[key] = np.full(n, "*", dtype=object)
+            key_cols[key] = np.full(n, "*", dtype=object)
         elif key == "holdback":
-            cols[key] = np.zeros(n, dtype=bool)
+            key_cols[key] = np.zeros(n, dtype=bool)
         else:
             raise ValueError(f"session frame lacks key column {key!r}")
-    if "holdback" in cols:
-        cols["holdback"] = np.asarray(cols["holdback"], dtype=bool)
+    if "holdback" in key_cols:
+        key_cols["holdback"] = np.asarray(key_cols["holdback"], dtype=bool)
+    for name, value in (extra or {}).items():
+        key_cols[name] = np.full(n, value)
+    # One code per group, then one bincount per statistic: no per-session product columns
+    # are materialised (a month of sessions × dozens of statistics would be hundreds of MB).
+    if n:
+        keyed = pd.DataFrame(key_cols)
+        groups = keyed.drop_duplicates().sort_values(list(keyed.columns), kind="stable")
+        groups = groups.reset_index(drop=True)
+        codes = keyed.merge(groups.reset_index(), on=list(keyed.columns), how="left", sort=False)[
+            "index"
+        ].to_numpy(dtype=np.int64)
+    else:
+        groups = pd.DataFrame({k: pd.Series(dtype=object) for k in key_cols})
+        codes = np.zeros(0, dtype=np.int64)
+    size = len(groups)
+    stats: dict[str, np.ndarray] = {}
+
+    def add(name: str, values: np.ndarray | None) -> None:
+        stats[name] = np.bincount(codes, weights=values, minlength=size).astype(float)
+
     complete = sessions["complete"].to_numpy(dtype=bool) if n else np.zeros(0, bool)
-    cols["n"] = np.ones(n)
-    cols["complete"] = complete.astype(float)
+    add("n", None)
+    add("complete", complete.astype(float))
     if terms:
-        cols["eff"] = np.column_stack([t[2] for t in terms]).min(axis=1)
+        add("eff", np.column_stack([t[2] for t in terms]).min(axis=1))
         for k, (_, _, e, o, f) in enumerate(terms):
-            cols[f"o{k}"], cols[f"e{k}"] = o, e
-            cols[f"f{k}"] = np.where(complete, np.nan_to_num(f), 0.0)
+            add(f"o{k}", o)
+            add(f"e{k}", e)
+            add(f"f{k}", np.where(complete, np.nan_to_num(f), 0.0))
             for m, (_, _, e2, o2, _) in enumerate(terms):
-                cols[f"oo{k}_{m}"], cols[f"oe{k}_{m}"], cols[f"ee{k}_{m}"] = o * o2, o * e2, e * e2
+                add(f"oo{k}_{m}", o * o2)
+                add(f"oe{k}_{m}", o * e2)
+                add(f"ee{k}_{m}", e * e2)
         reward = sessions["reward"].to_numpy(dtype=float)
         y = np.where(complete, reward, 0.0)
-        cols["y"], cols["yy"] = y, y * y
+        add("y", y)
+        add("yy", y * y)
         first_o, first_f = terms[0][3], terms[0][4]
-        cols["nb_obs"] = (~np.isin(first_o, (0.0, 1.0))).astype(float)
-        cols["nb_fin"] = (complete & ~np.isin(first_f, (0.0, 1.0))).astype(float)
+        add("nb_obs", (~np.isin(first_o, (0.0, 1.0))).astype(float))
+        add("nb_fin", (complete & ~np.isin(first_f, (0.0, 1.0))).astype(float))
     has_metrics = all(
         c in sessions for c in ("session_id", "thumbs_up", "thumbs_down", "rated", "turns")
     ) and ("errors" in sessions)
     if has_metrics and n:
-        for c in ("turns", "errors", "rated", "thumbs_up", "thumbs_down"):
-            cols[c] = sessions[c].to_numpy(dtype=float)
+        counts = {
+            c: sessions[c].to_numpy(dtype=float)
+            for c in ("turns", "errors", "rated", "thumbs_up", "thumbs_down")
+        }
+        for c, values in counts.items():
+            add(c, values)
         conv = _column_of(sessions, "outcome:conversion")
         if conv is not None:
             values = sessions[conv].to_numpy(dtype=float)
-            cols["conversion_known"] = (~np.isnan(values)).astype(float)
-            cols["conversions"] = (values > 0).astype(float)
+            add("conversion_known", (~np.isnan(values)).astype(float))
+            add("conversions", (values > 0).astype(float))
         for hits, total in (("thumbs_down", "rated"), ("errors", "turns")):
-            h, t = cols[hits], cols[total]
-            cols[f"{hits}__hh"], cols[f"{hits}__hn"], cols[f"{hits}__nn"] = h * h, h * t, t * t
-    frame = pd.DataFrame(cols)
-    for name, value in (extra or {}).items():
-        frame[name] = value
-    group = [*keys, *(extra or {})]
-    out = (
-        frame.groupby(group, sort=True, observed=True, dropna=False).sum().reset_index()
-        if n
-        else frame
-    )
+            h, t = counts[hits], counts[total]
+            add(f"{hits}__hh", h * h)
+            add(f"{hits}__hn", h * t)
+            add(f"{hits}__nn", t * t)
+    out = pd.concat([groups, pd.DataFrame(stats)], axis=1)
     out.attrs["is_moments"] = True
     out.attrs["terms"] = moment_terms(sessions)
     out.attrs["metrics"] = bool(has_metrics)
