@@ -388,14 +388,15 @@ class _Updater:
                     )
                 )
             # late or re-assigned sessions: the user's other sealed sessions may change
-            # (who is returning, which session a user-level outcome belongs to)
+            # (who is returning; which session a user-level outcome within a window of a
+            # sealed session belongs to). Sessions assigned in real time are past that.
             users.update(
                 r[0]
                 for r in conn.execute(
                     sa.select(a.c.user_id).where(
                         a.c.id > int(meta.get("assignments", 0)),
                         a.c.experiment_id == self.experiment,
-                        a.c.assigned_at < sealed_end,
+                        a.c.assigned_at < horizon,
                     )
                 )
             )

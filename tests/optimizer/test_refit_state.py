@@ -239,11 +239,11 @@ def _compare(store: Store, config: Config, now: datetime) -> None:
 
 
 @settings(
-    max_examples=30,
+    max_examples=20,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-@given(st.lists(_EVENT, min_size=20, max_size=90))
+@given(st.lists(_EVENT, min_size=20, max_size=80))
 def test_incremental_refit_equals_full_recomputation(events) -> None:
     config = _config()
     with tempfile.TemporaryDirectory() as tmp:
