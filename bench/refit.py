@@ -84,6 +84,8 @@ def days_for(n: int) -> float:
 
 
 def _ts(seconds: np.ndarray, pg: bool) -> np.ndarray:
+    if not len(seconds):
+        return np.array([], dtype=str)
     epoch = np.datetime64(START.replace(tzinfo=None), "us")
     stamps = epoch + (seconds * 1e6).astype("timedelta64[us]")
     text = np.char.replace(np.datetime_as_string(stamps, unit="us"), "T", " ")
