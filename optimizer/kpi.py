@@ -116,6 +116,23 @@ MIN_DELAY_EVENTS = 20
 #: Grid of the delay distribution estimate: the window in this many steps.
 DELAY_BINS = 28
 _DAY_S = 86_400.0
+
+
+class _Shared(dict):  # type: ignore[type-arg]
+    """A dict in ``DataFrame.attrs`` that pandas does not deep-copy at every operation
+    (it copies ``attrs`` on each column access: a list of 500k users made that the cost)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
+        return self
+
+
+class _SharedList(list):  # type: ignore[type-arg]
+    """A list in ``DataFrame.attrs`` that pandas does not deep-copy (see :class:`_Shared`)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedList:
+        return self
+
+
 _NO_SHARE = pd.DataFrame(
     {
         "pos": pd.Series(dtype=np.int64),
@@ -169,7 +186,8 @@ def session_frame(
         frame, sessions = _sessions(conn, epoch, experiment_id, now, after=after, until=until)
         if frame.empty:
             out = _empty_frame(terms)
-            out.attrs["delay_sealed"], out.attrs["returning_users"] = {}, []
+            out.attrs["delay_sealed"] = _Shared()
+            out.attrs["returning_users"] = _SharedList()
             return out
         outcome_names = sorted(
             {t.source.split(":", 1)[1] for t in terms if t.source.startswith("outcome:")}
@@ -183,7 +201,7 @@ def session_frame(
             after=after,
             past=(experiment_id, until, horizon) if until < now else None,
         )
-        returning = frame.attrs.pop("returning_users", [])
+        returning = frame.attrs.pop("returning_users", _SharedList())
         later = (
             _later_sessions(conn, epoch, experiment_id, outcomes, until, now)
             if until < now
@@ -194,7 +212,7 @@ def session_frame(
     frame["assigned_at"] = pd.to_datetime(frame["assigned_s"], unit="s", utc=True)
     frame["age_days"] = age_s / _DAY_S
     events = _attribute(outcomes, frame, sessions, later=later)
-    sealed: dict[str, pd.DataFrame] = {}
+    sealed: dict[str, pd.DataFrame] = _Shared()
 
     reward = np.zeros(len(frame))
     complete = np.ones(len(frame), dtype=bool)
@@ -420,7 +438,7 @@ def _sessions(
                 frame[name] = column
     # in time order (SRM takes each user's first session); stable keeps the scan order on ties
     assigned = frame["assigned_s"].to_numpy()
-    frame.attrs["returning_users"] = returning
+    frame.attrs["returning_users"] = returning = _SharedList(returning)
     if (np.diff(assigned) >= 0).all():  # the usual case: rows come in insertion order
         return frame, sessions
     frame = frame.iloc[np.argsort(assigned, kind="stable")].reset_index(drop=True)

@@ -248,6 +248,9 @@ class SketchRef:
     def __init__(self, frame: pd.DataFrame) -> None:
         self.frame = frame
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> SketchRef:
+        return self  # pandas deep-copies attrs at every operation; this is read-only
+
 
 def _bucket(values: np.ndarray) -> np.ndarray:
     """Signed log bucket of each value; 0 for zero."""
