@@ -75,6 +75,7 @@ from sqlalchemy.sql.operators import custom_op
 
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config, KPITermConfig
+from optimizer.moments import sketch_values
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_tuples
 
@@ -247,7 +248,8 @@ def arm_metrics(frame: pd.DataFrame, by: Sequence[str] = ("arm_id",)) -> pd.Data
     ``conversion_rate`` (share of sessions with the ``outcome:conversion`` term > 0,
     among sessions whose conversion window closed), ``thumbs_up_rate`` and
     ``thumbs_down_rate`` (per rated turn), ``error_rate`` (per turn),
-    ``median_support_minutes`` (``outcome:support_minutes`` term, closed windows).
+    ``median_support_minutes`` (``outcome:support_minutes`` term, closed windows; from
+    the mergeable histogram of :mod:`optimizer.moments`, within 1% of the exact median).
     Missing terms give NaN.
     """
     terms = {t["source"]: t["column"] for t in frame.attrs.get("kpi_terms", [])}
@@ -255,7 +257,8 @@ def arm_metrics(frame: pd.DataFrame, by: Sequence[str] = ("arm_id",)) -> pd.Data
     f = frame.assign(
         _conv_known=frame[conv].notna() if conv else False,
         _converted=(frame[conv] > 0) if conv else False,
-        _support=frame[support] if support else np.nan,
+        # the optimizer's histogram (optimizer.moments), so both report the same median
+        _support=sketch_values(frame[support].to_numpy(dtype=float)) if support else np.nan,
     )
     out = f.groupby(list(by), observed=True, sort=True).agg(
         sessions=("session_id", "size"),

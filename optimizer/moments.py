@@ -44,6 +44,7 @@ __all__ = [
     "moment_terms",
     "session_moments",
     "sketch_median",
+    "sketch_values",
     "support_sketch",
     "term_arrays",
 ]
@@ -295,6 +296,16 @@ def support_sketch(sessions: pd.DataFrame, keys: Sequence[str] = _KEYS) -> pd.Da
     if "holdback" in part:
         part["holdback"] = part["holdback"].astype(bool)
     return part.groupby([*keys, "bucket"], sort=True, observed=True).sum().reset_index()
+
+
+def sketch_values(values: np.ndarray) -> np.ndarray:
+    """Each value replaced by its histogram bucket's representative (NaN stays NaN): the
+    median of these is :func:`sketch_median` of their histogram, for any grouping."""
+    values = np.asarray(values, dtype=float)
+    known = ~np.isnan(values)
+    out = np.full(len(values), np.nan)
+    out[known] = _representative(_bucket(values[known]))
+    return out
 
 
 def sketch_median(sketch: pd.DataFrame) -> float:
