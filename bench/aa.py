@@ -39,7 +39,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -52,7 +51,6 @@ import sqlalchemy as sa
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from optimizer.scenario import parse_scenario  # noqa: E402

@@ -39,11 +39,9 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from refit import ARMS, EXPERIMENT, build  # noqa: E402  (the same synthetic store as the refit bench)
+from refit import ARMS, EXPERIMENT, build  # the same synthetic store as the refit bench  # noqa: E402
 
 SECRET = b"bench-secret"
 
@@ -71,10 +69,10 @@ def _config(url: str) -> Any:
 
 def make_app() -> Any:
     """The served app (run in the server process): outcomes API + operator router."""
-    from fastapi import FastAPI
+    from fastapi import FastAPI  # noqa: I001
 
-    from chatbot.operator import create_router
-    from chatbot.outcomes_api import api_router
+    from chatbot.web.operator import create_router
+    from chatbot.web.outcomes_api import api_router
     from chatbot.runtime import Runtime
 
     runtime = Runtime.build(_config(os.environ["BENCH_DATABASE_URL"]))
@@ -204,7 +202,7 @@ def main() -> None:
         path = Path(tmp) / "dash.db"
         counts = build(path, args.sessions)
         url = f"sqlite:///{path}"
-        from optimizer.job import run_optimizer
+        from optimizer.refit import run_optimizer
         from optimizer.store import Store
 
         store = Store(url)

@@ -16,8 +16,8 @@ the model answers three times, with the ``concise`` variant and:
   :func:`optimizer.fewshot.mine_examples` (scrubbed, de-duplicated, auto-approved),
   then :class:`optimizer.fewshot.ExampleSelector` retrieves from it.
 
-Messages come from ``chatbot.prompting.build_messages`` and replies from
-``chatbot.llm.stream_reply``, as in the chat (temperature 0, so runs repeat).
+Messages come from ``chatbot.llm.messages.build_messages`` and replies from
+``chatbot.llm.streaming.stream_reply``, as in the chat (temperature 0, so runs repeat).
 
 Scores, each averaged over questions:
 
@@ -48,13 +48,12 @@ from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from chatbot.llm import stream_reply  # noqa: E402
-from chatbot.prompting import build_messages  # noqa: E402
+from chatbot.llm.messages import build_messages  # noqa: E402
+from chatbot.llm.streaming import stream_reply  # noqa: E402
 from optimizer.config import ArmConfig, ExperimentConfig, ModelConfig, load_config  # noqa: E402
 from optimizer.fewshot import ExampleSelector, mine_examples  # noqa: E402
-from optimizer.prompts import load_prompts  # noqa: E402
+from optimizer.prompt_library import load_prompts  # noqa: E402
 from optimizer.store import AssignmentRecord, Store, TurnRecord  # noqa: E402
 
 DATA = Path(__file__).parent / "data"

@@ -4,7 +4,7 @@
         [--database sqlite|postgres|URL] [--url http://… --database-url URL] [--json]
 
 Each simulated user logs in (``POST /login``), opens a chat over socket.io like
-the browser (:mod:`tests.chainlit_client`), starts at a random moment within
+the browser (:mod:`tests.support.chainlit_client`), starts at a random moment within
 ``--think-ms``, sends ``--turns`` messages one after another (waiting
 ``--think-ms`` ± 50 % after each reply, as a person reading it), votes
 thumbs up or down on every reply over HTTP, and reports a conversion for its
@@ -55,7 +55,6 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -64,14 +63,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import httpx  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
-from chainlit_client import ChatSession, login  # noqa: E402
-from flywheel_process import (  # noqa: E402
+
+from optimizer.store import Store, schema  # noqa: E402
+from tests.support.chainlit_client import ChatSession, login  # noqa: E402
+from tests.support.flywheel_process import (  # noqa: E402
     API_KEY,
     PASSWORD,
     ServerProcess,
@@ -79,8 +78,6 @@ from flywheel_process import (  # noqa: E402
     user_name,
     write_config,
 )
-
-from optimizer.store import Store, schema  # noqa: E402
 
 TARGET_P99_MS = 5.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -119,7 +116,7 @@ async def bare_litellm(model: str, *, calls: int) -> list[float]:
     """Latency (ms) of streaming the same fake model directly through litellm, one at a time."""
     import litellm
 
-    from chatbot.llm import register_providers
+    from chatbot.llm.streaming import register_providers
 
     register_providers()
     messages = [{"role": "user", "content": MESSAGE}]

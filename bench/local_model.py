@@ -7,9 +7,9 @@ by run so a busy machine slows both alike:
 
 - **baseline**: llama-cpp-python called directly in this process,
   ``Llama.create_completion(stream=True)`` on a model loaded with the same
-  options as ours (:func:`chatbot.local_worker.load_llama`: without extra
+  options as ours (:func:`chatbot.llm.local_worker.load_llama`: without extra
   buffer types, which crash on AMX machines);
-- **ours**: :func:`chatbot.llm.stream_reply`, i.e. litellm → the ``local/``
+- **ours**: :func:`chatbot.llm.streaming.stream_reply`, i.e. litellm → the ``local/``
   provider → the supervisor thread → a pipe → the model process → back.
 
 Two prompt states: **cold** (an unrelated prompt ran just before, so the whole
@@ -39,24 +39,22 @@ import json
 import os
 import signal
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the model process has it: same for both
 
-from chatbot import local_model  # noqa: E402
 from chatbot.doctor import cpu as doctor_cpu  # noqa: E402
-from chatbot.llm import stream_reply  # noqa: E402
-from chatbot.local_worker import load_llama  # noqa: E402
-from chatbot.prompting import STOP, build_messages, prompt_budget, render_transcript  # noqa: E402
+from chatbot.llm import local as local_model  # noqa: E402
+from chatbot.llm.local_worker import load_llama  # noqa: E402
+from chatbot.llm.messages import STOP, build_messages, prompt_budget, render_transcript  # noqa: E402
+from chatbot.llm.streaming import stream_reply  # noqa: E402
 from optimizer.config import ModelConfig  # noqa: E402
-from optimizer.prompts import load_prompts  # noqa: E402
+from optimizer.prompt_library import load_prompts  # noqa: E402
 
 MODEL_ID = "gemma3-270m"
 QUESTIONS = [

@@ -3,7 +3,7 @@
     .venv/bin/python bench/login_throttle.py [--seconds 10] [--rounds 4]
 
 Runs the whole app (``create_app``: Chainlit's ``POST /login`` behind
-``chatbot.throttle``) in-process on a fresh SQLite store, with one database
+``chatbot.web.throttle``) in-process on a fresh SQLite store, with one database
 user ``alice`` (bcrypt cost ``--rounds``) and another user ``bob``. For
 ``--seconds`` an attacker loops wrong passwords for ``alice`` as fast as the
 server answers, while ``bob`` logs in correctly from another address every
@@ -24,27 +24,23 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 def run(seconds: float, rounds: int, security: dict[str, float]) -> dict[str, float]:
-    from chat_helpers import RecordingTracer, chat_config
     from fastapi.testclient import TestClient
 
-    from chatbot.auth import hash_password
     from chatbot.runtime import Runtime
-    from chatbot.server import create_app
+    from chatbot.web.auth import hash_password
+    from chatbot.web.server import create_app
     from optimizer.config import AuthConfig, SecurityConfig
     from optimizer.store import Store
     from optimizer.store.accounts import Accounts
+    from tests.support.chat_helpers import RecordingTracer, chat_config
 
     home = tempfile.mkdtemp(prefix="flywheel-bench-")
     os.environ["FLYWHEEL_HOME"] = home

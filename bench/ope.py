@@ -1,6 +1,6 @@
 """Off-policy evaluation benchmark: relative error and interval coverage per estimator.
 
-Scenario (``bench/scenarios/ope_logged.toml``): the support experiment after burn-in.
+Environment (``bench/scenarios/ope_logged.toml``): the support experiment after burn-in.
 Three arms (concise = champion, empathetic, proactive-upsell); sessions have a
 ``plan`` (free 60%, pro 30%, enterprise 10%) and a ``channel`` (web 70%, mobile 30%).
 The logging policy is a per-plan snapshot giving the champion 60-70% and each
@@ -12,7 +12,7 @@ so that 10k sessions can carry a 5% relative error honestly. Targets:
   empathetic, 10% floors); true KPI 0.1815 against 0.1499 for the logging policy;
 - ``promote-empathetic``: empathetic at 100%; true KPI 0.1702.
 
-True values are exact sums over the 6 context cells (``Scenario.true_value``), not
+True values are exact sums over the 6 context cells (``SyntheticEnvironment.true_value``), not
 simulations. For each size (1k, 10k, 100k sessions) the bench draws fresh seeded logs
 ``--reps`` times and reports, per target and estimator: mean relative error
 ``|estimate - truth| / truth``, relative RMSE, the share of 95% intervals containing
@@ -35,7 +35,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from optimizer.ope import ESTIMATORS, Scenario, make_logs
+from optimizer.ope import ESTIMATORS, SyntheticEnvironment, make_logs
 
 SCENARIO = Path(__file__).parent / "scenarios" / "ope_logged.toml"
 GOAL = 0.05  # max mean relative error at 10k sessions for SNIPS and DR on the headline target
@@ -58,7 +58,11 @@ def naive(logs, n_bootstrap: int, rng: np.random.Generator) -> tuple[float, tupl
 
 
 def run(
-    scenario: Scenario, sizes: dict[int, int], n_bootstrap: int, seed: int, console: Console
+    scenario: SyntheticEnvironment,
+    sizes: dict[int, int],
+    n_bootstrap: int,
+    seed: int,
+    console: Console,
 ) -> dict:
     targets = {name: scenario.target(name) for name in scenario.targets}
     truth = {name: scenario.true_value(t) for name, t in targets.items()}
@@ -106,7 +110,9 @@ def run(
     return results
 
 
-def report(results: dict, scenario: Scenario, sizes: dict[int, int], console: Console) -> bool:
+def report(
+    results: dict, scenario: SyntheticEnvironment, sizes: dict[int, int], console: Console
+) -> bool:
     table = Table(title="OPE: relative error and 95% interval coverage (truth known analytically)")
     for col in (
         "target",
@@ -166,7 +172,7 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
-    scenario = Scenario.from_toml(args.scenario)
+    scenario = SyntheticEnvironment.from_toml(args.scenario)
     sizes = (
         {1_000: 40, 10_000: 20, 100_000: 5}
         if args.quick

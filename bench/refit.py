@@ -51,8 +51,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 ARMS = ("concise", "empathetic", "proactive-upsell", "concise+fixed", "concise+retrieved")
@@ -387,7 +385,7 @@ def _rss_mb() -> float:
 
 def measure(url: str, now: datetime, incremental: bool) -> dict[str, Any]:
     """In this (fresh) process: one run_optimizer (no few-shot step)."""
-    from optimizer.job import run_optimizer
+    from optimizer.refit import run_optimizer
     from optimizer.store import Store
 
     store = Store(url)

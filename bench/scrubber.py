@@ -42,8 +42,6 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from optimizer.privacy import ENTITY_TYPES, SCRUBBER_VERSION, Entity, find_entities
 
 DATA = Path(__file__).parent / "data"

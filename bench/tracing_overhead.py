@@ -48,15 +48,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from langfuse_recorder import LangfuseRecorder  # noqa: E402
-
-from chatbot.tracing import LangfuseCredentials, LangfuseTracer, NoopTracer, Tracer  # noqa: E402
+from chatbot.langfuse.credentials import LangfuseCredentials  # noqa: E402
+from chatbot.langfuse.tracer import LangfuseTracer, NoopTracer, Tracer  # noqa: E402
 from optimizer.config import LangfuseConfig  # noqa: E402
-from optimizer.prompts import load_prompts  # noqa: E402
+from optimizer.prompt_library import load_prompts  # noqa: E402
 from optimizer.store import AssignmentRecord, OutcomeRecord, Store, TurnRecord  # noqa: E402
+from tests.support.langfuse_recorder import LangfuseRecorder  # noqa: E402
 
 MODES = ("absent", "up", "refuse", "hang")
 
@@ -90,7 +88,7 @@ class Server:
         self.public_key = f"pk-bench-{uuid.uuid4().hex[:8]}"
         self.secret_key = "sk-bench"
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "langfuse_recorder.py"), "--mode", mode,
+            [sys.executable, str(ROOT / "tests/support/langfuse_recorder.py"), "--mode", mode,
              "--public-key", self.public_key, "--secret-key", self.secret_key],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip

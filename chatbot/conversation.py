@@ -12,7 +12,7 @@ KPI — then each :meth:`Conversation.reply`:
 1. refuses a message over ``limits.max_message_chars`` with a clear message
    (nothing sent to the model, nothing recorded);
 2. selects the arm's few-shot examples and builds the prompt within budget;
-3. streams the reply through :func:`chatbot.llm.stream_reply` (which never
+3. streams the reply through :func:`chatbot.llm.streaming.stream_reply` (which never
    raises for provider trouble: a failed reply carries the friendly text and
    an error);
 4. records the turn (prompt id and hash, few-shot ids kept, model, latency,
@@ -39,12 +39,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from chatbot.llm import Completion, stream_reply
-from chatbot.prompting import build_messages, prompt_budget
+from chatbot.llm.messages import build_messages, prompt_budget
+from chatbot.llm.streaming import Completion, stream_reply
 from chatbot.runtime import Runtime, best_effort, storable_text
 from optimizer.clock import utcnow
 from optimizer.config import ActionConfig
-from optimizer.prompts import Example, Variant
+from optimizer.prompt_library import Example, Variant
 from optimizer.store import AssignmentRecord, OutcomeRecord, TurnRecord, schema
 
 log = logging.getLogger(__name__)

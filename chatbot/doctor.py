@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chatbot.llm import Completion, stream_reply
+from chatbot.llm.streaming import Completion, stream_reply
 from optimizer.config import ModelConfig
 
 __all__ = ["cpu", "diagnose", "failure_line", "self_test"]
@@ -88,7 +88,7 @@ async def diagnose(model: ModelConfig, *, max_tokens: int = 48) -> dict[str, Any
     """What the model runs on and how fast: CPU, build, load parameters, TTFT, tokens/s."""
     report: dict[str, Any] = {"model": model.name, **cpu()}
     if model.name.startswith("local/"):
-        from chatbot.local_model import configure, model_info
+        from chatbot.llm.local import configure, model_info
 
         configure(context_tokens=model.context_tokens, stall_s=model.stall_s)
         started = time.perf_counter()

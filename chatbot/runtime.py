@@ -23,12 +23,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from chatbot.tracing import Tracer, get_tracer
+from chatbot.langfuse.tracer import Tracer, get_tracer
 from optimizer.assignment import Assigner
 from optimizer.config import ArmConfig, Config
 from optimizer.errors import ConfigError
 from optimizer.fewshot import ExampleSelector
-from optimizer.prompts import PromptLibrary, Variant, arm_spec, load_prompts
+from optimizer.prompt_library import PromptLibrary, Variant, arm_spec, load_prompts
 from optimizer.store import OutcomeRecord, Store, schema
 from optimizer.store.versions import successor
 
@@ -51,7 +51,7 @@ def experiment_arms(config: Config, prompts: PromptLibrary) -> dict[str, ArmConf
     the arm. (Example ids of ``fixed`` arms may be bank ids: the selector checks
     them, see :meth:`Runtime.build`.)
 
-    >>> from optimizer.prompts import load_prompts
+    >>> from optimizer.prompt_library import load_prompts
     >>> sorted(experiment_arms(Config(), load_prompts("prompts")))
     ['concise', 'empathetic', 'proactive-upsell']
     """
@@ -117,7 +117,7 @@ class Runtime:
         Raises :class:`ConfigError` for a bad prompt file or arm (unknown
         prompt, unknown example id of a ``fixed`` arm).
         """
-        from chatbot.llm import register_providers
+        from chatbot.llm.streaming import register_providers
 
         prompts = load_prompts(config.prompts_dir)
         arms = experiment_arms(config, prompts)
@@ -279,6 +279,6 @@ def get_runtime() -> Runtime:
     """The runtime installed by :func:`set_runtime`; raises RuntimeError before that."""
     if _runtime is None:
         raise RuntimeError(
-            "no Flywheel runtime installed: build the app with chatbot.server.create_app"
+            "no Flywheel runtime installed: build the app with chatbot.web.server.create_app"
         )
     return _runtime

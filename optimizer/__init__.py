@@ -12,7 +12,7 @@ from optimizer.errors import (
     PolicyError,
     StoreError,
 )
-from optimizer.prompts import PromptLibrary, load_prompts
+from optimizer.prompt_library import PromptLibrary, load_prompts
 from optimizer.store import Store
 
 __all__ = [

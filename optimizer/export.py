@@ -39,7 +39,7 @@ from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
 from optimizer.fewshot.mining import turn_reasons
 from optimizer.privacy import SCRUBBER_VERSION, Scrubber, public_allowlist
-from optimizer.prompts import PromptLibrary, load_prompts
+from optimizer.prompt_library import PromptLibrary, load_prompts
 from optimizer.store import Store, schema
 
 __all__ = ["FORMATS", "ExportResult", "export_dataset"]

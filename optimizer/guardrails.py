@@ -28,7 +28,7 @@ at least :data:`MIN_RATE_N` rated turns or :data:`MIN_LATENCY_TURNS` latencies
 per arm before any pause). Rate variances are cluster-robust by session (turns
 of one session are not independent), never below the binomial variance.
 ``"posterior"`` is the former per-look rule, kept for comparison. The posterior
-probability is reported either way; :mod:`optimizer.job` records the pause.
+probability is reported either way; :mod:`optimizer.refit` records the pause.
 The champion is never checked.
 
 >>> import pandas as pd

@@ -35,7 +35,7 @@ from optimizer.errors import PolicyError
 from optimizer.holdback import holdback_lift
 from optimizer.jsonable import finite, jsonable
 from optimizer.store import Store, schema
-from optimizer.store.store import ARM_STATUS_BY_EVENT
+from optimizer.store.schema import ARM_STATUS_BY_EVENT
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The simulator is not a re-implementation of the product: sessions are assigned
 by :class:`~optimizer.assignment.Assigner` (sticky users, logged propensity),
 every turn, vote and outcome is written to a real :class:`~optimizer.store.Store`
-with its simulated timestamp, and :func:`optimizer.job.run_optimizer` re-fits
+with its simulated timestamp, and :func:`optimizer.refit.run_optimizer` re-fits
 at every refit time. What the scenario adds is the truth: for the arm a session
 got, it draws turns, errors, latency, votes, support minutes, conversions and
 revenue from the arm's true rates (:mod:`optimizer.scenario`).
@@ -799,7 +799,7 @@ def _oracle_allocation(scenario: Scenario, present: np.ndarray) -> dict[str, Any
 
 
 def _optimizer_entry() -> Callable[..., Any]:
-    from optimizer.job import run_optimizer  # heavy (pandas, scipy): only when refitting
+    from optimizer.refit import run_optimizer  # heavy (pandas, scipy): only when refitting
 
     return run_optimizer
 

@@ -43,7 +43,7 @@ from scipy import stats
 from optimizer.assignment import ALL_SEGMENTS
 from optimizer.clock import as_utc
 from optimizer.store import ACTIVE_STATUSES, Store, schema
-from optimizer.store.store import ARM_STATUS_BY_EVENT
+from optimizer.store.schema import ARM_STATUS_BY_EVENT
 
 __all__ = [
     "MIN_EXPECTED",

@@ -16,9 +16,8 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from pg_schema import postgres_schema, postgres_url
-
 from optimizer.store import Store
+from tests.support.pg_schema import postgres_schema, postgres_url
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -50,15 +50,3 @@ def test_public_names(module: str, expected: list[str]) -> None:
     assert mod.__all__ == expected
     for name in mod.__all__:
         assert hasattr(mod, name), f"{module}.{name} is exported but missing"
-
-
-def test_optimizer_never_imports_chatbot() -> None:
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parents[1] / "optimizer"
-    offenders = [
-        str(p.relative_to(root.parent))
-        for p in root.rglob("*.py")
-        if "import chatbot" in p.read_text() or "from chatbot" in p.read_text()
-    ]
-    assert offenders == []

@@ -99,7 +99,7 @@ def add(
     """Create an arm (or a new version of one) from a prompt text, served without restart."""
     from optimizer.config import ArmConfig
     from optimizer.errors import FlywheelError
-    from optimizer.prompts import content_hash
+    from optimizer.prompt_library import content_hash
     from optimizer.store import ArmSpec
 
     cfg = get_config(config)
@@ -134,7 +134,7 @@ def add(
         new_id, what = store.add_arm(cfg.experiment.id, spec, actor=actor)
         snapshot = None
         if refit and what != "known":
-            from optimizer.job import run_optimizer
+            from optimizer.refit import run_optimizer
 
             run = run_optimizer(store, cfg, actor=actor, fewshot=False)
             snapshot = run.snapshot_version if run is not None else None

@@ -145,7 +145,7 @@ def build_demo(
 
     from optimizer.config import ArmConfig
     from optimizer.errors import ConfigError
-    from optimizer.prompts import arm_spec, load_prompts
+    from optimizer.prompt_library import arm_spec, load_prompts
     from optimizer.scenario import parse_scenario
     from optimizer.simulator import scenario_config, simulate
 
@@ -195,7 +195,7 @@ def build_demo(
     )
     # One more fit once every attribution window has closed, so the dashboard opens on
     # the full picture (what the server's next refit would do).
-    from optimizer.job import run_optimizer
+    from optimizer.refit import run_optimizer
     from optimizer.store import Store
 
     longest = max(t.window_days for t in config.kpi.terms)

@@ -32,7 +32,7 @@ def optimize(
 ) -> None:
     """Fit the policy on the events, check guardrails and SRM, write a policy snapshot."""
     from optimizer.errors import FlywheelError
-    from optimizer.job import run_optimizer
+    from optimizer.refit import run_optimizer
 
     cfg = get_config(config)
     store = open_store(cfg, database_url)

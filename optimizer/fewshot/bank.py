@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 
 from optimizer.clock import as_utc, utcnow
 from optimizer.errors import StoreError
-from optimizer.prompts import Example, PromptLibrary
+from optimizer.prompt_library import Example, PromptLibrary
 from optimizer.store import Store, schema
 
 __all__ = [

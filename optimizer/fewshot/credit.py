@@ -32,7 +32,7 @@ from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
 from optimizer.fewshot.bank import ExampleBank
 from optimizer.kpi import session_frame
-from optimizer.prompts import PromptLibrary, load_prompts
+from optimizer.prompt_library import PromptLibrary, load_prompts
 from optimizer.store import Store, schema
 
 __all__ = ["CreditResult", "ExampleCredit", "credit_examples", "example_usage"]

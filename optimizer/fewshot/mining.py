@@ -38,7 +38,7 @@ from optimizer.config import Config
 from optimizer.fewshot.bank import ExampleBank
 from optimizer.kpi import session_frame
 from optimizer.privacy import SCRUBBER_VERSION, Scrubber, public_allowlist
-from optimizer.prompts import PromptLibrary, load_prompts
+from optimizer.prompt_library import PromptLibrary, load_prompts
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_tuples
 

@@ -37,7 +37,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from optimizer.config import ArmConfig
 from optimizer.errors import ConfigError
-from optimizer.prompts import Example, PromptLibrary
+from optimizer.prompt_library import Example, PromptLibrary
 from optimizer.store import Store
 
 __all__ = ["ExampleSelector"]
@@ -60,7 +60,7 @@ class _Index:
 class ExampleSelector:
     """Select examples for an arm and a user message.
 
-    >>> from optimizer.prompts import load_prompts
+    >>> from optimizer.prompt_library import load_prompts
     >>> sel = ExampleSelector(load_prompts("prompts"))
     >>> arm = ArmConfig(id="x", prompt="concise", fewshot="retrieved", k=1)
     >>> [e.id for e in sel.select(arm, "reset my password")]

@@ -3,8 +3,8 @@
 Every assignment logs its propensity, so the KPI a target policy *would* earn
 can be estimated before it serves a single session::
 
-    >>> from optimizer.ope import evaluate_target, make_logs, demo_scenario
-    >>> logs = make_logs(demo_scenario(), 3000, random_state=0)
+    >>> from optimizer.ope import evaluate_target, make_logs, demo_environment
+    >>> logs = make_logs(demo_environment(), 3000, random_state=0)
     >>> out = evaluate_target(logs, "arm:b", estimators=["snips", "dr"], n_bootstrap=50)
     >>> sorted(out["estimators"])
     ['dr', 'snips']
@@ -28,7 +28,7 @@ from optimizer.ope.estimators import (
     kish_ess,
 )
 from optimizer.ope.logs import LOG_COLUMNS, logs_from_store, read_logged_csv, validate_logs
-from optimizer.ope.synthetic import Scenario, demo_scenario, make_logs
+from optimizer.ope.synthetic import SyntheticEnvironment, demo_environment, make_logs
 from optimizer.ope.targets import (
     AllocationTarget,
     ArmTarget,
@@ -48,11 +48,11 @@ __all__ = [
     "ArmTarget",
     "DirectMethod",
     "DoublyRobust",
-    "Scenario",
+    "SyntheticEnvironment",
     "TargetPolicy",
     "UniformTarget",
     "as_target",
-    "demo_scenario",
+    "demo_environment",
     "evaluate_target",
     "kish_ess",
     "logs_from_store",

@@ -275,8 +275,8 @@ class _Estimator(BaseEstimator, abc.ABC):
 class IPS(_Estimator):
     """Inverse propensity scoring: ``mean(w r)``.
 
-    >>> from optimizer.ope.synthetic import demo_scenario, make_logs
-    >>> scenario = demo_scenario()  # "b" at 100% truly earns 0.254
+    >>> from optimizer.ope.synthetic import demo_environment, make_logs
+    >>> scenario = demo_environment()  # "b" at 100% truly earns 0.254
     >>> est = IPS(target="arm:b", random_state=0).fit(make_logs(scenario, 5000, random_state=0))
     >>> round(est.estimate_, 3), est.ci_[0] < scenario.true_value("arm:b") < est.ci_[1]
     (0.262, True)
@@ -313,8 +313,8 @@ class SNIPS(IPS):
     """Self-normalised IPS: ``Σ w r / Σ w`` -- the weights' mean is 1 in expectation,
     dividing by it removes most of IPS's variance for a small bias.
 
-    >>> from optimizer.ope.synthetic import demo_scenario, make_logs
-    >>> logs = make_logs(demo_scenario(), 5000, random_state=0)
+    >>> from optimizer.ope.synthetic import demo_environment, make_logs
+    >>> logs = make_logs(demo_environment(), 5000, random_state=0)
     >>> round(SNIPS(target="arm:b").fit(logs).estimate_, 3)
     0.257
     """
@@ -343,10 +343,10 @@ class DirectMethod(_Estimator):
     model's own estimation error (one-step linearised refit). ``ess_`` is still the
     weights' ESS: it says how far the model must extrapolate.
 
-    >>> from optimizer.ope.synthetic import demo_scenario, make_logs
-    >>> logs = make_logs(demo_scenario(), 5000, random_state=0)
+    >>> from optimizer.ope.synthetic import demo_environment, make_logs
+    >>> logs = make_logs(demo_environment(), 5000, random_state=0)
     >>> est = DirectMethod(target="arm:b").fit(logs)
-    >>> est.ci_[0] < demo_scenario().true_value("arm:b") < est.ci_[1]
+    >>> est.ci_[0] < demo_environment().true_value("arm:b") < est.ci_[1]
     True
     """
 
@@ -399,10 +399,10 @@ class DoublyRobust(DirectMethod):
     Unbiased when the propensities are right, whatever the model; the model only
     lowers the variance. ``clip`` caps the weights of the correction.
 
-    >>> from optimizer.ope.synthetic import demo_scenario, make_logs
-    >>> logs = make_logs(demo_scenario(), 5000, random_state=0)
+    >>> from optimizer.ope.synthetic import demo_environment, make_logs
+    >>> logs = make_logs(demo_environment(), 5000, random_state=0)
     >>> est = DoublyRobust(target="arm:b").fit(logs)
-    >>> est.ci_[0] < demo_scenario().true_value("arm:b") < est.ci_[1]
+    >>> est.ci_[0] < demo_environment().true_value("arm:b") < est.ci_[1]
     True
     """
 
@@ -472,8 +472,8 @@ def evaluate_target(
     estimator's default. Raises :class:`EstimationError` for unusable logs or a
     target outside the logged arms, ``ValueError`` for bad arguments.
 
-    >>> from optimizer.ope.synthetic import demo_scenario, make_logs
-    >>> logs = make_logs(demo_scenario(), 2000, random_state=3)
+    >>> from optimizer.ope.synthetic import demo_environment, make_logs
+    >>> logs = make_logs(demo_environment(), 2000, random_state=3)
     >>> out = evaluate_target(logs, "arm:b", estimators=["snips"])
     >>> sorted(out["estimators"]), out["n"]
     (['snips'], 2000)

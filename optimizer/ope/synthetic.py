@@ -1,13 +1,13 @@
 """Synthetic logs with a known answer, for tests, the benchmark and examples.
 
-A :class:`Scenario` draws independent categorical context features, serves an
+A :class:`SyntheticEnvironment` draws independent categorical context features, serves an
 arm with a known stochastic logging allocation (per segment, as serving does) and
 draws a 0/1 reward with probability::
 
     P(reward = 1 | x, a) = rates[x[rate_by]][a] × Π_f effects[f][x[f]]
 
 so the true value of any target, ``Σ_x P(x) Σ_a π(a|x) P(r=1 | x, a)``, is a finite
-sum over context cells (:meth:`Scenario.true_value`) -- no simulation needed.
+sum over context cells (:meth:`SyntheticEnvironment.true_value`) -- no simulation needed.
 """
 
 from __future__ import annotations
@@ -25,11 +25,17 @@ import pandas as pd
 from optimizer.assignment import ALL_SEGMENTS
 from optimizer.ope.targets import AllocationTarget, TargetPolicy, as_target
 
-__all__ = ["Scenario", "StickyLogs", "demo_scenario", "make_logs", "make_sticky_logs"]
+__all__ = [
+    "StickyLogs",
+    "SyntheticEnvironment",
+    "demo_environment",
+    "make_logs",
+    "make_sticky_logs",
+]
 
 
 @dataclass(frozen=True)
-class Scenario:
+class SyntheticEnvironment:
     """Context distribution, logging allocation and reward rates of a synthetic experiment.
 
     ``contexts``: feature → {value: probability} (independent features).
@@ -72,7 +78,7 @@ class Scenario:
             raise ValueError("rates × effects must stay within [0, 1] in every context cell")
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> Scenario:
+    def from_toml(cls, path: str | Path) -> SyntheticEnvironment:
         """Read a scenario file (see ``bench/scenarios/ope_logged.toml``)."""
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         return cls(
@@ -129,11 +135,11 @@ class Scenario:
 
 
 def make_logs(
-    scenario: Scenario, n: int, *, random_state: int | np.random.Generator | None = None
+    scenario: SyntheticEnvironment, n: int, *, random_state: int | np.random.Generator | None = None
 ) -> pd.DataFrame:
     """``n`` logged sessions: context columns, ``segment``, ``arm``, ``propensity``, ``reward``.
 
-    >>> logs = make_logs(demo_scenario(), 4, random_state=0)
+    >>> logs = make_logs(demo_environment(), 4, random_state=0)
     >>> list(logs.columns)
     ['plan', 'segment', 'arm', 'propensity', 'reward']
     """
@@ -238,7 +244,7 @@ def make_sticky_logs(
     return StickyLogs(logs, truth)
 
 
-def _rates(scenario: Scenario, frame: pd.DataFrame) -> np.ndarray:
+def _rates(scenario: SyntheticEnvironment, frame: pd.DataFrame) -> np.ndarray:
     base = (
         pd.DataFrame(scenario.rates).T.loc[frame[scenario.rate_by], list(scenario.arms)].to_numpy()
     )
@@ -248,14 +254,14 @@ def _rates(scenario: Scenario, frame: pd.DataFrame) -> np.ndarray:
     return base * factor[:, None]
 
 
-def demo_scenario(arms: Sequence[str] = ("a", "b", "c")) -> Scenario:
+def demo_environment(arms: Sequence[str] = ("a", "b", "c")) -> SyntheticEnvironment:
     """A small three-arm scenario for examples: ``plan`` drives the rates and the segment.
 
-    >>> round(demo_scenario().true_value("arm:b"), 3)
+    >>> round(demo_environment().true_value("arm:b"), 3)
     0.254
     """
     a, b, c = arms
-    return Scenario(
+    return SyntheticEnvironment(
         arms=tuple(arms),
         contexts={"plan": {"free": 0.7, "pro": 0.3}},
         segment_by=("plan",),

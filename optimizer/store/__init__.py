@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from optimizer.store.engine import is_postgres, make_engine, normalise_url
+from optimizer.store.schema import ACTIVE_STATUSES
 from optimizer.store.store import (
-    ACTIVE_STATUSES,
     ArmSpec,
     AssignmentRecord,
     OutcomeRecord,

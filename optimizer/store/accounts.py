@@ -1,7 +1,7 @@
 """Logins, outcome-API keys and login attempts, kept in the store so every replica agrees.
 
 The store holds hashes only: bcrypt hashes of passwords (made by
-``chatbot.auth``) and SHA-256 digests of API keys (a key is 32 random bytes, so
+``chatbot.web.auth``) and SHA-256 digests of API keys (a key is 32 random bytes, so
 a fast hash cannot be brute-forced). A password change or a removal moves the
 account's ``sessions_valid_after`` forward; session checks refuse anything
 issued before it, which is how those sessions end without a session table.

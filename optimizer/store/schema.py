@@ -17,6 +17,17 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+#: Statuses an arm can be in; the latest arm event decides.
+ARM_STATUS_BY_EVENT = {
+    "created": "active",
+    "resumed": "active",
+    "paused_guardrail": "paused_guardrail",
+    "paused_operator": "paused_operator",
+    "promoted": "champion",
+    "retired": "retired",
+}
+ACTIVE_STATUSES = frozenset({"active", "champion"})
+
 metadata = sa.MetaData(
     naming_convention={
         "ix": "ix_%(column_0_label)s",
@@ -261,7 +272,7 @@ job_locks = sa.Table(
     sa.Column("expires_at", _TS, nullable=False),
 )
 
-# Chat history for Chainlit's data layer (chatbot.datalayer). Key columns for
+# Chat history for Chainlit's data layer (chatbot.web.datalayer). Key columns for
 # queries and ownership checks; the rest of Chainlit's dicts kept as JSON so a
 # Chainlit upgrade that adds fields needs no migration.
 chat_users = sa.Table(
@@ -307,7 +318,7 @@ elements = sa.Table(
     sa.Column("created_at", _TS, nullable=False),
 )
 
-# Logins managed with `flywheel users` (chatbot.auth reads them on every login). A removed
+# Logins managed with `flywheel users` (chatbot.web.auth reads them on every login). A removed
 # user keeps a row with ``removed_at`` so sessions issued before are recognised and refused.
 accounts = sa.Table(
     "accounts",

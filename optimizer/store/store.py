@@ -22,20 +22,10 @@ from optimizer.clock import as_utc, utcnow
 from optimizer.errors import OwnershipError, StoreError
 from optimizer.store import schema
 from optimizer.store.engine import make_engine
+from optimizer.store.schema import ARM_STATUS_BY_EVENT
 from optimizer.store.versions import register_arm, successor
 
 log = logging.getLogger(__name__)
-
-#: Statuses an arm can be in; the latest arm event decides.
-ARM_STATUS_BY_EVENT = {
-    "created": "active",
-    "resumed": "active",
-    "paused_guardrail": "paused_guardrail",
-    "paused_operator": "paused_operator",
-    "promoted": "champion",
-    "retired": "retired",
-}
-ACTIVE_STATUSES = frozenset({"active", "champion"})
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from optimizer.store import schema
+from optimizer.store.schema import ARM_STATUS_BY_EVENT
 
 __all__ = ["VERSION_SEPARATOR", "arm_content_hash", "register_arm", "row_content_hash", "successor"]
 
@@ -79,8 +80,6 @@ def _base(row: Any) -> str:
 
 
 def _status(conn: sa.Connection, experiment_id: str, arm_id: str) -> str | None:
-    from optimizer.store.store import ARM_STATUS_BY_EVENT
-
     ev = schema.arm_events
     kinds = conn.execute(
         sa.select(ev.c.kind)

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flywheel_process import ServerProcess
 
 from optimizer.assignment import Assigner
 from optimizer.cli.demo import build_demo
 from optimizer.config import load_config
 from optimizer.report_html import pct
 from optimizer.store import Store
+from tests.support.flywheel_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from optimizer import refit_state
 from optimizer.config import Config
-from optimizer.job import run_optimizer
 from optimizer.policy import ThompsonSamplingPolicy
+from optimizer.refit import run_optimizer
 from optimizer.refit_state import refit_inputs
 from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store, TurnRecord
 

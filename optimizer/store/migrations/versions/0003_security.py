@@ -2,7 +2,7 @@
 
 Logins managed from the CLI (``flywheel users``), named outcome-API keys
 stored hashed (``flywheel keys``), and login attempts counted across
-replicas for throttling (chatbot.throttle). Three new tables; nothing
+replicas for throttling (chatbot.web.throttle). Three new tables; nothing
 existing changes, so the upgrade is instant.
 
 Revision ID: 0003_security
