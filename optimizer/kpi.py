@@ -119,7 +119,7 @@ DELAY_BINS = 28
 _DAY_S = 86_400.0
 
 
-class _Shared(dict):  # type: ignore[type-arg]
+class _Shared(dict[str, Any]):
     """A dict in ``DataFrame.attrs`` that pandas does not deep-copy at every operation
     (it copies ``attrs`` on each column access: a list of 500k users made that the cost)."""
 
@@ -127,7 +127,7 @@ class _Shared(dict):  # type: ignore[type-arg]
         return self
 
 
-class _SharedList(list):  # type: ignore[type-arg]
+class _SharedList(list[Any]):
     """A list in ``DataFrame.attrs`` that pandas does not deep-copy (see :class:`_Shared`)."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _SharedList:
