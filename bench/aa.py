@@ -77,8 +77,16 @@ GUARDRAIL_RULES = (
 STOP_RULES = ("posterior", "always_valid")
 
 
-def scenario_for(seed: int, *, days: float, per_day: int) -> Any:
-    """The A/A scenario of one seed (arm count cycles through :data:`ARM_COUNTS`)."""
+def scenario_for(
+    seed: int, *, days: float, per_day: int, guardrail_floor: float | None = None
+) -> Any:
+    """The A/A scenario of one seed (arm count cycles through :data:`ARM_COUNTS`).
+
+    ``guardrail_floor`` overrides ``policy.guardrail_floor`` (None: the shipped default).
+    """
+    policy: dict[str, Any] = {"delay": "model", "guardrail_action": "observe"}
+    if guardrail_floor is not None:
+        policy["guardrail_floor"] = guardrail_floor
     k = ARM_COUNTS[seed % len(ARM_COUNTS)]
     arms = [{"id": "champion", "thumbs_up": 1 - CHAMPION_DOWN}]
     arms.append({"id": "near-miss", "thumbs_up": 1 - NEAR_MISS_DOWN})
@@ -95,7 +103,7 @@ def scenario_for(seed: int, *, days: float, per_day: int) -> Any:
             "refit_every_hours": 12,
             "champion": "champion",
             "delay": {"distribution": "exponential", "mean_days": 1.5},
-            "policy": {"delay": "model", "guardrail_action": "observe"},
+            "policy": policy,
             "kpi": {
                 "terms": [
                     {
@@ -127,9 +135,11 @@ def _first_pause(series: list[tuple[int, float, float | None, int]], rule: str) 
     return None
 
 
-def run_one(seed: int, days: float, per_day: int) -> dict[str, Any]:
+def run_one(
+    seed: int, days: float, per_day: int, guardrail_floor: float | None = None
+) -> dict[str, Any]:
     """One A/A run: what each rule would have done."""
-    scenario = scenario_for(seed, days=days, per_day=per_day)
+    scenario = scenario_for(seed, days=days, per_day=per_day, guardrail_floor=guardrail_floor)
     with tempfile.TemporaryDirectory(prefix="flywheel-aa-") as tmp:
         url = f"sqlite:///{Path(tmp) / 'aa.db'}"
         tic = time.perf_counter()
@@ -319,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     parser.add_argument("--save", type=Path, help="also write the table and every run as JSON")
     parser.add_argument(
+        "--guardrail-floor",
+        type=float,
+        help="policy.guardrail_floor of the runs (default: the shipped one; 0 = the floor of "
+        "a suspect arm decays like any other, the policy before issue #16's power fix)",
+    )
+    parser.add_argument(
         "--power",
         type=int,
         metavar="REPS",
@@ -342,11 +358,18 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
+            n = len(seeds)
             runs = list(
-                pool.map(run_one, seeds, [args.days] * len(seeds), [args.per_day] * len(seeds))
+                pool.map(
+                    run_one,
+                    seeds,
+                    [args.days] * n,
+                    [args.per_day] * n,
+                    [args.guardrail_floor] * n,
+                )
             )
     else:
-        runs = [run_one(s, args.days, args.per_day) for s in seeds]
+        runs = [run_one(s, args.days, args.per_day, args.guardrail_floor) for s in seeds]
     table = tabulate(runs)
     table["elapsed_s"] = round(time.perf_counter() - tic, 1)
     table["per_run"] = runs

@@ -43,7 +43,7 @@ from chatbot.llm.messages import build_messages, prompt_budget
 from chatbot.llm.streaming import Completion, stream_reply
 from chatbot.runtime import Runtime, best_effort, storable_text
 from optimizer.clock import utcnow
-from optimizer.config import ActionConfig
+from optimizer.config import ActionConfig, ModelConfig
 from optimizer.prompt_library import Example, Variant
 from optimizer.store import AssignmentRecord, OutcomeRecord, TurnRecord, schema
 
@@ -214,7 +214,9 @@ class Conversation:
 
         began = time.perf_counter()
         self.assignment = await asyncio.to_thread(rt.assigner.ensure_serving, self.assignment)
-        variant, examples = await asyncio.to_thread(_prepare, rt, self.assignment.arm_id, text)
+        variant, examples, model, api_base = await asyncio.to_thread(
+            _prepare, rt, self.assignment.arm_id, text
+        )
         selected = time.perf_counter()
         messages, kept = build_messages(
             variant,
@@ -222,9 +224,9 @@ class Conversation:
             examples,
             self.history,
             text,
-            budget_tokens=prompt_budget(rt.config.model),
+            budget_tokens=prompt_budget(model),
         )
-        completion = await stream_reply(messages, model=rt.config.model, on_token=on_token)
+        completion = await stream_reply(messages, model=model, on_token=on_token, api_base=api_base)
         turn = TurnRecord(
             id=turn_id,
             session_id=self.session_id,
@@ -243,9 +245,10 @@ class Conversation:
             completion_tokens=completion.completion_tokens,
             cost=completion.cost,
             error=completion.error,
+            fallback=completion.fallback,  # still the arm's turn: ``model`` says who answered
         )
         streamed = time.perf_counter()
-        if not await asyncio.to_thread(rt.store.record_turn, turn):
+        if not await rt.record_turn(turn):  # committed before the reply is acknowledged
             log.warning("turn %s was already recorded; keeping the first", turn_id)
         recorded = time.perf_counter()
         if completion.error is None:
@@ -348,7 +351,10 @@ def _history(runtime: Runtime, session_id: str) -> list[dict[str, str]]:
     return history
 
 
-def _prepare(rt: Runtime, arm_id: str, text: str) -> tuple[Variant, list[Example]]:
-    """The served arm's prompt and its few-shot examples for ``text`` (one thread hop)."""
+def _prepare(
+    rt: Runtime, arm_id: str, text: str
+) -> tuple[Variant, list[Example], ModelConfig, str | None]:
+    """The served arm's prompt, few-shot examples for ``text`` and model (one thread hop)."""
     arm, variant = rt.serve(arm_id)
-    return variant, rt.selector.select(arm, text)
+    model, api_base = rt.serve_model(arm_id)
+    return variant, rt.selector.select(arm, text), model, api_base

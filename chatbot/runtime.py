@@ -24,18 +24,22 @@ from typing import Any
 import sqlalchemy as sa
 
 from chatbot.langfuse.tracer import Tracer, get_tracer
+from optimizer.alerts import Alert, AlertDeliverer
 from optimizer.assignment import Assigner
-from optimizer.config import ArmConfig, Config
+from optimizer.config import ArmConfig, Config, ModelConfig
 from optimizer.errors import ConfigError
 from optimizer.fewshot import ExampleSelector
+from optimizer.models import resolve as resolve_model
 from optimizer.prompt_library import PromptLibrary, Variant, arm_spec, load_prompts
-from optimizer.store import OutcomeRecord, Store, schema
+from optimizer.proposer import ProposerHooks
+from optimizer.store import OutcomeRecord, Store, TurnRecord, schema
 from optimizer.store.versions import successor
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "Runtime",
+    "TurnCommitter",
     "best_effort",
     "experiment_arms",
     "get_runtime",
@@ -97,11 +101,16 @@ class Runtime:
     assigner: Assigner
     selector: ExampleSelector
     tracer: Tracer
+    #: Webhook alerts (``[[alerts]]``), delivered in the background; None without targets.
+    alerts: AlertDeliverer | None = None
+    #: The proposer's link to the model (``optimizer.proposer``); None with the proposer off.
+    proposer_hooks: ProposerHooks | None = None
     #: Seconds between re-reads of the store's arm versions on the chat path.
     arms_refresh_s: float = 5.0
     _stored: dict[str, Any] = field(default_factory=dict, repr=False)
     _stored_at: float = field(default=-1e18, repr=False)
     _stored_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _turns: TurnCommitter | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -148,7 +157,41 @@ class Runtime:
                 )  # unknown example ids: ConfigError now, not mid-chat
         runtime.sync_experiment()
         register_providers()
+        runtime.connect_proposer_and_alerts()
         return runtime
+
+    def connect_proposer_and_alerts(self) -> None:
+        """Build the alert deliverer and the proposer hooks; alert on model restarts.
+
+        The hooks hand the optimizer job a completion function on this process's
+        model (:mod:`chatbot.llm.proposer`): with the local model, proposals and
+        replays wait until no chat reply is running or queued.
+        """
+        from chatbot.llm.proposer import make_hooks
+
+        config = self.config
+        if config.alerts:
+            self.alerts = AlertDeliverer(config.alerts, store=self.store)
+        if config.proposer.enabled:
+            self.proposer_hooks = make_hooks(config, knowledge=self.prompts.knowledge)
+        if self.alerts is not None and config.model.name.startswith("local/"):
+            from chatbot.llm import local
+
+            alerts, exp = self.alerts, config.experiment.id
+
+            def restarted(pid: int) -> None:
+                alerts.emit(
+                    Alert(
+                        "model_restart",
+                        f"Flywheel {exp}: the local model process was restarted (pid {pid}) "
+                        "after a crash or hang; the reply in progress failed",
+                        exp,
+                        None,
+                        {"pid": pid, "model": config.model.name},
+                    )
+                )
+
+            local.model_process().on_restart = restarted
 
     def sync_experiment(self) -> None:
         """Register the experiment and its arms (with prompt hashes) in the store.
@@ -193,6 +236,39 @@ class Runtime:
         arm = self.arm(arm_id)
         return arm, self.prompts.variant(arm.prompt)
 
+    def serve_model(self, arm_id: str) -> tuple[ModelConfig, str | None]:
+        """The model an assigned arm's turns use, and where it lives (``api_base``).
+
+        An arm without a model of its own serves ``[model]``; one with a model
+        gets ``[model]`` with the arm's name, temperature and max_tokens (timeouts,
+        retries and the fallback stay the deployment's). An ``api_base`` that is
+        not (or no longer) in ``model.allowed_api_bases`` is refused: the turn
+        goes to the configured model instead, with an error logged, never to an
+        address the operator did not allow. Blocking, like :meth:`serve`.
+        """
+        rows = self._stored_arms(arm_id)
+        if arm_id in rows:
+            row = rows[successor(list(rows.values()), arm_id)]
+            name, params = row.model, dict(row.model_params or {})
+        else:
+            arm = self.arm(arm_id)
+            name, params = arm.model, arm.model_params
+        try:
+            chosen = resolve_model(name, params, self.config.model)
+        except ConfigError as exc:
+            log.error("arm %r: %s; serving the configured model", arm_id, exc)
+            return self.config.model, None
+        if chosen.default:
+            return self.config.model, None
+        model = self.config.model.model_copy(
+            update={
+                "name": chosen.name,
+                "temperature": chosen.temperature,
+                "max_tokens": chosen.max_tokens,
+            }
+        )
+        return model, chosen.api_base
+
     def _stored_arms(self, arm_id: str) -> dict[str, Any]:
         now = time.monotonic()
         with self._stored_lock:
@@ -215,6 +291,15 @@ class Runtime:
         fallback = self.config.experiment.champion or next(iter(self.arms))
         log.warning("arm %r is no longer configured; serving %r", arm_id, fallback)
         return self.arms[fallback]
+
+    async def record_turn(self, turn: TurnRecord) -> bool:
+        """Commit a turn (False: its id was stored before); returns once it is committed.
+
+        Turns finishing together share one transaction (:class:`TurnCommitter`).
+        """
+        if self._turns is None:
+            self._turns = TurnCommitter(self.store)
+        return await self._turns.record(turn)
 
     async def record_outcome(self, outcome: OutcomeRecord) -> bool:
         """Store an outcome once per idempotency key, then mirror it; False for a duplicate."""
@@ -246,6 +331,51 @@ class Runtime:
         """Flush the tracer (bounded) and release database connections."""
         best_effort(self.tracer.shutdown)
         self.store.dispose()
+
+
+class TurnCommitter:
+    """Group commit of chat turns: those finishing together share one transaction.
+
+    Each turn must be committed before its reply is acknowledged, and a commit
+    waits for the disk: one transaction per turn made fifty replies finishing
+    at once queue for fifty disk flushes (~6 ms each on SQLite with
+    ``synchronous=FULL``), the last one ~350 ms late. Here a caller queues its
+    turn and waits; one task at a time commits everything queued in one
+    transaction (:meth:`optimizer.store.Store.record_turns`) and then answers
+    every caller. Alone, a turn is committed at once, as before.
+    """
+
+    def __init__(self, store: Store, *, max_batch: int = 200) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
+        self.store = store
+        self.max_batch = max_batch
+        self._pending: list[tuple[TurnRecord, asyncio.Future[bool]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def record(self, turn: TurnRecord) -> bool:
+        """True once ``turn`` is committed, False if its id was stored before; raises the
+        store's error if its transaction failed (nothing was committed then)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((turn, future))
+        if self._task is None or self._task.done() or self._task.get_loop().is_closed():
+            self._task = asyncio.create_task(self._commit_pending())
+        return await future
+
+    async def _commit_pending(self) -> None:
+        while self._pending:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            try:
+                stored = await asyncio.to_thread(self.store.record_turns, [t for t, _ in batch])
+            except Exception as exc:  # e.g. the database is down: every caller hears of it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), ok in zip(batch, stored, strict=True):
+                if not future.done():
+                    future.set_result(ok)
 
 
 def storable_text(text: str) -> str:

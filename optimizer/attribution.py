@@ -8,15 +8,22 @@ module answers the integrator *now*, with the same rules:
 - an outcome whose ``name`` no KPI term uses (``outcome:<name>``) never counts:
   ``unused_name``;
 - with a ``session_id``: the session must be an assignment of the experiment
-  (``unknown_session``); with only a ``user_id``: the user's latest session
-  assigned at or before ``occurred_at`` (``no_session_before``);
+  (``unknown_session``); when its conversation was moved to another arm (a paused
+  or retired arm, :meth:`~optimizer.store.Store.reassign`), the outcome counts for
+  the conversation's assignment open at ``occurred_at`` — what happened after the
+  move happened under the new arm; with only a ``user_id``: the user's latest
+  session assigned at or before ``occurred_at`` (``no_session_before``);
 - it must not have happened before its session started, up to
   :data:`CLOCK_SKEW_S` of clock skew between the business system and ours
   (``before_session``), and not after the longest window of the terms that use
   it (``outside_window``).
 
 Unattributed outcomes are stored like the others, with their reason
-(``outcomes.attribution``), for the dashboard and for :func:`reattribute`.
+(``outcomes.attribution``): :func:`unattributed` lists them (the dashboard's
+``/operator/outcomes``, ``flywheel outcomes unattributed``) and :func:`reattribute`
+re-judges them (``flywheel outcomes reattribute``, or the dashboard's button) once
+what they were missing exists — a session another replica wrote late, a KPI term
+added for their name.
 
 >>> from optimizer.config import load_config
 >>> from optimizer.store import Store
@@ -40,7 +47,14 @@ from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
 from optimizer.store import Store, schema
 
-__all__ = ["CLOCK_SKEW_S", "REASONS", "Attribution", "attribute", "reattribute"]
+__all__ = [
+    "CLOCK_SKEW_S",
+    "REASONS",
+    "Attribution",
+    "attribute",
+    "reattribute",
+    "unattributed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +136,8 @@ def attribute(
         raise ValueError("an outcome needs a session_id or a user_id, got neither")
     with store.engine.connect() as conn:
         row = conn.execute(query).first()
+        if session_id is not None and row is not None:
+            row = _open_at(conn, exp, session_id, when) or row
     if window is None:
         return _no("unused_name", row.session_id if row is not None else session_id)
     if row is None:
@@ -132,6 +148,25 @@ def attribute(
     if delay_s > window * 86400:
         return _no("outside_window", row.session_id, f" ({window:g} days)")
     return Attribution(True, row.session_id, None, "counts for the session's KPI")
+
+
+def _open_at(conn: sa.Connection, experiment_id: str, session_id: str, when: datetime) -> Any:
+    """The assignment of ``session_id``'s conversation open at ``when`` (None: not moved)."""
+    a = schema.assignments
+    thread = sa.func.coalesce(
+        sa.select(a.c.thread_id).where(a.c.session_id == session_id).scalar_subquery(),
+        session_id,
+    )
+    return conn.execute(
+        sa.select(a.c.session_id, a.c.assigned_at)
+        .where(
+            a.c.experiment_id == experiment_id,
+            sa.or_(a.c.thread_id == thread, a.c.session_id == thread),
+            a.c.assigned_at <= when,  # no skew here: the move's time is our own clock's
+        )
+        .order_by(a.c.assigned_at.desc(), a.c.id.desc())
+        .limit(1)
+    ).first()
 
 
 def reattribute(store: Store, config: Config) -> dict[str, int]:
@@ -171,3 +206,53 @@ def reattribute(store: Store, config: Config) -> dict[str, int]:
             counts[verdict.code] = counts.get(verdict.code, 0) + 1
     log.info("reattributed outcomes: %s", counts)
     return counts
+
+
+def unattributed(store: Store, *, limit: int = 100) -> dict[str, Any]:
+    """Outcomes whose stored verdict is not "attributed": counts by reason and the newest ones.
+
+    Outcomes never judged (received before the verdict was stored) count under
+    ``"unjudged"``; :func:`reattribute` judges them. ``limit`` bounds the listed rows
+    (the counts cover all).
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    o = schema.outcomes
+    verdict = sa.func.coalesce(o.c.attribution, "unjudged")
+    pending = sa.or_(o.c.attribution.is_(None), o.c.attribution != "attributed")
+    with store.engine.connect() as conn:
+        counts = {
+            str(reason): int(n)
+            for reason, n in conn.execute(
+                sa.select(verdict, sa.func.count()).where(pending).group_by(verdict)
+            )
+        }
+        rows = conn.execute(
+            sa.select(
+                o.c.idempotency_key,
+                o.c.name,
+                o.c.value,
+                o.c.session_id,
+                o.c.user_id,
+                o.c.occurred_at,
+                o.c.received_at,
+                o.c.source,
+                verdict.label("reason"),
+            )
+            .where(pending)
+            .order_by(o.c.received_at.desc(), o.c.id.desc())
+            .limit(limit)
+        ).all()
+    return {
+        "total": sum(counts.values()),
+        "counts": dict(sorted(counts.items())),
+        "outcomes": [
+            {
+                **row._asdict(),
+                "occurred_at": as_utc(row.occurred_at),
+                "received_at": as_utc(row.received_at),
+                "detail": REASONS.get(row.reason, "not judged yet"),
+            }
+            for row in rows
+        ],
+    }

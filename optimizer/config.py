@@ -23,18 +23,23 @@ from optimizer.errors import ConfigError
 
 __all__ = [
     "ActionConfig",
+    "AlertConfig",
     "ArmConfig",
     "AuthConfig",
     "Config",
     "ExperimentConfig",
     "FewShotConfig",
+    "FineTuneConfig",
     "GuardrailConfig",
     "KPIConfig",
     "KPITermConfig",
     "LangfuseConfig",
     "LimitsConfig",
     "ModelConfig",
+    "ModelPriceConfig",
     "PolicyConfig",
+    "ProposerConfig",
+    "ProposerJudgeConfig",
     "SecurityConfig",
     "UserConfig",
     "load_config",
@@ -45,8 +50,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ModelPriceConfig(_Section):
+    """What one model costs, in USD per million tokens (litellm does not know local/custom ones)."""
+
+    input_usd_per_mtok: float = Field(0.0, ge=0, allow_inf_nan=False)
+    output_usd_per_mtok: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+
+def _check_api_base(api_base: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", api_base):
+        raise ValueError(f"api_base must be an http(s) URL, got {api_base!r}")
+    return api_base.rstrip("/")
+
+
 class ModelConfig(_Section):
-    """The LLM. ``name`` is any litellm model string; ``local/…`` runs the packaged GGUF."""
+    """The LLM. ``name`` is any litellm model string; ``local/…`` runs the packaged GGUF.
+
+    ``prices`` maps a model string to its price per token (local and custom
+    models; 0 when absent — litellm's own cost is used for models it knows).
+    ``allowed_api_bases`` lists the only ``api_base`` URLs an arm may send
+    conversations to (an arm's ``api_base`` is where user text goes: an
+    operator's typo or a malicious arm must not exfiltrate it).
+    """
 
     name: str = settings.DEFAULT_MODEL
     fallback: str | None = None
@@ -56,6 +81,13 @@ class ModelConfig(_Section):
     max_tokens: int = Field(160, gt=0, le=4096)
     temperature: float = Field(0.7, ge=0, le=2)
     context_tokens: int = Field(2048, ge=256)
+    prices: dict[str, ModelPriceConfig] = Field(default_factory=dict)
+    allowed_api_bases: tuple[str, ...] = ()
+
+    @field_validator("allowed_api_bases")
+    @classmethod
+    def _bases(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_api_base(b) for b in v)
 
 
 class UserConfig(_Section):
@@ -132,10 +164,13 @@ class SecurityConfig(_Section):
 
 
 class ArmConfig(_Section):
-    """One arm: a prompt variant × a few-shot strategy.
+    """One arm: a prompt variant × a few-shot strategy × a model.
 
     ``fewshot`` is ``none``, ``fixed`` (the ``examples`` ids, in order) or
     ``retrieved`` (``k`` approved bank examples nearest to the user's message).
+    ``model`` is any litellm model string with its own ``temperature``,
+    ``max_tokens`` and ``api_base`` (None: ``[model]``'s); an arm without a
+    model serves the configured one and keeps its identity.
     """
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:+/-]+$")
@@ -144,12 +179,35 @@ class ArmConfig(_Section):
     examples: tuple[str, ...] = ()
     k: int = Field(3, ge=1, le=20)
     reward_weighted: bool = False
+    model: str | None = Field(None, min_length=1, max_length=200)
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, gt=0, le=4096)
+    api_base: str | None = None
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, v: str | None) -> str | None:
+        return None if v is None else _check_api_base(v)
 
     @model_validator(mode="after")
     def _fixed_needs_examples(self) -> ArmConfig:
         if self.fewshot == "fixed" and not self.examples:
             raise ValueError("fewshot = 'fixed' needs a non-empty 'examples' list")
+        if self.model is None and (
+            self.temperature is not None or self.max_tokens is not None or self.api_base
+        ):
+            raise ValueError("temperature, max_tokens and api_base of an arm need its 'model'")
         return self
+
+    @property
+    def model_params(self) -> dict[str, object]:
+        """The model's own parameters that are set (part of the arm's identity)."""
+        params: dict[str, object] = {
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "api_base": self.api_base,
+        }
+        return {k: v for k, v in params.items() if v is not None}
 
 
 class ExperimentConfig(_Section):
@@ -187,14 +245,18 @@ class ExperimentConfig(_Section):
 class KPITermConfig(_Section):
     """One term of the per-session reward: ``weight × min(value, cap)``.
 
-    ``source`` is ``outcome:<name>`` (an outcome event) or one of the feedback
-    metrics ``feedback:up_rate``, ``feedback:down_rate``. ``aggregate`` says how
+    ``source`` is ``outcome:<name>`` (an outcome event), one of the feedback
+    metrics ``feedback:up_rate``, ``feedback:down_rate``, or ``cost:usd`` (what
+    the session's turns cost, summed; give it a negative weight to optimise,
+    say, conversions minus spend). ``aggregate`` says how
     several events of the session combine. A term counts only once its
     ``window_days`` after the session start have passed (see ``optimizer.kpi``).
     """
 
     name: str = Field(min_length=1)
-    source: str = Field(pattern=r"^(outcome:[A-Za-z0-9_.-]+|feedback:(up_rate|down_rate))$")
+    source: str = Field(
+        pattern=r"^(outcome:[A-Za-z0-9_.-]+|feedback:(up_rate|down_rate)|cost:usd)$"
+    )
     weight: float
     cap: float | None = None
     window_days: float = Field(7.0, ge=0)
@@ -218,11 +280,13 @@ class KPITermConfig(_Section):
 class GuardrailConfig(_Section):
     """A metric an arm may not worsen beyond a limit relative to the champion.
 
-    ``metric``: ``thumbs_down_rate``, ``error_rate`` (absolute ``max_delta``) or
-    ``latency_p95_ms`` (``max_ratio`` to the champion's).
+    ``metric``: ``thumbs_down_rate``, ``error_rate`` (absolute ``max_delta``),
+    ``latency_p95_ms`` (``max_ratio`` to the champion's) or ``cost_per_session``
+    (mean USD per session; ``max_ratio`` to the champion's forbids, say, a
+    variant that doubles the bill, ``max_delta`` is in USD).
     """
 
-    metric: Literal["thumbs_down_rate", "error_rate", "latency_p95_ms"]
+    metric: Literal["thumbs_down_rate", "error_rate", "latency_p95_ms", "cost_per_session"]
     max_delta: float | None = Field(None, gt=0)
     max_ratio: float | None = Field(None, gt=1)
 
@@ -272,6 +336,11 @@ class PolicyConfig(_Section):
     floor: float = Field(0.02, ge=0, lt=1)
     challenger_cap: float = Field(0.2, gt=0, le=1)
     challenger_min_sessions: int = Field(200, ge=0)
+    #: Share an arm keeps, without decay, while one of its guardrails is undecided with a
+    #: plausible breach (a *suspect*, ``optimizer.guardrails``), and the champion with it:
+    #: the evidence a pause needs arrives in bounded time even when Thompson sampling would
+    #: starve either arm. 0 disables (the floor then decays as usual).
+    guardrail_floor: float = Field(0.1, ge=0, lt=0.5)
     pause_probability: float = Field(0.95, gt=0.5, lt=1)
     stop_probability_best: float = Field(0.95, gt=0.5, lt=1)
     stop_expected_loss: float = Field(0.001, gt=0)
@@ -364,6 +433,128 @@ class LimitsConfig(_Section):
     max_comment_chars: int = Field(1000, gt=0)
     outcomes_per_minute_per_key: int = Field(600, gt=0)
     votes_per_minute_per_user: int = Field(60, gt=0)
+    #: Past these, a process refuses new work at once (busy message, 503) instead of slowing all.
+    max_concurrent_turns: int = Field(100, gt=0)
+    max_concurrent_requests: int = Field(200, gt=0)
+
+
+class FineTuneConfig(_Section):
+    """Fine-tuning from the flywheel's own data (``flywheel finetune``, :mod:`optimizer.finetune`).
+
+    A session qualifies for the training set when any KPI term named in
+    ``qualify`` is > 0 *and* the windows of those terms have closed (a session
+    still inside a window might yet convert, or be thumbed down). Opted-out
+    users and deleted conversations never qualify. ``spend_cap_usd`` bounds the
+    estimated cost of the jobs started within ``spend_window_days`` (estimate:
+    trained tokens × ``epochs`` × ``usd_per_mtok_trained``). Retraining starts
+    the next job after ``retrain_interval_days`` or ``retrain_after_sessions``
+    new qualifying sessions (0 disables either); the previous fine-tune keeps
+    serving until the new one beats it on the KPI.
+    """
+
+    provider: str = Field("openai", pattern=r"^[a-z0-9_-]+$")
+    base_model: str = Field("gpt-4o-mini-2024-07-18", min_length=1)
+    #: Where the provider's API lives (must be in ``model.allowed_api_bases``); None: default.
+    api_base: str | None = None
+    format: Literal["openai-sft", "dpo"] = "openai-sft"
+    #: KPI term names (default: those of the two that the KPI has).
+    qualify: tuple[str, ...] = ("conversion", "thumbs_up")
+    min_sessions: int = Field(10, ge=1)
+    epochs: int = Field(3, ge=1, le=50)
+    usd_per_mtok_trained: float = Field(3.0, ge=0, allow_inf_nan=False)
+    spend_cap_usd: float = Field(50.0, ge=0, allow_inf_nan=False)
+    spend_window_days: float = Field(30.0, gt=0)
+    retrain_interval_days: float = Field(0.0, ge=0)
+    retrain_after_sessions: int = Field(0, ge=0)
+    poll_interval_s: float = Field(30.0, gt=0)
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, v: str | None) -> str | None:
+        return None if v is None else _check_api_base(v)
+
+
+AlertEvent = Literal[
+    "candidate_waiting",
+    "guardrail_pause",
+    "model_restart",
+    "promotion",
+    "srm",
+    "stop_rule",
+]
+_ALERT_EVENTS: tuple[AlertEvent, ...] = (
+    "candidate_waiting",
+    "guardrail_pause",
+    "model_restart",
+    "promotion",
+    "srm",
+    "stop_rule",
+)
+
+
+class AlertConfig(_Section):
+    """A webhook (``[[alerts]]``) and the events it receives (see ``optimizer.alerts``).
+
+    ``secret_env`` names the environment variable holding the HMAC key (the key
+    itself never sits in the file); unset: bodies are not signed.
+    """
+
+    url: str = Field(pattern=r"^https?://\S+$")
+    events: tuple[AlertEvent, ...] = _ALERT_EVENTS
+    secret_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    retries: int = Field(3, ge=0, le=10)
+    backoff_s: float = Field(1.0, ge=0, le=300)
+
+
+class ProposerJudgeConfig(_Section):
+    """An optional LLM-judge gate: the judge model answers ``question`` about the candidate
+    prompt with YES or NO; ``pass_on`` is the answer that lets it through."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    question: str = Field(min_length=5)
+    pass_on: Literal["yes", "no"] = "yes"
+
+
+class ProposerConfig(_Section):
+    """Challengers written from the feedback (``optimizer.proposer``).
+
+    A round runs in the optimizer job when the champion has at least
+    ``min_new_negative`` thumbs-down turns since the last round, fewer than
+    ``max_live`` proposed arms are live, and ``min_interval_hours`` passed.
+    ``model`` None: the chat model (``model.name``; the local model by default).
+    """
+
+    enabled: bool = True
+    model: str | None = None
+    auto_start: bool = False
+    max_live: int = Field(2, ge=0, le=20)
+    min_new_negative: int = Field(20, ge=1)
+    min_interval_hours: float = Field(24.0, ge=0)
+    candidates: int = Field(3, ge=1, le=10)
+    #: Thumbs-down and low-KPI turns shown to the proposer (cut to fit the context budget).
+    sample_turns: int = Field(12, ge=1, le=200)
+    #: Candidates closer than this (TF-IDF cosine) to an existing arm's prompt are dropped.
+    dedup_threshold: float = Field(0.92, gt=0, le=1)
+    min_prompt_chars: int = Field(40, ge=1)
+    max_prompt_chars: int = Field(4000, gt=0)
+    max_tokens: int = Field(400, gt=0, le=8192)
+    temperature: float = Field(0.9, ge=0, le=2)
+    #: A whole rewrite may take this long (a local model writes a few tokens a second).
+    timeout_s: float = Field(300.0, gt=0)
+    #: Prompt budget of the proposer model (None: ``model.context_tokens``).
+    context_tokens: int | None = Field(None, ge=256)
+    #: Held-out past user questions each candidate must answer before any traffic.
+    replay_questions: int = Field(6, ge=1, le=100)
+    #: A started proposal's trial (optimizer.proposer.trials): at most ``trial_cap`` of the
+    #: traffic until ``trial_sessions`` effective sessions; then the cap is lifted if
+    #: P(KPI above the champion's) >= ``keep_probability``, else it is retired. 1 = no trial.
+    trial_cap: float = Field(0.1, gt=0, le=1)
+    trial_sessions: int = Field(2000, ge=1)
+    keep_probability: float = Field(0.8, gt=0, lt=1)
+    #: Spending cap of a paid proposer and its judges, per UTC day (litellm's cost).
+    max_cost_usd_per_day: float = Field(1.0, ge=0)
+    judges: tuple[ProposerJudgeConfig, ...] = ()
 
 
 class Config(_Section):
@@ -382,7 +573,33 @@ class Config(_Section):
     langfuse: LangfuseConfig = LangfuseConfig()
     limits: LimitsConfig = LimitsConfig()
     security: SecurityConfig = SecurityConfig()
+    finetune: FineTuneConfig = FineTuneConfig()
+    proposer: ProposerConfig = ProposerConfig()
+    alerts: tuple[AlertConfig, ...] = ()
     source: str = "<defaults>"
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        allowed = set(self.model.allowed_api_bases)
+        for i, arm in enumerate(self.experiment.arms):
+            if arm.api_base is not None and arm.api_base not in allowed:
+                raise ValueError(
+                    f"experiment.arms.{i}.api_base {arm.api_base!r} is not in "
+                    f"model.allowed_api_bases {sorted(allowed)}"
+                )
+        base = self.finetune.api_base
+        if base is not None and base not in allowed:
+            raise ValueError(
+                f"finetune.api_base {base!r} is not in model.allowed_api_bases {sorted(allowed)}"
+            )
+        names = {t.name for t in self.kpi.terms}
+        unknown = [q for q in self.finetune.qualify if q not in names]
+        # the default names terms a custom KPI may not have: only an explicit list must match
+        if unknown and "qualify" in self.finetune.model_fields_set:
+            raise ValueError(
+                f"finetune.qualify names KPI terms {sorted(names)}, got unknown {unknown}"
+            )
+        return self
 
 
 def _format_error(source: str, exc: ValidationError) -> str:

@@ -8,7 +8,9 @@ Every failure that is ours (not a bad argument, which raises ``ValueError`` or
     ├── StoreError        the event store refused or lost a write
     │   └── OwnershipError  a user acted on a message that is not theirs
     ├── PolicyError       the optimizer cannot fit or serve a policy
-    └── EstimationError   off-policy evaluation cannot be trusted or computed
+    ├── EstimationError   off-policy evaluation cannot be trusted or computed
+    └── FineTuneError     a fine-tuning job cannot start (too little data, over the
+                          spending cap) or its provider failed
 """
 
 from __future__ import annotations
@@ -36,3 +38,7 @@ class PolicyError(FlywheelError):
 
 class EstimationError(FlywheelError):
     """An off-policy estimate cannot be computed from the logs given."""
+
+
+class FineTuneError(FlywheelError):
+    """A fine-tuning job cannot start or its provider failed; the experiment is left as it was."""

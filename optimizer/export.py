@@ -8,6 +8,9 @@ Formats (``flywheel export --format …``):
   conversion, quick resolution; no error, no thumbs-down), and with
   ``min_reward`` only those whose session's complete reward reaches it. The
   system message is the turn's prompt variant followed by the knowledge base.
+  With ``sessions`` (a fine-tuning set, :mod:`optimizer.finetune`) the turns
+  are those of the given qualifying sessions instead, minus errored and
+  thumbed-down turns.
 - ``dpo`` → ``dpo.jsonl``: ``{"prompt", "chosen", "rejected"}`` pairs — each
   thumbed-down turn with the thumbed-up turn whose user message is most similar
   (TF-IDF cosine ``>= fewshot.pair_similarity``); the prompt is the rejected
@@ -16,9 +19,10 @@ Formats (``flywheel export --format …``):
   with its vote and its session's reward, user ids replaced by a hash.
 
 Every user message and reply passes :class:`optimizer.privacy.Scrubber` (facts
-of the public knowledge base are kept). Each file gets a manifest beside it
-(``<file>.manifest.json``): format, filters, counts, time range of the rows,
-scrubber version.
+of the public knowledge base are kept). Turns of users who opted out and of
+deleted conversations are never exported (:mod:`optimizer.store.consent`).
+Each file gets a manifest beside it (``<file>.manifest.json``): format,
+filters, counts, time range of the rows, scrubber version.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -73,8 +78,13 @@ def export_dataset(
     until: datetime | None = None,
     now: datetime | None = None,
     library: PromptLibrary | None = None,
+    sessions: Collection[str] | None = None,
 ) -> ExportResult:
-    """Write one dataset and its manifest into ``out_dir``; returns their paths and the manifest."""
+    """Write one dataset and its manifest into ``out_dir``; returns their paths and the manifest.
+
+    ``sessions`` restricts the turns to these sessions (the SFT rows are then
+    all their clean turns, see the module docstring).
+    """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {list(FORMATS)}, got {fmt!r}")
     if min_reward is not None and not np.isfinite(min_reward):
@@ -84,10 +94,16 @@ def export_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     turns = _turns(store, config, now=now, since=since, until=until)
+    if sessions is not None:
+        turns = turns[turns["session_id"].isin(set(sessions))] if len(turns) else turns
     scrubber = Scrubber(allow=public_allowlist(library.knowledge))
     path = out / _FILES[fmt]
     extra: dict[str, Any] = {}
-    if fmt == "openai-sft":
+    if fmt == "openai-sft" and sessions is not None:
+        rows = _clean_turns(turns)
+        records = [_sft_record(r, library, scrubber) for r in rows.to_dict("records")]
+        _write_jsonl(path, records)
+    elif fmt == "openai-sft":
         rows = _good_turns(turns, min_reward)
         records = [_sft_record(r, library, scrubber) for r in rows.to_dict("records")]
         _write_jsonl(path, records)
@@ -116,6 +132,7 @@ def export_dataset(
             "min_reward": min_reward,
             "since": since.isoformat() if since else None,
             "until": until.isoformat() if until else None,
+            "sessions": len(set(sessions)) if sessions is not None else None,
         },
         "counts": {"turns_considered": len(turns), "source_turns": len(rows), **extra},
         "time_range": _time_range(rows),
@@ -147,6 +164,21 @@ def _turns(
     return turns.sort_values("created_at").reset_index(drop=True)
 
 
+def _failed_or_empty(turns: pd.DataFrame) -> pd.Series:
+    """Turns with nothing to learn from: an error, or no text (a simulated turn)."""
+    failed = turns["error"].fillna("").astype(str).str.len() > 0
+    empty = (turns["user_message"].fillna("").astype(str).str.strip() == "") | (
+        turns["reply"].fillna("").astype(str).str.strip() == ""
+    )
+    return failed | empty
+
+
+def _clean_turns(turns: pd.DataFrame) -> pd.DataFrame:
+    if turns.empty:
+        return turns
+    return turns[~_failed_or_empty(turns) & (turns["thumbs"].fillna(1) != 0)]
+
+
 def _good_turns(turns: pd.DataFrame, min_reward: float | None) -> pd.DataFrame:
     good = turns.loc[turns["reasons"].map(bool).astype(bool)] if not turns.empty else turns
     if min_reward is not None:
@@ -169,9 +201,7 @@ def _sft_record(row: dict[str, Any], library: PromptLibrary, scrubber: Scrubber)
 def _pairs(
     turns: pd.DataFrame, scrubber: Scrubber, threshold: float
 ) -> tuple[list[dict[str, str]], pd.DataFrame, dict[str, Any]]:
-    clean = (
-        turns[turns["error"].fillna("").astype(str).str.len() == 0] if not turns.empty else turns
-    )
+    clean = turns[~_failed_or_empty(turns)] if len(turns) else turns
     ups = clean[clean["thumbs"] == 1]
     downs = clean[clean["thumbs"] == 0]
     extra = {"thumbs_up": len(ups), "thumbs_down": len(downs), "pair_similarity": threshold}

@@ -15,6 +15,12 @@ non-champion arm with the champion:
   ratio of two p95s is then approximately normal and
   P(p95_arm / p95_champion > max_ratio) = Φ((log ratio − log max_ratio) / se).
   It needs at least :data:`MIN_LATENCY_TURNS` turns per arm.
+- ``cost_per_session``: the mean cost of a session in USD (``cost_usd`` of
+  :func:`optimizer.kpi.session_frame`), normal approximation of each mean;
+  ``max_ratio`` compares on the log scale (delta method) and is skipped while
+  the champion costs nothing (a ratio to 0 is undefined: use ``max_delta``, in
+  USD, to cap a paid challenger against a free local champion). It needs at
+  least :data:`MIN_RATE_N` sessions per arm.
 
 **When is an arm breached?** The optimizer looks at every refit, so a per-look
 rule ("P(breach) ≥ ``pause_probability``") pauses healthy arms sooner or later:
@@ -61,6 +67,7 @@ __all__ = [
     "GUARDRAIL_RULES",
     "MIN_LATENCY_TURNS",
     "MIN_RATE_N",
+    "SUSPECT_PROBABILITY",
     "TUNING_N",
     "GuardrailCheck",
     "check_guardrails",
@@ -79,6 +86,9 @@ MIN_RATE_N = 30
 #: --power``). Any value keeps the guarantee; replayed on the A/A runs, 500–2,000 pause the
 #: breach after a median of 13,000 sessions instead of 18,000 at 3,000, with no false pause.
 TUNING_N = 1500
+#: An undecided check whose posterior P(breach) is at least this makes its arm a suspect: it
+#: keeps ``policy.guardrail_floor`` of the traffic (and so does the champion) until decided.
+SUSPECT_PROBABILITY = 0.5
 #: ``always_valid`` (default): sequentially valid; ``posterior``: the per-look rule.
 GUARDRAIL_RULES = ("always_valid", "posterior")
 Rule = Literal["always_valid", "posterior"]
@@ -103,12 +113,43 @@ class GuardrailCheck:
     #: Always-valid lower bound of the difference (or ratio), in the limit's units.
     lower_bound: float | None = None
     rule: str = "always_valid"
+    #: Always-valid upper bound, same units: at or under the limit the arm is shown within it.
+    upper_bound: float | None = None
+
+    @property
+    def undecided(self) -> bool:
+        """Neither breached nor shown within the limit: the check still needs evidence."""
+        if self.breached:
+            return False
+        return self.upper_bound is None or self.upper_bound > self.limit
+
+    @property
+    def suspect(self) -> bool:
+        """Undecided, and more likely than not in breach (P(breach) ≥ :data:`SUSPECT_PROBABILITY`).
+
+        Needs the always-valid bounds (the minimum sample) to be computed. The policy
+        keeps a non-decaying floor for a suspect arm and for the champion it is
+        compared with (``policy.guardrail_floor``), so the check gets the votes it
+        needs to decide even when Thompson sampling would starve either arm. "More
+        likely than not" keeps healthy arms out but for noise (an arm as good as the
+        champion on 20% thumbs-down, limit +5 points, looks in breach at ~20% of refits
+        at 100 votes of each, ~4% at 400, < 1% at 1,000), so the floor costs the KPI
+        little where nothing is wrong.
+        """
+        return (
+            self.undecided
+            and self.upper_bound is not None
+            and self.probability >= SUSPECT_PROBABILITY
+        )
 
     def evidence(self) -> dict[str, Any]:
         """JSON-ready dict for arm events and snapshots."""
         return {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in asdict(self).items()
+            **{
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in asdict(self).items()
+            },
+            "suspect": self.suspect,
         }
 
 
@@ -148,6 +189,8 @@ def check_guardrails(
         for arm in challengers:  # guardrails × arms: a handful
             if rail.metric in _RATE_COLUMNS:
                 check = _rate_check(rail, arm, champion, counts, samples, rng, alpha)
+            elif rail.metric == "cost_per_session":
+                check = _cost_check(rail, arm, champion, sessions, alpha)
             else:
                 check = _latency_check(rail, arm, champion, latencies or {}, alpha)
             checks.append(_with_verdict(check, pause_probability, rule))
@@ -217,16 +260,19 @@ def _rate_check(
         limit, kind = rail.max_ratio, "max_ratio"
         prob = float(np.mean(draw_a > limit * draw_c))
     lower: float | None = None
+    upper: float | None = None
     if min(n_a, n_c) >= MIN_RATE_N:
         (p_a, v_a), (p_c, v_c) = (
             _rate_variance(counts, a, hits_col, total_col) for a in (arm, champion)
         )
         info = _harmonic(n_a, n_c) / TUNING_N
         if kind == "max_delta":
-            lower = (h_a / n_a - h_c / n_c) - radius(v_a + v_c, info, alpha=alpha, one_sided=True)
+            r = radius(v_a + v_c, info, alpha=alpha, one_sided=True)
+            diff = h_a / n_a - h_c / n_c
+            lower, upper = diff - r, diff + r
         else:  # the ratio on the log scale, delta method: var(log p) ≈ var(p) / p²
             r = radius(v_a / p_a**2 + v_c / p_c**2, info, alpha=alpha, one_sided=True)
-            lower = math.exp(math.log(p_a / p_c) - r)
+            lower, upper = math.exp(math.log(p_a / p_c) - r), math.exp(math.log(p_a / p_c) + r)
     return GuardrailCheck(
         metric=rail.metric,
         arm=arm,
@@ -240,6 +286,7 @@ def _rate_check(
         champion_n=n_c,
         breached=False,
         lower_bound=lower,
+        upper_bound=upper,
     )
 
 
@@ -277,17 +324,18 @@ def _latency_check(
         limit, kind = rail.max_delta, "max_delta"
     prob = 0.0
     lower: float | None = None
+    upper: float | None = None
     if min(len(a), len(c)) >= MIN_LATENCY_TURNS and q_a > 0 and q_c > 0:
         info = _harmonic(len(a), len(c)) / TUNING_N
         if kind == "max_ratio":
             # delta method on the log scale: se(log q) ≈ se(q) / q
             excess, se = math.log(q_a / q_c / limit), math.hypot(se_a / q_a, se_c / q_c)
-            lower = math.exp(
-                math.log(q_a / q_c) - radius(se * se, info, alpha=alpha, one_sided=True)
-            )
+            r = radius(se * se, info, alpha=alpha, one_sided=True)
+            lower, upper = math.exp(math.log(q_a / q_c) - r), math.exp(math.log(q_a / q_c) + r)
         else:
             excess, se = q_a - q_c - limit, math.hypot(se_a, se_c)
-            lower = q_a - q_c - radius(se * se, info, alpha=alpha, one_sided=True)
+            r = radius(se * se, info, alpha=alpha, one_sided=True)
+            lower, upper = q_a - q_c - r, q_a - q_c + r
         prob = float(special.ndtr(excess / se)) if se > 0 else float(excess > 0)
     return GuardrailCheck(
         metric=rail.metric,
@@ -300,6 +348,79 @@ def _latency_check(
         probability=prob,
         n=len(a),
         champion_n=len(c),
+        breached=False,
+        lower_bound=lower,
+        upper_bound=upper,
+    )
+
+
+def _cost_sums(sessions: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: sessions, Σ cost and Σ cost² (of a frame, or its :mod:`optimizer.moments`)."""
+    columns = ["n", "cost_usd", "cost_usd__sq"]
+    if "cost_usd" not in sessions.columns or sessions.empty:
+        return pd.DataFrame(columns=columns)
+    if sessions.attrs.get("is_moments"):
+        return sessions.groupby("arm_id", observed=True)[columns].sum()
+    cost = sessions["cost_usd"].to_numpy(dtype=float)
+    frame = pd.DataFrame(
+        {
+            "arm_id": sessions["arm_id"].to_numpy(),
+            "n": 1.0,
+            "cost_usd": cost,
+            "cost_usd__sq": cost**2,
+        }
+    )
+    return frame.groupby("arm_id", observed=True)[columns].sum()
+
+
+def _cost_check(
+    rail: GuardrailConfig, arm: str, champion: str, sessions: pd.DataFrame, alpha: float
+) -> GuardrailCheck:
+    sums = _cost_sums(sessions)
+
+    def stats(name: str) -> tuple[float, float, int]:
+        if name not in sums.index:
+            return math.nan, math.inf, 0
+        n, total, squares = (float(sums.at[name, c]) for c in ("n", "cost_usd", "cost_usd__sq"))
+        if n < 1:
+            return math.nan, math.inf, 0
+        mean = total / n
+        var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else math.inf
+        return mean, var / n, round(n)
+
+    (m_a, v_a, n_a), (m_c, v_c, n_c) = stats(arm), stats(champion)
+    if rail.max_ratio is not None:
+        limit, kind = rail.max_ratio, "max_ratio"
+    else:
+        assert rail.max_delta is not None
+        limit, kind = rail.max_delta, "max_delta"
+    prob, lower = 0.0, None
+    if min(n_a, n_c) >= MIN_RATE_N and math.isfinite(v_a + v_c):
+        info = _harmonic(n_a, n_c) / TUNING_N
+        if kind == "max_delta":
+            diff, var = m_a - m_c, v_a + v_c
+            lower = diff - radius(var, info, alpha=alpha, one_sided=True)
+            prob = (
+                float(special.ndtr((diff - limit) / math.sqrt(var)))
+                if var > 0
+                else float(diff > limit)
+            )
+        elif m_a > 0 and m_c > 0:
+            log_ratio, var = math.log(m_a / m_c), v_a / m_a**2 + v_c / m_c**2
+            lower = math.exp(log_ratio - radius(var, info, alpha=alpha, one_sided=True))
+            excess = log_ratio - math.log(limit)
+            prob = float(special.ndtr(excess / math.sqrt(var))) if var > 0 else float(excess > 0)
+    return GuardrailCheck(
+        metric=rail.metric,
+        arm=arm,
+        champion=champion,
+        arm_value=m_a if n_a else None,
+        champion_value=m_c if n_c else None,
+        limit=limit,
+        limit_kind=kind,
+        probability=prob,
+        n=n_a,
+        champion_n=n_c,
         breached=False,
         lower_bound=lower,
     )

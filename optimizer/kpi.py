@@ -12,6 +12,9 @@ terms (``config.kpi.terms``):
   occurred before the session started — up to
   :data:`optimizer.attribution.CLOCK_SKEW_S` of clock skew, counted as delay 0
   (the outcomes API reports the same verdict, :mod:`optimizer.attribution`).
+- ``cost:usd`` — what the session's turns cost (:mod:`optimizer.cost`: litellm's
+  cost, or the configured per-token price of the model), summed; known as the
+  turns happen, so its exposure is 1 like feedback's.
 - ``feedback:up_rate`` / ``feedback:down_rate`` — thumbs up (down) over rated
   turns of the session, from the current votes. **A session without any rated
   turn contributes 0** to these terms (not NaN): most sessions are never rated,
@@ -75,6 +78,7 @@ from sqlalchemy.sql.operators import custom_op
 
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config, KPITermConfig
+from optimizer.cost import COST_COLUMN, session_costs
 from optimizer.moments import sketch_values
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_tuples
@@ -83,9 +87,11 @@ __all__ = [
     "BASE_COLUMNS",
     "LATENCY_TURNS",
     "arm_metrics",
+    "moved_threads",
     "session_frame",
     "term_column",
     "turn_latencies",
+    "uses_cost",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,7 +115,7 @@ BASE_COLUMNS = (
     "reward",
     "complete",
 )
-_RESERVED = frozenset(BASE_COLUMNS) | {"assigned_s"}
+_RESERVED = frozenset(BASE_COLUMNS) | {"assigned_s", "cost_usd"}
 #: The latency guardrail looks at this many of each arm's most recent turns.
 LATENCY_TURNS = 50_000
 #: Below this many events, ``F(age)`` is assumed linear in age.
@@ -143,6 +149,13 @@ _NO_SHARE = pd.DataFrame(
 )
 
 
+def uses_cost(config: Config) -> bool:
+    """Whether the KPI or a guardrail needs each session's cost."""
+    return any(t.source == "cost:usd" for t in config.kpi.terms) or any(
+        g.metric == "cost_per_session" for g in config.kpi.guardrails
+    )
+
+
 def session_frame(
     store: Store,
     config: Config,
@@ -151,6 +164,7 @@ def session_frame(
     assigned_after: datetime | None = None,
     assigned_until: datetime | None = None,
     delay_prior: Mapping[str, tuple[np.ndarray, int]] | None = None,
+    with_cost: bool | None = None,
 ) -> pd.DataFrame:
     """One row per assignment of ``config.experiment.id`` made at or before ``now``.
 
@@ -160,7 +174,9 @@ def session_frame(
     capped value, NaN while its window is open, plus ``<column>_observed`` (value
     so far) and ``<column>_exposure`` (see the module docstring).
     ``frame.attrs["kpi_terms"]`` lists the terms (name, column, source, weight,
-    window_days, aggregate, cap).
+    window_days, aggregate, cap). With ``with_cost`` (default: when
+    :func:`uses_cost`) a ``cost_usd`` column follows the base columns: the
+    session's cost so far (an extra ``GROUP BY`` over the turns).
     Reads only the columns it needs; the heavy lifting is SQL ``GROUP BY`` and
     pandas, never a Python loop over sessions.
 
@@ -182,11 +198,12 @@ def session_frame(
     experiment_id = config.experiment.id
     after = as_utc(assigned_after) if assigned_after is not None else None
     until = min(as_utc(assigned_until), now) if assigned_until is not None else now
+    cost = uses_cost(config) if with_cost is None else with_cost
     with store.engine.connect() as conn:
         epoch = _epoch_function(conn)
         frame, sessions = _sessions(conn, epoch, experiment_id, now, after=after, until=until)
         if frame.empty:
-            out = _empty_frame(terms)
+            out = _empty_frame(terms, cost=cost)
             out.attrs["delay_sealed"] = _Shared()
             out.attrs["returning_users"] = _SharedList()
             return out
@@ -194,6 +211,9 @@ def session_frame(
             {t.source.split(":", 1)[1] for t in terms if t.source.startswith("outcome:")}
         )
         horizon = max((t.window_days for t in terms), default=0.0) * _DAY_S
+        # A restricted frame needs the moved conversations whole: an outcome named by one
+        # assignment of a thread may belong to another one, in or out of the frame.
+        moved = moved_threads(conn, experiment_id, now) if after is not None else None
         outcomes = _outcomes(
             conn,
             epoch,
@@ -201,8 +221,19 @@ def session_frame(
             now,
             after=after,
             past=(experiment_id, until, horizon) if until < now else None,
+            also=_thread_relatives(moved, sessions) if moved is not None else (),
         )
         returning = frame.attrs.pop("returning_users", _SharedList())
+        if cost:
+            costs = session_costs(
+                conn,
+                experiment_id,
+                config.model.prices,
+                now,
+                assigned_after=after,
+                assigned_until=until if after is not None else None,
+            )
+            frame[COST_COLUMN] = frame["session_id"].map(costs).fillna(0.0).astype(float)
         later = (
             _later_sessions(conn, epoch, experiment_id, outcomes, until, now)
             if until < now
@@ -212,7 +243,7 @@ def session_frame(
     age_s = now_s - frame["assigned_s"].to_numpy()
     frame["assigned_at"] = pd.to_datetime(frame["assigned_s"], unit="s", utc=True)
     frame["age_days"] = age_s / _DAY_S
-    events = _attribute(outcomes, frame, sessions, later=later)
+    events = _attribute(outcomes, frame, sessions, later=later, moved=moved)
     sealed: dict[str, pd.DataFrame] = _Shared()
 
     reward = np.zeros(len(frame))
@@ -234,7 +265,7 @@ def session_frame(
         complete &= closed
     frame["reward"] = np.where(complete, reward, np.nan)
     frame["complete"] = complete
-    frame = frame[list(BASE_COLUMNS)]
+    frame = frame[list(BASE_COLUMNS) + ([COST_COLUMN] if cost else [])]
     frame = pd.concat([frame, pd.DataFrame(extra, index=frame.index)], axis=1)
     frame.attrs["kpi_terms"] = _term_attrs(terms)
     frame.attrs["delay_sealed"] = sealed
@@ -297,12 +328,17 @@ def turn_latencies(
 
     For the p95 guardrail: recent behaviour is what a guardrail should react to,
     and the bound keeps a refit on millions of turns fast. ``since`` maps an arm
-    to a time before which its turns are ignored.
+    to a time before which its turns are ignored. Turns of holdback sessions are
+    left out: the holdback is outside the bandit, and the guardrails judge the
+    arms the bandit serves (:mod:`optimizer.holdback`), like the rate guardrails
+    that read :func:`optimizer.holdback.bandit_frame`.
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     now = as_utc(now) if now is not None else utcnow()
-    t = schema.turns
+    t, a = schema.turns, schema.assignments
+    # Few sessions are holdback ones: an anti-join on the unique session id stays an index probe.
+    in_holdback = sa.exists().where(a.c.session_id == t.c.session_id, a.c.holdback == sa.true())
     out: dict[str, np.ndarray] = {}
     with store.engine.connect() as conn:
         # SQLite walks the (experiment, arm) index backwards by rowid: no sort needed.
@@ -317,6 +353,7 @@ def turn_latencies(
                     t.c.arm_id == arm,
                     t.c.created_at <= now,
                     t.c.latency_ms.is_not(None),
+                    ~in_holdback,
                 )
                 .order_by(newest.desc())
                 .limit(limit)
@@ -382,6 +419,7 @@ def _sessions(
         a.c.snapshot_version,
         epoch(a.c.assigned_at),
         a.c.holdback,
+        a.c.thread_id,
         *counts,
     ).where(experiment == experiment_id, a.c.assigned_at <= (until or now))
     if after is not None:
@@ -409,10 +447,12 @@ def _sessions(
     frame["snapshot_version"] = pd.array(cells[:, 5].astype(float), dtype="Int64")
     frame["assigned_s"] = cells[:, 6].astype(float)
     frame["holdback"] = cells[:, 7].astype(bool)
-    for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=8):
+    # The conversation: a moved one has several assignments (``<thread>~n``, Store.reassign).
+    frame["thread"] = pd.Series(cells[:, 8], dtype=object).fillna(frame["session_id"])
+    for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=9):
         frame[name] = cells[:, i].astype(np.int64)
     returning = (
-        sorted(set(frame["user_id"][cells[:, 8 + len(counts)].astype(bool)].tolist()))
+        sorted(set(frame["user_id"][cells[:, 9 + len(counts)].astype(bool)].tolist()))
         if after is not None
         else []
     )
@@ -488,6 +528,41 @@ def _stamped_after(conn: sa.Connection, now: datetime) -> bool:
     )
 
 
+def moved_threads(conn: sa.Connection, experiment_id: str, now: datetime) -> pd.DataFrame:
+    """Every assignment of a moved conversation up to ``now``: ``session_id``, ``thread``,
+    ``assigned_s``, in time order. Moves are rare (an arm paused or retired while its
+    conversations go on): the reassigned rows through the ``thread_id`` index, then
+    their threads' first assignments by session id."""
+    a, epoch = schema.assignments, _epoch_function(conn)
+    moved_ids = sa.select(a.c.thread_id).where(
+        a.c.thread_id >= "",
+        a.c.experiment_id == experiment_id,  # >= "": an index range
+    )
+    rows = fetch_tuples(
+        conn,
+        sa.select(
+            a.c.session_id, sa.func.coalesce(a.c.thread_id, a.c.session_id), epoch(a.c.assigned_at)
+        )
+        .where(
+            a.c.experiment_id == experiment_id,
+            a.c.assigned_at <= now,
+            sa.or_(a.c.thread_id >= "", a.c.session_id.in_(moved_ids)),
+        )
+        .order_by(a.c.assigned_at, a.c.id),
+    )
+    out = pd.DataFrame(rows, columns=["session_id", "thread", "assigned_s"])
+    return out.astype({"assigned_s": float})
+
+
+def _thread_relatives(moved: pd.DataFrame, ids: pd.Index) -> list[str]:
+    """Assignments outside the frame (``ids``) of the moved conversations it has a part of."""
+    if not len(moved):
+        return []
+    inside = ids.get_indexer(moved["session_id"]) >= 0
+    threads = set(moved.loc[inside, "thread"])
+    return sorted(set(moved.loc[~inside & moved["thread"].isin(threads), "session_id"]))
+
+
 def _outcomes(
     conn: sa.Connection,
     epoch: Any,
@@ -496,12 +571,14 @@ def _outcomes(
     *,
     after: datetime | None = None,
     past: tuple[str, datetime, float] | None = None,
+    also: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Outcome events of ``names`` up to ``now``; with ``after``, only those that can belong
     to a session assigned after it. ``past`` = (experiment, until, longest window in s): the
     frame is a closed stretch of history, so its session-linked events are found through its
-    sessions (index probes, not a scan of everything that happened since) and user-level
-    ones within the longest window after it."""
+    sessions (index probes, not a scan of everything that happened since), plus those
+    named by the sessions ``also`` (other assignments of its moved conversations), and
+    user-level ones within the longest window after it."""
     o = schema.outcomes
     columns = ("session_id", "user_id", "name", "value", "occurred_s")
     if not names:
@@ -526,9 +603,11 @@ def _outcomes(
         by_user = query.where(
             o.c.session_id.is_(None), o.c.occurred_at <= until + timedelta(seconds=horizon) + skew
         )
-        frame = pd.concat(
-            [_read(conn, linked, columns), _read(conn, by_user, columns)], ignore_index=True
-        )
+        parts = [_read(conn, linked, columns), _read(conn, by_user, columns)]
+        ids = sorted(also)
+        for i in range(0, len(ids), 500):
+            parts.append(_read(conn, query.where(o.c.session_id.in_(ids[i : i + 500])), columns))
+        frame = pd.concat(parts, ignore_index=True)
     else:
         frame = _read(conn, query, columns)
     frame["value"] = frame["value"].astype(float)
@@ -545,12 +624,16 @@ def _attribute(
     ids: pd.Index,
     *,
     later: pd.DataFrame | None = None,
+    moved: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Outcome events with the row position (``pos``) of the session they belong to.
 
-    Session-linked events join on ``session_id``; user-level events go to the
-    user's latest session assigned at or before the event (``merge_asof``), both
-    with the clock-skew tolerance; an event before its session is dropped.
+    Session-linked events join on ``session_id`` — and when that conversation was
+    moved to another arm (:meth:`optimizer.store.Store.reassign`), on its assignment
+    open at the event: the newest one of the thread assigned at or before it.
+    User-level events go to the user's latest session assigned at or before the
+    event (``merge_asof``). Both with the clock-skew tolerance; an event before its
+    session is dropped.
     """
     from optimizer.attribution import CLOCK_SKEW_S
 
@@ -559,8 +642,7 @@ def _attribute(
         return pd.DataFrame({c: pd.Series(dtype=float if c != "name" else object) for c in columns})
     assigned_s = sessions["assigned_s"].to_numpy()
     by_session = outcomes[outcomes["session_id"].notna()]
-    pos = ids.get_indexer(by_session["session_id"])
-    linked = by_session.assign(pos=pos)[pos >= 0]
+    linked = _open_at_event(by_session, ids, sessions, moved)
 
     by_user = outcomes[outcomes["session_id"].isna() & outcomes["user_id"].notna()]
     if not by_user.empty:
@@ -594,6 +676,66 @@ def _attribute(
     return linked.loc[delay >= -CLOCK_SKEW_S, columns]
 
 
+def _open_at_event(
+    by_session: pd.DataFrame, ids: pd.Index, sessions: pd.DataFrame, moved: pd.DataFrame | None
+) -> pd.DataFrame:
+    """Session-linked events with the row position (``pos``) of the assignment they count for.
+
+    A conversation whose arm was paused or retired goes on under a new assignment
+    (``<thread>~n``); the integrator still knows only the chat's id. What the user
+    did after the move happened under the new arm, so it is credited there — the
+    same "latest session at or before the event" rule as for user-level outcomes,
+    within one conversation, without the clock-skew tolerance (the move is stamped by
+    our own clock). Only threads with more than one assignment are looked up:
+    ``moved`` lists them (:func:`moved_threads`; None: the frame holds every
+    session, and its threads seen more than once are the moved ones). An event that
+    counts for an assignment outside the frame is left out.
+    """
+    if moved is None:
+        rows = sessions["thread"].duplicated(keep=False).to_numpy() if "thread" in sessions else []
+        moved = pd.DataFrame(
+            {
+                "session_id": sessions["session_id"].to_numpy(dtype=object)[rows],
+                "thread": sessions["thread"].to_numpy(dtype=object)[rows],
+                "assigned_s": sessions["assigned_s"].to_numpy()[rows],
+            }
+        )
+    named = by_session["session_id"]
+    target = named.to_numpy(dtype=object).copy()
+    if len(moved) and len(by_session):
+        thread = named.map(pd.Series(moved["thread"].to_numpy(), index=moved["session_id"]))
+        on = thread.notna().to_numpy()
+        if on.any():
+            events = pd.DataFrame(
+                {
+                    "thread": thread.to_numpy(dtype=object)[on],
+                    "match_s": by_session["occurred_s"].to_numpy(dtype=float)[on],
+                    "row": np.flatnonzero(on),
+                }
+            ).sort_values("match_s", kind="stable")
+            lookup = pd.DataFrame(
+                {
+                    "thread": moved["thread"].to_numpy(dtype=object),
+                    "assigned_s": moved["assigned_s"].to_numpy(dtype=float),
+                    "open": moved["session_id"].to_numpy(dtype=object),
+                }
+            ).sort_values("assigned_s", kind="stable")
+            matched = pd.merge_asof(
+                events,
+                lookup,
+                left_on="match_s",
+                right_on="assigned_s",
+                by="thread",
+                direction="backward",
+            )
+            rows = matched["row"].to_numpy(dtype=np.int64)
+            found = matched["open"].notna().to_numpy()
+            # Before the conversation's first assignment: the named session (dropped as early).
+            target[rows[found]] = matched["open"].to_numpy(dtype=object)[found]
+    pos = ids.get_indexer(target)
+    return by_session.assign(pos=pos)[pos >= 0]
+
+
 def _term_values(
     term: KPITermConfig,
     frame: pd.DataFrame,
@@ -607,6 +749,8 @@ def _term_values(
     term for every session."""
     n = len(frame)
     kind, _, name = term.source.partition(":")
+    if kind == "cost":  # known as the turns happen
+        return frame[COST_COLUMN].to_numpy(dtype=float).copy(), np.ones(n), _NO_SHARE
     if kind == "feedback":
         rated = frame["rated"].to_numpy()
         hits = frame["thumbs_up" if name == "up_rate" else "thumbs_down"].to_numpy()
@@ -717,7 +861,7 @@ def _term_attrs(terms: Sequence[KPITermConfig]) -> list[dict[str, Any]]:
     ]
 
 
-def _empty_frame(terms: Sequence[KPITermConfig]) -> pd.DataFrame:
+def _empty_frame(terms: Sequence[KPITermConfig], *, cost: bool = False) -> pd.DataFrame:
     dtypes: Mapping[str, Any] = {
         "propensity": float,
         "snapshot_version": "Int64",
@@ -729,6 +873,8 @@ def _empty_frame(terms: Sequence[KPITermConfig]) -> pd.DataFrame:
         **{c: np.int64 for c in ("turns", "errors", "rated", "thumbs_up", "thumbs_down")},
     }
     columns = {c: pd.Series(dtype=dtypes.get(c, object)) for c in BASE_COLUMNS}
+    if cost:
+        columns[COST_COLUMN] = pd.Series(dtype=float)
     for t in terms:
         col = term_column(t.name)
         for c in (col, f"{col}_observed", f"{col}_exposure"):

@@ -68,6 +68,8 @@ METRIC_COLUMNS = (
     "errors__hh",
     "errors__hn",
     "errors__nn",
+    "cost_usd",
+    "cost_usd__sq",
 )
 _KEYS = ("segment", "arm_id", "holdback")
 
@@ -118,8 +120,9 @@ def session_moments(
     complete sessions), per pair ``oo{k}_{m}`` / ``oe{k}_{m}`` / ``ee{k}_{m}``,
     ``y`` / ``yy`` (reward of complete sessions and its square), ``nb_obs`` /
     ``nb_fin`` (sessions whose first term is not 0/1, observed / final), and
-    :data:`METRIC_COLUMNS`. A key missing from the frame is filled (segment
-    ``"*"``, holdback False). ``extra`` adds constant key columns (e.g. a day).
+    :data:`METRIC_COLUMNS` (``cost_usd`` and its square when the frame has costs).
+    A key missing from the frame is filled (segment ``"*"``, holdback False).
+    ``extra`` adds constant key columns (e.g. a day).
     ``attrs["terms"]`` lists the terms; ``attrs["metrics"]`` says whether the
     frame had turn and vote counts.
     """
@@ -197,6 +200,10 @@ def session_moments(
             add(f"{hits}__hh", h * h)
             add(f"{hits}__hn", h * t)
             add(f"{hits}__nn", t * t)
+    if "cost_usd" in sessions and n:  # the cost guardrail: mean and variance per arm
+        cost = sessions["cost_usd"].to_numpy(dtype=float)
+        add("cost_usd", cost)
+        add("cost_usd__sq", cost * cost)
     out = pd.concat([groups, pd.DataFrame(stats)], axis=1)
     out.attrs["is_moments"] = True
     out.attrs["terms"] = moment_terms(sessions)

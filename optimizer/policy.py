@@ -47,7 +47,11 @@ probability of being best *among themselves* — a newcomer (or a pause, or a
 retirement) scales the others' Thompson shares instead of resetting them to
 uniform; with no arm past burn-in traffic is uniform → **floor**: each
 active arm gets at least ``floor / (1 + n / floor_decay_sessions)`` (n = its
-complete sessions; ``floor_decay_sessions=0`` keeps the floor constant) → **cap**:
+complete sessions; ``floor_decay_sessions=0`` keeps the floor constant), except that a
+**guardrail suspect** (``guardrail_suspects`` of :meth:`fit`: undecided and more likely
+than not in breach, :attr:`optimizer.guardrails.GuardrailCheck.suspect`) and the champion
+keep ``guardrail_floor`` without decay until the check decides — a valid test pauses on
+votes, and a bandit that starves either arm would leave the breach undecided → **cap**:
 a non-champion arm with fewer than ``challenger_min_sessions`` complete sessions
 gets at most ``challenger_cap``. Shares are then renormalised within those bounds.
 **Stop rule**: the arm most likely best among the active arms, with probability
@@ -281,6 +285,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         *,
         champion: str | None = None,
         caps: Mapping[str, float] | None = None,
+        guardrail_suspects: Sequence[str] = (),
     ) -> _PosteriorPolicy:
         """Fit posteriors on a :func:`optimizer.kpi.session_frame` and allocate over ``arms``.
 
@@ -290,7 +295,10 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         ``arms`` are the active arms (default: every arm in ``sessions``); sessions of
         other arms are summarised but get no traffic. ``champion`` is exempt from the
         challenger cap. ``caps`` are operator-set maximum shares per arm (from
-        ``cap_set`` arm events); they bind every segment, champion included. Needs
+        ``cap_set`` arm events); they bind every segment, champion included.
+        ``guardrail_suspects`` are arms whose guardrail is undecided with a plausible
+        breach (:attr:`optimizer.guardrails.GuardrailCheck.suspect`): they, and the
+        champion they are compared with, keep the guardrail floor. Needs
         columns ``arm_id``, ``reward``, ``complete`` and optionally ``segment``.
         """
         from optimizer.moments import SketchRef, session_moments, support_sketch
@@ -314,6 +322,10 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
             raise PolicyError("no active arm to allocate traffic to")
         all_arms = sorted(set(active) | set(data_arms))
         rng = np.random.default_rng(self.random_state)
+        held = {a for a in guardrail_suspects if a in active}
+        if held and champion is not None and champion in active:
+            held.add(champion)  # every guardrail compares with the champion's votes
+        self.guardrail_held_ = sorted(held)
 
         segments = (
             sorted(s for s in pd.unique(moments["segment"]).tolist() if s != ALL_SEGMENTS)
@@ -680,6 +692,7 @@ class ThompsonSamplingPolicy(_PosteriorPolicy):
         floor_decay_sessions: float = 1000.0,
         challenger_cap: float = 0.2,
         challenger_min_sessions: int = 200,
+        guardrail_floor: float = 0.1,
         stop_probability_best: float = 0.95,
         stop_expected_loss: float = 0.001,
         samples: int = 4000,
@@ -702,6 +715,7 @@ class ThompsonSamplingPolicy(_PosteriorPolicy):
         self.floor_decay_sessions = floor_decay_sessions
         self.challenger_cap = challenger_cap
         self.challenger_min_sessions = challenger_min_sessions
+        self.guardrail_floor = guardrail_floor
 
     def _validate(self) -> None:
         super()._validate()
@@ -713,6 +727,8 @@ class ThompsonSamplingPolicy(_PosteriorPolicy):
             raise ValueError(
                 f"floor_decay_sessions must be >= 0, got {self.floor_decay_sessions!r}"
             )
+        if not 0 <= self.guardrail_floor < 0.5:
+            raise ValueError(f"guardrail_floor must be in [0, 0.5), got {self.guardrail_floor!r}")
         if not 0 < self.challenger_cap <= 1:
             raise ValueError(f"challenger_cap must be in (0, 1], got {self.challenger_cap!r}")
         if not self.challenger_min_sessions >= 0:
@@ -748,6 +764,8 @@ class ThompsonSamplingPolicy(_PosteriorPolicy):
         self, target: np.ndarray, effective: np.ndarray, arms: np.ndarray, champion: str | None
     ) -> np.ndarray:
         floors = self.floor_shares(effective)
+        held = np.isin(arms, self.guardrail_held_)
+        floors = np.where(held, np.maximum(floors, self.guardrail_floor), floors)
         capped = (effective < self.challenger_min_sessions) & (arms != champion)
         caps = np.where(capped, self.challenger_cap, 1.0)
         return rollout(target, floors, caps)
@@ -789,6 +807,7 @@ def make_policy(
         floor_decay_sessions=config.floor_decay_sessions,
         challenger_cap=config.challenger_cap,
         challenger_min_sessions=config.challenger_min_sessions,
+        guardrail_floor=config.guardrail_floor,
         samples=config.samples,
         stop_probability_best=config.stop_probability_best,
         stop_expected_loss=config.stop_expected_loss,

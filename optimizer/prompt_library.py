@@ -154,7 +154,7 @@ def load_prompts(directory: str | Path = "prompts") -> PromptLibrary:
 
 
 def arm_spec(arm: ArmConfig, prompts: PromptLibrary) -> ArmSpec:
-    """What a configured arm serves, as the store versions it: prompt text and few-shot settings."""
+    """What a configured arm serves, as the store versions it: prompt text, few-shot, model."""
     from optimizer.store import ArmSpec
 
     fewshot: dict[str, Any] = {}
@@ -164,5 +164,12 @@ def arm_spec(arm: ArmConfig, prompts: PromptLibrary) -> ArmSpec:
         fewshot = {"k": arm.k, "reward_weighted": arm.reward_weighted}
     variant = prompts.variant(arm.prompt)
     return ArmSpec(
-        arm.id, arm.prompt, variant.hash, arm.fewshot, fewshot, prompt_text=variant.template
+        arm.id,
+        arm.prompt,
+        variant.hash,
+        arm.fewshot,
+        fewshot,
+        prompt_text=variant.template,
+        model=arm.model,
+        model_params=arm.model_params,
     )

@@ -45,6 +45,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from optimizer import guardrails, kpi, srm
+from optimizer.alerts import AlertDeliverer, alerts_from_run
 from optimizer.assignment import ALL_SEGMENTS
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
@@ -52,6 +53,7 @@ from optimizer.holdback import bandit_frame, holdback_lift
 from optimizer.jsonable import jsonable
 from optimizer.locks import job_lock
 from optimizer.policy import make_policy
+from optimizer.proposer.hooks import ProposerHooks
 from optimizer.refit_state import evidence_moments, refit_inputs
 from optimizer.store import ACTIVE_STATUSES, Store, schema
 from optimizer.store.schema import ARM_STATUS_BY_EVENT
@@ -80,6 +82,8 @@ class OptimizerRun:
     srm: dict[str, Any] = field(default_factory=dict)
     #: The few-shot step: mined, demoted and proposed examples (empty when skipped).
     fewshot: dict[str, Any] = field(default_factory=dict)
+    #: The proposal round (optimizer.proposer), empty when none ran.
+    proposals: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (for ``flywheel optimize --json``)."""
@@ -98,6 +102,7 @@ class OptimizerRun:
             "recommendation": self.recommendation,
             "srm": self.srm,
             "fewshot": self.fewshot,
+            "proposals": self.proposals,
         }
 
 
@@ -110,8 +115,16 @@ def run_optimizer(
     actor: str = "optimizer",
     fewshot: bool = True,
     incremental: bool = True,
+    alerts: AlertDeliverer | None = None,
+    proposer: ProposerHooks | None = None,
 ) -> OptimizerRun | None:
     """Fit the policy on the events up to ``now`` and write a snapshot.
+
+    ``alerts`` (optional) receives the run's guardrail pauses, SRM warnings (when
+    one starts), stop recommendations (when new) and promotions, delivered in the
+    background (:mod:`optimizer.alerts`). ``proposer`` (optional) carries the
+    completion function that lets the run write challengers from the feedback
+    (:mod:`optimizer.proposer`); without it no proposal round runs.
 
     With ``fewshot`` the run then turns the flywheel (:func:`fewshot_step`):
     mines good turns into the example bank, demotes examples that drag the KPI
@@ -137,14 +150,66 @@ def run_optimizer(
         if not held:
             log.info("optimizer: another run holds the lock for %r; skipping", config.experiment.id)
             return None
-        run = _run(store, config, now, np.random.default_rng(random_state), actor, incremental)
+        run, new_stop, srm_new = _run(
+            store, config, now, np.random.default_rng(random_state), actor, incremental
+        )
+        if alerts is not None:
+            for alert in alerts_from_run(run, new_stop=new_stop, srm_new=srm_new):
+                alerts.emit(alert)
+        if config.proposer.enabled:
+            run = replace(run, proposals={"trials": trial_step(store, config, run, now=now)})
         if fewshot:
-            run = replace(run, fewshot=fewshot_step(store, config, now=now, actor=actor))
+            run = replace(
+                run, fewshot=fewshot_step(store, config, now=now, actor=actor, hooks=proposer)
+            )
+        if proposer is not None:
+            run = replace(
+                run,
+                proposals={
+                    **run.proposals,
+                    **proposal_step(store, config, proposer, now=now, alerts=alerts),
+                },
+            )
         return run
 
 
+def trial_step(store: Store, config: Config, run: OptimizerRun, *, now: datetime) -> dict[str, Any]:
+    """End the proposed arms' trials that are due (:mod:`optimizer.proposer.trials`)."""
+    from optimizer.proposer.trials import manage_trials
+
+    try:
+        return manage_trials(store, config, run.summary, now=now)
+    except Exception:  # logged with its traceback; the next run tries again
+        log.exception("optimizer: proposal trials failed")
+        return {"error": "proposal trials failed; see the log"}
+
+
+def proposal_step(
+    store: Store,
+    config: Config,
+    hooks: ProposerHooks,
+    *,
+    now: datetime,
+    alerts: AlertDeliverer | None = None,
+) -> dict[str, Any]:
+    """A proposal round when it is due; a failure here never loses the snapshot."""
+    from optimizer.proposer import run_round
+
+    try:
+        result = run_round(store, config, hooks, now=now, alerts=alerts)
+    except Exception:  # logged with its traceback; the next run tries again
+        log.exception("optimizer: proposal round failed")
+        return {"error": "proposal round failed; see the log"}
+    return result.as_dict() if result is not None else {}
+
+
 def fewshot_step(
-    store: Store, config: Config, *, now: datetime, actor: str = "optimizer"
+    store: Store,
+    config: Config,
+    *,
+    now: datetime,
+    actor: str = "optimizer",
+    hooks: ProposerHooks | None = None,
 ) -> dict[str, Any]:
     """Mine, credit and propose few-shot examples; a failure here never loses the snapshot."""
     from optimizer.fewshot import credit_examples, mine_examples, propose_challenger
@@ -152,7 +217,7 @@ def fewshot_step(
     try:
         mined = mine_examples(store, config, now=now, actor=actor)
         credit = credit_examples(store, config, now=now, actor=actor)
-        proposal = propose_challenger(store, config, actor=actor)
+        proposal = propose_challenger(store, config, actor=actor, hooks=hooks)
     except Exception:  # logged with its traceback; the next run tries again
         log.exception("optimizer: few-shot step failed")
         return {"error": "few-shot step failed; see the log"}
@@ -170,7 +235,8 @@ def _run(
     rng: np.random.Generator,
     actor: str,
     incremental: bool = True,
-) -> OptimizerRun:
+) -> tuple[OptimizerRun, bool, bool]:
+    """The run, whether its stop recommendation is new, and whether an SRM warning began."""
     started = time.perf_counter()
     exp, pol = config.experiment, config.policy
     statuses = store.arm_statuses(exp.id) or {a.id: "active" for a in exp.arms}
@@ -213,14 +279,20 @@ def _run(
         log.warning("optimizer: paused arm %r (guardrail breach): %s", arm, evidence["checks"])
     active = [a for a in active if a not in paused]
 
+    suspects = sorted({c.arm for c in checks if c.suspect and c.arm in active})
     policy = make_policy(pol, random_state=rng).fit(
-        frame, active, champion=champion, caps=_operator_caps(store, exp.id)
+        frame,
+        active,
+        champion=champion,
+        caps=_operator_caps(store, exp.id),
+        guardrail_suspects=suspects,
     )
     recommendation = policy.recommendation_
     promoted = None
+    new_stop = False
     retired: list[str] = []
     if recommendation is not None:
-        promoted = _record_stop(store, config, recommendation, champion, actor, now)
+        promoted, new_stop = _record_stop(store, config, recommendation, champion, actor, now)
         if promoted:
             statuses = {a: ("active" if s == "champion" else s) for a, s in statuses.items()}
             statuses[promoted] = "champion"
@@ -268,6 +340,8 @@ def _run(
             },
         },
         "guardrails": [c.evidence() for c in checks],
+        # Arms keeping policy.guardrail_floor: guardrail suspects and the champion.
+        "guardrail_held": list(policy.guardrail_held_),
         "policy": policy.name,
         "model": policy.model_,
         "delay": pol.delay,
@@ -286,6 +360,11 @@ def _run(
     }
     summary = jsonable(summary)
     allocation = jsonable(policy.snapshot_allocation())
+    previous = store.latest_snapshot(exp.id)
+    was_warning = (
+        bool(((previous.summary or {}).get("srm") or {}).get("warning")) if previous else False
+    )
+    srm_new = bool(srm_result.get("warning")) and not was_warning
     version = store.save_snapshot(exp.id, policy.name, allocation, summary, at=now)
     duration = time.perf_counter() - started
     log.info(
@@ -295,7 +374,7 @@ def _run(
         sessions,
         duration,
     )
-    return OptimizerRun(
+    run = OptimizerRun(
         experiment_id=exp.id,
         snapshot_version=version,
         policy=policy.name,
@@ -310,6 +389,7 @@ def _run(
         recommendation=recommendation,
         srm=srm_result,
     )
+    return run, new_stop, srm_new
 
 
 def _record_stop(
@@ -319,21 +399,24 @@ def _record_stop(
     champion: str | None,
     actor: str,
     now: datetime,
-) -> str | None:
-    """Record the stop recommendation (or promotion) unless it is already the current one."""
+) -> tuple[str | None, bool]:
+    """Record the stop recommendation (or promotion) unless it is already the current one.
+
+    Returns the promoted arm (or None) and whether a new recommendation was recorded."""
     exp = config.experiment
     arm = recommendation["arm"]
     evidence = jsonable(dict(recommendation))
     if config.policy.auto_promote and arm != champion:
         store.record_arm_event(exp.id, arm, "promoted", actor=actor, evidence=evidence, at=now)
         log.info("optimizer: promoted %r (stop rule)", arm)
-        return arm
+        return arm, True
     if _last_event_kind(store, exp.id, arm) != "stop_recommended":
         store.record_arm_event(
             exp.id, arm, "stop_recommended", actor=actor, evidence=evidence, at=now
         )
         log.info("optimizer: stop rule recommends %r", arm)
-    return None
+        return None, True
+    return None, False
 
 
 def _retire_losers(

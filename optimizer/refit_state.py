@@ -400,6 +400,12 @@ class _Updater:
                     )
                 )
             )
+            # an event named by one assignment of a moved conversation may count for another
+            moved = kpi.moved_threads(conn, self.experiment, self.now)
+            if len(moved):
+                thread_of = dict(zip(moved["session_id"], moved["thread"], strict=True))
+                threads = {thread_of[s] for s in sessions if s in thread_of}
+                sessions.update(moved.loc[moved["thread"].isin(threads), "session_id"])
             times: list[datetime] = []
             ids = sorted(sessions)
             for i in range(0, len(ids), 500):
@@ -499,7 +505,12 @@ def _runs(days: list[int]) -> list[tuple[int, int]]:
 
 
 def _fingerprint(config: Config) -> str:
-    terms = [t.model_dump(mode="json") for t in config.kpi.terms]
+    """What the kept sums depend on: the KPI terms, and whether sessions carry their cost
+    (a cost term or guardrail; the model prices that value it)."""
+    terms: list[Any] = [t.model_dump(mode="json") for t in config.kpi.terms]
+    if kpi.uses_cost(config):
+        prices = {m: p.model_dump(mode="json") for m, p in config.model.prices.items()}
+        terms.append({"cost": prices})
     return hashlib.sha256(json.dumps(terms, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
@@ -31,6 +32,7 @@ from optimizer import kpi
 from optimizer.assignment import ALL_SEGMENTS, Assigner
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
+from optimizer.cost import COST_COLUMN
 from optimizer.errors import PolicyError
 from optimizer.holdback import holdback_lift
 from optimizer.jsonable import finite, jsonable
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "STATUS_LABELS",
     "experiment_report",
+    "kpi_per_dollar",
     "promotion_estimates",
     "recent_sessions",
 ]
@@ -74,12 +77,13 @@ def experiment_report(
         raise ValueError(f"history_limit must be >= 0, got {history_limit}")
     now = as_utc(now) if now is not None else utcnow()
     exp = config.experiment
-    frame = kpi.session_frame(store, config, now=now)
+    frame = kpi.session_frame(store, config, now=now, with_cost=True)
     snapshot = store.latest_snapshot(exp.id)
     summary: Mapping[str, Any] = (snapshot.summary or {}) if snapshot is not None else {}
     events = _arm_events(store, exp.id)
     allocation = _serving_allocation(store, config)
     arms = _arm_rows(config, frame, events, allocation, summary, known=_known_arms(store, exp.id))
+    _add_models(arms, store.arms(exp.id), config.model.name)
     leader = _leader(arms)
     report: dict[str, Any] = {
         "experiment": {
@@ -127,6 +131,17 @@ def experiment_report(
 
 
 # -- arms ---------------------------------------------------------------------------------
+
+
+def _add_models(arms: list[dict[str, Any]], rows: Sequence[Any], default: str) -> None:
+    """Each arm's model (``default`` for arms without one) and its fine-tune manifest, if any."""
+    by_id = {r.id: r for r in rows}
+    for arm in arms:
+        row = by_id.get(arm["id"])
+        arm["model"] = (row.model if row is not None else None) or default
+        arm["model_default"] = row is None or row.model is None
+        arm["model_params"] = dict(row.model_params or {}) if row is not None else {}
+        arm["manifest"] = row.manifest if row is not None else None
 
 
 def _known_arms(store: Store, experiment_id: str) -> list[str]:
@@ -179,8 +194,27 @@ def _serving_allocation(store: Store, config: Config) -> dict[str, dict[str, flo
 def _observed(frame: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     """Live per-group figures: :func:`optimizer.kpi.arm_metrics` plus the observed mean KPI."""
     out = kpi.arm_metrics(frame, by)
-    out["kpi_observed_mean"] = frame["reward"].groupby([frame[c] for c in by]).mean()
+    groups = [frame[c] for c in by]
+    out["kpi_observed_mean"] = frame["reward"].groupby(groups).mean()
+    if COST_COLUMN in frame.columns:
+        out["cost_usd_total"] = frame[COST_COLUMN].groupby(groups).sum()
+        out["cost_per_session"] = frame[COST_COLUMN].groupby(groups).mean()
     return out
+
+
+def kpi_per_dollar(kpi_mean: Any, cost_per_session: Any) -> float | None:
+    """KPI per USD spent: mean KPI / mean cost of a session (None when free or unknown).
+
+    >>> kpi_per_dollar(0.05, 0.002), kpi_per_dollar(0.05, 0.0)
+    (25.0, None)
+    """
+    try:
+        k, c = float(kpi_mean), float(cost_per_session)
+    except (TypeError, ValueError):
+        return None
+    if not (np.isfinite(k) and np.isfinite(c)) or c <= 0:
+        return None
+    return k / c
 
 
 def _arm_rows(
@@ -229,6 +263,15 @@ def _arm_rows(
                 "error_rate": obs.get("error_rate"),
                 "median_support_minutes": obs.get("median_support_minutes"),
                 "kpi_observed_mean": obs.get("kpi_observed_mean"),
+                "cost_usd_total": obs.get("cost_usd_total"),
+                "cost_per_session": obs.get("cost_per_session"),
+                # the posterior KPI when there is one (the observed mean waits for windows)
+                "kpi_per_dollar": kpi_per_dollar(
+                    post.get("kpi_mean")
+                    if post.get("kpi_mean") is not None
+                    else obs.get("kpi_observed_mean"),
+                    obs.get("cost_per_session"),
+                ),
                 "kpi_mean": post.get("kpi_mean"),
                 "kpi_ci": post.get("kpi_ci"),
                 "prob_best": post.get("prob_best"),

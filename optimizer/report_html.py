@@ -18,7 +18,17 @@ import jinja2
 
 from optimizer.plots import FIGURE_TITLES, figure_divs
 
-__all__ = ["ago", "environment", "evidence", "interval", "num", "pct", "render_standalone", "when"]
+__all__ = [
+    "ago",
+    "environment",
+    "evidence",
+    "interval",
+    "num",
+    "pct",
+    "render_standalone",
+    "usd",
+    "when",
+]
 
 
 def _missing(value: Any) -> bool:
@@ -33,6 +43,14 @@ def pct(value: Any, digits: int = 1) -> str:
 def num(value: Any, digits: int = 3) -> str:
     """Fixed decimals, or ``—`` for a missing value."""
     return "—" if _missing(value) else f"{float(value):.{digits}f}"
+
+
+def usd(value: Any) -> str:
+    """``$0.00123`` (significant digits for sub-cent costs), or ``—`` for a missing value."""
+    if _missing(value):
+        return "—"
+    v = float(value)
+    return "$0" if v == 0 else f"${v:.2f}" if abs(v) >= 1 else f"${v:.3g}"
 
 
 def _int_or_dash(value: Any) -> str:
@@ -97,6 +115,7 @@ def environment(loaders: Iterable[jinja2.BaseLoader] = ()) -> jinja2.Environment
         pct=pct,
         num=num,
         int_or_dash=_int_or_dash,
+        usd=usd,
         ci_pct=lambda pair: interval(pair, pct),
         ci_num=lambda pair: interval(pair, lambda v: num(v, 4)),
         when=when,

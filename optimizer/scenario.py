@@ -34,6 +34,14 @@ Arms may arrive and leave mid-run: ``arrives_day`` (the arm is created then and
 gets traffic from then on) and ``retires_day`` (an operator retires it then; its
 returning users move on). Regret at a time counts only the arms present then.
 
+A ``[proposer]`` table closes the loop (:class:`ProposerSpec`): from one
+champion the simulated proposer writes challengers every few days (under the
+real budget: ``max_live``, ``min_new_negative``, the interval), each with a hidden
+truth relative to its parent — conversion lift ~ Normal(``lift_mean``,
+``lift_sd``), a ``harmful_share`` drawn from a worse distribution, some of those
+broken enough that the replay gate may catch them — and the optimizer starts,
+promotes and retires them with no human step.
+
 Errors raise :class:`~optimizer.errors.ConfigError` naming the file and field.
 
 The expected KPI of an arm (:meth:`Scenario.expected_rewards`) is computed in
@@ -61,6 +69,7 @@ from optimizer.errors import ConfigError
 __all__ = [
     "ArmTruth",
     "DelaySpec",
+    "ProposerSpec",
     "Scenario",
     "SegmentSpec",
     "load_scenario",
@@ -74,6 +83,7 @@ SUPPORTED_SOURCES = (
     "outcome:support_minutes",
     "feedback:up_rate",
     "feedback:down_rate",
+    "cost:usd",
 )
 #: Seconds between a session's start and its earliest conversion.
 CONVERSION_OFFSET_S = 60.0
@@ -96,6 +106,7 @@ class _Truth(_Strict):
     error_rate: float = Field(0.0, ge=0, le=1)
     latency_ms: float = Field(800.0, gt=0)
     latency_sigma: float = Field(0.3, ge=0, le=3)
+    cost_per_turn: float = Field(0.0, ge=0)
 
 
 class ArmTruth(_Truth):
@@ -107,7 +118,9 @@ class ArmTruth(_Truth):
     of an exponential per session (0: none reported); ``revenue`` the mean of an
     exponential amount per conversion; ``error_rate`` the share of failed
     replies; latency is lognormal with median ``latency_ms`` and log-spread
-    ``latency_sigma``.
+    ``latency_sigma``; ``cost_per_turn`` is what one reply costs in USD (the
+    model's price; a ``cost:usd`` KPI term and the ``cost_per_session``
+    guardrail see it as ``turns.cost``).
     """
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:+/-]+$")
@@ -189,6 +202,38 @@ class DelaySpec(_Strict):
         return np.exp(math.log(self.median_days) + self.sigma * ndtri(np.clip(v, 1e-300, None)))
 
 
+class ProposerSpec(_Strict):
+    """The simulated proposer: how often it proposes, under which budget, and the hidden
+    truth of what it writes, relative to the parent (the champion when it proposes).
+
+    An ordinary proposal's conversion is the parent's × (1 + lift), lift ~
+    Normal(``lift_mean``, ``lift_sd``); with probability ``harmful_share`` the lift is
+    drawn from Normal(``harmful_lift_mean``, ``harmful_lift_sd``) instead and its
+    thumbs-up rate drops by ``harmful_thumbs_drop``; a share ``broken_share`` of the
+    harmful ones also fail ``broken_error_rate`` of replies, which the replay gate
+    sees on its ``replay_questions`` (and the error-rate guardrail later).
+    """
+
+    every_days: float = Field(3.0, gt=0)
+    candidates: int = Field(2, ge=1, le=10)
+    max_live: int = Field(2, ge=1, le=20)
+    min_new_negative: int = Field(20, ge=1)
+    auto_start: bool = True
+    replay_questions: int = Field(6, ge=1, le=100)
+    #: The trial of a started proposal (``proposer.trial_*`` in flywheel.toml).
+    trial_cap: float = Field(0.1, gt=0, le=1)
+    trial_sessions: int = Field(2000, ge=1)
+    keep_probability: float = Field(0.8, gt=0, lt=1)
+    lift_mean: float = Field(0.0, gt=-1, lt=5)
+    lift_sd: float = Field(0.12, ge=0, lt=5)
+    harmful_share: float = Field(0.25, ge=0, le=1)
+    harmful_lift_mean: float = Field(-0.3, gt=-1, lt=0)
+    harmful_lift_sd: float = Field(0.1, ge=0, lt=5)
+    harmful_thumbs_drop: float = Field(0.1, ge=0, le=1)
+    broken_share: float = Field(0.5, ge=0, le=1)
+    broken_error_rate: float = Field(0.3, ge=0, le=1)
+
+
 def _default_kpi() -> KPIConfig:
     """Conversion only (7-day window), with the thumbs-down guardrail."""
     return KPIConfig.model_validate(
@@ -219,13 +264,17 @@ class Scenario(_Strict):
     delay: DelaySpec = Field(default_factory=lambda: DelaySpec.model_validate({"mean_days": 1.0}))
     kpi: KPIConfig = Field(default_factory=_default_kpi)
     policy: PolicyConfig = Field(default_factory=lambda: PolicyConfig.model_validate({}))
-    arms: tuple[ArmTruth, ...] = Field(min_length=2)
+    arms: tuple[ArmTruth, ...] = Field(min_length=1)
     segments: tuple[SegmentSpec, ...] = ()
+    #: The closed loop: challengers written by a simulated proposer (None: no proposals).
+    proposer: ProposerSpec | None = None
     source: str = "<scenario>"
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
         ids = [a.id for a in self.arms]
+        if len(ids) < 2 and self.proposer is None:
+            raise ValueError("arms: at least 2 arms, or 1 with a [proposer] table")
         if len(set(ids)) != len(ids):
             raise ValueError(f"arm ids must be unique, got {ids}")
         if self.champion is not None and self.champion not in ids:
@@ -350,6 +399,8 @@ class Scenario(_Strict):
                 * _expected_capped_exponential(truth.revenue, cap)
                 * self._p_conversion_within(window_s)
             )
+        if term.source == "cost:usd":  # every turn, known at once; exact without a cap
+            return min(truth.cost_per_turn * self.turns_mean, cap)
         if term.source == "outcome:support_minutes":
             if window_s < SUPPORT_OFFSET_S:
                 return 0.0

@@ -31,6 +31,7 @@ read the whole history each time as in production, dominate the run time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -47,7 +48,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from optimizer.assignment import ALL_SEGMENTS, Assigner
-from optimizer.config import ArmConfig, Config, ExperimentConfig
+from optimizer.config import ArmConfig, Config, ExperimentConfig, ProposerConfig
 from optimizer.errors import ConfigError
 from optimizer.scenario import CONVERSION_OFFSET_S, SUPPORT_OFFSET_S, Scenario
 from optimizer.store import ArmSpec, AssignmentRecord, OutcomeRecord, Store, TurnRecord, schema
@@ -96,6 +97,10 @@ class SimulationResult:
     database_url: str | None = None
     #: Per arm that arrives mid-run: what happened around its arrival (see :func:`_arrivals`).
     arrivals: list[dict[str, Any]] = field(default_factory=list)
+    #: Per arm: simulated spend in USD (``cost_per_turn`` × turns) and USD per session.
+    cost_per_arm: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: With a ``[proposer]`` table: the closed loop's figures (see :func:`_closed_loop`).
+    closed_loop: dict[str, Any] = field(default_factory=dict)
 
     @property
     def regret_per_session(self) -> float:
@@ -113,6 +118,20 @@ def scenario_config(scenario: Scenario, policy: Policy, *, experiment_id: str) -
     is served from a fixed snapshot, so its policy kind is irrelevant.
     """
     kind = "uniform" if policy == "uniform" else "thompson"
+    proposer = ProposerConfig()
+    if scenario.proposer is not None:
+        spec = scenario.proposer
+        proposer = ProposerConfig(
+            auto_start=spec.auto_start,
+            max_live=spec.max_live,
+            min_new_negative=spec.min_new_negative,
+            min_interval_hours=spec.every_days * 24,
+            candidates=spec.candidates,
+            replay_questions=spec.replay_questions,
+            trial_cap=spec.trial_cap,
+            trial_sessions=spec.trial_sessions,
+            keep_probability=spec.keep_probability,
+        )
     experiment = ExperimentConfig(
         id=experiment_id,
         salt=experiment_id,
@@ -125,6 +144,7 @@ def scenario_config(scenario: Scenario, policy: Policy, *, experiment_id: str) -
         experiment=experiment,
         kpi=scenario.kpi,
         policy=scenario.policy.model_copy(update={"kind": kind}),
+        proposer=proposer,
         source=scenario.source,
     )
 
@@ -195,6 +215,7 @@ class _TruthArrays:
     error_rate: np.ndarray
     log_latency: np.ndarray
     latency_sigma: np.ndarray
+    cost_per_turn: np.ndarray
 
     @classmethod
     def of(cls, scenario: Scenario) -> _TruthArrays:
@@ -213,6 +234,7 @@ class _TruthArrays:
             error_rate=grid("error_rate"),
             log_latency=np.log(grid("latency_ms")),
             latency_sigma=grid("latency_sigma"),
+            cost_per_turn=grid("cost_per_turn"),
         )
 
 
@@ -387,6 +409,8 @@ def simulate(
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
+    if scenario.proposer is not None and policy == "oracle":
+        raise ValueError("a scenario with a [proposer] table runs under thompson or uniform")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     started = time.perf_counter()
@@ -475,6 +499,9 @@ def simulate(
         end_s = float(draws.t[-1])
         n_refits = max(1, math.ceil(end_s / refit_s))
         assigned_arm = np.empty(scenario.sessions, dtype=np.int64)
+        in_holdback = np.zeros(scenario.sessions, dtype=bool)
+        proposals: list[Any] = []
+        proposer_rng = np.random.default_rng([seed, 2])
         session_ids = [f"{experiment_id}:s{i}" for i in range(scenario.sessions)]
         user_ids = [f"{experiment_id}:u{u}" for u in draws.user]
         contexts = [
@@ -499,6 +526,7 @@ def simulate(
                     simulated=True,
                 )
                 assigned_arm[i] = arm_index[rec.arm_id]
+                in_holdback[i] = rec.holdback
             timings["assign"] += time.perf_counter() - tic
             if not bulk:
                 writer.counts["assignments"] += hi - lo
@@ -515,7 +543,7 @@ def simulate(
                 experiment_id=experiment_id,
                 pending=pending,
                 at=at,
-                delay=lambda u: scenario.delay.sample(u, delay_days_max) * _DAY_S,
+                delay=functools.partial(_delay_s, scenario.delay, delay_days_max),
                 write_support=write_support,
                 write_revenue=write_revenue,
             )
@@ -534,6 +562,20 @@ def simulate(
                 )  # simulated turns carry no text to mine
                 assigner.invalidate()
                 timings["refit"] += time.perf_counter() - tic
+                if scenario.proposer is not None:
+                    tic = time.perf_counter()
+                    new = _propose(base_store, config, scenario, proposer_rng, at(now_s), now_s)
+                    if new:
+                        proposals.extend(new)
+                        scenario = scenario.model_copy(
+                            update={"arms": (*scenario.arms, *[p.truth for p in new])}
+                        )
+                        arms = scenario.arm_ids
+                        arm_index = {a: i for i, a in enumerate(arms)}
+                        truth = _TruthArrays.of(scenario)
+                        exp_rewards = scenario.expected_rewards()
+                        assigner.invalidate()
+                    timings["propose"] += time.perf_counter() - tic
             lo = hi
             if progress is not None:
                 progress(hi, scenario.sessions)
@@ -595,8 +637,51 @@ def simulate(
             sessions_per_s=round(scenario.sessions / elapsed, 1) if elapsed > 0 else 0.0,
             timings_s={k: round(v, 3) for k, v in sorted(timings.items())},
             database_url=kept_url,
-            arrivals=_arrivals(scenario, draws.t / _DAY_S, assigned_arm, chosen, best),
+            arrivals=(
+                _arrivals(scenario, draws.t / _DAY_S, assigned_arm, chosen, best)
+                if scenario.proposer is None
+                else []
+            ),
+            cost_per_arm=_costs(base_store, experiment_id, per_arm),
+            closed_loop=(
+                _closed_loop(
+                    base_store,
+                    experiment_id,
+                    scenario,
+                    proposals,
+                    assigned_arm,
+                    in_holdback,
+                    chosen,
+                    best,
+                    exp_rewards[seg, arms.index(scenario.champion_id)],
+                    last_run,
+                )
+                if scenario.proposer is not None
+                else {}
+            ),
         )
+
+
+def _costs(
+    store: Store, experiment_id: str, per_arm: Mapping[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Spend per arm from the turns written (only arms that cost something)."""
+    t = schema.turns
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(t.c.arm_id, sa.func.sum(t.c.cost))
+            .where(t.c.experiment_id == experiment_id)
+            .group_by(t.c.arm_id)
+        ).all()
+    out = {}
+    for arm, total in rows:
+        if total:
+            n = int(per_arm.get(arm, 0))
+            out[str(arm)] = {
+                "usd": round(float(total), 6),
+                "usd_per_session": round(float(total) / n, 8) if n else 0.0,
+            }
+    return dict(sorted(out.items()))
 
 
 def _generate(
@@ -635,6 +720,7 @@ def _generate(
     latency = np.exp(
         truth.log_latency[tseg, tarm] + truth.latency_sigma[tseg, tarm] * draws.z_latency[tix]
     )
+    cost = truth.cost_per_turn[tseg, tarm]
     rated = draws.u_rate[tix] < truth.rate[tseg, tarm]
     up = draws.u_vote[tix] < truth.thumbs_up[tseg, tarm]
     for j in range(len(owner)):
@@ -661,7 +747,7 @@ def _generate(
                     "ttft_ms": None,
                     "prompt_tokens": None,
                     "completion_tokens": None,
-                    "cost": None,
+                    "cost": float(cost[j]),
                     "error": "simulated error" if error[j] else None,
                     "trace_id": None,
                     "created_at": created,
@@ -719,6 +805,124 @@ def _generate(
             outcome(
                 int(idx[c]), "support_minutes", float(support[c]), float(t0[c]) + SUPPORT_OFFSET_S
             )
+
+
+def _delay_s(spec: Any, max_days: float, u: np.ndarray) -> np.ndarray:
+    """Conversion delays in seconds for the uniforms ``u``."""
+    return np.asarray(spec.sample(u, max_days)) * _DAY_S
+
+
+def _propose(
+    store: Store,
+    config: Config,
+    scenario: Scenario,
+    rng: np.random.Generator,
+    now: datetime,
+    now_s: float,
+) -> list[Any]:
+    """A simulated proposal round when one is due (:mod:`optimizer.proposer.simulated`)."""
+    from optimizer.proposer.simulated import simulated_round
+
+    assert scenario.proposer is not None
+    return simulated_round(
+        store,
+        config,
+        scenario.proposer,
+        {a.id: a for a in scenario.arms},
+        rng=rng,
+        now=now,
+        day=now_s / _DAY_S,
+    )
+
+
+def _closed_loop(
+    store: Store,
+    experiment_id: str,
+    scenario: Scenario,
+    proposals: list[Any],
+    assigned: np.ndarray,
+    in_holdback: np.ndarray,
+    chosen: np.ndarray,
+    best: np.ndarray,
+    champion_alone: np.ndarray,
+    last_run: Any,
+) -> dict[str, Any]:
+    """The closed loop's figures: proposals' fates, harm served, lift over the holdback.
+
+    ``worse_than_parent_share``: share of all sessions served by a proposal whose true
+    expected KPI is below its parent's. ``manual_steps``: arm events and candidate
+    decisions by anyone but the optimizer and the configuration (0 when no hand moved).
+    """
+    arms = scenario.arm_ids
+    pooled = scenario.segment_shares @ scenario.expected_rewards()
+    reward = dict(zip(arms, pooled, strict=True))
+    drawn = [p for p in proposals if not p.delayed]  # one entry per candidate
+    worse = {
+        arms.index(p.truth.id)
+        for p in proposals
+        if p.started and reward[p.truth.id] < reward[p.parent]
+    }
+    served_worse = float(np.isin(assigned, list(worse)).mean()) if worse else 0.0
+    started = {p.truth.id for p in proposals if p.started}
+    ev, pc = schema.arm_events, schema.proposal_candidates
+    with store.engine.connect() as conn:
+        events = conn.execute(
+            sa.select(ev.c.arm_id, ev.c.kind, ev.c.actor).where(ev.c.experiment_id == experiment_id)
+        ).all()
+        statuses: dict[str, int] = dict(
+            conn.execute(
+                sa.select(pc.c.status, sa.func.count())
+                .where(pc.c.experiment_id == experiment_id)
+                .group_by(pc.c.status)
+            ).all()
+        )
+        decided_by_hand = conn.execute(
+            sa.select(sa.func.count())
+            .select_from(pc)
+            .where(
+                pc.c.experiment_id == experiment_id,
+                pc.c.decided_by.is_not(None),
+                pc.c.decided_by != "optimizer",
+            )
+        ).scalar()
+    manual = sum(1 for e in events if e.actor not in ("optimizer", "config")) + int(
+        decided_by_hand or 0
+    )
+    promoted = {e.arm_id for e in events if e.kind == "promoted" and e.arm_id in started}
+    retired = {e.arm_id for e in events if e.kind == "retired" and e.arm_id in started}
+    paused = {e.arm_id for e in events if e.kind == "paused_guardrail" and e.arm_id in started}
+    optimised = chosen[~in_holdback]
+    held = chosen[in_holdback]
+    lift = float(optimised.mean() - held.mean()) if len(held) and len(optimised) else None
+    measured = (last_run.summary.get("holdback") if last_run is not None else None) or {}
+    return {
+        "proposals_made": len(drawn),
+        "gated_out": statuses.get("rejected", 0) + statuses.get("duplicate", 0),
+        "waiting": statuses.get("waiting", 0),
+        "started": len(started),
+        "promoted": len(promoted),
+        "retired": len(retired),
+        "paused_guardrail": len(paused),
+        "harmful_drawn": sum(1 for p in drawn if p.harmful),
+        "worse_than_parent_started": len(worse),
+        "worse_than_parent_share": round(served_worse, 5),
+        "holdback_sessions": int(in_holdback.sum()),
+        "true_kpi_optimised": round(float(optimised.mean()), 6) if len(optimised) else None,
+        "true_kpi_holdback": round(float(held.mean()), 6) if len(held) else None,
+        "true_lift_over_holdback": round(lift, 6) if lift is not None else None,
+        "true_relative_lift": (
+            round(lift / float(held.mean()), 4) if lift is not None and held.mean() > 0 else None
+        ),
+        "measured_holdback": measured,
+        "regret": round(float((best - chosen).sum()), 3),
+        # the same-run baseline: every session on the starting champion (no proposer)
+        "baseline_regret": round(float((best - champion_alone).sum()), 3),
+        "oracle_kpi_per_session": round(float(best.mean()), 6),
+        "final_champion": (
+            last_run.summary.get("champion") if last_run is not None else scenario.champion_id
+        ),
+        "manual_steps": manual,
+    }
 
 
 def _lifecycle(scenario: Scenario) -> list[tuple[float, str, str]]:

@@ -42,6 +42,25 @@ import pytest
                 "normalise_url",
             ],
         ),
+        (
+            "optimizer.finetune",
+            [
+                "FINAL_STATES",
+                "FineTuneProvider",
+                "JobRecord",
+                "JobState",
+                "TrainingSet",
+                "build_training_set",
+                "estimated_cost",
+                "jobs",
+                "poll_job",
+                "qualify_terms",
+                "qualifying_sessions",
+                "retrain_due",
+                "spent",
+                "start_job",
+            ],
+        ),
     ],
 )
 def test_public_names(module: str, expected: list[str]) -> None:

@@ -13,7 +13,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm must no
 
 import typer
 
-from chatbot.cli import accounts, chat, langfuse
+from chatbot.cli import accounts, chat, finetune, langfuse
 from optimizer import cli as optimizer_cli
 
 __all__ = ["app", "main"]
@@ -26,10 +26,11 @@ app = typer.Typer(
 )
 optimizer_cli.register(
     app
-)  # db, arms, simulate, report, demo, optimize, scrub, fewshot, export, ope
+)  # db, arms, privacy, simulate, report, demo, optimize, scrub, fewshot, export, ope
 chat.register(app)  # serve, chat, doctor
 langfuse.register(app)  # `flywheel langfuse …`, `flywheel outcomes import`
 accounts.register(app)  # `flywheel users …`, `flywheel keys …`
+finetune.register(app)  # `flywheel finetune start|status|tick`
 
 
 def main() -> None:

@@ -33,7 +33,8 @@ langfuse_app = typer.Typer(
     help="Langfuse: prompt sync and KPI reward scores.", no_args_is_help=True
 )
 outcomes_app = typer.Typer(
-    help="Business outcomes: import from files or Langfuse.", no_args_is_help=True
+    help="Business outcomes: import from files or Langfuse; unattributed ones, re-attribution.",
+    no_args_is_help=True,
 )
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -41,7 +42,16 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``langfuse`` and ``outcomes`` groups to ``app``."""
+    """Add the ``langfuse`` and ``outcomes`` groups to ``app``.
+
+    The ``outcomes`` group also carries the optimizer's ``unattributed`` and
+    ``reattribute`` (:mod:`optimizer.cli.outcomes`).
+    """
+    from optimizer.cli import outcomes
+
+    if not any(c.name == "reattribute" for c in outcomes_app.registered_commands):
+        outcomes_app.command("unattributed")(outcomes.unattributed)
+        outcomes_app.command("reattribute")(outcomes.reattribute)
     app.add_typer(langfuse_app, name="langfuse")
     app.add_typer(outcomes_app, name="outcomes")
 

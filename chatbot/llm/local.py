@@ -167,10 +167,28 @@ class ModelProcess:
         # death noticed while idle is handled there too. Waiting requests queue here,
         # not in asyncio's default executor.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-llm")
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
+        #: Called (with the new pid) after the process was started again following a failure:
+        #: the server hangs the ``model_restart`` alert here. Exceptions are logged, not raised.
+        self.on_restart: Callable[[int], None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs running or waiting on the supervisor thread (0: the model is idle)."""
+        return self._in_flight
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Run ``fn(*args)`` on the supervisor thread (e.g. :meth:`generate`, :meth:`info`)."""
-        return self._thread.submit(fn, *args)
+        with self._count_lock:
+            self._in_flight += 1
+        future = self._thread.submit(fn, *args)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future: Future[Any]) -> None:
+        with self._count_lock:
+            self._in_flight -= 1
 
     # --- status, for /api/health and the start-up self-test ----------------------------
 
@@ -216,6 +234,11 @@ class ModelProcess:
         if restarted:
             self.restarts += 1
             log.warning("local model process restarted (pid %d)", proc.pid)
+            if self.on_restart is not None:
+                try:
+                    self.on_restart(proc.pid)
+                except Exception:  # an alert must never stop the model
+                    log.exception("on_restart hook failed")
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> None:
         """Notice a death while idle too: restart now, not on the next user's reply."""

@@ -22,6 +22,17 @@ Leading whitespace is not streamed: ``on_token`` and ``ttft_ms`` start at the
 first visible text. Our own litellm providers (``local/…`` in
 :mod:`chatbot.llm.local`, ``fake/…`` in :mod:`chatbot.llm.fake`, both built on
 :mod:`chatbot.llm.base`) are registered by :func:`register_providers`.
+
+The chat path iterates those two providers' chunks itself, without
+``litellm.acompletion``: they run in this process, already raise litellm's
+exception types and hand out usage, so litellm would only translate our
+chunks into its own. That translation — ``CustomStreamWrapper`` building and
+validating a pydantic ``ModelResponseStream`` per chunk, then re-assembling
+and pricing the whole reply for logging callbacks we do not use — cost about
+8 ms of CPU per 26-token reply, 50× the provider itself (``bench/load.py``;
+bench/README.md has the upstream fix we would propose). Every other model
+(any remote provider) goes through ``litellm.acompletion`` as before; litellm
+can still call our providers too (``litellm.custom_provider_map``).
 """
 
 from __future__ import annotations
@@ -29,14 +40,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import litellm  # chatbot/__init__ has set LITELLM_LOCAL_MODEL_COST_MAP: no network at import
 from litellm.exceptions import MidStreamFallbackError
+from litellm.types.utils import GenericStreamingChunk
 
 from chatbot.llm import fake, local
+from chatbot.llm.base import StreamingProvider
 from optimizer.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -84,7 +97,8 @@ class Completion:
     final message the user sees. ``ttft_ms`` (time to first token) and ``latency_ms`` count
     from the call, across retries and fallback; ``model`` is the model that
     answered (or was tried last). ``cost`` is in USD, ``0.0`` for models run
-    here, ``None`` when litellm does not know the price.
+    here, ``None`` when litellm does not know the price. ``fallback``: the
+    main model failed and ``model.fallback`` answered (or was tried last).
     """
 
     text: str
@@ -95,6 +109,7 @@ class Completion:
     ttft_ms: float | None
     latency_ms: float
     error: str | None
+    fallback: bool = False
 
     @property
     def partial(self) -> bool:
@@ -105,6 +120,8 @@ class Completion:
 # --- stream_reply ------------------------------------------------------------------------
 
 _registered = False
+#: Our providers by prefix, the instances litellm knows too: the chat path calls them directly.
+_own: dict[str, StreamingProvider] = {}
 
 
 def register_providers() -> None:
@@ -112,13 +129,18 @@ def register_providers() -> None:
     global _registered
     if _registered:
         return
-    present = {item["provider"] for item in litellm.custom_provider_map}
+    present: dict[str, Any] = {
+        item["provider"]: item["custom_handler"] for item in litellm.custom_provider_map
+    }
     for name, handler in (
         (local.PROVIDER, local.LocalModelProvider),
         (fake.PROVIDER, fake.FakeProvider),
     ):
         if name not in present:
-            litellm.custom_provider_map.append({"provider": name, "custom_handler": handler()})
+            present[name] = handler()
+            litellm.custom_provider_map.append({"provider": name, "custom_handler": present[name]})
+        if isinstance(present[name], StreamingProvider):
+            _own[name] = present[name]
     _registered = True
 
 
@@ -195,10 +217,67 @@ def _summary(errors: list[str]) -> str:
     return "; ".join(f"{e} ({n} attempts)" if n > 1 else e for e, n in counts.items())
 
 
+@dataclass(frozen=True)
+class _Usage:
+    """Token counts of a reply from one of our providers (litellm's ``Usage`` has more)."""
+
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
 async def _attempt(
-    name: str, messages: list[dict[str, Any]], model: ModelConfig, stream: _Stream
+    name: str,
+    messages: list[dict[str, Any]],
+    model: ModelConfig,
+    stream: _Stream,
+    api_base: str | None = None,
 ) -> None:
+    provider = _own.get(_provider(name))
+    if provider is not None:
+        await _attempt_own(provider, name, messages, model, stream)
+    else:
+        await _attempt_litellm(name, messages, model, stream, api_base)
+    if stream.first_token_at is None:
+        raise EmptyReplyError("the model returned an empty reply")
+
+
+async def _attempt_own(
+    provider: StreamingProvider,
+    name: str,
+    messages: list[dict[str, Any]],
+    model: ModelConfig,
+    stream: _Stream,
+) -> None:
+    """Stream from a provider of ours with the arguments litellm would pass it."""
+    chunks = cast(
+        AsyncGenerator[GenericStreamingChunk, None],
+        cast(Any, provider).astreaming(  # litellm types it as a coroutine; it is a generator
+            model=name.split("/", 1)[1],
+            messages=messages,
+            optional_params={"max_tokens": model.max_tokens, "temperature": model.temperature},
+            timeout=model.timeout_s,
+        ),
+    )
+    try:
+        async for chunk in chunks:
+            if text := chunk["text"]:
+                await stream.token(text)
+            if usage := chunk["usage"]:
+                stream.usage = _Usage(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    finally:
+        await chunks.aclose()
+
+
+async def _attempt_litellm(
+    name: str,
+    messages: list[dict[str, Any]],
+    model: ModelConfig,
+    stream: _Stream,
+    api_base: str | None = None,
+) -> None:
+    extra = {"api_base": api_base} if api_base else {}
     response = await litellm.acompletion(
+        **extra,
         model=name,
         messages=messages,
         stream=True,
@@ -222,8 +301,6 @@ async def _attempt(
                     break
     finally:
         await response.aclose()
-    if stream.first_token_at is None:
-        raise EmptyReplyError("the model returned an empty reply")
 
 
 async def warm_up(model: ModelConfig) -> None:
@@ -246,8 +323,13 @@ async def stream_reply(
     *,
     model: ModelConfig,
     on_token: OnToken | None = None,
+    api_base: str | None = None,
 ) -> Completion:
     """Stream one reply, calling ``on_token`` with each piece of text as it arrives.
+
+    ``api_base`` is where ``model.name`` lives (an arm's own model, checked
+    against ``model.allowed_api_bases`` by :func:`optimizer.models.resolve`);
+    the fallback is called at its provider's default.
 
     Never raises for provider errors or timeouts (see the module docstring);
     exceptions raised by ``on_token`` itself propagate. After the call, show
@@ -270,11 +352,12 @@ async def stream_reply(
         [model.fallback] if model.fallback and model.fallback != model.name else []
     )
     for name in candidates:
-        if await _try_model(name, messages, model, stream, errors):
-            return _finish(stream, name, None)
+        base = api_base if name == model.name else None
+        if await _try_model(name, messages, model, stream, errors, base):
+            return _finish(stream, name, None, fallback=name != model.name)
         if stream.first_token_at is not None:
             break  # the user saw part of this reply: a fallback would start another one
-    return _finish(stream, name, _summary(errors))
+    return _finish(stream, name, _summary(errors), fallback=name != model.name)
 
 
 async def _try_model(
@@ -283,13 +366,16 @@ async def _try_model(
     model: ModelConfig,
     stream: _Stream,
     errors: list[str],
+    api_base: str | None = None,
 ) -> bool:
     """Stream from ``name`` with retries; True on success, else errors appended."""
     if _provider(name) == "local":
         local.configure(context_tokens=model.context_tokens, stall_s=model.stall_s)
     for attempt in range(model.retries + 1):
         try:
-            await asyncio.wait_for(_attempt(name, messages, model, stream), model.timeout_s)
+            await asyncio.wait_for(
+                _attempt(name, messages, model, stream, api_base), model.timeout_s
+            )
             return True
         except _CallbackError as exc:
             raise exc.original from None
@@ -307,7 +393,7 @@ async def _try_model(
     return False
 
 
-def _finish(stream: _Stream, name: str, error: str | None) -> Completion:
+def _finish(stream: _Stream, name: str, error: str | None, *, fallback: bool = False) -> Completion:
     now = time.perf_counter()
     usage = stream.usage
     prompt_tokens = getattr(usage, "prompt_tokens", None)
@@ -327,4 +413,5 @@ def _finish(stream: _Stream, name: str, error: str | None) -> Completion:
         else (stream.first_token_at - stream.started) * 1000,
         latency_ms=(now - stream.started) * 1000,
         error=error,
+        fallback=fallback,
     )

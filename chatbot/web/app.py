@@ -19,6 +19,7 @@ from chainlit.types import ThreadDict
 from chatbot.conversation import Conversation, TokenBatcher
 from chatbot.llm.streaming import FRIENDLY_ERROR
 from chatbot.runtime import get_runtime
+from chatbot.web import overload
 from chatbot.web.auth import Authenticator
 from chatbot.web.datalayer import FlywheelDataLayer
 from optimizer.store.accounts import Accounts
@@ -79,6 +80,14 @@ async def on_chat_resume(thread: ThreadDict) -> None:
 
 @cl.on_message
 async def on_message(message: cl.Message) -> None:
+    with overload.current().turn() as admitted:
+        if not admitted:  # overloaded: say so now rather than answer everyone late
+            await cl.ErrorMessage(content=overload.BUSY_MESSAGE).send()
+            return
+        await _answer(message)
+
+
+async def _answer(message: cl.Message) -> None:
     answer = cl.Message(content="")
     tokens = TokenBatcher(answer.stream_token)  # a socket emit per batch, not per token
     try:

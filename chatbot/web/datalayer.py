@@ -15,11 +15,13 @@ Feedback ids are ``"<turn id>:<user id>"``: Chainlit passes only the id to
 remove and whose it is (checked against the caller).
 
 SQLAlchemy calls are synchronous and run in worker threads, never on the
-event loop. Chainlit persists steps and elements in fire-and-forget tasks;
-those writes get their own small thread pool, so that a chat turn's own store
-calls (few-shot selection, recording the turn) never queue behind them in the
-default executor. A step is written in one transaction (the thread row is
-made sure of once per thread and process).
+event loop. Chainlit persists steps in fire-and-forget tasks that nobody
+waits for: :class:`~chatbot.web.step_writer.StepWriter` queues them and
+writes them in batches on its own thread (four step writes per chat turn
+were a third of the server's CPU per turn when each had its own thread hop
+and transaction); the readers of steps flush it first. Element writes, rare,
+get a small thread pool of their own, so that a chat turn's store calls never
+queue behind them in the default executor.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from sqlalchemy.exc import IntegrityError
 
 from chatbot.runtime import Runtime
 from chatbot.web.ratelimit import RateLimiter
+from chatbot.web.step_writer import StepWriter
 from optimizer.clock import as_utc, utcnow
 from optimizer.errors import OwnershipError
 from optimizer.store import schema
@@ -66,10 +69,8 @@ __all__ = ["FlywheelDataLayer", "acting_as", "feedback_id", "parse_feedback_id"]
 
 T = TypeVar("T")
 
-#: Threads writing Chainlit's steps and elements (I/O-bound, off the turn's path).
-STEP_WRITERS = 2
-#: Thread ids remembered as existing; past this many the memory starts over.
-KNOWN_THREADS_MAX = 100_000
+#: Threads writing Chainlit's elements (I/O-bound, off the turn's path).
+ELEMENT_WRITERS = 2
 
 _caller: ContextVar[str | None] = ContextVar("flywheel_feedback_caller", default=None)
 
@@ -122,15 +123,6 @@ def _iso(value: datetime | None) -> str | None:
     return as_utc(value).isoformat() if value is not None else None
 
 
-def _parse_time(value: Any) -> datetime:
-    if isinstance(value, str) and value:
-        try:
-            return as_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
-        except ValueError:
-            pass
-    return utcnow()
-
-
 class FlywheelDataLayer(BaseDataLayer):
     """Chainlit persistence on the Flywheel store (see the module docstring)."""
 
@@ -139,11 +131,11 @@ class FlywheelDataLayer(BaseDataLayer):
         self.engine = runtime.store.engine
         self.thread_limit = thread_limit
         self.votes = RateLimiter(runtime.config.limits.votes_per_minute_per_user)
-        self._writer = ThreadPoolExecutor(STEP_WRITERS, thread_name_prefix="flywheel-steps")
-        self._known_threads: set[str] = set()  # thread rows that exist (never deleted, only hidden)
+        self._writer = ThreadPoolExecutor(ELEMENT_WRITERS, thread_name_prefix="flywheel-elements")
+        self.steps = StepWriter(self.engine)
 
     async def _write(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run a step or element write on the writer threads."""
+        """Run an element write on the writer threads."""
         await asyncio.get_running_loop().run_in_executor(self._writer, functools.partial(fn, *args))
 
     # -- users ------------------------------------------------------------------------
@@ -253,6 +245,7 @@ class FlywheelDataLayer(BaseDataLayer):
         await asyncio.to_thread(self._delete_thread, thread_id)
 
     def _delete_thread(self, thread_id: str) -> None:
+        self.steps.flush()  # else a queued step would come back after the delete
         with self.engine.begin() as conn:
             conn.execute(schema.steps.delete().where(schema.steps.c.thread_id == thread_id))
             conn.execute(schema.elements.delete().where(schema.elements.c.thread_id == thread_id))
@@ -270,6 +263,7 @@ class FlywheelDataLayer(BaseDataLayer):
     def _list_threads(
         self, pagination: Pagination, filters: ThreadFilter
     ) -> PaginatedResponse[ThreadDict]:
+        self.steps.flush()  # the sidebar orders threads by their newest step
         if not filters.userId:
             raise ValueError("listing threads needs filters.userId, got none")
         t, s, turns, fb = schema.threads, schema.steps, schema.turns, schema.feedback
@@ -338,6 +332,7 @@ class FlywheelDataLayer(BaseDataLayer):
         return await asyncio.to_thread(self._get_thread, thread_id)
 
     def _get_thread(self, thread_id: str) -> ThreadDict | None:
+        self.steps.flush()  # every message so far, those still queued included
         t, s, e, fb, u = (
             schema.threads,
             schema.steps,
@@ -393,64 +388,19 @@ class FlywheelDataLayer(BaseDataLayer):
     # -- steps ---------------------------------------------------------------------------
     @queue_until_user_message()
     async def create_step(self, step_dict: StepDict) -> None:
-        await self._write(self._upsert_step, dict(step_dict))
+        self.steps.upsert(dict(step_dict))  # queued: Chainlit waits for no one here
 
     @queue_until_user_message()
     async def update_step(self, step_dict: StepDict) -> None:
-        await self._write(self._upsert_step, dict(step_dict))
-
-    def _upsert_step(self, step: dict[str, Any]) -> None:
-        s = schema.steps
-        step.pop("feedback", None)  # votes live in the feedback tables
-        thread_id = step.get("threadId")
-        if not thread_id or not step.get("id"):
-            log.warning("step without id or thread id not stored: %r", step.get("name"))
-            return
-        for _ in range(2):  # create and update tasks of one step (or thread) may race
-            try:
-                with self.engine.begin() as conn:
-                    if thread_id not in self._known_threads:
-                        self._ensure_thread(conn, thread_id)
-                    row = conn.execute(sa.select(s.c.data).where(s.c.id == step["id"])).first()
-                    if row is None:
-                        conn.execute(
-                            s.insert().values(
-                                id=step["id"],
-                                thread_id=thread_id,
-                                parent_id=step.get("parentId"),
-                                type=str(step.get("type") or "undefined"),
-                                data=step,
-                                created_at=_parse_time(step.get("createdAt")),
-                            )
-                        )
-                    else:
-                        # Tasks may land out of order: a field never goes back to None.
-                        data = dict(row.data)
-                        data.update({k: v for k, v in step.items() if v is not None})
-                        conn.execute(s.update().where(s.c.id == step["id"]).values(data=data))
-                if len(self._known_threads) >= KNOWN_THREADS_MAX:
-                    self._known_threads.clear()  # a cache: a long-lived process must not grow
-                self._known_threads.add(thread_id)
-                return
-            except IntegrityError:
-                continue
-
-    def _ensure_thread(self, conn: sa.Connection, thread_id: str) -> None:
-        """Insert an empty thread row unless it exists (Chainlit may persist steps first)."""
-        t = schema.threads
-        if conn.execute(sa.select(t.c.id).where(t.c.id == thread_id)).first() is None:
-            conn.execute(t.insert().values(id=thread_id, created_at=utcnow()))
+        self.steps.upsert(dict(step_dict))
 
     @queue_until_user_message()
     async def delete_step(self, step_id: str) -> None:
-        def delete() -> None:
-            with self.engine.begin() as conn:
-                conn.execute(schema.steps.delete().where(schema.steps.c.id == step_id))
-
-        await self._write(delete)
+        self.steps.delete(step_id)
 
     async def get_favorite_steps(self, user_id: str) -> list[StepDict]:
         def favorites() -> list[StepDict]:
+            self.steps.flush()
             t, s = schema.threads, schema.steps
             with self.engine.connect() as conn:
                 identifier = self._identifier_of(conn, user_id)
@@ -539,4 +489,5 @@ class FlywheelDataLayer(BaseDataLayer):
 
     async def close(self) -> None:
         """Let the queued step writes finish; the runtime owns the store."""
+        await asyncio.to_thread(self.steps.close)
         await asyncio.to_thread(self._writer.shutdown)

@@ -33,6 +33,8 @@ from chatbot.web.bodylimit import BodyLimitMiddleware
 from chatbot.web.feedback import feedback_router
 from chatbot.web.operator import create_router as operator_router
 from chatbot.web.outcomes_api import api_router, flywheel_version
+from chatbot.web.overload import Overload, OverloadMiddleware
+from chatbot.web.overload import install as install_overload
 from chatbot.web.security import (
     DATABASE_DOWN,
     OriginMiddleware,
@@ -89,6 +91,14 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
     app.add_middleware(SessionEndMiddleware, accounts=accounts)
     app.add_middleware(OriginMiddleware, allowed=security.allowed_origins)
     app.add_middleware(TrustedProxyMiddleware, trusted=security.trusted_proxies)
+    # Outermost: a request past capacity is refused before any other work.
+    limits = runtime.config.limits
+    gate = Overload(
+        max_turns=limits.max_concurrent_turns, max_requests=limits.max_concurrent_requests
+    )
+    install_overload(gate)
+    app.state.overload = gate
+    app.add_middleware(OverloadMiddleware, overload=gate)
     app.include_router(api_router(runtime, api_key=settings.env(settings.FLYWHEEL_API_KEY)))
     app.include_router(feedback_router)
     app.include_router(operator_router(runtime))
@@ -126,8 +136,11 @@ def _mount_chat(app: FastAPI) -> None:
     from chainlit.config import load_module
     from chainlit.server import app as chainlit_app
 
+    from chatbot.web import chainlit_fixes
+
     global _chainlit_loaded
     if not _chainlit_loaded:
+        chainlit_fixes.install()  # no 1 ms event-loop stall per Chainlit message or step
         chainlit_config.run.module_name = str(CHAINLIT_APP)
         load_module(str(CHAINLIT_APP))
         _chainlit_loaded = True
@@ -155,6 +168,8 @@ def _lifespan(runtime: Runtime) -> Callable[[FastAPI], AbstractAsyncContextManag
                 with suppress(asyncio.CancelledError):
                     await task
             best_effort(runtime.tracer.shutdown)
+            if runtime.alerts is not None:
+                best_effort(runtime.alerts.close)
 
     return lifespan
 
@@ -197,6 +212,8 @@ def _optimize_once(runtime: Runtime) -> object:
     from chatbot.langfuse.scores import score_session_rewards
     from optimizer.refit import run_optimizer  # heavy (pandas, scipy): imported when it runs
 
-    result = run_optimizer(runtime.store, runtime.config)
+    result = run_optimizer(
+        runtime.store, runtime.config, alerts=runtime.alerts, proposer=runtime.proposer_hooks
+    )
     score_session_rewards(runtime.store, runtime.config, runtime.tracer)
     return result

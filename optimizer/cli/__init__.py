@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from optimizer.cli import arms, db, demo, fewshot, optimize, report, scrub, simulate
+from optimizer.cli import arms, db, demo, fewshot, optimize, privacy, report, scrub, simulate
 from optimizer.cli import export as export_cmd
 from optimizer.cli import ope as ope_cmd
 
@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
     """Add the optimizer's commands to ``app`` (the tree is built in ``chatbot.cli.app``)."""
     app.add_typer(db.app, name="db")
     app.add_typer(arms.app, name="arms")
+    app.add_typer(privacy.app, name="privacy")
     app.command()(simulate.simulate)
     app.command()(report.report)
     app.command()(demo.demo)

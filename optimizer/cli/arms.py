@@ -54,6 +54,9 @@ def list_arms(
             "origin": r.origin,
             "prompt_id": r.prompt_id,
             "fewshot": r.fewshot,
+            "model": r.model or cfg.model.name,
+            "model_params": r.model_params or {},
+            "manifest": r.manifest,
             "content_hash": r.content_hash,
             "created_at": r.created_at,
         }
@@ -63,7 +66,17 @@ def list_arms(
         print_json({"experiment_id": exp, "arms": items})
         return
     table = Table(title=f"Arms of {exp}")
-    for col in ("arm", "version", "status", "origin", "prompt", "few-shot", "hash", "created"):
+    for col in (
+        "arm",
+        "version",
+        "status",
+        "origin",
+        "prompt",
+        "few-shot",
+        "model",
+        "hash",
+        "created",
+    ):
         table.add_column(col)
     for i in items:
         table.add_row(
@@ -73,6 +86,7 @@ def list_arms(
             str(i["origin"]),
             str(i["prompt_id"]),
             str(i["fewshot"]),
+            str(i["model"]),
             str(i["content_hash"] or "—"),
             str(i["created_at"])[:19],
         )
@@ -90,6 +104,14 @@ def add(
     examples: list[str] = typer.Option(
         [], "--example", help="Example id, repeatable (--fewshot fixed)."
     ),
+    model: str | None = typer.Option(
+        None, "--model", help="litellm model string (default: the configured model)."
+    ),
+    temperature: float | None = typer.Option(None, "--temperature", help="The model's own."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="The model's own."),
+    api_base: str | None = typer.Option(
+        None, "--api-base", help="Where the model lives; must be in model.allowed_api_bases."
+    ),
     refit: bool = typer.Option(True, "--refit/--no-refit", help="Refit now so it gets traffic."),
     actor: str = ActorOption,
     config: str | None = ConfigOption,
@@ -99,6 +121,7 @@ def add(
     """Create an arm (or a new version of one) from a prompt text, served without restart."""
     from optimizer.config import ArmConfig
     from optimizer.errors import FlywheelError
+    from optimizer.models import check_model_params
     from optimizer.prompt_library import content_hash
     from optimizer.store import ArmSpec
 
@@ -112,6 +135,10 @@ def add(
     try:
         arm = ArmConfig.model_validate(
             {"id": arm_id, "prompt": arm_id, "fewshot": fewshot, "k": k, "examples": examples}
+        )
+        params = {"temperature": temperature, "max_tokens": max_tokens, "api_base": api_base}
+        model_params = check_model_params(
+            model, {k: v for k, v in params.items() if v is not None}, cfg.model.allowed_api_bases
         )
     except ValueError as exc:
         fail(f"invalid arm: {exc}", 2)
@@ -128,6 +155,8 @@ def add(
         settings,
         prompt_text=text,
         origin="operator",
+        model=model,
+        model_params=model_params,
     )
     store = open_store(cfg, database_url)
     try:

@@ -127,6 +127,55 @@ def demo(
     )
 
 
+#: What simulated users say besides the seed examples: personal data the scrubber must remove
+#: before a dataset leaves (``flywheel export``, ``flywheel finetune``).
+DEMO_EXCHANGES = (
+    (
+        "Hi, I'm Maria Lopez (maria.lopez@example.com). How do I reset my password?",
+        "Hi Maria Lopez! Use 'Forgot password' on the login page; the link goes to "
+        "maria.lopez@example.com.",
+    ),
+    (
+        "Call me on +44 7911 123456, can I get a refund for last month?",
+        "Refunds are possible within 30 days: email support@lumen.example with the invoice.",
+    ),
+)
+
+
+def _fill_texts(store: Any, experiment_id: str, prompts: Any) -> None:
+    """Give the simulated turns words (the simulator draws outcomes, not text).
+
+    Each turn gets one of the seed examples or :data:`DEMO_EXCHANGES`, chosen by
+    its position, so exports and fine-tuning sets built from the demo have rows.
+    """
+    import sqlalchemy as sa
+
+    from optimizer.store import schema
+
+    exchanges = [(e.user, e.assistant) for _, e in sorted(prompts.examples.items())]
+    exchanges += list(DEMO_EXCHANGES)
+    t = schema.turns
+    with store.engine.begin() as conn:
+        ids = conn.execute(
+            sa.select(t.c.id).where(t.c.experiment_id == experiment_id).order_by(t.c.id)
+        ).scalars()
+        rows = [
+            {
+                "tid": tid,
+                "u": exchanges[i % len(exchanges)][0],
+                "r": exchanges[i % len(exchanges)][1],
+            }
+            for i, tid in enumerate(ids)
+        ]
+        if rows:
+            conn.execute(
+                t.update()
+                .where(t.c.id == sa.bindparam("tid"))
+                .values(user_message=sa.bindparam("u"), reply=sa.bindparam("r")),
+                rows,
+            )
+
+
 def build_demo(
     url: str,
     *,
@@ -202,6 +251,7 @@ def build_demo(
     settled = scenario.start + timedelta(days=scenario.days + longest + 1)
     store = Store(url)
     try:
+        _fill_texts(store, experiment_id, prompts)
         run_optimizer(store, config, now=settled, random_state=seed)
     finally:
         store.dispose()

@@ -167,7 +167,12 @@ def propose(
     database_url: str | None = DatabaseOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Propose a challenger arm (champion's prompt × best examples) as TOML; edits nothing."""
+    """Propose a challenger arm (champion's prompt × best examples) through the proposer's gates.
+
+    With the proposer on (the default) and the experiment registered, the proposal
+    becomes a candidate; without a model here the replay gate cannot run, so it waits
+    for one-click approval on /operator/candidates. Otherwise the TOML is printed.
+    """
     from optimizer.fewshot import propose_challenger
 
     cfg = get_config(config)
@@ -183,6 +188,18 @@ def propose(
         console.print(
             f"no proposal: fewer than {cfg.fewshot.propose_after} newly approved examples "
             "since the last one"
+        )
+        return
+    if proposal.candidate is not None:
+        c = proposal.candidate
+        console.print(
+            f"candidate {c['id'][:8]}: {c['status']}"
+            + (f" ({c['reason']})" if c.get("reason") else "")
+            + (
+                f"; arm {c['arm_id']}"
+                if c.get("arm_id")
+                else "; approve it on /operator/candidates"
+            )
         )
         return
     console.print("Add this arm to flywheel.toml to let it compete (under the challenger cap):\n")

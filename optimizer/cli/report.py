@@ -59,7 +59,7 @@ def report(
 
 
 def _print(rep: dict[str, Any]) -> None:
-    from optimizer.report_html import ago, interval, num, pct, when
+    from optimizer.report_html import ago, interval, num, pct, usd, when
 
     exp, snap = rep["experiment"], rep["snapshot"]
     title = f"Experiment [bold]{exp['id']}[/bold] · {rep['totals']['sessions']} sessions"
@@ -76,13 +76,16 @@ def _print(rep: dict[str, Any]) -> None:
         "Down",
         "Support min",
         "KPI",
+        "$/session",
+        "KPI per $",
         "P(best)",
         "E[loss]",
     ):
         table.add_column(name, justify="right")
     for a in rep["arms"]:
+        model = a.get("model") or ""
         table.add_row(
-            a["id"],
+            f"{a['id']}\n[dim]{model}[/dim]" if model else a["id"],
             a["status_label"],
             str(a["sessions"]),
             pct(a["allocation"]),
@@ -91,6 +94,8 @@ def _print(rep: dict[str, Any]) -> None:
             pct(a["thumbs_down_rate"]),
             num(a["median_support_minutes"], 1),
             f"{num(a['kpi_mean'], 4)}\n{interval(a['kpi_ci'], lambda v: num(v, 4))}".strip(),
+            usd(a.get("cost_per_session")),
+            num(a.get("kpi_per_dollar"), 1),
             pct(a["prob_best"]),
             num(a["expected_loss"], 4),
         )

@@ -149,6 +149,11 @@ def turn_reasons(
         sa.and_(t.c.experiment_id == config.experiment.id, t.c.created_at <= now),
         exclude=() if texts else [c.name for c in t.columns if c.name not in RANK_COLUMNS],
     )
+    if not turns.empty:
+        # Opted-out users and deleted conversations never become data (optimizer.store.consent).
+        excluded = store.excluded_sessions(config.experiment.id)
+        if excluded:
+            turns = turns[~turns["session_id"].isin(excluded)].reset_index(drop=True)
     if turns.empty:
         return turns.assign(
             reasons=pd.Series(dtype=object),

@@ -10,18 +10,26 @@ proposal is created as an arm in the store at once (origin ``optimizer``) and
 every replica serves it from the next snapshot, under its burn-in share, the
 challenger cap and the guardrails; either way it is recorded as an audit event
 (``fewshot_challenger_proposed``, with a TOML snippet). Undo by retiring it.
+
+With ``proposer.enabled`` (the default) the proposal goes through the proposer's
+path instead (:func:`optimizer.proposer.submit_candidate`, source ``fewshot``):
+the same gates as a written challenger (the examples' texts count as untrusted
+input for the injection gate, the replay runs through the model handed in as
+``hooks``), kept as a candidate; ``propose_adds_arm`` starts it when it passes,
+else it waits for one-click approval. Without a model handed in (the CLI) the
+replay cannot run and the candidate waits for an operator. No TOML to paste.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
 import tomli_w
 
+from optimizer.champion import champion_row
 from optimizer.config import Config
 from optimizer.fewshot.bank import ExampleBank
 from optimizer.store import ArmSpec, Store, schema
@@ -40,6 +48,8 @@ class Proposal:
     approved_mined: int
     previous: int
     examples: tuple[str, ...]
+    #: The proposer candidate it became (id, status, reason, arm id), when gated.
+    candidate: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +58,7 @@ class Proposal:
             "approved_mined": self.approved_mined,
             "previous": self.previous,
             "examples": list(self.examples),
+            "candidate": self.candidate,
         }
 
 
@@ -64,7 +75,12 @@ def _last_count(store: Store) -> int:
 
 
 def propose_challenger(
-    store: Store, config: Config, *, actor: str = "optimizer", force: bool = False
+    store: Store,
+    config: Config,
+    *,
+    actor: str = "optimizer",
+    force: bool = False,
+    hooks: Any | None = None,
 ) -> Proposal | None:
     """Record and return a proposal; ``None`` if the bank has not grown enough (or ``force``)."""
     fs = config.fewshot
@@ -105,7 +121,41 @@ def propose_challenger(
         "parent": champion.id,
     }
     stored = {r.id for r in store.arms(exp.id)}
-    if config.fewshot.propose_adds_arm and champion.id in stored:  # a registered experiment
+    candidate = None
+    if config.proposer.enabled and champion.id in stored:  # through the proposer's gates
+        from optimizer.proposer import parent_of, submit_candidate
+
+        parent = parent_of(store, config)
+        if parent is not None:
+            gated = submit_candidate(
+                store,
+                config,
+                hooks,
+                prompt_text=parent.prompt_text,
+                rationale=(
+                    f"The {len(chosen)} best approved examples of the bank "
+                    f"({approved_mined} mined and approved so far) as fixed few-shot examples "
+                    f"for the champion {champion.id!r}."
+                ),
+                source="fewshot",
+                fewshot="fixed",
+                fewshot_config={"examples": list(chosen)},
+                parent=parent,
+                start=config.fewshot.propose_adds_arm,
+                untrusted=[
+                    t for e in ranked[: fs.propose_k] for t in (e.user_text, e.assistant_text)
+                ],
+            )
+            candidate = {
+                "id": gated.id,
+                "status": gated.status,
+                "reason": gated.reason,
+                "arm_id": gated.arm_id,
+            }
+            details["candidate"] = candidate
+            if gated.arm_id:
+                details["added"] = gated.arm_id
+    elif config.fewshot.propose_adds_arm and champion.id in stored:  # a registered experiment
         spec = ArmSpec(
             arm_id,
             prompt,
@@ -119,27 +169,9 @@ def propose_challenger(
         details["added"], _ = store.add_arm(exp.id, spec, actor=actor)
     store.audit(actor, AUDIT_ACTION, arm_id, details)
     log.info("proposed challenger %s (parent %s) with examples %s", arm_id, champion.id, chosen)
-    return Proposal(arm, snippet, approved_mined, previous, chosen)
+    return Proposal(arm, snippet, approved_mined, previous, chosen, candidate)
 
 
 def _champion(store: Store, config: Config) -> Any:
-    """The champion's stored arm row: promoted in the store (by anyone) beats the file's.
-
-    Without a stored row (an experiment never synced) a row-like view of the
-    configured champion (or first arm) is returned, or None without arms.
-    """
-    exp = config.experiment
-    rows = {r.id: r for r in store.arms(exp.id)}
-    statuses = store.arm_statuses(exp.id)
-    stored = next((a for a, s in statuses.items() if s == "champion" and a in rows), None)
-    if stored is None and exp.champion is not None and exp.champion in rows:
-        stored = store.current_arm(exp.id, exp.champion)
-    if stored is not None:
-        return rows[stored]
-    configured = {a.id: a for a in exp.arms}
-    arm = configured.get(exp.champion or "") or (exp.arms[0] if exp.arms else None)
-    if arm is None:
-        return None
-    return SimpleNamespace(
-        id=arm.id, prompt_id=arm.prompt, prompt_hash="", prompt_text=None, model=None
-    )
+    """The champion's stored arm row (see :func:`optimizer.champion.champion_row`)."""
+    return champion_row(store, config)

@@ -72,6 +72,11 @@ arms = sa.Table(
     sa.Column("prompt_text", sa.Text, nullable=True),
     sa.Column("model", sa.String(200), nullable=True),  # None: the configured model
     sa.Column("origin", sa.String(20), nullable=False, server_default="config"),
+    # The model's own parameters (migration 0006): temperature, max_tokens, api_base; None
+    # or {} = the configured ones. Part of the content hash only when non-empty.
+    sa.Column("model_params", _JSON, nullable=True),
+    # What made the arm, for people (migration 0006): a fine-tune's dataset manifest.
+    sa.Column("manifest", _JSON, nullable=True),
 )
 
 # Status changes of arms: paused_guardrail, paused_operator, resumed, promoted,
@@ -163,6 +168,9 @@ turns = sa.Table(
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("trace_id", sa.String(64), nullable=True),
     sa.Column("created_at", _TS, nullable=False),
+    # The arm's model failed and the configured fallback answered (migration 0006): the turn
+    # stays the arm's (sticky assignment, propensities), ``model`` says who answered.
+    sa.Column("fallback", sa.Boolean, nullable=True),
     sa.Index("ix_turns_session", "session_id", "created_at"),
     sa.Index("ix_turns_arm", "experiment_id", "arm_id"),
     sa.Index("ix_turns_created", "created_at"),  # "anything after now?" in optimizer.kpi
@@ -263,6 +271,43 @@ audit_events = sa.Table(
     sa.Column("created_at", _TS, nullable=False),
 )
 
+# Users who opted out of having their conversations used as data (training sets, few-shot
+# mining): one row per change, the latest decides (migration 0006).
+privacy_opt_outs = sa.Table(
+    "privacy_opt_outs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("user_id", sa.String(200), nullable=False),
+    sa.Column("opted_out", sa.Boolean, nullable=False),
+    sa.Column("actor", sa.String(100), nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Index("ix_privacy_opt_outs_user", "user_id", "id"),
+)
+
+# Fine-tuning jobs (optimizer.finetune): one row per job, its state updated as it is polled.
+finetune_jobs = sa.Table(
+    "finetune_jobs",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("experiment_id", sa.String(100), nullable=False),
+    sa.Column("provider", sa.String(40), nullable=False),
+    sa.Column("format", sa.String(20), nullable=False),
+    sa.Column("base_model", sa.String(200), nullable=False),
+    # created | running | succeeded | failed | cancelled
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("provider_file_id", sa.String(200), nullable=True),
+    sa.Column("provider_job_id", sa.String(200), nullable=True),
+    sa.Column("fine_tuned_model", sa.String(200), nullable=True),
+    sa.Column("arm_id", sa.String(200), nullable=True),
+    sa.Column("parent_arm_id", sa.String(200), nullable=True),
+    sa.Column("estimated_cost_usd", sa.Float, nullable=False),
+    sa.Column("manifest", _JSON, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("updated_at", _TS, nullable=False),
+    sa.Index("ix_finetune_jobs_exp", "experiment_id", "created_at"),
+)
+
 # Named locks for SQLite (PostgreSQL uses advisory locks): one optimizer run at a time.
 job_locks = sa.Table(
     "job_locks",
@@ -356,6 +401,46 @@ login_attempts = sa.Table(
     sa.Column("succeeded", sa.Boolean, nullable=False),
     sa.Column("created_at", _TS, nullable=False),
     sa.Index("ix_login_attempts_subject", "scope", "subject", "created_at"),
+)
+
+# Challengers written from the feedback (optimizer.proposer): one row per proposal round
+# and one per candidate, kept whatever became of it (failed gates with their reason,
+# waiting for approval, started as an arm, declined by an operator).
+proposal_rounds = sa.Table(
+    "proposal_rounds",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("experiment_id", sa.String(100), nullable=False),
+    sa.Column("parent_arm_id", sa.String(200), nullable=False),
+    sa.Column("source", sa.String(20), nullable=False),  # proposer, fewshot, operator
+    sa.Column("model", sa.String(200), nullable=True),
+    sa.Column("cost_usd", sa.Float, nullable=False),
+    sa.Column("details", _JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Index("ix_proposal_rounds_exp", "experiment_id", "created_at"),
+)
+
+proposal_candidates = sa.Table(
+    "proposal_candidates",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("round_id", sa.String(40), nullable=False),
+    sa.Column("experiment_id", sa.String(100), nullable=False),
+    sa.Column("parent_arm_id", sa.String(200), nullable=False),
+    sa.Column("source", sa.String(20), nullable=False),
+    sa.Column("prompt_text", sa.Text, nullable=True),
+    sa.Column("fewshot", sa.String(20), nullable=False),
+    sa.Column("fewshot_config", _JSON, nullable=False),
+    sa.Column("rationale", sa.Text, nullable=False),
+    # rejected (a gate failed), duplicate, waiting (for approval), started, declined
+    sa.Column("status", sa.String(20), nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("gates", _JSON, nullable=False),
+    sa.Column("arm_id", sa.String(200), nullable=True),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("decided_at", _TS, nullable=True),
+    sa.Column("decided_by", sa.String(100), nullable=True),
+    sa.Index("ix_proposal_candidates_exp", "experiment_id", "status"),
 )
 
 # The incremental refit's kept sums (optimizer.refit_state): per experiment, one row per

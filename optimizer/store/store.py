@@ -9,7 +9,7 @@ turn id for turns, idempotency key for outcomes) and reported, not raised.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -35,7 +35,10 @@ class ArmSpec:
     ``id`` is the logical arm (the base of its versions, see
     :mod:`optimizer.store.versions`); ``prompt_text`` is what replicas serve
     (None: the prompt file of ``prompt_id``); ``model`` None means the
-    configured model; ``origin`` says who made it (config, operator, optimizer).
+    configured model, ``model_params`` its own temperature, max_tokens and
+    api_base; ``origin`` says who made it (config, operator, optimizer,
+    finetune); ``manifest`` what made it (a fine-tune's dataset manifest; not
+    part of the identity).
     """
 
     id: str
@@ -46,6 +49,8 @@ class ArmSpec:
     prompt_text: str | None = None
     model: str | None = None
     origin: str = "config"
+    model_params: Mapping[str, Any] = field(default_factory=dict)
+    manifest: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,8 @@ class TurnRecord:
     error: str | None = None
     trace_id: str | None = None
     created_at: datetime | None = None
+    #: The arm's model failed and the fallback model (``model``) answered.
+    fallback: bool = False
 
 
 @dataclass(frozen=True)
@@ -359,6 +366,45 @@ class Store:
             .order_by(schema.arms.c.id)
         )
 
+    # -- consent ------------------------------------------------------------
+    def set_opt_out(
+        self, user_id: str, opted_out: bool = True, *, actor: str, at: datetime | None = None
+    ) -> None:
+        """Record that ``user_id``'s conversations may (not) become data; audited.
+
+        Opted-out users never enter a training set or the few-shot bank
+        (:mod:`optimizer.store.consent`); their sessions still count for the KPI.
+        """
+        if not user_id:
+            raise ValueError("user_id must be a non-empty string")
+        from optimizer.store.consent import record_opt_out
+
+        with self.engine.begin() as conn:
+            record_opt_out(conn, user_id, opted_out, actor, at or utcnow())
+        self.audit(actor, "opt_out" if opted_out else "opt_in", user_id, {})
+
+    def delete_conversation(
+        self, thread_id: str, *, user_id: str, actor: str, at: datetime | None = None
+    ) -> None:
+        """Mark a conversation deleted: it never becomes data (training sets, few-shot bank)."""
+        from optimizer.store.consent import mark_thread_deleted
+
+        with self.engine.begin() as conn:
+            mark_thread_deleted(conn, thread_id, user_id, at or utcnow())
+        self.audit(actor, "conversation_deleted", thread_id, {})
+
+    def excluded_sessions(self, experiment_id: str) -> set[str]:
+        """Sessions that must never become data: opted-out users', deleted conversations'."""
+        from optimizer.store import consent
+
+        with self.engine.connect() as conn:
+            return consent.excluded_sessions(
+                conn,
+                experiment_id,
+                users=consent.opted_out_users(conn),
+                threads=consent.deleted_threads(conn),
+            )
+
     # -- assignments --------------------------------------------------------
     def record_assignment(self, rec: AssignmentRecord) -> AssignmentRecord:
         """Insert the session's assignment; if the session already has one, return that one."""
@@ -430,26 +476,28 @@ class Store:
     # -- turns ---------------------------------------------------------------
     def record_turn(self, rec: TurnRecord) -> bool:
         """Append a turn; returns False if a turn with this id was already stored."""
-        values = {k: getattr(rec, k) for k in rec.__dataclass_fields__}
-        values["fewshot_ids"] = list(rec.fewshot_ids)
-        values["created_at"] = rec.created_at or utcnow()
-        a = schema.assignments
         try:
             with self.engine.begin() as conn:
-                conn.execute(schema.turns.insert().values(**values))
-                # An increment, not a recount: one statement on the chat's path, and
-                # PostgreSQL applies concurrent increments of one row one after another.
-                conn.execute(
-                    a.update()
-                    .where(a.c.session_id == rec.session_id)
-                    .values(
-                        turns=a.c.turns + 1,
-                        errors=a.c.errors + (0 if rec.error is None else 1),
-                    )
-                )
+                _insert_turns(conn, [rec])
         except IntegrityError:
             return False
         return True
+
+    def record_turns(self, recs: Sequence[TurnRecord]) -> list[bool]:
+        """Append several turns in one transaction — one commit, one disk flush (group commit).
+
+        Per turn, as :meth:`record_turn`: True if stored, False if a turn with
+        its id was already stored (or came earlier in ``recs``). A batch with a
+        duplicate falls back to one transaction per turn.
+        """
+        if not recs:
+            return []
+        try:
+            with self.engine.begin() as conn:
+                _insert_turns(conn, recs)
+        except IntegrityError:
+            return [self.record_turn(rec) for rec in recs]
+        return [True] * len(recs)
 
     def get_turn(self, turn_id: str) -> sa.Row[Any] | None:
         return self._first(sa.select(schema.turns).where(schema.turns.c.id == turn_id))
@@ -742,3 +790,28 @@ def _assignment(row: sa.Row[Any]) -> AssignmentRecord:
         closed_reason=row.closed_reason,
         holdback=bool(row.holdback),
     )
+
+
+def _insert_turns(conn: sa.Connection, recs: Sequence[TurnRecord]) -> None:
+    """Insert turns and bump their sessions' counters, in the caller's transaction."""
+    rows = []
+    for rec in recs:
+        values = {k: getattr(rec, k) for k in rec.__dataclass_fields__}
+        values["fewshot_ids"] = list(rec.fewshot_ids)
+        values["created_at"] = rec.created_at or utcnow()
+        rows.append(values)
+    conn.execute(schema.turns.insert(), rows)
+    counts: dict[str, list[int]] = {}
+    for rec in recs:
+        count = counts.setdefault(rec.session_id, [0, 0])
+        count[0] += 1
+        count[1] += 0 if rec.error is None else 1
+    a = schema.assignments
+    for session_id, (turns, errors) in sorted(counts.items()):  # one lock order: no deadlock
+        # An increment, not a recount: PostgreSQL applies concurrent increments of one row
+        # one after another.
+        conn.execute(
+            a.update()
+            .where(a.c.session_id == session_id)
+            .values(turns=a.c.turns + turns, errors=a.c.errors + errors)
+        )

@@ -19,8 +19,10 @@ so:
   Going back to an old text therefore needs a new content (or ``flywheel arms
   add``), not a revert of the file.
 
-A model dimension fits without a split: ``model`` is None for "the configured
-model" and enters the hash only when set, so today's arms keep their hashes.
+The model dimension fits without a split: ``model`` is None for "the configured
+model" and enters the hash only when set, so today's arms keep their hashes; its
+own parameters (``model_params``: temperature, max_tokens, api_base) enter only
+when non-empty, so the same model with another temperature is another content.
 """
 
 from __future__ import annotations
@@ -49,12 +51,16 @@ def arm_content_hash(
     fewshot: str,
     fewshot_config: Mapping[str, Any],
     model: str | None = None,
+    model_params: Mapping[str, Any] | None = None,
 ) -> str:
-    """Hash of what an arm serves; ``model`` counts only when set.
+    """Hash of what an arm serves; ``model`` counts only when set, ``model_params`` when non-empty.
 
-    >>> arm_content_hash("h1", "none", {}) == arm_content_hash("h1", "none", {}, None)
+    >>> arm_content_hash("h1", "none", {}) == arm_content_hash("h1", "none", {}, None, {})
     True
     >>> arm_content_hash("h1", "none", {}) == arm_content_hash("h1", "none", {}, "openai/x")
+    False
+    >>> a = arm_content_hash("h1", "none", {}, "openai/x", {"temperature": 0.2})
+    >>> a == arm_content_hash("h1", "none", {}, "openai/x")
     False
     """
     payload: dict[str, Any] = {
@@ -64,6 +70,8 @@ def arm_content_hash(
     }
     if model is not None:
         payload["model"] = model
+    if model_params:
+        payload["model_params"] = dict(model_params)
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -72,7 +80,10 @@ def row_content_hash(row: Any) -> str:
     """Content hash of a stored arm row (computed for rows written before migration 0003)."""
     if row.content_hash:
         return str(row.content_hash)
-    return arm_content_hash(row.prompt_hash, row.fewshot, row.fewshot_config or {}, row.model)
+    params = getattr(row, "model_params", None)
+    return arm_content_hash(
+        row.prompt_hash, row.fewshot, row.fewshot_config or {}, row.model, params
+    )
 
 
 def _base(row: Any) -> str:
@@ -122,7 +133,9 @@ def register_arm(
             f"arm id may hold 1-180 letters, digits and _.:+/- (no '@'), got {spec.id!r}"
         )
     arms = schema.arms
-    digest = arm_content_hash(spec.prompt_hash, spec.fewshot, spec.fewshot_config, spec.model)
+    digest = arm_content_hash(
+        spec.prompt_hash, spec.fewshot, spec.fewshot_config, spec.model, spec.model_params
+    )
     rows = [
         r
         for r in conn.execute(
@@ -142,6 +155,8 @@ def register_arm(
         "content_hash": digest,
         "prompt_text": spec.prompt_text,
         "model": spec.model,
+        "model_params": dict(spec.model_params) or None,
+        "manifest": dict(spec.manifest) if spec.manifest else None,
         "origin": spec.origin,
         "created_at": now,
     }

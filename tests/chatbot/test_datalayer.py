@@ -277,8 +277,10 @@ async def test_steps_written_before_their_thread_create_it_once_even_after_it_is
     thread_id = str(uuid.uuid4())
     await layer.create_step(_step(thread_id, str(uuid.uuid4()), "run", "", "2026-01-01T10:00:00Z"))
     await layer.create_step(_step(thread_id, str(uuid.uuid4()), "run", "", "2026-01-01T10:00:01Z"))
+    layer.steps.flush()  # step writes are queued and batched (chatbot.web.step_writer)
     assert _count(store, schema.threads) == 1 and _count(store, schema.steps) == 2
     await layer.delete_thread(thread_id)  # hidden, its steps dropped; the row stays
     await layer.create_step(_step(thread_id, str(uuid.uuid4()), "run", "", "2026-01-01T10:00:02Z"))
+    layer.steps.flush()
     assert _count(store, schema.threads) == 1 and _count(store, schema.steps) == 1
     await layer.close()  # the step writers finish what is queued

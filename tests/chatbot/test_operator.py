@@ -247,17 +247,39 @@ def test_a_new_variant_from_the_dashboard_is_served_at_once_and_undone_by_retiri
         data={"csrf": token, "arm_id": "brief", "prompt": text, "fewshot": "retrieved", "k": "2"},
     )
     assert again.status_code == 409 and "already serves exactly this prompt" in again.text
+    # the same prompt with a model of its own is another arm version, and shows its model
+    token = csrf_of(again.text)
+    hosted = client.post(
+        f"{PREFIX}/variants",
+        data={
+            "csrf": token,
+            "arm_id": "brief",
+            "prompt": text,
+            "fewshot": "retrieved",
+            "k": "2",
+            "model": "openai/gpt-4o-mini",
+        },
+    )
+    assert hosted.status_code == 200 and "brief@v2 added as a new version" in hosted.text
+    assert runtime.serve_model("brief@v2")[0].name == "openai/gpt-4o-mini"
+    assert "model openai/gpt-4o-mini" in client.get(PREFIX).text
+    token = csrf_of(hosted.text)
     for bad, reason in (
         ({"arm_id": "x", "prompt": "  "}, "prompt must not be empty"),
         ({"arm_id": "bad id!", "prompt": "Hi"}, "invalid variant: id"),
         ({"arm_id": "x", "prompt": "Hi", "fewshot": "fixed"}, "fewshot must be"),
         ({"arm_id": "x", "prompt": "Hi", "k": "many"}, "k must be a whole number"),
+        (
+            {"arm_id": "x", "prompt": "Hi", "model": "openai/x", "api_base": "http://x.io/v1"},
+            "not in model.allowed_api_bases",
+        ),
+        ({"arm_id": "x", "prompt": "Hi", "api_base": "http://x.io/v1"}, "need its &#39;model"),
     ):
         refused = client.post(f"{PREFIX}/variants", data={"csrf": token, **bad})
         assert refused.status_code == 400 and reason in refused.text, (bad, refused.text)
-    undo = client.post(f"{PREFIX}/arms/brief/retire", data={"csrf": token})
-    assert undo.status_code == 200 and runtime.store.arm_statuses(exp)["brief"] == "retired"
-    assert "brief" not in assigned_arms(runtime, prefix="undone")
+    undo = client.post(f"{PREFIX}/arms/brief@v2/retire", data={"csrf": token})
+    assert undo.status_code == 200 and runtime.store.arm_statuses(exp)["brief@v2"] == "retired"
+    assert not {"brief", "brief@v2"} & assigned_arms(runtime, prefix="undone")
     assert 'id="holdback-lift"' in client.get(PREFIX).text
 
 
@@ -438,6 +460,60 @@ def test_off_policy_estimates_page(client: TestClient, runtime: Runtime) -> None
     for arm in ARMS:
         assert f'data-target="arm:{arm}"' in page.text
     assert 'data-target="snapshot"' in page.text
+
+
+def test_unattributed_outcomes_are_listed_and_rejudged(
+    client: TestClient, runtime: Runtime
+) -> None:
+    """The dashboard lists what does not count, with the reason; re-judging is audited and
+    credits an outcome whose session arrived late (written by another replica, say)."""
+    now = datetime.now(UTC)
+    store = runtime.store
+    store.record_outcome(
+        OutcomeRecord(
+            "late-session",
+            "conversion",
+            1.0,
+            session_id="later-s1",
+            occurred_at=now,
+            attribution="unknown_session",
+        )
+    )
+    store.record_outcome(
+        OutcomeRecord(
+            "odd-name",
+            "newsletter",
+            1.0,
+            session_id="later-s1",
+            occurred_at=now,
+            attribution="unused_name",
+        )
+    )
+    store.record_outcome(
+        OutcomeRecord("counted", "conversion", 1.0, user_id="u-x", attribution="attributed")
+    )
+    token = login(client)
+    page = client.get(f"{PREFIX}/outcomes")
+    assert page.status_code == 200
+    text = html.unescape(page.text)
+    assert "2 not attributed" in text and "unknown_session 1" in text.replace("</b>", "")
+    assert 'data-key="late-session" data-reason="unknown_session"' in page.text
+    assert 'data-key="odd-name" data-reason="unused_name"' in page.text
+    assert 'data-key="counted"' not in page.text
+    assert f'href="{PREFIX}/outcomes"' in client.get(PREFIX).text
+
+    # The session arrives; an operator re-judges.
+    runtime.assigner.assign("later-s1", "u-late", at=now - timedelta(minutes=1))
+    response = client.post(f"{PREFIX}/outcomes/reattribute", data={"csrf": token})
+    assert response.status_code == 200
+    assert "re-judged outcomes: attributed 1, unused_name 1" in html.unescape(response.text)
+    assert ("operator", "outcomes.reattribute", runtime.config.experiment.id) in audit_actions(
+        store
+    )
+    page = client.get(f"{PREFIX}/outcomes")
+    assert 'data-key="late-session"' not in page.text and 'data-key="odd-name"' in page.text
+    # Without the CSRF token nothing is re-judged.
+    assert client.post(f"{PREFIX}/outcomes/reattribute", data={}).status_code == 403
 
 
 def test_report_cache_reuses_then_recomputes() -> None:

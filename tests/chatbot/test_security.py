@@ -506,12 +506,17 @@ def test_every_operator_action_needs_the_csrf_token(server: TestClient, store: S
         f"{PREFIX}/logout": f"{PREFIX}/logout",
         f"{PREFIX}/optimize": f"{PREFIX}/optimize",
         f"{PREFIX}/variants": f"{PREFIX}/variants",
+        f"{PREFIX}/outcomes/reattribute": f"{PREFIX}/outcomes/reattribute",
         f"{PREFIX}/arms/{{arm_id:path}}/{{action}}": [
             f"{PREFIX}/arms/concise/{action}" for action in ARM_ACTIONS
         ],
         f"{PREFIX}/examples/{{example_id}}/{{decision}}": [
             f"{PREFIX}/examples/ex-1/approve",
             f"{PREFIX}/examples/ex-1/reject",
+        ],
+        f"{PREFIX}/candidates/{{candidate_id}}/{{decision}}": [
+            f"{PREFIX}/candidates/c-1/approve",
+            f"{PREFIX}/candidates/c-1/decline",
         ],
     }
     assert _operator_posts(store) == set(targets), "a new operator action needs a CSRF test"

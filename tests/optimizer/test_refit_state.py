@@ -1,8 +1,10 @@
 """The incremental refit equals a full recomputation, on random event streams.
 
 Streams mix sessions (segments, the holdback, returning users, re-assignments
-``<thread>~n``, late back-dated assignments), turns, votes that change or are
-withdrawn, session- and user-level outcomes arriving late or twice, and refits
+``<thread>~n``, late back-dated assignments), turns with their cost (recorded, or
+priced per token), votes that change or are withdrawn, session- and user-level
+outcomes arriving late or twice, outcomes named by a moved conversation's first
+session (they count for its assignment open at the event), and refits
 at increasing times; at every refit the sums kept and updated by
 :mod:`optimizer.refit_state` must equal the ones recomputed from every session.
 """
@@ -70,8 +72,11 @@ def _config() -> Config:
                         "window_days": 1,
                         "aggregate": "last",
                     },
-                ]
+                    {"name": "spend", "source": "cost:usd", "weight": -1.0, "window_days": 0},
+                ],
+                "guardrails": [{"metric": "cost_per_session", "max_delta": 0.5}],
             },
+            "model": {"prices": {"priced": {"input_usd_per_mtok": 3, "output_usd_per_mtok": 15}}},
         }
     )
 
@@ -88,6 +93,7 @@ _EVENT = st.tuples(
             "outcome",
             "outcome",
             "user_outcome",
+            "thread_outcome",
             "duplicate",
             "late_assign",
             "reassign",
@@ -154,10 +160,13 @@ def _apply(store: Store, events: list[tuple[str, float, int, float, int]], check
                 arm_id=s.arm_id,
                 prompt_id="p",
                 prompt_hash="h",
-                model="m",
+                model=("m", "priced", "free")[pick],
                 user_message="",
                 reply="",
                 latency_ms=100.0 + value,
+                prompt_tokens=int(abs(value)) * 10,
+                completion_tokens=int(abs(value)) * 3,
+                cost=abs(value) / 1000 if pick == 0 else None,
                 error="boom" if pick == 2 and value > 300 else None,
                 created_at=max(now, s.assigned_at),
             )
@@ -176,6 +185,18 @@ def _apply(store: Store, events: list[tuple[str, float, int, float, int]], check
                 session_id=s.session_id if kind == "outcome" else None,
                 user_id=None if kind == "outcome" else s.user_id,
                 occurred_at=max(at, START),  # often days late
+            )
+            store.record_outcome(rec, received_at=now)
+            keys.append(rec)
+        elif kind == "thread_outcome" and sessions:
+            # the integrator names the conversation's first session, after a move or not
+            s = sessions[idx % len(sessions)]
+            rec = OutcomeRecord(
+                idempotency_key=f"k{len(keys)}",
+                name=("conversion", "revenue", "support_minutes")[pick],
+                value=1.0 if pick == 0 else value,
+                session_id=s.thread,
+                occurred_at=max(now - timedelta(hours=3 * back), START),
             )
             store.record_outcome(rec, received_at=now)
             keys.append(rec)

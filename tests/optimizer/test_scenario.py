@@ -145,7 +145,7 @@ def test_missing_file() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"arms": [{"id": "a"}]}, "arms: Tuple should have at least 2 items"),
+        ({"arms": [{"id": "a"}]}, "arms: at least 2 arms, or 1 with a [proposer] table"),
         ({"arms": [{"id": "a"}, {"id": "a"}]}, "arm ids must be unique"),
         ({"champion": "zz"}, "champion must be one of the arm ids"),
         ({"sessions": 0}, "sessions: Input should be greater than 0"),

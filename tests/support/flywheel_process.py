@@ -69,11 +69,12 @@ def write_config(
     limits: dict[str, Any] | None = None,
     attributes: dict[str, dict[str, str]] | None = None,
     segment_by: list[str] | None = None,
+    roles: dict[str, str] | None = None,
 ) -> Path:
     """The project's configuration with the fake model, ``users`` logins and given limits.
 
     ``attributes`` maps a login name to its segment attributes; ``segment_by`` sets
-    ``experiment.segment_by``.
+    ``experiment.segment_by``; ``roles`` maps a login name to its role (``"operator"``).
     """
     data = tomllib.loads((ROOT / "flywheel.toml").read_text(encoding="utf-8"))
     data["prompts_dir"] = str(ROOT / "prompts")
@@ -92,6 +93,7 @@ def write_config(
                 "name": user_name(i),
                 "password_hash": password_hash,
                 "attributes": (attributes or {}).get(user_name(i), {}),
+                "role": (roles or {}).get(user_name(i), "user"),
             }
             for i in range(users)
         ],

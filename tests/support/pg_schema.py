@@ -18,11 +18,16 @@ from optimizer.store import make_engine
 
 
 def postgres_url() -> str:
-    """``FLYWHEEL_TEST_POSTGRES_URL``, or skip the test: ``scripts/test`` (so CI) always sets
-    it and starts PostgreSQL; only a bare local ``pytest`` runs without."""
+    """``FLYWHEEL_TEST_POSTGRES_URL``; a PostgreSQL test without it fails rather than skip, so
+    a run can never look green without its PostgreSQL half. ``scripts/test`` (so CI) starts
+    PostgreSQL and sets it; a local run without PostgreSQL deselects: ``-m "not postgres"``."""
     url = os.environ.get("FLYWHEEL_TEST_POSTGRES_URL", "")
     if not url:
-        pytest.skip("FLYWHEEL_TEST_POSTGRES_URL not set (scripts/test sets it)")
+        pytest.fail(
+            "FLYWHEEL_TEST_POSTGRES_URL is not set: run `bash scripts/test`, which starts "
+            'PostgreSQL and sets it, or deselect these tests with -m "not postgres"',
+            pytrace=False,
+        )
     return url
 
 

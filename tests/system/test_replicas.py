@@ -10,6 +10,7 @@ snapshot, and which of them may run the optimizer.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,9 @@ pytestmark = pytest.mark.postgres
 #: Replicas cache the newest snapshot this long (optimizer.assignment.Assigner.snapshot_ttl_s).
 SNAPSHOT_TTL_S = 5.0
 OPTIMIZE_EVERY_S = 2.0
+#: Logins: the first 20 for the other tests, 20–99 as new users of an added arm, one operator.
+USERS = 101
+OPERATOR = user_name(USERS - 1)
 
 
 class Deployment:
@@ -67,7 +71,12 @@ class Deployment:
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     base_url = postgres_url()
     root = tmp_path_factory.mktemp("replicas")
-    config = write_config(root / "flywheel.toml", users=20, refit_interval_s=OPTIMIZE_EVERY_S)
+    config = write_config(
+        root / "flywheel.toml",
+        users=USERS,
+        refit_interval_s=OPTIMIZE_EVERY_S,
+        roles={OPERATOR: "operator"},
+    )
     with postgres_schema(base_url, "replicas") as url:
         a = ServerProcess("replica-a", root / "a", config, url)
         b = ServerProcess("replica-b", root / "b", config, url)
@@ -230,3 +239,65 @@ async def test_an_over_long_message_is_refused_on_the_socket_path(deployment: De
     assert f"the limit is {limit:,}" in refused.text and refused.actions == 0
     t = schema.turns
     assert deployment.count(t, t.c.id == refused.turn_id) == 0  # nothing recorded
+
+
+def _csrf(page: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert match, page[:500]
+    return match.group(1)
+
+
+async def test_an_arm_added_in_the_dashboard_is_served_by_both_replicas_without_restart(
+    deployment: Deployment,
+) -> None:
+    """An operator adds a variant on replica A's dashboard; new users on replica B (never
+    restarted) and on A get it within seconds, from the snapshot in the shared store."""
+    pids = (deployment.a.proc.pid, deployment.b.proc.pid)  # type: ignore[union-attr]
+    arm_id = "replica-fresh"
+    async with httpx.AsyncClient(
+        base_url=deployment.a.url, timeout=30, follow_redirects=True
+    ) as ops:
+        token = _csrf((await ops.get("/operator/login")).text)
+        page = await ops.post(
+            "/operator/login", data={"csrf": token, "username": OPERATOR, "password": PASSWORD}
+        )
+        assert page.status_code == 200, page.text[:500]
+        added = await ops.post(
+            "/operator/variants",
+            data={
+                "csrf": _csrf(page.text),
+                "arm_id": arm_id,
+                "prompt": "You are a brisk assistant. Answer in two sentences at most.",
+                "fewshot": "none",
+            },
+        )
+        assert added.status_code == 200 and arm_id in added.text, added.text[:500]
+    added_at = time.monotonic()
+    assert arm_id in deployment.store.arm_statuses(deployment.experiment)
+
+    # New users, alternately on B and A until one has served the newcomer, then only on the
+    # other: at its exploration share (~1/6) 80 users leave a miss chance below 1e-4.
+    served: dict[str, float] = {}
+    async with httpx.AsyncClient(base_url=deployment.b.url, timeout=30) as http:
+        for i in range(20, USERS - 1):
+            server = deployment.b if i % 2 == 0 else deployment.a
+            if server.name in served:
+                server = deployment.a if server is deployment.b else deployment.b
+            chat = await _open(server, http, user_name(i))
+            turn = await chat.ask("Which plan should I pick?")
+            await chat.close()
+            assert turn.turn_id and not turn.is_error
+            (row,) = deployment.assignments(user_name(i))
+            if row.arm_id == arm_id:
+                served.setdefault(server.name, time.monotonic() - added_at)
+            if len(served) == 2:
+                break
+    assert set(served) == {"replica-a", "replica-b"}, served
+    # Within the snapshot cache time plus the chats it took to find a user for it.
+    assert served["replica-b"] < 60, served
+    assert (deployment.a.proc.pid, deployment.b.proc.pid) == pids  # type: ignore[union-attr]
+    assert deployment.a.starts == deployment.b.starts == 1
+    t = schema.turns
+    with deployment.store.engine.connect() as conn:
+        prompts = set(conn.execute(sa.select(t.c.prompt_id).where(t.c.arm_id == arm_id)).scalars())
+    assert prompts == {arm_id}, prompts  # the stored prompt text served, on both replicas

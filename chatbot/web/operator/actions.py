@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ARM_ACTIONS",
+    "CANDIDATE_DECISIONS",
     "EXAMPLE_DECISIONS",
     "ActionError",
     "ActionResult",
@@ -31,6 +32,8 @@ __all__ = [
     "add_variant",
     "arm_action",
     "available_actions",
+    "candidates_view",
+    "decide_candidate",
     "refresh_policy",
     "review_example",
     "run_optimizer_now",
@@ -151,14 +154,20 @@ def add_variant(
     *,
     fewshot: str = "none",
     k: int = 3,
+    model: str | None = None,
+    api_base: str | None = None,
 ) -> ActionResult:
     """Create an arm (or a new version of ``arm_id``) from a prompt text, audited, and refit.
+
+    ``model`` (a litellm model string; None: the configured model) and its
+    ``api_base``, which must be in ``model.allowed_api_bases``.
 
     Every replica serves it from the snapshot written now (within its snapshot
     cache time). Raises :class:`ActionError` (400 bad input, 409 content already
     known under that id). Undo by retiring it.
     """
     from optimizer.config import ArmConfig
+    from optimizer.models import check_model_params
     from optimizer.prompt_library import content_hash
     from optimizer.store import ArmSpec
 
@@ -177,9 +186,25 @@ def add_variant(
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ActionError(f"invalid variant: {where}: {first['msg']}", 400) from None
+    try:
+        model_params = check_model_params(
+            model,
+            {"api_base": api_base} if api_base else {},
+            services.config.model.allowed_api_bases,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ActionError(f"invalid model: {first['msg']}", 400) from None
+    except ValueError as exc:
+        raise ActionError(f"invalid model: {exc}", 400) from None
     settings: dict[str, Any] = (
         {"k": arm.k, "reward_weighted": False} if fewshot == "retrieved" else {}
     )
+    exp = services.config.experiment
+    if services.config.proposer.enabled and model is None and not model_params:
+        # A new prompt text goes through the proposer's gates; a known prompt on another
+        # model is a model change (allow-list checked above), added directly.
+        return _gated_variant(services, actor, arm.id, text, arm.fewshot, settings)
     spec = ArmSpec(
         arm.id,
         arm.id,
@@ -188,17 +213,146 @@ def add_variant(
         settings,
         prompt_text=text,
         origin="operator",
+        model=model,
+        model_params=model_params,
     )
-    exp = services.config.experiment
     try:
         new_id, what = services.store.add_arm(exp.id, spec, actor=actor)
     except ValueError as exc:
         raise ActionError(str(exc), 400) from None
     if what == "known":
-        raise ActionError(f"{arm_id!r} already serves exactly this prompt and few-shot setting")
+        raise ActionError(
+            f"{arm_id!r} already serves exactly this prompt, few-shot setting and model"
+        )
     version = refresh_policy(services, actor)
     verb = "created" if what == "created" else "added as a new version"
     return ActionResult(f"{new_id} {verb}{_snapshot_note(version)}", version)
+
+
+def _gated_variant(
+    services: Services,
+    actor: str,
+    arm_id: str,
+    text: str,
+    fewshot: str,
+    settings: dict[str, Any],
+) -> ActionResult:
+    """An operator's variant through the proposer's gates; started at once when it passes."""
+    from optimizer.prompt_library import content_hash
+    from optimizer.proposer import submit_candidate
+    from optimizer.store.versions import arm_content_hash, row_content_hash
+
+    digest = arm_content_hash(content_hash(text), fewshot, settings)
+    for row in services.store.arms(services.config.experiment.id):
+        if (row.base_id or row.id) == arm_id and row_content_hash(row) == digest:
+            raise ActionError(f"{arm_id!r} already serves exactly this prompt and few-shot setting")
+    try:
+        candidate = submit_candidate(
+            services.store,
+            services.config,
+            getattr(services, "proposer_hooks", None),
+            prompt_text=text,
+            rationale=f"written by {actor} in the dashboard",
+            source="operator",
+            fewshot=fewshot,
+            fewshot_config=settings,
+            start=True,
+            arm_id=arm_id,
+        )
+    except ValueError as exc:
+        raise ActionError(str(exc), 400) from None
+    if candidate.status in ("rejected", "duplicate"):
+        raise ActionError(f"the gates refused the variant: {candidate.reason}", 422)
+    if candidate.status == "waiting":
+        return ActionResult(
+            f"variant kept as candidate {candidate.id[:8]}: {candidate.reason}; approve it on "
+            "the candidates page"
+        )
+    version = refresh_policy(services, actor)
+    return ActionResult(
+        f"{candidate.arm_id} created after passing the gates{_snapshot_note(version)}", version
+    )
+
+
+#: A candidate's decision on the candidates page → approve (start its arm) or decline.
+CANDIDATE_DECISIONS = ("approve", "decline")
+
+
+def decide_candidate(
+    services: Services, actor: str, candidate_id: str, decision: str
+) -> ActionResult:
+    """One click on the candidates page. Raises :class:`ActionError` (400, 404, 409)."""
+    from optimizer.errors import StoreError
+    from optimizer.prompt_library import content_hash
+    from optimizer.proposer import decide, get_candidate
+
+    if decision not in CANDIDATE_DECISIONS:
+        raise ActionError(
+            f"decision must be one of {list(CANDIDATE_DECISIONS)}, got {decision!r}", 400
+        )
+    candidate = get_candidate(services.store, candidate_id)
+    if candidate is None or candidate.experiment_id != services.config.experiment.id:
+        raise ActionError(f"no candidate {candidate_id!r}", 404)
+    parent = next(
+        (
+            r
+            for r in services.store.arms(candidate.experiment_id)
+            if r.id == candidate.parent_arm_id
+        ),
+        None,
+    )
+    try:
+        decided = decide(
+            services.store,
+            candidate_id,
+            approve=decision == "approve",
+            actor=actor,
+            **(
+                {
+                    "prompt_id": parent.prompt_id
+                    if parent is not None
+                    else candidate.parent_arm_id,
+                    "prompt_hash": content_hash(candidate.prompt_text or ""),
+                    "model": parent.model if parent is not None else None,
+                    "trial_cap": services.config.proposer.trial_cap,
+                }
+                if decision == "approve"
+                else {}
+            ),
+        )
+    except StoreError as exc:
+        raise ActionError(str(exc), 409) from None
+    if decision == "approve":
+        version = refresh_policy(services, actor)
+        return ActionResult(f"{decided.arm_id} started{_snapshot_note(version)}", version)
+    return ActionResult(f"candidate {candidate_id[:8]} declined")
+
+
+def candidates_view(services: Services) -> dict[str, Any]:
+    """The candidates page: each candidate with its parent's text and a line diff to it."""
+    import difflib
+
+    from optimizer.proposer import candidates
+
+    exp = services.config.experiment.id
+    texts = {r.id: r.prompt_text or "" for r in services.store.arms(exp)}
+    items: list[dict[str, Any]] = []
+    for c in candidates(services.store, exp)[:100]:
+        parent = texts.get(c.parent_arm_id, "")
+        diff = list(
+            difflib.unified_diff(
+                parent.splitlines(),
+                (c.prompt_text or "").splitlines(),
+                fromfile=c.parent_arm_id,
+                tofile="candidate",
+                lineterm="",
+            )
+        )
+        items.append({"c": c, "parent": parent, "diff": diff})
+    return {
+        "waiting": [i for i in items if i["c"].status == "waiting"],
+        "others": [i for i in items if i["c"].status != "waiting"],
+    }
 
 
 #: Few-shot review decision → bank status.
@@ -261,3 +415,20 @@ def refresh_policy(services: Services, actor: str) -> int | None:
 
 def _snapshot_note(version: int | None) -> str:
     return f"; policy snapshot v{version} written" if version is not None else ""
+
+
+def reattribute_outcomes(services: Services, actor: str) -> ActionResult:
+    """Re-judge the unattributed outcomes (:func:`optimizer.attribution.reattribute`), audited."""
+    from optimizer.attribution import reattribute
+
+    counts = reattribute(services.store, services.config)
+    services.store.audit(
+        actor,
+        "outcomes.reattribute",
+        services.config.experiment.id,
+        {"via": "operator dashboard", "verdicts": counts},
+    )
+    if not counts:
+        return ActionResult("nothing to re-judge: every stored outcome is attributed")
+    verdicts = ", ".join(f"{code} {n}" for code, n in sorted(counts.items()))
+    return ActionResult(f"re-judged outcomes: {verdicts}")

@@ -198,6 +198,27 @@ class OperatorContext:
         response = RedirectResponse(to, status_code=303)
         return self.with_cookie(response, request, session.with_flash(message, error=error))
 
+    async def act(
+        self,
+        request: Request,
+        session: OperatorSession,
+        action: Callable[..., actions.ActionResult],
+        *args: Any,
+        back_to: str = PREFIX,
+        **kwargs: Any,
+    ) -> Response:
+        """Run ``action(services, actor, *args, **kwargs)`` off the event loop and go back to
+        ``back_to`` with its message; a refused action is answered with its status and reason.
+        The report cache is cleared, so the action's effect shows on the next page."""
+        try:
+            result = await run_in_threadpool(
+                action, self.services, session.user or "", *args, **kwargs
+            )
+        except actions.ActionError as exc:
+            return self.refuse(request, exc.status, str(exc))
+        self.reports.clear()
+        return self.back(request, session, back_to, result.message)
+
 
 def _context(request: Request) -> OperatorContext:
     """The router's :class:`OperatorContext` (bound to the request by :func:`create_router`)."""
@@ -355,14 +376,7 @@ async def arm_control(request: Request, arm_id: str, action: str, ctx: Ctx) -> R
             return ctx.refuse(
                 request, 400, f"cap must be a percentage between 0 and 100, got {form.get('cap')!r}"
             )
-    try:
-        result = await run_in_threadpool(
-            actions.arm_action, ctx.services, session.user or "", arm_id, action, cap=cap
-        )
-    except actions.ActionError as exc:
-        return ctx.refuse(request, exc.status, str(exc))
-    ctx.reports.clear()
-    return ctx.back(request, session, PREFIX, result.message)
+    return await ctx.act(request, session, actions.arm_action, arm_id, action, cap=cap)
 
 
 async def new_variant(request: Request, ctx: Ctx) -> Response:
@@ -374,20 +388,17 @@ async def new_variant(request: Request, ctx: Ctx) -> Response:
         k = int(form.get("k") or 3)
     except ValueError:
         return ctx.refuse(request, 400, f"k must be a whole number, got {form.get('k')!r}")
-    try:
-        result = await run_in_threadpool(
-            actions.add_variant,
-            ctx.services,
-            session.user or "",
-            form.get("arm_id", ""),
-            form.get("prompt", ""),
-            fewshot=form.get("fewshot", "none"),
-            k=k,
-        )
-    except actions.ActionError as exc:
-        return ctx.refuse(request, exc.status, str(exc))
-    ctx.reports.clear()
-    return ctx.back(request, session, PREFIX, result.message)
+    return await ctx.act(
+        request,
+        session,
+        actions.add_variant,
+        form.get("arm_id", ""),
+        form.get("prompt", ""),
+        fewshot=form.get("fewshot", "none"),
+        k=k,
+        model=(form.get("model") or "").strip() or None,
+        api_base=(form.get("api_base") or "").strip() or None,
+    )
 
 
 async def optimize(request: Request, ctx: Ctx) -> Response:
@@ -395,9 +406,7 @@ async def optimize(request: Request, ctx: Ctx) -> Response:
     if isinstance(checked, Response):
         return checked
     session, _ = checked
-    result = await run_in_threadpool(actions.run_optimizer_now, ctx.services, session.user or "")
-    ctx.reports.clear()
-    return ctx.back(request, session, PREFIX, result.message)
+    return await ctx.act(request, session, actions.run_optimizer_now)
 
 
 # -- few-shot review and off-policy estimates --------------------------------------------------
@@ -414,19 +423,39 @@ async def example_review(request: Request, example_id: str, decision: str, ctx: 
         return checked
     session, form = checked
     reason = form.get("reason", "").strip()[:500]
-    try:
-        result = await run_in_threadpool(
-            actions.review_example,
-            ctx.services,
-            session.user or "",
-            example_id,
-            decision,
-            reason=reason,
-        )
-    except actions.ActionError as exc:
-        return ctx.refuse(request, exc.status, str(exc))
-    ctx.reports.clear()
-    return ctx.back(request, session, f"{PREFIX}/examples", result.message)
+    return await ctx.act(
+        request,
+        session,
+        actions.review_example,
+        example_id,
+        decision,
+        reason=reason,
+        back_to=f"{PREFIX}/examples",
+    )
+
+
+def candidates_page(request: Request, ctx: Ctx) -> Response:
+    session = ctx.operator_or_login(request)
+    if isinstance(session, Response):
+        return session
+    return ctx.page(request, session, "candidates.html", **actions.candidates_view(ctx.services))
+
+
+async def candidate_decision(
+    request: Request, candidate_id: str, decision: str, ctx: Ctx
+) -> Response:
+    checked = await ctx.checked_form(request)
+    if isinstance(checked, Response):
+        return checked
+    session, _ = checked
+    return await ctx.act(
+        request,
+        session,
+        actions.decide_candidate,
+        candidate_id,
+        decision,
+        back_to=f"{PREFIX}/candidates",
+    )
 
 
 def ope(request: Request, ctx: Ctx) -> Response:
@@ -436,6 +465,29 @@ def ope(request: Request, ctx: Ctx) -> Response:
     estimates = promotion_estimates(ctx.services.store, ctx.services.config)
     return ctx.page(request, session, "ope.html", ope=estimates)
 
+
+def outcomes(request: Request, ctx: Ctx) -> Response:
+    session = ctx.operator_or_login(request)
+    if isinstance(session, Response):
+        return session
+    from optimizer.attribution import unattributed
+
+    found = unattributed(ctx.services.store, limit=OUTCOMES_LISTED)
+    return ctx.page(request, session, "outcomes.html", found=found)
+
+
+async def reattribute(request: Request, ctx: Ctx) -> Response:
+    checked = await ctx.checked_form(request)
+    if isinstance(checked, Response):
+        return checked
+    session, _ = checked
+    return await ctx.act(
+        request, session, actions.reattribute_outcomes, back_to=f"{PREFIX}/outcomes"
+    )
+
+
+#: Unattributed outcomes listed on ``/operator/outcomes`` (the counts cover all).
+OUTCOMES_LISTED = 100
 
 #: Every route of the dashboard: (path under ``/operator``, methods, handler), matched in order.
 ROUTES: tuple[tuple[str, tuple[str, ...], Callable[..., Any]], ...] = (
@@ -453,6 +505,10 @@ ROUTES: tuple[tuple[str, tuple[str, ...], Callable[..., Any]], ...] = (
     ("/examples", ("GET",), examples),
     ("/examples/{example_id}/{decision}", ("POST",), example_review),
     ("/ope", ("GET",), ope),
+    ("/outcomes", ("GET",), outcomes),
+    ("/outcomes/reattribute", ("POST",), reattribute),
+    ("/candidates", ("GET",), candidates_page),
+    ("/candidates/{candidate_id}/{decision}", ("POST",), candidate_decision),
 )
 
 
