@@ -66,7 +66,7 @@ converted to epoch seconds in SQL. Reading is most of the cost of a refit
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -86,6 +86,7 @@ from optimizer.store.store import fetch_tuples
 __all__ = [
     "BASE_COLUMNS",
     "LATENCY_TURNS",
+    "EarlierFlags",
     "arm_metrics",
     "moved_threads",
     "session_frame",
@@ -165,6 +166,8 @@ def session_frame(
     assigned_until: datetime | None = None,
     delay_prior: Mapping[str, tuple[np.ndarray, int]] | None = None,
     with_cost: bool | None = None,
+    earlier_known: EarlierFlags | None = None,
+    stale_users: Iterable[str] = (),
 ) -> pd.DataFrame:
     """One row per assignment of ``config.experiment.id`` made at or before ``now``.
 
@@ -190,7 +193,10 @@ def session_frame(
     sessions older than the window (``pos``, delay ``bin``, ``weight``), and
     ``attrs["returning_users"]``, the users of the frame who had a session outside
     the holdback at or before ``assigned_after`` (their sessions here are not their
-    first for :mod:`optimizer.srm`).
+    first for :mod:`optimizer.srm`), with ``attrs["earlier_flags"]`` the verdicts by
+    assignment id (:class:`EarlierFlags`) that a later read of the same stretch may
+    pass back as ``earlier_known`` (except for ``stale_users``, who got a session
+    back-dated).
     """
     now = as_utc(now) if now is not None else utcnow()
     terms = config.kpi.terms
@@ -201,11 +207,21 @@ def session_frame(
     cost = uses_cost(config) if with_cost is None else with_cost
     with store.engine.connect() as conn:
         epoch = _epoch_function(conn)
-        frame, sessions = _sessions(conn, epoch, experiment_id, now, after=after, until=until)
+        frame, sessions = _sessions(
+            conn,
+            epoch,
+            experiment_id,
+            now,
+            after=after,
+            until=until,
+            earlier_known=earlier_known,
+            stale_users=stale_users,
+        )
         if frame.empty:
             out = _empty_frame(terms, cost=cost)
             out.attrs["delay_sealed"] = _Shared()
             out.attrs["returning_users"] = _SharedList()
+            out.attrs["earlier_flags"] = None
             return out
         outcome_names = sorted(
             {t.source.split(":", 1)[1] for t in terms if t.source.startswith("outcome:")}
@@ -220,10 +236,12 @@ def session_frame(
             outcome_names,
             now,
             after=after,
-            past=(experiment_id, until, horizon) if until < now else None,
+            past=(until, horizon) if until < now else None,
             also=_thread_relatives(moved, sessions) if moved is not None else (),
+            linked_to=sessions.tolist() if until < now else (),
         )
         returning = frame.attrs.pop("returning_users", _SharedList())
+        flags = frame.attrs.pop("earlier_flags", None)
         if cost:
             costs = session_costs(
                 conn,
@@ -270,6 +288,7 @@ def session_frame(
     frame.attrs["kpi_terms"] = _term_attrs(terms)
     frame.attrs["delay_sealed"] = sealed
     frame.attrs["returning_users"] = returning
+    frame.attrs["earlier_flags"] = flags
     return frame
 
 
@@ -388,8 +407,17 @@ def _sessions(
     *,
     after: datetime | None = None,
     until: datetime | None = None,
+    earlier_known: EarlierFlags | None = None,
+    stale_users: Iterable[str] = (),
 ) -> tuple[pd.DataFrame, pd.Index]:
     """Assignments with their turn, error and vote counts, one row per session.
+
+    With ``after``, ``attrs["returning_users"]`` lists the users with a session outside
+    the holdback at or before ``after``, judged on each user's first session of the
+    frame outside the holdback (``attrs["earlier_flags"]``: their assignment ids and
+    the verdicts). ``earlier_known`` holds verdicts of an earlier read (by assignment
+    id; not for ``stale_users``): only the other first sessions are probed, one
+    index lookup each.
 
     Returns the frame and an index of its session ids (row positions by id).
     The counts are the ones the store keeps on each assignment (one table scan)
@@ -422,20 +450,19 @@ def _sessions(
         a.c.thread_id,
         *counts,
     ).where(experiment == experiment_id, a.c.assigned_at <= (until or now))
+    query = query.add_columns(a.c.id)
+    has_earlier = None
     if after is not None:
-        query = query.where(a.c.assigned_at > after)
-        # Users with an earlier session (outside the holdback): one index probe per row.
         b = a.alias("earlier")
-        query = query.add_columns(
-            sa.exists()
-            .where(
-                b.c.user_id == a.c.user_id,
-                b.c.experiment_id == a.c.experiment_id,
-                b.c.assigned_at <= after,
-                b.c.holdback == sa.false(),
-            )
-            .label("has_earlier")
+        has_earlier = sa.exists().where(
+            b.c.user_id == a.c.user_id,
+            b.c.experiment_id == a.c.experiment_id,
+            b.c.assigned_at <= after,
+            b.c.holdback == sa.false(),
         )
+        query = query.where(a.c.assigned_at > after)
+        if earlier_known is None:  # users with an earlier session: one index probe per row
+            query = query.add_columns(has_earlier.label("has_earlier"))
     rows = fetch_tuples(conn, query)
     if not rows:
         return pd.DataFrame(), pd.Index([])
@@ -451,10 +478,11 @@ def _sessions(
     frame["thread"] = pd.Series(cells[:, 8], dtype=object).fillna(frame["session_id"])
     for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=9):
         frame[name] = cells[:, i].astype(np.int64)
-    returning = (
-        sorted(set(frame["user_id"][cells[:, 9 + len(counts)].astype(bool)].tolist()))
-        if after is not None
-        else []
+    frame["assignment_id"] = cells[:, 9 + len(counts)].astype(np.int64)
+    probed = (
+        cells[:, 10 + len(counts)].astype(bool)
+        if after is not None and earlier_known is None
+        else None
     )
     del cells
     sessions = pd.Index(frame["session_id"])
@@ -481,12 +509,76 @@ def _sessions(
                 frame[name] = column
     # in time order (SRM takes each user's first session); stable keeps the scan order on ties
     assigned = frame["assigned_s"].to_numpy()
-    frame.attrs["returning_users"] = returning = _SharedList(returning)
-    if (np.diff(assigned) >= 0).all():  # the usual case: rows come in insertion order
-        return frame, sessions
-    frame = frame.iloc[np.argsort(assigned, kind="stable")].reset_index(drop=True)
-    frame.attrs["returning_users"] = returning
-    return frame, pd.Index(frame["session_id"])
+    if not (np.diff(assigned) >= 0).all():  # the usual case: rows come in insertion order
+        order = np.argsort(assigned, kind="stable")
+        frame = frame.iloc[order].reset_index(drop=True)
+        probed = probed[order] if probed is not None else None
+        sessions = pd.Index(frame["session_id"])
+    returning: list[str] = []
+    flags = EarlierFlags(np.zeros(0, np.int64), np.zeros(0, bool))
+    if after is not None and has_earlier is not None:
+        firsts = np.flatnonzero(
+            ~frame["holdback"].to_numpy() & ~frame["user_id"].where(~frame["holdback"]).duplicated()
+        )
+        ids = frame["assignment_id"].to_numpy()[firsts]
+        if probed is not None or earlier_known is None:
+            verdict = probed[firsts] if probed is not None else np.zeros(len(firsts), bool)
+        else:
+            verdict = _earlier_verdicts(
+                conn, frame, firsts, earlier_known, set(stale_users), has_earlier
+            )
+        flags = EarlierFlags(ids, verdict)
+        returning = sorted(set(frame["user_id"].to_numpy()[firsts][verdict].tolist()))
+    frame.attrs["returning_users"] = _SharedList(returning)
+    frame.attrs["earlier_flags"] = flags
+    return frame, sessions
+
+
+def _earlier_verdicts(
+    conn: sa.Connection,
+    frame: pd.DataFrame,
+    rows: np.ndarray,
+    known: EarlierFlags,
+    stale: set[str],
+    has_earlier: Any,
+) -> np.ndarray:
+    """Whether each of ``rows``' users had a session outside the holdback before the frame:
+    from ``known`` (not for ``stale`` users), the others probed by assignment id."""
+    a = schema.assignments
+    ids = frame["assignment_id"].to_numpy()[rows]
+    verdict = np.zeros(len(rows), dtype=bool)
+    at = np.searchsorted(known.ids, ids) if len(known.ids) else np.zeros(len(ids), np.int64)
+    found = at < len(known.ids)
+    found[found] = known.ids[at[found]] == ids[found]
+    if stale:
+        found &= ~frame["user_id"].iloc[rows].isin(stale).to_numpy()
+    verdict[found] = known.flags[at[found]]
+    todo = ids[~found].tolist()
+    positive: set[int] = set()
+    for lo in range(0, len(todo), 2000):
+        chunk = todo[lo : lo + 2000]
+        positive.update(
+            r[0]
+            for r in fetch_tuples(conn, sa.select(a.c.id).where(a.c.id.in_(chunk), has_earlier))
+        )
+    if positive:
+        verdict[~found] = np.isin(ids[~found], np.fromiter(positive, dtype=np.int64))
+    return verdict
+
+
+class EarlierFlags:
+    """Verdicts of :func:`session_frame` on who had a session before its stretch, by
+    assignment id (sorted), to pass back to a later read (``earlier_known``)."""
+
+    __slots__ = ("flags", "ids")
+
+    def __init__(self, ids: np.ndarray, flags: np.ndarray) -> None:
+        order = np.argsort(ids, kind="stable")
+        self.ids = np.asarray(ids, dtype=np.int64)[order]
+        self.flags = np.asarray(flags, dtype=bool)[order]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EarlierFlags:
+        return self  # read-only; pandas deep-copies attrs at every operation
 
 
 def _later_sessions(
@@ -534,24 +626,22 @@ def moved_threads(conn: sa.Connection, experiment_id: str, now: datetime) -> pd.
     conversations go on): the reassigned rows through the ``thread_id`` index, then
     their threads' first assignments by session id."""
     a, epoch = schema.assignments, _epoch_function(conn)
-    moved_ids = sa.select(a.c.thread_id).where(
-        a.c.thread_id >= "",
-        a.c.experiment_id == experiment_id,  # >= "": an index range
+    columns = ["session_id", "thread", "assigned_s", "id"]
+    select = sa.select(a.c.session_id, a.c.thread_id, epoch(a.c.assigned_at), a.c.id).where(
+        a.c.experiment_id == experiment_id, a.c.assigned_at <= now
     )
-    rows = fetch_tuples(
-        conn,
-        sa.select(
-            a.c.session_id, sa.func.coalesce(a.c.thread_id, a.c.session_id), epoch(a.c.assigned_at)
+    rows = fetch_tuples(conn, select.where(a.c.thread_id >= ""))  # >= "": an index range
+    threads = sorted({r[1] for r in rows})
+    for i in range(0, len(threads), 500):
+        rows.extend(
+            (sid, sid, at, row_id)
+            for sid, _, at, row_id in fetch_tuples(
+                conn, select.where(a.c.session_id.in_(threads[i : i + 500]))
+            )
         )
-        .where(
-            a.c.experiment_id == experiment_id,
-            a.c.assigned_at <= now,
-            sa.or_(a.c.thread_id >= "", a.c.session_id.in_(moved_ids)),
-        )
-        .order_by(a.c.assigned_at, a.c.id),
-    )
-    out = pd.DataFrame(rows, columns=["session_id", "thread", "assigned_s"])
-    return out.astype({"assigned_s": float})
+    out = pd.DataFrame(rows, columns=columns).astype({"assigned_s": float})
+    out = out.drop_duplicates("session_id").sort_values(["assigned_s", "id"], kind="stable")
+    return out.drop(columns="id").reset_index(drop=True)
 
 
 def _thread_relatives(moved: pd.DataFrame, ids: pd.Index) -> list[str]:
@@ -570,13 +660,14 @@ def _outcomes(
     now: datetime,
     *,
     after: datetime | None = None,
-    past: tuple[str, datetime, float] | None = None,
+    past: tuple[datetime, float] | None = None,
     also: Sequence[str] = (),
+    linked_to: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Outcome events of ``names`` up to ``now``; with ``after``, only those that can belong
-    to a session assigned after it. ``past`` = (experiment, until, longest window in s): the
-    frame is a closed stretch of history, so its session-linked events are found through its
-    sessions (index probes, not a scan of everything that happened since), plus those
+    to a session assigned after it. ``past`` = (until, longest window in s): the frame is a
+    closed stretch of history, so its session-linked events are found by its session ids
+    ``linked_to`` (index probes, not a scan of everything that happened since), plus those
     named by the sessions ``also`` (other assignments of its moved conversations), and
     user-level ones within the longest window after it."""
     o = schema.outcomes
@@ -595,18 +686,16 @@ def _outcomes(
     if after is not None:  # an event before its session (beyond the clock skew) never counts
         query = query.where(o.c.occurred_at >= after - skew)
     if after is not None and past is not None:
-        experiment_id, until, horizon = past
-        a = schema.assignments
-        linked = query.join_from(o, a, a.c.session_id == o.c.session_id).where(
-            a.c.experiment_id == experiment_id, a.c.assigned_at > after, a.c.assigned_at <= until
-        )
+        until, horizon = past
         by_user = query.where(
             o.c.session_id.is_(None), o.c.occurred_at <= until + timedelta(seconds=horizon) + skew
         )
-        parts = [_read(conn, linked, columns), _read(conn, by_user, columns)]
-        ids = sorted(also)
-        for i in range(0, len(ids), 500):
-            parts.append(_read(conn, query.where(o.c.session_id.in_(ids[i : i + 500])), columns))
+        parts = [_read(conn, by_user, columns)]
+        # by session id, in chunks: index probes (a join lets the planner scan every outcome
+        # since the stretch, which grows with its age)
+        ids = sorted(set(also) | set(linked_to))
+        for i in range(0, len(ids), 1000):
+            parts.append(_read(conn, query.where(o.c.session_id.in_(ids[i : i + 1000])), columns))
         frame = pd.concat(parts, ignore_index=True)
     else:
         frame = _read(conn, query, columns)

@@ -145,12 +145,23 @@ def session_moments(
     # One code per group, then one bincount per statistic: no per-session product columns
     # are materialised (a month of sessions × dozens of statistics would be hundreds of MB).
     if n:
-        keyed = pd.DataFrame(key_cols)
-        groups = keyed.drop_duplicates().sort_values(list(keyed.columns), kind="stable")
-        groups = groups.reset_index(drop=True)
-        codes = keyed.merge(groups.reset_index(), on=list(keyed.columns), how="left", sort=False)[
-            "index"
-        ].to_numpy(dtype=np.int64)
+        # each key factorised (sorted), the codes combined: no frame of keys is built
+        combined = np.zeros(n, dtype=np.int64)
+        uniques = []
+        for values in key_cols.values():
+            part, levels = pd.factorize(values, sort=True)
+            uniques.append(levels)
+            combined = combined * len(levels) + part
+        present, codes = np.unique(combined, return_inverse=True)
+        columns = {}
+        for name, levels in reversed(list(zip(key_cols, uniques, strict=True))):
+            taken = pd.Index(levels).take(present % len(levels)).to_numpy()
+            columns[name] = taken.astype(object) if taken.dtype.kind in "OUT" else taken
+            present = present // len(levels)
+        groups = pd.DataFrame({k: columns[k] for k in key_cols})
+        if "holdback" in groups:
+            groups["holdback"] = groups["holdback"].astype(bool)
+        codes = codes.astype(np.int64).reshape(-1)
     else:
         groups = pd.DataFrame({k: pd.Series(dtype=object) for k in key_cols})
         codes = np.zeros(0, dtype=np.int64)

@@ -213,17 +213,21 @@ class _Updater:
 
     def run(self) -> RefitInputs:
         parts, meta = self._load()
+        known = self._earlier
+        self.new_users: set[str] = set()
         stats: dict[str, Any] = {"path": "incremental", "sealed_days": 0, "recomputed_days": 0}
         target = self._sealable_day()
         marks = self._marks()
         if meta is None or meta.get("fingerprint") != self.fingerprint or self._rewritten(meta):
             parts, meta = _empty_parts(), {"fingerprint": self.fingerprint, "sealed_day": None}
             stats["rebuilt"] = True
+            known = None
         sealed_day = meta.get("sealed_day")
         if sealed_day is not None:
             if sealed_day > target:  # `now` went back (a report as of a past date): start over
                 parts, sealed_day = _empty_parts(), None
                 stats["rebuilt"] = True
+                known = None
             else:
                 dirty = sorted(d for d in self._dirty_days(meta, sealed_day) if d <= sealed_day)
                 for lo, hi in _runs(dirty):
@@ -248,8 +252,6 @@ class _Updater:
             "now": self.now.isoformat(),
             **marks,
         }
-        if sealed_day is not None:
-            self._save(parts, meta)
         until = (
             datetime.fromtimestamp((sealed_day + 1) * _DAY_S, tz=UTC)
             if sealed_day is not None
@@ -262,7 +264,20 @@ class _Updater:
             now=self.now,
             assigned_after=until - timedelta(microseconds=1) if until is not None else None,
             delay_prior=prior,
+            # who had a session before the window: kept from the last run, probed for the
+            # window's new users and those who got a session back-dated
+            earlier_known=known,
+            stale_users=self.new_users,
         )
+        if sealed_day is not None:
+            flags = frame.attrs.get("earlier_flags")
+            self._save(
+                parts,
+                meta,
+                pd.DataFrame({"id": flags.ids, "earlier": flags.flags})
+                if flags is not None
+                else None,
+            )
         o_moments, o_sketch, o_groups, _ = _summarise(
             frame, self.activity, returning=frame.attrs.get("returning_users", []), by_day=False
         )
@@ -390,7 +405,7 @@ class _Updater:
             # late or re-assigned sessions: the user's other sealed sessions may change
             # (who is returning; which session a user-level outcome within a window of a
             # sealed session belongs to). Sessions assigned in real time are past that.
-            users.update(
+            self.new_users = {
                 r[0]
                 for r in conn.execute(
                     sa.select(a.c.user_id).where(
@@ -399,7 +414,8 @@ class _Updater:
                         a.c.assigned_at < horizon,
                     )
                 )
-            )
+            }
+            users.update(self.new_users)
             # an event named by one assignment of a moved conversation may count for another
             moved = kpi.moved_threads(conn, self.experiment, self.now)
             if len(moved):
@@ -442,16 +458,30 @@ class _Updater:
                     rs.c.experiment_id == self.experiment
                 )
             ).all()
-        if {r.part for r in rows} != set(_PARTS):
+        self._earlier: kpi.EarlierFlags | None = None
+        if not {r.part for r in rows} >= set(_PARTS):
             return _empty_parts(), None
-        parts = {r.part: _decode(r.data) for r in rows}
+        parts = {r.part: _decode(r.data) for r in rows if r.part in _PARTS}
+        for r in rows:
+            if r.part == "earlier":
+                flags = _decode(r.data)
+                self._earlier = kpi.EarlierFlags(
+                    flags["id"].to_numpy(dtype=np.int64), flags["earlier"].to_numpy(dtype=bool)
+                )
         meta = dict(next(r.meta for r in rows if r.part == "moments"))
         parts["moments"].attrs.update(meta.get("attrs", {}))
         return parts, meta
 
-    def _save(self, parts: Mapping[str, pd.DataFrame], meta: Mapping[str, Any]) -> None:
+    def _save(
+        self,
+        parts: Mapping[str, pd.DataFrame],
+        meta: Mapping[str, Any],
+        earlier: pd.DataFrame | None = None,
+    ) -> None:
+        """The kept sums, and (``earlier``) the open window's returning-user verdicts."""
         rs = schema.refit_state
         attrs = {k: v for k, v in parts["moments"].attrs.items() if k != "sketch"}
+        parts = {**parts, **({"earlier": earlier} if earlier is not None else {})}
         with self.store.engine.begin() as conn:
             conn.execute(sa.delete(rs).where(rs.c.experiment_id == self.experiment))
             conn.execute(
@@ -464,7 +494,7 @@ class _Updater:
                         "meta": {**meta, "attrs": attrs} if part == "moments" else {},
                         "updated_at": self.now,
                     }
-                    for part in _PARTS
+                    for part in parts
                 ],
             )
 
