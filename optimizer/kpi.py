@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.expression import UnaryExpression
 from sqlalchemy.sql.operators import custom_op
 
@@ -168,6 +169,7 @@ def session_frame(
     with_cost: bool | None = None,
     earlier_known: EarlierFlags | None = None,
     stale_users: Iterable[str] = (),
+    probe_returning: bool = True,
 ) -> pd.DataFrame:
     """One row per assignment of ``config.experiment.id`` made at or before ``now``.
 
@@ -196,7 +198,8 @@ def session_frame(
     first for :mod:`optimizer.srm`), with ``attrs["earlier_flags"]`` the verdicts by
     assignment id (:class:`EarlierFlags`) that a later read of the same stretch may
     pass back as ``earlier_known`` (except for ``stale_users``, who got a session
-    back-dated).
+    back-dated). Without ``probe_returning`` nobody is judged returning (for a caller
+    that keeps its SRM counts).
     """
     now = as_utc(now) if now is not None else utcnow()
     terms = config.kpi.terms
@@ -216,6 +219,7 @@ def session_frame(
             until=until,
             earlier_known=earlier_known,
             stale_users=stale_users,
+            probe=probe_returning,
         )
         if frame.empty:
             out = _empty_frame(terms, cost=cost)
@@ -236,7 +240,7 @@ def session_frame(
             outcome_names,
             now,
             after=after,
-            past=(until, horizon) if until < now else None,
+            past=(experiment_id, until, horizon) if until < now else None,
             also=_thread_relatives(moved, sessions) if moved is not None else (),
             linked_to=sessions.tolist() if until < now else (),
         )
@@ -409,6 +413,7 @@ def _sessions(
     until: datetime | None = None,
     earlier_known: EarlierFlags | None = None,
     stale_users: Iterable[str] = (),
+    probe: bool = True,
 ) -> tuple[pd.DataFrame, pd.Index]:
     """Assignments with their turn, error and vote counts, one row per session.
 
@@ -417,7 +422,7 @@ def _sessions(
     frame outside the holdback (``attrs["earlier_flags"]``: their assignment ids and
     the verdicts). ``earlier_known`` holds verdicts of an earlier read (by assignment
     id; not for ``stale_users``): only the other first sessions are probed, one
-    index lookup each.
+    index lookup each. Without ``probe`` nobody is judged returning.
 
     Returns the frame and an index of its session ids (row positions by id).
     The counts are the ones the store keeps on each assignment (one table scan)
@@ -452,7 +457,7 @@ def _sessions(
     ).where(experiment == experiment_id, a.c.assigned_at <= (until or now))
     query = query.add_columns(a.c.id)
     has_earlier = None
-    if after is not None:
+    if after is not None and probe:
         b = a.alias("earlier")
         has_earlier = sa.exists().where(
             b.c.user_id == a.c.user_id,
@@ -460,9 +465,11 @@ def _sessions(
             b.c.assigned_at <= after,
             b.c.holdback == sa.false(),
         )
+    if after is not None:
         query = query.where(a.c.assigned_at > after)
-        if earlier_known is None:  # users with an earlier session: one index probe per row
-            query = query.add_columns(has_earlier.label("has_earlier"))
+    if has_earlier is not None and earlier_known is None:
+        # users with an earlier session: one index probe per row
+        query = query.add_columns(has_earlier.label("has_earlier"))
     rows = fetch_tuples(conn, query)
     if not rows:
         return pd.DataFrame(), pd.Index([])
@@ -481,7 +488,7 @@ def _sessions(
     frame["assignment_id"] = cells[:, 9 + len(counts)].astype(np.int64)
     probed = (
         cells[:, 10 + len(counts)].astype(bool)
-        if after is not None and earlier_known is None
+        if has_earlier is not None and earlier_known is None
         else None
     )
     del cells
@@ -660,14 +667,14 @@ def _outcomes(
     now: datetime,
     *,
     after: datetime | None = None,
-    past: tuple[datetime, float] | None = None,
+    past: tuple[str, datetime, float] | None = None,
     also: Sequence[str] = (),
     linked_to: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Outcome events of ``names`` up to ``now``; with ``after``, only those that can belong
-    to a session assigned after it. ``past`` = (until, longest window in s): the frame is a
-    closed stretch of history, so its session-linked events are found by its session ids
-    ``linked_to`` (index probes, not a scan of everything that happened since), plus those
+    to a session assigned after it. ``past`` = (experiment, until, longest window in s): the
+    frame is a closed stretch of history, so its session-linked events are found through its
+    sessions ``linked_to`` (index probes, not a scan of everything that happened since), plus those
     named by the sessions ``also`` (other assignments of its moved conversations), and
     user-level ones within the longest window after it."""
     o = schema.outcomes
@@ -686,16 +693,29 @@ def _outcomes(
     if after is not None:  # an event before its session (beyond the clock skew) never counts
         query = query.where(o.c.occurred_at >= after - skew)
     if after is not None and past is not None:
-        until, horizon = past
+        experiment_id, until, horizon = past
         by_user = query.where(
             o.c.session_id.is_(None), o.c.occurred_at <= until + timedelta(seconds=horizon) + skew
         )
         parts = [_read(conn, by_user, columns)]
-        # by session id, in chunks: index probes (a join lets the planner scan every outcome
-        # since the stretch, which grows with its age)
-        ids = sorted(set(also) | set(linked_to))
-        for i in range(0, len(ids), 1000):
-            parts.append(_read(conn, query.where(o.c.session_id.in_(ids[i : i + 1000])), columns))
+        if conn.dialect.name == "postgresql":
+            # one array of session ids: index probes (with a join PostgreSQL's planner scans
+            # every outcome since the stretch, which grows with its age)
+            ids = sorted(set(also) | set(linked_to))
+            array = sa.bindparam("ids", ids, type_=ARRAY(sa.String()))
+            parts.append(_read(conn, query.where(o.c.session_id == sa.any_(array)), columns))
+        else:  # SQLite loops over the stretch's sessions and probes the outcomes' index
+            a = schema.assignments
+            linked = query.join_from(o, a, a.c.session_id == o.c.session_id).where(
+                a.c.experiment_id == experiment_id,
+                a.c.assigned_at > after,
+                a.c.assigned_at <= until,
+            )
+            parts.append(_read(conn, linked, columns))
+            ids = sorted(also)
+            for i in range(0, len(ids), 500):
+                chunk = query.where(o.c.session_id.in_(ids[i : i + 500]))
+                parts.append(_read(conn, chunk, columns))
         frame = pd.concat(parts, ignore_index=True)
     else:
         frame = _read(conn, query, columns)

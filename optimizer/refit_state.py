@@ -144,9 +144,15 @@ def evidence_moments(
 
 
 def _summarise(
-    frame: pd.DataFrame, activity: pd.DataFrame, *, returning: Iterable[str], by_day: bool
+    frame: pd.DataFrame,
+    activity: pd.DataFrame,
+    *,
+    returning: Iterable[str],
+    by_day: bool,
+    srm_groups: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(moments, sketch, SRM groups, delay shares) of a session frame, per day if ``by_day``."""
+    """(moments, sketch, SRM groups, delay shares) of a session frame, per day if ``by_day``
+    (no SRM groups without ``srm_groups``)."""
     keys: tuple[str, ...] = ("day", *_MOMENT_KEYS) if by_day else _MOMENT_KEYS
     f = frame
     if by_day:
@@ -162,7 +168,7 @@ def _summarise(
     if by_day:
         parts = [
             srm.srm_groups(g, activity).assign(day=day)
-            for day, g in first.groupby("day", sort=True)
+            for day, g in (first.groupby("day", sort=True) if srm_groups else ())
         ]
         groups = (
             pd.concat(parts, ignore_index=True)
@@ -215,6 +221,7 @@ class _Updater:
         parts, meta = self._load()
         known = self._earlier
         self.new_users: set[str] = set()
+        self.srm_days: set[int] = set()
         stats: dict[str, Any] = {"path": "incremental", "sealed_days": 0, "recomputed_days": 0}
         target = self._sealable_day()
         marks = self._marks()
@@ -231,7 +238,9 @@ class _Updater:
             else:
                 dirty = sorted(d for d in self._dirty_days(meta, sealed_day) if d <= sealed_day)
                 for lo, hi in _runs(dirty):
-                    parts = self._seal(parts, lo, hi)
+                    # who is first (SRM) changes only with a user's new sessions
+                    srm_dirty = any(lo <= d <= hi for d in self.srm_days)
+                    parts = self._seal(parts, lo, hi, srm=srm_dirty)
                 stats["recomputed_days"] = len(dirty)
         first_new = (sealed_day + 1) if sealed_day is not None else None
         if first_new is None:
@@ -295,18 +304,34 @@ class _Updater:
         return RefitInputs(moments, groups, frame, until, stats, parts["moments"])
 
     # -- sealing ------------------------------------------------------------------------
-    def _seal(self, parts: dict[str, pd.DataFrame], lo: int, hi: int) -> dict[str, pd.DataFrame]:
-        """(Re)compute days lo..hi whole and replace them in ``parts``."""
-        kept = {k: v[~v["day"].between(lo, hi)] if len(v) else v for k, v in parts.items()}
+    def _seal(
+        self, parts: dict[str, pd.DataFrame], lo: int, hi: int, *, srm: bool = True
+    ) -> dict[str, pd.DataFrame]:
+        """(Re)compute days lo..hi whole and replace them in ``parts``; without ``srm`` their
+        SRM counts are kept (a vote or outcome does not change who came first), which
+        spares the per-session "returning user" probes."""
+        kept = {
+            k: v[~v["day"].between(lo, hi)] if len(v) and (srm or k != "srm") else v
+            for k, v in parts.items()
+        }
         after = datetime.fromtimestamp(lo * _DAY_S, tz=UTC) - timedelta(microseconds=1)
         until = datetime.fromtimestamp((hi + 1) * _DAY_S, tz=UTC) - timedelta(microseconds=1)
         frame = kpi.session_frame(
-            self.store, self.config, now=self.now, assigned_after=after, assigned_until=until
+            self.store,
+            self.config,
+            now=self.now,
+            assigned_after=after,
+            assigned_until=until,
+            probe_returning=srm,
         )
         if not len(frame):
             return kept
         new = _summarise(
-            frame, self.activity, returning=frame.attrs.get("returning_users", []), by_day=True
+            frame,
+            self.activity,
+            returning=frame.attrs.get("returning_users", []),
+            by_day=True,
+            srm_groups=srm,
         )
         out = {}
         for k, fresh in zip(_PARTS, new, strict=True):
@@ -447,6 +472,17 @@ class _Updater:
                         )
                     )
                 )
+            self.srm_days = {
+                math.floor(as_utc(r[0]).timestamp() / _DAY_S)
+                for names in _batches(sorted(self.new_users), 500)
+                for r in conn.execute(
+                    sa.select(a.c.assigned_at).where(
+                        a.c.user_id.in_(names),
+                        a.c.experiment_id == self.experiment,
+                        a.c.assigned_at < sealed_end,
+                    )
+                )
+            }
         return {math.floor(as_utc(t).timestamp() / _DAY_S) for t in times}
 
     # -- persistence --------------------------------------------------------------------
@@ -521,6 +557,10 @@ def _delay_prior(delay: pd.DataFrame) -> dict[str, tuple[np.ndarray, int]]:
         np.add.at(weights, bins["bin"].to_numpy(dtype=np.int64), bins["weight"].to_numpy(float))
         out[str(column)] = (weights, round(float(g.loc[g["bin"] < 0, "weight"].sum())))
     return out
+
+
+def _batches(items: list[str], size: int) -> Iterable[list[str]]:
+    return (items[i : i + size] for i in range(0, len(items), size))
 
 
 def _runs(days: list[int]) -> list[tuple[int, int]]:
