@@ -18,28 +18,34 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 
 from chatbot.langfuse.tracer import Tracer, get_tracer
 from optimizer.alerts import Alert, AlertDeliverer
 from optimizer.assignment import Assigner
+from optimizer.clock import utcnow
 from optimizer.config import ArmConfig, Config, ModelConfig
 from optimizer.errors import ConfigError
 from optimizer.fewshot import ExampleSelector
+from optimizer.finetune import FineTuneHooks
 from optimizer.models import resolve as resolve_model
 from optimizer.prompt_library import PromptLibrary, Variant, arm_spec, load_prompts
 from optimizer.proposer import ProposerHooks
-from optimizer.store import OutcomeRecord, Store, TurnRecord, schema
+from optimizer.store import OutcomeRecord, Store, TurnRecord, VoteRecord, schema
 from optimizer.store.versions import successor
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 __all__ = [
+    "GroupCommitter",
     "Runtime",
-    "TurnCommitter",
     "best_effort",
     "experiment_arms",
     "get_runtime",
@@ -105,12 +111,15 @@ class Runtime:
     alerts: AlertDeliverer | None = None
     #: The proposer's link to the model (``optimizer.proposer``); None with the proposer off.
     proposer_hooks: ProposerHooks | None = None
+    #: Fine-tuning for the optimizer job: follow jobs, retrain on schedule (``[finetune]``).
+    finetune_hooks: FineTuneHooks | None = None
     #: Seconds between re-reads of the store's arm versions on the chat path.
     arms_refresh_s: float = 5.0
     _stored: dict[str, Any] = field(default_factory=dict, repr=False)
     _stored_at: float = field(default=-1e18, repr=False)
     _stored_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _turns: TurnCommitter | None = field(default=None, repr=False)
+    _turns: GroupCommitter[TurnRecord, bool] | None = field(default=None, repr=False)
+    _votes: GroupCommitter[VoteRecord, Exception | None] | None = field(default=None, repr=False)
 
     @classmethod
     def build(
@@ -167,9 +176,11 @@ class Runtime:
         model (:mod:`chatbot.llm.proposer`): with the local model, proposals and
         replays wait until no chat reply is running or queued.
         """
+        from chatbot.llm import finetune
         from chatbot.llm.proposer import make_hooks
 
         config = self.config
+        self.finetune_hooks = finetune.make_hooks(config)
         if config.alerts:
             self.alerts = AlertDeliverer(config.alerts, store=self.store)
         if config.proposer.enabled:
@@ -295,10 +306,10 @@ class Runtime:
     async def record_turn(self, turn: TurnRecord) -> bool:
         """Commit a turn (False: its id was stored before); returns once it is committed.
 
-        Turns finishing together share one transaction (:class:`TurnCommitter`).
+        Turns finishing together share one transaction (:class:`GroupCommitter`).
         """
         if self._turns is None:
-            self._turns = TurnCommitter(self.store)
+            self._turns = GroupCommitter(self.store.record_turns)
         return await self._turns.record(turn)
 
     async def record_outcome(self, outcome: OutcomeRecord) -> bool:
@@ -322,9 +333,9 @@ class Runtime:
         comment = storable_text(comment).strip() if comment else None
         if comment and len(comment) > limit:
             raise ValueError(f"comment must be at most {limit} characters, got {len(comment)}")
-        await asyncio.to_thread(
-            self.store.record_feedback, turn_id, user_id, value, comment or None
-        )
+        if self._votes is None:  # votes arriving together share one transaction
+            self._votes = GroupCommitter(self.store.record_votes)
+        await self._votes.record(VoteRecord(turn_id, user_id, value, comment or None, utcnow()))
         best_effort(self.tracer.score_feedback, turn_id, user_id, value, comment or None)
 
     def close(self) -> None:
@@ -333,31 +344,33 @@ class Runtime:
         self.store.dispose()
 
 
-class TurnCommitter:
-    """Group commit of chat turns: those finishing together share one transaction.
+class GroupCommitter(Generic[T, R]):
+    """Group commit: writes that arrive together share one transaction.
 
-    Each turn must be committed before its reply is acknowledged, and a commit
-    waits for the disk: one transaction per turn made fifty replies finishing
-    at once queue for fifty disk flushes (~6 ms each on SQLite with
+    Each chat turn and vote must be committed before it is acknowledged, and a
+    commit waits for the disk: one transaction per write made fifty replies
+    finishing at once queue for fifty disk flushes (~6 ms each on SQLite with
     ``synchronous=FULL``), the last one ~350 ms late. Here a caller queues its
-    turn and waits; one task at a time commits everything queued in one
-    transaction (:meth:`optimizer.store.Store.record_turns`) and then answers
-    every caller. Alone, a turn is committed at once, as before.
+    item and waits; one task at a time hands everything queued to ``commit``
+    (one transaction: :meth:`optimizer.store.Store.record_turns`,
+    :meth:`~optimizer.store.Store.record_votes`) and then answers every caller
+    with its own result — raised if it is an exception (a refused vote). Alone,
+    an item is committed at once, as before.
     """
 
-    def __init__(self, store: Store, *, max_batch: int = 200) -> None:
+    def __init__(self, commit: Callable[[list[T]], list[R]], *, max_batch: int = 200) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
-        self.store = store
+        self.commit = commit
         self.max_batch = max_batch
-        self._pending: list[tuple[TurnRecord, asyncio.Future[bool]]] = []
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def record(self, turn: TurnRecord) -> bool:
-        """True once ``turn`` is committed, False if its id was stored before; raises the
-        store's error if its transaction failed (nothing was committed then)."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending.append((turn, future))
+    async def record(self, item: T) -> R:
+        """``item``'s result once its batch is committed; raises the store's error if the
+        batch's transaction failed (nothing of it was committed then)."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
         if self._task is None or self._task.done() or self._task.get_loop().is_closed():
             self._task = asyncio.create_task(self._commit_pending())
         return await future
@@ -367,15 +380,19 @@ class TurnCommitter:
             batch = self._pending[: self.max_batch]
             del self._pending[: self.max_batch]
             try:
-                stored = await asyncio.to_thread(self.store.record_turns, [t for t, _ in batch])
+                results = await asyncio.to_thread(self.commit, [item for item, _ in batch])
             except Exception as exc:  # e.g. the database is down: every caller hears of it
                 for _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), ok in zip(batch, stored, strict=True):
-                if not future.done():
-                    future.set_result(ok)
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
 
 def storable_text(text: str) -> str:

@@ -452,7 +452,7 @@ class FineTuneConfig(_Section):
     serving until the new one beats it on the KPI.
     """
 
-    provider: str = Field("openai", pattern=r"^[a-z0-9_-]+$")
+    provider: Literal["openai", "azure", "vertex_ai"] = "openai"
     base_model: str = Field("gpt-4o-mini-2024-07-18", min_length=1)
     #: Where the provider's API lives (must be in ``model.allowed_api_bases``); None: default.
     api_base: str | None = None
@@ -461,12 +461,16 @@ class FineTuneConfig(_Section):
     qualify: tuple[str, ...] = ("conversion", "thumbs_up")
     min_sessions: int = Field(10, ge=1)
     epochs: int = Field(3, ge=1, le=50)
+    #: DPO's beta (how far the model may move from the base); None: the provider's default.
+    dpo_beta: float | None = Field(None, gt=0, le=2, allow_inf_nan=False)
     usd_per_mtok_trained: float = Field(3.0, ge=0, allow_inf_nan=False)
     spend_cap_usd: float = Field(50.0, ge=0, allow_inf_nan=False)
     spend_window_days: float = Field(30.0, gt=0)
     retrain_interval_days: float = Field(0.0, ge=0)
     retrain_after_sessions: int = Field(0, ge=0)
     poll_interval_s: float = Field(30.0, gt=0)
+    #: Where the server's optimizer job keeps the datasets it uploads (relative: to the cwd).
+    out_dir: str = Field("exports/finetune", min_length=1)
 
     @field_validator("api_base")
     @classmethod

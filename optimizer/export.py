@@ -15,6 +15,11 @@ Formats (``flywheel export --format …``):
   thumbed-down turn with the thumbed-up turn whose user message is most similar
   (TF-IDF cosine ``>= fewshot.pair_similarity``); the prompt is the rejected
   turn's message, ``chosen`` the liked reply.
+- ``openai-dpo`` → ``dpo_openai.jsonl``: the same pairs in OpenAI's preference
+  fine-tuning format — ``{"input": {"messages": [system, user]},
+  "preferred_output": [assistant], "non_preferred_output": [assistant]}``, the
+  system message built as for ``openai-sft`` from the rejected turn's variant
+  (``flywheel finetune --format dpo`` uploads this file).
 - ``csv`` / ``parquet`` → ``turns.csv`` / ``turns.parquet``: every turn joined
   with its vote and its session's reward, user ids replaced by a hash.
 
@@ -51,10 +56,11 @@ __all__ = ["FORMATS", "ExportResult", "export_dataset"]
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("openai-sft", "dpo", "csv", "parquet")
+FORMATS = ("openai-sft", "dpo", "openai-dpo", "csv", "parquet")
 _FILES = {
     "openai-sft": "sft.jsonl",
     "dpo": "dpo.jsonl",
+    "openai-dpo": "dpo_openai.jsonl",
     "csv": "turns.csv",
     "parquet": "turns.parquet",
 }
@@ -107,8 +113,16 @@ def export_dataset(
         rows = _good_turns(turns, min_reward)
         records = [_sft_record(r, library, scrubber) for r in rows.to_dict("records")]
         _write_jsonl(path, records)
-    elif fmt == "dpo":
-        records, rows, extra = _pairs(turns, scrubber, config.fewshot.pair_similarity)
+    elif fmt in ("dpo", "openai-dpo"):
+        pairs, rows, extra = _pairs(turns, scrubber, config.fewshot.pair_similarity)
+        records = (
+            pairs
+            if fmt == "dpo"
+            else [
+                _openai_dpo_record(pair, row, library)
+                for pair, row in zip(pairs, rows.to_dict("records"), strict=True)
+            ]
+        )
         _write_jsonl(path, records)
     else:
         rows = (
@@ -187,14 +201,33 @@ def _good_turns(turns: pd.DataFrame, min_reward: float | None) -> pd.DataFrame:
 
 
 def _sft_record(row: dict[str, Any], library: PromptLibrary, scrubber: Scrubber) -> dict[str, Any]:
-    variant = library.variants.get(row["prompt_id"])
-    system = "\n\n".join(p for p in ((variant.template if variant else ""), library.knowledge) if p)
     return {
         "messages": [
-            {"role": "system", "content": system},
+            {"role": "system", "content": _system_message(row["prompt_id"], library)},
             {"role": "user", "content": scrubber.scrub(row["user_message"])},
             {"role": "assistant", "content": scrubber.scrub(row["reply"])},
         ]
+    }
+
+
+def _system_message(prompt_id: str, library: PromptLibrary) -> str:
+    variant = library.variants.get(prompt_id)
+    return "\n\n".join(p for p in ((variant.template if variant else ""), library.knowledge) if p)
+
+
+def _openai_dpo_record(
+    pair: dict[str, str], row: dict[str, Any], library: PromptLibrary
+) -> dict[str, Any]:
+    """One pair in OpenAI's preference format; ``row`` is the rejected turn (its variant)."""
+    return {
+        "input": {
+            "messages": [
+                {"role": "system", "content": _system_message(row["prompt_id"], library)},
+                {"role": "user", "content": pair["prompt"]},
+            ]
+        },
+        "preferred_output": [{"role": "assistant", "content": pair["chosen"]}],
+        "non_preferred_output": [{"role": "assistant", "content": pair["rejected"]}],
     }
 
 

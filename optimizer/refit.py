@@ -39,7 +39,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -57,6 +57,9 @@ from optimizer.proposer.hooks import ProposerHooks
 from optimizer.refit_state import evidence_moments, refit_inputs
 from optimizer.store import ACTIVE_STATUSES, Store, schema
 from optimizer.store.schema import ARM_STATUS_BY_EVENT
+
+if TYPE_CHECKING:
+    from optimizer.finetune import FineTuneHooks
 
 __all__ = ["OptimizerRun", "run_optimizer"]
 
@@ -84,6 +87,8 @@ class OptimizerRun:
     fewshot: dict[str, Any] = field(default_factory=dict)
     #: The proposal round (optimizer.proposer), empty when none ran.
     proposals: dict[str, Any] = field(default_factory=dict)
+    #: The fine-tuning step (optimizer.finetune.finetune_step), empty without hooks.
+    finetune: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (for ``flywheel optimize --json``)."""
@@ -103,6 +108,7 @@ class OptimizerRun:
             "srm": self.srm,
             "fewshot": self.fewshot,
             "proposals": self.proposals,
+            "finetune": self.finetune,
         }
 
 
@@ -117,6 +123,7 @@ def run_optimizer(
     incremental: bool = True,
     alerts: AlertDeliverer | None = None,
     proposer: ProposerHooks | None = None,
+    finetune: FineTuneHooks | None = None,
 ) -> OptimizerRun | None:
     """Fit the policy on the events up to ``now`` and write a snapshot.
 
@@ -124,7 +131,9 @@ def run_optimizer(
     one starts), stop recommendations (when new) and promotions, delivered in the
     background (:mod:`optimizer.alerts`). ``proposer`` (optional) carries the
     completion function that lets the run write challengers from the feedback
-    (:mod:`optimizer.proposer`); without it no proposal round runs.
+    (:mod:`optimizer.proposer`); without it no proposal round runs. ``finetune``
+    (optional) lets the run follow fine-tuning jobs and retrain on schedule
+    (:func:`optimizer.finetune.finetune_step`).
 
     With ``fewshot`` the run then turns the flywheel (:func:`fewshot_step`):
     mines good turns into the example bank, demotes examples that drag the KPI
@@ -170,6 +179,10 @@ def run_optimizer(
                     **proposal_step(store, config, proposer, now=now, alerts=alerts),
                 },
             )
+        if finetune is not None:
+            from optimizer.finetune import finetune_step  # export's sklearn: only when hooked
+
+            run = replace(run, finetune=finetune_step(store, config, finetune, now=now))
         return run
 
 

@@ -52,6 +52,8 @@ def _row(job: Any) -> dict[str, Any]:
         "fine_tuned_model": job.fine_tuned_model,
         "arm_id": job.arm_id,
         "estimated_cost_usd": job.estimated_cost_usd,
+        "trained_tokens": job.trained_tokens,
+        "actual_cost_usd": job.actual_cost_usd,
         "sessions": job.manifest.get("sessions"),
         "rows": job.manifest.get("rows"),
         "error": job.error,
@@ -136,7 +138,7 @@ def status(
         print_json({"jobs": rows})
         return
     table = Table(title=f"Fine-tuning jobs of {cfg.experiment.id}")
-    for col in ("job", "status", "model", "arm", "sessions", "est. $", "error"):
+    for col in ("job", "status", "model", "arm", "sessions", "est. $", "billed $", "error"):
         table.add_column(col)
     for r in rows:
         table.add_row(
@@ -146,6 +148,7 @@ def status(
             str(r["arm_id"] or "—"),
             str(r["sessions"]),
             f"{r['estimated_cost_usd']:.2f}",
+            "—" if r["actual_cost_usd"] is None else f"{r['actual_cost_usd']:.2f}",
             str(r["error"] or ""),
         )
     console.print(table)
@@ -158,24 +161,24 @@ def tick(
     database_url: str | None = DatabaseOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """For a schedule (cron): follow running jobs, start the next one when retraining is due."""
-    from optimizer.errors import FineTuneError
-    from optimizer.finetune import jobs, poll_job, retrain_due, start_job
+    """Without a server (cron): follow running jobs, start the next one when retraining is due.
+
+    ``flywheel serve`` does the same at every optimizer run (policy.refit_interval_s).
+    """
+    from optimizer.finetune import FineTuneHooks, finetune_step, jobs
 
     cfg = get_config(config)
     client = _provider(cfg, None)
     store = open_store(cfg, database_url)
-    started = None
     try:
-        for job in jobs(store, cfg.experiment.id):
-            poll_job(store, cfg, client, job.id)
-        reason = retrain_due(store, cfg)
-        if reason is not None:
-            started = start_job(store, cfg, client, out)
-    except FineTuneError as exc:
-        fail(str(exc), 1)
+        step = finetune_step(store, cfg, FineTuneHooks(client, out))
+        listed = {j.id: j for j in jobs(store, cfg.experiment.id)}
     finally:
         store.dispose()
+    if "error" in step:
+        fail(step["error"], 1)
+    reason = step["due"]
+    started = listed.get(step["started"] or "")
     result = {"due": reason, "started": _row(started) if started else None}
     if as_json:
         print_json(result)

@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import chainlit as cl
+from chainlit.input_widget import InputWidget, Switch
 from chainlit.types import ThreadDict
 
 from chatbot.conversation import Conversation, TokenBatcher
@@ -22,6 +23,7 @@ from chatbot.runtime import get_runtime
 from chatbot.web import overload
 from chatbot.web.auth import Authenticator
 from chatbot.web.datalayer import FlywheelDataLayer
+from chatbot.web.privacy import TRAINING_LABEL, TRAINING_SETTING, set_training, training_allowed
 from optimizer.store.accounts import Accounts
 
 log = logging.getLogger("chatbot.web.app")  # Chainlit loads this file under its path as __name__
@@ -66,16 +68,39 @@ async def _conversation() -> Conversation:
     return cl.user_session.get("conversation") or await _open_conversation()
 
 
+async def _send_settings() -> None:
+    """The privacy switch (chat settings), at the user's stored choice."""
+    user = cl.user_session.get("user")
+    if user is None:
+        return
+    allowed = await asyncio.to_thread(training_allowed, get_runtime(), user.identifier)
+    inputs: list[InputWidget] = [Switch(id=TRAINING_SETTING, label=TRAINING_LABEL, initial=allowed)]
+    await cl.ChatSettings(inputs).send()
+
+
 @cl.on_chat_start
 async def on_chat_start() -> None:
     # No assignment yet: a session starts with its first message (on_message), so a page
     # load without a question is no session, and the KPI's denominator holds only chats.
     cl.user_session.set("conversation", None)
+    await _send_settings()
 
 
 @cl.on_chat_resume
 async def on_chat_resume(thread: ThreadDict) -> None:
     await _open_conversation()  # same thread id: the stored assignment and turns come back
+    await _send_settings()
+
+
+@cl.on_settings_update
+async def on_settings_update(settings: dict[str, Any]) -> None:
+    user = cl.user_session.get("user")
+    if user is None or TRAINING_SETTING not in settings:
+        return
+    allowed = bool(settings[TRAINING_SETTING])
+    message = await asyncio.to_thread(set_training, get_runtime(), user.identifier, allowed)
+    if message is not None:
+        await cl.Message(content=message, author="Flywheel").send()
 
 
 @cl.on_message

@@ -55,6 +55,7 @@ from sqlalchemy.exc import IntegrityError
 from chatbot.runtime import Runtime
 from chatbot.web.ratelimit import RateLimiter
 from chatbot.web.step_writer import StepWriter
+from optimizer import consent
 from optimizer.clock import as_utc, utcnow
 from optimizer.errors import OwnershipError
 from optimizer.store import schema
@@ -241,19 +242,30 @@ class FlywheelDataLayer(BaseDataLayer):
                 continue
 
     async def delete_thread(self, thread_id: str) -> None:
-        """Hide the thread and drop its steps; the turns and votes stay in the event log."""
-        await asyncio.to_thread(self._delete_thread, thread_id)
+        """Hide the thread, drop its steps, and keep it out of every dataset from now on.
 
-    def _delete_thread(self, thread_id: str) -> None:
+        The turns and votes stay in the event log (the KPI still counts the
+        session); the conversation is marked deleted through
+        :func:`optimizer.consent.delete_conversation` (audited, never a training
+        set, an export or the few-shot bank; examples mined from it are
+        withdrawn). Who may delete is checked before (``chatbot.web.privacy``:
+        the author only).
+        """
+        await asyncio.to_thread(self._delete_thread, thread_id, _caller.get())
+
+    def _delete_thread(self, thread_id: str, caller: str | None) -> None:
         self.steps.flush()  # else a queued step would come back after the delete
+        t = schema.threads
         with self.engine.begin() as conn:
             conn.execute(schema.steps.delete().where(schema.steps.c.thread_id == thread_id))
             conn.execute(schema.elements.delete().where(schema.elements.c.thread_id == thread_id))
-            conn.execute(
-                schema.threads.update()
-                .where(schema.threads.c.id == thread_id)
-                .values(deleted_at=utcnow())
-            )
+            author = conn.execute(
+                sa.select(t.c.user_identifier).where(t.c.id == thread_id)
+            ).scalar()
+        owner = author or caller or ""
+        consent.delete_conversation(
+            self.runtime.store, thread_id, user_id=owner, actor=caller or owner or "chat"
+        )
 
     async def list_threads(
         self, pagination: Pagination, filters: ThreadFilter

@@ -4,6 +4,8 @@ Routes, in matching order (first match wins)::
 
     /api/outcomes, /api/health      chatbot.web.outcomes_api (/api/openapi.json, /api/docs)
     PUT/DELETE /feedback            chatbot.web.feedback.feedback_router (ownership-checked thumbs)
+    GET/PUT /privacy, DELETE /project/thread
+                                    chatbot.web.privacy.privacy_router (opt-out, own deletes)
     /operator…                      the operator dashboard (chatbot.web.operator)
     /  (everything else)            Chainlit: UI, login, websocket
 
@@ -35,6 +37,7 @@ from chatbot.web.operator import create_router as operator_router
 from chatbot.web.outcomes_api import api_router, flywheel_version
 from chatbot.web.overload import Overload, OverloadMiddleware
 from chatbot.web.overload import install as install_overload
+from chatbot.web.privacy import privacy_router
 from chatbot.web.security import (
     DATABASE_DOWN,
     OriginMiddleware,
@@ -101,6 +104,7 @@ def create_app(config: Config | None = None, *, runtime: Runtime | None = None) 
     app.add_middleware(OverloadMiddleware, overload=gate)
     app.include_router(api_router(runtime, api_key=settings.env(settings.FLYWHEEL_API_KEY)))
     app.include_router(feedback_router)
+    app.include_router(privacy_router)
     app.include_router(operator_router(runtime))
     _mount_chat(app)  # last: its catch-all GET would hide any route added after it
     return app
@@ -213,7 +217,11 @@ def _optimize_once(runtime: Runtime) -> object:
     from optimizer.refit import run_optimizer  # heavy (pandas, scipy): imported when it runs
 
     result = run_optimizer(
-        runtime.store, runtime.config, alerts=runtime.alerts, proposer=runtime.proposer_hooks
+        runtime.store,
+        runtime.config,
+        alerts=runtime.alerts,
+        proposer=runtime.proposer_hooks,
+        finetune=runtime.finetune_hooks,
     )
     score_session_rewards(runtime.store, runtime.config, runtime.tracer)
     return result

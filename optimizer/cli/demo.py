@@ -142,11 +142,23 @@ DEMO_EXCHANGES = (
 )
 
 
+#: What a simulated user thumbed down was told instead of the good answer: the vague,
+#: deflecting replies users vote down. The rejected side of the demo's DPO pairs.
+DEMO_POOR_REPLIES = (
+    "I'm not sure about that. Please check the help center.",
+    "You'll have to contact support for that.",
+    "That depends on your account. Anything else?",
+)
+
+
 def _fill_texts(store: Any, experiment_id: str, prompts: Any) -> None:
-    """Give the simulated turns words (the simulator draws outcomes, not text).
+    """Give the simulated turns words (the simulator draws outcomes and votes, not text).
 
     Each turn gets one of the seed examples or :data:`DEMO_EXCHANGES`, chosen by
     its position, so exports and fine-tuning sets built from the demo have rows.
+    A turn the simulated user thumbed down keeps the question but gets one of
+    :data:`DEMO_POOR_REPLIES`, so the text agrees with the vote (and a DPO set
+    built from the demo has pairs whose two replies differ).
     """
     import sqlalchemy as sa
 
@@ -154,16 +166,27 @@ def _fill_texts(store: Any, experiment_id: str, prompts: Any) -> None:
 
     exchanges = [(e.user, e.assistant) for _, e in sorted(prompts.examples.items())]
     exchanges += list(DEMO_EXCHANGES)
-    t = schema.turns
+    t, f = schema.turns, schema.feedback
     with store.engine.begin() as conn:
         ids = conn.execute(
             sa.select(t.c.id).where(t.c.experiment_id == experiment_id).order_by(t.c.id)
         ).scalars()
+        down = set(
+            conn.execute(
+                sa.select(f.c.turn_id)
+                .join(t, t.c.id == f.c.turn_id)
+                .where(t.c.experiment_id == experiment_id, f.c.value == 0)
+            ).scalars()
+        )
         rows = [
             {
                 "tid": tid,
                 "u": exchanges[i % len(exchanges)][0],
-                "r": exchanges[i % len(exchanges)][1],
+                "r": (
+                    DEMO_POOR_REPLIES[i % len(DEMO_POOR_REPLIES)]
+                    if tid in down
+                    else exchanges[i % len(exchanges)][1]
+                ),
             }
             for i, tid in enumerate(ids)
         ]

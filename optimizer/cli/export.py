@@ -20,7 +20,7 @@ from optimizer.cli.common import (
 
 
 def export(
-    fmt: str = typer.Option(..., "--format", help="openai-sft | dpo | csv | parquet"),
+    fmt: str = typer.Option(..., "--format", help="openai-sft | dpo | openai-dpo | csv | parquet"),
     out: Path = typer.Option(
         Path("exports"), "--out", help="Directory for the dataset and its manifest."
     ),

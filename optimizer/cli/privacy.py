@@ -1,8 +1,9 @@
 """``flywheel privacy``: opt a user out of (or back into) becoming data; delete a conversation.
 
 Opted-out users and deleted conversations never enter a training set, an
-export or the few-shot bank (:mod:`optimizer.store.consent`); their sessions
-still count for the experiment's statistics.
+export or the few-shot bank, and examples already mined from them leave the
+bank (:mod:`optimizer.consent`, the same path as the chat's settings switch and
+thread delete); their sessions still count for the experiment's statistics.
 """
 
 from __future__ import annotations
@@ -28,15 +29,20 @@ def opt_out(
     database_url: str | None = DatabaseOption,
 ) -> None:
     """Keep a user's conversations out of training sets, exports and the example bank."""
+    from optimizer.consent import set_training_consent
+
     cfg = get_config(config)
     store = open_store(cfg, database_url)
     try:
-        store.set_opt_out(user_id, not undo, actor=actor)
+        withdrawn = set_training_consent(store, user_id, undo, actor=actor)
     except ValueError as exc:
         fail(str(exc), 2)
     finally:
         store.dispose()
-    console.print(f"[bold]{user_id}[/bold] opted {'in' if undo else 'out'}")
+    console.print(
+        f"[bold]{user_id}[/bold] opted {'in' if undo else 'out'}"
+        + (f"; {len(withdrawn)} mined examples left the bank" if withdrawn else "")
+    )
 
 
 @app.command("delete-conversation")
@@ -48,10 +54,17 @@ def delete_conversation(
     database_url: str | None = DatabaseOption,
 ) -> None:
     """Mark a conversation deleted: it is hidden from its user and never becomes data."""
+    from optimizer.consent import delete_conversation as delete
+
     cfg = get_config(config)
     store = open_store(cfg, database_url)
     try:
-        store.delete_conversation(thread_id, user_id=user_id, actor=actor)
+        withdrawn = delete(store, thread_id, user_id=user_id, actor=actor)
+    except ValueError as exc:
+        fail(str(exc), 2)
     finally:
         store.dispose()
-    console.print(f"conversation [bold]{thread_id}[/bold] deleted")
+    console.print(
+        f"conversation [bold]{thread_id}[/bold] deleted"
+        + (f"; {len(withdrawn)} mined examples left the bank" if withdrawn else "")
+    )

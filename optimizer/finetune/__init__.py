@@ -1,7 +1,8 @@
 """Fine-tuning from the flywheel's own data: training sets, jobs, the resulting arms.
 
 ``flywheel finetune start`` → :func:`start_job`; ``flywheel finetune status``
-→ :func:`poll_job`; schedules → :func:`retrain_due`. The provider is handed in
+→ :func:`poll_job`; schedules → :func:`retrain_due`, run by the server's
+optimizer job (:func:`finetune_step`) or ``flywheel finetune tick``. The provider is handed in
 (:class:`FineTuneProvider`), so this package never talks to a model itself.
 """
 
@@ -15,6 +16,7 @@ from optimizer.finetune.dataset import (
 )
 from optimizer.finetune.jobs import (
     JobRecord,
+    actual_cost,
     estimated_cost,
     jobs,
     poll_job,
@@ -23,15 +25,19 @@ from optimizer.finetune.jobs import (
     start_job,
 )
 from optimizer.finetune.provider import FINAL_STATES, FineTuneProvider, JobState
+from optimizer.finetune.schedule import FineTuneHooks, finetune_step
 
 __all__ = [
     "FINAL_STATES",
+    "FineTuneHooks",
     "FineTuneProvider",
     "JobRecord",
     "JobState",
     "TrainingSet",
+    "actual_cost",
     "build_training_set",
     "estimated_cost",
+    "finetune_step",
     "jobs",
     "poll_job",
     "qualify_terms",

@@ -10,6 +10,8 @@ their turns again, so even a session id passed by mistake cannot leak them.
 The rows are written by :func:`optimizer.export.export_dataset` (the same
 scrubber, the same formats as ``flywheel export``): the file uploaded is
 exactly that export, byte for byte, and the manifest records its SHA-256.
+``dpo`` sets are written as ``openai-dpo`` (OpenAI's preference fine-tuning
+rows, what a provider's DPO job accepts), from every thumbed pair.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ __all__ = ["TrainingSet", "build_training_set", "qualify_terms", "qualifying_ses
 
 #: Rough characters per token, for the cost estimate before a provider counts.
 CHARS_PER_TOKEN = 4.0
+
+#: The export format each training-set format is written in.
+EXPORT_FORMAT = {"openai-sft": "openai-sft", "dpo": "openai-dpo"}
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,12 @@ def build_training_set(
     qualifying = qualifying_sessions(store, config, now=now)
     ids = qualifying["session_id"].tolist()
     export = export_dataset(
-        store, config, fmt, out_dir, now=now, sessions=ids if fmt == "openai-sft" else None
+        store,
+        config,
+        EXPORT_FORMAT[fmt],
+        out_dir,
+        now=now,
+        sessions=ids if fmt == "openai-sft" else None,
     )
     data = export.path.read_bytes()
     sessions = len(ids) if fmt == "openai-sft" else export.manifest["counts"]["source_turns"]
@@ -95,13 +105,23 @@ def build_training_set(
         "dataset_sha256": hashlib.sha256(data).hexdigest(),
         "bytes": len(data),
         "sessions": int(sessions),
-        "qualify": {
-            "terms": qualify_terms(config),
-            "rule": "any term > 0, all their windows closed",
-        },
+        "qualify": (
+            {"terms": qualify_terms(config), "rule": "any term > 0, all their windows closed"}
+            if fmt == "openai-sft"
+            else {
+                "rule": "every thumbed-down turn with the thumbed-up turn whose message is "
+                "most similar (TF-IDF cosine >= fewshot.pair_similarity)",
+                "pair_similarity": config.fewshot.pair_similarity,
+            }
+        ),
+        # the qualifying sessions as of this set: where retraining counts new ones from
         "sessions_from": first.isoformat() if first is not None else None,
         "sessions_to": last.isoformat() if last is not None else None,
-        "session_ids_sha256": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest(),
+        "session_ids_sha256": (
+            hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+            if fmt == "openai-sft"
+            else None
+        ),
         "excluded_sessions": len(store.excluded_sessions(config.experiment.id)),
     }
     tokens = int(len(data.decode("utf-8")) / CHARS_PER_TOKEN)

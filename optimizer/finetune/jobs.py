@@ -1,8 +1,10 @@
 """Fine-tuning jobs: start one from the flywheel's data, follow it, make the result an arm.
 
 :func:`start_job` builds the training set (:mod:`optimizer.finetune.dataset`),
-checks it (at least ``finetune.min_sessions`` sessions, the estimated cost
-within ``finetune.spend_cap_usd`` over ``spend_window_days``), uploads exactly
+checks it (at least ``finetune.min_sessions`` sessions; the spend of past
+jobs within ``spend_window_days`` — what the provider billed for finished ones,
+the estimate for the others — plus this job's estimate within
+``finetune.spend_cap_usd``), uploads exactly
 that file and starts the provider's job. :func:`poll_job` asks the provider;
 when the job has **succeeded** the new model becomes a challenger arm: the
 champion's prompt and few-shot strategy with the new model, the dataset
@@ -39,8 +41,11 @@ from optimizer.finetune.provider import FINAL_STATES, FineTuneProvider
 from optimizer.store import ArmSpec, Store, schema
 
 __all__ = [
+    "STALE_START_S",
     "JobRecord",
+    "actual_cost",
     "estimated_cost",
+    "fail_interrupted",
     "jobs",
     "poll_job",
     "retrain_due",
@@ -51,6 +56,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ACTOR = "finetune"
+
+#: A job still ``created`` (no provider job id) after this long was interrupted mid-start.
+STALE_START_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,10 @@ class JobRecord:
     arm_id: str | None
     parent_arm_id: str | None
     estimated_cost_usd: float
+    #: Billable tokens the provider reported once the job finished (None: not reported).
+    trained_tokens: int | None
+    #: ``trained_tokens`` at ``finetune.usd_per_mtok_trained`` (None until billed).
+    actual_cost_usd: float | None
     manifest: dict[str, Any]
     error: str | None
     created_at: datetime
@@ -96,14 +108,36 @@ def jobs(store: Store, experiment_id: str) -> list[JobRecord]:
     return [_record(r) for r in rows]
 
 
+def actual_cost(trained_tokens: int, config: Config) -> float:
+    """USD of a finished job the provider billed for ``trained_tokens`` tokens.
+
+    The provider's count already includes every epoch (OpenAI: "the total
+    number of billable tokens processed by this fine-tuning job").
+
+    >>> from optimizer.config import load_config
+    >>> actual_cost(2_000_000, load_config("/nonexistent.toml", environ=False))
+    6.0
+    """
+    return trained_tokens * config.finetune.usd_per_mtok_trained / 1_000_000
+
+
 def spent(store: Store, config: Config, *, now: datetime | None = None) -> float:
-    """Estimated USD of the jobs a provider accepted within ``spend_window_days``."""
+    """USD of the jobs a provider accepted within ``spend_window_days``.
+
+    A job the provider billed counts its actual cost (:func:`actual_cost`); one
+    still running, or finished without a bill, counts its estimate.
+    """
     now = as_utc(now) if now is not None else utcnow()
     since = now - timedelta(days=config.finetune.spend_window_days)
     j = schema.finetune_jobs
     with store.engine.connect() as conn:
         total = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(j.c.estimated_cost_usd), 0.0)).where(
+            sa.select(
+                sa.func.coalesce(
+                    sa.func.sum(sa.func.coalesce(j.c.actual_cost_usd, j.c.estimated_cost_usd)),
+                    0.0,
+                )
+            ).where(
                 j.c.experiment_id == config.experiment.id,
                 j.c.created_at >= since,
                 j.c.provider_job_id.is_not(None),
@@ -132,6 +166,11 @@ def start_job(
     ft = config.finetune
     fmt = fmt or ft.format
     exp = config.experiment.id
+    if fmt not in provider.formats:
+        raise FineTuneError(
+            f"provider {provider.name!r} cannot train on {fmt!r} sets "
+            f"(it takes {sorted(provider.formats)})"
+        )
     job_id = f"ft-{uuid.uuid4().hex[:12]}"
     training = build_training_set(store, config, fmt, Path(out_dir) / job_id, now=now)
     if training.sessions < ft.min_sessions or training.manifest["rows"] == 0:
@@ -166,7 +205,12 @@ def start_job(
         file_id = provider.upload(training.export.path)
         _update(store, job_id, now, provider_file_id=file_id)
         provider_job = provider.create_job(
-            training_file=file_id, base_model=ft.base_model, suffix=job_id, epochs=ft.epochs
+            training_file=file_id,
+            base_model=ft.base_model,
+            suffix=job_id,
+            epochs=ft.epochs,
+            fmt=fmt,
+            dpo_beta=ft.dpo_beta,
         )
     except Exception as exc:  # any provider failure: recorded, nothing else changes
         _update(store, job_id, now, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
@@ -201,6 +245,22 @@ def poll_job(
     if job.status in FINAL_STATES or job.provider_job_id is None:
         return job
     state = provider.retrieve(job.provider_job_id)
+    if state.status in FINAL_STATES and state.trained_tokens is not None:
+        tokens = int(state.trained_tokens)
+        _update(
+            store,
+            job_id,
+            now,
+            trained_tokens=tokens,
+            actual_cost_usd=actual_cost(tokens, config),
+        )
+        log.info(
+            "fine-tuning job %s billed %d tokens ($%.2f; estimated $%.2f)",
+            job_id,
+            tokens,
+            actual_cost(tokens, config),
+            job.estimated_cost_usd,
+        )
     if state.status == "succeeded":
         if not state.fine_tuned_model:
             _update(store, job_id, now, status="failed", error="succeeded without a model name")
@@ -220,6 +280,39 @@ def poll_job(
     else:
         _update(store, job_id, now, status="running")
     return _get(store, job_id)
+
+
+def fail_interrupted(
+    store: Store,
+    config: Config,
+    *,
+    now: datetime | None = None,
+    older_than_s: float = STALE_START_S,
+) -> list[str]:
+    """Mark failed the jobs whose start was interrupted; returns their ids.
+
+    A job stays ``created`` only between its row and the provider's answer; one
+    older than ``older_than_s`` lost its process (a crash, a restart) and would
+    otherwise block retraining for ever (:func:`retrain_due` waits while a job
+    runs). Its error says what to check at the provider.
+    """
+    now = as_utc(now) if now is not None else utcnow()
+    stale = [
+        j
+        for j in jobs(store, config.experiment.id)
+        if j.status == "created"
+        and j.provider_job_id is None
+        and (now - j.updated_at).total_seconds() >= older_than_s
+    ]
+    for j in stale:
+        error = "interrupted before the provider accepted the job" + (
+            f"; if the provider lists a job on file {j.provider_file_id}, cancel it there"
+            if j.provider_file_id
+            else ""
+        )
+        _update(store, j.id, now, status="failed", error=error)
+        log.warning("fine-tuning job %s: %s", j.id, error)
+    return [j.id for j in stale]
 
 
 def retrain_due(store: Store, config: Config, *, now: datetime | None = None) -> str | None:

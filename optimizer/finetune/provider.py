@@ -30,16 +30,32 @@ class JobState:
 
 
 class FineTuneProvider(Protocol):
-    """Upload a training file, start a job, report on it. Errors raise any exception."""
+    """Upload a training file, start a job, report on it. Errors raise any exception.
+
+    ``formats`` are the training-set formats (``openai-sft``, ``dpo``) the
+    provider can train on: :func:`optimizer.finetune.start_job` refuses the
+    others before anything is uploaded.
+    """
 
     name: str
+    formats: frozenset[str]
 
     def upload(self, path: Path) -> str:
         """Upload ``path`` for fine-tuning; returns the provider's file id."""
         ...
 
-    def create_job(self, *, training_file: str, base_model: str, suffix: str, epochs: int) -> str:
-        """Start a job on the uploaded file; returns the provider's job id."""
+    def create_job(
+        self,
+        *,
+        training_file: str,
+        base_model: str,
+        suffix: str,
+        epochs: int,
+        fmt: str = "openai-sft",
+        dpo_beta: float | None = None,
+    ) -> str:
+        """Start a job on the uploaded file (supervised, or preference for ``fmt="dpo"``);
+        returns the provider's job id."""
         ...
 
     def retrieve(self, job_id: str) -> JobState:

@@ -10,6 +10,7 @@ from optimizer.store.store import (
     OutcomeRecord,
     Store,
     TurnRecord,
+    VoteRecord,
 )
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "OutcomeRecord",
     "Store",
     "TurnRecord",
+    "VoteRecord",
     "is_postgres",
     "make_engine",
     "normalise_url",

@@ -301,6 +301,9 @@ finetune_jobs = sa.Table(
     sa.Column("arm_id", sa.String(200), nullable=True),
     sa.Column("parent_arm_id", sa.String(200), nullable=True),
     sa.Column("estimated_cost_usd", sa.Float, nullable=False),
+    # the provider's billable tokens once the job finished, and their price (0008_models2)
+    sa.Column("trained_tokens", sa.BigInteger, nullable=True),
+    sa.Column("actual_cost_usd", sa.Float, nullable=True),
     sa.Column("manifest", _JSON, nullable=False),
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("created_at", _TS, nullable=False),

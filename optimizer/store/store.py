@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -108,6 +108,17 @@ class TurnRecord:
 
 
 @dataclass(frozen=True)
+class VoteRecord:
+    """A user's thumbs on a turn of theirs: ``value`` 1 up, 0 down, None removes the vote."""
+
+    turn_id: str
+    user_id: str
+    value: int | None
+    comment: str | None = None
+    at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class OutcomeRecord:
     idempotency_key: str
     name: str
@@ -175,6 +186,50 @@ def _lock_session(conn: sa.Connection, session_id: str) -> None:
     if conn.dialect.name == "postgresql":
         a = schema.assignments
         conn.execute(sa.select(a.c.id).where(a.c.session_id == session_id).with_for_update())
+
+
+def _vote_error(vote: VoteRecord, turn: Any) -> Exception | None:
+    """Why ``vote`` is refused (``turn``: its turn's owner and session), or None."""
+    if vote.value not in (0, 1, None):
+        return ValueError(f"value must be 1 (up), 0 (down) or None (delete), got {vote.value!r}")
+    if turn is None or turn.user_id != vote.user_id:
+        return OwnershipError(
+            f"user {vote.user_id!r} cannot rate turn {vote.turn_id!r}: not a turn of theirs"
+        )
+    return None
+
+
+def _write_vote(conn: sa.Connection, vote: VoteRecord, session_id: str) -> None:
+    """Append the vote's event and set the user's current vote on the turn."""
+    fb = schema.feedback
+    conn.execute(
+        schema.feedback_events.insert().values(
+            turn_id=vote.turn_id,
+            session_id=session_id,
+            user_id=vote.user_id,
+            kind="delete" if vote.value is None else "upsert",
+            value=vote.value,
+            comment=vote.comment,
+            created_at=vote.at,
+        )
+    )
+    updated = conn.execute(
+        fb.update()
+        .where(fb.c.turn_id == vote.turn_id, fb.c.user_id == vote.user_id)
+        .values(value=vote.value, comment=vote.comment, updated_at=vote.at)
+    ).rowcount
+    if not updated:
+        conn.execute(
+            fb.insert().values(
+                turn_id=vote.turn_id,
+                user_id=vote.user_id,
+                session_id=session_id,
+                value=vote.value,
+                comment=vote.comment,
+                created_at=vote.at,
+                updated_at=vote.at,
+            )
+        )
 
 
 class Store:
@@ -521,65 +576,58 @@ class Store:
         """Set (``value`` 1 or 0) or delete (``value`` None) the user's vote on a turn.
 
         Raises :class:`OwnershipError` unless the turn exists and belongs to
-        ``user_id``: users rate only their own conversations. Two first votes
-        on one turn at once (two tabs, two replicas) race to insert the current
-        vote; the loser rolls back and retries, so each vote is one event.
+        ``user_id``: users rate only their own conversations.
         """
-        if value not in (0, 1, None):
-            raise ValueError(f"value must be 1 (up), 0 (down) or None (delete), got {value!r}")
-        now = at or utcnow()
+        (error,) = self.record_votes([VoteRecord(turn_id, user_id, value, comment, at)])
+        if error is not None:
+            raise error
+
+    def record_votes(self, votes: Sequence[VoteRecord]) -> list[Exception | None]:
+        """Record several votes in one transaction — one commit, one disk flush (group commit).
+
+        Per vote, in order: None once stored, or the error that refused it
+        (:class:`OwnershipError` for a turn that is not the voter's, ``ValueError``
+        for a bad value) — a refused vote writes nothing and does not hold back
+        the others. Two first votes on one turn at once (two tabs, two replicas)
+        race to insert the current vote; the loser's transaction rolls back whole
+        and is retried, so each vote is one event. A database error raises: then
+        nothing of the batch was committed.
+        """
+        stamped = [v if v.at is not None else replace(v, at=utcnow()) for v in votes]
         for attempt in range(3):
             try:
-                self._record_feedback(turn_id, user_id, value, comment, now)
-                return
+                return self._record_votes(stamped)
             except IntegrityError:
                 if attempt == 2:
                     raise
+        raise AssertionError("unreachable")
 
-    def _record_feedback(
-        self, turn_id: str, user_id: str, value: int | None, comment: str | None, now: datetime
-    ) -> None:
-        fb = schema.feedback
+    def _record_votes(self, votes: Sequence[VoteRecord]) -> list[Exception | None]:
+        t = schema.turns
         with self.engine.begin() as conn:
-            turn = conn.execute(
-                sa.select(schema.turns.c.user_id, schema.turns.c.session_id).where(
-                    schema.turns.c.id == turn_id
-                )
-            ).first()
-            if turn is None or turn.user_id != user_id:
-                raise OwnershipError(
-                    f"user {user_id!r} cannot rate turn {turn_id!r}: not a turn of theirs"
-                )
-            _lock_session(conn, turn.session_id)
-            conn.execute(
-                schema.feedback_events.insert().values(
-                    turn_id=turn_id,
-                    session_id=turn.session_id,
-                    user_id=user_id,
-                    kind="delete" if value is None else "upsert",
-                    value=value,
-                    comment=comment,
-                    created_at=now,
-                )
-            )
-            updated = conn.execute(
-                fb.update()
-                .where(fb.c.turn_id == turn_id, fb.c.user_id == user_id)
-                .values(value=value, comment=comment, updated_at=now)
-            ).rowcount
-            if not updated:
-                conn.execute(
-                    fb.insert().values(
-                        turn_id=turn_id,
-                        user_id=user_id,
-                        session_id=turn.session_id,
-                        value=value,
-                        comment=comment,
-                        created_at=now,
-                        updated_at=now,
+            owners = {
+                row.id: row
+                for row in conn.execute(
+                    sa.select(t.c.id, t.c.user_id, t.c.session_id).where(
+                        t.c.id.in_({v.turn_id for v in votes})
                     )
                 )
-            refresh_session_counts(conn, [turn.session_id])
+            }
+            errors = [_vote_error(v, owners.get(v.turn_id)) for v in votes]
+            sessions = sorted(
+                {
+                    owners[v.turn_id].session_id
+                    for v, e in zip(votes, errors, strict=True)
+                    if e is None
+                }
+            )
+            for session_id in sessions:  # in one order: two batches never wait on each other
+                _lock_session(conn, session_id)
+            for vote, error in zip(votes, errors, strict=True):
+                if error is None:
+                    _write_vote(conn, vote, owners[vote.turn_id].session_id)
+            refresh_session_counts(conn, sessions)
+        return errors
 
     def refresh_session_counts(self, session_ids: Iterable[str] | None = None) -> None:
         """Recount the count columns of these sessions' assignments (all with None).

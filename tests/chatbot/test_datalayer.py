@@ -36,8 +36,12 @@ def tracer() -> RecordingTracer:
 
 
 @pytest.fixture
-def layer(store: Store, tracer: RecordingTracer) -> FlywheelDataLayer:
-    return FlywheelDataLayer(make_runtime(store, tracer=tracer, votes_per_minute_per_user=5))
+async def layer(store: Store, tracer: RecordingTracer) -> AsyncIterator[FlywheelDataLayer]:
+    layer = FlywheelDataLayer(make_runtime(store, tracer=tracer, votes_per_minute_per_user=5))
+    yield layer
+    # The step writer's thread must be done before the store (a PostgreSQL schema) is
+    # dropped: a flush still running then deadlocks with DROP SCHEMA.
+    await layer.close()
 
 
 def _count(store: Store, table: sa.Table) -> int:

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from chatbot.web.step_writer import StepWriter
 from optimizer.clock import utcnow
 from optimizer.store import Store, schema
+from tests.support.chat_helpers import commit_counter
 
 
 @pytest.fixture
@@ -42,17 +43,6 @@ def _steps(store: Store, thread_id: str) -> dict[str, dict[str, Any]]:
         return {row.id: dict(row.data) for row in rows}
 
 
-def _commits(engine: sa.Engine) -> list[int]:
-    """A counter of committed transactions (SQLAlchemy's own event, at the boundary)."""
-    count = [0]
-
-    @sa.event.listens_for(engine, "commit")
-    def on_commit(_conn: Any) -> None:
-        count[0] += 1
-
-    return count
-
-
 def test_flush_makes_every_queued_write_visible_and_threads_are_created(
     writer: StepWriter, store: Store
 ) -> None:
@@ -72,7 +62,7 @@ def test_flush_makes_every_queued_write_visible_and_threads_are_created(
 
 
 def test_many_writes_share_few_transactions(store: Store) -> None:
-    commits = _commits(store.engine)
+    commits = commit_counter(store.engine)
     writer = StepWriter(store.engine, linger_s=0.05)
     try:
         thread_id = str(uuid.uuid4())

@@ -12,9 +12,10 @@ from typer.testing import CliRunner
 
 from chatbot.cli import app
 from chatbot.runtime import experiment_arms
-from optimizer.cli.demo import build_demo
+from optimizer.cli.demo import DEMO_POOR_REPLIES, build_demo
 from optimizer.config import load_config
 from optimizer.errors import ConfigError
+from optimizer.export import export_dataset
 from optimizer.prompt_library import load_prompts
 from optimizer.report import experiment_report
 from optimizer.store import AssignmentRecord, Store, schema
@@ -49,8 +50,14 @@ def test_demo_command_fills_a_separate_simulated_store(
             ).all()
         assert [(bool(f), n) for f, n in flags] == [(True, 2700)]
         report = experiment_report(store, config)
+        pairs = export_dataset(store, config, "dpo", tmp_path / "dpo", now=datetime.now(UTC))
     finally:
         store.dispose()
+    # thumbed-down turns were told something worse than the liked answer: DPO pairs exist
+    rows = [json.loads(line) for line in pairs.path.read_text().splitlines()]
+    assert len(rows) > 0 and pairs.manifest["counts"]["thumbs_down"] > 0
+    assert all(r["rejected"] in DEMO_POOR_REPLIES for r in rows)
+    assert all(r["chosen"] not in DEMO_POOR_REPLIES for r in rows)
     assert report["simulated"] is True
     assert report["snapshot"]["version"] == out["refits"] + 1  # the last fit is at today's date
     assert [f["arm"] for f in report["guardrail_firings"]] == ["proactive-upsell"]

@@ -32,8 +32,20 @@ from optimizer.config import (
     load_config,
 )
 from optimizer.errors import FineTuneError
-from optimizer.finetune import jobs, poll_job, qualifying_sessions, retrain_due, start_job
+from optimizer.finetune import (
+    FineTuneHooks,
+    JobState,
+    finetune_step,
+    jobs,
+    poll_job,
+    qualifying_sessions,
+    retrain_due,
+    spent,
+    start_job,
+)
+from optimizer.locks import job_lock
 from optimizer.prompt_library import arm_spec, load_prompts
+from optimizer.refit import run_optimizer
 from optimizer.store import AssignmentRecord, OutcomeRecord, Store, TurnRecord, schema
 from tests.support.openai_recorder import FT_MODEL, Recorder
 
@@ -355,8 +367,132 @@ def test_cli_start_and_status(sqlite_store: Store, server: Recorder, tmp_path: P
     assert status.exit_code == 0, status.output
     final = json.loads(status.output)["jobs"][0]
     assert final["status"] == "succeeded" and final["arm_id"] == job["id"]
+    assert final["trained_tokens"] == 1234
+    assert final["actual_cost_usd"] == pytest.approx(1234 * 3.0 / 1e6)
+    tick = runner.invoke(
+        app, ["finetune", "tick", "--out", str(tmp_path / "ft"), "--json", *common]
+    )
+    assert tick.exit_code == 0, tick.output
+    assert json.loads(tick.output) == {"due": None, "started": None}
     bad = runner.invoke(app, ["finetune", "start", "--format", "csv", *common])
     assert bad.exit_code == 2 and "--format" in bad.output
+
+
+def _seed_pairs(store: Store, cfg: Config) -> None:
+    """Thumbed turns: two good pairs (one with personal data), one opted-out user's pair."""
+    prompts = load_prompts(ROOT / "prompts")
+    store.sync_experiment("exp", "exp", [arm_spec(a, prompts) for a in cfg.experiment.arms])
+    votes = (
+        ("u1", "How do I export my projects?", "Go to Settings > Data > Export.", 1, None),
+        ("d1", "how can I export my projects", "Not sure, try the docs.", 0, None),
+        (
+            "u2",
+            "Can I get a refund for last month?",
+            "Yes, within 30 days: email support@lumen.example.",
+            1,
+            None,
+        ),
+        (
+            "d2",
+            "I'm Maria Lopez (maria.lopez@example.com): can I get a refund for last month?",
+            "No refunds, Maria Lopez.",
+            0,
+            None,
+        ),
+        ("q1", "pineapple export question", "pineapple good", 1, "quitter"),
+        ("q2", "pineapple export question", "pineapple bad", 0, "quitter"),
+    )
+    for sid, question, reply, vote, user in votes:
+        _session(store, sid, question, reply, user=user)
+        store.record_feedback(f"{sid}-t0", user or f"user-{sid}", vote)
+    store.set_opt_out("quitter", actor="quitter")
+
+
+def test_dpo_job_uploads_openai_preference_rows_and_sends_the_dpo_method(
+    sqlite_store: Store, server: Recorder, tmp_path: Path
+) -> None:
+    store = sqlite_store
+    cfg = _config(server.base, format="dpo", min_sessions=1, dpo_beta=0.2)
+    _seed_pairs(store, cfg)
+    provider = LiteLLMFineTuneProvider("openai", api_base=server.base)
+    job = start_job(store, cfg, provider, tmp_path, now=NOW)
+    assert job.status == "running" and job.format == "dpo"
+    assert server.paths() == ["POST /v1/files", "POST /v1/fine_tuning/jobs"]
+    created = json.loads(server.requests[1]["body"])
+    assert created == {
+        "model": cfg.finetune.base_model,
+        "training_file": job.provider_file_id,
+        "suffix": job.id,
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 3, "beta": 0.2}}},
+    }
+    assert server.requests[1]["headers"]["Authorization"] == "Bearer sk-test-not-a-secret"
+    uploaded = server.files[job.provider_file_id or ""]
+    assert uploaded == (tmp_path / job.id / "dpo_openai.jsonl").read_bytes()
+    assert hashlib.sha256(uploaded).hexdigest() == job.manifest["dataset_sha256"]
+    assert job.manifest["rows"] == job.manifest["sessions"] == 2
+    assert "thumbed-down" in job.manifest["qualify"]["rule"]
+    assert job.manifest["session_ids_sha256"] is None
+    rows = [json.loads(line) for line in uploaded.decode().splitlines()]
+    system = rows[0]["input"]["messages"][0]
+    assert system["role"] == "system" and system["content"].startswith(
+        load_prompts(ROOT / "prompts").variants["concise"].template
+    )
+    assert [
+        (
+            r["input"]["messages"][1],
+            r["preferred_output"],
+            r["non_preferred_output"],
+            sorted(r),
+            sorted(r["input"]),
+        )
+        for r in rows
+    ] == [
+        (
+            {"role": "user", "content": "how can I export my projects"},
+            [{"role": "assistant", "content": "Go to Settings > Data > Export."}],
+            [{"role": "assistant", "content": "Not sure, try the docs."}],
+            ["input", "non_preferred_output", "preferred_output"],
+            ["messages"],
+        ),
+        (
+            {"role": "user", "content": rows[1]["input"]["messages"][1]["content"]},
+            [
+                {
+                    "role": "assistant",
+                    "content": "Yes, within 30 days: email support@lumen.example.",
+                }
+            ],
+            [{"role": "assistant", "content": rows[1]["non_preferred_output"][0]["content"]}],
+            ["input", "non_preferred_output", "preferred_output"],
+            ["messages"],
+        ),
+    ]
+    text = uploaded.decode()
+    for secret in (*PII, "pineapple"):
+        assert secret not in text
+    assert "refund for last month" in rows[1]["input"]["messages"][1]["content"]
+    # the job follows like any other and its model becomes an arm
+    poll_job(store, cfg, provider, job.id, now=NOW)
+    done = poll_job(store, cfg, provider, job.id, now=NOW)
+    assert done.status == "succeeded" and done.arm_id in store.arm_statuses("exp")
+    arm = {r.id: r for r in store.arms("exp")}[done.arm_id or ""]
+    assert arm.manifest["format"] == "openai-dpo" and arm.manifest["rows"] == 2
+
+
+def test_dpo_is_refused_before_upload_where_the_provider_cannot_train_it(
+    sqlite_store: Store, server: Recorder, tmp_path: Path
+) -> None:
+    cfg = _config(server.base, format="dpo", min_sessions=1)
+    _seed_pairs(sqlite_store, cfg)
+    azure = LiteLLMFineTuneProvider("azure", api_base=server.base)
+    with pytest.raises(FineTuneError, match="cannot train on 'dpo'"):
+        start_job(sqlite_store, cfg, azure, tmp_path, now=NOW)
+    assert server.requests == [] and jobs(sqlite_store, "exp") == []
+    server.fail_create = True  # the provider refuses: its reason is on the job
+    provider = LiteLLMFineTuneProvider("openai", api_base=server.base)
+    with pytest.raises(FineTuneError, match=r"400 .*invalid training file"):
+        start_job(sqlite_store, cfg, provider, tmp_path, now=NOW)
+    assert jobs(sqlite_store, "exp")[0].status == "failed"
 
 
 def test_dpo_set_skips_text_less_turns(sqlite_store: Store, tmp_path: Path) -> None:
@@ -369,3 +505,165 @@ def test_dpo_set_skips_text_less_turns(sqlite_store: Store, tmp_path: Path) -> N
     sqlite_store.record_feedback("e2-t0", "user-e2", 0)
     result = export_dataset(sqlite_store, cfg, "dpo", tmp_path, now=NOW)
     assert result.manifest["rows"] == 0 and result.manifest["counts"]["thumbs_up"] == 0
+
+
+def test_the_optimizer_job_follows_jobs_and_retrains_on_schedule(
+    sqlite_store: Store, server: Recorder, tmp_path: Path
+) -> None:
+    store = sqlite_store
+    cfg = _config(server.base, retrain_after_sessions=2, retrain_interval_days=30)
+    _seed(store, cfg)
+    provider = LiteLLMFineTuneProvider("openai", api_base=server.base)
+    hooks = FineTuneHooks(provider, tmp_path)
+
+    def optimize(at: datetime) -> dict[str, Any]:
+        run = run_optimizer(store, cfg, now=at, random_state=0, fewshot=False, finetune=hooks)
+        assert run is not None
+        return run.finetune
+
+    # nothing to follow, nothing due: the first job is an operator's call
+    assert optimize(NOW) == {"polled": {}, "due": None, "started": None}
+    assert server.requests == []
+    first = start_job(store, cfg, provider, tmp_path, now=NOW)
+    assert optimize(NOW)["polled"] == {first.id: "running"}
+    assert optimize(NOW + timedelta(hours=1))["polled"] == {first.id: "succeeded"}
+    first_arm = jobs(store, "exp")[0].arm_id
+    assert first_arm == first.id and store.arm_statuses("exp")[first_arm] == "active"
+    assert optimize(NOW + timedelta(hours=2)) == {"polled": {}, "due": None, "started": None}
+
+    # two new qualifying sessions (+ s6, whose window closed): the loop starts the next job
+    for i in range(2):
+        _session(store, f"n{i}", "q", "a", at=NOW + timedelta(days=1, hours=i), converted=True)
+    step = optimize(NOW + timedelta(days=9))
+    assert "3 new qualifying sessions" in step["due"] and step["started"] is not None
+    second = step["started"]
+    creations = [r for r in server.requests if r["path"] == "/v1/fine_tuning/jobs"]
+    assert len(creations) == 2
+    new_rows = server.files[jobs(store, "exp")[0].provider_file_id or ""].decode()
+    assert "walrus" not in new_rows and len(new_rows.splitlines()) == 5  # s1, s2, s6, n0, n1
+    # another process (a replica, `flywheel finetune tick`) following the jobs: hands off
+    asked = len(server.requests)
+    with job_lock(store, "finetune:exp"):
+        skipped = optimize(NOW + timedelta(days=9, minutes=30))
+    assert "another process" in skipped["skipped"] and skipped["polled"] == {}
+    assert len(server.requests) == asked
+    # at most one job at a time: while it runs the loop follows it and starts nothing
+    step = optimize(NOW + timedelta(days=9, hours=1))
+    assert step == {"polled": {second: "running"}, "due": None, "started": None}
+    assert len([r for r in server.requests if r["path"] == "/v1/fine_tuning/jobs"]) == 2
+    assert optimize(NOW + timedelta(days=9, hours=2))["polled"] == {second: "succeeded"}
+
+    # the previous fine-tune keeps serving beside the new one until the KPI decides
+    run = run_optimizer(store, cfg, now=NOW + timedelta(days=9, hours=3), random_state=0)
+    assert run is not None
+    allocation = run.allocation["segments"]["*"]
+    assert allocation[first_arm] > 0 and allocation[second] > 0
+    assert store.arm_statuses("exp")[first_arm] == "active"
+
+    # a provider outage never costs the optimizer its snapshot
+    for i in range(2, 4):
+        _session(store, f"n{i}", "q", "a", at=NOW + timedelta(days=10, hours=i), converted=True)
+    server.fail_create = True
+    before = run.snapshot_version
+    failed = run_optimizer(
+        store, cfg, now=NOW + timedelta(days=18), random_state=0, fewshot=False, finetune=hooks
+    )
+    assert failed is not None and failed.snapshot_version == before + 1
+    assert "failed to start" in failed.finetune["error"]
+    assert jobs(store, "exp")[0].status == "failed"
+
+
+def test_the_spending_cap_counts_what_the_provider_billed(
+    sqlite_store: Store, server: Recorder, tmp_path: Path
+) -> None:
+    store = sqlite_store
+    cfg = _config(server.base, usd_per_mtok_trained=1000.0)
+    _seed(store, cfg)
+    provider = LiteLLMFineTuneProvider("openai", api_base=server.base)
+    server.trained_tokens = 50_000  # the bill: $50 at $1000/M, far above the estimate
+    first = start_job(store, cfg, provider, tmp_path, now=NOW)
+    estimate = first.estimated_cost_usd
+    assert first.trained_tokens is None and first.actual_cost_usd is None
+    assert spent(store, cfg, now=NOW) == pytest.approx(estimate)  # running: the estimate
+    poll_job(store, cfg, provider, first.id, now=NOW)
+    done = poll_job(store, cfg, provider, first.id, now=NOW)
+    assert done.trained_tokens == 50_000
+    assert done.actual_cost_usd == pytest.approx(50.0)
+    assert spent(store, cfg, now=NOW) == pytest.approx(50.0)
+    # the next job: $50 billed + its own estimate must fit the cap
+    tight = _config(server.base, usd_per_mtok_trained=1000.0, spend_cap_usd=50.0 + estimate / 2)
+    with pytest.raises(FineTuneError, match=r"\(50\.00 spent"):
+        start_job(store, tight, provider, tmp_path, now=NOW)
+    roomy = _config(server.base, usd_per_mtok_trained=1000.0, spend_cap_usd=50.0 + estimate * 1.5)
+    assert start_job(store, roomy, provider, tmp_path, now=NOW).status == "running"
+    # a bill below the estimate frees room the estimate would have held
+    server.trained_tokens = 1
+    cheap = start_job(store, roomy, provider, tmp_path, now=NOW + timedelta(days=31))
+    for _ in range(2):
+        poll_job(store, roomy, provider, cheap.id, now=NOW + timedelta(days=31))
+    assert jobs(store, "exp")[0].actual_cost_usd == pytest.approx(0.001)
+    assert spent(store, roomy, now=NOW + timedelta(days=31)) == pytest.approx(0.001)
+
+
+async def test_the_servers_optimizer_loop_follows_the_job_to_its_arm(
+    sqlite_store: Store, server: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from chatbot.runtime import Runtime
+    from chatbot.web.server import run_optimizer_periodically
+
+    monkeypatch.chdir(tmp_path)  # finetune.out_dir is relative to the working directory
+    cfg = _config(server.base)
+    runtime = Runtime.build(cfg, store=sqlite_store)
+    assert runtime.finetune_hooks is not None
+    _seed(sqlite_store, cfg)
+    job = start_job(sqlite_store, cfg, runtime.finetune_hooks.provider, tmp_path, now=NOW)
+    task = asyncio.create_task(run_optimizer_periodically(runtime, 0.05))
+    try:
+        for _ in range(600):
+            if jobs(sqlite_store, "exp")[0].status == "succeeded":
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+    done = jobs(sqlite_store, "exp")[0]
+    assert done.id == job.id and done.status == "succeeded"
+    assert sqlite_store.arm_statuses("exp")[job.id] == "active"
+    runtime.close()
+
+
+class _CrashingProvider:
+    """A process that dies mid-upload (the provider never answers)."""
+
+    name = "openai"
+    formats = frozenset({"openai-sft"})
+
+    def upload(self, path: Path) -> str:
+        raise KeyboardInterrupt
+
+    def create_job(self, **kwargs: Any) -> str:
+        raise AssertionError("never reached")
+
+    def retrieve(self, job_id: str) -> JobState:
+        raise AssertionError("never reached")
+
+
+def test_a_start_interrupted_by_a_crash_does_not_block_retraining_for_ever(
+    sqlite_store: Store, server: Recorder, tmp_path: Path
+) -> None:
+    store = sqlite_store
+    cfg = _config(server.base, retrain_interval_days=1)
+    _seed(store, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        start_job(store, cfg, _CrashingProvider(), tmp_path, now=NOW)
+    stuck = jobs(store, "exp")[0]
+    assert stuck.status == "created"
+    hooks = FineTuneHooks(LiteLLMFineTuneProvider("openai", api_base=server.base), tmp_path)
+    later = NOW + timedelta(days=2)  # retraining would be due, but a job "runs"
+    assert retrain_due(store, cfg, now=later) is None
+    assert "interrupted" not in finetune_step(store, cfg, hooks, now=NOW + timedelta(minutes=30))
+    step = finetune_step(store, cfg, hooks, now=later)
+    assert step["interrupted"] == [stuck.id] and step["started"] is not None
+    failed = {j.id: j for j in jobs(store, "exp")}[stuck.id]
+    assert failed.status == "failed" and "interrupted" in (failed.error or "")

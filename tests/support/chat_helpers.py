@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+
 from chatbot.langfuse.tracer import Tracer
 from chatbot.runtime import Runtime
 from optimizer.config import (
@@ -87,3 +89,14 @@ def make_runtime(store: Store, *, tracer: Tracer | None = None, **config: Any) -
         tracer=tracer if tracer is not None else RecordingTracer(),
         migrate=False,
     )
+
+
+def commit_counter(engine: sa.Engine) -> list[int]:
+    """A counter of committed transactions (SQLAlchemy's own event, at the boundary)."""
+    count = [0]
+
+    @sa.event.listens_for(engine, "commit")
+    def on_commit(_conn: Any) -> None:
+        count[0] += 1
+
+    return count

@@ -32,6 +32,8 @@ class Recorder(ThreadingHTTPServer):
         self.script: list[str] = ["running", "succeeded"]
         self.fail_create = False
         self.reply = "Tuned hello."
+        #: what a succeeded job reports as ``trained_tokens`` (the bill)
+        self.trained_tokens = 1234
 
     @property
     def base(self) -> str:
@@ -55,7 +57,8 @@ def _job_body(job: dict[str, Any]) -> dict[str, Any]:
         "validation_file": None,
         "training_file": job["training_file"],
         "hyperparameters": job["hyperparameters"],
-        "trained_tokens": 1234 if job["status"] == "succeeded" else None,
+        "method": job["method"],
+        "trained_tokens": job["trained_tokens"] if job["status"] == "succeeded" else None,
         "error": (
             {"code": "invalid_training_file", "message": "too few examples", "param": None}
             if job["status"] == "failed"
@@ -83,7 +86,9 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
         srv = self.server
-        srv.requests.append({"method": "POST", "path": self.path, "body": body})
+        srv.requests.append(
+            {"method": "POST", "path": self.path, "body": body, "headers": dict(self.headers)}
+        )
         if self.path.endswith("/files"):
             head = f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode()
             message = BytesParser(policy=HTTP).parsebytes(head + body)
@@ -119,7 +124,10 @@ class _Handler(BaseHTTPRequestHandler):
                 "model": data["model"],
                 "training_file": data["training_file"],
                 "hyperparameters": data.get("hyperparameters") or {},
+                "method": data.get("method")
+                or {"type": "supervised", "supervised": {"hyperparameters": {}}},
                 "suffix": data.get("suffix"),
+                "trained_tokens": srv.trained_tokens,
                 "status": "validating_files",
                 "script": list(srv.script),
             }

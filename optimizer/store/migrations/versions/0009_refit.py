@@ -4,8 +4,8 @@ Table ``refit_state`` (optimizer.refit_state): per experiment and part, the sums
 the sessions whose KPI windows have closed, and the watermarks up to which events
 were folded in. A cache: dropping its rows costs one full recomputation.
 
-Revision ID: 0008_refit
-Revises: 0007_proposer
+Revision ID: 0009_refit
+Revises: 0008_models2
 Create Date: 2026-12-05 15:00:00
 """
 
@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0008_refit"
-down_revision = "0007_proposer"
+revision = "0009_refit"
+down_revision = "0008_models2"
 branch_labels = None
 depends_on = None
 
