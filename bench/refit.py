@@ -1,34 +1,40 @@
-"""Optimizer re-fit time and peak memory on 10k, 100k and 1M synthetic sessions.
+"""Optimizer refit time and peak memory as history grows: incremental vs full recomputation.
 
-Builds a SQLite store per size (bulk insert, not timed) with the default KPI of
-``flywheel.toml`` — conversion (7-day window), thumbs up, support minutes,
-revenue — five arms, two turns per session, a vote on a quarter of the turns,
-conversions arriving over days. Then, each in a fresh process so peak RSS is
-the measured work's own:
+Builds a store per size with a **constant traffic** of 16,667 sessions a day
+(1M sessions = 60 days, 10M = 600 days), so a bigger store is a *longer
+history*, not a busier one — what "cost flat in history" is about. The KPI
+is ``flywheel.toml``'s default (conversion 7 days, thumbs up, support minutes,
+revenue 30 days: the open window is a month of traffic, ~520k sessions), five
+arms, 5% holdback, 20% returning users, two turns a session, a vote on a
+quarter of the turns, conversions arriving over days. Data are written with
+bulk inserts (``executemany`` on SQLite, ``COPY`` on PostgreSQL), not the ORM;
+the build time is printed.
 
-- ``run_optimizer(fewshot=False)`` once — the re-fit: KPI frame, guardrails incl.
-  the p95-latency one, policy fit, SRM, snapshot write — with ``kpi.session_frame``
-  and the policy fit timed separately in the same process; then, on its own, the
-  few-shot step the job runs after the re-fit by default (``job.fewshot_step``);
-- the baseline: the same sessions and conversions read with one SQL query each
-  into pandas and a plain ``groupby("arm_id").mean()`` — the least any per-arm
-  estimate from this store costs.
+Then, each in a fresh process so the peak RSS is the measured work's own:
 
-Wall and CPU time are both printed: on a shared machine the wall time includes
-waiting for a core, the process CPU time does not. Each size is measured in
-``--repeat`` fresh processes (default 3; the few-shot step in the first only):
-the table shows the median run and the range. Targets: 1M sessions ≤ 10 s
-(wall) and ≤ 2 GB.
+- **cold**: ``run_optimizer(fewshot=False)`` on the incremental path with no
+  kept state — it seals every closed day once (O(history), once);
+- **warm**: one hour later, after a new hour of traffic plus 5 late outcomes
+  and 5 changed votes on sessions of closed days — the steady state, what every refit
+  costs (touched days recomputed, the open window read);
+- **baseline, full**: ``run_optimizer(incremental=False)`` at the same time — the
+  full recomputation (``--full-max`` sizes only: at 10M it needs more memory than
+  a shared machine has);
+- **baseline, groupby**: the sessions and conversions read with one query each
+  and ``groupby("arm_id").mean()`` — the least any full read costs.
+
+Targets (issue 18): warm refit at 10M ≤ 2 s and ≤ 1 GB, ≤ 1.5× the warm time at 1M.
 
 Usage::
 
-    python bench/refit.py                  # 10k, 100k, 1M
-    python bench/refit.py --sizes 10000 100000
+    python bench/refit.py --sizes 100000 1000000
+    python bench/refit.py --sizes 10000000 --engine postgresql --keep /tmp/refit
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import resource
@@ -37,20 +43,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 ARMS = ("concise", "empathetic", "proactive-upsell", "concise+fixed", "concise+retrieved")
 EXPERIMENT = "refit-bench"
 START = datetime(2025, 1, 6, tzinfo=UTC)
-DAYS = 60
-TARGET_S, TARGET_GB = 10.0, 2.0
+PER_DAY = 1_000_000 / 60
+CHUNK = 250_000
+TARGET_S, TARGET_GB, TARGET_RATIO = 2.0, 1.0, 1.5
 
 
 def _config() -> Any:
@@ -62,178 +70,348 @@ def _config() -> Any:
                 "id": EXPERIMENT,
                 "salt": EXPERIMENT,
                 "champion": ARMS[0],
+                "holdback": 0.05,
                 "arms": [{"id": a, "prompt": a} for a in ARMS],
             }
         }
     )
 
 
-def _ts(base: datetime, seconds: np.ndarray) -> list[str]:
-    """Timestamps as SQLAlchemy stores them in SQLite ("YYYY-MM-DD HH:MM:SS.ffffff", UTC)."""
-    epoch = np.datetime64(base.replace(tzinfo=None), "us")
+def days_for(n: int) -> float:
+    return n / PER_DAY
+
+
+def _ts(seconds: np.ndarray, pg: bool) -> np.ndarray:
+    if not len(seconds):
+        return np.array([], dtype=str)
+    epoch = np.datetime64(START.replace(tzinfo=None), "us")
     stamps = epoch + (seconds * 1e6).astype("timedelta64[us]")
-    return [s.replace("T", " ") for s in np.datetime_as_string(stamps, unit="us")]
+    text = np.char.replace(np.datetime_as_string(stamps, unit="us"), "T", " ")
+    return np.char.add(text, "+00") if pg else text
 
 
-def build(path: Path, n: int, seed: int = 0) -> dict[str, int]:
-    """Write ``n`` sessions with their turns, votes and outcomes into a new SQLite store."""
+def chunks(
+    n: int, seed: int = 0, turn_days: float | None = None
+) -> Iterator[dict[str, pd.DataFrame]]:
+    """Rows of every table, ``CHUNK`` sessions at a time, in time order.
+
+    ``turn_days``: only the sessions of that many last days have turns and votes
+    (older ones none, and counts of 0 on their assignment), to build 10M-session
+    histories in minutes on a shared machine: no refit reads old turns (a refit
+    reads the counts kept on assignments; the latency guardrail the newest turns).
+    """
+    rng = np.random.default_rng(seed)
+    span = days_for(n) * 86400
+    for lo in range(0, n, CHUNK):
+        hi = min(lo + CHUNK, n)
+        k = hi - lo
+        idx = np.arange(lo, hi)
+        t = np.sort(rng.uniform(lo / n * span, hi / n * span, k))
+        arm = rng.integers(0, len(ARMS), k)
+        holdback = rng.random(k) < 0.05
+        arm[holdback] = 0
+        returning = (rng.random(k) < 0.2) & (idx > 1000)
+        user = np.where(returning, (idx * 0.5).astype(np.int64), idx)
+        sid = np.char.add("s", idx.astype(str))
+        uid = np.char.add("u", user.astype(str))
+        turn_s = np.repeat(np.arange(k), 2)
+        turn_k = np.tile([0, 1], k)
+        turn_t = t[turn_s] + 60 * (turn_k + 1)
+        turn_id = np.char.add(np.char.add(sid[turn_s], ":t"), turn_k.astype(str))
+        errors = rng.random(2 * k) < 0.01
+        voted = (rng.random(2 * k) < 0.25) & ~errors
+        chatted = np.ones(2 * k, dtype=bool)
+        if turn_days is not None:
+            chatted = t[turn_s] >= span - turn_days * 86400
+            errors &= chatted
+            voted &= chatted
+        up = rng.random(2 * k) < 0.75
+
+        def per(flags: np.ndarray, turn_s: np.ndarray = turn_s, k: int = k) -> np.ndarray:
+            return np.bincount(turn_s, weights=flags, minlength=k).astype(int)
+
+        yield_assign = pd.DataFrame(
+            {
+                "session_id": sid,
+                "user_id": uid,
+                "experiment_id": EXPERIMENT,
+                "arm_id": np.array(ARMS)[arm],
+                "propensity": 0.2,
+                "segment": "*",
+                "context": "{}",
+                "simulated": True,
+                "assigned_s": t,
+                "sticky": False,
+                "holdback": holdback,
+                "turns": per(chatted),
+                "errors": per(errors),
+                "rated": per(voted),
+                "thumbs_up": per(voted & up),
+                "thumbs_down": per(voted & ~up),
+            }
+        )
+        turns = pd.DataFrame(
+            {
+                "id": turn_id,
+                "session_id": sid[turn_s],
+                "user_id": uid[turn_s],
+                "experiment_id": EXPERIMENT,
+                "arm_id": np.array(ARMS)[arm][turn_s],
+                "prompt_id": np.array(ARMS)[arm][turn_s],
+                "prompt_hash": "bench",
+                "fewshot_ids": "[]",
+                "model": "bench",
+                "user_message": "",
+                "reply": "",
+                "latency_ms": np.exp(np.log(800) + 0.3 * rng.standard_normal(2 * k)),
+                "error": np.where(errors, "error", ""),
+                "created_s": turn_t,
+            }
+        )[chatted]
+        turns["error"] = turns["error"].replace("", None)
+        v = np.flatnonzero(voted)
+        votes = pd.DataFrame(
+            {
+                "turn_id": turn_id[v],
+                "session_id": sid[turn_s[v]],
+                "user_id": uid[turn_s[v]],
+                "value": up[v].astype(int),
+                "created_s": turn_t[v] + 20,
+            }
+        )
+        converted = np.flatnonzero(rng.random(k) < 0.03 + 0.005 * arm)
+        conv_t = t[converted] + rng.exponential(1.5 * 86400, len(converted))
+        support = np.flatnonzero(rng.random(k) < 0.3)
+        parts = []
+        for name, rows, when, values in (
+            ("conversion", converted, conv_t, np.ones(len(converted))),
+            ("revenue", converted, conv_t, rng.exponential(40, len(converted))),
+            ("support_minutes", support, t[support] + 3600, rng.exponential(6, len(support))),
+        ):
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "idempotency_key": np.char.add(sid[rows], f":{name}"),
+                        "session_id": sid[rows],
+                        "user_id": uid[rows],
+                        "name": name,
+                        "value": values,
+                        "occurred_s": when,
+                    }
+                )
+            )
+        outcomes = pd.concat(parts, ignore_index=True).sort_values("occurred_s", kind="stable")
+        yield {"assignments": yield_assign, "turns": turns, "votes": votes, "outcomes": outcomes}
+
+
+_COLUMNS = {
+    "assignments": (
+        "session_id, user_id, experiment_id, arm_id, propensity, segment, context, simulated,"
+        " assigned_at, sticky, holdback, turns, errors, rated, thumbs_up, thumbs_down"
+    ),
+    "turns": (
+        "id, session_id, user_id, experiment_id, arm_id, prompt_id, prompt_hash, fewshot_ids,"
+        " model, user_message, reply, latency_ms, error, created_at"
+    ),
+    "feedback_events": "turn_id, session_id, user_id, kind, value, created_at",
+    "feedback": "turn_id, session_id, user_id, value, created_at, updated_at",
+    "outcomes": (
+        "idempotency_key, session_id, user_id, name, value, occurred_at, received_at, source, extra"
+    ),
+}
+
+
+def _tables(chunk: dict[str, pd.DataFrame], pg: bool) -> dict[str, pd.DataFrame]:
+    """The chunk's rows in each table's column order, timestamps as text."""
+    a, t, v, o = chunk["assignments"], chunk["turns"], chunk["votes"], chunk["outcomes"]
+    a = a.assign(assigned_s=_ts(a["assigned_s"].to_numpy(), pg))
+    t = t.assign(created_s=_ts(t["created_s"].to_numpy(), pg))
+    stamp = _ts(v["created_s"].to_numpy(), pg)
+    events = pd.DataFrame(
+        {
+            "turn_id": v["turn_id"],
+            "session_id": v["session_id"],
+            "user_id": v["user_id"],
+            "kind": "upsert",
+            "value": v["value"],
+            "created_at": stamp,
+        }
+    )
+    current = events.drop(columns="kind").assign(updated_at=stamp)
+    occurred = _ts(o["occurred_s"].to_numpy(), pg)
+    outcomes = o.drop(columns="occurred_s").assign(
+        occurred_at=occurred, received_at=occurred, source="bench", extra="{}"
+    )
+    if not pg:
+        for frame in (a,):
+            for col in ("simulated", "sticky", "holdback"):
+                frame[col] = frame[col].astype(int)
+    return {
+        "assignments": a,
+        "turns": t,
+        "feedback_events": events,
+        "feedback": current,
+        "outcomes": outcomes,
+    }
+
+
+def _prepare(url: str) -> None:
     from optimizer.store import ArmSpec, Store
 
-    store = Store(f"sqlite:///{path}")
+    store = Store(url)
     store.upgrade()
     store.sync_experiment(EXPERIMENT, EXPERIMENT, [ArmSpec(a, a, "bench") for a in ARMS], at=START)
     store.dispose()
-    rng = np.random.default_rng(seed)
-    arm = rng.integers(0, len(ARMS), n)
-    t = np.sort(rng.uniform(0, DAYS * 86400, n))
-    sid = [f"s{i}" for i in range(n)]
-    uid = [f"u{i}" for i in range(n)]
-    arm_id = [ARMS[a] for a in arm]
-    assigned = _ts(START, t)
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA synchronous=OFF")
-    conn.executemany(
-        "INSERT INTO assignments (session_id, user_id, experiment_id, arm_id, propensity,"
-        " snapshot_version, segment, context, simulated, assigned_at)"
-        " VALUES (?, ?, ?, ?, 0.2, NULL, '*', '{}', 1, ?)",
-        zip(sid, uid, [EXPERIMENT] * n, arm_id, assigned, strict=True),
-    )
-    # two turns a session, a minute apart; latency lognormal; 1% errors
-    turn_session = np.repeat(np.arange(n), 2)
-    k = np.tile([0, 1], n)
-    turn_t = t[turn_session] + 60 * (k + 1)
-    turn_ids = [f"s{i}:t{j}" for i, j in zip(turn_session, k, strict=True)]
-    latency = np.exp(np.log(800) + 0.3 * rng.standard_normal(2 * n))
-    errors = rng.random(2 * n) < 0.01
-    conn.executemany(
-        "INSERT INTO turns (id, session_id, user_id, experiment_id, arm_id, prompt_id, prompt_hash,"
-        " fewshot_ids, model, user_message, reply, latency_ms, error, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, 'bench', '[]', 'bench', '', '', ?, ?, ?)",
-        (
-            (
-                turn_ids[j],
-                sid[i],
-                uid[i],
-                EXPERIMENT,
-                arm_id[i],
-                arm_id[i],
-                float(latency[j]),
-                "error" if errors[j] else None,
-                ts,
+
+
+def build(url: str, n: int, turn_days: float | None = None) -> dict[str, int]:
+    """Write ``n`` sessions with their turns, votes and outcomes into a new store at ``url``."""
+    _prepare(url)
+    counts = dict.fromkeys(_COLUMNS, 0)
+    pg = url.startswith("postgresql")
+    if pg:
+        import psycopg
+
+        from optimizer.store import make_engine
+
+        dsn = make_engine(url).url.set(drivername="postgresql").render_as_string(False)
+        with psycopg.connect(dsn) as conn:
+            for chunk in chunks(n, turn_days=turn_days):
+                for table, frame in _tables(chunk, True).items():
+                    buf = io.StringIO()
+                    frame.to_csv(buf, sep="\t", header=False, index=False, na_rep="\\N")
+                    with conn.cursor().copy(f"COPY {table} ({_COLUMNS[table]}) FROM STDIN") as cp:
+                        cp.write(buf.getvalue())
+                    counts[table] += len(frame)
+                conn.commit()
+            conn.execute("ANALYZE")
+        return counts
+    path = url.removeprefix("sqlite:///")
+    lite = sqlite3.connect(path)
+    lite.execute("PRAGMA synchronous=OFF")
+    lite.execute("PRAGMA journal_mode=WAL")
+    for chunk in chunks(n, turn_days=turn_days):
+        for table, frame in _tables(chunk, False).items():
+            marks = ", ".join("?" * len(frame.columns))
+            lite.executemany(
+                f"INSERT INTO {table} ({_COLUMNS[table]}) VALUES ({marks})",
+                frame.itertuples(index=False, name=None),
             )
-            for j, (i, ts) in enumerate(zip(turn_session, _ts(START, turn_t), strict=True))
-        ),
-    )
-    voted = np.flatnonzero((rng.random(2 * n) < 0.25) & ~errors)
-    up = rng.random(len(voted)) < 0.75
-    vote_ts = _ts(START, turn_t[voted] + 20)
-    votes = [
-        (turn_ids[j], sid[turn_session[j]], uid[turn_session[j]], int(u), ts)
-        for j, u, ts in zip(voted, up, vote_ts, strict=True)
+            counts[table] += len(frame)
+        lite.commit()
+    lite.execute("ANALYZE")
+    lite.close()
+    return counts
+
+
+def add_hour(url: str, n: int, now: datetime) -> None:
+    """An hour of new traffic, plus 5 late outcomes and 5 changed votes on closed sessions."""
+    from optimizer.store import AssignmentRecord, OutcomeRecord, Store
+
+    store = Store(url)
+    rng = np.random.default_rng(1)
+    per_hour = int(PER_DAY / 24)
+    a = [
+        AssignmentRecord(
+            f"new{now.timestamp():.0f}-{i}",
+            f"newuser{i}",
+            EXPERIMENT,
+            ARMS[i % len(ARMS)],
+            0.2,
+            None,
+            "*",
+            {},
+            now - timedelta(seconds=3600 - i * 3600 / per_hour),
+        )
+        for i in range(per_hour)
     ]
-    conn.executemany(
-        "INSERT INTO feedback_events (turn_id, session_id, user_id, kind, value, created_at)"
-        " VALUES (?, ?, ?, 'upsert', ?, ?)",
-        votes,
-    )
-    conn.executemany(
-        "INSERT INTO feedback (turn_id, session_id, user_id, value, created_at, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        ((a, b, c, d, e, e) for a, b, c, d, e in votes),
-    )
-    # conversions 3-5% by arm, exponential delay (mean 1.5 days); revenue with them;
-    # support minutes for 30% of sessions an hour later
-    converted = np.flatnonzero(rng.random(n) < 0.03 + 0.005 * arm)
-    conv_t = t[converted] + rng.exponential(1.5 * 86400, len(converted))
-    support = np.flatnonzero(rng.random(n) < 0.3)
-    support_t = t[support] + 3600
-    rows = []
-    for name, idx, when, values in (
-        ("conversion", converted, conv_t, np.ones(len(converted))),
-        ("revenue", converted, conv_t, rng.exponential(40, len(converted))),
-        ("support_minutes", support, support_t, rng.exponential(6, len(support))),
-    ):
-        for i, ts, v in zip(idx, _ts(START, when), values, strict=True):
-            rows.append((f"{sid[i]}:{name}", sid[i], uid[i], name, float(v), ts, ts))
-    conn.executemany(
-        "INSERT INTO outcomes (idempotency_key, session_id, user_id, name, value, occurred_at,"
-        " received_at, source, extra) VALUES (?, ?, ?, ?, ?, ?, ?, 'bench', '{}')",
-        rows,
-    )
-    conn.commit()
-    conn.close()
-    store = Store(f"sqlite:///{path}")
-    store.refresh_session_counts()  # what record_turn / record_feedback keep one at a time
+    from optimizer.store import schema
+    from optimizer.store.store import assignment_row
+
+    with store.engine.begin() as conn:
+        conn.execute(schema.assignments.insert(), [assignment_row(r) for r in a])
+    old = rng.integers(0, n // 2, 5)
+    for i in old:  # late conversions of sealed sessions
+        store.record_outcome(
+            OutcomeRecord(
+                f"late-{now.timestamp():.0f}-{i}",
+                "conversion",
+                1.0,
+                session_id=f"s{i}",
+                occurred_at=START + timedelta(seconds=float(i) / PER_DAY * 86400 + 7200),
+            ),
+            received_at=now,
+        )
+    with store.engine.connect() as conn:
+        turns = conn.execute(
+            schema.turns.select()
+            .with_only_columns(schema.turns.c.id, schema.turns.c.user_id)
+            .where(schema.turns.c.session_id.in_([f"s{i}" for i in old]))
+        ).all()
+    for turn_id, user_id in turns[:5]:  # votes changed long after the chat
+        store.record_feedback(turn_id, user_id, int(rng.integers(2)), at=now)
     store.dispose()
-    return {"sessions": n, "turns": 2 * n, "votes": len(votes), "outcomes": len(rows)}
+
+
+def reset(url: str) -> None:
+    """A kept store back to its built state: no refit state, no added hour, no snapshots."""
+    import sqlalchemy as sa
+
+    from optimizer.store import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for statement in (
+            "DELETE FROM refit_state",
+            "DELETE FROM policy_snapshots",
+            "DELETE FROM arm_events WHERE actor = 'optimizer'",
+            "DELETE FROM assignments WHERE session_id LIKE 'new%'",
+            "DELETE FROM outcomes WHERE idempotency_key LIKE 'late-%'",
+        ):
+            conn.execute(sa.text(statement))
+    engine.dispose()
 
 
 def _rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB.
-
-    Linux's ``VmHWM`` belongs to the process image; ``ru_maxrss`` would carry
-    over the parent's peak across fork + exec (the build's, here).
-    """
+    """Peak resident set size of this process so far, in MB (``VmHWM``)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_optimizer(url: str, fewshot: bool = True) -> dict[str, Any]:
-    """In this (fresh) process: run_optimizer once, plus its two heavy parts timed alone."""
-    from optimizer import kpi
-    from optimizer.policy import make_policy
-    from optimizer.refit import fewshot_step, run_optimizer
+def measure(url: str, now: datetime, incremental: bool) -> dict[str, Any]:
+    """In this (fresh) process: one run_optimizer (no few-shot step)."""
+    from optimizer.refit import run_optimizer
     from optimizer.store import Store
 
-    config = _config()
     store = Store(url)
-    now = START + timedelta(days=DAYS + 1)
-    rss_before = _rss_mb()
+    before = _rss_mb()
     tic, cpu = time.perf_counter(), time.process_time()
-    run = run_optimizer(store, config, now=now, random_state=0, fewshot=False)
-    total, total_cpu = time.perf_counter() - tic, time.process_time() - cpu
-    rss_peak = _rss_mb()
+    run = run_optimizer(
+        store, _config(), now=now, random_state=0, fewshot=False, incremental=incremental
+    )
     assert run is not None
-    # The few-shot step the job runs after the re-fit by default, timed on its own.
-    tic = time.perf_counter()
-    step = fewshot_step(store, config, now=now) if fewshot else {}
-    t_fewshot = time.perf_counter() - tic
-    fewshot_rss = _rss_mb()
-    tic = time.perf_counter()
-    frame = kpi.session_frame(store, config, now=now)
-    t_frame = time.perf_counter() - tic
-    tic = time.perf_counter()
-    make_policy(config.policy, random_state=0).fit(frame, list(ARMS), champion=ARMS[0])
-    t_fit = time.perf_counter() - tic
     return {
-        "run_optimizer_s": total,
-        "run_optimizer_cpu_s": total_cpu,
-        "session_frame_s": t_frame,
-        "fit_s": t_fit,
+        "s": time.perf_counter() - tic,
+        "cpu_s": time.process_time() - cpu,
+        "rss_mb": _rss_mb(),
+        "rss_before_mb": before,
         "sessions": run.sessions,
-        "complete_sessions": run.complete_sessions,
-        "peak_rss_mb": rss_peak,
-        "fewshot_s": t_fewshot,
-        "fewshot_error": step.get("error"),
-        "fewshot_peak_rss_mb": fewshot_rss,
-        "rss_before_mb": rss_before,
+        "load": os.getloadavg()[0],
     }
 
 
-def measure_baseline(url: str) -> dict[str, Any]:
+def measure_groupby(url: str) -> dict[str, Any]:
     """In this (fresh) process: conversion rate per arm with one query per table + groupby."""
-    import pandas as pd
     import sqlalchemy as sa
 
     from optimizer.store import Store
 
     store = Store(url)
-    rss_before = _rss_mb()
     tic, cpu = time.perf_counter(), time.process_time()
     with store.engine.connect() as conn:
         sessions = pd.read_sql(
@@ -245,138 +423,163 @@ def measure_baseline(url: str) -> dict[str, Any]:
             sa.text("SELECT session_id, value FROM outcomes WHERE name = 'conversion'"), conn
         )
     frame = sessions.merge(conversions, on="session_id", how="left").fillna({"value": 0.0})
-    means = frame.groupby("arm_id")["value"].mean()
-    elapsed, elapsed_cpu = time.perf_counter() - tic, time.process_time() - cpu
+    frame.groupby("arm_id")["value"].mean()
     return {
-        "baseline_s": elapsed,
-        "baseline_cpu_s": elapsed_cpu,
-        "baseline_peak_rss_mb": _rss_mb(),
-        "baseline_rss_before_mb": rss_before,
-        "arms": len(means),
+        "s": time.perf_counter() - tic,
+        "cpu_s": time.process_time() - cpu,
+        "rss_mb": _rss_mb(),
+        "load": os.getloadavg()[0],
     }
 
 
-def _subprocess(kind: str, url: str, *extra: str) -> dict[str, Any]:
+def _subprocess(*args: str) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, __file__, f"--_{kind}", url, *extra],
-        check=True,
-        capture_output=True,
-        text=True,
+        [sys.executable, __file__, *args], check=True, capture_output=True, text=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _url(engine: str, folder: Path, n: int) -> str:
+    if engine == "sqlite":
+        return f"sqlite:///{folder / f'refit_{n}.db'}"
+    base = os.environ.get("FLYWHEEL_BENCH_POSTGRES_URL") or os.environ.get(
+        "FLYWHEEL_TEST_POSTGRES_URL", ""
+    )
+    if not base:
+        raise SystemExit("set FLYWHEEL_BENCH_POSTGRES_URL for --engine postgresql")
+    import sqlalchemy as sa
+
+    schema = f"refit_{n}"
+    url = sa.engine.make_url(base)
+    return url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+        hide_password=False
+    )
+
+
+def _has_data(url: str) -> bool:
+    import sqlalchemy as sa
+
+    from optimizer.store import make_engine
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return bool(conn.execute(sa.text("SELECT count(*) FROM assignments")).scalar())
+    except sa.exc.DBAPIError:
+        return False
+    finally:
+        engine.dispose()
+
+
+def _ensure_schema(url: str) -> None:
+    import sqlalchemy as sa
+
+    from optimizer.store import make_engine
+
+    schema = str(dict(sa.engine.make_url(url).query)["options"]).split("=", 1)[1]
+    base = sa.engine.make_url(url).difference_update_query(["options"])
+    engine = make_engine(base.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    engine.dispose()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--engine", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--keep", type=Path, help="build SQLite files here and keep them")
     parser.add_argument(
-        "--keep", type=Path, help="build the databases in this folder and keep them"
-    )
-    parser.add_argument(
-        "--repeat",
+        "--full-max",
         type=int,
-        default=3,
-        help="fresh-process runs per size (the median is shown, with the range; default 3)",
+        default=1_000_000,
+        help="run the full-recomputation baseline up to this size (default 1M)",
     )
     parser.add_argument(
-        "--_no-fewshot", dest="no_fewshot", action="store_true", help=argparse.SUPPRESS
+        "--turn-days",
+        type=float,
+        help="turns and votes only for the last N days of sessions (see chunks())",
     )
-    parser.add_argument("--_optimizer", dest="optimizer_url", help=argparse.SUPPRESS)
-    parser.add_argument("--_baseline", dest="baseline_url", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--_measure", nargs=3, metavar=("URL", "NOW", "MODE"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--_groupby", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.optimizer_url:
-        print(json.dumps(measure_optimizer(args.optimizer_url, fewshot=not args.no_fewshot)))
+    if args._measure:
+        url, now, mode = args._measure
+        print(json.dumps(measure(url, datetime.fromisoformat(now), mode != "full")))
         return 0
-    if args.baseline_url:
-        print(json.dumps(measure_baseline(args.baseline_url)))
+    if args._groupby:
+        print(json.dumps(measure_groupby(args._groupby)))
         return 0
 
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=200)
     rows = []
     with tempfile.TemporaryDirectory(prefix="flywheel-refit-") as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for n in args.sizes:
-            path = folder / f"refit_{n}.db"
-            if not path.exists():
+            url = _url(args.engine, folder, n)
+            build_s = None
+            if not _has_data(url):
+                if args.engine == "postgresql":
+                    _ensure_schema(url)
                 tic = time.perf_counter()
-                counts = build(path, n)
-                console.print(
-                    f"built {n:,} sessions ({counts['turns']:,} turns, {counts['votes']:,} votes, "
-                    f"{counts['outcomes']:,} outcomes) in {time.perf_counter() - tic:.0f} s",
-                    style="dim",
+                counts = build(url, n, turn_days=args.turn_days)
+                build_s = time.perf_counter() - tic
+                print(
+                    f"built {n:,} sessions ({counts['turns']:,} turns, {counts['feedback']:,} "
+                    f"votes, {counts['outcomes']:,} outcomes) in {build_s:.0f} s, "
+                    f"load {os.getloadavg()[0]:.1f}",
+                    flush=True,
                 )
-            url = f"sqlite:///{path}"
-            # Timings move by ±20% between runs on a shared machine: the median of
-            # --repeat fresh processes each, the baseline's and ours interleaved.
-            bases, opts = [], []
-            for i in range(args.repeat):
-                bases.append(_subprocess("baseline", url))
-                opts.append(_subprocess("optimizer", url, *(["--_no-fewshot"] if i else [])))
-            assert all(o["sessions"] == n for o in opts), opts
-            walls = sorted(o["run_optimizer_s"] for o in opts)
-            opt = sorted(opts, key=lambda o: o["run_optimizer_s"])[len(opts) // 2]
-            base = sorted(bases, key=lambda b: b["baseline_s"])[len(bases) // 2]
-            first = opts[0]  # the run that also timed the few-shot step
-            rows.append(
-                {
-                    "n": n,
-                    **opt,
-                    **base,
-                    "range": (walls[0], walls[-1]),
-                    "peak_rss_mb": max(o["peak_rss_mb"] for o in opts),
-                    **{k: first[k] for k in ("fewshot_s", "fewshot_error", "fewshot_peak_rss_mb")},
-                }
+            reset(url)
+            now = START + timedelta(days=days_for(n) + 0.5)
+            cold = _subprocess("--_measure", url, now.isoformat(), "incremental")
+            later = now + timedelta(hours=1)
+            add_hour(url, n, later)
+            warm = _subprocess("--_measure", url, later.isoformat(), "incremental")
+            full = (
+                _subprocess("--_measure", url, later.isoformat(), "full")
+                if n <= args.full_max
+                else None
             )
+            groupby = _subprocess("--_groupby", url)
+            row = {
+                "n": n,
+                "engine": args.engine,
+                "days": days_for(n),
+                "build_s": build_s,
+                "cold": cold,
+                "warm": warm,
+                "full": full,
+                "groupby": groupby,
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
-    table = Table(title="Optimizer re-fit on SQLite (fresh process per measurement)")
-    for col in (
-        "sessions",
-        "run_optimizer (median)",
-        "range",
-        "(CPU)",
-        "session_frame",
-        "policy fit",
-        "peak RSS",
-        "baseline groupby",
-        "(CPU)",
-        "baseline RSS",
-        "run_optimizer / baseline (CPU)",
-        "target",
-        "then few-shot step",
-    ):
-        table.add_column(col, justify="right")
+    print()
+    print(
+        "| engine | sessions (days) | warm refit | CPU | peak RSS | cold (seals history) "
+        "| full recomputation | warm / full | groupby baseline | build | load (1 min) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ok = r["run_optimizer_s"] <= TARGET_S and r["peak_rss_mb"] <= TARGET_GB * 1024
-        # CPU time is what a quiet machine's wall time would be; wall time counts waiting too.
-        table.add_row(
-            f"{r['n']:,}",
-            f"{r['run_optimizer_s']:.2f} s",
-            f"{r['range'][0]:.2f}–{r['range'][1]:.2f} s",
-            f"{r['run_optimizer_cpu_s']:.2f} s",
-            f"{r['session_frame_s']:.2f} s",
-            f"{r['fit_s']:.2f} s",
-            f"{r['peak_rss_mb']:,.0f} MB",
-            f"{r['baseline_s']:.2f} s",
-            f"{r['baseline_cpu_s']:.2f} s",
-            f"{r['baseline_peak_rss_mb']:,.0f} MB",
-            f"{r['run_optimizer_s'] / r['baseline_s']:.1f}× "
-            f"({r['run_optimizer_cpu_s'] / r['baseline_cpu_s']:.1f}×)",
-            ("[green]✓[/green]" if ok else "[red]✗[/red]") if r["n"] >= 1_000_000 else "",
-            f"{r['fewshot_s']:.2f} s, {r['fewshot_peak_rss_mb']:,.0f} MB"
-            + (" [red]failed[/red]" if r["fewshot_error"] else ""),
+        w, c, f, g = r["warm"], r["cold"], r["full"], r["groupby"]
+        ratio = f"{w['s'] / f['s']:.2f}×" if f else "not run"
+        full_s = f"{f['s']:.1f} s, {f['rss_mb']:,.0f} MB" if f else "not run"
+        built = f"{r['build_s']:.0f} s" if r["build_s"] else "kept"
+        print(
+            f"| {r['engine']} | {r['n']:,} ({r['days']:.0f}) | {w['s']:.2f} s | {w['cpu_s']:.2f} s "
+            f"| {w['rss_mb']:,.0f} MB | {c['s']:.1f} s, {c['rss_mb']:,.0f} MB "
+            f"| {full_s} | {ratio} | {g['s']:.2f} s | {built} | {w['load']:.1f} |"
         )
-    console.print(table)
-    console.print(
-        f"target for 1M sessions: ≤ {TARGET_S:g} s and ≤ {TARGET_GB:g} GB peak RSS "
-        "(RSS includes the interpreter and imports, "
-        f"~{rows[0]['rss_before_mb']:.0f} MB before the run). "
-        f"Load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs."
+    print(
+        f"targets: warm refit at 10M ≤ {TARGET_S:g} s and ≤ {TARGET_GB:g} GB, ≤ {TARGET_RATIO:g}× "
+        f"the warm time at 1M. Load average at the end: {os.getloadavg()[0]:.1f} on "
+        f"{os.cpu_count()} CPUs."
     )
     return 0
 

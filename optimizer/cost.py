@@ -66,15 +66,19 @@ def session_costs(
     experiment_id: str,
     prices: Mapping[str, ModelPriceConfig],
     now: datetime,
+    *,
+    assigned_after: datetime | None = None,
+    assigned_until: datetime | None = None,
 ) -> pd.Series:
     """Cost in USD of every session of ``experiment_id`` with a turn up to ``now``.
 
     One ``GROUP BY session, model`` in SQL (turns of a session use one model or
-    two, with a fallback), the prices applied per group in numpy.
+    two, with a fallback), the prices applied per group in numpy. With
+    ``assigned_after`` (and ``assigned_until``), only the sessions assigned in that
+    interval (the incremental refit reads one stretch of history at a time).
     """
-    t = schema.turns
-    rows = fetch_tuples(
-        conn,
+    t, a = schema.turns, schema.assignments
+    query = (
         sa.select(
             t.c.session_id,
             t.c.model,
@@ -83,8 +87,16 @@ def session_costs(
             sa.func.sum(t.c.completion_tokens),
         )
         .where(t.c.experiment_id == experiment_id, t.c.created_at <= now)
-        .group_by(t.c.session_id, t.c.model),
+        .group_by(t.c.session_id, t.c.model)
     )
+    if assigned_after is not None:
+        within = sa.select(a.c.session_id).where(
+            a.c.experiment_id == experiment_id, a.c.assigned_at > assigned_after
+        )
+        if assigned_until is not None:
+            within = within.where(a.c.assigned_at <= assigned_until)
+        query = query.where(t.c.session_id.in_(within))
+    rows = fetch_tuples(conn, query)
     if not rows:
         return pd.Series(dtype=float, name=COST_COLUMN)
     frame = pd.DataFrame.from_records(

@@ -167,7 +167,8 @@ def check_guardrails(
 ) -> list[GuardrailCheck]:
     """Evaluate every guardrail for every arm of ``arms`` other than the champion.
 
-    ``sessions`` needs ``arm_id`` and the count columns of the rates checked
+    ``sessions`` (a session frame, or its sums from :mod:`optimizer.moments`) needs
+    ``arm_id`` and the count columns of the rates checked
     (``thumbs_down``/``rated``, ``errors``/``turns``); ``latencies`` maps arm →
     turn latencies in ms (:func:`optimizer.kpi.turn_latencies`). Without a
     champion nothing can be compared and the result is empty. ``rule`` decides
@@ -201,6 +202,9 @@ def _counts(sessions: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in ("thumbs_down", "rated", "errors", "turns") if c in sessions.columns]
     if sessions.empty or not cols:
         return pd.DataFrame(columns=cols)
+    if sessions.attrs.get("is_moments"):  # already summed per group (optimizer.moments)
+        summed = [c for c in sessions.columns if c.split("__")[0] in cols]
+        return sessions.groupby("arm_id", observed=True)[summed].sum()
     frame = sessions[["arm_id", *cols]].copy()
     for hits, total in _RATE_COLUMNS.values():
         if hits in frame.columns and total in frame.columns:
@@ -350,17 +354,39 @@ def _latency_check(
     )
 
 
+def _cost_sums(sessions: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: sessions, Σ cost and Σ cost² (of a frame, or its :mod:`optimizer.moments`)."""
+    columns = ["n", "cost_usd", "cost_usd__sq"]
+    if "cost_usd" not in sessions.columns or sessions.empty:
+        return pd.DataFrame(columns=columns)
+    if sessions.attrs.get("is_moments"):
+        return sessions.groupby("arm_id", observed=True)[columns].sum()
+    cost = sessions["cost_usd"].to_numpy(dtype=float)
+    frame = pd.DataFrame(
+        {
+            "arm_id": sessions["arm_id"].to_numpy(),
+            "n": 1.0,
+            "cost_usd": cost,
+            "cost_usd__sq": cost**2,
+        }
+    )
+    return frame.groupby("arm_id", observed=True)[columns].sum()
+
+
 def _cost_check(
     rail: GuardrailConfig, arm: str, champion: str, sessions: pd.DataFrame, alpha: float
 ) -> GuardrailCheck:
+    sums = _cost_sums(sessions)
+
     def stats(name: str) -> tuple[float, float, int]:
-        if "cost_usd" not in sessions.columns or sessions.empty:
+        if name not in sums.index:
             return math.nan, math.inf, 0
-        x = sessions.loc[sessions["arm_id"] == name, "cost_usd"].to_numpy(dtype=float)
-        n = len(x)
-        if n == 0:
+        n, total, squares = (float(sums.at[name, c]) for c in ("n", "cost_usd", "cost_usd__sq"))
+        if n < 1:
             return math.nan, math.inf, 0
-        return float(x.mean()), (float(x.var(ddof=1)) / n if n > 1 else math.inf), n
+        mean = total / n
+        var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else math.inf
+        return mean, var / n, round(n)
 
     (m_a, v_a, n_a), (m_c, v_c, n_c) = stats(arm), stats(champion)
     if rail.max_ratio is not None:

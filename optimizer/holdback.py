@@ -73,7 +73,12 @@ def holdback_lift(
         if "holdback" in frame
         else np.zeros(len(frame), bool)
     )
-    n_hold, n = int(hold.sum()), len(frame)
+    moments = bool(frame.attrs.get("is_moments"))
+    if moments:  # sums per group (optimizer.moments): count sessions, not rows
+        sizes = frame["n"].to_numpy(dtype=float)
+        n_hold, n = round(float(sizes[hold].sum())), round(float(sizes.sum()))
+    else:
+        n_hold, n = int(hold.sum()), len(frame)
     out: dict[str, Any] = {
         "share": share,
         "sessions": n,
@@ -94,6 +99,11 @@ def holdback_lift(
         return out
     groups = frame.assign(arm_id=np.where(hold, "holdback", "optimised"))
     groups.attrs = dict(frame.attrs)
+    if moments:
+        from optimizer.moments import combine
+
+        groups = combine([groups.drop(columns="holdback")], ("segment", "arm_id"))
+        groups.attrs.pop("sketch", None)  # the read-outs of the two groups are not reported
     fitted = UniformPolicy(samples=samples, delay=delay, random_state=random_state).fit(
         groups, ["holdback", "optimised"]
     )

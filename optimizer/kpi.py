@@ -66,26 +66,30 @@ converted to epoch seconds in SQL. Reading is most of the cost of a refit
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.expression import UnaryExpression
 from sqlalchemy.sql.operators import custom_op
 
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config, KPITermConfig
 from optimizer.cost import COST_COLUMN, session_costs
+from optimizer.moments import sketch_values
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_tuples
 
 __all__ = [
     "BASE_COLUMNS",
     "LATENCY_TURNS",
+    "EarlierFlags",
     "arm_metrics",
+    "moved_threads",
     "session_frame",
     "term_column",
     "turn_latencies",
@@ -123,6 +127,30 @@ DELAY_BINS = 28
 _DAY_S = 86_400.0
 
 
+class _Shared(dict[str, Any]):
+    """A dict in ``DataFrame.attrs`` that pandas does not deep-copy at every operation
+    (it copies ``attrs`` on each column access: a list of 500k users made that the cost)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
+        return self
+
+
+class _SharedList(list[Any]):
+    """A list in ``DataFrame.attrs`` that pandas does not deep-copy (see :class:`_Shared`)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _SharedList:
+        return self
+
+
+_NO_SHARE = pd.DataFrame(
+    {
+        "pos": pd.Series(dtype=np.int64),
+        "bin": pd.Series(dtype=np.int64),
+        "weight": pd.Series(dtype=float),
+    }
+)
+
+
 def uses_cost(config: Config) -> bool:
     """Whether the KPI or a guardrail needs each session's cost."""
     return any(t.source == "cost:usd" for t in config.kpi.terms) or any(
@@ -131,7 +159,17 @@ def uses_cost(config: Config) -> bool:
 
 
 def session_frame(
-    store: Store, config: Config, *, now: datetime | None = None, with_cost: bool | None = None
+    store: Store,
+    config: Config,
+    *,
+    now: datetime | None = None,
+    assigned_after: datetime | None = None,
+    assigned_until: datetime | None = None,
+    delay_prior: Mapping[str, tuple[np.ndarray, int]] | None = None,
+    with_cost: bool | None = None,
+    earlier_known: EarlierFlags | None = None,
+    stale_users: Iterable[str] = (),
+    probe_returning: bool = True,
 ) -> pd.DataFrame:
     """One row per assignment of ``config.experiment.id`` made at or before ``now``.
 
@@ -146,29 +184,89 @@ def session_frame(
     session's cost so far (an extra ``GROUP BY`` over the turns).
     Reads only the columns it needs; the heavy lifting is SQL ``GROUP BY`` and
     pandas, never a Python loop over sessions.
+
+    ``assigned_after`` / ``assigned_until`` restrict the frame to the sessions
+    assigned in that interval (the incremental refit, :mod:`optimizer.refit_state`,
+    reads one day or the open window at a time); their rows are the ones the whole
+    frame would have, except the delay estimate, which then needs the other
+    sessions' share as ``delay_prior`` (per term column: the weights by delay bin
+    of sessions older than the window, and their number of events). Such a frame
+    carries ``attrs["delay_sealed"]``, per term column the events of its own
+    sessions older than the window (``pos``, delay ``bin``, ``weight``), and
+    ``attrs["returning_users"]``, the users of the frame who had a session outside
+    the holdback at or before ``assigned_after`` (their sessions here are not their
+    first for :mod:`optimizer.srm`), with ``attrs["earlier_flags"]`` the verdicts by
+    assignment id (:class:`EarlierFlags`) that a later read of the same stretch may
+    pass back as ``earlier_known`` (except for ``stale_users``, who got a session
+    back-dated). Without ``probe_returning`` nobody is judged returning (for a caller
+    that keeps its SRM counts).
     """
     now = as_utc(now) if now is not None else utcnow()
     terms = config.kpi.terms
     now_s = now.timestamp()
     experiment_id = config.experiment.id
+    after = as_utc(assigned_after) if assigned_after is not None else None
+    until = min(as_utc(assigned_until), now) if assigned_until is not None else now
     cost = uses_cost(config) if with_cost is None else with_cost
     with store.engine.connect() as conn:
         epoch = _epoch_function(conn)
-        frame, sessions = _sessions(conn, epoch, experiment_id, now)
+        frame, sessions = _sessions(
+            conn,
+            epoch,
+            experiment_id,
+            now,
+            after=after,
+            until=until,
+            earlier_known=earlier_known,
+            stale_users=stale_users,
+            probe=probe_returning,
+        )
         if frame.empty:
-            return _empty_frame(terms, cost=cost)
+            out = _empty_frame(terms, cost=cost)
+            out.attrs["delay_sealed"] = _Shared()
+            out.attrs["returning_users"] = _SharedList()
+            out.attrs["earlier_flags"] = None
+            return out
         outcome_names = sorted(
             {t.source.split(":", 1)[1] for t in terms if t.source.startswith("outcome:")}
         )
-        outcomes = _outcomes(conn, epoch, outcome_names, now)
+        horizon = max((t.window_days for t in terms), default=0.0) * _DAY_S
+        # A restricted frame needs the moved conversations whole: an outcome named by one
+        # assignment of a thread may belong to another one, in or out of the frame.
+        moved = moved_threads(conn, experiment_id, now) if after is not None else None
+        outcomes = _outcomes(
+            conn,
+            epoch,
+            outcome_names,
+            now,
+            after=after,
+            past=(experiment_id, until, horizon) if until < now else None,
+            also=_thread_relatives(moved, sessions) if moved is not None else (),
+            linked_to=sessions.tolist() if until < now else (),
+        )
+        returning = frame.attrs.pop("returning_users", _SharedList())
+        flags = frame.attrs.pop("earlier_flags", None)
         if cost:
-            costs = session_costs(conn, experiment_id, config.model.prices, now)
+            costs = session_costs(
+                conn,
+                experiment_id,
+                config.model.prices,
+                now,
+                assigned_after=after,
+                assigned_until=until if after is not None else None,
+            )
             frame[COST_COLUMN] = frame["session_id"].map(costs).fillna(0.0).astype(float)
+        later = (
+            _later_sessions(conn, epoch, experiment_id, outcomes, until, now)
+            if until < now
+            else None
+        )
 
     age_s = now_s - frame["assigned_s"].to_numpy()
     frame["assigned_at"] = pd.to_datetime(frame["assigned_s"], unit="s", utc=True)
     frame["age_days"] = age_s / _DAY_S
-    events = _attribute(outcomes, frame, sessions)
+    events = _attribute(outcomes, frame, sessions, later=later, moved=moved)
+    sealed: dict[str, pd.DataFrame] = _Shared()
 
     reward = np.zeros(len(frame))
     complete = np.ones(len(frame), dtype=bool)
@@ -176,10 +274,12 @@ def session_frame(
     for term in terms:
         window_s = term.window_days * _DAY_S
         closed = age_s >= window_s
-        observed, exposure = _term_values(term, frame, events, age_s, closed, window_s)
+        col = term_column(term.name)
+        observed, exposure, sealed[col] = _term_values(
+            term, frame, events, age_s, closed, window_s, (delay_prior or {}).get(col)
+        )
         if term.cap is not None:
             observed = np.minimum(observed, term.cap)
-        col = term_column(term.name)
         extra[col] = np.where(closed, observed, np.nan)
         extra[f"{col}_observed"] = observed
         extra[f"{col}_exposure"] = exposure
@@ -190,6 +290,9 @@ def session_frame(
     frame = frame[list(BASE_COLUMNS) + ([COST_COLUMN] if cost else [])]
     frame = pd.concat([frame, pd.DataFrame(extra, index=frame.index)], axis=1)
     frame.attrs["kpi_terms"] = _term_attrs(terms)
+    frame.attrs["delay_sealed"] = sealed
+    frame.attrs["returning_users"] = returning
+    frame.attrs["earlier_flags"] = flags
     return frame
 
 
@@ -199,7 +302,8 @@ def arm_metrics(frame: pd.DataFrame, by: Sequence[str] = ("arm_id",)) -> pd.Data
     ``conversion_rate`` (share of sessions with the ``outcome:conversion`` term > 0,
     among sessions whose conversion window closed), ``thumbs_up_rate`` and
     ``thumbs_down_rate`` (per rated turn), ``error_rate`` (per turn),
-    ``median_support_minutes`` (``outcome:support_minutes`` term, closed windows).
+    ``median_support_minutes`` (``outcome:support_minutes`` term, closed windows; from
+    the mergeable histogram of :mod:`optimizer.moments`, within 1% of the exact median).
     Missing terms give NaN.
     """
     terms = {t["source"]: t["column"] for t in frame.attrs.get("kpi_terms", [])}
@@ -207,7 +311,8 @@ def arm_metrics(frame: pd.DataFrame, by: Sequence[str] = ("arm_id",)) -> pd.Data
     f = frame.assign(
         _conv_known=frame[conv].notna() if conv else False,
         _converted=(frame[conv] > 0) if conv else False,
-        _support=frame[support] if support else np.nan,
+        # the optimizer's histogram (optimizer.moments), so both report the same median
+        _support=sketch_values(frame[support].to_numpy(dtype=float)) if support else np.nan,
     )
     out = f.groupby(list(by), observed=True, sort=True).agg(
         sessions=("session_id", "size"),
@@ -299,9 +404,25 @@ def _read(conn: sa.Connection, query: sa.Select[Any], columns: Sequence[str]) ->
 
 
 def _sessions(
-    conn: sa.Connection, epoch: Any, experiment_id: str, now: datetime
+    conn: sa.Connection,
+    epoch: Any,
+    experiment_id: str,
+    now: datetime,
+    *,
+    after: datetime | None = None,
+    until: datetime | None = None,
+    earlier_known: EarlierFlags | None = None,
+    stale_users: Iterable[str] = (),
+    probe: bool = True,
 ) -> tuple[pd.DataFrame, pd.Index]:
     """Assignments with their turn, error and vote counts, one row per session.
+
+    With ``after``, ``attrs["returning_users"]`` lists the users with a session outside
+    the holdback at or before ``after``, judged on each user's first session of the
+    frame outside the holdback (``attrs["earlier_flags"]``: their assignment ids and
+    the verdicts). ``earlier_known`` holds verdicts of an earlier read (by assignment
+    id; not for ``stale_users``): only the other first sessions are probed, one
+    index lookup each. Without ``probe`` nobody is judged returning.
 
     Returns the frame and an index of its session ids (row positions by id).
     The counts are the ones the store keeps on each assignment (one table scan)
@@ -312,7 +433,7 @@ def _sessions(
     """
     a, t, f = schema.assignments, schema.turns, schema.feedback
     experiment: sa.ColumnElement[str] = a.c.experiment_id
-    if conn.dialect.name == "sqlite":
+    if conn.dialect.name == "sqlite" and after is None:
         # Reading a whole experiment, a table scan is ~4x faster than SQLite's row-by-row
         # index lookups; SQLite's unary + keeps the column off the index at no cost.
         experiment = UnaryExpression(experiment, operator=custom_op("+"), type_=sa.String())
@@ -325,18 +446,31 @@ def _sessions(
             .scalar_subquery()
         ]
     base = (a.c.session_id, a.c.user_id, a.c.arm_id, a.c.segment)
-    rows = fetch_tuples(
-        conn,
-        sa.select(
-            *base,
-            a.c.propensity,
-            a.c.snapshot_version,
-            epoch(a.c.assigned_at),
-            a.c.holdback,
-            a.c.thread_id,
-            *counts,
-        ).where(experiment == experiment_id, a.c.assigned_at <= now),
-    )
+    query = sa.select(
+        *base,
+        a.c.propensity,
+        a.c.snapshot_version,
+        epoch(a.c.assigned_at),
+        a.c.holdback,
+        a.c.thread_id,
+        *counts,
+    ).where(experiment == experiment_id, a.c.assigned_at <= (until or now))
+    query = query.add_columns(a.c.id)
+    has_earlier = None
+    if after is not None and probe:
+        b = a.alias("earlier")
+        has_earlier = sa.exists().where(
+            b.c.user_id == a.c.user_id,
+            b.c.experiment_id == a.c.experiment_id,
+            b.c.assigned_at <= after,
+            b.c.holdback == sa.false(),
+        )
+    if after is not None:
+        query = query.where(a.c.assigned_at > after)
+    if has_earlier is not None and earlier_known is None:
+        # users with an earlier session: one index probe per row
+        query = query.add_columns(has_earlier.label("has_earlier"))
+    rows = fetch_tuples(conn, query)
     if not rows:
         return pd.DataFrame(), pd.Index([])
     # One object array, then typed columns: ids stay Python strings (cheap to hash).
@@ -351,6 +485,12 @@ def _sessions(
     frame["thread"] = pd.Series(cells[:, 8], dtype=object).fillna(frame["session_id"])
     for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=9):
         frame[name] = cells[:, i].astype(np.int64)
+    frame["assignment_id"] = cells[:, 9 + len(counts)].astype(np.int64)
+    probed = (
+        cells[:, 10 + len(counts)].astype(bool)
+        if has_earlier is not None and earlier_known is None
+        else None
+    )
     del cells
     sessions = pd.Index(frame["session_id"])
     if as_of_now:
@@ -376,10 +516,106 @@ def _sessions(
                 frame[name] = column
     # in time order (SRM takes each user's first session); stable keeps the scan order on ties
     assigned = frame["assigned_s"].to_numpy()
-    if (np.diff(assigned) >= 0).all():  # the usual case: rows come in insertion order
-        return frame, sessions
-    frame = frame.iloc[np.argsort(assigned, kind="stable")].reset_index(drop=True)
-    return frame, pd.Index(frame["session_id"])
+    if not (np.diff(assigned) >= 0).all():  # the usual case: rows come in insertion order
+        order = np.argsort(assigned, kind="stable")
+        frame = frame.iloc[order].reset_index(drop=True)
+        probed = probed[order] if probed is not None else None
+        sessions = pd.Index(frame["session_id"])
+    returning: list[str] = []
+    flags = EarlierFlags(np.zeros(0, np.int64), np.zeros(0, bool))
+    if after is not None and has_earlier is not None:
+        firsts = np.flatnonzero(
+            ~frame["holdback"].to_numpy() & ~frame["user_id"].where(~frame["holdback"]).duplicated()
+        )
+        ids = frame["assignment_id"].to_numpy()[firsts]
+        if probed is not None or earlier_known is None:
+            verdict = probed[firsts] if probed is not None else np.zeros(len(firsts), bool)
+        else:
+            verdict = _earlier_verdicts(
+                conn, frame, firsts, earlier_known, set(stale_users), has_earlier
+            )
+        flags = EarlierFlags(ids, verdict)
+        returning = sorted(set(frame["user_id"].to_numpy()[firsts][verdict].tolist()))
+    frame.attrs["returning_users"] = _SharedList(returning)
+    frame.attrs["earlier_flags"] = flags
+    return frame, sessions
+
+
+def _earlier_verdicts(
+    conn: sa.Connection,
+    frame: pd.DataFrame,
+    rows: np.ndarray,
+    known: EarlierFlags,
+    stale: set[str],
+    has_earlier: Any,
+) -> np.ndarray:
+    """Whether each of ``rows``' users had a session outside the holdback before the frame:
+    from ``known`` (not for ``stale`` users), the others probed by assignment id."""
+    a = schema.assignments
+    ids = frame["assignment_id"].to_numpy()[rows]
+    verdict = np.zeros(len(rows), dtype=bool)
+    at = np.searchsorted(known.ids, ids) if len(known.ids) else np.zeros(len(ids), np.int64)
+    found = at < len(known.ids)
+    found[found] = known.ids[at[found]] == ids[found]
+    if stale:
+        found &= ~frame["user_id"].iloc[rows].isin(stale).to_numpy()
+    verdict[found] = known.flags[at[found]]
+    todo = ids[~found].tolist()
+    positive: set[int] = set()
+    for lo in range(0, len(todo), 2000):
+        chunk = todo[lo : lo + 2000]
+        positive.update(
+            r[0]
+            for r in fetch_tuples(conn, sa.select(a.c.id).where(a.c.id.in_(chunk), has_earlier))
+        )
+    if positive:
+        verdict[~found] = np.isin(ids[~found], np.fromiter(positive, dtype=np.int64))
+    return verdict
+
+
+class EarlierFlags:
+    """Verdicts of :func:`session_frame` on who had a session before its stretch, by
+    assignment id (sorted), to pass back to a later read (``earlier_known``)."""
+
+    __slots__ = ("flags", "ids")
+
+    def __init__(self, ids: np.ndarray, flags: np.ndarray) -> None:
+        order = np.argsort(ids, kind="stable")
+        self.ids = np.asarray(ids, dtype=np.int64)[order]
+        self.flags = np.asarray(flags, dtype=bool)[order]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EarlierFlags:
+        return self  # read-only; pandas deep-copies attrs at every operation
+
+
+def _later_sessions(
+    conn: sa.Connection,
+    epoch: Any,
+    experiment_id: str,
+    outcomes: pd.DataFrame,
+    until: datetime,
+    now: datetime,
+) -> pd.DataFrame:
+    """First session after ``until`` (up to ``now``) of each user with a user-level outcome:
+    such an outcome that occurred after it belongs to it, not to the frame's sessions."""
+    a = schema.assignments
+    users = sorted(set(outcomes.loc[outcomes["session_id"].isna(), "user_id"].dropna()))
+    rows: list[tuple[Any, ...]] = []
+    for i in range(0, len(users), 500):
+        rows.extend(
+            fetch_tuples(
+                conn,
+                sa.select(a.c.user_id, sa.func.min(epoch(a.c.assigned_at)))
+                .where(
+                    a.c.user_id.in_(users[i : i + 500]),
+                    a.c.experiment_id == experiment_id,
+                    a.c.assigned_at > until,
+                    a.c.assigned_at <= now,
+                )
+                .group_by(a.c.user_id),
+            )
+        )
+    return pd.DataFrame(rows, columns=["user_id", "first_s"]).astype({"first_s": float})
 
 
 def _stamped_after(conn: sa.Connection, now: datetime) -> bool:
@@ -391,7 +627,56 @@ def _stamped_after(conn: sa.Connection, now: datetime) -> bool:
     )
 
 
-def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: datetime) -> pd.DataFrame:
+def moved_threads(conn: sa.Connection, experiment_id: str, now: datetime) -> pd.DataFrame:
+    """Every assignment of a moved conversation up to ``now``: ``session_id``, ``thread``,
+    ``assigned_s``, in time order. Moves are rare (an arm paused or retired while its
+    conversations go on): the reassigned rows through the ``thread_id`` index, then
+    their threads' first assignments by session id."""
+    a, epoch = schema.assignments, _epoch_function(conn)
+    columns = ["session_id", "thread", "assigned_s", "id"]
+    select = sa.select(a.c.session_id, a.c.thread_id, epoch(a.c.assigned_at), a.c.id).where(
+        a.c.experiment_id == experiment_id, a.c.assigned_at <= now
+    )
+    rows = fetch_tuples(conn, select.where(a.c.thread_id >= ""))  # >= "": an index range
+    threads = sorted({r[1] for r in rows})
+    for i in range(0, len(threads), 500):
+        rows.extend(
+            (sid, sid, at, row_id)
+            for sid, _, at, row_id in fetch_tuples(
+                conn, select.where(a.c.session_id.in_(threads[i : i + 500]))
+            )
+        )
+    out = pd.DataFrame(rows, columns=columns).astype({"assigned_s": float})
+    out = out.drop_duplicates("session_id").sort_values(["assigned_s", "id"], kind="stable")
+    return out.drop(columns="id").reset_index(drop=True)
+
+
+def _thread_relatives(moved: pd.DataFrame, ids: pd.Index) -> list[str]:
+    """Assignments outside the frame (``ids``) of the moved conversations it has a part of."""
+    if not len(moved):
+        return []
+    inside = ids.get_indexer(moved["session_id"]) >= 0
+    threads = set(moved.loc[inside, "thread"])
+    return sorted(set(moved.loc[~inside & moved["thread"].isin(threads), "session_id"]))
+
+
+def _outcomes(
+    conn: sa.Connection,
+    epoch: Any,
+    names: Sequence[str],
+    now: datetime,
+    *,
+    after: datetime | None = None,
+    past: tuple[str, datetime, float] | None = None,
+    also: Sequence[str] = (),
+    linked_to: Sequence[str] = (),
+) -> pd.DataFrame:
+    """Outcome events of ``names`` up to ``now``; with ``after``, only those that can belong
+    to a session assigned after it. ``past`` = (experiment, until, longest window in s): the
+    frame is a closed stretch of history, so its session-linked events are found through its
+    sessions ``linked_to`` (index probes, not a scan of everything that happened since), plus those
+    named by the sessions ``also`` (other assignments of its moved conversations), and
+    user-level ones within the longest window after it."""
     o = schema.outcomes
     columns = ("session_id", "user_id", "name", "value", "occurred_s")
     if not names:
@@ -402,7 +687,38 @@ def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: dateti
     query = sa.select(
         o.c.session_id, o.c.user_id, o.c.name, o.c.value, epoch(o.c.occurred_at)
     ).where(o.c.name.in_(list(names)), o.c.occurred_at <= now)
-    frame = _read(conn, query, columns)
+    from optimizer.attribution import CLOCK_SKEW_S
+
+    skew = timedelta(seconds=CLOCK_SKEW_S)
+    if after is not None:  # an event before its session (beyond the clock skew) never counts
+        query = query.where(o.c.occurred_at >= after - skew)
+    if after is not None and past is not None:
+        experiment_id, until, horizon = past
+        by_user = query.where(
+            o.c.session_id.is_(None), o.c.occurred_at <= until + timedelta(seconds=horizon) + skew
+        )
+        parts = [_read(conn, by_user, columns)]
+        if conn.dialect.name == "postgresql":
+            # one array of session ids: index probes (with a join PostgreSQL's planner scans
+            # every outcome since the stretch, which grows with its age)
+            ids = sorted(set(also) | set(linked_to))
+            array = sa.bindparam("ids", ids, type_=ARRAY(sa.String()))
+            parts.append(_read(conn, query.where(o.c.session_id == sa.any_(array)), columns))
+        else:  # SQLite loops over the stretch's sessions and probes the outcomes' index
+            a = schema.assignments
+            linked = query.join_from(o, a, a.c.session_id == o.c.session_id).where(
+                a.c.experiment_id == experiment_id,
+                a.c.assigned_at > after,
+                a.c.assigned_at <= until,
+            )
+            parts.append(_read(conn, linked, columns))
+            ids = sorted(also)
+            for i in range(0, len(ids), 500):
+                chunk = query.where(o.c.session_id.in_(ids[i : i + 500]))
+                parts.append(_read(conn, chunk, columns))
+        frame = pd.concat(parts, ignore_index=True)
+    else:
+        frame = _read(conn, query, columns)
     frame["value"] = frame["value"].astype(float)
     frame["occurred_s"] = frame["occurred_s"].astype(float)
     return frame
@@ -411,7 +727,14 @@ def _outcomes(conn: sa.Connection, epoch: Any, names: Sequence[str], now: dateti
 # -- attribution and terms ------------------------------------------------------------------
 
 
-def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) -> pd.DataFrame:
+def _attribute(
+    outcomes: pd.DataFrame,
+    sessions: pd.DataFrame,
+    ids: pd.Index,
+    *,
+    later: pd.DataFrame | None = None,
+    moved: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """Outcome events with the row position (``pos``) of the session they belong to.
 
     Session-linked events join on ``session_id`` — and when that conversation was
@@ -428,22 +751,22 @@ def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) ->
         return pd.DataFrame({c: pd.Series(dtype=float if c != "name" else object) for c in columns})
     assigned_s = sessions["assigned_s"].to_numpy()
     by_session = outcomes[outcomes["session_id"].notna()]
-    pos = ids.get_indexer(by_session["session_id"])
-    linked = _open_at_event(by_session.assign(pos=pos)[pos >= 0], sessions)
+    linked = _open_at_event(by_session, ids, sessions, moved)
 
     by_user = outcomes[outcomes["session_id"].isna() & outcomes["user_id"].notna()]
     if not by_user.empty:
         lookup = pd.DataFrame(
             {
-                "user_id": sessions["user_id"].to_numpy(),
+                "user_id": sessions["user_id"].astype(str).to_numpy(),
                 "assigned_s": assigned_s,
                 "pos": np.arange(len(sessions)),
             }
         ).sort_values("assigned_s", kind="stable")
         matched = pd.merge_asof(
-            by_user.assign(match_s=by_user["occurred_s"] + CLOCK_SKEW_S).sort_values(
-                "match_s", kind="stable"
-            ),
+            by_user.assign(
+                match_s=by_user["occurred_s"] + CLOCK_SKEW_S,
+                user_id=by_user["user_id"].astype(str),
+            ).sort_values("match_s", kind="stable"),
             lookup,
             left_on="match_s",
             right_on="assigned_s",
@@ -451,6 +774,10 @@ def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) ->
             direction="backward",
         )
         matched = matched[matched["pos"].notna()]
+        if later is not None and len(later):  # a session outside the frame is the user's latest
+            nxt = matched["user_id"].map(later.set_index("user_id")["first_s"])
+            nxt = nxt.to_numpy(dtype=float, na_value=np.nan)
+            matched = matched[~(nxt <= matched["match_s"].to_numpy(dtype=float))]
         linked = pd.concat([linked, matched[[*by_user.columns.tolist(), "pos"]]], ignore_index=True)
     linked = linked.astype({"pos": np.int64})
     delay = linked["occurred_s"].to_numpy() - assigned_s[linked["pos"].to_numpy()]
@@ -458,46 +785,64 @@ def _attribute(outcomes: pd.DataFrame, sessions: pd.DataFrame, ids: pd.Index) ->
     return linked.loc[delay >= -CLOCK_SKEW_S, columns]
 
 
-def _open_at_event(linked: pd.DataFrame, sessions: pd.DataFrame) -> pd.DataFrame:
-    """Move events of a moved conversation to its assignment open when they happened.
+def _open_at_event(
+    by_session: pd.DataFrame, ids: pd.Index, sessions: pd.DataFrame, moved: pd.DataFrame | None
+) -> pd.DataFrame:
+    """Session-linked events with the row position (``pos``) of the assignment they count for.
 
     A conversation whose arm was paused or retired goes on under a new assignment
     (``<thread>~n``); the integrator still knows only the chat's id. What the user
     did after the move happened under the new arm, so it is credited there — the
     same "latest session at or before the event" rule as for user-level outcomes,
     within one conversation, without the clock-skew tolerance (the move is stamped by
-    our own clock). Only threads with more than one assignment are looked up.
+    our own clock). Only threads with more than one assignment are looked up:
+    ``moved`` lists them (:func:`moved_threads`; None: the frame holds every
+    session, and its threads seen more than once are the moved ones). An event that
+    counts for an assignment outside the frame is left out.
     """
-    if linked.empty or "thread" not in sessions:
-        return linked
-    thread = sessions["thread"].to_numpy(dtype=object)
-    moved = sessions["thread"].duplicated(keep=False).to_numpy()
-    on_moved = moved[linked["pos"].to_numpy()]
-    if not on_moved.any():
-        return linked
-    rows = np.flatnonzero(moved)
-    lookup = pd.DataFrame(
-        {
-            "thread": thread[rows],
-            "assigned_s": sessions["assigned_s"].to_numpy()[rows],
-            "open": rows,
-        }
-    ).sort_values("assigned_s", kind="stable")
-    events = linked[on_moved]
-    matched = pd.merge_asof(
-        events.assign(
-            thread=thread[events["pos"].to_numpy()], match_s=events["occurred_s"]
-        ).sort_values("match_s", kind="stable"),
-        lookup,
-        left_on="match_s",
-        right_on="assigned_s",
-        by="thread",
-        direction="backward",
-    )
-    # Before the conversation's first assignment: keep the named session (dropped as early).
-    matched["pos"] = np.where(matched["open"].notna(), matched["open"], matched["pos"])
-    moved_events = matched[linked.columns.tolist()].astype({"pos": np.int64})
-    return pd.concat([linked[~on_moved], moved_events], ignore_index=True)
+    if moved is None:
+        rows = sessions["thread"].duplicated(keep=False).to_numpy() if "thread" in sessions else []
+        moved = pd.DataFrame(
+            {
+                "session_id": sessions["session_id"].to_numpy(dtype=object)[rows],
+                "thread": sessions["thread"].to_numpy(dtype=object)[rows],
+                "assigned_s": sessions["assigned_s"].to_numpy()[rows],
+            }
+        )
+    named = by_session["session_id"]
+    target = named.to_numpy(dtype=object).copy()
+    if len(moved) and len(by_session):
+        thread = named.map(pd.Series(moved["thread"].to_numpy(), index=moved["session_id"]))
+        on = thread.notna().to_numpy()
+        if on.any():
+            events = pd.DataFrame(
+                {
+                    "thread": thread.to_numpy(dtype=object)[on],
+                    "match_s": by_session["occurred_s"].to_numpy(dtype=float)[on],
+                    "row": np.flatnonzero(on),
+                }
+            ).sort_values("match_s", kind="stable")
+            lookup = pd.DataFrame(
+                {
+                    "thread": moved["thread"].to_numpy(dtype=object),
+                    "assigned_s": moved["assigned_s"].to_numpy(dtype=float),
+                    "open": moved["session_id"].to_numpy(dtype=object),
+                }
+            ).sort_values("assigned_s", kind="stable")
+            matched = pd.merge_asof(
+                events,
+                lookup,
+                left_on="match_s",
+                right_on="assigned_s",
+                by="thread",
+                direction="backward",
+            )
+            rows = matched["row"].to_numpy(dtype=np.int64)
+            found = matched["open"].notna().to_numpy()
+            # Before the conversation's first assignment: the named session (dropped as early).
+            target[rows[found]] = matched["open"].to_numpy(dtype=object)[found]
+    pos = ids.get_indexer(target)
+    return by_session.assign(pos=pos)[pos >= 0]
 
 
 def _term_values(
@@ -507,17 +852,19 @@ def _term_values(
     age_s: np.ndarray,
     closed: np.ndarray,
     window_s: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(value so far, exposure) of one term for every session."""
+    prior: tuple[np.ndarray, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(value so far, exposure, delay share of the frame's sessions past the window) of one
+    term for every session."""
     n = len(frame)
     kind, _, name = term.source.partition(":")
     if kind == "cost":  # known as the turns happen
-        return frame[COST_COLUMN].to_numpy(dtype=float).copy(), np.ones(n)
+        return frame[COST_COLUMN].to_numpy(dtype=float).copy(), np.ones(n), _NO_SHARE
     if kind == "feedback":
         rated = frame["rated"].to_numpy()
         hits = frame["thumbs_up" if name == "up_rate" else "thumbs_down"].to_numpy()
         value = np.divide(hits, rated, out=np.zeros(n), where=rated > 0)
-        return value, np.ones(n)
+        return value, np.ones(n), _NO_SHARE
 
     ev = events[(events["name"] == name) & (events["delay_s"] <= window_s)]
     value = np.zeros(n)
@@ -534,11 +881,18 @@ def _term_values(
                 .last()
             )
         value[agg.index.to_numpy()] = agg.to_numpy()
-    exposure = np.where(closed, 1.0, _delay_cdf(term, ev, age_s, window_s)(age_s))
-    return value, exposure
+    cdf, sealed = _delay_cdf(term, ev, age_s, window_s, prior)
+    exposure = np.where(closed, 1.0, cdf(age_s))
+    return value, exposure, sealed
 
 
-def _delay_cdf(term: KPITermConfig, ev: pd.DataFrame, age_s: np.ndarray, window_s: float) -> Any:
+def _delay_cdf(
+    term: KPITermConfig,
+    ev: pd.DataFrame,
+    age_s: np.ndarray,
+    window_s: float,
+    prior: tuple[np.ndarray, int] | None = None,
+) -> tuple[Any, pd.DataFrame]:
     """Estimated share ``F(t)`` of a term's final value that has arrived ``t`` seconds in.
 
     Delays are right-truncated: a session of age ``a`` shows only delays ≤ ``a``.
@@ -547,22 +901,35 @@ def _delay_cdf(term: KPITermConfig, ev: pd.DataFrame, age_s: np.ndarray, window_
     least ``b_k`` old, ``F(b_{k-1}) / F(b_k)`` = (value that arrived by ``b_{k-1}``)
     / (value that arrived by ``b_k``); ``F(window) = 1`` and the ratios chain down.
     Between grid points ``F`` is interpolated linearly.
+
+    Sessions past the window all sit in the last age bin, so their share is a
+    vector that adds up: ``prior`` is that of sessions outside ``ev`` (weights by
+    delay bin, number of events); the second value returned lists ``ev``'s own
+    such events (``pos``, ``bin``, ``weight``).
     """
+    no_share = _NO_SHARE
     if window_s <= 0:
-        return lambda age: np.ones_like(age, dtype=float)
+        return (lambda age: np.ones_like(age, dtype=float)), no_share
     if term.aggregate == "sum":
         delays, weights = ev["delay_s"].to_numpy(), np.abs(ev["value"].to_numpy())
         pos = ev["pos"].to_numpy()
     else:  # the value is known from the session's first event on
         first = ev.groupby("pos", sort=False)["delay_s"].min()
         delays, weights, pos = first.to_numpy(), np.ones(len(first)), first.index.to_numpy()
-    if len(delays) < MIN_DELAY_EVENTS or weights.sum() <= 0:
-        return lambda age: np.clip(age / window_s, 0.0, 1.0)
+    pos = np.asarray(pos, dtype=np.int64)
     edges = np.linspace(0.0, window_s, DELAY_BINS + 1)
     d_bin = np.searchsorted(edges, np.clip(delays, 0.0, window_s), side="left")
     a_bin = np.searchsorted(edges, np.minimum(age_s[pos], window_s), side="right") - 1
     counts = np.zeros((DELAY_BINS + 1, DELAY_BINS + 1))
     np.add.at(counts, (d_bin, a_bin), weights)
+    past = a_bin == DELAY_BINS
+    sealed = pd.DataFrame({"pos": pos[past], "bin": d_bin[past], "weight": weights[past]})
+    n_events, total = len(delays), weights.sum()
+    if prior is not None:
+        counts[:, DELAY_BINS] += np.asarray(prior[0], dtype=float)
+        n_events, total = n_events + int(prior[1]), total + float(np.sum(prior[0]))
+    if n_events < MIN_DELAY_EVENTS or total <= 0:
+        return (lambda age: np.clip(age / window_s, 0.0, 1.0)), sealed
     # arrived[i, j] = value with delay bin <= i from sessions whose age bin >= j
     arrived = np.cumsum(counts, axis=0)[:, ::-1].cumsum(axis=1)[:, ::-1]
     k = np.arange(1, DELAY_BINS + 1)
@@ -573,7 +940,7 @@ def _delay_cdf(term: KPITermConfig, ev: pd.DataFrame, age_s: np.ndarray, window_
     def cdf(age: np.ndarray) -> np.ndarray:
         return np.interp(np.clip(age, 0.0, window_s), edges, at_edges)
 
-    return cdf
+    return cdf, sealed
 
 
 # -- helpers --------------------------------------------------------------------------------

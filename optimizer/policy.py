@@ -211,18 +211,23 @@ class _Posterior:
 
 
 class _Data:
-    """Per (segment, arm) sufficient statistics as ``(S, K)`` arrays, built with bincount."""
+    """Per (segment, arm) sufficient statistics as ``(S, K)`` arrays, from the rows of a
+    :func:`optimizer.moments.session_moments` frame (one row per segment and arm, or finer)."""
 
-    def __init__(self, codes: np.ndarray, n_groups: int, n_arms: int):
-        self.codes, self.shape = codes, (n_groups, n_arms)
+    def __init__(self, moments: pd.DataFrame, codes: np.ndarray, n_groups: int, n_arms: int):
+        self.moments, self.codes, self.shape = moments, codes, (n_groups, n_arms)
 
-    def sum(self, weights: np.ndarray | None = None) -> np.ndarray:
+    def sum(self, column: str) -> np.ndarray:
         size = self.shape[0] * self.shape[1]
-        return (
-            np.bincount(self.codes, weights=weights, minlength=size)
-            .reshape(self.shape)
-            .astype(float)
+        weights = (
+            self.moments[column].to_numpy(dtype=float)
+            if column in self.moments
+            else np.zeros(len(self.codes))
         )
+        return np.bincount(self.codes, weights=weights, minlength=size).reshape(self.shape)
+
+    def total(self, column: str) -> float:
+        return float(self.moments[column].sum()) if column in self.moments else 0.0
 
 
 class _PosteriorPolicy(BaseEstimator, abc.ABC):
@@ -284,6 +289,9 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
     ) -> _PosteriorPolicy:
         """Fit posteriors on a :func:`optimizer.kpi.session_frame` and allocate over ``arms``.
 
+        ``sessions`` may also be its sums, a :func:`optimizer.moments.session_moments`
+        frame (what the incremental refit hands in, :mod:`optimizer.refit_state`):
+        the fit only ever uses those sums, so both give the same result.
         ``arms`` are the active arms (default: every arm in ``sessions``); sessions of
         other arms are summarised but get no traffic. ``champion`` is exempt from the
         challenger cap. ``caps`` are operator-set maximum shares per arm (from
@@ -293,14 +301,22 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         champion they are compared with, keep the guardrail floor. Needs
         columns ``arm_id``, ``reward``, ``complete`` and optionally ``segment``.
         """
+        from optimizer.moments import SketchRef, session_moments, support_sketch
+
         for arm, cap in (caps or {}).items():
             if not (math.isfinite(cap) and 0 < cap <= 1):
                 raise ValueError(f"cap for arm {arm!r} must be in (0, 1], got {cap!r}")
         self._validate()
-        missing = {"arm_id", "reward", "complete"} - set(sessions.columns)
-        if missing:
-            raise PolicyError(f"session frame lacks columns {sorted(missing)}")
-        data_arms = sorted(pd.unique(sessions["arm_id"]).tolist()) if len(sessions) else []
+        if sessions.attrs.get("is_moments"):
+            moments = sessions
+        else:
+            missing = {"arm_id", "reward", "complete"} - set(sessions.columns)
+            if missing:
+                raise PolicyError(f"session frame lacks columns {sorted(missing)}")
+            moments = session_moments(sessions, ("segment", "arm_id"))
+            moments.attrs["sketch"] = SketchRef(support_sketch(sessions, ("arm_id",)))
+        moments = moments[moments["n"] > 0] if len(moments) else moments
+        data_arms = sorted(pd.unique(moments["arm_id"]).tolist()) if len(moments) else []
         active = sorted(dict.fromkeys(arms)) if arms is not None else data_arms
         if not active:
             raise PolicyError("no active arm to allocate traffic to")
@@ -311,37 +327,25 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
             held.add(champion)  # every guardrail compares with the champion's votes
         self.guardrail_held_ = sorted(held)
 
-        segment = (
-            sessions["segment"]
-            if "segment" in sessions
-            else pd.Series(ALL_SEGMENTS, index=sessions.index)
-        )
         segments = (
-            sorted(s for s in pd.unique(segment).tolist() if s != ALL_SEGMENTS)
-            if len(sessions)
+            sorted(s for s in pd.unique(moments["segment"]).tolist() if s != ALL_SEGMENTS)
+            if len(moments)
             else []
         )
         keys = [ALL_SEGMENTS, *segments]
-        arm_code = pd.Categorical(sessions["arm_id"], categories=all_arms).codes.astype(np.int64)
+        arm_code = pd.Categorical(moments["arm_id"], categories=all_arms).codes.astype(np.int64)
         # Group 0 is a placeholder: the pooled "*" posterior is the sum over groups.
-        seg_code = pd.Categorical(segment, categories=keys).codes.astype(np.int64)
+        seg_code = pd.Categorical(moments["segment"], categories=keys).codes.astype(np.int64)
         seg_code[seg_code < 0] = 0
-        data = _Data(seg_code * len(all_arms) + arm_code, len(keys), len(all_arms))
+        data = _Data(moments, seg_code * len(all_arms) + arm_code, len(keys), len(all_arms))
 
-        terms = self._terms(sessions)
-        complete = sessions["complete"].to_numpy(dtype=bool)
-        if self.delay == "wait":
-            effective = data.sum(complete.astype(float))
-        else:
-            exposure = np.column_stack([t[2] for t in terms]).min(axis=1)
-            effective = data.sum(exposure)
-        self.model_ = self._model_kind(terms, complete)
-        posteriors = self._posteriors(
-            data, terms, complete, sessions["reward"].to_numpy(dtype=float)
-        )
+        terms = moments.attrs.get("terms") or [{"column": "reward", "weight": 1.0}]
+        n_complete = data.sum("complete")
+        effective = n_complete if self.delay == "wait" else data.sum("eff")
+        self.model_ = self._model_kind(terms, data)
+        posteriors = self._posteriors(data, terms)
 
-        n_assigned = data.sum()
-        n_complete = data.sum(complete.astype(float))
+        n_assigned = data.sum("n")
         self.arms_ = all_arms
         self.active_arms_ = active
         self.segments_ = keys
@@ -384,8 +388,8 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
             self.allocation_[key] = {a: float(p) for a, p in zip(active_ids, shares, strict=True)}
             self.segment_summary_[key] = {
                 arm: {
-                    "sessions": int(n_seg[j]),
-                    "complete_sessions": int(c_seg[j]),
+                    "sessions": round(float(n_seg[j])),
+                    "complete_sessions": round(float(c_seg[j])),
                     "effective_sessions": float(e_seg[j]),
                     "kpi_mean": float(means[i][j]),
                     "kpi_ci": [float(lo[j]), float(hi[j])],
@@ -394,7 +398,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
                 }
                 for j, arm in enumerate(all_arms)
             }
-        self.summary_ = self._with_metrics(sessions, self.segment_summary_[ALL_SEGMENTS])
+        self.summary_ = self._with_metrics(moments, self.segment_summary_[ALL_SEGMENTS])
         self.stop_candidates_ = {
             rule: self._stop(self.segment_summary_[ALL_SEGMENTS], rule)
             for rule in ("posterior", "always_valid")
@@ -402,37 +406,10 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         self.recommendation_ = self.stop_candidates_[self.stop_rule]
         return self
 
-    def _terms(
-        self, sessions: pd.DataFrame
-    ) -> list[tuple[str, float, np.ndarray, np.ndarray, np.ndarray]]:
-        """(column, weight, exposure, observed, final value or NaN) per KPI term."""
-        meta = sessions.attrs.get("kpi_terms")
-        if meta:
-            out = []
-            for t in meta:
-                col = t.get("column", t["name"])
-                out.append(
-                    (
-                        col,
-                        float(t["weight"]),
-                        sessions[f"{col}_exposure"].to_numpy(dtype=float),
-                        sessions[f"{col}_observed"].to_numpy(dtype=float),
-                        sessions[col].to_numpy(dtype=float),
-                    )
-                )
-            return out
-        # A hand-made frame: the reward is the only term, known when complete.
-        reward = sessions["reward"].to_numpy(dtype=float)
-        done = sessions["complete"].to_numpy(dtype=bool)
-        return [
-            ("reward", 1.0, done.astype(float), np.where(done, np.nan_to_num(reward), 0.0), reward)
-        ]
-
-    def _model_kind(self, terms: Sequence[tuple[Any, ...]], complete: np.ndarray) -> str:
+    def _model_kind(self, terms: Sequence[Mapping[str, Any]], data: _Data) -> str:
         if len(terms) == 1:
-            _, _, _, observed, final = terms[0]
-            values = observed if self.delay == "model" else final[complete]
-            if np.isin(values, (0.0, 1.0)).all():
+            non_binary = data.total("nb_obs" if self.delay == "model" else "nb_fin")
+            if non_binary == 0:
                 return "beta"
         return "nig" if self.delay == "wait" else "normal"
 
@@ -443,13 +420,7 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         f[0] = 0.0  # "*" is the total already
         return f
 
-    def _posteriors(
-        self,
-        data: _Data,
-        terms: Sequence[tuple[str, float, np.ndarray, np.ndarray, np.ndarray]],
-        complete: np.ndarray,
-        reward: np.ndarray,
-    ) -> list[_Posterior]:
+    def _posteriors(self, data: _Data, terms: Sequence[Mapping[str, Any]]) -> list[_Posterior]:
         def combine(stat: np.ndarray, f: np.ndarray) -> np.ndarray:
             """Row 0 = total; row s = segment s + f × (total − segment s)."""
             total = stat.sum(axis=0)
@@ -458,13 +429,13 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
             return out
 
         if self.model_ == "beta":
-            _, weight, exposure, observed, final = terms[0]
+            weight = float(terms[0]["weight"])
             if self.delay == "wait":
-                succ = data.sum(np.where(complete, np.nan_to_num(final), 0.0))
-                fail = data.sum(complete.astype(float)) - succ
+                succ = data.sum("f0")
+                fail = data.sum("complete") - succ
             else:
-                succ = data.sum(observed)
-                fail = data.sum(exposure * (1 - observed))
+                succ = data.sum("o0")
+                fail = data.sum("e0") - data.sum("oe0_0")
             n = succ + fail
             f = self._discount(n, n.sum(axis=0))
             a, b = beta_posterior(0, 0)
@@ -477,9 +448,8 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
             ]
 
         if self.model_ == "nig":
-            y = np.where(complete, reward, 0.0)
-            n = data.sum(complete.astype(float))
-            sy, syy = data.sum(y), data.sum(y * y)
+            n = data.sum("complete")
+            sy, syy = data.sum("y"), data.sum("yy")
             n_all = n.sum()
             mu0 = sy.sum() / n_all if n_all > 0 else 0.0
             var0 = syy.sum() / n_all - mu0**2 if n_all > 1 else 1.0
@@ -500,31 +470,30 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
 
         # delay="model", composite KPI: ratio estimators per term, delta-method variance.
         t = len(terms)
-        weights = np.array([w for _, w, *_ in terms])
-        exp = [e for _, _, e, _, _ in terms]
-        obs = [o for _, _, _, o, _ in terms]
-        s_k = np.stack([data.sum(o) for o in obs])  # (T, S, K)
-        e_k = np.stack([data.sum(e) for e in exp])
+        weights = np.array([float(term["weight"]) for term in terms])
+        s_k = np.stack([data.sum(f"o{k}") for k in range(t)])  # (T, S, K)
+        e_k = np.stack([data.sum(f"e{k}") for k in range(t)])
         oo = np.empty((t, t, *data.shape))
         of = np.empty_like(oo)
         ff = np.empty_like(oo)
         for k in range(t):
             for m in range(t):
-                oo[k, m] = data.sum(obs[k] * obs[m])
-                of[k, m] = data.sum(obs[k] * exp[m])
-                ff[k, m] = data.sum(exp[k] * exp[m])
-        e_min = data.sum(np.column_stack(exp).min(axis=1))
+                oo[k, m] = data.sum(f"oo{k}_{m}")
+                of[k, m] = data.sum(f"oe{k}_{m}")
+                ff[k, m] = data.sum(f"ee{k}_{m}")
+        e_min = data.sum("eff")
         f = self._discount(e_min, e_min.sum(axis=0))
         s_k = np.stack([combine(s, f) for s in s_k])
         e_k = np.stack([combine(e, f) for e in e_k])
         oo = np.stack([[combine(oo[k, m], f) for m in range(t)] for k in range(t)])
         of = np.stack([[combine(of[k, m], f) for m in range(t)] for k in range(t)])
         ff = np.stack([[combine(ff[k, m], f) for m in range(t)] for k in range(t)])
-        tot_e = np.array([e.sum() for e in exp])
-        tot_s = np.array([o.sum() for o in obs])
+        tot_e = np.array([data.total(f"e{k}") for k in range(t)])
+        tot_s = np.array([data.total(f"o{k}") for k in range(t)])
+        tot_ss = np.array([data.total(f"oo{k}_{k}") for k in range(t)])
         with np.errstate(divide="ignore", invalid="ignore"):
             m0 = np.where(tot_e > 0, tot_s / tot_e, 0.0)
-            v0 = np.where(tot_e > 0, np.array([(o * o).sum() for o in obs]) / tot_e - m0**2, 1.0)
+            v0 = np.where(tot_e > 0, tot_ss / tot_e - m0**2, 1.0)
         v0 = np.maximum(v0, _EPS_VAR)
         out = []
         for i in range(data.shape[0]):
@@ -616,17 +585,14 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
         return min(bounds)
 
     def _with_metrics(
-        self, sessions: pd.DataFrame, summary: Mapping[str, dict[str, Any]]
+        self, moments: pd.DataFrame, summary: Mapping[str, dict[str, Any]]
     ) -> dict[str, dict[str, Any]]:
-        from optimizer.kpi import arm_metrics
+        """The descriptive read-outs per arm (:func:`optimizer.moments.arm_readouts`)."""
+        from optimizer.moments import arm_readouts
 
-        needed = {"session_id", "thumbs_up", "thumbs_down", "rated", "turns", "errors"}
-        metrics = (
-            arm_metrics(sessions) if len(sessions) and needed <= set(sessions.columns) else None
-        )
+        metrics = arm_readouts(moments) if moments.attrs.get("metrics") else {}
         out: dict[str, dict[str, Any]] = {}
         for arm, s in summary.items():
-            row = metrics.loc[arm] if metrics is not None and arm in metrics.index else None
             extra: dict[str, Any] = {
                 "conversion_rate": None,
                 "conversion_ci": [None, None],
@@ -635,11 +601,12 @@ class _PosteriorPolicy(BaseEstimator, abc.ABC):
                 "error_rate": None,
                 "median_support_minutes": None,
             }
+            row = metrics.get(arm)
             if row is not None:
-                known, conv = float(row["conversion_known"]), float(row["conversions"])
-                if not math.isnan(row["conversion_rate"]):
+                known, conv = row["conversion_known"], row["conversions"]
+                if row["conversion_rate"] is not None:
                     lo, hi = stats.beta.ppf([0.025, 0.975], 1 + conv, 1 + known - conv)
-                    extra["conversion_rate"] = float(row["conversion_rate"])
+                    extra["conversion_rate"] = row["conversion_rate"]
                     extra["conversion_ci"] = [float(lo), float(hi)]
                 for key in (
                     "thumbs_up_rate",

@@ -3,7 +3,8 @@
 One run, under a lock so two processes never fit at once (:mod:`optimizer.locks`):
 
 1. arm statuses from arm events; paused and retired arms get no traffic;
-2. the session frame (:func:`optimizer.kpi.session_frame`) as of ``now``;
+2. the sums of every session as of ``now`` (:mod:`optimizer.moments`): kept for the
+   sessions whose windows closed, read for the open ones (:mod:`optimizer.refit_state`);
 3. guardrails against the champion (:mod:`optimizer.guardrails`): a breached arm
    gets a ``paused_guardrail`` arm event with the evidence and leaves the allocation;
 4. the policy (``config.policy.kind``) fits and allocates per segment;
@@ -53,6 +54,7 @@ from optimizer.jsonable import jsonable
 from optimizer.locks import job_lock
 from optimizer.policy import make_policy
 from optimizer.proposer.hooks import ProposerHooks
+from optimizer.refit_state import evidence_moments, refit_inputs
 from optimizer.store import ACTIVE_STATUSES, Store, schema
 from optimizer.store.schema import ARM_STATUS_BY_EVENT
 
@@ -118,6 +120,7 @@ def run_optimizer(
     random_state: int | np.random.Generator | None = None,
     actor: str = "optimizer",
     fewshot: bool = True,
+    incremental: bool = True,
     alerts: AlertDeliverer | None = None,
     proposer: ProposerHooks | None = None,
     finetune: FineTuneHooks | None = None,
@@ -134,7 +137,10 @@ def run_optimizer(
 
     With ``fewshot`` the run then turns the flywheel (:func:`fewshot_step`):
     mines good turns into the example bank, demotes examples that drag the KPI
-    down and proposes a challenger arm when the bank grew. Returns None,
+    down and proposes a challenger arm when the bank grew. ``incremental``
+    (the default) refits from the kept sums of closed sessions plus the open
+    ones (:mod:`optimizer.refit_state`); False recomputes from every session —
+    the same result, at a cost that grows with history. Returns None,
     without doing anything, if another run holds the lock. Raises
     :class:`~optimizer.errors.PolicyError` when no arm is active.
 
@@ -154,7 +160,7 @@ def run_optimizer(
             log.info("optimizer: another run holds the lock for %r; skipping", config.experiment.id)
             return None
         run, new_stop, srm_new = _run(
-            store, config, now, np.random.default_rng(random_state), actor
+            store, config, now, np.random.default_rng(random_state), actor, incremental
         )
         if alerts is not None:
             for alert in alerts_from_run(run, new_stop=new_stop, srm_new=srm_new):
@@ -241,7 +247,12 @@ def fewshot_step(
 
 
 def _run(
-    store: Store, config: Config, now: datetime, rng: np.random.Generator, actor: str
+    store: Store,
+    config: Config,
+    now: datetime,
+    rng: np.random.Generator,
+    actor: str,
+    incremental: bool = True,
 ) -> tuple[OptimizerRun, bool, bool]:
     """The run, whether its stop recommendation is new, and whether an SRM warning began."""
     started = time.perf_counter()
@@ -253,21 +264,18 @@ def _run(
     active = sorted(a for a, s in statuses.items() if s in ACTIVE_STATUSES)
     if exp.arms:  # an arm dropped from the configuration gets no more traffic
         active = _configured(store, exp.id, {a.id for a in exp.arms}, active)
-    full_frame = kpi.session_frame(store, config, now=now)
+    # Sums of every session (optimizer.moments), kept for closed sessions (optimizer.refit_state).
+    inputs = refit_inputs(store, config, now=now, incremental=incremental)
     # The holdback is outside the bandit: no policy, guardrail or SRM sees it (optimizer.holdback).
-    frame = bandit_frame(full_frame)
+    frame = bandit_frame(inputs.moments)
 
     # An arm an operator resumed is judged on what happened since, not re-paused on old data.
     resumed = {a: t for a, t in _resumed_at(store, exp.id).items() if a != champion}
     latencies = None
     if any(g.metric == "latency_p95_ms" for g in config.kpi.guardrails) and champion is not None:
         latencies = kpi.turn_latencies(store, exp.id, active, now=now, since=resumed)
-    evidence_frame = frame
-    if resumed and len(frame):
-        since = frame["arm_id"].map(resumed)
-        evidence_frame = frame[since.isna() | (frame["assigned_at"] > since)]
     checks = guardrails.check_guardrails(
-        evidence_frame,
+        evidence_moments(store, config, inputs, resumed, now=now),
         config.kpi.guardrails,
         champion=champion,
         arms=active,
@@ -311,9 +319,12 @@ def _run(
             retired = _retire_losers(store, config, policy.summary_, recommendation, actor, now)
             statuses.update(dict.fromkeys(retired, "retired"))
 
-    versions = frame["snapshot_version"].dropna().unique().tolist()
-    srm_result = srm.srm_check(
-        frame,
+    groups = inputs.srm_groups
+    versions = (
+        groups.loc[groups["version"] >= 0, "version"].unique().tolist() if len(groups) else []
+    )
+    srm_result = srm.srm_from_groups(
+        groups,
         srm.load_allocations(store, exp.id, versions),
         activity=srm.arm_activity(store, exp.id),
     ).to_dict()
@@ -321,7 +332,8 @@ def _run(
     by_arm: dict[str, dict[str, Any]] = {}
     for c in checks:
         by_arm.setdefault(c.arm, {})[c.metric] = c.evidence()
-    complete = int(frame["complete"].sum()) if len(frame) else 0
+    sessions = round(float(frame["n"].sum())) if len(frame) else 0
+    complete = round(float(frame["complete"].sum())) if len(frame) else 0
     summary: dict[str, Any] = {
         "arms": {
             arm: {
@@ -353,10 +365,10 @@ def _run(
         "delay": pol.delay,
         "champion": champion,
         "burn_in_complete": policy.burn_in_complete_,
-        "sessions": len(frame),
+        "sessions": sessions,
         "complete_sessions": complete,
         "holdback": holdback_lift(
-            full_frame,
+            inputs.moments,
             share=exp.holdback,
             delay=pol.delay,
             samples=pol.samples,
@@ -377,7 +389,7 @@ def _run(
         "optimizer: snapshot %d for %r from %d sessions in %.2fs",
         version,
         exp.id,
-        len(frame),
+        sessions,
         duration,
     )
     run = OptimizerRun(
@@ -388,7 +400,7 @@ def _run(
         summary=summary,
         now=now,
         duration_s=duration,
-        sessions=len(frame),
+        sessions=sessions,
         complete_sessions=complete,
         paused=tuple(paused),
         promoted=promoted,

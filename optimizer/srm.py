@@ -45,7 +45,15 @@ from optimizer.clock import as_utc
 from optimizer.store import ACTIVE_STATUSES, Store, schema
 from optimizer.store.schema import ARM_STATUS_BY_EVENT
 
-__all__ = ["MIN_EXPECTED", "SRMResult", "arm_activity", "load_allocations", "srm_check"]
+__all__ = [
+    "MIN_EXPECTED",
+    "SRMResult",
+    "arm_activity",
+    "load_allocations",
+    "srm_check",
+    "srm_from_groups",
+    "srm_groups",
+]
 
 log = logging.getLogger(__name__)
 
@@ -96,33 +104,74 @@ def srm_check(
     :func:`arm_activity`; None = every arm always active). Sessions need
     ``user_id``, ``arm_id``, ``snapshot_version``, ``segment`` and ``assigned_at``.
     """
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
     first = sessions.drop_duplicates("user_id", keep="first")
+    return srm_from_groups(
+        srm_groups(first, activity), allocations, activity=activity, threshold=threshold
+    )
+
+
+def srm_groups(first: pd.DataFrame, activity: pd.DataFrame | None = None) -> pd.DataFrame:
+    """First sessions counted by ``version`` (-1: none), ``segment``, ``inactive`` (the arms
+    inactive at assignment, comma-joined) and ``arm_id``: mergeable by addition.
+
+    An arm's status at a session's time is final once the session is past (status
+    events are stamped when they happen), so counts of old sessions can be kept
+    (:mod:`optimizer.refit_state`); an arm without events counts as active.
+    """
+    columns = ["version", "segment", "inactive", "arm_id", "n"]
     if first.empty:
-        return SRMResult(None, 0, None, False, 0, threshold)
-    arms = sorted(pd.unique(first["arm_id"]).tolist())
-    known = sorted(set(arms) | (set(activity["arm_id"]) if activity is not None else set()))
+        return pd.DataFrame({c: pd.Series(dtype=float if c == "n" else object) for c in columns})
+    with_events = sorted(set(activity["arm_id"])) if activity is not None else []
+    flags = _active_flags(first, with_events, activity)
+    inactive = np.full(len(first), "", dtype=object)
+    for i, arm in enumerate(with_events):
+        off = ~flags[f"active_{i}"].to_numpy(dtype=bool)
+        inactive[off] = inactive[off] + arm + ","
     version = first["snapshot_version"].astype("Int64").fillna(-1).astype(np.int64)
     keyed = pd.DataFrame(
-        {"version": version.to_numpy(), "segment": first["segment"].to_numpy()}
-    ).join(_active_flags(first, known, activity).reset_index(drop=True))
-    groups = keyed.groupby(list(keyed.columns), sort=True).size()
-    uniform_arms = sorted(pd.unique(first.loc[version.to_numpy() < 0, "arm_id"]).tolist())
+        {
+            "version": version.to_numpy(),
+            "segment": first["segment"].to_numpy(),
+            "inactive": inactive,
+            "arm_id": first["arm_id"].to_numpy(),
+            "n": np.ones(len(first)),
+        }
+    )
+    return keyed.groupby(columns[:-1], sort=True).sum().reset_index()
+
+
+def srm_from_groups(
+    groups: pd.DataFrame,
+    allocations: Allocations,
+    *,
+    activity: pd.DataFrame | None = None,
+    threshold: float = 0.001,
+) -> SRMResult:
+    """The χ² test on :func:`srm_groups` counts (summed over any number of parts)."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+    groups = groups[groups["n"] > 0] if len(groups) else groups
+    if groups.empty:
+        return SRMResult(None, 0, None, False, 0, threshold)
+    arms = sorted(pd.unique(groups["arm_id"]).tolist())
+    known = sorted(set(arms) | (set(activity["arm_id"]) if activity is not None else set()))
+    uniform_arms = sorted(pd.unique(groups.loc[groups["version"] < 0, "arm_id"]).tolist())
+    totals = groups.groupby(["version", "segment", "inactive"], sort=True)["n"].sum()
     expected: dict[str, float] = dict.fromkeys(known, 0.0)
-    for (ver, seg, *flags), n in groups.items():  # one per (version, segment, active set)
-        active = {a for a, on in zip(known, flags, strict=True) if on}
+    for (ver, seg, off), n in totals.items():  # one per (version, segment, active set)
+        inactive = set(str(off).split(",")) - {""}
+        active = {a for a in known if a not in inactive}
         probs = _intended(
             allocations.get(int(ver)) if ver >= 0 else None, seg, active, uniform_arms
         )
         for arm, p in probs.items():
-            expected[arm] = expected.get(arm, 0.0) + n * p
-    observed = first.groupby("arm_id", observed=True).size().to_dict()
-    observed = {str(a): int(observed.get(a, 0)) for a in known}
+            expected[arm] = expected.get(arm, 0.0) + float(n) * p
+    by_arm = groups.groupby("arm_id", sort=True)["n"].sum().to_dict()
+    observed = {str(a): round(float(by_arm.get(a, 0))) for a in known}
     cells = [a for a in known if expected.get(a, 0) > 0 or observed[a] > 0]
     exp = np.array([expected.get(a, 0.0) for a in cells])
     obs = np.array([observed[a] for a in cells], dtype=float)
-    n = len(first)
+    n = round(float(groups["n"].sum()))
     dof = int((exp > 0).sum()) - 1
     exp_out = {a: float(expected.get(a, 0.0)) for a in cells}
     if ((exp == 0) & (obs > 0)).any():  # sessions on an arm that had no share: certain mismatch

@@ -445,3 +445,16 @@ proposal_candidates = sa.Table(
     sa.Column("decided_by", sa.String(100), nullable=True),
     sa.Index("ix_proposal_candidates_exp", "experiment_id", "status"),
 )
+
+# The incremental refit's kept sums (optimizer.refit_state): per experiment, one row per
+# part (moments, sketch, srm, delay, as compressed numpy archives) and their watermarks.
+# A cache of what the events say: dropping it costs one full recomputation, nothing else.
+refit_state = sa.Table(
+    "refit_state",
+    metadata,
+    sa.Column("experiment_id", sa.String(100), primary_key=True),
+    sa.Column("part", sa.String(40), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+    sa.Column("meta", _JSON, nullable=False),
+    sa.Column("updated_at", _TS, nullable=False),
+)
