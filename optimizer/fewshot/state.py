@@ -61,19 +61,24 @@ from optimizer.fewshot.signals import (
     outcome_signals,
     reward_so_far,
 )
+from optimizer.locks import job_lock
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_tuples
 
 __all__ = [
     "ID_OVERLAP",
     "STATE_VERSION",
+    "SUPPORT_BIN",
     "TURN_LAG_S",
     "MiningCounts",
     "Refresh",
+    "bin_value",
     "credit_sums",
     "mining_counts",
     "ranked_candidates",
     "refresh_state",
+    "session_figures",
+    "support_bin",
 ]
 
 log = logging.getLogger(__name__)
@@ -97,9 +102,16 @@ class Refresh:
     sessions: int
     rebuilt: bool
     duration_s: float
+    #: Another refresh held the state (see :func:`refresh_state`).
+    skipped: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {"sessions": self.sessions, "rebuilt": self.rebuilt, "duration_s": self.duration_s}
+        return {
+            "sessions": self.sessions,
+            "rebuilt": self.rebuilt,
+            "duration_s": self.duration_s,
+            "skipped": self.skipped,
+        }
 
 
 @dataclass(frozen=True)
@@ -116,10 +128,27 @@ class MiningCounts:
 # -- public ---------------------------------------------------------------------------------
 
 
-def refresh_state(store: Store, config: Config, *, now: datetime) -> Refresh:
-    """Bring the experiment's few-shot state up to ``now`` (see the module docstring)."""
+def refresh_state(store: Store, config: Config, *, now: datetime, wait_s: float = 60.0) -> Refresh:
+    """Bring the experiment's kept state up to ``now`` (see the module docstring).
+
+    One refresh at a time per experiment (a job lock: the optimizer job and the
+    operator page both refresh): another caller's refresh is waited for up to
+    ``wait_s`` seconds, then this one is skipped (``skipped``) and the state is as
+    that refresh left it.
+    """
     started = time.perf_counter()
-    now = as_utc(now)
+    deadline = started + wait_s
+    while True:
+        with job_lock(store, f"fewshot-state:{config.experiment.id}") as held:
+            if held:
+                return _refresh(store, config, as_utc(now), started)
+        if time.perf_counter() >= deadline:
+            log.info("few-shot state: another refresh holds the lock; skipped")
+            return Refresh(0, False, time.perf_counter() - started, skipped=True)
+        time.sleep(0.2)
+
+
+def _refresh(store: Store, config: Config, now: datetime, started: float) -> Refresh:
     exp_id = config.experiment.id
     fingerprint = _fingerprint(config)
     st = schema.fewshot_state
@@ -279,9 +308,7 @@ def _fingerprint(config: Config) -> str:
     settings = {
         "version": STATE_VERSION,
         "terms": [t.model_dump(mode="json") for t in config.kpi.terms],
-        "prices": {m: p.model_dump(mode="json") for m, p in config.model.prices.items()}
-        if kpi.uses_cost(config)
-        else {},
+        "prices": {m: p.model_dump(mode="json") for m, p in config.model.prices.items()},
         "mining": [
             fs.min_reward,
             fs.thumbs_up,
@@ -470,11 +497,12 @@ def _session_rows(
             a.c.arm_id,
             epoch(a.c.assigned_at),
             sa.func.coalesce(a.c.thread_id, a.c.session_id),
+            a.c.segment,
         ).where(a.c.experiment_id == exp_id, a.c.assigned_at <= now),
         a.c.session_id,
         session_ids,
     )
-    columns = ["session_id", "user_id", "arm_id", "assigned_s", "thread"]
+    columns = ["session_id", "user_id", "arm_id", "assigned_s", "thread", "segment"]
     frame = pd.DataFrame(rows, columns=columns)
     if frame.empty:
         return pd.DataFrame(columns=["arm_id", "reward", "complete", "reward_so_far"]).rename_axis(
@@ -517,7 +545,7 @@ def _session_rows(
     for table in (counts, votes):
         for name in table.columns:
             frame[name] = frame["session_id"].map(table[name]).fillna(0).to_numpy(dtype=np.int64)
-    if kpi.uses_cost(config):
+    if True:  # the report shows every arm's cost, whether or not the KPI uses it
         cost_rows = _in_chunks(
             conn,
             sa.select(
@@ -551,6 +579,7 @@ def _session_rows(
     reward = np.zeros(len(frame))
     so_far = np.zeros(len(frame))
     complete = np.ones(len(frame), dtype=bool)
+    by_source: dict[str, np.ndarray] = {}
     for term in config.kpi.terms:
         window_s = term.window_days * 86_400.0
         closed = age_s >= window_s
@@ -560,16 +589,68 @@ def _session_rows(
         reward += term.weight * np.where(closed, observed, 0.0)
         so_far += term.weight * np.nan_to_num(observed, nan=0.0)
         complete &= closed
+        by_source[term.source] = np.where(closed, observed, np.nan)
+    frame["reward"] = np.where(complete, reward, np.nan)
+    frame["complete"] = complete
     out = pd.DataFrame(
         {
             "arm_id": frame["arm_id"].to_numpy(),
-            "reward": np.where(complete, reward, np.nan),
+            "reward": frame["reward"].to_numpy(),
             "complete": complete,
             "reward_so_far": so_far,
         },
         index=pd.Index(frame["session_id"], name="session_id"),
     )
+    out["figures"] = session_figures(
+        frame,
+        conversion=by_source.get("outcome:conversion"),
+        support=by_source.get("outcome:support_minutes"),
+    )
     return out
+
+
+def session_figures(
+    frame: pd.DataFrame, *, conversion: np.ndarray | None, support: np.ndarray | None
+) -> list[dict[str, Any]]:
+    """What each session of a KPI frame adds to the report's buckets (:mod:`optimizer.report`).
+
+    ``frame``: one row per session in assignment-time order (``assigned_s``,
+    ``user_id``, ``arm_id``, ``segment``, the count columns, ``cost_usd``, ``reward``,
+    ``complete``); ``conversion`` / ``support``: the closed values of the
+    ``outcome:conversion`` / ``outcome:support_minutes`` terms (NaN while open).
+    """
+    n = len(frame)
+    stamps = pd.to_datetime(frame["assigned_s"].to_numpy(dtype=float), unit="s", utc=True)
+    days = stamps.strftime("%Y-%m-%d")
+    hours = stamps.strftime("%Y-%m-%dT%H")
+    conv = conversion if conversion is not None else np.full(n, np.nan)
+    sup = support if support is not None else np.full(n, np.nan)
+    reward = frame["reward"].to_numpy(dtype=float)
+    values = {
+        "sessions": np.ones(n),
+        "complete": frame["complete"].to_numpy(dtype=float),
+        "reward": np.nan_to_num(reward, nan=0.0),
+        "conversion_known": (~np.isnan(conv)).astype(float),
+        "conversions": (np.nan_to_num(conv, nan=0.0) > 0).astype(float),
+        **{c: frame[c].to_numpy(dtype=float) for c in schema.SESSION_COUNTS},
+        "cost": frame[COST_COLUMN].to_numpy(dtype=float) if COST_COLUMN in frame else np.zeros(n),
+        # the user's first session of the frame (rows are in time order)
+        "users": (~frame["user_id"].duplicated()).to_numpy(dtype=float),
+    }
+    columns = list(schema.REPORT_FIGURES)
+    table = np.column_stack([values[c] for c in columns]).tolist()
+    arms, segments = frame["arm_id"].tolist(), frame["segment"].tolist()
+    return [
+        {
+            "d": days[i],
+            "h": hours[i],
+            "arm": arms[i],
+            "seg": segments[i],
+            "v": table[i],
+            "sup": None if np.isnan(sup[i]) else float(sup[i]),
+        }
+        for i in range(n)
+    ]
 
 
 def _turn_rows(
@@ -634,9 +715,20 @@ def _rebuild(
 ) -> tuple[int, int]:
     """Everything from scratch (the full path's reads, once); (sessions, turns considered)."""
     exp_id = config.experiment.id
-    frame = kpi.session_frame(store, config, now=now)
+    frame = kpi.session_frame(store, config, now=now, with_cost=True)
     sessions = frame.set_index("session_id")[["arm_id", "reward", "complete"]].copy()
     sessions["reward_so_far"] = reward_so_far(frame)
+    columns = {t["source"]: t["column"] for t in frame.attrs.get("kpi_terms", [])}
+    assigned_s = frame["assigned_at"].astype("int64").to_numpy() / 1e9 if len(frame) else []
+    sessions["figures"] = session_figures(
+        frame.assign(assigned_s=assigned_s),
+        conversion=frame[columns["outcome:conversion"]].to_numpy(dtype=float)
+        if "outcome:conversion" in columns
+        else None,
+        support=frame[columns["outcome:support_minutes"]].to_numpy(dtype=float)
+        if "outcome:support_minutes" in columns
+        else None,
+    )
     t, fb = schema.turns, schema.feedback
     with store.engine.connect() as conn:
         sessions = outcome_signals(conn, config, sessions, now)
@@ -671,7 +763,7 @@ def _rebuild(
     down = {r[0] for r in votes if r[1] == 0}
     ft, fs_, fc = schema.fewshot_turns, schema.fewshot_sessions, schema.fewshot_credit
     with store.engine.begin() as conn:
-        for table in (ft, fs_, fc):
+        for table in (ft, fs_, fc, schema.report_buckets, schema.report_support):
             conn.execute(table.delete().where(table.c.experiment_id == exp_id))
     all_ids = sorted(set(sessions.index.astype(str)) | set(turns["session_id"].astype(str)))
     considered = _write(
@@ -746,6 +838,9 @@ def _write(
             "turns": n_turns,
             "reward": sessions["reward"].reindex(index).astype(float),
             "examples": shown.reindex(index),
+            "figures": sessions["figures"].reindex(index)
+            if "figures" in sessions
+            else pd.Series(None, index=index, dtype=object),
         },
         index=index,
     )
@@ -754,19 +849,24 @@ def _write(
     new["examples"] = [ex if isinstance(ex, list) else [] for ex in new["examples"]]
     ft, fs_ = schema.fewshot_turns, schema.fewshot_sessions
     with store.engine.begin() as conn:
-        old = pd.DataFrame(columns=["arm_id", "turns", "reward", "examples"])
+        old = pd.DataFrame(columns=["arm_id", "turns", "reward", "examples", "figures"])
         if not fresh:
             old = pd.DataFrame(
                 _in_chunks(
                     conn,
                     sa.select(
-                        fs_.c.session_id, fs_.c.arm_id, fs_.c.turns, fs_.c.reward, fs_.c.examples
+                        fs_.c.session_id,
+                        fs_.c.arm_id,
+                        fs_.c.turns,
+                        fs_.c.reward,
+                        fs_.c.examples,
+                        fs_.c.figures,
                     ).where(fs_.c.experiment_id == exp_id),
                     fs_.c.session_id,
                     session_ids,
                     raw=False,
                 ),
-                columns=["session_id", "arm_id", "turns", "reward", "examples"],
+                columns=["session_id", "arm_id", "turns", "reward", "examples", "figures"],
             ).set_index("session_id")
             for i in range(0, len(session_ids), _CHUNK):
                 part = list(session_ids[i : i + _CHUNK])
@@ -785,6 +885,7 @@ def _write(
         parts = [d for d in (_credit_delta(old, -1), _credit_delta(new, 1)) if len(d)]
         if parts:
             _apply_credit(conn, exp_id, pd.concat(parts))
+        _apply_buckets(conn, exp_id, old["figures"].tolist(), new["figures"].tolist(), fresh=fresh)
     return int(new["turns"].sum()) - int(old["turns"].sum() if len(old) else 0)
 
 
@@ -846,3 +947,117 @@ def _apply_credit(conn: sa.Connection, exp_id: str, delta: pd.DataFrame) -> None
                     experiment_id=exp_id, example_id=example, arm_id=arm, n=int(dn), s=ds, q=dq
                 )
             )
+
+
+#: Relative width of the support-minutes histogram's bins: medians within 0.1%.
+SUPPORT_BIN = 0.002
+_LOG_BIN = float(np.log1p(SUPPORT_BIN))
+
+
+def support_bin(value: float) -> int:
+    """Bin of a support-minutes value (order-preserving; 0 for zero)."""
+    if value == 0:
+        return 0
+    k = int(np.clip(np.floor(np.log(abs(value)) / _LOG_BIN), -99_999, 99_999))
+    return 200_000 + k if value > 0 else -200_000 - k
+
+
+def bin_value(b: int) -> float:
+    """The value a bin stands for (its geometric middle)."""
+    if b == 0:
+        return 0.0
+    k = b - 200_000 if b > 0 else -200_000 - b
+    v = float(np.exp((k + 0.5) * _LOG_BIN))
+    return v if b > 0 else -v
+
+
+def _apply_buckets(
+    conn: sa.Connection,
+    exp_id: str,
+    old: list[Any],
+    new: list[Any],
+    *,
+    fresh: bool,
+) -> None:
+    """Move the report's buckets and support histogram from ``old`` to ``new`` figures."""
+    sums: dict[tuple[str, str, str, str], np.ndarray] = {}
+    hist: dict[tuple[str, int], int] = {}
+    width = len(schema.REPORT_FIGURES)
+    for figures, sign in ((old, -1), (new, 1)):
+        for f in figures:
+            if not isinstance(f, dict):
+                continue
+            v = np.asarray(f["v"], dtype=float) * sign
+            for kind in ("d", "h"):
+                key = (kind, f[kind], f["arm"], f["seg"])
+                total = sums.get(key)
+                sums[key] = v.copy() if total is None else total + v
+            if f.get("sup") is not None:
+                hkey = (f["arm"], support_bin(f["sup"]))
+                hist[hkey] = hist.get(hkey, 0) + sign
+    rb, rs = schema.report_buckets, schema.report_support
+    names = list(schema.REPORT_FIGURES)
+    if fresh:
+        if sums:
+            conn.execute(
+                rb.insert(),
+                [
+                    {
+                        "experiment_id": exp_id,
+                        "kind": k,
+                        "bucket": b,
+                        "arm_id": a,
+                        "segment": g,
+                        **dict(zip(names, v.tolist(), strict=True)),
+                    }
+                    for (k, b, a, g), v in sums.items()
+                ],
+            )
+        if hist:
+            conn.execute(
+                rs.insert(),
+                [
+                    {"experiment_id": exp_id, "arm_id": a, "bin": b, "n": n}
+                    for (a, b), n in hist.items()
+                    if n
+                ],
+            )
+        return
+    for (kind, bucket, arm, segment), v in sums.items():
+        if not np.any(v):
+            continue
+        where = (
+            rb.c.experiment_id == exp_id,
+            rb.c.kind == kind,
+            rb.c.bucket == bucket,
+            rb.c.arm_id == arm,
+            rb.c.segment == segment,
+        )
+        row = conn.execute(sa.select(*(rb.c[n] for n in names)).where(*where)).first()
+        if row is None:
+            conn.execute(
+                rb.insert().values(
+                    experiment_id=exp_id,
+                    kind=kind,
+                    bucket=bucket,
+                    arm_id=arm,
+                    segment=segment,
+                    **dict(zip(names, v.tolist(), strict=True)),
+                )
+            )
+            continue
+        total = np.asarray(row, dtype=float) + v
+        if total[0] == 0:  # no session left: no rounding left over either
+            total = np.zeros(width)
+        conn.execute(
+            rb.update().where(*where).values(**dict(zip(names, total.tolist(), strict=True)))
+        )
+    for (arm, b), dn in hist.items():
+        if not dn:
+            continue
+        at_bin = (rs.c.experiment_id == exp_id, rs.c.arm_id == arm, rs.c.bin == b)
+        n = conn.execute(sa.select(rs.c.n).where(*at_bin)).scalar()
+        if n is None:
+            conn.execute(rs.insert().values(experiment_id=exp_id, arm_id=arm, bin=b, n=dn))
+        else:
+            conn.execute(rs.update().where(*at_bin).values(n=n + dn))

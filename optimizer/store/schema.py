@@ -41,6 +41,21 @@ metadata = sa.MetaData(
 _TS = sa.DateTime(timezone=True)
 #: Per-session counts kept on ``assignments``: turns, failed turns, rated turns, ups, downs.
 SESSION_COUNTS = ("turns", "errors", "rated", "thumbs_up", "thumbs_down")
+#: Sums per bucket of ``report_buckets`` (``users``: sessions that were their user's first).
+REPORT_FIGURES = (
+    "sessions",
+    "complete",
+    "reward",
+    "conversion_known",
+    "conversions",
+    "turns",
+    "errors",
+    "rated",
+    "thumbs_up",
+    "thumbs_down",
+    "cost",
+    "users",
+)
 # JSON on both SQLite and PostgreSQL (JSONB there, for indexing later).
 _JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
@@ -330,6 +345,8 @@ fewshot_sessions = sa.Table(
     sa.Column("turns", sa.Integer, nullable=False),  # turns mining considered (0: excluded)
     sa.Column("reward", sa.Float, nullable=True),  # complete sessions only
     sa.Column("examples", _JSON, nullable=False),  # example ids its turns showed
+    # What the session adds to the report's buckets (None: no assignment up to now).
+    sa.Column("figures", _JSON, nullable=True),
 )
 
 fewshot_turns = sa.Table(
@@ -369,6 +386,26 @@ fewshot_credit = sa.Table(
     sa.Column("n", sa.Integer, nullable=False),
     sa.Column("s", sa.Float, nullable=False),  # sum of complete sessions' rewards
     sa.Column("q", sa.Float, nullable=False),  # sum of their squares
+)
+
+report_buckets = sa.Table(
+    "report_buckets",
+    metadata,
+    sa.Column("experiment_id", sa.String(100), primary_key=True),
+    sa.Column("kind", sa.String(1), primary_key=True),  # "d" day, "h" hour of assignment
+    sa.Column("bucket", sa.String(13), primary_key=True),  # "2026-01-05" or "2026-01-05T09"
+    sa.Column("arm_id", sa.String(200), primary_key=True),
+    sa.Column("segment", sa.String(200), primary_key=True),
+    *(sa.Column(name, sa.Float, nullable=False) for name in REPORT_FIGURES),
+)
+
+report_support = sa.Table(
+    "report_support",
+    metadata,
+    sa.Column("experiment_id", sa.String(100), primary_key=True),
+    sa.Column("arm_id", sa.String(200), primary_key=True),
+    sa.Column("bin", sa.Integer, primary_key=True),  # log-spaced, see optimizer.report_state
+    sa.Column("n", sa.Integer, nullable=False),
 )
 
 job_locks = sa.Table(

@@ -84,7 +84,9 @@ class Stream:
             sid = f"s{self.n}"
             when = at + timedelta(minutes=float(rng.uniform(0, 50)))
             store.record_assignment(
-                AssignmentRecord(sid, user, "exp", arm, 0.5, None, "*", {}, when)
+                AssignmentRecord(
+                    sid, user, "exp", arm, 0.5, None, str(rng.choice(["free", "pro"])), {}, when
+                )
             )
             self.sessions.append((sid, user, arm))
             for i in range(int(rng.integers(0, 4))):

@@ -3,7 +3,9 @@
 The few-shot step's incremental state (``optimizer.fewshot.state``): a watermark per
 experiment (``fewshot_state``), per session what credit counted (``fewshot_sessions``),
 the qualifying turns with their ranking keys (``fewshot_turns``) and the credit sums per
-example and arm (``fewshot_credit``). New tables only; all of it is rebuilt from the
+example and arm (``fewshot_credit``), and the operator report's figures per hour and day
+of assignment, arm and segment (``report_buckets``) with a histogram of support minutes
+per arm (``report_support``). New tables only; all of it is rebuilt from the
 events when missing, so a downgrade loses nothing.
 
 Revision ID: 0008_fewshot_state
@@ -24,6 +26,20 @@ depends_on = None
 
 _JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 _TS = sa.DateTime(timezone=True)
+BUCKET_FIGURES = (
+    "sessions",
+    "complete",
+    "reward",
+    "conversion_known",
+    "conversions",
+    "turns",
+    "errors",
+    "rated",
+    "thumbs_up",
+    "thumbs_down",
+    "cost",
+    "users",
+)
 
 
 def upgrade() -> None:
@@ -44,6 +60,7 @@ def upgrade() -> None:
         sa.Column("turns", sa.Integer, nullable=False),
         sa.Column("reward", sa.Float, nullable=True),
         sa.Column("examples", _JSON, nullable=False),
+        sa.Column("figures", _JSON, nullable=True),
     )
     op.create_table(
         "fewshot_turns",
@@ -79,7 +96,27 @@ def upgrade() -> None:
     )
 
 
+    op.create_table(
+        "report_buckets",
+        sa.Column("experiment_id", sa.String(100), primary_key=True),
+        sa.Column("kind", sa.String(1), primary_key=True),
+        sa.Column("bucket", sa.String(13), primary_key=True),
+        sa.Column("arm_id", sa.String(200), primary_key=True),
+        sa.Column("segment", sa.String(200), primary_key=True),
+        *(sa.Column(name, sa.Float, nullable=False) for name in BUCKET_FIGURES),
+    )
+    op.create_table(
+        "report_support",
+        sa.Column("experiment_id", sa.String(100), primary_key=True),
+        sa.Column("arm_id", sa.String(200), primary_key=True),
+        sa.Column("bin", sa.Integer, primary_key=True),
+        sa.Column("n", sa.Integer, nullable=False),
+    )
+
+
 def downgrade() -> None:
+    op.drop_table("report_support")
+    op.drop_table("report_buckets")
     op.drop_table("fewshot_credit")
     op.drop_index("ix_fewshot_turns_rank", table_name="fewshot_turns")
     op.drop_index("ix_fewshot_turns_session", table_name="fewshot_turns")
