@@ -150,7 +150,10 @@ def session_rows(
             retrieved,
             np.char.add(
                 np.char.add('["', np.array(SHOWN)[pick[:, 0]]),
-                np.char.add('", "', np.char.add(np.array(SHOWN)[(pick[:, 0] + 1 + pick[:, 1] % 11) % 12], '"]')),
+                np.char.add(
+                    '", "',
+                    np.char.add(np.array(SHOWN)[(pick[:, 0] + 1 + pick[:, 1] % 11) % 12], '"]'),
+                ),
             ),
             "[]",
         )

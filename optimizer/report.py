@@ -93,8 +93,9 @@ def experiment_report(
     summary: Mapping[str, Any] = (snapshot.summary or {}) if snapshot is not None else {}
     if kept:
         live = kept_figures(store, config, now=now)
+        # No snapshot yet: the lift's figures are unknown (None) until the optimizer runs.
         holdback = summary.get("holdback") or holdback_lift(
-            kpi.session_frame(store, config, now=now).iloc[:0], share=exp.holdback
+            pd.DataFrame({"holdback": pd.Series(dtype=bool)}), share=exp.holdback
         )
     else:
         frame = kpi.session_frame(store, config, now=now, with_cost=True)
@@ -282,13 +283,14 @@ def _arm_rows(
     posterior = summary.get("arms", {}) if isinstance(summary, Mapping) else {}
     serving = allocation.get(ALL_SEGMENTS, {})
     caps = _latest_by_arm(events, "cap_set")
+    pauses = _latest_by_arm(events, "paused_guardrail")
     rows = []
     for arm_id in ids:  # one row per arm: a handful
         arm_cfg = configured.get(arm_id)
         status = statuses.get(arm_id, {"status": "active"})
         obs = observed.loc[arm_id].to_dict() if arm_id in observed.index else {}
         post = posterior.get(arm_id, {})
-        fired = _latest_by_arm(events, "paused_guardrail").get(arm_id)
+        fired = pauses.get(arm_id)
         rows.append(
             {
                 "id": arm_id,

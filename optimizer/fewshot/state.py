@@ -67,6 +67,7 @@ from optimizer.store.store import fetch_tuples
 
 __all__ = [
     "ID_OVERLAP",
+    "SQLITE_TURN_LAG_S",
     "STATE_VERSION",
     "SUPPORT_BIN",
     "TURN_LAG_S",
@@ -85,10 +86,13 @@ log = logging.getLogger(__name__)
 
 #: Bumped when the kept state's meaning changes: every store then rebuilds it once.
 STATE_VERSION = 1
-#: Ids below the last run's newest that are read again (commits out of id order).
+#: Ids below the last run's newest that are read again on PostgreSQL (transactions may
+#: commit out of id order; SQLite's writers take turns, so it needs none).
 ID_OVERLAP = 100
-#: Seconds before the last run's ``now`` from which turns are read again.
+#: Seconds before the last run's ``now`` from which turns are read again: a turn is
+#: stamped before it commits, and replicas' clocks differ (SQLite: one machine).
 TURN_LAG_S = 300.0
+SQLITE_TURN_LAG_S = 5.0
 #: Stands for "no reward" in the ranking keys (NaN sorts differently per database).
 LOWEST = -sys.float_info.max
 _CHUNK = 500
@@ -355,13 +359,17 @@ def _changed(
         schema.outcomes,
     )
 
+    sqlite = conn.dialect.name == "sqlite"
+    overlap = 0 if sqlite else ID_OVERLAP
+    lag = timedelta(seconds=min(SQLITE_TURN_LAG_S, TURN_LAG_S) if sqlite else TURN_LAG_S)
+
     def since(name: str) -> int:
-        return max(int(marks.get(name, 0)) - ID_OVERLAP, 0)
+        return max(int(marks.get(name, 0)) - overlap, 0)
 
     out: set[str] = set()
     queries: list[sa.Select[Any]] = [
         sa.select(t.c.session_id).where(
-            t.c.created_at > previous - timedelta(seconds=TURN_LAG_S),
+            t.c.created_at > previous - lag,
             t.c.created_at <= now,
             t.c.experiment_id == exp_id,
         ),
