@@ -96,6 +96,7 @@ SQLITE_TURN_LAG_S = 5.0
 #: Stands for "no reward" in the ranking keys (NaN sorts differently per database).
 LOWEST = -sys.float_info.max
 _CHUNK = 500
+_INSERT_ROWS = 20_000
 _MARKED = ("assignments", "feedback_events", "outcomes")
 
 
@@ -885,11 +886,13 @@ def _write(
                         )
                     )
         if len(turn_rows):
-            conn.execute(ft.insert(), turn_rows.to_dict("records"))
+            for i in range(0, len(turn_rows), _INSERT_ROWS):  # bounded memory on a rebuild
+                conn.execute(ft.insert(), turn_rows.iloc[i : i + _INSERT_ROWS].to_dict("records"))
         if len(new):
             rows = new.reset_index().assign(experiment_id=exp_id)
             rows["reward"] = rows["reward"].astype(object).where(rows["reward"].notna(), None)
-            conn.execute(fs_.insert(), rows.to_dict("records"))
+            for i in range(0, len(rows), _INSERT_ROWS):
+                conn.execute(fs_.insert(), rows.iloc[i : i + _INSERT_ROWS].to_dict("records"))
         parts = [d for d in (_credit_delta(old, -1), _credit_delta(new, 1)) if len(d)]
         if parts:
             _apply_credit(conn, exp_id, pd.concat(parts))
@@ -1031,41 +1034,84 @@ def _apply_buckets(
                 ],
             )
         return
-    for (kind, bucket, arm, segment), v in sums.items():
-        if not np.any(v):
-            continue
-        where = (
-            rb.c.experiment_id == exp_id,
-            rb.c.kind == kind,
-            rb.c.bucket == bucket,
-            rb.c.arm_id == arm,
-            rb.c.segment == segment,
-        )
-        row = conn.execute(sa.select(*(rb.c[n] for n in names)).where(*where)).first()
-        if row is None:
-            conn.execute(
-                rb.insert().values(
-                    experiment_id=exp_id,
-                    kind=kind,
-                    bucket=bucket,
-                    arm_id=arm,
-                    segment=segment,
-                    **dict(zip(names, v.tolist(), strict=True)),
+    changed = {key: v for key, v in sums.items() if np.any(v)}
+    if changed:  # one read of the touched buckets, then one bulk update and one bulk insert
+        buckets = sorted({b for _, b, _, _ in changed})
+        current: dict[tuple[str, str, str, str], np.ndarray] = {}
+        for i in range(0, len(buckets), _CHUNK):
+            for row in conn.execute(
+                sa.select(
+                    rb.c.kind, rb.c.bucket, rb.c.arm_id, rb.c.segment, *(rb.c[n] for n in names)
+                ).where(rb.c.experiment_id == exp_id, rb.c.bucket.in_(buckets[i : i + _CHUNK]))
+            ):
+                current[(row[0], row[1], row[2], row[3])] = np.asarray(row[4:], dtype=float)
+        updates, inserts = [], []
+        for key, v in changed.items():
+            kind, bucket, arm, segment = key
+            ident = {"x_kind": kind, "x_bucket": bucket, "x_arm": arm, "x_segment": segment}
+            if key in current:
+                total = current[key] + v
+                if total[0] == 0:  # no session left: no rounding left over either
+                    total = np.zeros(width)
+                updates.append({**ident, **dict(zip(names, total.tolist(), strict=True))})
+            else:
+                inserts.append(
+                    {
+                        "experiment_id": exp_id,
+                        "kind": kind,
+                        "bucket": bucket,
+                        "arm_id": arm,
+                        "segment": segment,
+                        **dict(zip(names, v.tolist(), strict=True)),
+                    }
                 )
+        if updates:
+            conn.execute(
+                rb.update()
+                .where(
+                    rb.c.experiment_id == exp_id,
+                    rb.c.kind == sa.bindparam("x_kind"),
+                    rb.c.bucket == sa.bindparam("x_bucket"),
+                    rb.c.arm_id == sa.bindparam("x_arm"),
+                    rb.c.segment == sa.bindparam("x_segment"),
+                )
+                .values({n: sa.bindparam(n) for n in names}),
+                updates,
             )
-            continue
-        total = np.asarray(row, dtype=float) + v
-        if total[0] == 0:  # no session left: no rounding left over either
-            total = np.zeros(width)
-        conn.execute(
-            rb.update().where(*where).values(**dict(zip(names, total.tolist(), strict=True)))
-        )
-    for (arm, b), dn in hist.items():
-        if not dn:
-            continue
-        at_bin = (rs.c.experiment_id == exp_id, rs.c.arm_id == arm, rs.c.bin == b)
-        n = conn.execute(sa.select(rs.c.n).where(*at_bin)).scalar()
-        if n is None:
-            conn.execute(rs.insert().values(experiment_id=exp_id, arm_id=arm, bin=b, n=dn))
-        else:
-            conn.execute(rs.update().where(*at_bin).values(n=n + dn))
+        if inserts:
+            conn.execute(rb.insert(), inserts)
+    bins = {key: dn for key, dn in hist.items() if dn}
+    if bins:
+        counts: dict[tuple[str, int], int] = {}
+        arms = sorted({a for a, _ in bins})
+        for arm, b, n in conn.execute(
+            sa.select(rs.c.arm_id, rs.c.bin, rs.c.n).where(
+                rs.c.experiment_id == exp_id,
+                rs.c.arm_id.in_(arms),
+                rs.c.bin.in_(sorted({b for _, b in bins})),
+            )
+        ):
+            counts[(arm, int(b))] = int(n)
+        ups = [
+            {"x_arm": a, "x_bin": b, "n": counts[(a, b)] + dn}
+            for (a, b), dn in bins.items()
+            if (a, b) in counts
+        ]
+        ins = [
+            {"experiment_id": exp_id, "arm_id": a, "bin": b, "n": dn}
+            for (a, b), dn in bins.items()
+            if (a, b) not in counts
+        ]
+        if ups:
+            conn.execute(
+                rs.update()
+                .where(
+                    rs.c.experiment_id == exp_id,
+                    rs.c.arm_id == sa.bindparam("x_arm"),
+                    rs.c.bin == sa.bindparam("x_bin"),
+                )
+                .values(n=sa.bindparam("n")),
+                ups,
+            )
+        if ins:
+            conn.execute(rs.insert(), ins)
