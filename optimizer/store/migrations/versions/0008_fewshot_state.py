@@ -95,7 +95,6 @@ def upgrade() -> None:
         sa.Column("q", sa.Float, nullable=False),
     )
 
-
     op.create_table(
         "report_buckets",
         sa.Column("experiment_id", sa.String(100), primary_key=True),
