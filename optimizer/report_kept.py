@@ -24,7 +24,8 @@ import pandas as pd
 import sqlalchemy as sa
 
 from optimizer.config import Config
-from optimizer.fewshot.state import bin_value, refresh_state
+from optimizer.fewshot.state import refresh_state
+from optimizer.fewshot.state_sums import bin_value
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_tuples
 
