@@ -78,10 +78,15 @@ def make_app() -> Any:
     """The served app (in the server process): outcomes API + operator router, no cache."""
     from fastapi import FastAPI
 
+    import optimizer.report
     from chatbot.runtime import Runtime
     from chatbot.web.operator import create_router
     from chatbot.web.outcomes_api import api_router
 
+    # The served page's clock: the end of the synthetic history, not today (the wall clock
+    # would close every KPI window of the history at once).
+    now = datetime.fromisoformat(os.environ["BENCH_NOW"])
+    optimizer.report.utcnow = lambda: now  # type: ignore[assignment]
     runtime = Runtime.build(_config(os.environ["BENCH_DATABASE_URL"]))
     app = FastAPI()
     app.include_router(api_router(runtime, api_key=None))
@@ -117,10 +122,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def measure_http(url: str, repeat: int) -> dict[str, Any]:
+def measure_http(url: str, now: datetime, repeat: int) -> dict[str, Any]:
     """``GET /operator`` (kept sums, no cache) and ``GET /api/health`` over HTTP."""
     port = _free_port()
-    env = {**os.environ, "BENCH_DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "BENCH_DATABASE_URL": url,
+        "BENCH_NOW": now.isoformat(),
+        "PYTHONPATH": str(ROOT),
+    }
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             refresh = _subprocess("--step", "refresh", url, now1.isoformat())
             full = _subprocess("--step", "full", url, now1.isoformat())
             kept = _subprocess("--step", "kept", url, now1.isoformat())
-            http = measure_http(url, args.repeat)
+            http = measure_http(url, now1, args.repeat)
             row = {
                 "sessions": n,
                 "prepare": prepared,
