@@ -51,7 +51,14 @@ import sqlalchemy as sa
 
 from optimizer.clock import as_utc
 from optimizer.config import Config
-from optimizer.fewshot.state_rows import _CHUNK, LOWEST, rebuild, recompute
+from optimizer.fewshot.state_rows import (
+    _CHUNK,
+    LOWEST,
+    merge_counts,
+    rebuild,
+    recompute,
+    turn_counts,
+)
 from optimizer.locks import job_lock
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_tuples
@@ -146,9 +153,8 @@ def _refresh(store: Store, config: Config, now: datetime, started: float) -> Ref
     excluded = store.excluded_sessions(exp_id)
     mined = _mined_turns(store)
     if row is None or row.fingerprint != fingerprint or as_utc(row.now_at) > now:
-        count = rebuild(store, config, now, excluded, mined)
-        considered = count[1]
-        rebuilt, touched = True, count[0]
+        touched, considered, counts = rebuild(store, config, now, excluded, mined)
+        rebuilt = True
     else:
         previous = as_utc(row.now_at)
         old_marks = dict(row.marks or {})
@@ -156,10 +162,11 @@ def _refresh(store: Store, config: Config, now: datetime, started: float) -> Ref
             seeds = _changed(conn, config, previous, now, old_marks)
         seeds |= set(row.excluded or []) ^ excluded
         sessions = _widen(store, exp_id, seeds)
-        considered = int(old_marks.get("considered", 0))
-        considered += recompute(store, config, sorted(sessions), now, excluded, mined)
+        changed, delta = recompute(store, config, sorted(sessions), now, excluded, mined)
+        considered = int(old_marks.get("considered", 0)) + changed
+        counts = merge_counts(dict(old_marks.get("counts") or {}), delta)
         rebuilt, touched = False, len(sessions)
-    _mark_mined(store, exp_id, mined)
+    counts = merge_counts(counts, _mark_mined(store, config, mined))
     with store.engine.begin() as conn:
         conn.execute(st.delete().where(st.c.experiment_id == exp_id))
         conn.execute(
@@ -167,7 +174,7 @@ def _refresh(store: Store, config: Config, now: datetime, started: float) -> Ref
                 experiment_id=exp_id,
                 fingerprint=fingerprint,
                 now_at=now,
-                marks={**marks, "considered": considered},
+                marks={**marks, "considered": considered, "counts": counts},
                 excluded=sorted(excluded),
                 updated_at=now,
             )
@@ -178,35 +185,24 @@ def _refresh(store: Store, config: Config, now: datetime, started: float) -> Ref
 
 
 def mining_counts(store: Store, config: Config) -> MiningCounts:
-    """Considered and qualifying turns, reasons, and the unmined ones outside the lengths."""
-    exp_id, fs = config.experiment.id, config.fewshot
-    ft, st = schema.fewshot_turns, schema.fewshot_state
+    """Considered and qualifying turns, reasons, and the unmined ones outside the lengths
+    (kept as sums by :func:`refresh_state`)."""
+    st = schema.fewshot_state
     with store.engine.connect() as conn:
-        marks = conn.execute(sa.select(st.c.marks).where(st.c.experiment_id == exp_id)).scalar()
-        rows = conn.execute(
-            sa.select(
-                ft.c.reasons,
-                sa.func.count(),
-                sa.func.sum(
-                    sa.case((sa.and_(~ft.c.mined, ft.c.shortest < fs.min_chars), 1), else_=0)
-                ),
-                sa.func.sum(
-                    sa.case((sa.and_(~ft.c.mined, ft.c.longest > fs.max_chars), 1), else_=0)
-                ),
-            )
-            .where(ft.c.experiment_id == exp_id)
-            .group_by(ft.c.reasons)
-        ).all()
+        marks = conn.execute(
+            sa.select(st.c.marks).where(st.c.experiment_id == config.experiment.id)
+        ).scalar()
+    counts: dict[str, list[int]] = dict((marks or {}).get("counts") or {})
     reasons: dict[str, int] = {}
-    for why, n, _, _ in rows:
+    for why, (n, _, _) in counts.items():
         for r in why.split(","):
             reasons[r] = reasons.get(r, 0) + int(n)
     return MiningCounts(
         considered=int((marks or {}).get("considered", 0)),
-        qualifying=sum(int(r[1]) for r in rows),
-        reasons=reasons,
-        too_short=sum(int(r[2] or 0) for r in rows),
-        too_long=sum(int(r[3] or 0) for r in rows),
+        qualifying=sum(int(c[0]) for c in counts.values()),
+        reasons={r: n for r, n in reasons.items() if n},
+        too_short=sum(int(c[1]) for c in counts.values()),
+        too_long=sum(int(c[2]) for c in counts.values()),
     )
 
 
@@ -304,6 +300,8 @@ def _fingerprint(config: Config) -> str:
             fs.resolved_outcome,
             fs.support_minutes_outcome,
             fs.max_support_minutes,
+            fs.min_chars,
+            fs.max_chars,
         ],
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -435,11 +433,14 @@ def _mined_turns(store: Store) -> set[str]:
         }
 
 
-def _mark_mined(store: Store, exp_id: str, mined: set[str]) -> None:
-    """Flag the kept turns the bank holds (mined by this step, the CLI or another run)."""
+def _mark_mined(store: Store, config: Config, mined: set[str]) -> dict[str, list[int]]:
+    """Flag the kept turns the bank holds (mined by this step, the CLI or another run);
+    returns the change in :func:`~optimizer.fewshot.state_rows.turn_counts`."""
     ft = schema.fewshot_turns
+    exp_id = config.experiment.id
     ids = sorted(mined)
     with store.engine.begin() as conn:
+        before = turn_counts(conn, config, ft.c.turn_id, ids)
         for i in range(0, len(ids), _CHUNK):
             conn.execute(
                 ft.update()
@@ -450,3 +451,5 @@ def _mark_mined(store: Store, exp_id: str, mined: set[str]) -> None:
                 )
                 .values(mined=True)
             )
+        after = turn_counts(conn, config, ft.c.turn_id, ids)
+    return merge_counts(after, before, sign=-1)

@@ -30,7 +30,15 @@ from optimizer.fewshot.state_sums import apply_buckets, apply_credit
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_tuples
 
-__all__ = ["LOWEST", "in_chunks", "rebuild", "recompute", "session_figures"]
+__all__ = [
+    "LOWEST",
+    "in_chunks",
+    "merge_counts",
+    "rebuild",
+    "recompute",
+    "session_figures",
+    "turn_counts",
+]
 
 #: Stands for "no reward" in the ranking keys (NaN sorts differently per database).
 LOWEST = -sys.float_info.max
@@ -275,10 +283,11 @@ def recompute(
     now: datetime,
     excluded: set[str],
     mined: set[str],
-) -> int:
-    """Rewrite the state of ``session_ids``; returns the change in turns considered."""
+) -> tuple[int, dict[str, list[int]]]:
+    """Rewrite the state of ``session_ids``; returns the change in turns considered and in
+    :func:`turn_counts`."""
     if not session_ids:
-        return 0
+        return 0, {}
     exp_id = config.experiment.id
     with store.engine.connect() as conn:
         sessions = _session_rows(conn, config, session_ids, now)
@@ -290,8 +299,9 @@ def recompute(
 
 def rebuild(
     store: Store, config: Config, now: datetime, excluded: set[str], mined: set[str]
-) -> tuple[int, int]:
-    """Everything from scratch (the full path's reads, once); (sessions, turns considered)."""
+) -> tuple[int, int, dict[str, list[int]]]:
+    """Everything from scratch (the full path's reads, once): (sessions, turns considered,
+    :func:`turn_counts`)."""
     exp_id = config.experiment.id
     frame = kpi.session_frame(store, config, now=now, with_cost=True)
     sessions = frame.set_index("session_id")[["arm_id", "reward", "complete"]].copy()
@@ -344,10 +354,10 @@ def rebuild(
         for table in (ft, fs_, fc, schema.report_buckets, schema.report_support):
             conn.execute(table.delete().where(table.c.experiment_id == exp_id))
     all_ids = sorted(set(sessions.index.astype(str)) | set(turns["session_id"].astype(str)))
-    considered = _write(
+    considered, counts = _write(
         store, config, all_ids, sessions, turns, up, down, excluded, mined, fresh=True
     )
-    return len(all_ids), considered
+    return len(all_ids), considered, counts
 
 
 def _write(
@@ -362,7 +372,7 @@ def _write(
     mined: set[str],
     *,
     fresh: bool = False,
-) -> int:
+) -> tuple[int, dict[str, list[int]]]:
     """Replace the state of ``session_ids`` by what ``sessions`` and ``turns`` say."""
     exp_id = config.experiment.id
     kept = turns[~turns["session_id"].isin(excluded)] if excluded else turns
@@ -428,6 +438,7 @@ def _write(
     ft, fs_ = schema.fewshot_turns, schema.fewshot_sessions
     with store.engine.begin() as conn:
         old = pd.DataFrame(columns=["arm_id", "turns", "reward", "examples", "figures"])
+        before = {} if fresh else turn_counts(conn, config, ft.c.session_id, session_ids)
         if not fresh:
             old = pd.DataFrame(
                 in_chunks(
@@ -466,7 +477,56 @@ def _write(
         if parts:
             apply_credit(conn, exp_id, pd.concat(parts))
         apply_buckets(conn, exp_id, old["figures"].tolist(), new["figures"].tolist(), fresh=fresh)
-    return int(new["turns"].sum()) - int(old["turns"].sum() if len(old) else 0)
+        after = (
+            turn_counts(conn, config)
+            if fresh
+            else turn_counts(conn, config, ft.c.session_id, session_ids)
+        )
+    considered = int(new["turns"].sum()) - int(old["turns"].sum() if len(old) else 0)
+    return considered, merge_counts(after, before, sign=-1)
+
+
+def turn_counts(
+    conn: sa.Connection,
+    config: Config,
+    column: Any = None,
+    keys: Sequence[str] = (),
+) -> dict[str, list[int]]:
+    """Per reasons (comma-separated) of the kept turns: [qualifying, unmined shorter than
+    ``min_chars``, unmined longer than ``max_chars``] — of the experiment, or of the turns
+    whose ``column`` is in ``keys``. Kept as sums, so that mining's figures over all turns
+    cost nothing per run."""
+    fs, ft = config.fewshot, schema.fewshot_turns
+    query = (
+        sa.select(
+            ft.c.reasons,
+            sa.func.count(),
+            sa.func.sum(sa.case((sa.and_(~ft.c.mined, ft.c.shortest < fs.min_chars), 1), else_=0)),
+            sa.func.sum(sa.case((sa.and_(~ft.c.mined, ft.c.longest > fs.max_chars), 1), else_=0)),
+        )
+        .where(ft.c.experiment_id == config.experiment.id)
+        .group_by(ft.c.reasons)
+    )
+    rows = fetch_tuples(conn, query) if column is None else in_chunks(conn, query, column, keys)
+    out: dict[str, list[int]] = {}
+    for why, n, short, long_ in rows:
+        counts = out.setdefault(str(why), [0, 0, 0])
+        counts[0] += int(n)
+        counts[1] += int(short or 0)
+        counts[2] += int(long_ or 0)
+    return out
+
+
+def merge_counts(
+    a: dict[str, list[int]], b: dict[str, list[int]], *, sign: int = 1
+) -> dict[str, list[int]]:
+    """``a + sign × b`` of two :func:`turn_counts`, without the reasons left at zero."""
+    out = {k: list(v) for k, v in a.items()}
+    for k, v in b.items():
+        counts = out.setdefault(k, [0, 0, 0])
+        for i in range(3):
+            counts[i] += sign * int(v[i])
+    return {k: v for k, v in out.items() if any(v)}
 
 
 def _credit_delta(states: pd.DataFrame, sign: int) -> pd.DataFrame:
