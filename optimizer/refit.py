@@ -228,13 +228,19 @@ def fewshot_step(
     now: datetime,
     actor: str = "optimizer",
     hooks: ProposerHooks | None = None,
+    incremental: bool = True,
 ) -> dict[str, Any]:
-    """Mine, credit and propose few-shot examples; a failure here never loses the snapshot."""
+    """Mine, credit and propose few-shot examples; a failure here never loses the snapshot.
+
+    ``incremental``: rank from the state kept up to date since the last run
+    (:mod:`optimizer.fewshot.state`, same result) rather than from every turn."""
     from optimizer.fewshot import credit_examples, mine_examples, propose_challenger
+    from optimizer.fewshot.state import refresh_state
 
     try:
-        mined = mine_examples(store, config, now=now, actor=actor)
-        credit = credit_examples(store, config, now=now, actor=actor)
+        state = refresh_state(store, config, now=now).as_dict() if incremental else None
+        mined = mine_examples(store, config, now=now, actor=actor, incremental=incremental)
+        credit = credit_examples(store, config, now=now, actor=actor, incremental=incremental)
         proposal = propose_challenger(store, config, actor=actor, hooks=hooks)
     except Exception:  # logged with its traceback; the next run tries again
         log.exception("optimizer: few-shot step failed")
@@ -243,6 +249,7 @@ def fewshot_step(
         "mined": list(mined.added),
         "demoted": list(credit.demoted),
         "proposal": proposal.as_dict() if proposal is not None else None,
+        **({"state": state} if state is not None else {}),
     }
 
 

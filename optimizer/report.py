@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from optimizer.cost import COST_COLUMN
 from optimizer.errors import PolicyError
 from optimizer.holdback import holdback_lift
 from optimizer.jsonable import finite, jsonable
+from optimizer.report_kept import HOURLY_SPAN, LiveFigures, kept_figures
 from optimizer.store import Store, schema
 from optimizer.store.schema import ARM_STATUS_BY_EVENT
 
@@ -56,16 +57,27 @@ STATUS_LABELS = {
     "paused_operator": "paused by operator",
     "retired": "retired",
 }
-#: Experiments shorter than this are bucketed by hour in the time series, longer ones by day.
-HOURLY_SPAN = timedelta(days=2)
 #: About this many policy snapshots at most are read for the series over time.
 MAX_SNAPSHOTS = 500
 
 
 def experiment_report(
-    store: Store, config: Config, *, now: datetime | None = None, history_limit: int = 50
+    store: Store,
+    config: Config,
+    *,
+    now: datetime | None = None,
+    history_limit: int = 50,
+    kept: bool = False,
 ) -> dict[str, Any]:
     """Everything the operator page shows about ``config.experiment``, as of ``now``.
+
+    With ``kept`` the live figures come from the sums per hour and day of assignment,
+    arm and segment that :mod:`optimizer.fewshot.state` keeps up to date (brought up
+    to ``now`` first, which costs what changed since its last refresh): the cost is
+    that of the experiment's days × arms, not of its sessions. The figures are the
+    same; the median support minutes come from a histogram (within 0.1%), and the
+    holdback lift is the newest snapshot's (computed by the optimizer job on every
+    session). Without it every session is read (:func:`optimizer.kpi.session_frame`).
 
     >>> from optimizer.config import load_config
     >>> store = Store("sqlite:///:memory:"); store.create_all()
@@ -77,12 +89,27 @@ def experiment_report(
         raise ValueError(f"history_limit must be >= 0, got {history_limit}")
     now = as_utc(now) if now is not None else utcnow()
     exp = config.experiment
-    frame = kpi.session_frame(store, config, now=now, with_cost=True)
     snapshot = store.latest_snapshot(exp.id)
     summary: Mapping[str, Any] = (snapshot.summary or {}) if snapshot is not None else {}
+    if kept:
+        live = kept_figures(store, config, now=now)
+        # No snapshot yet: the lift's figures are unknown (None) until the optimizer runs.
+        holdback = summary.get("holdback") or holdback_lift(
+            pd.DataFrame({"holdback": pd.Series(dtype=bool)}), share=exp.holdback
+        )
+    else:
+        frame = kpi.session_frame(store, config, now=now, with_cost=True)
+        live = _frame_figures(config, frame)
+        holdback = holdback_lift(
+            frame,
+            share=exp.holdback,
+            delay=config.policy.delay,
+            samples=config.policy.samples,
+            random_state=0,
+        )
     events = _arm_events(store, exp.id)
     allocation = _serving_allocation(store, config)
-    arms = _arm_rows(config, frame, events, allocation, summary, known=_known_arms(store, exp.id))
+    arms = _arm_rows(config, live, events, allocation, summary, known=_known_arms(store, exp.id))
     _add_models(arms, store.arms(exp.id), config.model.name)
     leader = _leader(arms)
     report: dict[str, Any] = {
@@ -105,29 +132,51 @@ def experiment_report(
         },
         "now": now.isoformat(),
         "simulated": bool(_any_simulated(store, exp.id)),
-        "totals": {
-            "sessions": len(frame),
-            "complete_sessions": int(frame["complete"].sum()) if len(frame) else 0,
-            "users": int(frame["user_id"].nunique()) if len(frame) else 0,
-        },
+        "totals": live.totals,
         "snapshot": _snapshot_info(snapshot, now),
         "arms": arms,
         "leader": leader,
         "stop": summary.get("stop"),
         "srm": summary.get("srm"),
-        "holdback": holdback_lift(
-            frame,
-            share=exp.holdback,
-            delay=config.policy.delay,
-            samples=config.policy.samples,
-            random_state=0,
-        ),
+        "holdback": holdback,
         "guardrail_firings": _guardrail_firings(events),
-        "segments": _segment_rows(config, frame, allocation, summary),
-        "series": _series(store, config, frame, [a["id"] for a in arms]),
+        "segments": _segment_rows(config, live, allocation, summary),
+        "series": _series(store, config, live, [a["id"] for a in arms]),
         "history": _history(store, exp.id, events, history_limit),
     }
     return jsonable(report)
+
+
+# -- live figures ------------------------------------------------------------------------
+
+
+def _frame_figures(config: Config, frame: pd.DataFrame) -> LiveFigures:
+    """:class:`LiveFigures` from every session (:func:`optimizer.kpi.session_frame`)."""
+    totals = {
+        "sessions": len(frame),
+        "complete_sessions": int(frame["complete"].sum()) if len(frame) else 0,
+        "users": int(frame["user_id"].nunique()) if len(frame) else 0,
+    }
+    if frame.empty:
+        empty = pd.DataFrame(columns=["bucket", "arm_id", "sessions", "complete", "reward"])
+        return LiveFigures(totals, pd.DataFrame(), pd.DataFrame(), empty, "D")
+    assigned = frame["assigned_at"]
+    freq = "h" if assigned.max() - assigned.min() <= HOURLY_SPAN else "D"
+    complete = frame["complete"].to_numpy(dtype=bool)
+    buckets = (
+        frame.assign(
+            bucket=assigned.dt.floor(freq),
+            done=complete.astype(int),
+            kpi=np.where(complete, frame["reward"].to_numpy(dtype=float), 0.0),
+        )
+        .groupby(["bucket", "arm_id"])
+        .agg(sessions=("session_id", "size"), complete=("done", "sum"), reward=("kpi", "sum"))
+        .reset_index()
+    )
+    segments = (
+        _observed(frame, ["segment", "arm_id"]) if config.experiment.segment_by else pd.DataFrame()
+    )
+    return LiveFigures(totals, _observed(frame, ["arm_id"]), segments, buckets, freq)
 
 
 # -- arms ---------------------------------------------------------------------------------
@@ -219,7 +268,7 @@ def kpi_per_dollar(kpi_mean: Any, cost_per_session: Any) -> float | None:
 
 def _arm_rows(
     config: Config,
-    frame: pd.DataFrame,
+    live: LiveFigures,
     events: pd.DataFrame,
     allocation: Mapping[str, Mapping[str, float]],
     summary: Mapping[str, Any],
@@ -228,19 +277,20 @@ def _arm_rows(
 ) -> list[dict[str, Any]]:
     configured = {a.id: a for a in config.experiment.arms}
     ids = list(configured) + [a for a in known if a not in configured]
-    ids += sorted(set(frame["arm_id"]) - set(ids)) if len(frame) else []
+    observed = live.arms
+    ids += sorted(set(observed.index) - set(ids)) if len(observed) else []
     statuses = _statuses(events, config.experiment.champion)
-    observed = _observed(frame, ["arm_id"]) if len(frame) else pd.DataFrame()
     posterior = summary.get("arms", {}) if isinstance(summary, Mapping) else {}
     serving = allocation.get(ALL_SEGMENTS, {})
     caps = _latest_by_arm(events, "cap_set")
+    pauses = _latest_by_arm(events, "paused_guardrail")
     rows = []
     for arm_id in ids:  # one row per arm: a handful
         arm_cfg = configured.get(arm_id)
         status = statuses.get(arm_id, {"status": "active"})
         obs = observed.loc[arm_id].to_dict() if arm_id in observed.index else {}
         post = posterior.get(arm_id, {})
-        fired = _latest_by_arm(events, "paused_guardrail").get(arm_id)
+        fired = pauses.get(arm_id)
         rows.append(
             {
                 "id": arm_id,
@@ -354,14 +404,14 @@ def _guardrail_firings(events: pd.DataFrame) -> list[dict[str, Any]]:
 
 def _segment_rows(
     config: Config,
-    frame: pd.DataFrame,
+    live: LiveFigures,
     allocation: Mapping[str, Mapping[str, float]],
     summary: Mapping[str, Any],
 ) -> list[dict[str, Any]]:
     """Per segment and arm: sessions, live rates, allocation now (only with ``segment_by``)."""
-    if not config.experiment.segment_by or frame.empty:
+    if not config.experiment.segment_by or live.segments.empty:
         return []
-    observed = _observed(frame, ["segment", "arm_id"]).reset_index()
+    observed = live.segments.reset_index()
     seg_summary = summary.get("segments", {}) if isinstance(summary, Mapping) else {}
     rows = []
     for r in observed.sort_values(["segment", "arm_id"]).to_dict("records"):
@@ -388,15 +438,14 @@ def _segment_rows(
 
 
 def _series(
-    store: Store, config: Config, frame: pd.DataFrame, arm_ids: Sequence[str]
+    store: Store, config: Config, live: LiveFigures, arm_ids: Sequence[str]
 ) -> dict[str, Any]:
     """Series behind the plots.
 
-    Per assignment period (hour or day) from the session frame: sessions, traffic
-    share, running mean KPI. Per policy snapshot: the allocation the policy set,
-    and each guardrail check the optimizer made (arm value, champion value,
-    limit, breach probability): exactly what the guardrails saw, without
-    re-reading every turn.
+    Per assignment period (hour or day): sessions, traffic share, running mean KPI.
+    Per policy snapshot: the allocation the policy set, and each guardrail check the
+    optimizer made (arm value, champion value, limit, breach probability): exactly
+    what the guardrails saw, without re-reading every turn.
     """
     allocation, guardrails = _snapshot_series(store, config.experiment.id)
     out: dict[str, Any] = {
@@ -408,23 +457,21 @@ def _series(
         "policy_allocation": allocation,
         "guardrails": guardrails,
     }
-    if frame.empty:
+    table = live.buckets
+    if table.empty:
         return out
-    assigned = frame["assigned_at"]
-    freq = "h" if assigned.max() - assigned.min() <= HOURLY_SPAN else "D"
-    times = pd.date_range(assigned.min().floor(freq), assigned.max().floor(freq), freq=freq)
-    bucketed = frame.assign(bucket=assigned.dt.floor(freq))
-    by = ["bucket", "arm_id"]
+    freq = live.freq
+    times = pd.date_range(table["bucket"].min(), table["bucket"].max(), freq=freq)
+    grouped = table.set_index(["bucket", "arm_id"])
 
     def wide(values: pd.Series) -> pd.DataFrame:
         return values.unstack("arm_id").reindex(index=times, columns=list(arm_ids))
 
-    counts = wide(bucketed.groupby(by).size()).fillna(0)
+    counts = wide(grouped["sessions"]).fillna(0)
     share = counts.div(counts.sum(axis=1).where(lambda s: s > 0), axis=0)
     # Running mean KPI over complete sessions, by assignment period.
-    complete = bucketed[bucketed["complete"]]
-    sums = wide(complete.groupby(by)["reward"].sum()).fillna(0).cumsum()
-    n = wide(complete.groupby(by).size()).fillna(0).cumsum()
+    sums = wide(grouped["reward"]).fillna(0).cumsum()
+    n = wide(grouped["complete"]).fillna(0).cumsum()
     out.update(
         bucket="hour" if freq == "h" else "day",
         times=[t.isoformat() for t in times],

@@ -62,12 +62,7 @@ class ExampleCredit:
         self.demote_probability = demote_probability
 
     def fit(self, usage: pd.DataFrame, sessions: pd.DataFrame) -> ExampleCredit:
-        if self.min_sessions < 2:
-            raise ValueError(f"min_sessions must be >= 2, got {self.min_sessions}")
-        if not 0.5 < self.demote_probability < 1:
-            raise ValueError(
-                f"demote_probability must be in (0.5, 1), got {self.demote_probability}"
-            )
+        self._check()
         done = sessions.dropna(subset=["reward"])
         arm_mean = done.groupby("arm_id")["reward"].mean().rename("arm_mean")
         rows = (
@@ -87,14 +82,67 @@ class ExampleCredit:
                 "sd_residual": grouped["residual"].std(ddof=1),
             }
         )
-        se = stats["sd_residual"] / np.sqrt(stats["sessions"])
+        return self._decide(stats)
+
+    def fit_sums(self, arms: pd.DataFrame, examples: pd.DataFrame) -> ExampleCredit:
+        """The same fit from mergeable sums (:mod:`optimizer.fewshot.state`).
+
+        ``arms``: indexed by ``arm_id``, the number ``n`` and sum ``s`` of the rewards of
+        its complete sessions; ``examples``: per ``example_id`` and ``arm_id`` the ``n``,
+        ``s`` and sum of squares ``q`` of the complete sessions that used the example.
+        Residuals against the arm mean ``m``: ``Σ(r − m)² = q − 2ms + nm²`` per arm.
+        """
+        self._check()
+        columns = ["sessions", "mean_reward", "arm_mean", "mean_residual", "sd_residual"]
+        if examples.empty:
+            return self._decide(pd.DataFrame(columns=columns, dtype=float))
+        m = examples["arm_id"].map(arms["s"] / arms["n"]).astype(float)
+        n, s, q = (examples[c].astype(float) for c in ("n", "s", "q"))
+        parts = pd.DataFrame(
+            {
+                "example_id": examples["example_id"],
+                "n": n,
+                "s": s,
+                "nm": n * m,
+                "ss": q - 2 * m * s + n * m * m,
+            }
+        ).groupby("example_id")
+        total = parts.sum()
+        count = total["n"]
+        mean_residual = (total["s"] - total["nm"]) / count
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = (total["ss"] - count * mean_residual**2) / (count - 1)
+        # Rounding of the sums must not pass for spread: below it, the spread is zero.
+        scale = total["ss"].abs() / count + mean_residual**2
+        var = var.where(var > 1e-12 * scale, 0.0).where(count > 1)
+        stats = pd.DataFrame(
+            {
+                "sessions": count.astype(np.int64),
+                "mean_reward": total["s"] / count,
+                "arm_mean": total["nm"] / count,
+                "mean_residual": mean_residual,
+                "sd_residual": np.sqrt(var),
+            }
+        )
+        return self._decide(stats)
+
+    def _check(self) -> None:
+        if self.min_sessions < 2:
+            raise ValueError(f"min_sessions must be >= 2, got {self.min_sessions}")
+        if not 0.5 < self.demote_probability < 1:
+            raise ValueError(
+                f"demote_probability must be in (0.5, 1), got {self.demote_probability}"
+            )
+
+    def _decide(self, stats: pd.DataFrame) -> ExampleCredit:
+        se = stats["sd_residual"] / np.sqrt(stats["sessions"].astype(float))
         with np.errstate(divide="ignore", invalid="ignore"):
             z = stats["mean_residual"] / se
-        prob = pd.Series(norm.cdf(-z.to_numpy()), index=stats.index)
+        prob = pd.Series(norm.cdf(-z.to_numpy(dtype=float)), index=stats.index)
         # Zero spread: the sign of the mean decides outright.
         flat = se.fillna(0) == 0
         prob[flat] = np.where(stats.loc[flat, "mean_residual"] < 0, 1.0, 0.0)
-        stats["prob_below"] = prob
+        stats = stats.assign(prob_below=prob)
         self.stats_ = stats.sort_index()
         eligible = (stats["sessions"] >= self.min_sessions) & (
             stats["prob_below"] >= self.demote_probability
@@ -106,13 +154,15 @@ class ExampleCredit:
 def example_usage(
     store: Store, config: Config, *, now: datetime | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(usage, sessions)`` for :class:`ExampleCredit` from the store."""
+    """``(usage, sessions)`` for :class:`ExampleCredit` from the store (turns up to ``now``)."""
+    now = as_utc(now) if now is not None else utcnow()
     sessions = session_frame(store, config, now=now)[["session_id", "arm_id", "reward"]]
     t = schema.turns
     with store.engine.connect() as conn:
         rows = conn.execute(
             sa.select(t.c.session_id, t.c.fewshot_ids).where(
                 t.c.experiment_id == config.experiment.id,
+                t.c.created_at <= now,
                 # only turns that showed examples: no JSON to decode for the rest
                 sa.cast(t.c.fewshot_ids, sa.Text) != "[]",
             )
@@ -141,17 +191,27 @@ def credit_examples(
     now: datetime | None = None,
     library: PromptLibrary | None = None,
     actor: str = "optimizer",
+    incremental: bool = False,
 ) -> CreditResult:
-    """Fit :class:`ExampleCredit` on the store and demote what it says (approved examples only)."""
+    """Fit :class:`ExampleCredit` on the store and demote what it says (approved examples only).
+
+    With ``incremental`` the fit reads the sums kept by
+    :func:`optimizer.fewshot.state.refresh_state` (which the caller ran up to ``now``)
+    instead of every session.
+    """
     now = as_utc(now) if now is not None else utcnow()
     bank = ExampleBank(store)
     bank.sync_seeds(library if library is not None else load_prompts(config.prompts_dir), at=now)
-    usage, sessions = example_usage(store, config, now=now)
     fs = config.fewshot
     credit = ExampleCredit(
         min_sessions=fs.credit_min_sessions, demote_probability=fs.demote_probability
     )
-    credit.fit(usage, sessions)
+    if incremental:
+        from optimizer.fewshot.state import credit_sums
+
+        credit.fit_sums(*credit_sums(store, config))
+    else:
+        credit.fit(*example_usage(store, config, now=now))
     demoted: list[str] = []
     for example_id in credit.demote_:
         current = bank.get(example_id)

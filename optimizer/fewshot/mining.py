@@ -24,6 +24,7 @@ they never return — and within the batch (best reward first), then added as
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -36,6 +37,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config
 from optimizer.fewshot.bank import ExampleBank
+from optimizer.fewshot.signals import RANK_COLUMNS, flag_turns, outcome_signals, reward_so_far
 from optimizer.kpi import session_frame
 from optimizer.privacy import SCRUBBER_VERSION, Scrubber, public_allowlist
 from optimizer.prompt_library import PromptLibrary, load_prompts
@@ -76,7 +78,6 @@ class MiningResult:
 #: The message columns of ``turns``, read for the few turns a mining run banks.
 TEXT_COLUMNS = ("user_message", "reply")
 #: The columns of ``turns`` a mining run ranks by (texts come later, for the few it banks).
-RANK_COLUMNS = ("id", "session_id", "arm_id", "prompt_id", "error", "created_at")
 
 
 def _session_signals(store: Store, config: Config, now: datetime) -> pd.DataFrame:
@@ -86,49 +87,10 @@ def _session_signals(store: Store, config: Config, now: datetime) -> pd.DataFram
         return pd.DataFrame(columns=["reward", "complete", "reward_so_far"]).rename_axis(
             "session_id"
         )
-    so_far = np.zeros(len(frame))
-    for term in frame.attrs.get("kpi_terms", []):
-        so_far += term["weight"] * frame[f"{term['column']}_observed"].fillna(0).to_numpy()
     sessions = frame.set_index("session_id")[["arm_id", "reward", "complete"]].copy()
-    sessions["reward_so_far"] = so_far
-    fs = config.fewshot
-    names = sorted({*fs.outcomes, fs.resolved_outcome, fs.support_minutes_outcome})
-    oc = schema.outcomes
-    query = (
-        sa.select(
-            oc.c.session_id,
-            oc.c.name,
-            sa.func.sum(oc.c.value).label("total"),
-            sa.func.max(oc.c.value).label("peak"),
-        )
-        # Other experiments' sessions drop out at the reindex below: a list of this
-        # experiment's session ids would overflow SQLite's bound parameters at scale.
-        .where(oc.c.session_id.is_not(None), oc.c.name.in_(names), oc.c.occurred_at <= now)
-        .group_by(oc.c.session_id, oc.c.name)
-    )
+    sessions["reward_so_far"] = reward_so_far(frame)
     with store.engine.connect() as conn:
-        outcomes = pd.DataFrame(
-            conn.execute(query).all(), columns=["session_id", "name", "total", "peak"]
-        )
-    peak = outcomes.pivot_table(index="session_id", columns="name", values="peak", aggfunc="max")
-    total = outcomes.pivot_table(index="session_id", columns="name", values="total", aggfunc="sum")
-    for name in fs.outcomes:
-        sessions[f"outcome:{name}"] = (
-            peak[name].reindex(sessions.index).fillna(0) > 0 if name in peak else False
-        )
-    resolved = (
-        peak[fs.resolved_outcome].reindex(sessions.index).fillna(0) > 0
-        if fs.resolved_outcome in peak
-        else False
-    )
-    minutes = (
-        total[fs.support_minutes_outcome].reindex(sessions.index).fillna(0)
-        if fs.support_minutes_outcome in total
-        else pd.Series(0.0, index=sessions.index)
-    )
-    sessions["resolved_quickly"] = resolved & (minutes <= fs.max_support_minutes)
-    sessions["slow_support"] = minutes > fs.max_support_minutes
-    return sessions
+        return outcome_signals(conn, config, sessions, now)
 
 
 def turn_reasons(
@@ -137,12 +99,12 @@ def turn_reasons(
     """Every turn of the experiment up to ``now`` with the session's reward and ``reasons``.
 
     ``reasons`` lists why the turn qualifies for mining (empty: it does not).
-    Sorted best first: complete reward, then reward so far, then newest. Without
+    Sorted best first: complete reward, then reward so far, then newest, then turn
+    id (so that ties have one order, the incremental step's too). Without
     ``texts`` only :data:`RANK_COLUMNS` are read: millions of turns are cheap to
     rank, not to read in full.
     """
     now = as_utc(now) if now is not None else utcnow()
-    fs = config.fewshot
     t = schema.turns
     turns = store.frame(
         t,
@@ -162,44 +124,25 @@ def turn_reasons(
             reward_so_far=pd.Series(dtype=float),
         )
     sessions = _session_signals(store, config, now).drop(columns=["arm_id"], errors="ignore")
-    turns = turns.join(sessions, on="session_id")
     fb = schema.feedback
-    votes = store.frame(fb, fb.c.value.is_not(None))
-    up = turns["id"].isin(set(votes.loc[votes["value"] == 1, "turn_id"]))
-    down = turns["id"].isin(set(votes.loc[votes["value"] == 0, "turn_id"]))
-    failed = turns["error"].fillna("").astype(str).str.len() > 0
-    complete = turns["complete"].astype("boolean").fillna(False).astype(bool)
-    reward = turns["reward"].astype(float)
-
-    def flag(column: str) -> pd.Series:
-        return (
-            turns[column].astype("boolean").fillna(False).astype(bool)
-            if column in turns
-            else up & False
-        )
-
-    flags = {"thumbs_up": up & fs.thumbs_up, "reward": complete & (reward >= fs.min_reward)}
-    flags |= {f"outcome:{name}": flag(f"outcome:{name}") for name in fs.outcomes}
-    flags["resolved_quickly"] = flag("resolved_quickly")
-    eligible = ~failed & ~down & ~flag("slow_support")
-    table = pd.DataFrame(flags).to_numpy() & eligible.to_numpy()[:, None]
-    names = list(flags)
-    # Each row's flags as one number; the few distinct combinations become lists once
-    # (shared between rows: read them, do not change them).
-    codes = table.astype(np.int64) @ (1 << np.arange(len(names), dtype=np.int64))
-    lists = {int(c): [n for j, n in enumerate(names) if c >> j & 1] for c in np.unique(codes)}
-    turns["reasons"] = [lists[c] for c in codes.tolist()]
-    turns["complete"] = complete
+    votes = store.frame(fb, sa.and_(fb.c.value.is_not(None), fb.c.updated_at <= now))
+    turns = flag_turns(
+        turns.join(sessions, on="session_id"),
+        up=set(votes.loc[votes["value"] == 1, "turn_id"]),
+        down=set(votes.loc[votes["value"] == 0, "turn_id"]),
+        config=config,
+    )
     order = pd.DataFrame(
         {
-            "r": reward.fillna(-np.inf),
+            "r": turns["reward"].astype(float).fillna(-np.inf),
             "s": turns["reward_so_far"].astype(float).fillna(-np.inf),
             "t": turns["created_at"],
+            "i": turns["id"],
         }
     )
-    return turns.loc[order.sort_values(["r", "s", "t"], ascending=False).index].reset_index(
-        drop=True
-    )
+    return turns.loc[
+        order.sort_values(["r", "s", "t", "i"], ascending=False, kind="stable").index
+    ].reset_index(drop=True)
 
 
 def mine_examples(
@@ -209,46 +152,63 @@ def mine_examples(
     now: datetime | None = None,
     library: PromptLibrary | None = None,
     actor: str = "miner",
+    incremental: bool = False,
 ) -> MiningResult:
     """Add scrubbed, de-duplicated examples from qualifying turns to the bank.
 
     Idempotent: turns already mined and texts already banked are skipped. The
-    optimizer job calls this; so does ``flywheel fewshot mine``.
+    optimizer job calls this; so does ``flywheel fewshot mine``. With
+    ``incremental`` the ranking comes from the state kept by
+    :func:`optimizer.fewshot.state.refresh_state` (which the caller ran up to
+    ``now``), not from every turn: same candidates, same order.
     """
     now = as_utc(now) if now is not None else utcnow()
     fs = config.fewshot
     library = library if library is not None else load_prompts(config.prompts_dir)
     bank = ExampleBank(store)
     seeds: tuple[str, ...] = tuple(bank.sync_seeds(library, at=now))
-    turns = turn_reasons(store, config, now=now, texts=False)
-    candidates = turns.loc[turns["reasons"].map(bool).astype(bool)]
-    qualifying = len(candidates)
-    reason_counts: dict[str, int] = {}
-    for why in candidates["reasons"]:
-        for r in why:
-            reason_counts[r] = reason_counts.get(r, 0) + 1
-    candidates = candidates[~candidates["id"].isin(bank.mined_turn_ids())]
-    scrubber = Scrubber(allow=public_allowlist(library.knowledge))
+    pages: Iterable[pd.DataFrame]
+    if incremental:
+        from optimizer.fewshot.state import mining_counts, ranked_candidates
 
-    # Lengths are checked before scrubbing too (it barely changes them), so turns that
-    # can never fit do not take the run's places; the best max_mined_per_run remain.
-    lengths = _text_lengths(store, config.experiment.id, now)
-    candidates = candidates.join(lengths, on="id")
-    too_short = int((candidates["shortest"] < fs.min_chars).sum())
-    too_long = int((candidates["longest"] > fs.max_chars).sum())
-    candidates = candidates[
-        (candidates["shortest"] >= fs.min_chars) & (candidates["longest"] <= fs.max_chars)
-    ]
+        counts = mining_counts(store, config)
+        considered, qualifying, reason_counts = counts.considered, counts.qualifying, counts.reasons
+        too_short, too_long = counts.too_short, counts.too_long
+        pages = ranked_candidates(store, config, size=fs.max_mined_per_run)
+    else:
+        turns = turn_reasons(store, config, now=now, texts=False)
+        considered = len(turns)
+        candidates = turns.loc[turns["reasons"].map(bool).astype(bool)]
+        qualifying = len(candidates)
+        reason_counts = {}
+        for why in candidates["reasons"]:
+            for r in why:
+                reason_counts[r] = reason_counts.get(r, 0) + 1
+        candidates = candidates[~candidates["id"].isin(bank.mined_turn_ids())]
+        # Lengths are checked before scrubbing too (it barely changes them), so turns that
+        # can never fit do not take the run's places; the best max_mined_per_run remain.
+        lengths = _text_lengths(store, config.experiment.id, now)
+        candidates = candidates.join(lengths, on="id")
+        too_short = int((candidates["shortest"] < fs.min_chars).sum())
+        too_long = int((candidates["longest"] > fs.max_chars).sum())
+        candidates = candidates[
+            (candidates["shortest"] >= fs.min_chars) & (candidates["longest"] <= fs.max_chars)
+        ]
+        pages = (
+            candidates.iloc[start : start + fs.max_mined_per_run]
+            for start in range(0, len(candidates), fs.max_mined_per_run)
+        )
+    scrubber = Scrubber(allow=public_allowlist(library.knowledge))
     banked = [f"{e.user_text}\n{e.assistant_text}" for e in bank.list()]
     added: list[str] = []
     duplicates = 0
     # Best first, in slices of the run's places, until they are filled: a near-duplicate
     # (checked only once scrubbed) is passed over, never blocking the turns below it.
-    for start in range(0, len(candidates), fs.max_mined_per_run):
+    for page in pages:
         if len(added) >= fs.max_mined_per_run:
             break
         pending: list[tuple[Any, str, str]] = []
-        chunk = _with_texts(store, candidates.iloc[start : start + fs.max_mined_per_run])
+        chunk = _with_texts(store, page)
         for row in chunk.to_dict("records"):
             user, reply = (
                 scrubber.scrub(row["user_message"]).strip(),
@@ -273,7 +233,7 @@ def mine_examples(
             added.append(example_id)
             banked.append(f"{user}\n{reply}")
     result = MiningResult(
-        considered=len(turns),
+        considered=considered,
         qualifying=qualifying,
         added=tuple(added),
         too_short=too_short,

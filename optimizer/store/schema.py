@@ -41,6 +41,21 @@ metadata = sa.MetaData(
 _TS = sa.DateTime(timezone=True)
 #: Per-session counts kept on ``assignments``: turns, failed turns, rated turns, ups, downs.
 SESSION_COUNTS = ("turns", "errors", "rated", "thumbs_up", "thumbs_down")
+#: Sums per bucket of ``report_buckets`` (``users``: sessions that were their user's first).
+REPORT_FIGURES = (
+    "sessions",
+    "complete",
+    "reward",
+    "conversion_known",
+    "conversions",
+    "turns",
+    "errors",
+    "rated",
+    "thumbs_up",
+    "thumbs_down",
+    "cost",
+    "users",
+)
 # JSON on both SQLite and PostgreSQL (JSONB there, for indexing later).
 _JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
@@ -312,6 +327,90 @@ finetune_jobs = sa.Table(
 )
 
 # Named locks for SQLite (PostgreSQL uses advisory locks): one optimizer run at a time.
+# -- the few-shot step's incremental state (optimizer.fewshot.state), rebuilt from the events --
+fewshot_state = sa.Table(
+    "fewshot_state",
+    metadata,
+    sa.Column("experiment_id", sa.String(100), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False),  # KPI and mining settings
+    sa.Column("now_at", _TS, nullable=False),  # the ``now`` of the last run
+    sa.Column("marks", _JSON, nullable=False),  # newest event id per table at the last run
+    sa.Column("excluded", _JSON, nullable=False),  # sessions that must not become data
+    sa.Column("updated_at", _TS, nullable=False),
+)
+
+fewshot_sessions = sa.Table(
+    "fewshot_sessions",
+    metadata,
+    sa.Column("experiment_id", sa.String(100), primary_key=True),
+    sa.Column("session_id", sa.String(100), primary_key=True),
+    sa.Column("arm_id", sa.String(200), nullable=False),
+    sa.Column("turns", sa.Integer, nullable=False),  # turns mining considered (0: excluded)
+    sa.Column("reward", sa.Float, nullable=True),  # complete sessions only
+    sa.Column("examples", _JSON, nullable=False),  # example ids its turns showed
+    # What the session adds to the report's buckets (None: no assignment up to now).
+    sa.Column("figures", _JSON, nullable=True),
+)
+
+fewshot_turns = sa.Table(
+    "fewshot_turns",
+    metadata,
+    sa.Column("experiment_id", sa.String(100), primary_key=True),
+    sa.Column("turn_id", sa.String(100), primary_key=True),
+    sa.Column("session_id", sa.String(100), nullable=False),
+    sa.Column("arm_id", sa.String(200), nullable=False),
+    sa.Column("prompt_id", sa.String(100), nullable=False),
+    sa.Column("reasons", sa.String(400), nullable=False),  # comma-separated
+    sa.Column("reward", sa.Float, nullable=True),
+    sa.Column("complete", sa.Boolean, nullable=False),
+    sa.Column("reward_so_far", sa.Float, nullable=False),
+    sa.Column("rank_reward", sa.Float, nullable=False),  # reward, or the lowest float
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("shortest", sa.Integer, nullable=False),
+    sa.Column("longest", sa.Integer, nullable=False),
+    sa.Column("mined", sa.Boolean, nullable=False),
+    sa.Index("ix_fewshot_turns_session", "experiment_id", "session_id"),
+    sa.Index(
+        "ix_fewshot_turns_rank",
+        "experiment_id",
+        "rank_reward",
+        "reward_so_far",
+        "created_at",
+        "turn_id",
+    ),
+)
+
+fewshot_credit = sa.Table(
+    "fewshot_credit",
+    metadata,
+    sa.Column("experiment_id", sa.String(100), primary_key=True),
+    sa.Column("example_id", sa.String(100), primary_key=True),  # "" = the arm's total
+    sa.Column("arm_id", sa.String(200), primary_key=True),
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("s", sa.Float, nullable=False),  # sum of complete sessions' rewards
+    sa.Column("q", sa.Float, nullable=False),  # sum of their squares
+)
+
+report_buckets = sa.Table(
+    "report_buckets",
+    metadata,
+    sa.Column("experiment_id", sa.String(100), primary_key=True),
+    sa.Column("kind", sa.String(1), primary_key=True),  # "d" day, "h" hour of assignment
+    sa.Column("bucket", sa.String(13), primary_key=True),  # "2026-01-05" or "2026-01-05T09"
+    sa.Column("arm_id", sa.String(200), primary_key=True),
+    sa.Column("segment", sa.String(200), primary_key=True),
+    *(sa.Column(name, sa.Float, nullable=False) for name in REPORT_FIGURES),
+)
+
+report_support = sa.Table(
+    "report_support",
+    metadata,
+    sa.Column("experiment_id", sa.String(100), primary_key=True),
+    sa.Column("arm_id", sa.String(200), primary_key=True),
+    sa.Column("bin", sa.Integer, primary_key=True),  # log-spaced, see optimizer.report_state
+    sa.Column("n", sa.Integer, nullable=False),
+)
+
 job_locks = sa.Table(
     "job_locks",
     metadata,

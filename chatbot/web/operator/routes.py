@@ -64,8 +64,9 @@ def _templates() -> jinja2.Environment:
 class ReportCache:
     """The newest experiment report (and its figures), recomputed at most every ``ttl_s`` seconds.
 
-    Building the report reads every session of the experiment (seconds at 100k
-    sessions), so page views within ``ttl_s`` share one computation; concurrent
+    Building the report refreshes the kept sums and reads them (milliseconds to a
+    second, whatever the history), so page views within ``ttl_s`` share one
+    computation; concurrent
     requests wait for the one in flight rather than starting their own. Every
     operator action clears it, so its effect shows on the next page.
     """
@@ -113,7 +114,8 @@ class OperatorContext:
         self.templates.globals["available_actions"] = actions.available_actions
 
     def _experiment_view(self) -> dict[str, Any]:
-        report = experiment_report(self.services.store, self.services.config)
+        # From the kept sums (optimizer.report_kept): days × arms of work, not every session.
+        report = experiment_report(self.services.store, self.services.config, kept=True)
         return {"report": report, "divs": figure_divs(report)}  # the figures cost as much again
 
     def audit(self, actor: str, action: str, details: dict[str, Any] | None = None) -> None:
