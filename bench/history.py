@@ -1,6 +1,6 @@
 """Synthetic histories of 100k–10M sessions for the benchmarks, written in bulk.
 
-The builder of ``bench/refit.py`` (branch ``refit``), shared: **constant traffic**
+Shared by ``refit.py``, ``fewshot_step.py`` and ``operator_page.py``: **constant traffic**
 of 16,667 sessions a day (1M sessions = 60 days), so a bigger store is a longer
 history, not a busier one. The KPI is ``flywheel.toml``'s default (conversion 7
 days, thumbs up, support minutes, revenue 30 days), five arms, 5% holdback, 20%
@@ -77,14 +77,25 @@ def _sentences(rng: np.random.Generator, vocab: np.ndarray, n: int, words: int) 
     return np.char.add(out, "?")
 
 
-def chunks(n: int, seed: int = 0, texts: bool = False) -> Iterator[dict[str, pd.DataFrame]]:
-    """Rows of every table, ``CHUNK`` sessions at a time, in time order."""
+def chunks(
+    n: int, seed: int = 0, texts: bool = False, turn_days: float | None = None
+) -> Iterator[dict[str, pd.DataFrame]]:
+    """Rows of every table, ``CHUNK`` sessions at a time, in time order.
+
+    ``turn_days``: only the sessions of that many last days have turns and votes
+    (older ones none, and counts of 0 on their assignment), to build 10M-session
+    histories in minutes on a shared machine: no refit reads old turns (a refit
+    reads the counts kept on assignments; the latency guardrail the newest turns).
+    """
     rng = np.random.default_rng(seed)
     vocab = _vocabulary(np.random.default_rng(seed + 1))
     span = days_for(n) * 86400
+    chat_from = None if turn_days is None else span - turn_days * 86400
     for lo in range(0, n, CHUNK):
         hi = min(lo + CHUNK, n)
-        yield session_rows(rng, vocab, lo, hi, lo / n * span, hi / n * span, texts=texts)
+        yield session_rows(
+            rng, vocab, lo, hi, lo / n * span, hi / n * span, texts=texts, chat_from=chat_from
+        )
 
 
 def session_rows(
@@ -97,6 +108,7 @@ def session_rows(
     *,
     texts: bool = False,
     prefix: str = "s",
+    chat_from: float | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Sessions ``lo..hi`` assigned between ``t_lo`` and ``t_hi`` seconds after START."""
     k = hi - lo
@@ -115,6 +127,11 @@ def session_rows(
     turn_id = np.char.add(np.char.add(sid[turn_s], ":t"), turn_k.astype(str))
     errors = rng.random(2 * k) < 0.01
     voted = (rng.random(2 * k) < 0.25) & ~errors
+    chatted = np.ones(2 * k, dtype=bool)
+    if chat_from is not None:  # sessions before it have no turns (see ``chunks``)
+        chatted = t[turn_s] >= chat_from
+        errors &= chatted
+        voted &= chatted
     up = rng.random(2 * k) < 0.75
 
     def per(flags: np.ndarray) -> np.ndarray:
@@ -133,7 +150,7 @@ def session_rows(
             "assigned_s": t,
             "sticky": False,
             "holdback": holdback,
-            "turns": 2,
+            "turns": per(chatted),
             "errors": per(errors),
             "rated": per(voted),
             "thumbs_up": per(voted & up),
@@ -177,7 +194,7 @@ def session_rows(
             "error": np.where(errors, "error", ""),
             "created_s": turn_t,
         }
-    )
+    )[chatted]
     turns["error"] = turns["error"].replace("", None)
     v = np.flatnonzero(voted)
     votes = pd.DataFrame(
@@ -310,7 +327,9 @@ def write(url: str, parts: Iterator[dict[str, pd.DataFrame]]) -> dict[str, int]:
     return counts
 
 
-def build(url: str, n: int, *, texts: bool = False, seed: int = 0) -> dict[str, int]:
+def build(
+    url: str, n: int, *, texts: bool = False, seed: int = 0, turn_days: float | None = None
+) -> dict[str, int]:
     """Write ``n`` sessions with their turns, votes and outcomes into a new store at ``url``."""
     _prepare(url)
-    return write(url, chunks(n, seed=seed, texts=texts))
+    return write(url, chunks(n, seed=seed, texts=texts, turn_days=turn_days))

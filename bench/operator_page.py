@@ -42,11 +42,10 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from bench import history  # noqa: E402
-from bench.fewshot_step import add_hour  # noqa: E402
+import history  # noqa: E402  (the builder next to this file: the script's folder is on sys.path)
+from fewshot_step import add_hour  # noqa: E402
 
 SECRET = b"bench-secret"
 TARGET_S = 0.3
@@ -129,7 +128,7 @@ def measure_http(url: str, now: datetime, repeat: int) -> dict[str, Any]:
         **os.environ,
         "BENCH_DATABASE_URL": url,
         "BENCH_NOW": now.isoformat(),
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": str(ROOT / "bench"),
     }
     proc = subprocess.Popen(
         [
@@ -137,9 +136,9 @@ def measure_http(url: str, now: datetime, repeat: int) -> dict[str, Any]:
             "-m",
             "uvicorn",
             "--factory",
-            "bench.operator_page:make_app",
+            "operator_page:make_app",
             "--app-dir",
-            str(ROOT),
+            str(ROOT / "bench"),
             "--host",
             "127.0.0.1",
             "--port",

@@ -34,274 +34,24 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import history  # the builder next to this file (the script's folder is on sys.path)
 import numpy as np
 import pandas as pd
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-ARMS = ("concise", "empathetic", "proactive-upsell", "concise+fixed", "concise+retrieved")
-EXPERIMENT = "refit-bench"
-START = datetime(2025, 1, 6, tzinfo=UTC)
-PER_DAY = 1_000_000 / 60
-CHUNK = 250_000
 TARGET_S, TARGET_GB, TARGET_RATIO = 2.0, 1.0, 1.5
-
-
-def _config() -> Any:
-    from optimizer.config import Config
-
-    return Config.model_validate(
-        {
-            "experiment": {
-                "id": EXPERIMENT,
-                "salt": EXPERIMENT,
-                "champion": ARMS[0],
-                "holdback": 0.05,
-                "arms": [{"id": a, "prompt": a} for a in ARMS],
-            }
-        }
-    )
-
-
-def days_for(n: int) -> float:
-    return n / PER_DAY
-
-
-def _ts(seconds: np.ndarray, pg: bool) -> np.ndarray:
-    if not len(seconds):
-        return np.array([], dtype=str)
-    epoch = np.datetime64(START.replace(tzinfo=None), "us")
-    stamps = epoch + (seconds * 1e6).astype("timedelta64[us]")
-    text = np.char.replace(np.datetime_as_string(stamps, unit="us"), "T", " ")
-    return np.char.add(text, "+00") if pg else text
-
-
-def chunks(
-    n: int, seed: int = 0, turn_days: float | None = None
-) -> Iterator[dict[str, pd.DataFrame]]:
-    """Rows of every table, ``CHUNK`` sessions at a time, in time order.
-
-    ``turn_days``: only the sessions of that many last days have turns and votes
-    (older ones none, and counts of 0 on their assignment), to build 10M-session
-    histories in minutes on a shared machine: no refit reads old turns (a refit
-    reads the counts kept on assignments; the latency guardrail the newest turns).
-    """
-    rng = np.random.default_rng(seed)
-    span = days_for(n) * 86400
-    for lo in range(0, n, CHUNK):
-        hi = min(lo + CHUNK, n)
-        k = hi - lo
-        idx = np.arange(lo, hi)
-        t = np.sort(rng.uniform(lo / n * span, hi / n * span, k))
-        arm = rng.integers(0, len(ARMS), k)
-        holdback = rng.random(k) < 0.05
-        arm[holdback] = 0
-        returning = (rng.random(k) < 0.2) & (idx > 1000)
-        user = np.where(returning, (idx * 0.5).astype(np.int64), idx)
-        sid = np.char.add("s", idx.astype(str))
-        uid = np.char.add("u", user.astype(str))
-        turn_s = np.repeat(np.arange(k), 2)
-        turn_k = np.tile([0, 1], k)
-        turn_t = t[turn_s] + 60 * (turn_k + 1)
-        turn_id = np.char.add(np.char.add(sid[turn_s], ":t"), turn_k.astype(str))
-        errors = rng.random(2 * k) < 0.01
-        voted = (rng.random(2 * k) < 0.25) & ~errors
-        chatted = np.ones(2 * k, dtype=bool)
-        if turn_days is not None:
-            chatted = t[turn_s] >= span - turn_days * 86400
-            errors &= chatted
-            voted &= chatted
-        up = rng.random(2 * k) < 0.75
-
-        def per(flags: np.ndarray, turn_s: np.ndarray = turn_s, k: int = k) -> np.ndarray:
-            return np.bincount(turn_s, weights=flags, minlength=k).astype(int)
-
-        yield_assign = pd.DataFrame(
-            {
-                "session_id": sid,
-                "user_id": uid,
-                "experiment_id": EXPERIMENT,
-                "arm_id": np.array(ARMS)[arm],
-                "propensity": 0.2,
-                "segment": "*",
-                "context": "{}",
-                "simulated": True,
-                "assigned_s": t,
-                "sticky": False,
-                "holdback": holdback,
-                "turns": per(chatted),
-                "errors": per(errors),
-                "rated": per(voted),
-                "thumbs_up": per(voted & up),
-                "thumbs_down": per(voted & ~up),
-            }
-        )
-        turns = pd.DataFrame(
-            {
-                "id": turn_id,
-                "session_id": sid[turn_s],
-                "user_id": uid[turn_s],
-                "experiment_id": EXPERIMENT,
-                "arm_id": np.array(ARMS)[arm][turn_s],
-                "prompt_id": np.array(ARMS)[arm][turn_s],
-                "prompt_hash": "bench",
-                "fewshot_ids": "[]",
-                "model": "bench",
-                "user_message": "",
-                "reply": "",
-                "latency_ms": np.exp(np.log(800) + 0.3 * rng.standard_normal(2 * k)),
-                "error": np.where(errors, "error", ""),
-                "created_s": turn_t,
-            }
-        )[chatted]
-        turns["error"] = turns["error"].replace("", None)
-        v = np.flatnonzero(voted)
-        votes = pd.DataFrame(
-            {
-                "turn_id": turn_id[v],
-                "session_id": sid[turn_s[v]],
-                "user_id": uid[turn_s[v]],
-                "value": up[v].astype(int),
-                "created_s": turn_t[v] + 20,
-            }
-        )
-        converted = np.flatnonzero(rng.random(k) < 0.03 + 0.005 * arm)
-        conv_t = t[converted] + rng.exponential(1.5 * 86400, len(converted))
-        support = np.flatnonzero(rng.random(k) < 0.3)
-        parts = []
-        for name, rows, when, values in (
-            ("conversion", converted, conv_t, np.ones(len(converted))),
-            ("revenue", converted, conv_t, rng.exponential(40, len(converted))),
-            ("support_minutes", support, t[support] + 3600, rng.exponential(6, len(support))),
-        ):
-            parts.append(
-                pd.DataFrame(
-                    {
-                        "idempotency_key": np.char.add(sid[rows], f":{name}"),
-                        "session_id": sid[rows],
-                        "user_id": uid[rows],
-                        "name": name,
-                        "value": values,
-                        "occurred_s": when,
-                    }
-                )
-            )
-        outcomes = pd.concat(parts, ignore_index=True).sort_values("occurred_s", kind="stable")
-        yield {"assignments": yield_assign, "turns": turns, "votes": votes, "outcomes": outcomes}
-
-
-_COLUMNS = {
-    "assignments": (
-        "session_id, user_id, experiment_id, arm_id, propensity, segment, context, simulated,"
-        " assigned_at, sticky, holdback, turns, errors, rated, thumbs_up, thumbs_down"
-    ),
-    "turns": (
-        "id, session_id, user_id, experiment_id, arm_id, prompt_id, prompt_hash, fewshot_ids,"
-        " model, user_message, reply, latency_ms, error, created_at"
-    ),
-    "feedback_events": "turn_id, session_id, user_id, kind, value, created_at",
-    "feedback": "turn_id, session_id, user_id, value, created_at, updated_at",
-    "outcomes": (
-        "idempotency_key, session_id, user_id, name, value, occurred_at, received_at, source, extra"
-    ),
-}
-
-
-def _tables(chunk: dict[str, pd.DataFrame], pg: bool) -> dict[str, pd.DataFrame]:
-    """The chunk's rows in each table's column order, timestamps as text."""
-    a, t, v, o = chunk["assignments"], chunk["turns"], chunk["votes"], chunk["outcomes"]
-    a = a.assign(assigned_s=_ts(a["assigned_s"].to_numpy(), pg))
-    t = t.assign(created_s=_ts(t["created_s"].to_numpy(), pg))
-    stamp = _ts(v["created_s"].to_numpy(), pg)
-    events = pd.DataFrame(
-        {
-            "turn_id": v["turn_id"],
-            "session_id": v["session_id"],
-            "user_id": v["user_id"],
-            "kind": "upsert",
-            "value": v["value"],
-            "created_at": stamp,
-        }
-    )
-    current = events.drop(columns="kind").assign(updated_at=stamp)
-    occurred = _ts(o["occurred_s"].to_numpy(), pg)
-    outcomes = o.drop(columns="occurred_s").assign(
-        occurred_at=occurred, received_at=occurred, source="bench", extra="{}"
-    )
-    if not pg:
-        for frame in (a,):
-            for col in ("simulated", "sticky", "holdback"):
-                frame[col] = frame[col].astype(int)
-    return {
-        "assignments": a,
-        "turns": t,
-        "feedback_events": events,
-        "feedback": current,
-        "outcomes": outcomes,
-    }
-
-
-def _prepare(url: str) -> None:
-    from optimizer.store import ArmSpec, Store
-
-    store = Store(url)
-    store.upgrade()
-    store.sync_experiment(EXPERIMENT, EXPERIMENT, [ArmSpec(a, a, "bench") for a in ARMS], at=START)
-    store.dispose()
-
-
-def build(url: str, n: int, turn_days: float | None = None) -> dict[str, int]:
-    """Write ``n`` sessions with their turns, votes and outcomes into a new store at ``url``."""
-    _prepare(url)
-    counts = dict.fromkeys(_COLUMNS, 0)
-    pg = url.startswith("postgresql")
-    if pg:
-        import psycopg
-
-        from optimizer.store import make_engine
-
-        dsn = make_engine(url).url.set(drivername="postgresql").render_as_string(False)
-        with psycopg.connect(dsn) as conn:
-            for chunk in chunks(n, turn_days=turn_days):
-                for table, frame in _tables(chunk, True).items():
-                    buf = io.StringIO()
-                    frame.to_csv(buf, sep="\t", header=False, index=False, na_rep="\\N")
-                    with conn.cursor().copy(f"COPY {table} ({_COLUMNS[table]}) FROM STDIN") as cp:
-                        cp.write(buf.getvalue())
-                    counts[table] += len(frame)
-                conn.commit()
-            conn.execute("ANALYZE")
-        return counts
-    path = url.removeprefix("sqlite:///")
-    lite = sqlite3.connect(path)
-    lite.execute("PRAGMA synchronous=OFF")
-    lite.execute("PRAGMA journal_mode=WAL")
-    for chunk in chunks(n, turn_days=turn_days):
-        for table, frame in _tables(chunk, False).items():
-            marks = ", ".join("?" * len(frame.columns))
-            lite.executemany(
-                f"INSERT INTO {table} ({_COLUMNS[table]}) VALUES ({marks})",
-                frame.itertuples(index=False, name=None),
-            )
-            counts[table] += len(frame)
-        lite.commit()
-    lite.execute("ANALYZE")
-    lite.close()
-    return counts
 
 
 def add_hour(url: str, n: int, now: datetime) -> None:
@@ -310,13 +60,13 @@ def add_hour(url: str, n: int, now: datetime) -> None:
 
     store = Store(url)
     rng = np.random.default_rng(1)
-    per_hour = int(PER_DAY / 24)
+    per_hour = int(history.PER_DAY / 24)
     a = [
         AssignmentRecord(
             f"new{now.timestamp():.0f}-{i}",
             f"newuser{i}",
-            EXPERIMENT,
-            ARMS[i % len(ARMS)],
+            history.EXPERIMENT,
+            history.ARMS[i % len(history.ARMS)],
             0.2,
             None,
             "*",
@@ -338,7 +88,8 @@ def add_hour(url: str, n: int, now: datetime) -> None:
                 "conversion",
                 1.0,
                 session_id=f"s{i}",
-                occurred_at=START + timedelta(seconds=float(i) / PER_DAY * 86400 + 7200),
+                occurred_at=history.START
+                + timedelta(seconds=float(i) / history.PER_DAY * 86400 + 7200),
             ),
             received_at=now,
         )
@@ -392,7 +143,7 @@ def measure(url: str, now: datetime, incremental: bool) -> dict[str, Any]:
     before = _rss_mb()
     tic, cpu = time.perf_counter(), time.process_time()
     run = run_optimizer(
-        store, _config(), now=now, random_state=0, fewshot=False, incremental=incremental
+        store, history.config(), now=now, random_state=0, fewshot=False, incremental=incremental
     )
     assert run is not None
     return {
@@ -417,7 +168,7 @@ def measure_groupby(url: str) -> dict[str, Any]:
         sessions = pd.read_sql(
             sa.text("SELECT session_id, arm_id FROM assignments WHERE experiment_id = :e"),
             conn,
-            params={"e": EXPERIMENT},
+            params={"e": history.EXPERIMENT},
         )
         conversions = pd.read_sql(
             sa.text("SELECT session_id, value FROM outcomes WHERE name = 'conversion'"), conn
@@ -527,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.engine == "postgresql":
                     _ensure_schema(url)
                 tic = time.perf_counter()
-                counts = build(url, n, turn_days=args.turn_days)
+                counts = history.build(url, n, turn_days=args.turn_days)
                 build_s = time.perf_counter() - tic
                 print(
                     f"built {n:,} sessions ({counts['turns']:,} turns, {counts['feedback']:,} "
@@ -536,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             reset(url)
-            now = START + timedelta(days=days_for(n) + 0.5)
+            now = history.START + timedelta(days=history.days_for(n) + 0.5)
             cold = _subprocess("--_measure", url, now.isoformat(), "incremental")
             later = now + timedelta(hours=1)
             add_hour(url, n, later)
@@ -550,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {
                 "n": n,
                 "engine": args.engine,
-                "days": days_for(n),
+                "days": history.days_for(n),
                 "build_s": build_s,
                 "cold": cold,
                 "warm": warm,
