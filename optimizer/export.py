@@ -175,7 +175,8 @@ def _turns(
     # Only the turn's own user can vote (store.record_feedback enforces it).
     thumbs = votes.groupby("turn_id")["value"].min()  # a down vote wins over an up vote
     turns = turns.assign(thumbs=turns["id"].map(thumbs).astype("Int64"))
-    return turns.sort_values("created_at").reset_index(drop=True)
+    # Ties broken by turn id: the same store always exports the same bytes (the manifest's hash).
+    return turns.sort_values(["created_at", "id"], kind="stable").reset_index(drop=True)
 
 
 def _failed_or_empty(turns: pd.DataFrame) -> pd.Series:
