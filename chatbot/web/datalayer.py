@@ -38,6 +38,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import sqlalchemy as sa
+from chainlit.data import get_data_layer
 from chainlit.data.base import BaseDataLayer
 from chainlit.data.utils import queue_until_user_message
 from chainlit.types import (
@@ -50,6 +51,7 @@ from chainlit.types import (
     ThreadFilter,
 )
 from chainlit.user import PersistedUser, User
+from fastapi import HTTPException
 from sqlalchemy.exc import IntegrityError
 
 from chatbot.runtime import Runtime
@@ -66,7 +68,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FlywheelDataLayer", "acting_as", "feedback_id", "parse_feedback_id"]
+__all__ = [
+    "FlywheelDataLayer",
+    "acting_as",
+    "current_data_layer",
+    "feedback_id",
+    "parse_feedback_id",
+]
 
 T = TypeVar("T")
 
@@ -503,3 +511,11 @@ class FlywheelDataLayer(BaseDataLayer):
         """Let the queued step writes finish; the runtime owns the store."""
         await asyncio.to_thread(self.steps.close)
         await asyncio.to_thread(self._writer.shutdown)
+
+
+def current_data_layer() -> FlywheelDataLayer:
+    """This server's data layer, for the routes that replace Chainlit's (503 without one)."""
+    layer = get_data_layer()
+    if not isinstance(layer, FlywheelDataLayer):
+        raise HTTPException(503, "chat history is not enabled on this server")
+    return layer

@@ -13,13 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from chainlit.auth import get_current_user
-from chainlit.data import get_data_layer
 from chainlit.types import DeleteFeedbackRequest, UpdateFeedbackRequest
 from chainlit.user import PersistedUser, User
 from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import JSONResponse
 
-from chatbot.web.datalayer import FlywheelDataLayer, acting_as
+from chatbot.web.datalayer import acting_as, current_data_layer
 from chatbot.web.ratelimit import RateLimitExceeded
 from optimizer.errors import OwnershipError
 
@@ -28,13 +27,6 @@ __all__ = ["feedback_router"]
 T = TypeVar("T")
 
 feedback_router = APIRouter(include_in_schema=False)
-
-
-def _data_layer() -> FlywheelDataLayer:
-    layer = get_data_layer()
-    if not isinstance(layer, FlywheelDataLayer):
-        raise HTTPException(503, "chat history is not enabled on this server")
-    return layer
 
 
 async def _as_caller(user: User | PersistedUser | None, call: Callable[[], Awaitable[T]]) -> T:
@@ -60,7 +52,7 @@ async def _as_caller(user: User | PersistedUser | None, call: Callable[[], Await
 async def put_feedback(
     update: UpdateFeedbackRequest, user: User | PersistedUser | None = Depends(get_current_user)
 ) -> JSONResponse:
-    layer = _data_layer()
+    layer = current_data_layer()
     feedback_id = await _as_caller(user, lambda: layer.upsert_feedback(update.feedback))
     return JSONResponse({"success": True, "feedbackId": feedback_id})
 
@@ -69,6 +61,6 @@ async def put_feedback(
 async def remove_feedback(
     payload: DeleteFeedbackRequest, user: User | PersistedUser | None = Depends(get_current_user)
 ) -> JSONResponse:
-    layer = _data_layer()
+    layer = current_data_layer()
     await _as_caller(user, lambda: layer.delete_feedback(payload.feedbackId))
     return JSONResponse({"success": True})

@@ -23,7 +23,6 @@ import logging
 from typing import Any
 
 from chainlit.auth import get_current_user
-from chainlit.data import get_data_layer
 from chainlit.types import DeleteThreadRequest
 from chainlit.user import PersistedUser, User
 from fastapi import APIRouter, Depends, HTTPException
@@ -31,7 +30,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictBool
 
 from chatbot.runtime import Runtime
-from chatbot.web.datalayer import FlywheelDataLayer, acting_as
+from chatbot.web.datalayer import acting_as, current_data_layer
 from optimizer import consent
 
 __all__ = [
@@ -80,13 +79,6 @@ class TrainingChoice(BaseModel):
     training: StrictBool
 
 
-def _layer() -> FlywheelDataLayer:
-    layer = get_data_layer()
-    if not isinstance(layer, FlywheelDataLayer):
-        raise HTTPException(503, "chat history is not enabled on this server")
-    return layer
-
-
 def _signed_in(user: User | PersistedUser | None, what: str) -> str:
     if user is None:
         raise HTTPException(401, f"sign in to {what}")
@@ -98,7 +90,7 @@ async def get_privacy(
     user: User | PersistedUser | None = Depends(get_current_user),
 ) -> dict[str, Any]:
     who = _signed_in(user, "see your privacy settings")
-    allowed = await asyncio.to_thread(training_allowed, _layer().runtime, who)
+    allowed = await asyncio.to_thread(training_allowed, current_data_layer().runtime, who)
     return {"user": who, "training": allowed}
 
 
@@ -107,7 +99,9 @@ async def put_privacy(
     choice: TrainingChoice, user: User | PersistedUser | None = Depends(get_current_user)
 ) -> dict[str, Any]:
     who = _signed_in(user, "change your privacy settings")
-    message = await asyncio.to_thread(set_training, _layer().runtime, who, choice.training)
+    message = await asyncio.to_thread(
+        set_training, current_data_layer().runtime, who, choice.training
+    )
     return {"user": who, "training": choice.training, "message": message or "unchanged"}
 
 
@@ -116,7 +110,7 @@ async def delete_thread(
     payload: DeleteThreadRequest, user: User | PersistedUser | None = Depends(get_current_user)
 ) -> JSONResponse:
     who = _signed_in(user, "delete a conversation")
-    layer = _layer()
+    layer = current_data_layer()
     author = await layer.get_thread_author(payload.threadId)
     if not author:
         raise HTTPException(404, f"no conversation {payload.threadId!r}")
