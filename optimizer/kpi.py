@@ -80,6 +80,7 @@ from sqlalchemy.sql.operators import custom_op
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config, KPITermConfig
 from optimizer.cost import COST_COLUMN, session_costs
+from optimizer.latencies import newest_latencies
 from optimizer.moments import sketch_values
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_tuples
@@ -359,32 +360,9 @@ def turn_latencies(
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     now = as_utc(now) if now is not None else utcnow()
-    t, a = schema.turns, schema.assignments
-    # Few sessions are holdback ones: an anti-join on the unique session id stays an index probe.
-    in_holdback = sa.exists().where(a.c.session_id == t.c.session_id, a.c.holdback == sa.true())
-    out: dict[str, np.ndarray] = {}
+    # An indexed walk per arm, the holdback checked only where it has sessions.
     with store.engine.connect() as conn:
-        # SQLite walks the (experiment, arm) index backwards by rowid: no sort needed.
-        newest = (
-            sa.literal_column("turns.rowid") if conn.dialect.name == "sqlite" else t.c.created_at
-        )
-        for arm in arms:  # one indexed query per arm: a handful
-            query = (
-                sa.select(t.c.latency_ms)
-                .where(
-                    t.c.experiment_id == experiment_id,
-                    t.c.arm_id == arm,
-                    t.c.created_at <= now,
-                    t.c.latency_ms.is_not(None),
-                    ~in_holdback,
-                )
-                .order_by(newest.desc())
-                .limit(limit)
-            )
-            if since and arm in since:
-                query = query.where(t.c.created_at > as_utc(since[arm]))
-            out[arm] = np.array(fetch_tuples(conn, query), dtype=float).reshape(-1)
-    return out
+        return newest_latencies(conn, experiment_id, arms, now=now, limit=limit, since=since)
 
 
 # -- reading ------------------------------------------------------------------------------
