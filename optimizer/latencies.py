@@ -71,9 +71,9 @@ def newest_latencies(
             continue
         fetch = int(limit * _HOLDBACK_MARGIN) + 1
         while True:
-            values, seen = _outside_holdback(conn, window.limit(fetch), limit)
-            if len(values) >= limit or seen < fetch:  # enough, or the arm has no more turns
-                break
+            values = _outside_holdback(conn, window.limit(fetch), limit)
+            if len(values) >= limit or _size(conn, window.limit(fetch)) < fetch:
+                break  # enough, or the arm has no more turns
             fetch = _next_fetch(fetch, len(values), limit)
         out[arm] = values
     return out
@@ -140,35 +140,31 @@ def _fetch(conn: sa.Connection, window: sa.Select[Any]) -> np.ndarray:
     return np.array(fetch_tuples(conn, latencies), dtype=float).reshape(-1)
 
 
-def _outside_holdback(
-    conn: sa.Connection, window: sa.Select[Any], limit: int
-) -> tuple[np.ndarray, int]:
-    """PostgreSQL: the newest ``limit`` latencies of ``window`` outside the holdback, and
-    the window's size.
+def _outside_holdback(conn: sa.Connection, window: sa.Select[Any], limit: int) -> np.ndarray:
+    """PostgreSQL: the newest ``limit`` latencies of a bounded ``window`` outside the holdback.
 
-    The window's distinct sessions are looked up once (not once per turn), in the
-    same statement, so no list of ids travels to the database. The window is a CTE,
-    so the planner walks ``ix_turns_arm_time`` for it rather than filtering a
-    parallel walk of every arm's turns by time.
+    The anti-join runs on the window alone (a subquery with its own limit), so the
+    planner walks ``ix_turns_arm_time`` instead of filtering a parallel walk of every
+    arm's turns by time, and picks per turn probes of ``ix_assignments_holdback`` or one
+    hash of the holdback sessions, whichever is cheaper: bounded by the window either way.
     """
     a = schema.assignments
-    w = window.cte("w")
-    held = (
-        sa.select(a.c.session_id)
-        .where(a.c.holdback == sa.true(), a.c.session_id.in_(sa.select(w.c.session_id)))
-        .cte("held")
-    )
+    w = window.subquery("w")
+    held = sa.exists().where(a.c.session_id == w.c.session_id, a.c.holdback == sa.true())
     kept = (
         sa.select(w.c.latency_ms)
-        .where(~sa.exists().where(held.c.session_id == w.c.session_id))
+        .where(~held)
         .order_by(w.c.created_at.desc())
         .limit(limit)
         .subquery("kept")
     )
-    seen = sa.select(sa.func.count()).select_from(w).scalar_subquery()
     agg = sa.func.array_send(sa.func.array_agg(kept.c.latency_ms), type_=sa.LargeBinary)
-    raw, size = conn.execute(sa.select(agg, seen)).one()
-    return float8_array(raw), int(size)
+    return float8_array(conn.execute(sa.select(agg)).scalar())
+
+
+def _size(conn: sa.Connection, window: sa.Select[Any]) -> int:
+    """How many turns a bounded window holds: fewer than its limit once the arm runs out."""
+    return int(conn.execute(sa.select(sa.func.count()).select_from(window.subquery())).scalar_one())
 
 
 def _next_fetch(fetch: int, kept: int, limit: int) -> int:
