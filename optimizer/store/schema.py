@@ -203,8 +203,11 @@ turns = sa.Table(
     # stays the arm's (sticky assignment, propensities), ``model`` says who answered.
     sa.Column("fallback", sa.Boolean, nullable=True),
     sa.Index("ix_turns_session", "session_id", "created_at"),
-    # An arm's newest turns are a backward walk (migration 0011; was (experiment, arm)).
-    sa.Index("ix_turns_arm_time", "experiment_id", "arm_id", "created_at"),
+    # An arm's newest turns are a backward walk of this index, latency and session read from
+    # it, not from the table (migration 0011; was (experiment, arm)): optimizer.latencies.
+    sa.Index(
+        "ix_turns_arm_time", "experiment_id", "arm_id", "created_at", "latency_ms", "session_id"
+    ),
     sa.Index("ix_turns_created", "created_at"),  # "anything after now?" in optimizer.kpi
 )
 

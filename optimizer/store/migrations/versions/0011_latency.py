@@ -1,8 +1,9 @@
 """indexes for the latency guardrail's window
 
 ``ix_turns_arm`` (experiment, arm) becomes ``ix_turns_arm_time`` (experiment, arm,
-time): an arm's newest turns are a backward walk of the index, not a sort of all of
-the arm's turns. Two partial indexes on the holdback sessions of ``assignments`` (a
+time, latency, session): an arm's newest turns are a backward walk of the index, not
+a sort of all of the arm's turns, and the walk reads latency and session from the
+index (SQLite always; PostgreSQL for pages vacuum marked all-visible). Two partial indexes on the holdback sessions of ``assignments`` (a
 few percent of the rows): ``ix_assignments_holdback_arm`` says which arms have any,
 ``ix_assignments_holdback`` whether a session is one (optimizer.latencies). Indexes
 only; building ``ix_turns_arm_time`` reads every turn once (about a minute at 20M
@@ -25,7 +26,11 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_turns_arm_time", "turns", ["experiment_id", "arm_id", "created_at"])
+    op.create_index(
+        "ix_turns_arm_time",
+        "turns",
+        ["experiment_id", "arm_id", "created_at", "latency_ms", "session_id"],
+    )
     op.drop_index("ix_turns_arm", table_name="turns")
     held = {"postgresql_where": sa.text("holdback"), "sqlite_where": sa.text("holdback = 1")}
     op.create_index(
