@@ -355,7 +355,10 @@ def turn_latencies(
     to a time before which its turns are ignored. Turns of holdback sessions are
     left out: the holdback is outside the bandit, and the guardrails judge the
     arms the bandit serves (:mod:`optimizer.holdback`), like the rate guardrails
-    that read :func:`optimizer.holdback.bandit_frame`.
+    that read :func:`optimizer.holdback.bandit_frame`. The cost is bounded by
+    ``limit``, not by history (:mod:`optimizer.latencies`): an index walk per arm,
+    and the holdback checked on the arms that have holdback sessions (a turn
+    carries its session's arm).
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
