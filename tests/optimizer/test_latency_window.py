@@ -13,6 +13,7 @@ time order; limits small enough that the holdback forces one or more extra fetch
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,8 @@ ARMS = ["base", "b", "c", "idle"]  # "idle" has no turns
 def _random_store(store: Store, rng: np.random.Generator, sessions: int) -> None:
     """Sessions on random arms of two experiments; a random share of the baseline's held."""
     held_share = rng.uniform(0.1, 0.9)
-    assignments, turns = [], []
+    assignments: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
     for i in range(sessions):
         exp = "exp" if rng.random() < 0.9 else "other"
         arm = str(rng.choice(ARMS[:3], p=[0.5, 0.3, 0.2]))
@@ -128,9 +130,11 @@ def test_window_equals_the_reference_on_random_stores(store: Store, seed: int) -
             _flag_more_holdback(store, rng)
         for limit in (1, 7, 40, 150, 10_000):
             now = T0 + timedelta(days=float(rng.uniform(3, 11)))
-            since = (
-                {"b": T0 + timedelta(days=float(rng.uniform(0, 4)))} if rng.random() < 0.5 else {}
-            )
+            since = {
+                arm: T0 + timedelta(days=float(rng.uniform(0, 4)))
+                for arm in ("base", "b")
+                if rng.random() < 0.5
+            }
             got = kpi.turn_latencies(store, "exp", ARMS, now=now, limit=limit, since=since)
             want = _reference(store, "exp", ARMS, now, limit, since)
             assert set(got) == set(ARMS)
