@@ -47,6 +47,7 @@ _HOLDBACK_MARGIN = 1.5
 # element type, length, lower bound, then per element its length (8) and value.
 _HEADER = np.dtype((">i4", (5,)))
 _ELEMENT = np.dtype([("size", ">i4"), ("value", ">f8")])
+_FLOAT8_OID = 701
 
 
 def newest_latencies(
@@ -95,9 +96,9 @@ def float8_array(raw: bytes | memoryview | None) -> np.ndarray:
     if raw is None:
         return np.empty(0)
     buf = bytes(raw)
-    ndim, has_nulls, _type, size, _lower = np.frombuffer(buf, _HEADER, count=1)[0].tolist()
-    if ndim != 1 or has_nulls:
-        raise ValueError(f"expected a 1-d float8[] without NULLs, got ndim={ndim}")
+    ndim, has_nulls, element_type, size, _lower = np.frombuffer(buf, _HEADER, count=1)[0].tolist()
+    if ndim != 1 or has_nulls or element_type != _FLOAT8_OID:
+        raise ValueError(f"expected a 1-d float8[] without NULLs, got {ndim=} {element_type=}")
     cells = np.frombuffer(buf, _ELEMENT, count=size, offset=_HEADER.itemsize)
     return cells["value"].astype(float)
 
