@@ -60,7 +60,8 @@ def newest_latencies(
     since: Mapping[str, datetime] | None = None,
 ) -> dict[str, np.ndarray]:
     """Per arm, the latencies (ms) of its newest ``limit`` answered turns up to ``now``
-    outside the holdback, newest first (see the module docstring)."""
+    outside the holdback (newest first as the engines return them; the guardrail needs
+    only the values). See the module docstring."""
     held = _arms_with_holdback(conn, experiment_id, arms)
     out: dict[str, np.ndarray] = {}
     for arm in arms:  # an indexed walk per arm: a handful
