@@ -80,6 +80,7 @@ from sqlalchemy.sql.operators import custom_op
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config, KPITermConfig
 from optimizer.cost import COST_COLUMN, session_costs
+from optimizer.latencies import newest_latencies
 from optimizer.moments import sketch_values
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_in, fetch_tuples
@@ -461,37 +462,17 @@ def turn_latencies(
     to a time before which its turns are ignored. Turns of holdback sessions are
     left out: the holdback is outside the bandit, and the guardrails judge the
     arms the bandit serves (:mod:`optimizer.holdback`), like the rate guardrails
-    that read :func:`optimizer.holdback.bandit_frame`.
+    that read :func:`optimizer.holdback.bandit_frame`. The cost is bounded by
+    ``limit``, not by history (:mod:`optimizer.latencies`): an index walk per arm,
+    and the holdback checked on the arms that have holdback sessions (a turn
+    carries its session's arm).
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     now = as_utc(now) if now is not None else utcnow()
-    t, a = schema.turns, schema.assignments
-    # Few sessions are holdback ones: an anti-join on the unique session id stays an index probe.
-    in_holdback = sa.exists().where(a.c.session_id == t.c.session_id, a.c.holdback == sa.true())
-    out: dict[str, np.ndarray] = {}
+    # An indexed walk per arm, the holdback checked only where it has sessions.
     with store.engine.connect() as conn:
-        # SQLite walks the (experiment, arm) index backwards by rowid: no sort needed.
-        newest = (
-            sa.literal_column("turns.rowid") if conn.dialect.name == "sqlite" else t.c.created_at
-        )
-        for arm in arms:  # one indexed query per arm: a handful
-            query = (
-                sa.select(t.c.latency_ms)
-                .where(
-                    t.c.experiment_id == experiment_id,
-                    t.c.arm_id == arm,
-                    t.c.created_at <= now,
-                    t.c.latency_ms.is_not(None),
-                    ~in_holdback,
-                )
-                .order_by(newest.desc())
-                .limit(limit)
-            )
-            if since and arm in since:
-                query = query.where(t.c.created_at > as_utc(since[arm]))
-            out[arm] = np.array(fetch_tuples(conn, query), dtype=float).reshape(-1)
-    return out
+        return newest_latencies(conn, experiment_id, arms, now=now, limit=limit, since=since)
 
 
 # -- reading ------------------------------------------------------------------------------
