@@ -556,7 +556,6 @@ def _sessions(
         query = query.add_columns(has_earlier.label("has_earlier"))
     if ids is not None:  # a few sessions by their unique id
         rows = fetch_in(conn, query, a.c.session_id, ids)
-        rows.sort(key=lambda r: r[9 + len(counts)])  # in insertion order, as a scan
     else:
         rows = fetch_tuples(conn, query)
     if not rows:
@@ -598,10 +597,13 @@ def _sessions(
                 column = np.zeros(len(frame), dtype=np.int64)
                 column[pos[known]] = np.array([g[i] for g in grouped], dtype=np.int64)[known]
                 frame[name] = column
-    # in time order (SRM takes each user's first session); stable keeps the scan order on ties
+    # in time order (SRM takes each user's first session), ties in insertion (id) order: a
+    # scan's order is no promise, and the kept rows (optimizer.refit_rows) sort the same way
     assigned = frame["assigned_s"].to_numpy()
-    if not (np.diff(assigned) >= 0).all():  # the usual case: rows come in insertion order
-        order = np.argsort(assigned, kind="stable")
+    row_ids = frame["assignment_id"].to_numpy()
+    step, id_step = np.diff(assigned), np.diff(row_ids)
+    if not ((step > 0) | ((step == 0) & (id_step > 0))).all():  # usually already in order
+        order = np.lexsort((row_ids, assigned))
         frame = frame.iloc[order].reset_index(drop=True)
         probed = probed[order] if probed is not None else None
         sessions = pd.Index(frame["session_id"])
