@@ -132,7 +132,11 @@ def session_moments(
     key_cols: dict[str, np.ndarray] = {}
     for key in keys:
         if key in sessions:
-            key_cols[key] = sessions[key].to_numpy()
+            column = sessions[key]
+            # categories group by their codes (no hashing of strings)
+            key_cols[key] = (
+                column.array if isinstance(column.dtype, pd.CategoricalDtype) else column.to_numpy()
+            )
         elif key == "segment":
             key_cols[key] = np.full(n, "*", dtype=object)
         elif key == "holdback":

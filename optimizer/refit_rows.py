@@ -45,6 +45,8 @@ __all__ = ["REREAD_LIMIT", "Rows", "decode_day", "encode_day", "reread", "row_da
 _DAY_S = 86_400
 _COUNTS = ("turns", "errors", "rated", "thumbs_up", "thumbs_down")
 _SMALL = (*_COUNTS, "version")
+#: Kept as categories: their codes are what the sums group by.
+_CODED = ("arm_id", "segment")
 #: More sessions than this to read again, and starting over is cheaper.
 REREAD_LIMIT = 200_000
 _DELAY_COLUMNS = {"column": object, "assignment_id": np.int64, "delay_s": float, "weight": float}
@@ -73,8 +75,8 @@ class Rows:
             {
                 "assignment_id": frame["assignment_id"].to_numpy(dtype=np.int64),
                 "user_key": _user_keys(frame["user_id"]),
-                "arm_id": _objects(frame["arm_id"]),
-                "segment": _objects(frame["segment"]),
+                "arm_id": _coded(frame["arm_id"]),
+                "segment": _coded(frame["segment"]),
                 "holdback": frame["holdback"].to_numpy(dtype=bool),
                 "version": version,
                 "assigned_s": frame["assigned_s"].to_numpy(dtype=float),
@@ -157,8 +159,8 @@ class Rows:
             {
                 "session_id": _objects(np.full(len(rows), None, dtype=object)),
                 "user_id": rows["user_key"].to_numpy(),
-                "arm_id": _objects(rows["arm_id"]),
-                "segment": _objects(rows["segment"]),
+                "arm_id": rows["arm_id"].array,
+                "segment": rows["segment"].array,
                 "propensity": np.full(len(rows), np.nan),
                 "snapshot_version": pd.array(
                     np.where(rows["version"] >= 0, rows["version"], np.nan), dtype="Int64"
@@ -193,10 +195,11 @@ def concat(parts: Iterable[Rows]) -> Rows:
     parts = [p for p in parts if len(p)]
     if not parts:
         return Rows.empty()
-    return Rows(
-        pd.concat([p.rows for p in parts], ignore_index=True),
-        pd.concat([p.delays for p in parts], ignore_index=True),
-    ).sorted()
+    rows = pd.concat([p.rows for p in parts], ignore_index=True)
+    for col in _CODED:  # one set of codes for all parts (pandas falls back to objects)
+        if col in rows:
+            rows[col] = _union([p.rows[col] for p in parts])
+    return Rows(rows, pd.concat([p.delays for p in parts], ignore_index=True)).sorted()
 
 
 def row_days(rows: pd.DataFrame) -> np.ndarray:
@@ -274,11 +277,16 @@ def encode_day(rows: Rows) -> bytes:
     buffers: list[bytes] = []
     for side, frame in (("r", rows.rows), ("d", rows.delays)):
         for col, series in frame.items():
-            values = series.to_numpy()
             entry: dict[str, Any] = {"side": side, "name": col}
-            if values.dtype == object:
-                codes, levels = pd.factorize(values)
-                values, entry["levels"] = codes.astype(np.int32), [str(v) for v in levels]
+            if isinstance(series.dtype, pd.CategoricalDtype):
+                codes, levels = series.cat.codes.to_numpy(), series.cat.categories
+            else:
+                codes, levels = (
+                    pd.factorize(series.to_numpy()) if series.dtype == object else (None, None)
+                )
+            values = series.to_numpy() if codes is None else codes.astype(np.int32)
+            if levels is not None:
+                entry["levels"] = [str(v) for v in levels]
             elif col in _SMALL:
                 values = values.astype(np.int32)
             values = np.ascontiguousarray(values)
@@ -299,14 +307,35 @@ def decode_day(blob: bytes) -> Rows:
         values = np.frombuffer(raw, dtype=dtype, count=entry["n"], offset=offset)
         offset += dtype.itemsize * entry["n"]
         if "levels" in entry:
-            levels = np.asarray(entry["levels"], dtype=object)
-            values = _objects(levels[values] if len(levels) else values.astype(object))
+            levels = pd.Index(np.asarray(entry["levels"], dtype=object), dtype=object)
+            values = pd.Categorical.from_codes(values, levels)
+            if entry["name"] not in _CODED:
+                values = _objects(np.asarray(values, dtype=object))
         sides[entry["side"]][entry["name"]] = values
     delays = pd.DataFrame(sides["d"]) if sides["d"] else _empty_delays()
     return Rows(pd.DataFrame(sides["r"]), delays)
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _union(parts: list[pd.Series]) -> pd.Categorical:
+    """Categorical parts as one, on the union of their categories (kept as objects)."""
+    cats = [np.asarray(p.cat.categories, dtype=object) for p in parts]
+    levels = pd.Index(np.concatenate(cats), dtype=object).unique()
+    codes = []
+    for part, cat in zip(parts, cats, strict=True):
+        mapping = np.append(levels.get_indexer(cat), -1)  # code -1 (missing) stays -1
+        codes.append(mapping[part.cat.codes.to_numpy()])
+    return pd.Categorical.from_codes(np.concatenate(codes), pd.Index(levels, dtype=object))
+
+
+def _coded(values: pd.Series) -> pd.Categorical:
+    """Strings as categories of Python objects (the kind :func:`decode_day` makes)."""
+    codes, levels = pd.factorize(np.asarray(values, dtype=object))
+    return pd.Categorical.from_codes(
+        codes, pd.Index(np.asarray(levels, dtype=object), dtype=object)
+    )
 
 
 def _objects(values: Any) -> pd.Series:

@@ -444,18 +444,27 @@ class _Updater:
         since = last_now < self.now
         sessions: set[str] = set()
         users: set[str] = set()
-        fresh = o.c.id > int(meta.get("outcomes", 0))
+        # One query per index (an OR of an id and a time would scan the table).
+        names = sorted(
+            {
+                t.source.split(":", 1)[1]
+                for t in self.config.kpi.terms
+                if t.source.startswith("outcome:")
+            }
+        )
+        fresh = [o.c.id > int(meta.get("outcomes", 0))]
         if since:  # written ahead of time, in the past now
-            fresh = sa.or_(fresh, o.c.occurred_at.between(last_now, self.now))
-        new = a.c.id > int(meta.get("assignments", 0))
+            fresh.append(o.c.name.in_(names) & o.c.occurred_at.between(last_now, self.now))
+        new = [a.c.id > int(meta.get("assignments", 0))]
         if since:
-            new = sa.or_(new, a.c.assigned_at.between(last_now, self.now))
+            new.append(a.c.assigned_at.between(last_now, self.now))
         with self.store.engine.connect() as conn:
-            for sid, uid in conn.execute(sa.select(o.c.session_id, o.c.user_id).where(fresh)):
-                if sid is not None:
-                    sessions.add(sid)
-                elif uid is not None:
-                    users.add(uid)
+            for where in fresh:
+                for sid, uid in conn.execute(sa.select(o.c.session_id, o.c.user_id).where(where)):
+                    if sid is not None:
+                        sessions.add(sid)
+                    elif uid is not None:
+                        users.add(uid)
             votes = sa.select(fe.c.session_id).where(fe.c.id > int(meta.get("feedback_events", 0)))
             sessions.update(r[0] for r in conn.execute(votes))
             if since:
@@ -468,14 +477,14 @@ class _Updater:
                     .distinct()
                 )
                 sessions.update(r[0] for q in (changed, turns) for r in conn.execute(q))
-            for sid, uid, at in conn.execute(
-                sa.select(a.c.session_id, a.c.user_id, a.c.assigned_at).where(
-                    new, a.c.experiment_id == self.experiment, a.c.assigned_at <= self.now
+            for where in new:
+                query = sa.select(a.c.session_id, a.c.user_id, a.c.assigned_at).where(
+                    where, a.c.experiment_id == self.experiment, a.c.assigned_at <= self.now
                 )
-            ):
-                sessions.add(sid)
-                if as_utc(at) <= kept_at and uid is not None:
-                    users.add(uid)
+                for sid, uid, at in conn.execute(query):
+                    sessions.add(sid)
+                    if as_utc(at) <= kept_at and uid is not None:
+                        users.add(uid)
             # an event named by one assignment of a moved conversation may count for another
             moved = kpi.moved_threads(conn, self.experiment, self.now)
             if len(moved):
