@@ -215,11 +215,19 @@ def group_codes(key_cols: Mapping[str, np.ndarray], n: int) -> tuple[pd.DataFram
         return pd.DataFrame({k: pd.Series(dtype=object) for k in key_cols}), np.zeros(0, np.int64)
     combined = np.zeros(n, dtype=np.int64)
     uniques = []
+    space = 1
     for values in key_cols.values():
         part, levels = pd.factorize(values, sort=True)
         uniques.append(levels)
         combined = combined * len(levels) + part
-    present, codes = np.unique(combined, return_inverse=True)
+        space *= max(len(levels), 1)
+    if space <= 2 * n + 1_000_000:  # few possible groups: a table, not a sort
+        present = np.flatnonzero(np.bincount(combined, minlength=space))
+        remap = np.zeros(space, dtype=np.int64)
+        remap[present] = np.arange(len(present))
+        codes = remap[combined]
+    else:
+        present, codes = np.unique(combined, return_inverse=True)
     columns = {}
     for name, levels in reversed(list(zip(key_cols, uniques, strict=True))):
         taken = pd.Index(levels).take(present % len(levels)).to_numpy()

@@ -124,18 +124,40 @@ def srm_groups(first: pd.DataFrame, activity: pd.DataFrame | None = None) -> pd.
         return pd.DataFrame({c: pd.Series(dtype=float if c == "n" else object) for c in columns})
     with_events = sorted(set(activity["arm_id"])) if activity is not None else []
     flags = _active_flags(first, with_events, activity)
-    inactive = np.full(len(first), "", dtype=object)
-    for i, arm in enumerate(with_events):
-        off = ~flags[f"active_{i}"].to_numpy(dtype=bool)
-        inactive[off] = inactive[off] + arm + ","
+    inactive = _inactive_labels(flags, with_events)
     version = first["snapshot_version"].astype("Int64").fillna(-1).astype(np.int64)
     keys = {
         "version": version.to_numpy(),
-        "segment": first["segment"].to_numpy(dtype=object),
+        "segment": _key(first["segment"]),
         "inactive": inactive,
-        "arm_id": first["arm_id"].to_numpy(dtype=object),
+        "arm_id": _key(first["arm_id"]),
     }
     return group_sums(keys, {"n": None}, len(first))
+
+
+def _inactive_labels(flags: pd.DataFrame, arms: Sequence[str]) -> np.ndarray:
+    """Per session, the arms inactive at its assignment, comma-joined. With up to 62 arms,
+    as bits first: strings are made only for the combinations that occur."""
+    n = len(flags)
+    if len(arms) > 62:
+        out = np.full(n, "", dtype=object)
+        for i, arm in enumerate(arms):
+            off = ~flags[f"active_{i}"].to_numpy(dtype=bool)
+            out[off] = out[off] + arm + ","
+        return out
+    bits = np.zeros(n, dtype=np.int64)
+    for i in range(len(arms)):
+        bits |= (~flags[f"active_{i}"].to_numpy(dtype=bool)).astype(np.int64) << i
+    code, present = pd.factorize(bits)
+    labels = [",".join(a for i, a in enumerate(arms) if b >> i & 1) for b in present]
+    return np.array([f"{label}," if label else "" for label in labels], dtype=object)[code]
+
+
+def _key(column: pd.Series) -> Any:
+    """A key column as the grouping wants it: categories as they are (grouped by code)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return column.array
+    return column.to_numpy(dtype=object)
 
 
 def srm_from_groups(
