@@ -13,10 +13,11 @@ the build time is printed.
 Then, each in a fresh process so the peak RSS is the measured work's own:
 
 - **cold**: ``run_optimizer(fewshot=False)`` on the incremental path with no
-  kept state — it seals every closed day once (O(history), once);
+  kept state — it reads the history once and keeps its rows (O(history), once);
 - **warm**: one hour later, after a new hour of traffic plus 5 late outcomes
   and 5 changed votes on sessions of closed days — the steady state, what every refit
-  costs (touched days recomputed, the open window read);
+  costs (the changed sessions read again, the closed days they belong to corrected,
+  the open window dated from its kept rows);
 - **baseline, full**: ``run_optimizer(incremental=False)`` at the same time — the
   full recomputation (``--full-max`` sizes only: at 10M it needs more memory than
   a shared machine has);
