@@ -102,6 +102,11 @@ def make_app() -> Any:
 
 
 def _rss_mb() -> float:
+    """Peak RSS of this process: ``VmHWM`` (``ru_maxrss`` keeps the parent's peak across exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
