@@ -32,7 +32,9 @@ The ids of the last run are read again with a margin (:data:`ID_OVERLAP`) and tu
 with :data:`TURN_LAG_S`: a PostgreSQL transaction may commit a lower id, or a turn
 stamped a moment ago, after the watermark was read; recomputing a session twice is
 harmless. A change of the KPI or mining settings, a ``now`` before the last run's,
-or no state at all rebuild everything once (as slow as the full path).
+or no state at all rebuild everything once (the full path's arithmetic, a stretch of
+:data:`~optimizer.fewshot.state_rows.REBUILD_CHUNK_DAYS` days of assignments at a
+time: its memory is one stretch's, whatever the length of the history).
 """
 
 from __future__ import annotations

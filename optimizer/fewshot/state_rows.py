@@ -435,10 +435,15 @@ def _rebuild_stretch(
         turn_filter.append(t.c.session_id.in_(ids))
         vote_filter.append(fb.c.session_id.in_(ids))
     elif not whole:  # sessions with no assignment in the experiment up to now
-        assigned = sa.select(a.c.session_id).where(
-            a.c.experiment_id == exp_id, a.c.assigned_at <= now
+        # NOT EXISTS: one probe of the unique session id per turn (PostgreSQL runs a NOT IN
+        # over millions of ids as a subplan per row)
+        turn_filter.append(
+            ~sa.exists().where(
+                a.c.session_id == t.c.session_id,
+                a.c.experiment_id == exp_id,
+                a.c.assigned_at <= now,
+            )
         )
-        turn_filter.append(t.c.session_id.not_in(assigned))
     with store.engine.connect() as conn:
         sessions = outcome_signals(conn, config, sessions, now, only=not whole)
         rows = fetch_tuples(
