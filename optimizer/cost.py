@@ -24,7 +24,7 @@ KPI term ``cost:usd`` and the guardrail ``cost_per_session`` read it
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 import numpy as np
@@ -33,7 +33,7 @@ import sqlalchemy as sa
 
 from optimizer.config import ModelPriceConfig
 from optimizer.store import schema
-from optimizer.store.store import fetch_tuples
+from optimizer.store.store import fetch_in, fetch_tuples
 
 __all__ = ["COST_COLUMN", "session_costs", "turn_cost"]
 
@@ -69,13 +69,15 @@ def session_costs(
     *,
     assigned_after: datetime | None = None,
     assigned_until: datetime | None = None,
+    session_ids: Sequence[str] | None = None,
 ) -> pd.Series:
     """Cost in USD of every session of ``experiment_id`` with a turn up to ``now``.
 
     One ``GROUP BY session, model`` in SQL (turns of a session use one model or
     two, with a fallback), the prices applied per group in numpy. With
     ``assigned_after`` (and ``assigned_until``), only the sessions assigned in that
-    interval (the incremental refit reads one stretch of history at a time).
+    interval (the incremental refit reads one stretch of history at a time); with
+    ``session_ids``, only those sessions.
     """
     t, a = schema.turns, schema.assignments
     query = (
@@ -89,14 +91,17 @@ def session_costs(
         .where(t.c.experiment_id == experiment_id, t.c.created_at <= now)
         .group_by(t.c.session_id, t.c.model)
     )
-    if assigned_after is not None:
+    if assigned_after is not None and session_ids is None:
         within = sa.select(a.c.session_id).where(
             a.c.experiment_id == experiment_id, a.c.assigned_at > assigned_after
         )
         if assigned_until is not None:
             within = within.where(a.c.assigned_at <= assigned_until)
         query = query.where(t.c.session_id.in_(within))
-    rows = fetch_tuples(conn, query)
+    if session_ids is not None:
+        rows = fetch_in(conn, query, t.c.session_id, session_ids)
+    else:
+        rows = fetch_tuples(conn, query)
     if not rows:
         return pd.Series(dtype=float, name=COST_COLUMN)
     frame = pd.DataFrame.from_records(

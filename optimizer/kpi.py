@@ -66,7 +66,7 @@ converted to epoch seconds in SQL. Reading is most of the cost of a refit
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -80,16 +80,20 @@ from sqlalchemy.sql.operators import custom_op
 from optimizer.clock import as_utc, utcnow
 from optimizer.config import Config, KPITermConfig
 from optimizer.cost import COST_COLUMN, session_costs
+from optimizer.latencies import newest_latencies
 from optimizer.moments import sketch_values
 from optimizer.store import Store, schema
-from optimizer.store.store import fetch_tuples
+from optimizer.store.store import fetch_in, fetch_tuples
 
 __all__ = [
     "BASE_COLUMNS",
     "LATENCY_TURNS",
-    "EarlierFlags",
     "arm_metrics",
+    "empty_session_frame",
+    "finish_frame",
+    "frame_rows",
     "moved_threads",
+    "observed_terms",
     "session_frame",
     "term_column",
     "turn_latencies",
@@ -117,6 +121,9 @@ BASE_COLUMNS = (
     "reward",
     "complete",
 )
+#: Kept with ``with_ids``: how the kept open window (:mod:`optimizer.refit_window`) finds a
+#: row, and its exact assignment time.
+_ID_COLUMNS = ("assignment_id", "assigned_s")
 _RESERVED = frozenset(BASE_COLUMNS) | {"assigned_s", "cost_usd"}
 #: The latency guardrail looks at this many of each arm's most recent turns.
 LATENCY_TURNS = 50_000
@@ -142,6 +149,13 @@ class _SharedList(list[Any]):
         return self
 
 
+_NO_EVENTS = pd.DataFrame(
+    {
+        "pos": pd.Series(dtype=np.int64),
+        "value": pd.Series(dtype=float),
+        "delay_s": pd.Series(dtype=float),
+    }
+)
 _NO_SHARE = pd.DataFrame(
     {
         "pos": pd.Series(dtype=np.int64),
@@ -167,9 +181,8 @@ def session_frame(
     assigned_until: datetime | None = None,
     delay_prior: Mapping[str, tuple[np.ndarray, int]] | None = None,
     with_cost: bool | None = None,
-    earlier_known: EarlierFlags | None = None,
-    stale_users: Iterable[str] = (),
-    probe_returning: bool = True,
+    session_ids: Sequence[str] | None = None,
+    with_ids: bool = False,
 ) -> pd.DataFrame:
     """One row per assignment of ``config.experiment.id`` made at or before ``now``.
 
@@ -195,15 +208,18 @@ def session_frame(
     sessions older than the window (``pos``, delay ``bin``, ``weight``), and
     ``attrs["returning_users"]``, the users of the frame who had a session outside
     the holdback at or before ``assigned_after`` (their sessions here are not their
-    first for :mod:`optimizer.srm`), with ``attrs["earlier_flags"]`` the verdicts by
-    assignment id (:class:`EarlierFlags`) that a later read of the same stretch may
-    pass back as ``earlier_known`` (except for ``stale_users``, who got a session
-    back-dated). Without ``probe_returning`` nobody is judged returning (for a caller
-    that keeps its SRM counts).
+    first for :mod:`optimizer.srm`; one index probe per user's first session).
+
+    ``session_ids`` (with ``assigned_after``) reads only those sessions of the stretch —
+    the kept open window refreshing what changed (:mod:`optimizer.refit_window`); it must
+    hold every session of the stretch of a user it names, so that user-level outcomes
+    find their session. ``with_ids`` keeps the ``assignment_id`` column.
+    Every frame carries ``attrs["term_delays"]``: per outcome term column, its events
+    within the window (``pos``, ``delay_s``, ``weight``; one per session for ``max`` and
+    ``last``) — what :func:`finish_frame` needs to date the terms at another ``now``.
     """
     now = as_utc(now) if now is not None else utcnow()
     terms = config.kpi.terms
-    now_s = now.timestamp()
     experiment_id = config.experiment.id
     after = as_utc(assigned_after) if assigned_after is not None else None
     until = min(as_utc(assigned_until), now) if assigned_until is not None else now
@@ -217,23 +233,22 @@ def session_frame(
             now,
             after=after,
             until=until,
-            earlier_known=earlier_known,
-            stale_users=stale_users,
-            probe=probe_returning,
+            probe=session_ids is None,
+            ids=session_ids,
         )
         if frame.empty:
-            out = _empty_frame(terms, cost=cost)
-            out.attrs["delay_sealed"] = _Shared()
-            out.attrs["returning_users"] = _SharedList()
-            out.attrs["earlier_flags"] = None
-            return out
+            return empty_session_frame(config, cost=cost, with_ids=with_ids)
         outcome_names = sorted(
             {t.source.split(":", 1)[1] for t in terms if t.source.startswith("outcome:")}
         )
         horizon = max((t.window_days for t in terms), default=0.0) * _DAY_S
         # A restricted frame needs the moved conversations whole: an outcome named by one
         # assignment of a thread may belong to another one, in or out of the frame.
-        moved = moved_threads(conn, experiment_id, now) if after is not None else None
+        moved = (
+            moved_threads(conn, experiment_id, now)
+            if after is not None or session_ids is not None
+            else None
+        )
         outcomes = _outcomes(
             conn,
             epoch,
@@ -242,10 +257,13 @@ def session_frame(
             after=after,
             past=(experiment_id, until, horizon) if until < now else None,
             also=_thread_relatives(moved, sessions) if moved is not None else (),
-            linked_to=sessions.tolist() if until < now else (),
+            linked_to=sessions.tolist() if until < now or session_ids is not None else (),
+            users=(
+                sorted(set(frame["user_id"].dropna().astype(str)))
+                if session_ids is not None
+                else None
+            ),
         )
-        returning = frame.attrs.pop("returning_users", _SharedList())
-        flags = frame.attrs.pop("earlier_flags", None)
         if cost:
             costs = session_costs(
                 conn,
@@ -254,6 +272,7 @@ def session_frame(
                 now,
                 assigned_after=after,
                 assigned_until=until if after is not None else None,
+                session_ids=sessions.tolist() if session_ids is not None else None,
             )
             frame[COST_COLUMN] = frame["session_id"].map(costs).fillna(0.0).astype(float)
         later = (
@@ -262,12 +281,93 @@ def session_frame(
             else None
         )
 
-    age_s = now_s - frame["assigned_s"].to_numpy()
+    events = _attribute(outcomes, frame, sessions, later=later, moved=moved)
+    observed, delays = observed_terms(terms, events, len(frame))
+    return finish_frame(
+        frame, config, now, observed, delays, prior=delay_prior, cost=cost, with_ids=with_ids
+    )
+
+
+def empty_session_frame(
+    config: Config, *, cost: bool = False, with_ids: bool = False
+) -> pd.DataFrame:
+    """A :func:`session_frame` without rows."""
+    out = _empty_frame(config.kpi.terms, cost=cost, with_ids=with_ids)
+    out.attrs["delay_sealed"] = _Shared()
+    out.attrs["term_delays"] = _Shared()
+    out.attrs["returning_users"] = _SharedList()
+    return out
+
+
+def frame_rows(frame: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
+    """The rows of a session frame where ``mask`` holds, its per-row attrs (the delay
+    shares and delays, by row position) renumbered to match."""
+    mask = np.asarray(mask, dtype=bool)
+    out = frame[mask].reset_index(drop=True)
+    new_pos = np.cumsum(mask) - 1
+    attrs = dict(frame.attrs)
+    for key in ("delay_sealed", "term_delays"):
+        parts = _Shared()
+        for col, d in (frame.attrs.get(key) or {}).items():
+            pos = d["pos"].to_numpy(dtype=np.int64)
+            inside = mask[pos]
+            parts[col] = d[inside].assign(pos=new_pos[pos[inside]]).reset_index(drop=True)
+        attrs[key] = parts
+    out.attrs = attrs
+    return out
+
+
+def observed_terms(
+    terms: Sequence[KPITermConfig], events: pd.DataFrame, n: int
+) -> tuple[dict[str, np.ndarray], dict[str, pd.DataFrame]]:
+    """Per outcome term column: each session's value so far (capped) and the term's events
+    within its window (``pos``, ``delay_s``, ``weight``) — what stays true as time passes."""
+    observed: dict[str, np.ndarray] = {}
+    delays: dict[str, pd.DataFrame] = _Shared()
+    for term in terms:
+        kind, _, name = term.source.partition(":")
+        if kind != "outcome":
+            continue
+        col = term_column(term.name)
+        window_s = term.window_days * _DAY_S
+        ev = events[(events["name"] == name) & (events["delay_s"] <= window_s)]
+        value = np.zeros(n)
+        if not ev.empty:
+            groups = ev.groupby("pos", sort=False)["value"]
+            if term.aggregate == "max":
+                agg = groups.max()
+            elif term.aggregate == "sum":
+                agg = groups.sum()
+            else:  # last by time
+                agg = (
+                    ev.sort_values("occurred_s", kind="stable")
+                    .groupby("pos", sort=False)["value"]
+                    .last()
+                )
+            value[agg.index.to_numpy()] = agg.to_numpy()
+        observed[col] = np.minimum(value, term.cap) if term.cap is not None else value
+        delays[col] = _term_delays(term, ev)
+    return observed, delays
+
+
+def finish_frame(
+    frame: pd.DataFrame,
+    config: Config,
+    now: datetime,
+    observed: Mapping[str, np.ndarray],
+    delays: Mapping[str, pd.DataFrame],
+    *,
+    prior: Mapping[str, tuple[np.ndarray, int]] | None = None,
+    cost: bool = False,
+    with_ids: bool = False,
+) -> pd.DataFrame:
+    """The columns that depend on ``now`` — ages, which windows closed, exposures, reward —
+    from sessions' base columns (``assigned_s``, counts, cost) and :func:`observed_terms`."""
+    terms = config.kpi.terms
+    age_s = now.timestamp() - frame["assigned_s"].to_numpy()
     frame["assigned_at"] = pd.to_datetime(frame["assigned_s"], unit="s", utc=True)
     frame["age_days"] = age_s / _DAY_S
-    events = _attribute(outcomes, frame, sessions, later=later, moved=moved)
     sealed: dict[str, pd.DataFrame] = _Shared()
-
     reward = np.zeros(len(frame))
     complete = np.ones(len(frame), dtype=bool)
     extra: dict[str, np.ndarray] = {}
@@ -275,25 +375,33 @@ def session_frame(
         window_s = term.window_days * _DAY_S
         closed = age_s >= window_s
         col = term_column(term.name)
-        observed, exposure, sealed[col] = _term_values(
-            term, frame, events, age_s, closed, window_s, (delay_prior or {}).get(col)
+        value, exposure, sealed[col] = _term_values(
+            term,
+            frame,
+            observed.get(col),
+            delays.get(col),
+            age_s,
+            closed,
+            window_s,
+            (prior or {}).get(col),
         )
         if term.cap is not None:
-            observed = np.minimum(observed, term.cap)
-        extra[col] = np.where(closed, observed, np.nan)
-        extra[f"{col}_observed"] = observed
+            value = np.minimum(value, term.cap)
+        extra[col] = np.where(closed, value, np.nan)
+        extra[f"{col}_observed"] = value
         extra[f"{col}_exposure"] = exposure
-        reward += term.weight * np.where(closed, observed, 0.0)
+        reward += term.weight * np.where(closed, value, 0.0)
         complete &= closed
     frame["reward"] = np.where(complete, reward, np.nan)
     frame["complete"] = complete
-    frame = frame[list(BASE_COLUMNS) + ([COST_COLUMN] if cost else [])]
-    frame = pd.concat([frame, pd.DataFrame(extra, index=frame.index)], axis=1)
-    frame.attrs["kpi_terms"] = _term_attrs(terms)
-    frame.attrs["delay_sealed"] = sealed
-    frame.attrs["returning_users"] = returning
-    frame.attrs["earlier_flags"] = flags
-    return frame
+    keep = list(BASE_COLUMNS) + ([COST_COLUMN] if cost else [])
+    keep += [c for c in _ID_COLUMNS if with_ids and c in frame]
+    out = pd.concat([frame[keep], pd.DataFrame(extra, index=frame.index)], axis=1)
+    out.attrs["kpi_terms"] = _term_attrs(terms)
+    out.attrs["delay_sealed"] = sealed
+    out.attrs["term_delays"] = delays if isinstance(delays, _Shared) else _Shared(delays)
+    out.attrs["returning_users"] = frame.attrs.get("returning_users", _SharedList())
+    return out
 
 
 def arm_metrics(frame: pd.DataFrame, by: Sequence[str] = ("arm_id",)) -> pd.DataFrame:
@@ -354,37 +462,17 @@ def turn_latencies(
     to a time before which its turns are ignored. Turns of holdback sessions are
     left out: the holdback is outside the bandit, and the guardrails judge the
     arms the bandit serves (:mod:`optimizer.holdback`), like the rate guardrails
-    that read :func:`optimizer.holdback.bandit_frame`.
+    that read :func:`optimizer.holdback.bandit_frame`. The cost is bounded by
+    ``limit``, not by history (:mod:`optimizer.latencies`): an index walk per arm,
+    and the holdback checked on the arms that have holdback sessions (a turn
+    carries its session's arm).
     """
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     now = as_utc(now) if now is not None else utcnow()
-    t, a = schema.turns, schema.assignments
-    # Few sessions are holdback ones: an anti-join on the unique session id stays an index probe.
-    in_holdback = sa.exists().where(a.c.session_id == t.c.session_id, a.c.holdback == sa.true())
-    out: dict[str, np.ndarray] = {}
+    # An indexed walk per arm, the holdback checked only where it has sessions.
     with store.engine.connect() as conn:
-        # SQLite walks the (experiment, arm) index backwards by rowid: no sort needed.
-        newest = (
-            sa.literal_column("turns.rowid") if conn.dialect.name == "sqlite" else t.c.created_at
-        )
-        for arm in arms:  # one indexed query per arm: a handful
-            query = (
-                sa.select(t.c.latency_ms)
-                .where(
-                    t.c.experiment_id == experiment_id,
-                    t.c.arm_id == arm,
-                    t.c.created_at <= now,
-                    t.c.latency_ms.is_not(None),
-                    ~in_holdback,
-                )
-                .order_by(newest.desc())
-                .limit(limit)
-            )
-            if since and arm in since:
-                query = query.where(t.c.created_at > as_utc(since[arm]))
-            out[arm] = np.array(fetch_tuples(conn, query), dtype=float).reshape(-1)
-    return out
+        return newest_latencies(conn, experiment_id, arms, now=now, limit=limit, since=since)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -411,18 +499,15 @@ def _sessions(
     *,
     after: datetime | None = None,
     until: datetime | None = None,
-    earlier_known: EarlierFlags | None = None,
-    stale_users: Iterable[str] = (),
     probe: bool = True,
+    ids: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.Index]:
     """Assignments with their turn, error and vote counts, one row per session.
 
-    With ``after``, ``attrs["returning_users"]`` lists the users with a session outside
-    the holdback at or before ``after``, judged on each user's first session of the
-    frame outside the holdback (``attrs["earlier_flags"]``: their assignment ids and
-    the verdicts). ``earlier_known`` holds verdicts of an earlier read (by assignment
-    id; not for ``stale_users``): only the other first sessions are probed, one
-    index lookup each. Without ``probe`` nobody is judged returning.
+    With ``after`` and ``probe``, ``attrs["returning_users"]`` lists the users with a
+    session outside the holdback at or before ``after``, judged on each user's first
+    session of the frame outside the holdback (one index probe per row). ``ids``: only
+    those sessions (by their unique id). Without ``probe`` nobody is judged returning.
 
     Returns the frame and an index of its session ids (row positions by id).
     The counts are the ones the store keeps on each assignment (one table scan)
@@ -467,10 +552,12 @@ def _sessions(
         )
     if after is not None:
         query = query.where(a.c.assigned_at > after)
-    if has_earlier is not None and earlier_known is None:
-        # users with an earlier session: one index probe per row
+    if has_earlier is not None:  # users with an earlier session: one index probe per row
         query = query.add_columns(has_earlier.label("has_earlier"))
-    rows = fetch_tuples(conn, query)
+    if ids is not None:  # a few sessions by their unique id
+        rows = fetch_in(conn, query, a.c.session_id, ids)
+    else:
+        rows = fetch_tuples(conn, query)
     if not rows:
         return pd.DataFrame(), pd.Index([])
     # One object array, then typed columns: ids stay Python strings (cheap to hash).
@@ -486,11 +573,7 @@ def _sessions(
     for i, name in enumerate(schema.SESSION_COUNTS[: len(counts)], start=9):
         frame[name] = cells[:, i].astype(np.int64)
     frame["assignment_id"] = cells[:, 9 + len(counts)].astype(np.int64)
-    probed = (
-        cells[:, 10 + len(counts)].astype(bool)
-        if has_earlier is not None and earlier_known is None
-        else None
-    )
+    probed = cells[:, 10 + len(counts)].astype(bool) if has_earlier is not None else None
     del cells
     sessions = pd.Index(frame["session_id"])
     if as_of_now:
@@ -514,78 +597,25 @@ def _sessions(
                 column = np.zeros(len(frame), dtype=np.int64)
                 column[pos[known]] = np.array([g[i] for g in grouped], dtype=np.int64)[known]
                 frame[name] = column
-    # in time order (SRM takes each user's first session); stable keeps the scan order on ties
+    # in time order (SRM takes each user's first session), ties in insertion (id) order: a
+    # scan's order is no promise, and the kept rows (optimizer.refit_rows) sort the same way
     assigned = frame["assigned_s"].to_numpy()
-    if not (np.diff(assigned) >= 0).all():  # the usual case: rows come in insertion order
-        order = np.argsort(assigned, kind="stable")
+    row_ids = frame["assignment_id"].to_numpy()
+    step, id_step = np.diff(assigned), np.diff(row_ids)
+    if not ((step > 0) | ((step == 0) & (id_step > 0))).all():  # usually already in order
+        order = np.lexsort((row_ids, assigned))
         frame = frame.iloc[order].reset_index(drop=True)
         probed = probed[order] if probed is not None else None
         sessions = pd.Index(frame["session_id"])
     returning: list[str] = []
-    flags = EarlierFlags(np.zeros(0, np.int64), np.zeros(0, bool))
-    if after is not None and has_earlier is not None:
+    if probed is not None:
         firsts = np.flatnonzero(
             ~frame["holdback"].to_numpy() & ~frame["user_id"].where(~frame["holdback"]).duplicated()
         )
-        ids = frame["assignment_id"].to_numpy()[firsts]
-        if probed is not None or earlier_known is None:
-            verdict = probed[firsts] if probed is not None else np.zeros(len(firsts), bool)
-        else:
-            verdict = _earlier_verdicts(
-                conn, frame, firsts, earlier_known, set(stale_users), has_earlier
-            )
-        flags = EarlierFlags(ids, verdict)
+        verdict = probed[firsts]
         returning = sorted(set(frame["user_id"].to_numpy()[firsts][verdict].tolist()))
     frame.attrs["returning_users"] = _SharedList(returning)
-    frame.attrs["earlier_flags"] = flags
     return frame, sessions
-
-
-def _earlier_verdicts(
-    conn: sa.Connection,
-    frame: pd.DataFrame,
-    rows: np.ndarray,
-    known: EarlierFlags,
-    stale: set[str],
-    has_earlier: Any,
-) -> np.ndarray:
-    """Whether each of ``rows``' users had a session outside the holdback before the frame:
-    from ``known`` (not for ``stale`` users), the others probed by assignment id."""
-    a = schema.assignments
-    ids = frame["assignment_id"].to_numpy()[rows]
-    verdict = np.zeros(len(rows), dtype=bool)
-    at = np.searchsorted(known.ids, ids) if len(known.ids) else np.zeros(len(ids), np.int64)
-    found = at < len(known.ids)
-    found[found] = known.ids[at[found]] == ids[found]
-    if stale:
-        found &= ~frame["user_id"].iloc[rows].isin(stale).to_numpy()
-    verdict[found] = known.flags[at[found]]
-    todo = ids[~found].tolist()
-    positive: set[int] = set()
-    for lo in range(0, len(todo), 2000):
-        chunk = todo[lo : lo + 2000]
-        positive.update(
-            r[0]
-            for r in fetch_tuples(conn, sa.select(a.c.id).where(a.c.id.in_(chunk), has_earlier))
-        )
-    if positive:
-        verdict[~found] = np.isin(ids[~found], np.fromiter(positive, dtype=np.int64))
-    return verdict
-
-
-class EarlierFlags:
-    """Verdicts of :func:`session_frame` on who had a session before its stretch, by
-    assignment id (sorted), to pass back to a later read (``earlier_known``)."""
-
-    __slots__ = ("flags", "ids")
-
-    def __init__(self, ids: np.ndarray, flags: np.ndarray) -> None:
-        order = np.argsort(ids, kind="stable")
-        self.ids = np.asarray(ids, dtype=np.int64)[order]
-        self.flags = np.asarray(flags, dtype=bool)[order]
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> EarlierFlags:
-        return self  # read-only; pandas deep-copies attrs at every operation
 
 
 def _later_sessions(
@@ -670,13 +700,15 @@ def _outcomes(
     past: tuple[str, datetime, float] | None = None,
     also: Sequence[str] = (),
     linked_to: Sequence[str] = (),
+    users: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Outcome events of ``names`` up to ``now``; with ``after``, only those that can belong
     to a session assigned after it. ``past`` = (experiment, until, longest window in s): the
     frame is a closed stretch of history, so its session-linked events are found through its
     sessions ``linked_to`` (index probes, not a scan of everything that happened since), plus those
     named by the sessions ``also`` (other assignments of its moved conversations), and
-    user-level ones within the longest window after it."""
+    user-level ones within the longest window after it. ``users``: the frame is the sessions
+    ``linked_to`` (a refresh of a few): their events and the user-level ones of ``users``."""
     o = schema.outcomes
     columns = ("session_id", "user_id", "name", "value", "occurred_s")
     if not names:
@@ -692,7 +724,18 @@ def _outcomes(
     skew = timedelta(seconds=CLOCK_SKEW_S)
     if after is not None:  # an event before its session (beyond the clock skew) never counts
         query = query.where(o.c.occurred_at >= after - skew)
-    if after is not None and past is not None:
+    if users is not None:
+        by_user = query.where(o.c.session_id.is_(None))
+        named = sorted(set(also) | set(linked_to))
+        rows = fetch_in(conn, by_user, o.c.user_id, users)
+        rows += fetch_in(conn, query, o.c.session_id, named)
+        parts = [pd.DataFrame.from_records(rows, columns=list(columns), nrows=len(rows))]
+        frame = (
+            pd.concat(parts, ignore_index=True)
+            if parts
+            else _read(conn, query.where(sa.false()), columns)
+        )
+    elif after is not None and past is not None:
         experiment_id, until, horizon = past
         by_user = query.where(
             o.c.session_id.is_(None), o.c.occurred_at <= until + timedelta(seconds=horizon) + skew
@@ -848,14 +891,16 @@ def _open_at_event(
 def _term_values(
     term: KPITermConfig,
     frame: pd.DataFrame,
-    events: pd.DataFrame,
+    observed: np.ndarray | None,
+    delays: pd.DataFrame | None,
     age_s: np.ndarray,
     closed: np.ndarray,
     window_s: float,
     prior: tuple[np.ndarray, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """(value so far, exposure, delay share of the frame's sessions past the window) of one
-    term for every session."""
+    term for every session; an outcome term's value and delays come from
+    :func:`observed_terms`."""
     n = len(frame)
     kind, _, name = term.source.partition(":")
     if kind == "cost":  # known as the turns happen
@@ -865,35 +910,35 @@ def _term_values(
         hits = frame["thumbs_up" if name == "up_rate" else "thumbs_down"].to_numpy()
         value = np.divide(hits, rated, out=np.zeros(n), where=rated > 0)
         return value, np.ones(n), _NO_SHARE
-
-    ev = events[(events["name"] == name) & (events["delay_s"] <= window_s)]
-    value = np.zeros(n)
-    if not ev.empty:
-        groups = ev.groupby("pos", sort=False)["value"]
-        if term.aggregate == "max":
-            agg = groups.max()
-        elif term.aggregate == "sum":
-            agg = groups.sum()
-        else:  # last by time
-            agg = (
-                ev.sort_values("occurred_s", kind="stable")
-                .groupby("pos", sort=False)["value"]
-                .last()
-            )
-        value[agg.index.to_numpy()] = agg.to_numpy()
-    cdf, sealed = _delay_cdf(term, ev, age_s, window_s, prior)
+    if observed is None or delays is None:
+        observed, delays = np.zeros(n), _term_delays(term, _NO_EVENTS)
+    cdf, sealed = _delay_cdf(delays, age_s, window_s, prior)
     exposure = np.where(closed, 1.0, cdf(age_s))
-    return value, exposure, sealed
+    return observed.copy(), exposure, sealed
+
+
+def _term_delays(term: KPITermConfig, ev: pd.DataFrame) -> pd.DataFrame:
+    """The delays the term's arrival curve is estimated from: every event weighted by its
+    size for ``sum``, else each session's first event."""
+    if term.aggregate == "sum":
+        delays, weights = ev["delay_s"].to_numpy(dtype=float), np.abs(ev["value"].to_numpy(float))
+        pos = ev["pos"].to_numpy()
+    else:  # the value is known from the session's first event on
+        first = ev.groupby("pos", sort=False)["delay_s"].min()
+        delays, weights, pos = first.to_numpy(dtype=float), np.ones(len(first)), first.index
+    return pd.DataFrame(
+        {"pos": np.asarray(pos, dtype=np.int64), "delay_s": delays, "weight": weights}
+    )
 
 
 def _delay_cdf(
-    term: KPITermConfig,
-    ev: pd.DataFrame,
+    delays: pd.DataFrame,
     age_s: np.ndarray,
     window_s: float,
     prior: tuple[np.ndarray, int] | None = None,
 ) -> tuple[Any, pd.DataFrame]:
-    """Estimated share ``F(t)`` of a term's final value that has arrived ``t`` seconds in.
+    """Estimated share ``F(t)`` of a term's final value that has arrived ``t`` seconds in,
+    from its events' ``delays`` (:func:`_term_delays`).
 
     Delays are right-truncated: a session of age ``a`` shows only delays ≤ ``a``.
     The reverse-time product-limit estimator handles that without waiting for
@@ -903,28 +948,24 @@ def _delay_cdf(
     Between grid points ``F`` is interpolated linearly.
 
     Sessions past the window all sit in the last age bin, so their share is a
-    vector that adds up: ``prior`` is that of sessions outside ``ev`` (weights by
-    delay bin, number of events); the second value returned lists ``ev``'s own
+    vector that adds up: ``prior`` is that of sessions outside ``delays`` (weights by
+    delay bin, number of events); the second value returned lists ``delays``' own
     such events (``pos``, ``bin``, ``weight``).
     """
     no_share = _NO_SHARE
     if window_s <= 0:
         return (lambda age: np.ones_like(age, dtype=float)), no_share
-    if term.aggregate == "sum":
-        delays, weights = ev["delay_s"].to_numpy(), np.abs(ev["value"].to_numpy())
-        pos = ev["pos"].to_numpy()
-    else:  # the value is known from the session's first event on
-        first = ev.groupby("pos", sort=False)["delay_s"].min()
-        delays, weights, pos = first.to_numpy(), np.ones(len(first)), first.index.to_numpy()
-    pos = np.asarray(pos, dtype=np.int64)
+    pos = delays["pos"].to_numpy(dtype=np.int64)
+    weights = delays["weight"].to_numpy(dtype=float)
+    lags = delays["delay_s"].to_numpy(dtype=float)
     edges = np.linspace(0.0, window_s, DELAY_BINS + 1)
-    d_bin = np.searchsorted(edges, np.clip(delays, 0.0, window_s), side="left")
+    d_bin = np.searchsorted(edges, np.clip(lags, 0.0, window_s), side="left")
     a_bin = np.searchsorted(edges, np.minimum(age_s[pos], window_s), side="right") - 1
     counts = np.zeros((DELAY_BINS + 1, DELAY_BINS + 1))
     np.add.at(counts, (d_bin, a_bin), weights)
     past = a_bin == DELAY_BINS
     sealed = pd.DataFrame({"pos": pos[past], "bin": d_bin[past], "weight": weights[past]})
-    n_events, total = len(delays), weights.sum()
+    n_events, total = len(lags), weights.sum()
     if prior is not None:
         counts[:, DELAY_BINS] += np.asarray(prior[0], dtype=float)
         n_events, total = n_events + int(prior[1]), total + float(np.sum(prior[0]))
@@ -970,7 +1011,9 @@ def _term_attrs(terms: Sequence[KPITermConfig]) -> list[dict[str, Any]]:
     ]
 
 
-def _empty_frame(terms: Sequence[KPITermConfig], *, cost: bool = False) -> pd.DataFrame:
+def _empty_frame(
+    terms: Sequence[KPITermConfig], *, cost: bool = False, with_ids: bool = False
+) -> pd.DataFrame:
     dtypes: Mapping[str, Any] = {
         "propensity": float,
         "snapshot_version": "Int64",
@@ -984,6 +1027,10 @@ def _empty_frame(terms: Sequence[KPITermConfig], *, cost: bool = False) -> pd.Da
     columns = {c: pd.Series(dtype=dtypes.get(c, object)) for c in BASE_COLUMNS}
     if cost:
         columns[COST_COLUMN] = pd.Series(dtype=float)
+    if with_ids:
+        columns.update(
+            {"assignment_id": pd.Series(dtype=np.int64), "assigned_s": pd.Series(dtype=float)}
+        )
     for t in terms:
         col = term_column(t.name)
         for c in (col, f"{col}_observed", f"{col}_exposure"):

@@ -41,6 +41,7 @@ __all__ = [
     "SketchRef",
     "arm_readouts",
     "combine",
+    "group_sums",
     "moment_terms",
     "session_moments",
     "sketch_median",
@@ -144,27 +145,7 @@ def session_moments(
         key_cols[name] = np.full(n, value)
     # One code per group, then one bincount per statistic: no per-session product columns
     # are materialised (a month of sessions × dozens of statistics would be hundreds of MB).
-    if n:
-        # each key factorised (sorted), the codes combined: no frame of keys is built
-        combined = np.zeros(n, dtype=np.int64)
-        uniques = []
-        for values in key_cols.values():
-            part, levels = pd.factorize(values, sort=True)
-            uniques.append(levels)
-            combined = combined * len(levels) + part
-        present, codes = np.unique(combined, return_inverse=True)
-        columns = {}
-        for name, levels in reversed(list(zip(key_cols, uniques, strict=True))):
-            taken = pd.Index(levels).take(present % len(levels)).to_numpy()
-            columns[name] = taken.astype(object) if taken.dtype.kind in "OUT" else taken
-            present = present // len(levels)
-        groups = pd.DataFrame({k: columns[k] for k in key_cols})
-        if "holdback" in groups:
-            groups["holdback"] = groups["holdback"].astype(bool)
-        codes = codes.astype(np.int64).reshape(-1)
-    else:
-        groups = pd.DataFrame({k: pd.Series(dtype=object) for k in key_cols})
-        codes = np.zeros(0, dtype=np.int64)
+    groups, codes = group_codes(key_cols, n)
     size = len(groups)
     stats: dict[str, np.ndarray] = {}
 
@@ -191,9 +172,9 @@ def session_moments(
         first_o, first_f = terms[0][3], terms[0][4]
         add("nb_obs", (~np.isin(first_o, (0.0, 1.0))).astype(float))
         add("nb_fin", (complete & ~np.isin(first_f, (0.0, 1.0))).astype(float))
-    has_metrics = all(
-        c in sessions for c in ("session_id", "thumbs_up", "thumbs_down", "rated", "turns")
-    ) and ("errors" in sessions)
+    has_metrics = all(c in sessions for c in ("thumbs_up", "thumbs_down", "rated", "turns")) and (
+        "errors" in sessions
+    )
     if has_metrics and n:
         counts = {
             c: sessions[c].to_numpy(dtype=float)
@@ -221,6 +202,42 @@ def session_moments(
     out.attrs["metrics"] = bool(has_metrics)
     out.attrs["conversion"] = _column_of(sessions, "outcome:conversion") is not None
     return out
+
+
+def group_codes(key_cols: Mapping[str, np.ndarray], n: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """The distinct combinations of ``key_cols`` (sorted, as a ``groupby`` gives them) and
+    each row's group: each key factorised, the codes combined — no frame of keys is built."""
+    if not n:
+        return pd.DataFrame({k: pd.Series(dtype=object) for k in key_cols}), np.zeros(0, np.int64)
+    combined = np.zeros(n, dtype=np.int64)
+    uniques = []
+    for values in key_cols.values():
+        part, levels = pd.factorize(values, sort=True)
+        uniques.append(levels)
+        combined = combined * len(levels) + part
+    present, codes = np.unique(combined, return_inverse=True)
+    columns = {}
+    for name, levels in reversed(list(zip(key_cols, uniques, strict=True))):
+        taken = pd.Index(levels).take(present % len(levels)).to_numpy()
+        columns[name] = pd.Series(taken, dtype=object) if taken.dtype.kind in "OUT" else taken
+        present = present // len(levels)
+    groups = pd.DataFrame({k: columns[k] for k in key_cols})
+    if "holdback" in groups:
+        groups["holdback"] = groups["holdback"].astype(bool)
+    return groups, codes.astype(np.int64).reshape(-1)
+
+
+def group_sums(
+    key_cols: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray | None], n: int
+) -> pd.DataFrame:
+    """Sums of ``values`` (None: a count) per group of ``key_cols``: a ``groupby().sum()``
+    without building a frame of the rows."""
+    groups, codes = group_codes(key_cols, n)
+    sums = {
+        name: np.bincount(codes, weights=v, minlength=len(groups)).astype(float)
+        for name, v in values.items()
+    }
+    return pd.concat([groups, pd.DataFrame(sums)], axis=1)
 
 
 def combine(parts: Sequence[pd.DataFrame], keys: Sequence[str]) -> pd.DataFrame:
@@ -297,23 +314,19 @@ def support_sketch(sessions: pd.DataFrame, keys: Sequence[str] = _KEYS) -> pd.Da
     known = ~np.isnan(values)
     if not known.any():
         return empty
-    part = pd.DataFrame(
-        {
-            **{
-                k: (
-                    sessions[k].to_numpy()[known]
-                    if k in sessions
-                    else np.full(known.sum(), "*" if k == "segment" else False, dtype=object)
-                )
-                for k in keys
-            },
-            "bucket": _bucket(values[known]),
-            "count": np.ones(int(known.sum())),
-        }
-    )
-    if "holdback" in part:
-        part["holdback"] = part["holdback"].astype(bool)
-    return part.groupby([*keys, "bucket"], sort=True, observed=True).sum().reset_index()
+    count = int(known.sum())
+    key_cols = {
+        k: (
+            sessions[k].to_numpy()[known]
+            if k in sessions
+            else np.full(count, "*" if k == "segment" else False, dtype=object)
+        )
+        for k in keys
+    }
+    if "holdback" in key_cols:
+        key_cols["holdback"] = np.asarray(key_cols["holdback"], dtype=bool)
+    key_cols["bucket"] = _bucket(values[known])
+    return group_sums(key_cols, {"count": None}, count)
 
 
 def sketch_values(values: np.ndarray) -> np.ndarray:

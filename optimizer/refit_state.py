@@ -1,31 +1,38 @@
-"""The incremental refit: sums of closed sessions kept, only open and touched sessions read.
+"""The incremental refit: what a refit needs, kept up to date instead of read again.
 
-A refit needs sums per (segment, arm, holdback) (:mod:`optimizer.moments`). A
-session whose KPI windows have all closed no longer changes with time: its
-terms are final, its exposure 1, its share of the delay distribution fixed.
-So whole **days** of such sessions are summed once and kept in ``refit_state``
-(per day: moments, the support-minutes histogram, SRM counts, delay shares),
-and each refit reads only
+A refit needs sums per (segment, arm, holdback) (:mod:`optimizer.moments`),
+the support-minutes histogram, the SRM counts and the delay shares. Reading
+every session back from the events at every refit costs what the history
+costs (issue 18). Instead:
 
-- the **open window**: sessions assigned after the last sealed day (a month
-  with a 30-day revenue term: the cost follows the traffic of that window,
-  not the length of the history), through :func:`optimizer.kpi.session_frame`
-  restricted to it, with the kept delay shares as its prior;
-- the sealed days an event **touched** since the last run, recomputed whole
-  (a day's sessions, cheap) instead of patched: a late outcome, a duplicate, a
-  vote changed, a turn of an old thread, a late or re-assigned session
-  (``Store.reassign``'s ``<thread>~n`` sessions are new assignments), a user's
-  later session changing who is "returning" — found from watermarks on the
-  append-only ids (``outcomes.id``, ``feedback_events.id``, ``assignments.id``,
-  ``arm_events.id``) and on the event times between the last run's ``now``
-  and this one's (events written ahead of time by a simulation).
+- every session is kept as a row of numbers (:mod:`optimizer.refit_rows`), one
+  part per day in ``refit_state`` (``day:<day>``);
+- a session whose KPI windows have all closed no longer changes with time, so
+  whole **days** of them are summed once into **totals** (``moments``,
+  ``sketch``, ``srm``, ``delay``: no per-day sums, so the totals are small at
+  any history);
+- the **open window** (the last month, with a 30-day revenue term) is dated at
+  each refit's ``now`` from its kept rows;
+- an event since the last run — a late outcome, a duplicate, a vote changed, a
+  turn, a new, late or re-assigned session (``Store.reassign``'s
+  ``<thread>~n`` sessions are new assignments) — changes the rows of the
+  sessions it names or of its user: those are read again
+  (:func:`optimizer.refit_rows.reread`); in a closed day the totals are
+  corrected by the difference (old rows out, new rows in). The events are
+  found from watermarks on the append-only ids (``outcomes.id``,
+  ``feedback_events.id``, ``assignments.id``, ``arm_events.id``) and on the
+  event times between the last run's ``now`` and this one's (events written
+  ahead of time by a simulation).
+
+So a refit reads the few sessions that changed, the month of kept rows and
+the totals: its cost follows the traffic, not the length of the history.
 
 Why the job from a watermark and not triggers in the events' transactions: a
 session becomes final when its window closes, which no event marks; the write
-path of a chat turn stays as cheap as it is (issue 18 wants it cheaper); one
-writer (the job, under its lock) owns the sums, so replicas never contend on
-hot aggregate rows; and the state is a cache — lost or stale (another KPI
-configuration: ``fingerprint``), it is rebuilt from the events.
+path of a chat turn stays as cheap as it is; one writer (the job, under its
+lock) owns the sums, so replicas never contend on hot aggregate rows; and the
+state is a cache — lost or stale (another KPI configuration: ``fingerprint``;
+an arm status stamped in the past), it is rebuilt from the events.
 
 Results equal a full recomputation up to the order of floating-point
 additions (``tests/optimizer/test_refit_state.py`` compares them on random
@@ -53,6 +60,7 @@ from optimizer.clock import as_utc
 from optimizer.config import Config
 from optimizer.holdback import bandit_frame
 from optimizer.moments import SketchRef, combine, session_moments, support_sketch
+from optimizer.refit_rows import Rows, concat, decode_day, encode_day, reread, row_days, srm_first
 from optimizer.store import Store, schema
 
 __all__ = ["SEAL_CHUNK_DAYS", "RefitInputs", "evidence_moments", "refit_inputs"]
@@ -63,7 +71,17 @@ _DAY_S = 86_400
 #: Sealing a long history reads it this many days at a time (bounded memory).
 SEAL_CHUNK_DAYS = 30
 _MOMENT_KEYS = ("segment", "arm_id", "holdback")
-_PARTS = ("moments", "sketch", "srm", "delay")
+_SRM_KEYS = ("version", "segment", "inactive", "arm_id")
+#: The totals and the keys they sum over, and the column that counts their rows.
+_TOTALS = {
+    "moments": (_MOMENT_KEYS, "n"),
+    "sketch": ((*_MOMENT_KEYS, "bucket"), "count"),
+    "srm": (_SRM_KEYS, "n"),
+    "delay": (("column", "bin"), None),
+}
+_DAY = "day:"
+#: The layout of the kept state; another one is rebuilt from the events.
+_FORMAT = 4
 
 
 @dataclass
@@ -74,7 +92,7 @@ class RefitInputs:
     ``srm_groups`` the first non-holdback session of each user; ``frame`` the
     open window's session rows (or all sessions on the full path);
     ``sealed_until`` the end of the last sealed day (None on the full path);
-    ``stats`` what the update did (days sealed, recomputed).
+    ``stats`` what the update did (days sealed, days corrected, sessions read again).
     """
 
     moments: pd.DataFrame
@@ -82,8 +100,6 @@ class RefitInputs:
     frame: pd.DataFrame
     sealed_until: datetime | None
     stats: dict[str, Any]
-    #: The kept sums per day (empty on the full path).
-    sealed: pd.DataFrame | None = None
 
 
 def refit_inputs(
@@ -95,7 +111,7 @@ def refit_inputs(
     activity = srm.arm_activity(store, config.experiment.id)
     if not incremental:
         frame = kpi.session_frame(store, config, now=now)
-        moments, sketch, groups, _ = _summarise(frame, activity, returning=(), by_day=False)
+        moments, sketch, groups, _ = _summarise(frame, activity)
         moments.attrs["sketch"] = SketchRef(sketch)
         return RefitInputs(moments, groups, frame, None, {"path": "full"})
     return _Updater(store, config, now, activity).run()
@@ -123,14 +139,15 @@ def evidence_moments(
         parts.append(session_moments(rows))
         if inputs.sealed_until is None or at >= inputs.sealed_until:
             continue
-        sealed = inputs.sealed if inputs.sealed is not None else pd.DataFrame()
-        day = math.floor(at.timestamp() / _DAY_S)
-        if len(sealed):
-            keep = (sealed["arm_id"] == arm) & (sealed["day"] > day) & ~sealed["holdback"]
-            parts.append(sealed[keep].drop(columns="day"))
-        day_end = datetime.fromtimestamp((day + 1) * _DAY_S, tz=UTC) - timedelta(microseconds=1)
+        # resumed before the open window: its closed sessions since then, read (rare)
         partial = bandit_frame(
-            kpi.session_frame(store, config, now=now, assigned_after=at, assigned_until=day_end)
+            kpi.session_frame(
+                store,
+                config,
+                now=now,
+                assigned_after=at,
+                assigned_until=inputs.sealed_until - timedelta(microseconds=1),
+            )
         )
         rows = partial[partial["arm_id"] == arm]
         rows.attrs = dict(partial.attrs)
@@ -140,67 +157,66 @@ def evidence_moments(
     return out
 
 
-# -- summarising one frame ------------------------------------------------------------------
+# -- summarising a frame --------------------------------------------------------------------
 
 
 def _summarise(
-    frame: pd.DataFrame,
-    activity: pd.DataFrame,
-    *,
-    returning: Iterable[str],
-    by_day: bool,
-    srm_groups: bool = True,
+    frame: pd.DataFrame, activity: pd.DataFrame
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(moments, sketch, SRM groups, delay shares) of a session frame, per day if ``by_day``
-    (no SRM groups without ``srm_groups``)."""
-    keys: tuple[str, ...] = ("day", *_MOMENT_KEYS) if by_day else _MOMENT_KEYS
-    f = frame
-    if by_day:
-        f = frame.assign(day=_days(frame))
-        f.attrs = dict(frame.attrs)
-    moments = session_moments(f, keys)
-    sketch = support_sketch(f, keys)
-    bandit = bandit_frame(f)
-    first = bandit.drop_duplicates("user_id", keep="first")
-    returning = set(returning)
-    if returning and len(first):
-        first = first[~first["user_id"].isin(returning)]
-    if by_day:
-        parts = [
-            srm.srm_groups(g, activity).assign(day=day)
-            for day, g in (first.groupby("day", sort=True) if srm_groups else ())
-        ]
-        groups = (
-            pd.concat(parts, ignore_index=True)
-            if parts
-            else srm.srm_groups(first, activity).assign(day=np.int64(0)).iloc[:0]
-        )
-    else:
-        groups = srm.srm_groups(first, activity)
-    delay = _delay_rows(f) if by_day else pd.DataFrame()
-    return moments, sketch, groups, delay
+    """(moments, sketch, SRM groups, delay shares) of a session frame. Its SRM first
+    sessions are flagged (``srm_first``) or, for a frame of every session, found."""
+    moments = session_moments(frame)
+    sketch = support_sketch(frame)
+    flags = frame["srm_first"] if "srm_first" in frame else srm_first(frame)
+    columns = [c for c in ("snapshot_version", "segment", "arm_id", "assigned_at") if c in frame]
+    first = frame.loc[np.asarray(flags, dtype=bool), columns]  # only what the SRM groups need
+    return moments, sketch, srm.srm_groups(first, activity), _delay_rows(frame)
 
 
 def _delay_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """Delay shares of a frame's sessions past each term's window, per day: ``day``,
-    ``column``, ``bin`` (-1: the number of events) and ``weight``."""
+    """Delay shares of a frame's sessions past each term's window: ``column``, ``bin``
+    (-1: the number of events) and ``weight``."""
     parts = []
-    days = frame["day"].to_numpy() if "day" in frame else None
     for column, ev in frame.attrs.get("delay_sealed", {}).items():
-        if days is None or not len(ev):
+        if not len(ev):
             continue
-        d = days[ev["pos"].to_numpy(dtype=np.int64)]
-        weights = pd.DataFrame({"day": d, "bin": ev["bin"].to_numpy(), "weight": ev["weight"]})
-        summed = weights.groupby(["day", "bin"], sort=True)["weight"].sum().reset_index()
-        counts = weights.groupby("day", sort=True).size().rename("weight").reset_index()
-        counts["bin"] = -1
-        parts.append(pd.concat([summed, counts], ignore_index=True).assign(column=column))
-    columns = ["day", "column", "bin", "weight"]
+        weights = pd.DataFrame({"bin": ev["bin"].to_numpy(), "weight": ev["weight"]})
+        summed = weights.groupby("bin", sort=True)["weight"].sum().reset_index()
+        count = pd.DataFrame({"bin": [-1], "weight": [float(len(ev))]})
+        parts.append(pd.concat([summed, count], ignore_index=True).assign(column=column))
+    columns = ["column", "bin", "weight"]
     if not parts:
         return pd.DataFrame(
-            {c: pd.Series(dtype=object if c == "column" else float) for c in columns}
+            {
+                "column": pd.Series(dtype=object),
+                "bin": pd.Series(dtype=np.int64),
+                "weight": pd.Series(dtype=float),
+            }
         )
     return pd.concat(parts, ignore_index=True)[columns]
+
+
+def _add(
+    totals: Mapping[str, pd.DataFrame],
+    parts: Iterable[pd.DataFrame],
+    *,
+    sign: float = 1.0,
+) -> dict[str, pd.DataFrame]:
+    """``totals`` plus (or minus) the summary ``parts`` (moments, sketch, srm, delay); groups
+    left without a row dropped."""
+    out = {}
+    for (name, (keys, count)), part in zip(_TOTALS.items(), parts, strict=True):
+        if sign < 0 and len(part):
+            values = [c for c in part.columns if c not in keys]
+            negated = pd.concat([part[list(keys)], -part[values].astype(float)], axis=1)
+            negated.attrs = part.attrs
+            part = negated
+        merged = combine([totals[name], part], keys)
+        if count is not None and len(merged):
+            merged = merged[merged[count] != 0].reset_index(drop=True)
+        merged.attrs = {**totals[name].attrs, **part.attrs, **merged.attrs}
+        out[name] = merged
+    return out
 
 
 # -- the update -----------------------------------------------------------------------------
@@ -218,127 +234,160 @@ class _Updater:
         return math.floor((self.now.timestamp() - self.max_window_s) / _DAY_S) - 1
 
     def run(self) -> RefitInputs:
-        parts, meta = self._load()
-        known = self._earlier
-        self.new_users: set[str] = set()
-        self.srm_days: set[int] = set()
-        stats: dict[str, Any] = {"path": "incremental", "sealed_days": 0, "recomputed_days": 0}
         target = self._sealable_day()
         marks = self._marks()
-        if meta is None or meta.get("fingerprint") != self.fingerprint or self._rewritten(meta):
-            parts, meta = _empty_parts(), {"fingerprint": self.fingerprint, "sealed_day": None}
-            stats["rebuilt"] = True
-            known = None
-        sealed_day = meta.get("sealed_day")
-        if sealed_day is not None:
-            if sealed_day > target:  # `now` went back (a report as of a past date): start over
-                parts, sealed_day = _empty_parts(), None
-                stats["rebuilt"] = True
-                known = None
-            else:
-                dirty = sorted(d for d in self._dirty_days(meta, sealed_day) if d <= sealed_day)
-                for lo, hi in _runs(dirty):
-                    # who is first (SRM) changes only with a user's new sessions
-                    srm_dirty = any(lo <= d <= hi for d in self.srm_days)
-                    parts = self._seal(parts, lo, hi, srm=srm_dirty)
-                stats["recomputed_days"] = len(dirty)
-        first_new = (sealed_day + 1) if sealed_day is not None else None
-        if first_new is None:
-            first_new = self._first_day()
-        if first_new is not None and first_new <= target:
-            day = first_new
-            while day <= target:
-                hi = min(day + SEAL_CHUNK_DAYS - 1, target)
-                parts = self._seal(parts, day, hi)
-                stats["sealed_days"] += hi - day + 1
-                day = hi + 1
+        totals, meta = self._load_totals()
+        stats: dict[str, Any] = {"path": "incremental", "sealed_days": 0, "recomputed_days": 0}
+        sealed_day = meta.get("sealed_day") if meta is not None else None
+        if (
+            meta is None
+            or sealed_day is None
+            or meta.get("fingerprint") != self.fingerprint
+            or sealed_day > target  # `now` went back (a report as of a past date)
+            or self._rewritten(meta)
+        ):
+            return self._rebuild(target, marks, stats, rebuilt=meta is not None)
+        # From the run before the last: a write stamped (or numbered) before the last run but
+        # committed after it read is still seen — a chat's turns and votes are committed in
+        # groups, and ids are handed out before commit — at the cost of reading twice.
+        kept_at = as_utc(datetime.fromisoformat(meta["now"]))
+        changes = self._changes(meta.get("since") or meta, kept_at=kept_at)
+        fresh = reread(self.store, self.config, self.now, *changes)
+        if fresh is None:  # too much changed: starting over is cheaper
+            return self._rebuild(target, marks, stats, rebuilt=True)
+        stats["reread_sessions"] = len(fresh)
+        fresh_days = fresh.days()
+        window = self._load_days(lo=sealed_day + 1)
+        write: dict[int, Rows] = {}
+        closed = sorted(set(fresh_days[fresh_days <= sealed_day].tolist()))
+        if closed:  # closed days corrected by the difference
+            before = self._load_days(days=closed)
+            ids = fresh.ids()
+            gone = before.where(np.isin(before.ids(), ids))
+            came = fresh.where(fresh_days <= sealed_day)
+            totals = _add(totals, self._summary(gone), sign=-1.0)
+            totals = _add(totals, self._summary(came))
+            after = concat([before.without(ids), came])
+            days = after.days()
+            write.update({d: after.where(days == d) for d in closed})
+            stats["recomputed_days"] = len(closed)
+        window = concat(
+            [
+                window.without(fresh.ids()),
+                fresh.where(fresh_days > sealed_day),
+            ]
+        )
+        days = window.days()
+        for d in sorted(set(fresh_days[fresh_days > sealed_day].tolist())):
+            write[d] = window.where(days == d)
+        whole = window.dated(self.config, self.now, _delay_prior(totals["delay"]))
+        frame = whole
+        if target > sealed_day:  # days whose windows all closed since: into the totals
+            whole_days = row_days(whole)
+            totals = _add(
+                totals, _summarise(kpi.frame_rows(whole, whole_days <= target), self.activity)
+            )
+            frame = kpi.frame_rows(whole, whole_days > target)
+            stats["sealed_days"] = target - sealed_day
             sealed_day = target
-        elif first_new is not None and sealed_day is None:
-            sealed_day = first_new - 1  # nothing old enough yet
-        meta = {
-            "fingerprint": self.fingerprint,
-            "sealed_day": sealed_day,
-            "now": self.now.isoformat(),
-            **marks,
-        }
+        self._save(totals, self._meta(sealed_day, marks, since=meta), write)
+        return self._inputs(totals, frame, sealed_day, stats)
+
+    def _summary(self, rows: Rows) -> tuple[pd.DataFrame, ...]:
+        """The summary of closed sessions' rows (the same at any later ``now``)."""
+        return _summarise(rows.dated(self.config, self.now, None), self.activity)
+
+    def _rebuild(
+        self, target: int, marks: Mapping[str, int], stats: dict[str, Any], *, rebuilt: bool
+    ) -> RefitInputs:
+        """Everything from the events: closed days summed a chunk at a time (their rows
+        kept), then the open window read whole."""
+        if rebuilt:
+            stats["rebuilt"] = True
+        first = self._first_day()
+        if first is None:  # nothing assigned yet
+            frame = kpi.session_frame(self.store, self.config, now=self.now)
+            totals = _empty_totals()
+            return self._inputs(totals, frame.assign(srm_first=False), None, stats)
+        self._clear()
+        totals = _empty_totals()
+        sealed_day = min(target, first - 1) if first > target else target
+        day = first
+        while day <= sealed_day:
+            hi = min(day + SEAL_CHUNK_DAYS - 1, sealed_day)
+            frame = self._read(day, hi, prior=None)
+            totals = _add(totals, _summarise(frame, self.activity))
+            self._write_rows(Rows.from_frame(frame, self.config, frame["srm_first"]))
+            stats["sealed_days"] += hi - day + 1
+            day = hi + 1
+        frame = self._read(sealed_day + 1, None, prior=_delay_prior(totals["delay"]))
+        self._write_rows(Rows.from_frame(frame, self.config, frame["srm_first"]))
+        self._save(totals, self._meta(sealed_day, marks), {})
+        return self._inputs(totals, frame, sealed_day, stats)
+
+    def _read(
+        self, lo: int, hi: int | None, *, prior: Mapping[str, tuple[np.ndarray, int]] | None
+    ) -> pd.DataFrame:
+        """Days lo..hi (None: up to ``now``) from the events, SRM first sessions flagged."""
+        after = datetime.fromtimestamp(lo * _DAY_S, tz=UTC) - timedelta(microseconds=1)
         until = (
-            datetime.fromtimestamp((sealed_day + 1) * _DAY_S, tz=UTC)
-            if sealed_day is not None
+            datetime.fromtimestamp((hi + 1) * _DAY_S, tz=UTC) - timedelta(microseconds=1)
+            if hi is not None
             else None
         )
-        prior = _delay_prior(parts["delay"])
-        frame = kpi.session_frame(
-            self.store,
-            self.config,
-            now=self.now,
-            assigned_after=until - timedelta(microseconds=1) if until is not None else None,
-            delay_prior=prior,
-            # who had a session before the window: kept from the last run, probed for the
-            # window's new users and those who got a session back-dated
-            earlier_known=known,
-            stale_users=self.new_users,
-        )
-        if sealed_day is not None:
-            flags = frame.attrs.get("earlier_flags")
-            self._save(
-                parts,
-                meta,
-                pd.DataFrame({"id": flags.ids, "earlier": flags.flags})
-                if flags is not None
-                else None,
-            )
-        o_moments, o_sketch, o_groups, _ = _summarise(
-            frame, self.activity, returning=frame.attrs.get("returning_users", []), by_day=False
-        )
-        moments = combine([parts["moments"].drop(columns="day"), o_moments], _MOMENT_KEYS)
-        moments.attrs.update(o_moments.attrs)
-        moments.attrs["metrics"] = bool(
-            o_moments.attrs.get("metrics") or parts["moments"].attrs.get("metrics")
-        )
-        moments.attrs["sketch"] = SketchRef(
-            combine([parts["sketch"].drop(columns="day"), o_sketch], (*_MOMENT_KEYS, "bucket"))
-        )
-        srm_keys = ("version", "segment", "inactive", "arm_id")
-        groups = combine([parts["srm"].drop(columns="day"), o_groups], srm_keys)
-        stats["open_sessions"] = len(frame)
-        return RefitInputs(moments, groups, frame, until, stats, parts["moments"])
-
-    # -- sealing ------------------------------------------------------------------------
-    def _seal(
-        self, parts: dict[str, pd.DataFrame], lo: int, hi: int, *, srm: bool = True
-    ) -> dict[str, pd.DataFrame]:
-        """(Re)compute days lo..hi whole and replace them in ``parts``; without ``srm`` their
-        SRM counts are kept (a vote or outcome does not change who came first), which
-        spares the per-session "returning user" probes."""
-        kept = {
-            k: v[~v["day"].between(lo, hi)] if len(v) and (srm or k != "srm") else v
-            for k, v in parts.items()
-        }
-        after = datetime.fromtimestamp(lo * _DAY_S, tz=UTC) - timedelta(microseconds=1)
-        until = datetime.fromtimestamp((hi + 1) * _DAY_S, tz=UTC) - timedelta(microseconds=1)
         frame = kpi.session_frame(
             self.store,
             self.config,
             now=self.now,
             assigned_after=after,
             assigned_until=until,
-            probe_returning=srm,
+            delay_prior=prior,
+            with_ids=True,
         )
-        if not len(frame):
-            return kept
-        new = _summarise(
-            frame,
-            self.activity,
-            returning=frame.attrs.get("returning_users", []),
-            by_day=True,
-            srm_groups=srm,
+        frame["srm_first"] = srm_first(frame, frame.attrs.get("returning_users", []))
+        return frame
+
+    def _inputs(
+        self,
+        totals: Mapping[str, pd.DataFrame],
+        frame: pd.DataFrame,
+        sealed_day: int | None,
+        stats: dict[str, Any],
+    ) -> RefitInputs:
+        o_moments, o_sketch, o_groups, _ = _summarise(frame, self.activity)
+        moments = combine([totals["moments"], o_moments], _MOMENT_KEYS)
+        moments.attrs.update(o_moments.attrs)
+        moments.attrs["metrics"] = bool(
+            o_moments.attrs.get("metrics") or totals["moments"].attrs.get("metrics")
         )
-        out = {}
-        for k, fresh in zip(_PARTS, new, strict=True):
-            frames = [f for f in (kept[k], fresh) if len(f)]
-            out[k] = pd.concat(frames, ignore_index=True) if frames else kept[k]
-        out["moments"].attrs = {**parts["moments"].attrs, **new[0].attrs}
-        return out
+        moments.attrs["sketch"] = SketchRef(
+            combine([totals["sketch"], o_sketch], (*_MOMENT_KEYS, "bucket"))
+        )
+        groups = combine([totals["srm"], o_groups], _SRM_KEYS)
+        stats["open_sessions"] = len(frame)
+        until = (
+            datetime.fromtimestamp((sealed_day + 1) * _DAY_S, tz=UTC)
+            if sealed_day is not None
+            else None
+        )
+        return RefitInputs(moments, groups, frame, until, stats)
+
+    def _meta(
+        self,
+        sealed_day: int,
+        marks: Mapping[str, int],
+        *,
+        since: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """The state's meta: this run's watermarks, and (``since``) the last run's."""
+        last = {k: since[k] for k in ("now", *marks) if k in since} if since else None
+        return {
+            "fingerprint": self.fingerprint,
+            "sealed_day": sealed_day,
+            "now": self.now.isoformat(),
+            **marks,
+            **({"since": last} if last else {}),
+        }
 
     def _first_day(self) -> int | None:
         a = schema.assignments
@@ -380,8 +429,10 @@ class _Updater:
                 ).scalar()
             )
 
-    def _dirty_days(self, meta: Mapping[str, Any], sealed_day: int) -> set[int]:
-        """Sealed days whose sessions an event since the last run may have changed."""
+    def _changes(self, meta: Mapping[str, Any], *, kept_at: datetime) -> tuple[set[str], set[str]]:
+        """What an event since the watermarks of ``meta`` may have changed: sessions it names,
+        and users (a user-level outcome; a session assigned before ``kept_at``, the time of
+        the kept rows, which may come before the user's others)."""
         a, o, fe, f, t = (
             schema.assignments,
             schema.outcomes,
@@ -389,160 +440,154 @@ class _Updater:
             schema.feedback,
             schema.turns,
         )
-        last_now = as_utc(datetime.fromisoformat(meta["now"])) if meta.get("now") else None
-        sealed_end = datetime.fromtimestamp((sealed_day + 1) * _DAY_S, tz=UTC)
-        horizon = sealed_end + timedelta(seconds=self.max_window_s + 3600)
+        last_now = as_utc(datetime.fromisoformat(meta["now"]))
+        since = last_now < self.now
         sessions: set[str] = set()
         users: set[str] = set()
+        fresh = o.c.id > int(meta.get("outcomes", 0))
+        if since:  # written ahead of time, in the past now
+            fresh = sa.or_(fresh, o.c.occurred_at.between(last_now, self.now))
+        new = a.c.id > int(meta.get("assignments", 0))
+        if since:
+            new = sa.or_(new, a.c.assigned_at.between(last_now, self.now))
         with self.store.engine.connect() as conn:
-            for sid, uid in conn.execute(
-                sa.select(o.c.session_id, o.c.user_id).where(
-                    o.c.id > int(meta.get("outcomes", 0)), o.c.occurred_at <= horizon
-                )
-            ):
+            for sid, uid in conn.execute(sa.select(o.c.session_id, o.c.user_id).where(fresh)):
                 if sid is not None:
                     sessions.add(sid)
                 elif uid is not None:
                     users.add(uid)
-            sessions.update(
-                r[0]
-                for r in conn.execute(
-                    sa.select(fe.c.session_id).where(fe.c.id > int(meta.get("feedback_events", 0)))
+            votes = sa.select(fe.c.session_id).where(fe.c.id > int(meta.get("feedback_events", 0)))
+            sessions.update(r[0] for r in conn.execute(votes))
+            if since:
+                changed = sa.select(f.c.session_id).where(
+                    f.c.updated_at > last_now, f.c.updated_at <= self.now
                 )
-            )
-            if last_now is not None and last_now < self.now:
-                sessions.update(
-                    r[0]
-                    for r in conn.execute(
-                        sa.select(f.c.session_id).where(
-                            f.c.updated_at > last_now, f.c.updated_at <= self.now
-                        )
-                    )
+                turns = (
+                    sa.select(t.c.session_id)
+                    .where(t.c.created_at > last_now, t.c.created_at <= self.now)
+                    .distinct()
                 )
-                sessions.update(
-                    r[0]
-                    for r in conn.execute(
-                        sa.select(t.c.session_id)
-                        .where(t.c.created_at > last_now, t.c.created_at <= self.now)
-                        .distinct()
-                    )
+                sessions.update(r[0] for q in (changed, turns) for r in conn.execute(q))
+            for sid, uid, at in conn.execute(
+                sa.select(a.c.session_id, a.c.user_id, a.c.assigned_at).where(
+                    new, a.c.experiment_id == self.experiment, a.c.assigned_at <= self.now
                 )
-            # late or re-assigned sessions: the user's other sealed sessions may change
-            # (who is returning; which session a user-level outcome within a window of a
-            # sealed session belongs to). Sessions assigned in real time are past that.
-            self.new_users = {
-                r[0]
-                for r in conn.execute(
-                    sa.select(a.c.user_id).where(
-                        a.c.id > int(meta.get("assignments", 0)),
-                        a.c.experiment_id == self.experiment,
-                        a.c.assigned_at < horizon,
-                    )
-                )
-            }
-            users.update(self.new_users)
+            ):
+                sessions.add(sid)
+                if as_utc(at) <= kept_at and uid is not None:
+                    users.add(uid)
             # an event named by one assignment of a moved conversation may count for another
             moved = kpi.moved_threads(conn, self.experiment, self.now)
             if len(moved):
                 thread_of = dict(zip(moved["session_id"], moved["thread"], strict=True))
                 threads = {thread_of[s] for s in sessions if s in thread_of}
                 sessions.update(moved.loc[moved["thread"].isin(threads), "session_id"])
-            times: list[datetime] = []
-            ids = sorted(sessions)
-            for i in range(0, len(ids), 500):
-                times.extend(
-                    r[0]
-                    for r in conn.execute(
-                        sa.select(a.c.assigned_at).where(
-                            a.c.session_id.in_(ids[i : i + 500]),
-                            a.c.experiment_id == self.experiment,
-                            a.c.assigned_at < sealed_end,
-                        )
-                    )
-                )
-            names = sorted(users)
-            for i in range(0, len(names), 500):
-                times.extend(
-                    r[0]
-                    for r in conn.execute(
-                        sa.select(a.c.assigned_at).where(
-                            a.c.user_id.in_(names[i : i + 500]),
-                            a.c.experiment_id == self.experiment,
-                            a.c.assigned_at < sealed_end,
-                        )
-                    )
-                )
-            self.srm_days = {
-                math.floor(as_utc(r[0]).timestamp() / _DAY_S)
-                for names in _batches(sorted(self.new_users), 500)
-                for r in conn.execute(
-                    sa.select(a.c.assigned_at).where(
-                        a.c.user_id.in_(names),
-                        a.c.experiment_id == self.experiment,
-                        a.c.assigned_at < sealed_end,
-                    )
-                )
-            }
-        return {math.floor(as_utc(t).timestamp() / _DAY_S) for t in times}
+        return sessions, users
 
     # -- persistence --------------------------------------------------------------------
-    def _load(self) -> tuple[dict[str, pd.DataFrame], dict[str, Any] | None]:
+    def _load_totals(self) -> tuple[dict[str, pd.DataFrame], dict[str, Any] | None]:
         rs = schema.refit_state
         with self.store.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(rs.c.part, rs.c.data, rs.c.meta).where(
-                    rs.c.experiment_id == self.experiment
+                    rs.c.experiment_id == self.experiment, rs.c.part.in_(list(_TOTALS))
                 )
             ).all()
-        self._earlier: kpi.EarlierFlags | None = None
-        if not {r.part for r in rows} >= set(_PARTS):
-            return _empty_parts(), None
-        parts = {r.part: _decode(r.data) for r in rows if r.part in _PARTS}
-        for r in rows:
-            if r.part == "earlier":
-                flags = _decode(r.data)
-                self._earlier = kpi.EarlierFlags(
-                    flags["id"].to_numpy(dtype=np.int64), flags["earlier"].to_numpy(dtype=bool)
-                )
+        if {r.part for r in rows} != set(_TOTALS):
+            return _empty_totals(), None
+        totals = {r.part: _decode(r.data) for r in rows}
         meta = dict(next(r.meta for r in rows if r.part == "moments"))
-        parts["moments"].attrs.update(meta.get("attrs", {}))
-        return parts, meta
+        totals["moments"].attrs.update(meta.get("attrs", {}))
+        return totals, meta
+
+    def _load_days(self, *, lo: int | None = None, days: Iterable[int] = ()) -> Rows:
+        """Kept rows of the days from ``lo`` on, or of ``days``."""
+        rs = schema.refit_state
+        query = sa.select(rs.c.data).where(rs.c.experiment_id == self.experiment)
+        if lo is not None:
+            query = query.where(rs.c.part >= _day_part(lo), rs.c.part < _DAY + "~")
+        else:
+            query = query.where(rs.c.part.in_([_day_part(d) for d in days]))
+        with self.store.engine.connect() as conn:
+            blobs = [r[0] for r in conn.execute(query.order_by(rs.c.part))]
+        return concat(decode_day(b) for b in blobs)
+
+    def _clear(self) -> None:
+        rs = schema.refit_state
+        with self.store.engine.begin() as conn:
+            conn.execute(sa.delete(rs).where(rs.c.experiment_id == self.experiment))
+
+    def _write_rows(self, rows: Rows) -> None:
+        """Days of rows written whole (a rebuild)."""
+        days = rows.days()
+        self._put({d: rows.where(days == d) for d in sorted(set(days.tolist()))}, {})
 
     def _save(
         self,
-        parts: Mapping[str, pd.DataFrame],
+        totals: Mapping[str, pd.DataFrame],
         meta: Mapping[str, Any],
-        earlier: pd.DataFrame | None = None,
+        days: Mapping[int, Rows],
     ) -> None:
-        """The kept sums, and (``earlier``) the open window's returning-user verdicts."""
+        """The totals (their meta says the state is whole) and the rewritten days, at once."""
+        self._put(days, totals, meta)
+
+    def _put(
+        self,
+        days: Mapping[int, Rows],
+        totals: Mapping[str, pd.DataFrame],
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
         rs = schema.refit_state
-        attrs = {k: v for k, v in parts["moments"].attrs.items() if k != "sketch"}
-        parts = {**parts, **({"earlier": earlier} if earlier is not None else {})}
-        with self.store.engine.begin() as conn:
-            conn.execute(sa.delete(rs).where(rs.c.experiment_id == self.experiment))
-            conn.execute(
-                sa.insert(rs),
-                [
-                    {
-                        "experiment_id": self.experiment,
-                        "part": part,
-                        "data": _encode(parts[part]),
-                        "meta": {**meta, "attrs": attrs} if part == "moments" else {},
-                        "updated_at": self.now,
-                    }
-                    for part in parts
-                ],
+        attrs = (
+            {k: v for k, v in totals["moments"].attrs.items() if k != "sketch"} if totals else {}
+        )
+        parts = [
+            (
+                name,
+                _encode(totals[name]),
+                {**(meta or {}), "attrs": attrs} if name == "moments" else {},
             )
+            for name in totals
+        ]
+        parts += [(_day_part(d), encode_day(rows), {}) for d, rows in days.items() if len(rows)]
+        empty = [_day_part(d) for d, rows in days.items() if not len(rows)]
+        if not parts and not empty:
+            return
+        with self.store.engine.begin() as conn:
+            names = [p[0] for p in parts] + empty
+            for i in range(0, len(names), 500):
+                conn.execute(
+                    sa.delete(rs).where(
+                        rs.c.experiment_id == self.experiment, rs.c.part.in_(names[i : i + 500])
+                    )
+                )
+            if parts:
+                conn.execute(
+                    sa.insert(rs),
+                    [
+                        {
+                            "experiment_id": self.experiment,
+                            "part": part,
+                            "data": data,
+                            "meta": part_meta,
+                            "updated_at": self.now,
+                        }
+                        for part, data, part_meta in parts
+                    ],
+                )
 
 
-def _days(frame: pd.DataFrame) -> np.ndarray:
-    """Day number (since 1970, UTC) of each session's assignment."""
-    seconds = frame["assigned_at"].to_numpy(dtype="datetime64[s]").astype(np.int64)
-    return seconds // _DAY_S
+def _day_part(day: int) -> str:
+    return f"{_DAY}{day:08d}"
 
 
-def _empty_parts() -> dict[str, pd.DataFrame]:
-    return {k: pd.DataFrame({"day": pd.Series(dtype=np.int64)}) for k in _PARTS}
+def _empty_totals() -> dict[str, pd.DataFrame]:
+    return {
+        "moments": pd.DataFrame({k: pd.Series(dtype=object) for k in _MOMENT_KEYS}),
+        "sketch": pd.DataFrame({k: pd.Series(dtype=object) for k in (*_MOMENT_KEYS, "bucket")}),
+        "srm": pd.DataFrame({k: pd.Series(dtype=object) for k in _SRM_KEYS}),
+        "delay": pd.DataFrame({k: pd.Series(dtype=object) for k in ("column", "bin")}),
+    }
 
 
 def _delay_prior(delay: pd.DataFrame) -> dict[str, tuple[np.ndarray, int]]:
@@ -559,25 +604,11 @@ def _delay_prior(delay: pd.DataFrame) -> dict[str, tuple[np.ndarray, int]]:
     return out
 
 
-def _batches(items: list[str], size: int) -> Iterable[list[str]]:
-    return (items[i : i + size] for i in range(0, len(items), size))
-
-
-def _runs(days: list[int]) -> list[tuple[int, int]]:
-    """Contiguous runs of sorted days."""
-    out: list[tuple[int, int]] = []
-    for d in days:
-        if out and d == out[-1][1] + 1:
-            out[-1] = (out[-1][0], d)
-        else:
-            out.append((d, d))
-    return out
-
-
 def _fingerprint(config: Config) -> str:
     """What the kept sums depend on: the KPI terms, and whether sessions carry their cost
     (a cost term or guardrail; the model prices that value it)."""
     terms: list[Any] = [t.model_dump(mode="json") for t in config.kpi.terms]
+    terms.append({"state": _FORMAT})
     if kpi.uses_cost(config):
         prices = {m: p.model_dump(mode="json") for m, p in config.model.prices.items()}
         terms.append({"cost": prices})
@@ -601,7 +632,10 @@ def _decode(data: bytes) -> pd.DataFrame:
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         names = sorted(archive.files, key=lambda k: int(k.split(":", 1)[0]))
         cols = {k.split(":", 1)[1]: archive[k] for k in names}
-    frame = pd.DataFrame(
-        {k: (v.astype(object) if v.dtype.kind == "U" else v) for k, v in cols.items()}
+    # strings stay Python objects (pandas 3 would make them Arrow strings, slower to group)
+    return pd.DataFrame(
+        {
+            k: (pd.Series(v.astype(object), dtype=object) if v.dtype.kind == "U" else v)
+            for k, v in cols.items()
+        }
     )
-    return frame

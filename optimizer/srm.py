@@ -42,6 +42,7 @@ from scipy import stats
 
 from optimizer.assignment import ALL_SEGMENTS
 from optimizer.clock import as_utc
+from optimizer.moments import group_sums
 from optimizer.store import ACTIVE_STATUSES, Store, schema
 from optimizer.store.schema import ARM_STATUS_BY_EVENT
 
@@ -128,16 +129,13 @@ def srm_groups(first: pd.DataFrame, activity: pd.DataFrame | None = None) -> pd.
         off = ~flags[f"active_{i}"].to_numpy(dtype=bool)
         inactive[off] = inactive[off] + arm + ","
     version = first["snapshot_version"].astype("Int64").fillna(-1).astype(np.int64)
-    keyed = pd.DataFrame(
-        {
-            "version": version.to_numpy(),
-            "segment": first["segment"].to_numpy(),
-            "inactive": inactive,
-            "arm_id": first["arm_id"].to_numpy(),
-            "n": np.ones(len(first)),
-        }
-    )
-    return keyed.groupby(columns[:-1], sort=True).sum().reset_index()
+    keys = {
+        "version": version.to_numpy(),
+        "segment": first["segment"].to_numpy(dtype=object),
+        "inactive": inactive,
+        "arm_id": first["arm_id"].to_numpy(dtype=object),
+    }
+    return group_sums(keys, {"n": None}, len(first))
 
 
 def srm_from_groups(

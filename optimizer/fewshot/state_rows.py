@@ -171,10 +171,14 @@ def _session_rows(
     so_far = np.zeros(len(frame))
     complete = np.ones(len(frame), dtype=bool)
     by_source: dict[str, np.ndarray] = {}
+    values, delays = kpi.observed_terms(config.kpi.terms, events, len(frame))
     for term in config.kpi.terms:
         window_s = term.window_days * 86_400.0
         closed = age_s >= window_s
-        observed = kpi._term_values(term, frame, events, age_s, closed, window_s)[0]
+        col = kpi.term_column(term.name)
+        observed = kpi._term_values(
+            term, frame, values.get(col), delays.get(col), age_s, closed, window_s
+        )[0]
         if term.cap is not None:
             observed = np.minimum(observed, term.cap)
         reward += term.weight * np.where(closed, observed, 0.0)

@@ -159,6 +159,22 @@ assignments = sa.Table(
     sa.Index("ix_assignments_user", "user_id", "experiment_id", "id"),
     sa.Index("ix_assignments_exp_time", "experiment_id", "assigned_at"),
     sa.Index("ix_assignments_thread", "thread_id"),
+    # Holdback sessions only (migration 0011), a few percent of the rows: which arms have
+    # any (the latency guardrail's window skips the holdback check on the others), and
+    # whether a session is one (an index-only probe, optimizer.latencies).
+    sa.Index(
+        "ix_assignments_holdback_arm",
+        "experiment_id",
+        "arm_id",
+        postgresql_where=sa.text("holdback"),
+        sqlite_where=sa.text("holdback = 1"),
+    ),
+    sa.Index(
+        "ix_assignments_holdback",
+        "session_id",
+        postgresql_where=sa.text("holdback"),
+        sqlite_where=sa.text("holdback = 1"),
+    ),
 )
 
 turns = sa.Table(
@@ -187,7 +203,11 @@ turns = sa.Table(
     # stays the arm's (sticky assignment, propensities), ``model`` says who answered.
     sa.Column("fallback", sa.Boolean, nullable=True),
     sa.Index("ix_turns_session", "session_id", "created_at"),
-    sa.Index("ix_turns_arm", "experiment_id", "arm_id"),
+    # An arm's newest turns are a backward walk of this index, latency and session read from
+    # it, not from the table (migration 0011; was (experiment, arm)): optimizer.latencies.
+    sa.Index(
+        "ix_turns_arm_time", "experiment_id", "arm_id", "created_at", "latency_ms", "session_id"
+    ),
     sa.Index("ix_turns_created", "created_at"),  # "anything after now?" in optimizer.kpi
 )
 

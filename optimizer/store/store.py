@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 
 from optimizer.clock import as_utc, utcnow
@@ -131,6 +132,28 @@ class OutcomeRecord:
     #: The verdict when received ("attributed" or why not, see optimizer.attribution).
     attribution: str | None = None
     attributed_session_id: str | None = None
+
+
+def fetch_in(
+    conn: sa.Connection,
+    query: sa.Select[Any],
+    column: sa.ColumnElement[str],
+    values: Iterable[str],
+) -> list[tuple[Any, ...]]:
+    """:func:`fetch_tuples` of ``query`` where ``column`` is one of ``values`` (a few
+    thousand ids): on PostgreSQL one array parameter (a query of hundreds of
+    placeholders costs more to build and parse than to run), on SQLite chunks of 500."""
+    values = sorted(set(values))
+    if not values:
+        return []
+    if conn.dialect.name == "postgresql":
+        array = sa.bindparam("in_values", values, type_=ARRAY(sa.String()))
+        return fetch_tuples(conn, query.where(column == sa.any_(array)))
+    return [
+        row
+        for i in range(0, len(values), 500)
+        for row in fetch_tuples(conn, query.where(column.in_(values[i : i + 500])))
+    ]
 
 
 def fetch_tuples(conn: sa.Connection, query: sa.Select[Any]) -> list[tuple[Any, ...]]:

@@ -4,9 +4,10 @@ Streams mix sessions (segments, the holdback, returning users, re-assignments
 ``<thread>~n``, late back-dated assignments), turns with their cost (recorded, or
 priced per token), votes that change or are withdrawn, session- and user-level
 outcomes arriving late or twice, outcomes named by a moved conversation's first
-session (they count for its assignment open at the event), and refits
-at increasing times; at every refit the sums kept and updated by
-:mod:`optimizer.refit_state` must equal the ones recomputed from every session.
+session (they count for its assignment open at the event), sessions and outcomes a
+simulation writes ahead of its clock, and refits at increasing times; at every refit
+the sums kept and updated by :mod:`optimizer.refit_state` must equal the ones
+recomputed from every session.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ _EVENT = st.tuples(
             "duplicate",
             "late_assign",
             "reassign",
+            "ahead_assign",
+            "ahead_outcome",
             "refit",
         ]
     ),
@@ -118,8 +121,9 @@ def _apply(store: Store, events: list[tuple[str, float, int, float, int]], check
         now += timedelta(hours=7)
         at = now - timedelta(days=3 * back)
         at = max(at, START)
-        if kind in ("assign", "late_assign"):
-            when = now if kind == "assign" else at
+        if kind in ("assign", "late_assign", "ahead_assign"):
+            # a simulation writes ahead of its clock: seen once a refit's `now` passes it
+            when = {"assign": now, "late_assign": at, "ahead_assign": now + (now - at)}[kind]
             holdback = pick == 2 and idx % 3 == 0
             rec = AssignmentRecord(
                 session_id=f"s{len(sessions)}",
@@ -175,16 +179,19 @@ def _apply(store: Store, events: list[tuple[str, float, int, float, int]], check
         elif kind == "vote" and turns:
             t = turns[idx % len(turns)]
             store.record_feedback(t.id, t.user_id, (None, 0, 1)[pick], at=max(now, t.created_at))
-        elif kind in ("outcome", "user_outcome") and sessions:
+        elif kind in ("outcome", "user_outcome", "ahead_outcome") and sessions:
             s = sessions[idx % len(sessions)]
             name = ("conversion", "revenue", "support_minutes")[pick]
             rec = OutcomeRecord(
                 idempotency_key=f"k{len(keys)}",
                 name=name,
                 value=1.0 if name == "conversion" else value,
-                session_id=s.session_id if kind == "outcome" else None,
+                session_id=None
+                if kind == "user_outcome" or (kind == "ahead_outcome" and idx % 2)
+                else s.session_id,
                 user_id=None if kind == "outcome" else s.user_id,
-                occurred_at=max(at, START),  # often days late
+                # often days late; or, from a simulation, ahead of the clock
+                occurred_at=max(at, START) if kind != "ahead_outcome" else now + (now - at),
             )
             store.record_outcome(rec, received_at=now)
             keys.append(rec)
@@ -308,6 +315,109 @@ def test_closed_days_are_kept_and_only_touched_days_recomputed(store: Store) -> 
     late = refit_inputs(store, config, now=now + timedelta(hours=2))
     assert late.stats["recomputed_days"] == 1
     _compare(store, config, now + timedelta(hours=2))
+
+
+def test_a_warm_refit_reads_again_only_the_sessions_that_changed(store: Store) -> None:
+    """Kept rows: a new session and a vote on a closed day's session are all a refit reads
+    again (with the voter's other sessions, read along for attribution); the closed day
+    is corrected by the difference and the result equals a recomputation."""
+    config = _config()
+    store.sync_experiment(EXPERIMENT, EXPERIMENT, [ArmSpec(a, a, "h") for a in ARMS], at=START)
+    for i in range(80):  # 20 days, 4 sessions a day, users coming back
+        at = START + timedelta(hours=6 * i)
+        store.record_assignment(
+            AssignmentRecord(
+                f"s{i}",
+                f"u{i % 30}",
+                EXPERIMENT,
+                ARMS[i % 3],
+                1 / 3,
+                None,
+                ("free", "pro")[i % 2],
+                {},
+                at,
+            )
+        )
+        store.record_turn(_turn(f"t{i}", f"s{i}", f"u{i % 30}", ARMS[i % 3], at))
+    now = START + timedelta(days=21)
+    first = refit_inputs(store, config, now=now)
+    assert first.stats["sealed_days"] > 0 and "reread_sessions" not in first.stats
+    store.record_assignment(
+        AssignmentRecord(
+            "late-comer",
+            "u-new",
+            EXPERIMENT,
+            "b",
+            1 / 3,
+            None,
+            "free",
+            {},
+            now + timedelta(minutes=30),
+        )
+    )
+    store.record_feedback("t2", "u2", 1, at=now + timedelta(minutes=40))  # a day-0 session
+    warm = refit_inputs(store, config, now=now + timedelta(hours=1))
+    assert warm.stats["reread_sessions"] == 2  # the new session and the voted one
+    assert warm.stats["recomputed_days"] == 1 and warm.stats["sealed_days"] == 0
+    # the next refit reads them once more (a write committed late is not missed), then none
+    again = refit_inputs(store, config, now=now + timedelta(hours=2))
+    assert again.stats["reread_sessions"] == 2
+    nothing = refit_inputs(store, config, now=now + timedelta(hours=3))
+    assert nothing.stats["reread_sessions"] == 0
+    _compare(store, config, now + timedelta(hours=3))
+
+
+def _turn(turn_id: str, session_id: str, user_id: str, arm: str, at: datetime) -> TurnRecord:
+    return TurnRecord(
+        id=turn_id,
+        session_id=session_id,
+        user_id=user_id,
+        experiment_id=EXPERIMENT,
+        arm_id=arm,
+        prompt_id="p",
+        prompt_hash="h",
+        model="m",
+        user_message="",
+        reply="",
+        latency_ms=100.0,
+        prompt_tokens=10,
+        completion_tokens=3,
+        cost=0.001,
+        error=None,
+        created_at=at,
+    )
+
+
+def test_kept_rows_survive_encoding() -> None:
+    """A day of rows comes back from its bytes as it went in (strings of any script)."""
+    from optimizer.refit_rows import Rows, decode_day, encode_day
+
+    rows = pd.DataFrame(
+        {
+            "assignment_id": np.array([3, 9], dtype=np.int64),
+            "user_key": np.array([-5, 7], dtype=np.int64),
+            "arm_id": pd.Series(["a", "ç-β"], dtype=object),
+            "segment": pd.Series(["*", "日本"], dtype=object),
+            "holdback": [False, True],
+            "version": np.array([-1, 4], dtype=np.int64),
+            "assigned_s": [1.5e9 + 0.123456, 1.5e9 + 7.0],
+            "turns": np.array([2, 0], dtype=np.int64),
+            "srm_first": [True, False],
+            "conversion__obs": [0.0, 1.0],
+        }
+    )
+    delays = pd.DataFrame(
+        {
+            "column": pd.Series(["conversion"], dtype=object),
+            "assignment_id": np.array([9], dtype=np.int64),
+            "delay_s": [3600.5],
+            "weight": [1.0],
+        }
+    )
+    back = decode_day(encode_day(Rows(rows, delays)))
+    pd.testing.assert_frame_equal(back.rows, rows, check_dtype=False)
+    pd.testing.assert_frame_equal(back.delays, delays, check_dtype=False)
+    assert back.rows["assigned_s"].tolist() == rows["assigned_s"].tolist()  # bit for bit
 
 
 def test_run_optimizer_is_the_same_either_way(tmp_path: Path) -> None:

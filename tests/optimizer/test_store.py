@@ -42,9 +42,9 @@ def turn(turn_id: str = "t1", *, session: str = "s1", user: str = "u1", **kw: ob
 
 
 def test_migrated_to_head(store: Store) -> None:
-    assert current_revision(store.engine) == "0010_fewshot_state"
+    assert current_revision(store.engine) == "0011_latency"
     store.upgrade()  # idempotent
-    assert current_revision(store.engine) == "0010_fewshot_state"
+    assert current_revision(store.engine) == "0011_latency"
 
 
 def test_migrations_build_the_schema_the_code_declares(store: Store) -> None:
