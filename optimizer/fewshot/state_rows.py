@@ -391,7 +391,6 @@ def _rebuild_stretch(
             assigned_after=after,
             assigned_until=until,
             with_cost=True,
-            probe_returning=False,
         )
     else:
         frame = pd.DataFrame(columns=["session_id", "arm_id", "reward", "complete"])
