@@ -350,13 +350,20 @@ def _changed(
     def since(name: str) -> int:
         return max(int(marks.get(name, 0)) - overlap, 0)
 
-    out: set[str] = set()
+    # The turns stamped since the last run, through the ``created_at`` index: the
+    # experiment is checked here (with it in SQL, SQLite picks an index led by
+    # ``experiment_id`` and reads every turn of the experiment: 200 ms at 10M sessions).
+    out: set[str] = {
+        str(sid)
+        for sid, exp in fetch_tuples(
+            conn,
+            sa.select(t.c.session_id, t.c.experiment_id).where(
+                t.c.created_at > previous - lag, t.c.created_at <= now
+            ),
+        )
+        if exp == exp_id
+    }
     queries: list[sa.Select[Any]] = [
-        sa.select(t.c.session_id).where(
-            t.c.created_at > previous - lag,
-            t.c.created_at <= now,
-            t.c.experiment_id == exp_id,
-        ),
         sa.select(fe.c.session_id).where(fe.c.id > since("feedback_events")),
         sa.select(fb.c.session_id).where(fb.c.updated_at > previous, fb.c.updated_at <= now),
         sa.select(a.c.session_id).where(

@@ -432,12 +432,17 @@ def _rebuild_stretch(
             earlier_users=earlier,
         )
     del frame
-    turn_filter: list[Any] = [t.c.experiment_id == exp_id, t.c.created_at <= now]
+    turn_filter: list[Any] = [t.c.created_at <= now]
     vote_filter: list[Any] = [fb.c.value.is_not(None), fb.c.updated_at <= now]
     if ids is not None:
+        # The stretch's turns through the session index; their experiment is checked
+        # below (with it in SQL, SQLite reads every turn of the experiment through an
+        # index led by ``experiment_id``, once per stretch).
         turn_filter.append(t.c.session_id.in_(ids))
         vote_filter.append(fb.c.session_id.in_(ids))
-    elif not whole:  # sessions with no assignment in the experiment up to now
+    else:
+        turn_filter.append(t.c.experiment_id == exp_id)
+    if not whole and ids is None:  # sessions with no assignment in the experiment up to now
         # NOT EXISTS: one probe of the unique session id per turn (PostgreSQL runs a NOT IN
         # over millions of ids as a subplan per row)
         turn_filter.append(
@@ -449,19 +454,28 @@ def _rebuild_stretch(
         )
     with store.engine.connect() as conn:
         sessions = outcome_signals(conn, config, sessions, now, only=not whole)
-        rows = fetch_tuples(
-            conn,
-            sa.select(
-                *(t.c[c] for c in RANK_COLUMNS),
-                sa.func.length(t.c.user_message),
-                sa.func.length(t.c.reply),
-            ).where(*turn_filter),
-        )
-        shown = conn.execute(
-            sa.select(t.c.id, t.c.fewshot_ids).where(
-                *turn_filter, sa.cast(t.c.fewshot_ids, sa.Text) != "[]"
+        rows = [
+            r[:-1]
+            for r in fetch_tuples(
+                conn,
+                sa.select(
+                    *(t.c[c] for c in RANK_COLUMNS),
+                    sa.func.length(t.c.user_message),
+                    sa.func.length(t.c.reply),
+                    t.c.experiment_id,
+                ).where(*turn_filter),
             )
-        ).all()
+            if r[-1] == exp_id
+        ]
+        shown = [
+            (r[0], r[1])
+            for r in conn.execute(
+                sa.select(t.c.id, t.c.fewshot_ids, t.c.experiment_id).where(
+                    *turn_filter, sa.cast(t.c.fewshot_ids, sa.Text) != "[]"
+                )
+            ).all()
+            if r[2] == exp_id
+        ]
         if not whole and ids is None:  # the votes of those turns
             turn_ids = sorted({str(r[0]) for r in rows})
             votes = in_chunks(
