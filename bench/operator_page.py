@@ -1,7 +1,9 @@
 """The ``/operator`` page at 100k–1M sessions: kept sums vs every session, same run.
 
-Builds a store with :mod:`bench.history` (not timed), runs the optimizer once with
-its few-shot step (the snapshot, and the kept state built from scratch), adds an
+Builds a store with :mod:`bench.history` (not timed), builds the kept state from
+scratch (timed: "cold", with its peak RSS; a stretch of days at a time,
+:data:`optimizer.fewshot.state_rows.REBUILD_CHUNK_DAYS`), runs the optimizer once
+with its few-shot step (the snapshot), adds an
 hour of traffic with 5 late conversions and 5 changed votes, and refreshes the kept
 state as the next optimizer run would (timed: "job refresh"). Then, each in a fresh
 process:
@@ -17,9 +19,14 @@ And over HTTP: the real operator router served by uvicorn with the report cache 
 ``GET /api/health``. Wall and CPU seconds and the load average are printed. Target
 (issue 18): ``/operator`` warm ≤ 300 ms at 10M sessions.
 
+``--turn-days N`` builds turns and votes only for the last N days (as ``refit.py``:
+10M sessions in minutes; the page reads kept sums, not turns); ``--full-max`` skips
+the full path above that size (it holds every session in memory: ~14 GB at 10M).
+
 Usage::
 
     python bench/operator_page.py --sizes 100000 1000000 --dir /tmp/opbench
+    python bench/operator_page.py --sizes 1000000 10000000 --turn-days 60 --dir /tmp/opbench
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -93,6 +101,15 @@ def make_app() -> Any:
     return app
 
 
+def _rss_mb() -> float:
+    """Peak RSS of this process: ``VmHWM`` (``ru_maxrss`` keeps the parent's peak across exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(url: str, now: datetime, kept: bool) -> dict[str, Any]:
     """In this (fresh) process: the page's report and figures, twice."""
     from optimizer.plots import figure_divs
@@ -111,6 +128,7 @@ def measure(url: str, now: datetime, kept: bool) -> dict[str, Any]:
         "s": runs[1][0],
         "cpu_s": runs[1][1],
         "sessions": report["totals"]["sessions"],
+        "rss_mb": _rss_mb(),
         "load": os.getloadavg()[0],
     }
 
@@ -192,8 +210,27 @@ def _subprocess(*args: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cold(url: str, now: datetime) -> dict[str, Any]:
+    """In this (fresh) process: the kept state built from scratch (its first refresh)."""
+    from optimizer.fewshot.state import refresh_state
+    from optimizer.store import Store
+
+    store, before = Store(url), _rss_mb()
+    tic, cpu = time.perf_counter(), time.process_time()
+    result = refresh_state(store, _config(url), now=now)
+    assert result.rebuilt
+    return {
+        "s": time.perf_counter() - tic,
+        "cpu_s": time.process_time() - cpu,
+        "rss_mb": _rss_mb(),
+        "rss_before_mb": before,
+        "sessions": result.sessions,
+        "load": os.getloadavg()[0],
+    }
+
+
 def prepare(url: str, now: datetime) -> dict[str, Any]:
-    """In this (fresh) process: the optimizer run with its few-shot step (cold state)."""
+    """In this (fresh) process: the optimizer run with its few-shot step (state kept)."""
     from optimizer.refit import run_optimizer
     from optimizer.store import Store
 
@@ -219,12 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--repeat", type=int, default=5, help="page loads over HTTP (median)")
     parser.add_argument("--dir", default=None, help="keep built stores here and reuse them")
+    parser.add_argument(
+        "--turn-days", type=float, default=None, help="turns and votes for the last N days only"
+    )
+    parser.add_argument(
+        "--full-max", type=int, default=1_000_000, help="largest size run on the full path"
+    )
     parser.add_argument("--step", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.step:
         kind, url, when = args.step
         now = datetime.fromisoformat(when)
         result = {
+            "cold": lambda: cold(url, now),
             "prepare": lambda: prepare(url, now),
             "refresh": lambda: job_refresh(url, now),
             "full": lambda: measure(url, now, False),
@@ -237,28 +281,39 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for n in args.sizes:
-            built_path, path = base / f"operator-{n}.built.db", base / f"operator-{n}.db"
+            tag = f"{n}-t{args.turn_days:g}" if args.turn_days else f"{n}"
+            built_path, path = base / f"operator-{tag}.built.db", base / f"operator-{tag}.db"
+            build_s = None
             if not (args.dir and built_path.exists()):
                 built_path.unlink(missing_ok=True)
-                history.build(f"sqlite:///{built_path}", n)
+                tic = time.perf_counter()
+                history.build(f"sqlite:///{built_path}", n, turn_days=args.turn_days)
+                build_s = time.perf_counter() - tic
             shutil.copyfile(built_path, path)
             url = f"sqlite:///{path}"
             now0 = history.START + timedelta(days=history.days_for(n))
+            cold_build = _subprocess("--step", "cold", url, now0.isoformat())
+            print(json.dumps({"sessions": n, "cold": cold_build}), flush=True)
             prepared = _subprocess("--step", "prepare", url, now0.isoformat())
             now1 = now0 + timedelta(hours=1)
             add_hour(url, n, now1, 0)
             refresh = _subprocess("--step", "refresh", url, now1.isoformat())
-            full = _subprocess("--step", "full", url, now1.isoformat())
+            full = (
+                _subprocess("--step", "full", url, now1.isoformat()) if n <= args.full_max else None
+            )
             kept = _subprocess("--step", "kept", url, now1.isoformat())
             http = measure_http(url, now1, args.repeat)
             row = {
                 "sessions": n,
+                "turn_days": args.turn_days,
+                "build_s": build_s,
+                "cold": cold_build,
                 "prepare": prepared,
                 "job_refresh": refresh,
                 "full": full,
                 "kept": kept,
                 "http": http,
-                "ratio_full_over_kept": full["s"] / kept["s"],
+                "ratio_full_over_kept": full["s"] / kept["s"] if full else None,
             }
             rows.append(row)
             print(json.dumps(row, default=str), flush=True)
@@ -270,18 +325,21 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(base, ignore_errors=True)
     print()
     print(
-        "| sessions | job refresh s | full report+figures: wall / CPU s | "
+        "| sessions | cold state: wall s (CPU s, peak RSS MB) | "
+        "job refresh: wall s (CPU s, sessions) | full report+figures: wall / CPU s | "
         "kept: wall / CPU s (first) | full / kept | GET /operator (no cache) | "
         "/api/health | load |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        f, k, h = r["full"], r["kept"], r["http"]
+        c, j, f, k, h = r["cold"], r["job_refresh"], r["full"], r["kept"], r["http"]
+        full_cell = f"{f['s']:.2f} / {f['cpu_s']:.2f}" if f else "not run"
+        ratio = f"{r['ratio_full_over_kept']:.0f}×" if f else "—"
         print(
-            f"| {r['sessions']:,} | {r['job_refresh']['s']:.2f} | "
-            f"{f['s']:.2f} / {f['cpu_s']:.2f} | "
+            f"| {r['sessions']:,} | {c['s']:.1f} ({c['cpu_s']:.1f}, {c['rss_mb']:,.0f}) | "
+            f"{j['s']:.2f} ({j['cpu_s']:.2f}, {j['sessions']:,}) | {full_cell} | "
             f"{k['s']:.3f} / {k['cpu_s']:.3f} ({k['first_s']:.3f}) | "
-            f"{r['ratio_full_over_kept']:.0f}× | {h['page_s'] * 1000:.0f} ms | "
+            f"{ratio} | {h['page_s'] * 1000:.0f} ms (max {h['page_max_s'] * 1000:.0f}) | "
             f"{h['health_s'] * 1000:.1f} ms | {k['load']:.2f} |"
         )
     print(f"target: /operator warm ≤ {TARGET_S * 1000:.0f} ms at 10M sessions")

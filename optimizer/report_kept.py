@@ -63,11 +63,11 @@ def kept_figures(store: Store, config: Config, *, now: datetime) -> LiveFigures:
     rb, rs, a = schema.report_buckets, schema.report_support, schema.assignments
     sums = [sa.func.sum(rb.c[n]) for n in _SUMS]
     with store.engine.connect() as conn:
-        lo, hi = conn.execute(
-            sa.select(sa.func.min(a.c.assigned_at), sa.func.max(a.c.assigned_at)).where(
-                a.c.experiment_id == exp.id, a.c.assigned_at <= now
-            )
-        ).one()
+        # The first and last assignment: an index seek each (``min`` and ``max`` in one
+        # query scan the experiment's whole index range on SQLite: 2 s at 10M sessions).
+        ends = sa.select(a.c.assigned_at).where(a.c.experiment_id == exp.id, a.c.assigned_at <= now)
+        lo = conn.execute(ends.order_by(a.c.assigned_at).limit(1)).scalar()
+        hi = conn.execute(ends.order_by(a.c.assigned_at.desc()).limit(1)).scalar()
         short = lo is not None and _utc(hi) - _utc(lo) <= HOURLY_SPAN
         kind = "h" if short else "d"
         mine = sa.and_(rb.c.experiment_id == exp.id, rb.c.kind == kind)

@@ -9,8 +9,8 @@ credit and report sums moved by the difference (:mod:`optimizer.fewshot.state_su
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Collection, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from optimizer import kpi
+from optimizer.clock import as_utc
 from optimizer.config import Config
 from optimizer.cost import COST_COLUMN, turn_cost
 from optimizer.fewshot.signals import (
@@ -32,6 +33,7 @@ from optimizer.store.store import fetch_tuples
 
 __all__ = [
     "LOWEST",
+    "REBUILD_CHUNK_DAYS",
     "in_chunks",
     "merge_counts",
     "rebuild",
@@ -42,6 +44,9 @@ __all__ = [
 
 #: Stands for "no reward" in the ranking keys (NaN sorts differently per database).
 LOWEST = -sys.float_info.max
+#: Days of assignments one step of a rebuild reads (:func:`rebuild`): its memory is one
+#: such stretch's (~117k sessions at the benches' 16,667 a day), not the history's.
+REBUILD_CHUNK_DAYS = 7.0
 _CHUNK = 500
 _INSERT_ROWS = 20_000
 
@@ -200,14 +205,20 @@ def _session_rows(
 
 
 def session_figures(
-    frame: pd.DataFrame, *, conversion: np.ndarray | None, support: np.ndarray | None
+    frame: pd.DataFrame,
+    *,
+    conversion: np.ndarray | None,
+    support: np.ndarray | None,
+    earlier_users: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """What each session of a KPI frame adds to the report's buckets (:mod:`optimizer.report`).
 
     ``frame``: one row per session in assignment-time order (``assigned_s``,
     ``user_id``, ``arm_id``, ``segment``, the count columns, ``cost_usd``, ``reward``,
     ``complete``); ``conversion`` / ``support``: the closed values of the
-    ``outcome:conversion`` / ``outcome:support_minutes`` terms (NaN while open).
+    ``outcome:conversion`` / ``outcome:support_minutes`` terms (NaN while open);
+    ``earlier_users``: users with a session before the frame (a stretch of history), whose
+    first session is not in it.
     """
     n = len(frame)
     stamps = pd.to_datetime(frame["assigned_s"].to_numpy(dtype=float), unit="s", utc=True)
@@ -224,8 +235,10 @@ def session_figures(
         "conversions": (np.nan_to_num(conv, nan=0.0) > 0).astype(float),
         **{c: frame[c].to_numpy(dtype=float) for c in schema.SESSION_COUNTS},
         "cost": frame[COST_COLUMN].to_numpy(dtype=float) if COST_COLUMN in frame else np.zeros(n),
-        # the user's first session of the frame (rows are in time order)
-        "users": (~frame["user_id"].duplicated()).to_numpy(dtype=float),
+        # the user's first session of the frame (rows are in time order), unless earlier
+        "users": (
+            ~frame["user_id"].duplicated() & ~frame["user_id"].isin(list(earlier_users))
+        ).to_numpy(dtype=float),
     }
     columns = list(schema.REPORT_FIGURES)
     table = np.column_stack([values[c] for c in columns]).tolist()
@@ -302,50 +315,179 @@ def recompute(
 
 
 def rebuild(
-    store: Store, config: Config, now: datetime, excluded: set[str], mined: set[str]
+    store: Store,
+    config: Config,
+    now: datetime,
+    excluded: set[str],
+    mined: set[str],
+    *,
+    chunk_days: float | None = None,
 ) -> tuple[int, int, dict[str, list[int]]]:
     """Everything from scratch (the full path's reads, once): (sessions, turns considered,
-    :func:`turn_counts`)."""
+    :func:`turn_counts`).
+
+    A stretch of ``chunk_days`` (default :data:`REBUILD_CHUNK_DAYS`) of assignments at a
+    time, so that memory is one stretch's whatever the history; then the turns of sessions
+    without an assignment. ``chunk_days=0`` reads the whole history at once.
+    """
     exp_id = config.experiment.id
-    frame = kpi.session_frame(store, config, now=now, with_cost=True)
+    days = REBUILD_CHUNK_DAYS if chunk_days is None else chunk_days
+    a = schema.assignments
+    with store.engine.begin() as conn:
+        for table in (
+            schema.fewshot_turns,
+            schema.fewshot_sessions,
+            schema.fewshot_credit,
+            schema.report_buckets,
+            schema.report_support,
+        ):
+            conn.execute(table.delete().where(table.c.experiment_id == exp_id))
+        first = conn.execute(
+            sa.select(sa.func.min(a.c.assigned_at)).where(
+                a.c.experiment_id == exp_id, a.c.assigned_at <= now
+            )
+        ).scalar()
+    stretches: list[tuple[datetime | None, datetime | None]] = [(None, None)]
+    if days > 0 and first is not None:
+        step = timedelta(days=days)
+        lo = as_utc(first) - timedelta(seconds=1)  # the stretches are (after, until]
+        stretches = []
+        while lo < now:
+            stretches.append((lo, min(lo + step, now)))
+            lo += step
+        stretches.append((None, now))  # turns of sessions with no assignment
+    counts: dict[str, list[int]] = {}
+    total, considered = 0, 0
+    for after, until in stretches:
+        n, c, k = _rebuild_stretch(store, config, now, excluded, mined, after, until)
+        total, considered, counts = total + n, considered + c, merge_counts(counts, k)
+    return total, considered, counts
+
+
+def _rebuild_stretch(
+    store: Store,
+    config: Config,
+    now: datetime,
+    excluded: set[str],
+    mined: set[str],
+    after: datetime | None,
+    until: datetime | None,
+) -> tuple[int, int, dict[str, list[int]]]:
+    """The state of the sessions assigned in ``(after, until]`` (both None: every session
+    and turn; only ``until``: the turns of sessions with no assignment up to ``now``)."""
+    exp_id = config.experiment.id
+    a, t, fb = schema.assignments, schema.turns, schema.feedback
+    whole = after is None and until is None
+    ids: sa.Select[Any] | None = None  # the stretch's sessions (None: no restriction)
+    if after is not None:
+        ids = sa.select(a.c.session_id).where(
+            a.c.experiment_id == exp_id, a.c.assigned_at > after, a.c.assigned_at <= until
+        )
+    if whole or after is not None:
+        frame = kpi.session_frame(
+            store,
+            config,
+            now=now,
+            assigned_after=after,
+            assigned_until=until,
+            with_cost=True,
+        )
+    else:
+        frame = pd.DataFrame(columns=["session_id", "arm_id", "reward", "complete"])
     sessions = frame.set_index("session_id")[["arm_id", "reward", "complete"]].copy()
     sessions["reward_so_far"] = reward_so_far(frame)
-    columns = {t["source"]: t["column"] for t in frame.attrs.get("kpi_terms", [])}
-    assigned_s = frame["assigned_at"].astype("int64").to_numpy() / 1e9 if len(frame) else []
-    sessions["figures"] = session_figures(
-        frame.assign(assigned_s=assigned_s),
-        conversion=frame[columns["outcome:conversion"]].to_numpy(dtype=float)
-        if "outcome:conversion" in columns
-        else None,
-        support=frame[columns["outcome:support_minutes"]].to_numpy(dtype=float)
-        if "outcome:support_minutes" in columns
-        else None,
-    )
-    t, fb = schema.turns, schema.feedback
-    with store.engine.connect() as conn:
-        sessions = outcome_signals(conn, config, sessions, now)
-        rows = fetch_tuples(
-            conn,
-            sa.select(
-                *(t.c[c] for c in RANK_COLUMNS),
-                sa.func.length(t.c.user_message),
-                sa.func.length(t.c.reply),
-            ).where(t.c.experiment_id == exp_id, t.c.created_at <= now),
+    earlier: set[str] = set()
+    if after is not None and len(frame):  # users already counted in an earlier stretch
+        b = a.alias("earlier")
+        with store.engine.connect() as conn:
+            earlier = {
+                str(r[0])
+                for r in fetch_tuples(
+                    conn,
+                    sa.select(b.c.user_id)
+                    .where(
+                        b.c.experiment_id == exp_id,
+                        b.c.assigned_at <= after,
+                        b.c.user_id.in_(
+                            sa.select(a.c.user_id).where(
+                                a.c.experiment_id == exp_id,
+                                a.c.assigned_at > after,
+                                a.c.assigned_at <= until,
+                            )
+                        ),
+                    )
+                    .distinct(),
+                )
+            }
+    if len(frame):
+        columns = {t["source"]: t["column"] for t in frame.attrs.get("kpi_terms", [])}
+        sessions["figures"] = session_figures(
+            frame.assign(assigned_s=frame["assigned_at"].astype("int64").to_numpy() / 1e9),
+            conversion=frame[columns["outcome:conversion"]].to_numpy(dtype=float)
+            if "outcome:conversion" in columns
+            else None,
+            support=frame[columns["outcome:support_minutes"]].to_numpy(dtype=float)
+            if "outcome:support_minutes" in columns
+            else None,
+            earlier_users=earlier,
         )
-        shown = conn.execute(
-            sa.select(t.c.id, t.c.fewshot_ids).where(
-                t.c.experiment_id == exp_id,
-                t.c.created_at <= now,
-                sa.cast(t.c.fewshot_ids, sa.Text) != "[]",
+    del frame
+    turn_filter: list[Any] = [t.c.created_at <= now]
+    vote_filter: list[Any] = [fb.c.value.is_not(None), fb.c.updated_at <= now]
+    if ids is not None:
+        # The stretch's turns through the session index; their experiment is checked
+        # below (with it in SQL, SQLite reads every turn of the experiment through an
+        # index led by ``experiment_id``, once per stretch).
+        turn_filter.append(t.c.session_id.in_(ids))
+        vote_filter.append(fb.c.session_id.in_(ids))
+    else:
+        turn_filter.append(t.c.experiment_id == exp_id)
+    if not whole and ids is None:  # sessions with no assignment in the experiment up to now
+        # NOT EXISTS: one probe of the unique session id per turn (PostgreSQL runs a NOT IN
+        # over millions of ids as a subplan per row)
+        turn_filter.append(
+            ~sa.exists().where(
+                a.c.session_id == t.c.session_id,
+                a.c.experiment_id == exp_id,
+                a.c.assigned_at <= now,
             )
-        ).all()
-        votes = fetch_tuples(
-            conn,
-            sa.select(fb.c.turn_id, fb.c.value).where(
-                fb.c.value.is_not(None), fb.c.updated_at <= now
-            ),
         )
+    with store.engine.connect() as conn:
+        sessions = outcome_signals(conn, config, sessions, now, only=not whole)
+        rows = [
+            r[:-1]
+            for r in fetch_tuples(
+                conn,
+                sa.select(
+                    *(t.c[c] for c in RANK_COLUMNS),
+                    sa.func.length(t.c.user_message),
+                    sa.func.length(t.c.reply),
+                    t.c.experiment_id,
+                ).where(*turn_filter),
+            )
+            if r[-1] == exp_id
+        ]
+        shown = [
+            (r[0], r[1])
+            for r in conn.execute(
+                sa.select(t.c.id, t.c.fewshot_ids, t.c.experiment_id).where(
+                    *turn_filter, sa.cast(t.c.fewshot_ids, sa.Text) != "[]"
+                )
+            ).all()
+            if r[2] == exp_id
+        ]
+        if not whole and ids is None:  # the votes of those turns
+            turn_ids = sorted({str(r[0]) for r in rows})
+            votes = in_chunks(
+                conn,
+                sa.select(fb.c.turn_id, fb.c.value).where(*vote_filter),
+                fb.c.turn_id,
+                turn_ids,
+            )
+        else:
+            votes = fetch_tuples(conn, sa.select(fb.c.turn_id, fb.c.value).where(*vote_filter))
     turns = pd.DataFrame(rows, columns=[*RANK_COLUMNS, "u_len", "r_len"])
+    del rows
     turns["created_at"] = pd.to_datetime(turns["created_at"], utc=True)
     turns["shortest"] = np.minimum(turns["u_len"], turns["r_len"]).astype(np.int64)
     turns["longest"] = np.maximum(turns["u_len"], turns["r_len"]).astype(np.int64)
@@ -353,10 +495,6 @@ def rebuild(
     turns["fewshot_ids"] = [ids_shown.get(i) for i in turns["id"].tolist()]
     up = {r[0] for r in votes if r[1] == 1}
     down = {r[0] for r in votes if r[1] == 0}
-    ft, fs_, fc = schema.fewshot_turns, schema.fewshot_sessions, schema.fewshot_credit
-    with store.engine.begin() as conn:
-        for table in (ft, fs_, fc, schema.report_buckets, schema.report_support):
-            conn.execute(table.delete().where(table.c.experiment_id == exp_id))
     all_ids = sorted(set(sessions.index.astype(str)) | set(turns["session_id"].astype(str)))
     considered, counts = _write(
         store, config, all_ids, sessions, turns, up, down, excluded, mined, fresh=True
@@ -439,6 +577,8 @@ def _write(
     # kept: sessions of the frame, and turns without an assignment (considered, never credited)
     new = new[in_frame | (n_turns > 0).to_numpy()]
     new["examples"] = [ex if isinstance(ex, list) else [] for ex in new["examples"]]
+    # a session with turns and no assignment has no figures (NULL, not a JSON NaN)
+    new["figures"] = [f if isinstance(f, dict) else None for f in new["figures"]]
     ft, fs_ = schema.fewshot_turns, schema.fewshot_sessions
     with store.engine.begin() as conn:
         old = pd.DataFrame(columns=["arm_id", "turns", "reward", "examples", "figures"])
@@ -480,9 +620,9 @@ def _write(
         parts = [d for d in (_credit_delta(old, -1), _credit_delta(new, 1)) if len(d)]
         if parts:
             apply_credit(conn, exp_id, pd.concat(parts))
-        apply_buckets(conn, exp_id, old["figures"].tolist(), new["figures"].tolist(), fresh=fresh)
+        apply_buckets(conn, exp_id, old["figures"].tolist(), new["figures"].tolist())
         after = (
-            turn_counts(conn, config)
+            _frame_counts(config, turn_rows)
             if fresh
             else turn_counts(conn, config, ft.c.session_id, session_ids)
         )
@@ -519,6 +659,32 @@ def turn_counts(
         counts[1] += int(short or 0)
         counts[2] += int(long_ or 0)
     return out
+
+
+def _frame_counts(config: Config, rows: pd.DataFrame) -> dict[str, list[int]]:
+    """:func:`turn_counts` of turn rows about to be written (a rebuild: nothing kept yet)."""
+    if not len(rows):
+        return {}
+    fs = config.fewshot
+    unmined = ~rows["mined"].astype(bool)
+    table = (
+        pd.DataFrame(
+            {
+                "reasons": rows["reasons"].astype(str),
+                "n": 1,
+                "short": (unmined & (rows["shortest"] < fs.min_chars)).astype(int),
+                "long": (unmined & (rows["longest"] > fs.max_chars)).astype(int),
+            }
+        )
+        .groupby("reasons")[["n", "short", "long"]]
+        .sum()
+    )
+    return {
+        str(why): [int(n), int(short), int(long_)]
+        for why, n, short, long_ in zip(
+            table.index, table["n"], table["short"], table["long"], strict=True
+        )
+    }
 
 
 def merge_counts(

@@ -88,10 +88,12 @@ def apply_buckets(
     exp_id: str,
     old: list[Any],
     new: list[Any],
-    *,
-    fresh: bool,
 ) -> None:
-    """Move the report's buckets and support histogram from ``old`` to ``new`` figures."""
+    """Move the report's buckets and support histogram from ``old`` to ``new`` figures.
+
+    A rebuild calls it once per stretch of history (:func:`~optimizer.fewshot.state_rows.
+    rebuild`): buckets on a stretch's edges and the histogram's bins are read back and added to.
+    """
     sums: dict[tuple[str, str, str, str], np.ndarray] = {}
     hist: dict[tuple[str, int], int] = {}
     width = len(schema.REPORT_FIGURES)
@@ -109,32 +111,6 @@ def apply_buckets(
                 hist[hkey] = hist.get(hkey, 0) + sign
     rb, rs = schema.report_buckets, schema.report_support
     names = list(schema.REPORT_FIGURES)
-    if fresh:
-        if sums:
-            conn.execute(
-                rb.insert(),
-                [
-                    {
-                        "experiment_id": exp_id,
-                        "kind": k,
-                        "bucket": b,
-                        "arm_id": a,
-                        "segment": g,
-                        **dict(zip(names, v.tolist(), strict=True)),
-                    }
-                    for (k, b, a, g), v in sums.items()
-                ],
-            )
-        if hist:
-            conn.execute(
-                rs.insert(),
-                [
-                    {"experiment_id": exp_id, "arm_id": a, "bin": b, "n": n}
-                    for (a, b), n in hist.items()
-                    if n
-                ],
-            )
-        return
     changed = {key: v for key, v in sums.items() if np.any(v)}
     if changed:  # one read of the touched buckets, then one bulk update and one bulk insert
         buckets = sorted({b for _, b, _, _ in changed})

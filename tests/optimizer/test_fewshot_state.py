@@ -11,6 +11,7 @@ the mining counts and the credit statistics.
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from optimizer.config import Config
-from optimizer.fewshot import ExampleCredit, mine_examples
+from optimizer.fewshot import ExampleCredit, mine_examples, state_rows
 from optimizer.fewshot import state as fewshot_state
 from optimizer.fewshot.credit import example_usage
 from optimizer.fewshot.mining import _text_lengths, turn_reasons
@@ -316,3 +317,93 @@ def test_mining_from_the_state_banks_what_the_full_path_banks(tmp_path: object) 
             ex = schema.examples
             query = sa.select(ex.c.id, ex.c.turn_id, ex.c.reward).order_by(ex.c.id)
             assert a.execute(query).all() == b.execute(query).all()
+
+
+def _state_tables(store: Store) -> dict[str, list[tuple[object, ...]]]:
+    """Every kept row of the experiment, in key order (and the watermark's sums)."""
+    out: dict[str, list[tuple[object, ...]]] = {}
+    with store.engine.connect() as conn:
+        for table in (
+            schema.fewshot_turns,
+            schema.fewshot_sessions,
+            schema.fewshot_credit,
+            schema.report_buckets,
+            schema.report_support,
+        ):
+            key = [c for c in table.primary_key.columns] or list(table.columns)
+            rows = conn.execute(
+                sa.select(table).where(table.c.experiment_id == "exp").order_by(*key)
+            ).all()
+            out[table.name] = [tuple(r) for r in rows]
+        marks = conn.execute(sa.select(schema.fewshot_state.c.marks)).scalar()
+    out["marks"] = [(marks["considered"], json.dumps(marks["counts"], sort_keys=True))]
+    return out
+
+
+def _same(u: object, v: object, name: str) -> None:
+    if isinstance(u, float) and isinstance(v, float):  # sums added in another order
+        assert v == pytest.approx(u, rel=1e-9, abs=1e-9, nan_ok=True), name
+    elif isinstance(u, dict) and isinstance(v, dict):
+        assert u.keys() == v.keys(), name
+        for key in u:
+            _same(u[key], v[key], f"{name}.{key}")
+    elif isinstance(u, list | tuple) and isinstance(v, list | tuple):
+        assert len(u) == len(v), name
+        for x, y in zip(u, v, strict=True):
+            _same(x, y, name)
+    else:
+        assert u == v, name
+
+
+def _same_rows(a: list[tuple[object, ...]], b: list[tuple[object, ...]], name: str) -> None:
+    assert len(a) == len(b), name
+    for x, y in zip(a, b, strict=True):
+        _same(x, y, f"{name} {x[:3]}")
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_rebuild_in_stretches_equals_one_pass(
+    store: Store, monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """A cold build a few hours of history at a time keeps what one pass over it keeps."""
+    config = make_config(min_chars=25, max_chars=160)
+    stream = Stream(store, seed)
+    for hour in range(12):
+        stream.step(pd.Timestamp(START + timedelta(hours=7 * hour)), count=6)
+    # turns of sessions without an assignment, one of them voted
+    for i, sid in enumerate(("orphan-1", "orphan-2")):
+        store.record_turn(
+            TurnRecord(
+                id=f"{sid}-t0",
+                session_id=sid,
+                user_id="u-orphan",
+                experiment_id="exp",
+                arm_id="concise",
+                prompt_id="concise",
+                prompt_hash="h",
+                model="fake/echo",
+                user_message=_text(stream.rng, 6),
+                reply=_text(stream.rng, 9),
+                created_at=START + timedelta(hours=3 + 20 * i),
+            )
+        )
+    store.record_feedback("orphan-1-t0", "u-orphan", 1, at=START + timedelta(hours=4))
+    for now in (
+        pd.Timestamp(START + timedelta(hours=7 * 11, minutes=30)),  # windows open and closed
+        pd.Timestamp(START + timedelta(days=40)),  # every window closed
+    ):
+        kept = []
+        for days in (0.0, 0.2, 1.0):  # 0: the whole history at once
+            monkeypatch.setattr(state_rows, "REBUILD_CHUNK_DAYS", days)
+            with store.engine.begin() as conn:
+                conn.execute(schema.fewshot_state.delete())
+            result = refresh_state(store, config, now=now)
+            assert result.rebuilt
+            kept.append((result.sessions, _state_tables(store)))
+            _compare(store, config, now)
+        (n0, whole), *others = kept
+        assert whole["fewshot_sessions"] and whole["report_buckets"]
+        for n, tables in others:
+            assert n == n0
+            for name, rows in whole.items():
+                _same_rows(rows, tables[name], name)
