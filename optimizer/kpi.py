@@ -183,6 +183,7 @@ def session_frame(
     with_cost: bool | None = None,
     session_ids: Sequence[str] | None = None,
     with_ids: bool = False,
+    probe_returning: bool = True,
 ) -> pd.DataFrame:
     """One row per assignment of ``config.experiment.id`` made at or before ``now``.
 
@@ -208,7 +209,8 @@ def session_frame(
     sessions older than the window (``pos``, delay ``bin``, ``weight``), and
     ``attrs["returning_users"]``, the users of the frame who had a session outside
     the holdback at or before ``assigned_after`` (their sessions here are not their
-    first for :mod:`optimizer.srm`; one index probe per user's first session).
+    first for :mod:`optimizer.srm`; one index probe per row; none without
+    ``probe_returning``, for a caller that has no use for it).
 
     ``session_ids`` (with ``assigned_after``) reads only those sessions of the stretch —
     the kept open window refreshing what changed (:mod:`optimizer.refit_window`); it must
@@ -233,7 +235,7 @@ def session_frame(
             now,
             after=after,
             until=until,
-            probe=session_ids is None,
+            probe=probe_returning and session_ids is None,
             ids=session_ids,
         )
         if frame.empty:

@@ -391,6 +391,7 @@ def _rebuild_stretch(
             assigned_after=after,
             assigned_until=until,
             with_cost=True,
+            probe_returning=False,  # who is returning is this module's own business
         )
     else:
         frame = pd.DataFrame(columns=["session_id", "arm_id", "reward", "complete"])
