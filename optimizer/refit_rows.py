@@ -40,7 +40,16 @@ from optimizer.cost import COST_COLUMN
 from optimizer.store import Store, schema
 from optimizer.store.store import fetch_in
 
-__all__ = ["REREAD_LIMIT", "Rows", "decode_day", "encode_day", "reread", "row_days"]
+__all__ = [
+    "REREAD_LIMIT",
+    "Rows",
+    "concat",
+    "decode_day",
+    "encode_day",
+    "reread",
+    "row_days",
+    "srm_first",
+]
 
 _DAY_S = 86_400
 _COUNTS = ("turns", "errors", "rated", "thumbs_up", "thumbs_down")

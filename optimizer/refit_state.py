@@ -290,7 +290,7 @@ class _Updater:
             frame = kpi.frame_rows(whole, whole_days > target)
             stats["sealed_days"] = target - sealed_day
             sealed_day = target
-        self._save(totals, self._meta(sealed_day, marks, since=meta), write)
+        self._put(write, totals, self._meta(sealed_day, marks, since=meta))
         return self._inputs(totals, frame, sealed_day, stats)
 
     def _summary(self, rows: Rows) -> tuple[pd.DataFrame, ...]:
@@ -322,7 +322,7 @@ class _Updater:
             day = hi + 1
         frame = self._read(sealed_day + 1, None, prior=_delay_prior(totals["delay"]))
         self._write_rows(Rows.from_frame(frame, self.config, frame["srm_first"]))
-        self._save(totals, self._meta(sealed_day, marks), {})
+        self._put({}, totals, self._meta(sealed_day, marks))
         return self._inputs(totals, frame, sealed_day, stats)
 
     def _read(
@@ -531,21 +531,14 @@ class _Updater:
         days = rows.days()
         self._put({d: rows.where(days == d) for d in sorted(set(days.tolist()))}, {})
 
-    def _save(
-        self,
-        totals: Mapping[str, pd.DataFrame],
-        meta: Mapping[str, Any],
-        days: Mapping[int, Rows],
-    ) -> None:
-        """The totals (their meta says the state is whole) and the rewritten days, at once."""
-        self._put(days, totals, meta)
-
     def _put(
         self,
         days: Mapping[int, Rows],
         totals: Mapping[str, pd.DataFrame],
         meta: Mapping[str, Any] | None = None,
     ) -> None:
+        """Rewritten days and (with ``totals``) the totals, whose meta says the state is
+        whole, in one transaction."""
         rs = schema.refit_state
         attrs = (
             {k: v for k, v in totals["moments"].attrs.items() if k != "sketch"} if totals else {}
